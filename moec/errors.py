@@ -1,0 +1,54 @@
+"""Errors moec raises for bad input, each mapped to a process exit code.
+
+Every message says what is wrong, where (op, module path or file) and what to do.
+"""
+
+from __future__ import annotations
+
+
+class MoecError(Exception):
+    """Base class: a user-facing problem; the CLI prints the message and exits with `exit_code`."""
+
+    exit_code = 2
+
+
+class SourceError(MoecError):
+    """The SOURCE argument can't be loaded (module, factory, checkpoint, model dir)."""
+
+    exit_code = 3
+
+
+class CaptureError(MoecError):
+    """torch.export could not capture the model."""
+
+    exit_code = 4
+
+
+class UnsupportedOpError(MoecError):
+    """An op in the captured graph has no lowering for the target."""
+
+    exit_code = 5
+
+
+class PassValidationError(MoecError):
+    """A pass changed the model's numerics on probe inputs."""
+
+    exit_code = 6
+
+
+class FusionRequiredError(MoecError):
+    """--require-fusion and a MoE layer stayed unfused."""
+
+    exit_code = 7
+
+
+class VerificationError(MoecError):
+    """The artifact's outputs do not match eager PyTorch within tolerance."""
+
+    exit_code = 8
+
+
+class OutputExistsError(MoecError):
+    """The output directory or model version exists and --force was not given."""
+
+    exit_code = 9

@@ -1,0 +1,157 @@
+"""Capture with torch.export and emit ONNX through torch.onnx's dynamo exporter.
+
+moec's own ops get translations here (``moec::ort_moe`` -> ``com.microsoft.MoE``);
+everything else goes through torch.onnx's standard table. An op without a
+translation becomes an UnsupportedOpError naming the op and the module it came from.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import onnx
+import onnxscript
+import torch
+from torch import nn
+
+from moec import onnx_schemas
+from moec.errors import CaptureError, UnsupportedOpError
+
+# ONNX Runtime 1.31 rejects IR version 14 models; 10 with opset 18 is what it runs everywhere.
+IR_VERSION = 10
+OPSET = 18
+
+_MSFT = onnxscript.values.Opset("com.microsoft", 1)
+
+
+def _ort_moe_translation(hidden, router_logits, fc1, fc1_bias, fc2, fc2_bias, k, normalize,
+                         activation_type, alpha, beta, limit):
+    attrs: dict[str, Any] = {"k": int(k), "normalize_routing_weights": int(bool(normalize)),
+                             "activation_type": activation_type}
+    if activation_type == "swiglu":
+        attrs.update(swiglu_fusion=1, activation_alpha=float(alpha), activation_beta=float(beta))
+        if math.isfinite(limit):
+            attrs["swiglu_limit"] = float(limit)
+    return _MSFT.MoE(hidden, router_logits, fc1, fc1_bias, fc2, fc2_bias, **attrs)
+
+
+def translation_table() -> dict[Callable, Callable]:
+    onnx_schemas.register_ort_contrib_schemas()
+    table: dict[Callable, Callable] = {torch.ops.moec.ort_moe.default: _ort_moe_translation}
+    try:  # the quantized experts op, once the quantization lowering is present
+        from moec.quant_lowering import qmoe_translation_table
+
+        table.update(qmoe_translation_table())
+    except ImportError:
+        pass
+    return table
+
+
+@dataclass
+class Captured:
+    program: torch.export.ExportedProgram
+    strict: bool
+
+
+def capture(module: nn.Module, args: tuple, dynamic_shapes: Any) -> Captured:
+    """torch.export, non-strict (HF models rely on Python features strict mode rejects)."""
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+        return Captured(ep, strict=False)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()
+        head = " ".join(msg[:6])[:800]
+        raise CaptureError(
+            f"torch.export could not capture the model: {type(exc).__name__}: {head}. "
+            "Common causes: data-dependent Python control flow (loops over tensor values) in a layer moec "
+            "did not fuse, or dynamic dimensions the model specializes; try static shapes (a factory "
+            "returning dynamic_shapes=None) or report the layer."
+        ) from exc
+
+
+def to_onnx(captured: Captured, input_names: list[str], output_names: list[str]):
+    """Returns torch.onnx's ONNXProgram (an onnx_ir model whose weights still alias torch's)."""
+    ep = captured.program
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                ep, (), dynamo=True, custom_translation_table=translation_table(),
+                input_names=input_names or None, output_names=output_names or None,
+                opset_version=OPSET, optimize=False, verbose=False,
+            )
+    except Exception as exc:
+        raise _explain_conversion_error(exc, ep) from exc
+    program.model.ir_version = IR_VERSION
+    return program
+
+
+_NODE_RE = re.compile(r"Error when translating node %(\w+)")
+
+
+def _explain_conversion_error(exc: Exception, ep: torch.export.ExportedProgram) -> Exception:
+    text = "".join(str(e) for e in _chain(exc))
+    m = _NODE_RE.search(text)
+    if m:
+        node = next((n for n in ep.graph.nodes if n.name == m.group(1)), None)
+        if node is not None:
+            target = str(node.target)
+            path = module_path(node)
+            cause = _root_cause(exc)
+            return UnsupportedOpError(
+                f"op '{target}' (from module '{path}') has no ONNX translation: {cause}. "
+                "Rewrite that module to use ONNX-expressible ops, keep it out of the exported graph, "
+                "or register a translation for the op (torch.onnx custom_translation_table)."
+            )
+    missing = re.search(r"No decompositions registered for.*?'([\w.:]+)'", text) or re.search(
+        r"(aten::\w+|\w+::\w+)", text)
+    what = missing.group(1) if missing else "unknown op"
+    return UnsupportedOpError(f"ONNX conversion failed at {what}: {str(_root_cause(exc))[:400]}")
+
+
+def module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "<top level>"
+    path, cls = list(stack.values())[-1]
+    cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
+    path = re.sub(r"L\['self'\]\.?", "", str(path)) or "<root>"
+    return f"{path} ({cls_name})"
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _root_cause(exc: BaseException) -> str:
+    last = exc
+    for e in _chain(exc):
+        last = e
+    return f"{type(last).__name__}: {str(last).strip().splitlines()[0][:300] if str(last).strip() else ''}"
+
+
+def weight_bytes(program) -> int:
+    return sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_onnx(program, path: str, external_threshold_bytes: int = 256 * 1024 * 1024) -> list[str]:
+    """Write model.onnx; weights stream to model.onnx.data once they are large (never a 2 GB protobuf)."""
+    import os
+
+    external = weight_bytes(program) >= external_threshold_bytes
+    program.save(path, external_data=external)
+    files = [path]
+    data = path + ".data"
+    if external and os.path.exists(data):
+        files.append(data)
+    return files

@@ -1,0 +1,178 @@
+"""The canonical fused MoE layer: specs (what a layer computes) and the module that computes it.
+
+A recognized MoE layer becomes a `FusedMoE`: router Linear -> ``moec.route`` ->
+``moec.experts`` (+ a dense shared expert, optionally sigmoid-gated). Weights are
+held once, in the canonical layout (``w_gate_up [E, 2I, H]`` gate rows then up
+rows, ``w_down [E, H, I]``). The same module, with a different `ExpertsBackend`,
+is what target lowering rewrites.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moec import ops  # noqa: F401  (registers torch.ops.moec.*)
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """How tokens pick experts. `None` in a LayerSpec means routing is kept as the model wrote it."""
+
+    scoring: str  # "softmax" | "sigmoid"
+    top_k: int
+    renormalize: bool
+    n_group: int = 1
+    topk_group: int = 1
+    scale: float = 1.0
+    has_selection_bias: bool = False  # DeepSeek-V3 e_score_correction_bias: selection only
+
+
+@dataclass(frozen=True)
+class ExpertsSpec:
+    num_experts: int
+    hidden: int
+    intermediate: int
+    activation: str  # moec.ops.ACTIVATIONS
+    gated: bool
+    alpha: float = 1.0
+    beta: float = 0.0
+    limit: float = math.inf
+    has_bias: bool = False
+    weight_on_input: bool = False  # Llama4 scales the expert input, not its output
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What the original module returned, so the replacement returns the same thing."""
+
+    flatten: bool = False  # returns [T, H] for a [B, S, H] input (Llama4)
+    aux: tuple[str, ...] = ()  # extra tuple items: "logits" | "topk_weights" | "topk_ids" | "dense_scores"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    route: Optional[RouteSpec]
+    experts: ExpertsSpec
+    shared: bool = False
+    shared_gate: bool = False
+    output: OutputSpec = field(default_factory=OutputSpec)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if not math.isfinite(self.experts.limit):
+            d["experts"]["limit"] = None
+        return d
+
+
+def pick_router_outputs(outputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """From a kept router's outputs, take (topk_ids [T,k] int64, topk_weights [T,k] float)."""
+    items = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    ids = [t for t in items if isinstance(t, torch.Tensor) and not t.is_floating_point()]
+    floats = [t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if len(ids) != 1:
+        raise ValueError("kept router must return exactly one integer tensor of expert ids")
+    weights = [t for t in floats if t.shape == ids[0].shape]
+    if len(weights) != 1:
+        raise ValueError("kept router must return exactly one float tensor shaped like its ids")
+    return ids[0], weights[0]
+
+
+class FusedMoE(nn.Module):
+    """route + experts (+ shared expert) in canonical form; runnable and exportable."""
+
+    def __init__(
+        self,
+        spec: LayerSpec,
+        router_weight: Optional[torch.Tensor],
+        router_bias: Optional[torch.Tensor],
+        selection_bias: Optional[torch.Tensor],
+        w_gate_up: torch.Tensor,
+        w_down: torch.Tensor,
+        b_gate_up: Optional[torch.Tensor],
+        b_down: Optional[torch.Tensor],
+        shared: Optional[nn.Module] = None,
+        shared_gate: Optional[nn.Module] = None,
+        router: Optional[nn.Module] = None,
+    ):
+        super().__init__()
+        self.spec = spec
+        self.router = router  # only when routing is kept as written (spec.route is None)
+        self.router_weight = _param(router_weight)
+        self.router_bias = _param(router_bias)
+        if selection_bias is not None:
+            self.register_buffer("selection_bias", selection_bias.detach())
+        else:
+            self.selection_bias = None
+        self.w_gate_up = _param(w_gate_up)
+        self.w_down = _param(w_down)
+        self.b_gate_up = _param(b_gate_up)
+        self.b_down = _param(b_down)
+        self.shared = shared
+        self.shared_gate = shared_gate
+
+    def routing(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        r = self.spec.route
+        if r is None:
+            ids, weights = pick_router_outputs(self.router(flat))
+            return ids, weights, None
+        logits = F.linear(flat, self.router_weight, self.router_bias)
+        ids, weights = torch.ops.moec.route(
+            logits, self.selection_bias, r.scoring, r.top_k, r.renormalize, r.n_group, r.topk_group, r.scale
+        )
+        return ids, weights, logits
+
+    def routed(self, flat, ids, weights) -> torch.Tensor:
+        x = self.spec.experts
+        return torch.ops.moec.experts(
+            flat, ids, weights.to(flat.dtype), self.w_gate_up, self.w_down, self.b_gate_up, self.b_down,
+            x.activation, x.gated, x.alpha, x.beta, x.limit, x.weight_on_input,
+        )
+
+    def shared_output(self, flat: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.shared is None:
+            return None
+        s = self.shared(flat)
+        if self.shared_gate is not None:
+            s = torch.sigmoid(self.shared_gate(flat)) * s
+        return s
+
+    def forward(self, hidden: torch.Tensor):
+        flat = hidden.reshape(-1, self.spec.experts.hidden)
+        ids, weights, logits = self.routing(flat)
+        out = self.routed(flat, ids, weights)
+        s = self.shared_output(flat)
+        if s is not None:
+            out = out + s
+        return self.finish(hidden, out, ids, weights, logits)
+
+    def finish(self, hidden, out, ids, weights, logits):
+        o = self.spec.output
+        if not o.flatten:
+            out = out.reshape(hidden.shape)
+        if not o.aux:
+            return out
+        extra = []
+        for name in o.aux:
+            if name == "logits":
+                extra.append(logits)
+            elif name == "topk_weights":
+                extra.append(weights)
+            elif name == "topk_ids":
+                extra.append(ids)
+            elif name == "dense_scores":
+                extra.append(torch.zeros_like(logits).scatter(1, ids, weights.to(logits.dtype)))
+        return (out, *extra)
+
+
+def _param(t: Optional[torch.Tensor]) -> Optional[nn.Parameter]:
+    if t is None:
+        return None
+    if isinstance(t, nn.Parameter):
+        return t
+    return nn.Parameter(t.detach(), requires_grad=False)

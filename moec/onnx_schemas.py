@@ -1,0 +1,110 @@
+"""ONNX schemas for the non-standard ops moec emits, registered with onnx.defs.
+
+onnxscript's tracer (used by torch.onnx's custom translation table) only builds
+nodes whose schema onnx knows. ONNX Runtime's contrib ops (com.microsoft) are not
+in onnx's registry, so we declare the subset we emit here, mirroring the schemas
+ONNX Runtime 1.31 reports (inputs, optionality, attribute names and defaults).
+Registration is idempotent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+from onnx.defs import OpSchema
+
+_FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+
+
+@dataclass(frozen=True)
+class Input:
+    name: str
+    type_str: str = "T"
+    optional: bool = False
+
+
+def _attr(name: str, kind: OpSchema.AttrType, default=None) -> OpSchema.Attribute:
+    if default is None:
+        return OpSchema.Attribute(name, kind, "", required=False)
+    return OpSchema.Attribute(name, onnx.helper.make_attribute(name, default), "")
+
+
+def _schema(name, domain, inputs, attributes, type_constraints, outputs=("output",)) -> OpSchema:
+    option = OpSchema.FormalParameterOption
+    return OpSchema(
+        name,
+        domain,
+        1,
+        f"{domain}::{name} as emitted by moec",
+        inputs=[
+            OpSchema.FormalParameter(i.name, i.type_str, "", param_option=option.Optional if i.optional else option.Single)
+            for i in inputs
+        ],
+        outputs=[OpSchema.FormalParameter(o, "T", "") for o in outputs],
+        type_constraints=type_constraints,
+        attributes=attributes,
+    )
+
+
+def _moe_attributes() -> list[OpSchema.Attribute]:
+    a = OpSchema.AttrType
+    return [
+        _attr("k", a.INT, 1),
+        _attr("normalize_routing_weights", a.INT, 0),
+        _attr("activation_type", a.STRING, "relu"),
+        _attr("use_sparse_mixer", a.INT, 0),
+        _attr("swiglu_fusion", a.INT, 0),
+        _attr("activation_alpha", a.FLOAT, 1.0),
+        _attr("activation_beta", a.FLOAT, 0.0),
+        _attr("swiglu_limit", a.FLOAT),
+    ]
+
+
+def moe_schema() -> OpSchema:
+    inputs = [
+        Input("input"), Input("router_probs"),
+        Input("fc1_experts_weights"), Input("fc1_experts_bias", optional=True),
+        Input("fc2_experts_weights"), Input("fc2_experts_bias", optional=True),
+        Input("fc3_experts_weights", optional=True), Input("fc3_experts_bias", optional=True),
+    ]
+    return _schema("MoE", "com.microsoft", inputs, _moe_attributes(), [("T", _FLOATS, "")])
+
+
+def qmoe_schema() -> OpSchema:
+    a = OpSchema.AttrType
+    inputs = [
+        Input("input"), Input("router_probs"),
+        Input("fc1_experts_weights", "T1"), Input("fc1_scales", "T2"), Input("fc1_experts_bias", optional=True),
+        Input("fc2_experts_weights", "T1"), Input("fc2_scales", "T2"), Input("fc2_experts_bias", optional=True),
+        Input("fc3_experts_weights", "T1", optional=True), Input("fc3_scales", "T2", optional=True),
+        Input("fc3_experts_bias", optional=True),
+        Input("fc1_zero_points", "T1", optional=True), Input("fc2_zero_points", "T1", optional=True),
+        Input("fc3_zero_points", "T1", optional=True), Input("router_weights", optional=True),
+    ]
+    attributes = _moe_attributes() + [
+        _attr("expert_weight_bits", a.INT, 4),
+        _attr("block_size", a.INT, 0),
+        _attr("accuracy_level", a.INT, 0),
+    ]
+    constraints = [("T", _FLOATS, ""), ("T1", ["tensor(uint8)"], ""), ("T2", _FLOATS, "")]
+    return _schema("QMoE", "com.microsoft", inputs, attributes, constraints)
+
+
+_REGISTERED: set[tuple[str, str]] = set()
+
+
+def register(schema: OpSchema) -> None:
+    key = (schema.domain, schema.name)
+    if key in _REGISTERED:
+        return
+    try:
+        onnx.defs.get_schema(schema.name, schema.since_version, schema.domain)
+    except onnx.defs.SchemaError:
+        onnx.defs.register_schema(schema)
+    _REGISTERED.add(key)
+
+
+def register_ort_contrib_schemas() -> None:
+    register(moe_schema())
+    register(qmoe_schema())

@@ -1,0 +1,308 @@
+"""compile(): source -> passes (validated) -> torch.export -> ONNX -> verify -> write, atomically.
+
+Memory discipline: the model's weights exist once. Passes rewrite layers in place (a
+layer's new layout is made before its old one is dropped); the ONNX program aliases
+torch's tensors until it is saved; eager reference outputs are computed before the
+ONNX Runtime session (which holds its own copy) is created, and the torch model is
+released first.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from moec.errors import FusionRequiredError, MoecError, OutputExistsError, VerificationError
+from moec.export_onnx import capture, save_onnx, to_onnx, weight_bytes
+from moec.numerics import compare_tensors
+from moec.passes.base import PassContext, PassManager, flatten_outputs
+from moec.sources import LoadedSource, load_source
+
+TARGETS = ("onnxruntime", "tensorrt")
+FP32_REL_L2 = 1e-4
+
+
+@dataclass
+class CompileOptions:
+    out: str
+    target: str = "onnxruntime"
+    force: bool = False
+    validate: bool = True
+    fuse: bool = True
+    require_fusion: bool = False
+    disabled_passes: Sequence[str] = ()
+    triton_repo: Optional[str] = None
+    model_name: Optional[str] = None
+    model_version: int = 1
+    max_batch_size: Optional[int] = None
+    instances: int = 1
+    verify_seq_len: Optional[int] = None
+    tolerance: float = FP32_REL_L2
+    log: Callable[[str], None] = lambda msg: None
+    extra: dict[str, Any] = field(default_factory=dict)  # options for later passes (quant, memory)
+
+
+@dataclass
+class CompileResult:
+    out_dir: str
+    report: dict
+    triton_model_dir: Optional[str] = None
+
+
+def compile(
+    module: Optional[nn.Module] = None,
+    example_args: Optional[tuple] = None,
+    dynamic_shapes: Any = None,
+    *,
+    source: Optional[str] = None,
+    options: CompileOptions,
+) -> CompileResult:
+    """Compile a model. Pass either (module, example_args[, dynamic_shapes]) or `source`."""
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    log = options.log
+    if options.target not in TARGETS:
+        raise MoecError(f"unknown target '{options.target}'; choose one of {', '.join(TARGETS)}.")
+    _check_destinations(options)
+
+    if module is not None:
+        src = LoadedSource(module.eval(), tuple(example_args or ()), dynamic_shapes, "python:" + type(module).__name__,
+                           [], [], [], [])
+        src.input_names = [f"input_{i}" for i in range(len(src.example_args))]
+        src.input_kinds = ["float" if a.is_floating_point() else "int" for a in src.example_args]
+    else:
+        log(f"loading {source or 'built-in demo model'}")
+        src = load_source(source)
+    timings["load"] = time.perf_counter() - t0
+    capture_notes = list(src.notes)
+
+    # Verification inputs: the example's shape and another batch / sequence length.
+    verify_inputs = [src.make_inputs(seed=100)]
+    other_seq = options.verify_seq_len or _other_len(src)
+    if other_seq is not None:
+        verify_inputs.append(src.make_inputs(seed=101, seq_len=other_seq, batch=1 if src._is_dynamic(0, 0) else None))
+    t = time.perf_counter()
+    with torch.no_grad():
+        eager = [[o.detach().clone() for o in flatten_outputs(src.module(*a))] for a in verify_inputs]
+    timings["eager_reference"] = time.perf_counter() - t
+
+    passes = build_passes(options)
+    log("running passes: " + ", ".join(p.name for p in passes))
+    ctx = PassContext(probes=[src.example_args] + verify_inputs[1:], target=options.target,
+                      options=options.extra, log=log)
+    t = time.perf_counter()
+    module_out, records = PassManager(passes, validate=options.validate).run(src.module, ctx)
+    timings["passes"] = time.perf_counter() - t
+    layers = _layer_summary(records)
+    if options.require_fusion and layers["unfused"]:
+        bad = [f"{l['path']}: {l.get('reason', '')}" for l in layers["layers"] if not l["fused"]]
+        raise FusionRequiredError("--require-fusion: MoE layers left unfused: " + "; ".join(bad))
+
+    log("capturing with torch.export")
+    t = time.perf_counter()
+    captured = capture(module_out, src.example_args, src.dynamic_shapes)
+    timings["capture"] = time.perf_counter() - t
+    log("converting to ONNX")
+    t = time.perf_counter()
+    program = to_onnx(captured, src.input_names, src.output_names)
+    timings["onnx_export"] = time.perf_counter() - t
+    onnx_weight_bytes = weight_bytes(program)
+
+    parent = os.path.dirname(os.path.abspath(options.out)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".moec-tmp-", dir=parent)
+    try:
+        model_path = os.path.join(tmp, "model.onnx")
+        files = save_onnx(program, model_path)
+        del program, captured, module_out, src
+        gc.collect()  # the torch weights go before ONNX Runtime loads its own copy
+
+        log("verifying with ONNX Runtime")
+        t = time.perf_counter()
+        numerics, feeds, outs = verify_onnx(model_path, verify_inputs, eager, options.tolerance)
+        timings["verify"] = time.perf_counter() - t
+        _write_golden(os.path.join(tmp, "golden"), feeds, outs, options.tolerance)
+        report = {
+            "moec_version": _version(),
+            "source": source or "python-module",
+            "target": options.target,
+            "capture": {"method": "torch.export (non-strict)", "notes": capture_notes},
+            "passes": [r.to_dict() for r in records],
+            "moe_layers": layers,
+            "numerics": numerics,
+            "weights_bytes": onnx_weight_bytes,
+            "files": sorted(os.path.relpath(f, tmp) for f in files) + ["golden/"],
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            "versions": versions(),
+        }
+        extra_reports = run_post_hooks(options, tmp, model_path, report)
+        report.update(extra_reports)
+        report["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
+        _write_json(os.path.join(tmp, "report.json"), report)
+        if not numerics["passed"]:
+            worst = max(numerics["inputs"], key=lambda r: r["rel_l2"])
+            raise VerificationError(
+                f"ONNX Runtime output differs from eager PyTorch: relative L2 {worst['rel_l2']:.3g} "
+                f"(max abs {worst['max_abs']:.3g}) on input '{worst['input']}' exceeds tolerance "
+                f"{options.tolerance:g}. Nothing was written; rerun with --keep-failed to inspect the artifact."
+            )
+        triton_dir = None
+        if options.triton_repo:
+            from moec.triton_repo import write_model_repository
+
+            triton_dir = write_model_repository(
+                options.triton_repo, options.model_name or "moe_model", model_path, files,
+                version=options.model_version, force=options.force, max_batch_size=options.max_batch_size,
+                instances=options.instances,
+            )
+            report["triton"] = {"model_dir": triton_dir}
+            _write_json(os.path.join(tmp, "report.json"), report)
+        _move_into_place(tmp, options.out, options.force)
+        tmp = None
+        return CompileResult(os.path.abspath(options.out), report, triton_dir)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_passes(options: CompileOptions) -> list:
+    from moec.passes.fuse_moe import FuseMoE
+    from moec.passes.lower_moe_onnxruntime import LowerMoEForOnnxRuntime
+
+    passes: list = []
+    if options.fuse:
+        passes.append(FuseMoE())
+        if options.target == "onnxruntime":
+            passes.append(LowerMoEForOnnxRuntime())
+    unknown = set(options.disabled_passes) - {p.name for p in passes}
+    if unknown:
+        raise MoecError(f"--no-pass: unknown pass {', '.join(sorted(unknown))}; passes are "
+                        f"{', '.join(p.name for p in passes)}.")
+    return [p for p in passes if p.name not in options.disabled_passes]
+
+
+def run_post_hooks(options: CompileOptions, tmp: str, model_path: str, report: dict) -> dict:
+    """Artifact-level steps added by later capabilities (memory planning ...)."""
+    return {}
+
+
+def verify_onnx(model_path: str, inputs: list[tuple], eager: list[list[torch.Tensor]], tolerance: float):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    out_names = [o.name for o in sess.get_outputs()]
+    rows, feeds_all, outs_all = [], [], []
+    for idx, (args, ref) in enumerate(zip(inputs, eager)):
+        feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
+        got = sess.run(None, feeds)
+        shape = "x".join(str(d) for d in args[0].shape) if args else ""
+        for name, g, r in zip(out_names, got, ref):
+            s = compare_tensors(r, g)
+            rows.append({"input": f"probe{idx}[{shape}]", "output": name, **s.to_dict(),
+                         "passed": bool(s.rel_l2 <= tolerance)})
+        feeds_all.append(feeds)
+        outs_all.append({n: r.detach().cpu().numpy() for n, r in zip(out_names, ref)})
+    return {"tolerance_rel_l2": tolerance, "inputs": rows, "passed": all(r["passed"] for r in rows)}, feeds_all, outs_all
+
+
+def _write_golden(path: str, feeds: list[dict], outs: list[dict], tolerance: float) -> None:
+    os.makedirs(path)
+    for i, (f, o) in enumerate(zip(feeds, outs)):
+        for name, arr in f.items():
+            np.save(os.path.join(path, f"probe{i}.input.{name}.npy"), arr)
+        for name, arr in o.items():
+            np.save(os.path.join(path, f"probe{i}.output.{name}.npy"), arr)
+    _write_json(os.path.join(path, "manifest.json"), {
+        "probes": len(feeds), "inputs": sorted(feeds[0]), "outputs": sorted(outs[0]),
+        "tolerance_rel_l2": tolerance, "reference": "eager PyTorch (fp32) before any pass",
+    })
+
+
+def _check_destinations(options: CompileOptions) -> None:
+    if os.path.exists(options.out) and not options.force:
+        raise OutputExistsError(
+            f"output directory '{options.out}' already exists; moec never overwrites an artifact "
+            "unless asked: pass --force to replace it, or choose another --out."
+        )
+    if options.triton_repo:
+        from moec.triton_repo import check_version_free
+
+        check_version_free(options.triton_repo, options.model_name or "moe_model", options.model_version,
+                           options.force)
+
+
+def _move_into_place(tmp: str, out: str, force: bool) -> None:
+    if os.path.exists(out):
+        if not force:
+            raise OutputExistsError(f"output directory '{out}' appeared while compiling; not replacing it.")
+        old = tmp + ".old"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def _other_len(src: LoadedSource) -> Optional[int]:
+    if not src.example_args or not src._is_dynamic(0, 1):
+        return None
+    seq = src.example_args[0].shape[1]
+    return seq + 5 if seq < 64 else max(2, seq // 2)
+
+
+def _layer_summary(records) -> dict:
+    layers: list[dict] = []
+    for r in records:
+        if r.name == "fuse_moe":
+            layers = [dict(l) for l in r.details.get("layers", [])]
+    lowered = {}
+    for r in records:
+        for l in r.details.get("layers", []) if r.name.startswith("lower_") else []:
+            lowered[l["path"]] = l
+    for l in layers:
+        if l["path"] in lowered:
+            l["lowered_to"] = lowered[l["path"]]["lowered_to"]
+            if "reason" in lowered[l["path"]]:
+                l["lowering_note"] = lowered[l["path"]]["reason"]
+    return {"fused": sum(l["fused"] for l in layers), "unfused": sum(not l["fused"] for l in layers),
+            "layers": layers, "note": "" if layers else "no MoE layer found; compiled as a dense model"}
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,
+            "numpy": np.__version__}
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("moec")
+    except Exception:
+        return "0.0.0+local"
+
+
+def _write_json(path: str, obj: Any) -> None:
+    import json
+
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")

@@ -1,0 +1,210 @@
+"""Load what `moec compile SOURCE` names into a module, example inputs and dynamic shapes.
+
+SOURCE forms: none (the built-in demo), ``package.module:factory``, a ``.pt2`` file saved
+with torch.export.save, or a Hugging Face model directory (config.json + safetensors),
+loaded offline. Each failure raises SourceError naming the source and what to do.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from moec.errors import SourceError
+
+
+@dataclass
+class LoadedSource:
+    module: nn.Module
+    example_args: tuple
+    dynamic_shapes: Any = None  # as torch.export takes it; None = static
+    identity: str = ""
+    input_names: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what capture choices were made
+    input_kinds: list[str] = field(default_factory=list)  # "tokens:<vocab>" or "float"
+
+    def make_inputs(self, seed: int, seq_len: Optional[int] = None, batch: Optional[int] = None) -> tuple:
+        """Fresh fixed-seed inputs shaped like the example (optionally another batch/sequence)."""
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for i, a in enumerate(self.example_args):
+            shape = list(a.shape)
+            if batch is not None and self._is_dynamic(i, 0):
+                shape[0] = batch
+            if seq_len is not None and len(shape) > 1 and self._is_dynamic(i, 1):
+                shape[1] = seq_len
+            kind = self.input_kinds[i] if i < len(self.input_kinds) else "float"
+            if kind.startswith("tokens:"):
+                out.append(torch.randint(0, int(kind.split(":")[1]), shape, generator=gen, dtype=a.dtype))
+            elif a.is_floating_point():
+                out.append(torch.randn(shape, generator=gen, dtype=a.dtype))
+            else:
+                hi = int(a.max()) + 1 if a.numel() else 2
+                out.append(torch.randint(0, max(hi, 2), shape, generator=gen, dtype=a.dtype))
+        return tuple(out)
+
+    def _is_dynamic(self, arg: int, dim: int) -> bool:
+        ds = self.dynamic_shapes
+        if ds is None:
+            return False
+        spec = ds[arg] if isinstance(ds, (tuple, list)) else list(ds.values())[arg]
+        return isinstance(spec, dict) and dim in spec
+
+
+class CausalLMLogits(nn.Module):
+    """input_ids -> logits, without a KV cache: the graph a serving artifact exposes."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def causal_lm_source(model: nn.Module, identity: str, batch: int = 2, seq: int = 8) -> LoadedSource:
+    notes = []
+    if hasattr(model, "set_experts_implementation"):
+        # 'eager' experts don't export (data-dependent loop); 'grouped_mm' has no ONNX translation.
+        # Layers moec fuses no longer use either; 'batched_mm' keeps any unfused layer exportable.
+        try:
+            model.set_experts_implementation("batched_mm")
+            notes.append("transformers experts implementation: batched_mm (for layers left unfused)")
+        except Exception as exc:  # models without the switch (Llama4 ...)
+            notes.append(f"experts implementation unchanged: {exc}")
+    vocab = int(model.config.vocab_size)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    max_pos = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("seq", min=2, max=max_pos)},)
+    return LoadedSource(
+        CausalLMLogits(model).eval(), (ids,), dynamic, identity, ["input_ids"], ["logits"], notes,
+        [f"tokens:{vocab}"],
+    )
+
+
+def load_source(source: Optional[str]) -> LoadedSource:
+    if source is None or source in ("", "demo", "builtin:mixtral-demo"):
+        from moec.demo import mixtral_demo
+
+        return mixtral_demo()
+    if os.path.isdir(source):
+        return load_hf_dir(source)
+    if source.endswith(".pt2"):
+        return load_pt2(source)
+    if ":" in source:
+        return load_factory(source)
+    raise SourceError(
+        f"cannot interpret SOURCE '{source}': expected 'package.module:factory', a .pt2 file saved "
+        "with torch.export.save, or a Hugging Face model directory (config.json + *.safetensors)."
+    )
+
+
+def load_factory(spec: str) -> LoadedSource:
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as exc:
+        raise SourceError(
+            f"cannot import module '{mod_name}' named by SOURCE '{spec}': {type(exc).__name__}: {exc}. "
+            "Check the module path and that it is importable (PYTHONPATH, installed package)."
+        ) from exc
+    fn = getattr(mod, fn_name, None)
+    if fn is None or not callable(fn):
+        raise SourceError(f"module '{mod_name}' has no callable '{fn_name}' (SOURCE '{spec}').")
+    try:
+        result = fn()
+    except Exception as exc:
+        raise SourceError(
+            f"factory '{spec}' raised {type(exc).__name__}: {exc}. The factory must build the model "
+            "without network access and return (module, example_args[, dynamic_shapes])."
+        ) from exc
+    if isinstance(result, LoadedSource):
+        return result
+    if not isinstance(result, tuple) or len(result) not in (2, 3) or not isinstance(result[0], nn.Module):
+        raise SourceError(
+            f"factory '{spec}' returned {type(result).__name__}; expected (module, example_args) or "
+            "(module, example_args, dynamic_shapes)."
+        )
+    module, args = result[0], result[1]
+    args = args if isinstance(args, tuple) else (args,)
+    dyn = result[2] if len(result) == 3 else None
+    return LoadedSource(module.eval(), args, dyn, f"factory:{spec}",
+                        [f"input_{i}" for i in range(len(args))], [], [], ["float"] * len(args))
+
+
+def load_pt2(path: str) -> LoadedSource:
+    if not os.path.isfile(path):
+        raise SourceError(f"checkpoint '{path}' does not exist.")
+    try:
+        ep = torch.export.load(path)
+    except Exception as exc:
+        raise SourceError(
+            f"cannot read '{path}' as a torch.export program: {type(exc).__name__}: {str(exc)[:300]}. "
+            "Save it with torch.export.save(torch.export.export(model, args), path)."
+        ) from exc
+    args = ep.example_inputs[0] if ep.example_inputs else None
+    if args is None:
+        raise SourceError(f"'{path}' has no example inputs recorded; re-save it with torch.export.save.")
+    dyn = _dynamic_shapes_of(ep)
+    try:
+        module = torch.export.unflatten(ep)
+        note = "pt2: module hierarchy recovered with torch.export.unflatten (MoE fusion applies)"
+    except Exception as exc:
+        module = ep.module()
+        note = f"pt2: unflatten failed ({exc}); compiled as a flat graph without MoE fusion"
+    return LoadedSource(module, tuple(args), dyn, f"pt2:{os.path.abspath(path)}",
+                        [f"input_{i}" for i in range(len(args))], [], [note], ["float"] * len(args))
+
+
+def _dynamic_shapes_of(ep) -> Any:
+    """Rebuild dynamic_shapes from an ExportedProgram's symbolic input dims."""
+    specs = []
+    names: dict[str, torch.export.Dim] = {}
+    user_inputs = [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    for s in user_inputs:
+        val = placeholders[s.arg.name].meta.get("val")
+        dims = {}
+        for i, d in enumerate(getattr(val, "shape", ())):
+            if isinstance(d, torch.SymInt):
+                key = str(d)
+                if key not in names:
+                    rng = ep.range_constraints.get(d.node.expr)
+                    lo = int(rng.lower) if rng is not None else 1
+                    hi = int(rng.upper) if rng is not None and str(rng.upper) not in ("int_oo", "oo") else None
+                    names[key] = torch.export.Dim(f"d{len(names)}", min=max(lo, 1), max=hi) if hi else torch.export.Dim(f"d{len(names)}", min=max(lo, 1))
+                dims[i] = names[key]
+        specs.append(dims or None)
+    return tuple(specs) if any(specs) else None
+
+
+def load_hf_dir(path: str) -> LoadedSource:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise SourceError(f"'{path}' is a directory but has no config.json; a Hugging Face model directory is expected.")
+    try:
+        with open(cfg_path) as f:
+            json.load(f)
+    except Exception as exc:
+        raise SourceError(f"'{cfg_path}' is not valid JSON: {exc}") from exc
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, dtype=torch.float32)
+    except Exception as exc:
+        raise SourceError(
+            f"cannot load the Hugging Face model in '{path}' offline: {type(exc).__name__}: {str(exc)[:400]}. "
+            "The directory needs config.json and model.safetensors (or sharded safetensors with an index); "
+            "moec never downloads from a hub."
+        ) from exc
+    return causal_lm_source(model.eval(), f"hf:{os.path.abspath(path)}")

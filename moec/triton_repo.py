@@ -1,0 +1,141 @@
+"""Write a Triton Inference Server model repository entry for an ONNX artifact.
+
+Layout: ``REPO/NAME/config.pbtxt`` and ``REPO/NAME/VERSION/model.onnx`` (+ external data).
+The config is generated from the ONNX signature and parsed back as Triton's
+``ModelConfig`` protobuf before anything is written; the version directory is
+written to a temporary directory and renamed into place, and an existing version
+is never replaced unless `force` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Optional
+
+import onnx
+
+from moec.errors import MoecError, OutputExistsError
+
+_ONNX_TO_TRITON = {
+    onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
+    onnx.TensorProto.BFLOAT16: "TYPE_BF16", onnx.TensorProto.DOUBLE: "TYPE_FP64",
+    onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.INT32: "TYPE_INT32",
+    onnx.TensorProto.INT8: "TYPE_INT8", onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.BOOL: "TYPE_BOOL",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    data_type: str
+    dims: tuple[int, ...]  # -1 for dynamic
+
+
+def onnx_signature(model_path: str) -> tuple[list[TensorSpec], list[TensorSpec], list[Optional[str]]]:
+    """Inputs and outputs of the model, and the symbolic name of each input's first dim."""
+    model = onnx.load(model_path, load_external_data=False)
+    first_dims = []
+
+    def spec(v) -> TensorSpec:
+        t = v.type.tensor_type
+        if t.elem_type not in _ONNX_TO_TRITON:
+            raise MoecError(f"tensor '{v.name}' has ONNX type {t.elem_type}, which Triton can't serve.")
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+        return TensorSpec(v.name, _ONNX_TO_TRITON[t.elem_type], dims)
+
+    inputs = [spec(v) for v in model.graph.input]
+    for v in model.graph.input:
+        d = v.type.tensor_type.shape.dim
+        first_dims.append(d[0].dim_param if d and d[0].HasField("dim_param") else None)
+    outputs = [spec(v) for v in model.graph.output]
+    return inputs, outputs, first_dims
+
+
+def render_config(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], max_batch_size: int,
+                  instances: int, platform: str = "onnxruntime_onnx", kind: str = "KIND_CPU",
+                  extra: str = "") -> str:
+    def block(t: TensorSpec) -> str:
+        dims = t.dims[1:] if max_batch_size > 0 else t.dims
+        return (f"  {{\n    name: \"{t.name}\"\n    data_type: {t.data_type}\n"
+                f"    dims: [ {', '.join(str(d) for d in dims)} ]\n  }}")
+
+    lines = [
+        f'name: "{name}"',
+        f'platform: "{platform}"',
+        f"max_batch_size: {max_batch_size}",
+        "input [\n" + ",\n".join(block(t) for t in inputs) + "\n]",
+        "output [\n" + ",\n".join(block(t) for t in outputs) + "\n]",
+    ]
+    if max_batch_size > 0:
+        lines.append("dynamic_batching {\n  max_queue_delay_microseconds: 100\n}")
+    lines.append(f"instance_group [\n  {{\n    count: {instances}\n    kind: {kind}\n  }}\n]")
+    if extra:
+        lines.append(extra)
+    return "\n".join(lines) + "\n"
+
+
+def validate_config(text: str):
+    """Parse as Triton's ModelConfig (rejects misspelled fields and enum values)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        return text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise MoecError(f"generated config.pbtxt does not parse as Triton's ModelConfig: {exc}") from exc
+
+
+def check_version_free(repo: str, name: str, version: int, force: bool) -> None:
+    if version < 1:
+        raise MoecError(f"--model-version must be >= 1 (got {version}).")
+    vdir = os.path.join(repo, name, str(version))
+    if os.path.exists(vdir) and not force:
+        raise OutputExistsError(
+            f"Triton model version '{vdir}' already exists; moec never overwrites a model version unless "
+            "asked: pass --force, or choose another --model-version."
+        )
+
+
+def write_model_repository(repo: str, name: str, model_path: str, files: list[str], *, version: int = 1,
+                           force: bool = False, max_batch_size: Optional[int] = None, instances: int = 1,
+                           platform: str = "onnxruntime_onnx", kind: str = "KIND_CPU", extra: str = "") -> str:
+    check_version_free(repo, name, version, force)
+    inputs, outputs, first_dims = onnx_signature(model_path)
+    batchable = bool(inputs) and all(d is not None and d == first_dims[0] for d in first_dims) and all(
+        o.dims and o.dims[0] == -1 for o in outputs)
+    if max_batch_size is None:
+        max_batch_size = 8 if batchable else 0
+    if max_batch_size > 0 and not batchable:
+        raise MoecError(
+            f"--max-batch-size {max_batch_size}: the model's inputs do not share a dynamic first (batch) "
+            "dimension, so Triton can't batch it; use --max-batch-size 0."
+        )
+    text = render_config(name, inputs, outputs, max_batch_size, instances, platform, kind, extra)
+    validate_config(text)
+
+    model_dir = os.path.join(repo, name)
+    os.makedirs(model_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".moec-tmp-", dir=model_dir)
+    try:
+        for f in files:
+            shutil.copy2(f, os.path.join(tmp, os.path.basename(f)))
+        cfg_tmp = os.path.join(model_dir, ".config.pbtxt.tmp")
+        with open(cfg_tmp, "w") as fh:
+            fh.write(text)
+        vdir = os.path.join(model_dir, str(version))
+        if os.path.exists(vdir):
+            old = tmp + ".old"
+            os.rename(vdir, old)
+            os.rename(tmp, vdir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, vdir)
+        tmp = None
+        os.replace(cfg_tmp, os.path.join(model_dir, "config.pbtxt"))
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return os.path.abspath(model_dir)

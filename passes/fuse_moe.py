@@ -1,0 +1,631 @@
+"""fuse_moe: rewrite every recognizable MoE layer into one canonical `FusedMoE`.
+
+Matches: a submodule that owns
+  - a router: a direct child (or its own 2-D parameter) with a weight ``[E, H]``, and
+  - experts: either stacked 3-D parameters with leading dim E (on a direct child or on
+    the module itself; ``[E, 2I, H]``/``[E, H, 2I]`` in-projections, ``[E, H, I]``/
+    ``[E, I, H]`` out-projections, optional ``[E, n]`` biases, gate/up concatenated or
+    interleaved), or an ``nn.ModuleList`` of E MLPs of 2 or 3 linear layers;
+  - optionally one dense shared-expert child and a ``[1, H]`` sigmoid shared gate.
+  Which module does what is decided by parameter shapes, never by class names.
+  Attribute values (``top_k``, ``norm_topk_prob``, ``routed_scaling_factor``, ``act_fn``
+  ...) only order the candidate semantics to try.
+Produces: for each match, a `FusedMoE` (router Linear -> ``moec.route`` -> ``moec.experts``
+  [+ shared]) whose spec is the first candidate that reproduces the original module on
+  probe inputs (the layer's real inputs captured from the model's example run, random
+  inputs of the same scale, one token, and 8x magnitude) within 1e-5 relative L2.
+  A router whose rule matches no candidate (e.g. PhiMoE's sparse mixer) is kept as
+  written; its (ids, weights) outputs then feed ``moec.experts``.
+Refuses (layer left unfused, with the reason in the report): modules whose forward takes
+  more than the hidden states, extra unrecognized parameters, and layers no candidate
+  reproduces.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from moec.moe_layer import ExpertsSpec, FusedMoE, LayerSpec, OutputSpec, RouteSpec, pick_router_outputs
+from moec.numerics import compare_tensors
+from moec.ops import apply_activation, deinterleave_gate_up, route_reference
+from moec.passes.base import PassContext, PassResult
+
+MATCH_TOL = 1e-5
+MAX_CANDIDATES = 2000
+
+_TOPK_ATTRS = ("top_k", "num_experts_per_tok", "topk", "k", "num_selected", "experts_per_token")
+_RENORM_ATTRS = ("norm_topk_prob", "renormalize", "normalize")
+_SCALE_ATTRS = ("routed_scaling_factor", "scaling_factor", "route_scale")
+_NGROUP_ATTRS = ("n_group", "num_group", "num_groups", "n_groups")
+_TOPKGROUP_ATTRS = ("topk_group", "topk_groups")
+_ACT_ATTRS = ("act_fn", "activation_fn", "act", "activation")
+
+
+@dataclass
+class LayerOutcome:
+    path: str
+    fused: bool
+    reason: str = ""
+    spec: Optional[LayerSpec] = None
+    candidates_tried: int = 0
+    closest_error: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"path": self.path, "fused": self.fused, "candidates_tried": self.candidates_tried}
+        if self.reason:
+            d["reason"] = self.reason
+        if self.spec is not None:
+            d["spec"] = self.spec.to_dict()
+        if self.closest_error is not None:
+            d["closest_error"] = self.closest_error
+        return d
+
+
+@dataclass
+class ExpertWeights:
+    """One candidate reading of the expert parameters, already in canonical layout."""
+
+    w_gate_up: torch.Tensor
+    w_down: torch.Tensor
+    b_gate_up: Optional[torch.Tensor]
+    b_down: Optional[torch.Tensor]
+    gated: bool
+    layout: str
+
+
+@dataclass
+class Anatomy:
+    """What a candidate module is made of, found from parameter shapes."""
+
+    num_experts: int
+    hidden: int
+    router: Optional[nn.Module]  # child module acting as router (None: weight on the module)
+    router_name: Optional[str]
+    router_weight: torch.Tensor
+    router_biases: list[torch.Tensor]  # [E] tensors that may be router bias or selection bias
+    expert_readings: list[ExpertWeights]
+    experts_name: Optional[str]
+    activation_hints: list[Any] = field(default_factory=list)
+    shared: Optional[nn.Module] = None
+    shared_gate: Optional[nn.Module] = None
+    hints: dict[str, Any] = field(default_factory=dict)
+
+
+class FuseMoE:
+    name = "fuse_moe"
+
+    def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
+        candidates = find_candidates(module)
+        outcomes: list[LayerOutcome] = []
+        if not candidates:
+            return PassResult(module, False, {"layers": [], "note": "no MoE layer found"})
+        inputs = capture_inputs(module, [p for p, _ in candidates], ctx.probes[0])
+        modified = False
+        for i, (path, anatomy_or_reason) in enumerate(candidates):
+            ctx.log(f"  [{i + 1}/{len(candidates)}] {path}")
+            if isinstance(anatomy_or_reason, str):
+                outcomes.append(LayerOutcome(path, False, anatomy_or_reason))
+                continue
+            sub = module.get_submodule(path)
+            captured = inputs.get(path)
+            if captured is None:
+                outcomes.append(LayerOutcome(path, False, "not executed by the example inputs"))
+                continue
+            if isinstance(captured, str):
+                outcomes.append(LayerOutcome(path, False, captured))
+                continue
+            outcome, fused = match_layer(path, sub, anatomy_or_reason, captured)
+            outcomes.append(outcome)
+            if fused is not None:
+                set_submodule(module, path, fused)
+                modified = True
+        details = {
+            "layers": [o.to_dict() for o in outcomes],
+            "fused": sum(o.fused for o in outcomes),
+            "unfused": sum(not o.fused for o in outcomes),
+        }
+        return PassResult(module, modified, details)
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def find_candidates(model: nn.Module) -> list[tuple[str, Anatomy | str]]:
+    """Top-down: a module that looks like a MoE layer hides its descendants from the search."""
+    found: list[tuple[str, Anatomy | str]] = []
+    taken: list[str] = []
+    for path, mod in model.named_modules():
+        if not path or isinstance(mod, FusedMoE):
+            continue
+        if any(path.startswith(t + ".") for t in taken):
+            continue
+        anatomy = analyze(mod)
+        if anatomy is None:
+            continue
+        taken.append(path)
+        found.append((path, anatomy))
+    return found
+
+
+def _own_params(mod: nn.Module) -> dict[str, torch.Tensor]:
+    d = dict(mod.named_parameters(recurse=False))
+    d.update({k: v for k, v in mod.named_buffers(recurse=False) if v is not None})
+    return d
+
+
+def analyze(mod: nn.Module) -> Anatomy | str | None:
+    """None: not a MoE layer. str: looks like one but can't be read (the reason)."""
+    children = dict(mod.named_children())
+    experts_name, stacked, expert_list = None, None, None
+    own = _own_params(mod)
+    if sum(t.dim() == 3 for t in own.values()) >= 2:
+        stacked = own
+    for name, child in children.items():
+        if stacked is not None or expert_list is not None:
+            break
+        cp = _own_params(child)
+        if sum(t.dim() == 3 for t in cp.values()) >= 2 and not list(child.children()) or (
+            sum(t.dim() == 3 for t in cp.values()) >= 2 and all(not _own_params(c) for c in child.children())
+        ):
+            experts_name, stacked = name, cp
+        elif isinstance(child, nn.ModuleList) and len(child) >= 1 and all(_linears(e) for e in child):
+            experts_name, expert_list = name, child
+    if stacked is None and expert_list is None:
+        return None
+    if stacked is not None:
+        threes = [t for t in stacked.values() if t.dim() == 3]
+        num_experts = threes[0].shape[0]
+        if any(t.shape[0] != num_experts for t in threes):
+            return None
+    else:
+        num_experts = len(expert_list)
+
+    # Router: a 2-D [E, H] weight on a child module, or on the module itself.
+    router, router_name, router_weight, router_biases = None, None, None, []
+    for name, child in children.items():
+        if name == experts_name:
+            continue
+        cp = _own_params(child)
+        two = [t for t in cp.values() if t.dim() == 2 and t.shape[0] == num_experts]
+        if len(two) == 1 and not list(child.children()):
+            router, router_name, router_weight = child, name, two[0]
+            router_biases = [t for t in cp.values() if t.dim() == 1 and t.shape[0] == num_experts]
+            break
+    if router_weight is None:
+        two = [t for n, t in own.items() if t.dim() == 2 and t.shape[0] == num_experts]
+        if len(two) == 1:
+            router_weight = two[0]
+            router_biases = [t for t in own.values() if t.dim() == 1 and t.shape[0] == num_experts]
+    if router_weight is None:
+        return None  # stacked weights without a router: not a MoE layer we know
+    hidden = router_weight.shape[1]
+
+    readings = (
+        _stacked_readings(stacked, num_experts, hidden) if stacked is not None else _list_readings(expert_list, hidden)
+    )
+    if not readings:
+        return "expert weights found, but no reading of their shapes maps hidden -> intermediate -> hidden"
+
+    shared, shared_gate, extra = None, None, []
+    for name, child in children.items():
+        if name in (experts_name, router_name):
+            continue
+        params = list(child.parameters())
+        if not params:
+            continue
+        if len(params) == 1 and params[0].dim() == 2 and tuple(params[0].shape) == (1, hidden):
+            shared_gate = child
+        elif shared is None:
+            shared = child
+        else:
+            extra.append(name)
+    if extra:
+        return f"unrecognized submodules with parameters: {', '.join(extra)}"
+
+    hint_sources = [mod, router, children.get(experts_name) if experts_name else None, getattr(mod, "config", None)]
+    hints = _collect_hints([s for s in hint_sources if s is not None])
+    act_holders = [children.get(experts_name)] if experts_name else []
+    if expert_list is not None:
+        act_holders = [expert_list[0]]
+    act_holders.append(mod)
+    activation_hints = []
+    for holder in act_holders:
+        if holder is None:
+            continue
+        for a in _ACT_ATTRS:
+            f = getattr(holder, a, None)
+            if callable(f):
+                activation_hints.append(f)
+        for c in holder.children():
+            if not list(c.parameters()) and not list(c.children()):
+                activation_hints.append(c)
+    return Anatomy(
+        num_experts, hidden, router, router_name, router_weight, router_biases, readings, experts_name,
+        activation_hints, shared, shared_gate, hints,
+    )
+
+
+def _linears(mod: nn.Module) -> list[nn.Module]:
+    out = []
+    for sub in mod.modules():
+        p = _own_params(sub)
+        if "weight" in p and p["weight"].dim() == 2:
+            out.append(sub)
+    return out
+
+
+def _stacked_readings(params: dict[str, torch.Tensor], num_experts: int, hidden: int) -> list[ExpertWeights]:
+    threes = [t for t in params.values() if t.dim() == 3]
+    twos = [t for t in params.values() if t.dim() == 2 and t.shape[0] == num_experts]
+    readings = []
+    if len(threes) != 2:
+        return readings
+    for w_in, w_out in itertools.permutations(threes):
+        for in_t in (False, True):
+            if (w_in.shape[1] if in_t else w_in.shape[2]) != hidden:
+                continue
+            gu = w_in.transpose(1, 2) if in_t else w_in  # [E, X, H]
+            for out_t in (False, True):
+                if (w_out.shape[2] if out_t else w_out.shape[1]) != hidden:
+                    continue
+                down = w_out.transpose(1, 2) if out_t else w_out  # [E, H, I]
+                x_dim, i_dim = gu.shape[1], down.shape[2]
+                b_ins = [b for b in twos if b.shape[1] == x_dim] or [None]
+                b_outs = [b for b in twos if b.shape[1] == hidden] or [None]
+                for b_in, b_out in itertools.product(b_ins, b_outs):
+                    if b_in is not None and b_in is b_out:
+                        continue
+                    if twos and not any(b is not None for b in (b_in, b_out)):
+                        continue
+                    desc = f"in{'ᵀ' if in_t else ''}/out{'ᵀ' if out_t else ''}"
+                    if x_dim == 2 * i_dim:
+                        readings.append(ExpertWeights(gu, down, b_in, b_out, True, desc + " gate|up"))
+                        bi = None if b_in is None else deinterleave_gate_up(b_in.unsqueeze(-1)).squeeze(-1)
+                        readings.append(
+                            ExpertWeights(deinterleave_gate_up(gu), down, bi, b_out, True, desc + " interleaved")
+                        )
+                    if x_dim == i_dim:
+                        readings.append(ExpertWeights(gu, down, b_in, b_out, False, desc + " plain"))
+    return readings
+
+
+def _list_readings(experts: nn.ModuleList, hidden: int) -> list[ExpertWeights]:
+    per_expert = [_linears(e) for e in experts]
+    n = len(per_expert[0])
+    if any(len(ls) != n for ls in per_expert) or n not in (2, 3):
+        return []
+    readings = []
+    for order in itertools.permutations(range(n)):
+        ins, down_i = order[:-1], order[-1]
+        ok = True
+        for ls in per_expert:
+            if ls[down_i].weight.shape[0] != hidden or any(ls[i].weight.shape[1] != hidden for i in ins):
+                ok = False
+        if not ok:
+            continue
+        gated = n == 3
+        w_gu = torch.stack([torch.cat([ls[i].weight for i in ins], 0) for ls in per_expert]).detach()
+        w_d = torch.stack([ls[down_i].weight for ls in per_expert]).detach()
+        if w_d.shape[2] * (2 if gated else 1) != w_gu.shape[1]:
+            continue
+        has_b = [all(getattr(ls[i], "bias", None) is not None for i in ins) for ls in per_expert]
+        b_gu = (
+            torch.stack([torch.cat([ls[i].bias for i in ins], 0) for ls in per_expert]).detach() if all(has_b) else None
+        )
+        b_d = (
+            torch.stack([ls[down_i].bias for ls in per_expert]).detach()
+            if all(getattr(ls[down_i], "bias", None) is not None for ls in per_expert)
+            else None
+        )
+        readings.append(ExpertWeights(w_gu, w_d, b_gu, b_d, gated, f"module list order {order}"))
+    return readings
+
+
+def _collect_hints(sources: list[Any]) -> dict[str, Any]:
+    hints: dict[str, Any] = {}
+
+    def first(names, kind):
+        for s in sources:
+            for n in names:
+                v = getattr(s, n, None)
+                if isinstance(v, kind) and not isinstance(v, bool) or (kind is bool and isinstance(v, bool)):
+                    return v
+        return None
+
+    hints["top_k"] = first(_TOPK_ATTRS, int)
+    hints["renormalize"] = first(_RENORM_ATTRS, bool)
+    scale = first(_SCALE_ATTRS, (int, float))
+    hints["scale"] = float(scale) if scale is not None else None
+    hints["n_group"] = first(_NGROUP_ATTRS, int)
+    hints["topk_group"] = first(_TOPKGROUP_ATTRS, int)
+    alpha = first(("alpha", "swiglu_alpha"), (int, float))
+    limit = first(("limit", "swiglu_limit"), (int, float))
+    hints["alpha"] = None if alpha is None else float(alpha)
+    hints["limit"] = None if limit is None else float(limit)
+    return hints
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def capture_inputs(model: nn.Module, paths: list[str], example: tuple) -> dict[str, torch.Tensor | str]:
+    """Run the model once and record the hidden-states input each candidate layer saw."""
+    captured: dict[str, torch.Tensor | str] = {}
+    handles = []
+    for path in paths:
+        def hook(mod, args, kwargs, path=path):
+            if path in captured:
+                return
+            tensors = [a for a in args if isinstance(a, torch.Tensor)] + [
+                v for v in kwargs.values() if isinstance(v, torch.Tensor)
+            ]
+            if len(tensors) != 1 or len(args) + len(kwargs) != 1:
+                captured[path] = "forward takes more than the hidden states; only f(hidden) layers are fused"
+            else:
+                captured[path] = tensors[0].detach().clone()
+
+        handles.append(model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(*example)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def layer_probes(x: torch.Tensor) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1234)
+    std = float(x.float().std()) or 1.0
+    rand = torch.randn(x.shape, generator=gen).to(x.dtype) * std
+    one = x.reshape(-1, x.shape[-1])[:1].reshape((1,) * (x.dim() - 1) + (x.shape[-1],))
+    return [x, rand, one, rand * 8]
+
+
+# ----------------------------------------------------------------------------- matching
+
+
+def _activation_candidates(anatomy: Anatomy, gated: bool) -> list[tuple[str, float, float, float]]:
+    """(activation, alpha, beta, limit) tuples, hinted ones first."""
+    h = anatomy.hints
+    out: list[tuple[str, float, float, float]] = []
+    if gated and h.get("alpha") is not None:
+        limit = h["limit"] if h.get("limit") is not None else math.inf
+        out.append(("swiglu", h["alpha"], 1.0, limit))
+    grid = torch.linspace(-6, 6, 241)
+    names = ["silu", "gelu_tanh", "gelu", "relu", "identity"]
+    hinted = []
+    for f in anatomy.activation_hints:
+        try:
+            with torch.no_grad():
+                y = f(grid)
+        except Exception:
+            continue
+        for n in names:
+            if isinstance(y, torch.Tensor) and torch.allclose(y, apply_activation(grid, n), atol=1e-6):
+                hinted.append(n)
+    for n in hinted + [n for n in names if n not in hinted]:
+        out.append((n, 1.0, 0.0, math.inf))
+    return out
+
+
+def _route_candidates(anatomy: Anatomy) -> list[tuple[Optional[RouteSpec], Optional[torch.Tensor], Optional[torch.Tensor]]]:
+    """(spec, router_bias, selection_bias). spec None = keep the router as written."""
+    h = anatomy.hints
+    e = anatomy.num_experts
+    ks = [h["top_k"]] if h.get("top_k") and h["top_k"] <= e else []
+    ks += [k for k in list(range(1, min(e, 8) + 1)) + [e] if k not in ks]
+    renorms = [h["renormalize"]] if h.get("renormalize") is not None else [True, False]
+    scale = h["scale"] if h.get("scale") else 1.0
+    groups = [(1, 1)]
+    if h.get("n_group") and h["n_group"] > 1 and e % h["n_group"] == 0:
+        groups.insert(0, (h["n_group"], h.get("topk_group") or 1))
+    bias_roles: list[tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = [(None, None)]
+    for b in anatomy.router_biases:
+        bias_roles = [(b, None), (None, b)]
+    out = []
+    for k in ks:
+        for scoring in ("softmax", "sigmoid"):
+            for renorm in renorms:
+                for (ng, tg) in groups:
+                    for rb, sb in bias_roles:
+                        spec = RouteSpec(scoring, k, renorm, ng, tg, scale, sb is not None)
+                        out.append((spec, rb, sb))
+    if anatomy.router is not None:
+        out.append((None, None, None))
+    return out
+
+
+def _router_decisions(anatomy: Anatomy, probes: list[torch.Tensor]) -> Optional[list[dict[str, torch.Tensor]]]:
+    """What the router module itself decides, when its outputs say so: ids+weights, or dense scores."""
+    if anatomy.router is None:
+        return None
+    decisions = []
+    with torch.no_grad():
+        for p in probes:
+            flat = p.reshape(-1, anatomy.hidden)
+            try:
+                outs = anatomy.router(flat)
+            except Exception:
+                return None
+            try:
+                ids, weights = pick_router_outputs(outs)
+                decisions.append({"ids": ids, "weights": weights})
+                continue
+            except ValueError:
+                pass
+            items = outs if isinstance(outs, (tuple, list)) else (outs,)
+            logits = torch.nn.functional.linear(flat, anatomy.router_weight)
+            dense = [
+                t for t in items
+                if isinstance(t, torch.Tensor) and t.shape == logits.shape
+                and compare_tensors(t, logits).rel_l2 > MATCH_TOL
+                and not any(compare_tensors(t, logits + b).rel_l2 <= MATCH_TOL for b in anatomy.router_biases)
+            ]
+            if len(dense) != 1:
+                return None  # a plain Linear router: logits only
+            decisions.append({"dense": dense[0]})
+    return decisions
+
+
+def _route_reproduces(route: RouteSpec, rb, sb, anatomy: Anatomy, probes, decisions) -> bool:
+    with torch.no_grad():
+        for p, d in zip(probes, decisions):
+            flat = p.reshape(-1, anatomy.hidden)
+            logits = torch.nn.functional.linear(flat, anatomy.router_weight, rb)
+            ids, w = route_reference(logits, sb, route.scoring, route.top_k, route.renormalize,
+                                     route.n_group, route.topk_group, route.scale)
+            if "dense" in d:
+                got = torch.zeros_like(logits).scatter(1, ids, w)
+                if compare_tensors(d["dense"], got).rel_l2 > MATCH_TOL:
+                    return False
+                continue
+            if d["ids"].shape != ids.shape:
+                return False
+            ref_ids, order = d["ids"].sort(dim=-1)
+            got_ids, got_order = ids.sort(dim=-1)
+            if not torch.equal(ref_ids, got_ids):
+                return False
+            if compare_tensors(d["weights"].gather(1, order), w.gather(1, got_order)).rel_l2 > MATCH_TOL:
+                return False
+    return True
+
+
+def match_layer(path: str, original: nn.Module, anatomy: Anatomy, x: torch.Tensor) -> tuple[LayerOutcome, Optional[FusedMoE]]:
+    probes = layer_probes(x)
+    with torch.no_grad():
+        try:
+            expected = [original(p) for p in probes]
+        except Exception as exc:  # the layer itself can't run on probe shapes
+            return LayerOutcome(path, False, f"original layer failed on probe inputs: {exc}"), None
+    first = expected[0]
+    main0 = first[0] if isinstance(first, (tuple, list)) else first
+    if not isinstance(main0, torch.Tensor):
+        return LayerOutcome(path, False, "layer output is not a tensor or a tuple starting with one"), None
+    flatten = main0.shape != x.shape and main0.numel() == x.numel()
+    n_aux = len(first) - 1 if isinstance(first, (tuple, list)) else 0
+
+    shared_variants = [(None, None)]
+    if anatomy.shared is not None:
+        shared_variants = [(anatomy.shared, anatomy.shared_gate)]
+    elif anatomy.shared_gate is not None:
+        return LayerOutcome(path, False, "a [1, H] shared gate without a shared expert"), None
+
+    # When the router exposes its decision, pin the routing rule against the router alone
+    # (cheap), so the joint search below only varies the experts' reading.
+    routes = _route_candidates(anatomy)
+    decisions = _router_decisions(anatomy, probes)
+    tried = 0
+    if decisions is not None:
+        pinned = []
+        for route, rb, sb in routes:
+            if route is None:
+                continue
+            tried += 1
+            if _route_reproduces(route, rb, sb, anatomy, probes, decisions):
+                pinned = [(route, rb, sb)]
+                break
+        keep_router = [(None, None, None)] if "ids" in decisions[0] else []
+        routes = pinned + keep_router
+        if not routes:
+            return _no_match(path, tried, math.inf, "the router's decisions match no known routing rule"), None
+
+    best = math.inf
+    for route, rb, sb in routes:
+        for reading in anatomy.expert_readings:
+            i_dim = reading.w_down.shape[2]
+            for woi, (act, alpha, beta, limit) in itertools.product(
+                (False, True), _activation_candidates(anatomy, reading.gated)
+            ):
+                xs = ExpertsSpec(anatomy.num_experts, anatomy.hidden, i_dim, act, reading.gated, alpha, beta, limit,
+                                 reading.b_gate_up is not None or reading.b_down is not None, woi)
+                for shared, gate in shared_variants:
+                    tried += 1
+                    if tried > MAX_CANDIDATES:
+                        return _no_match(path, tried - 1, best), None
+                    spec = LayerSpec(route, xs, shared is not None, gate is not None, OutputSpec(flatten))
+                    fused = FusedMoE(
+                        spec, anatomy.router_weight if route is not None else None, rb, sb,
+                        reading.w_gate_up, reading.w_down, reading.b_gate_up, reading.b_down,
+                        shared, gate, anatomy.router if route is None else None,
+                    )
+                    err, aux = _check(fused, probes, expected, n_aux)
+                    best = min(best, err)
+                    if err <= MATCH_TOL and aux is not None:
+                        fused.spec = replace(spec, output=OutputSpec(flatten, aux))
+                        return LayerOutcome(path, True, spec=fused.spec, candidates_tried=tried), fused
+    return _no_match(path, tried, best), None
+
+
+def _no_match(path: str, tried: int, best: float, why: str = "") -> LayerOutcome:
+    why = why or f"no candidate semantics reproduced the layer (tried {tried}; closest relative error {best:.3g})"
+    return LayerOutcome(
+        path, False, why,
+        candidates_tried=tried, closest_error=None if not math.isfinite(best) else best,
+    )
+
+
+def _check(fused: FusedMoE, probes, expected, n_aux: int) -> tuple[float, Optional[tuple[str, ...]]]:
+    worst = 0.0
+    aux_names: Optional[tuple[str, ...]] = None
+    with torch.no_grad():
+        for p, exp in zip(probes, expected):
+            try:
+                flat = p.reshape(-1, fused.spec.experts.hidden)
+                ids, weights, logits = fused.routing(flat)
+                out = fused.routed(flat, ids, weights)
+                s = fused.shared_output(flat)
+                if s is not None:
+                    out = out + s
+            except Exception:
+                return math.inf, None
+            main = exp[0] if isinstance(exp, (tuple, list)) else exp
+            got = out if fused.spec.output.flatten else out.reshape(p.shape)
+            err = compare_tensors(main, got).rel_l2
+            worst = max(worst, err)
+            if worst > MATCH_TOL:
+                return worst, None
+            if n_aux and aux_names is None:
+                aux_names = _match_aux(exp[1:], ids, weights, logits)
+                if aux_names is None:
+                    return math.inf, None
+    return worst, (aux_names or ())
+
+
+def _match_aux(items, ids, weights, logits) -> Optional[tuple[str, ...]]:
+    known = {"topk_ids": ids, "topk_weights": weights}
+    if logits is not None:
+        known["logits"] = logits
+        known["dense_scores"] = torch.zeros_like(logits).scatter(1, ids, weights.to(logits.dtype))
+    names = []
+    for item in items:
+        hit = None
+        for name, t in known.items():
+            if isinstance(item, torch.Tensor) and item.shape == t.shape and compare_tensors(item, t).rel_l2 <= MATCH_TOL:
+                hit = name
+                break
+        if hit is None:
+            return None
+        names.append(hit)
+    return tuple(names)
+
+
+def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    if isinstance(parent, (nn.ModuleList, nn.Sequential)) and name.isdigit():
+        parent[int(name)] = new
+    else:
+        setattr(parent, name, new)
+
+
+def iter_fused(model: nn.Module) -> Iterator[tuple[str, FusedMoE]]:
+    for path, mod in model.named_modules():
+        if isinstance(mod, FusedMoE):
+            yield path, mod

@@ -1,0 +1,235 @@
+"""lower_moe_onnxruntime: rewrite each FusedMoE for ONNX Runtime's ``com.microsoft.MoE``.
+
+Matches: every `FusedMoE` left by fuse_moe.
+Produces: an `OrtMoE` module whose experts run as ``moec.ort_moe`` (exported as one
+  ``com.microsoft.MoE`` node), with weights laid out once for ORT (fc1 rows
+  interleaved gate/up for swiglu; routed scaling folded into fc2):
+  - softmax routing without selection bias or groups: the router logits feed MoE
+    directly (``normalize_routing_weights`` = renormalize);
+  - any other routing (sigmoid, selection bias, grouped top-k, a kept router):
+    routing runs as ONNX ops and MoE gets ``Where(selected, log(w), -inf)``. With
+    renormalized weights MoE's own renormalization reproduces them; without, a
+    zero "slack" expert with logit ``log(C - sum(w))`` makes the softmax denominator
+    the constant C, which is folded into fc2 (exact; costs one zero expert per token).
+Refuses (the layer becomes `DenseMoE`: plain ONNX ops over all experts, exact but
+  E/k times the expert FLOPs; the reason goes in the report): erf-GELU or gated
+  non-SiLU activations, and routing weights applied to the expert *input* (Llama4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moec.moe_layer import FusedMoE, LayerSpec
+from moec.ops import gated_activation, apply_activation, interleave_gate_up, route_reference
+from moec.passes.base import PassContext, PassResult
+from moec.passes.fuse_moe import iter_fused, set_submodule
+
+_PLAIN_ACTS = {"silu": "silu", "gelu_tanh": "gelu", "relu": "relu", "identity": "identity"}
+
+
+@dataclass(frozen=True)
+class OrtPlan:
+    activation_type: str
+    alpha: float
+    beta: float
+    limit: float
+    native_routing: bool  # router logits straight into MoE
+    normalize: bool
+    slack: float  # 0: no slack expert; else the constant C
+    fold: float  # multiplier folded into fc2
+
+    def describe(self) -> str:
+        how = "router logits" if self.native_routing else (
+            "pseudo-logits with slack expert" if self.slack else "pseudo-logits")
+        return f"com.microsoft.MoE ({self.activation_type}, {how})"
+
+
+def plan_layer(spec: LayerSpec, top_k: int) -> OrtPlan | str:
+    """An exact ORT MoE mapping for the layer, or the reason there is none."""
+    x = spec.experts
+    if x.weight_on_input:
+        return "routing weights scale the expert input (ORT MoE scales expert outputs)"
+    if x.gated:
+        if x.activation == "swiglu":
+            act, alpha, beta, limit = "swiglu", x.alpha, x.beta, x.limit
+        elif x.activation == "silu":
+            act, alpha, beta, limit = "swiglu", 1.0, 0.0, math.inf
+        else:
+            return f"gated activation '{x.activation}' (ORT MoE fuses only SiLU/SwiGLU gates)"
+    else:
+        if x.activation not in _PLAIN_ACTS:
+            return f"activation '{x.activation}' (ORT MoE's gelu is the tanh approximation)"
+        act, alpha, beta, limit = _PLAIN_ACTS[x.activation], 1.0, 0.0, math.inf
+    r = spec.route
+    if r is not None and r.scoring == "softmax" and not r.has_selection_bias and r.n_group <= 1:
+        return OrtPlan(act, alpha, beta, limit, True, r.renormalize, 0.0, r.scale)
+    if r is not None and r.renormalize:
+        return OrtPlan(act, alpha, beta, limit, False, True, 0.0, r.scale)
+    if r is None:
+        # A kept router (e.g. PhiMoE's sparse mixer) yields k weights, each a probability <= 1.
+        bound = float(top_k)
+        return OrtPlan(act, alpha, beta, limit, False, False, bound, bound)
+    bound = (r.top_k if r.scoring == "sigmoid" else 1.0) * r.scale
+    return OrtPlan(act, alpha, beta, limit, False, False, float(bound), float(bound))
+
+
+class OrtMoE(nn.Module):
+    """A FusedMoE whose experts run as com.microsoft.MoE."""
+
+    def __init__(self, fused: FusedMoE, plan: OrtPlan, top_k: int):
+        super().__init__()
+        self.spec, self.plan, self.top_k = fused.spec, plan, top_k
+        self.router = fused.router
+        self.router_weight, self.router_bias = fused.router_weight, fused.router_bias
+        self.selection_bias = fused.selection_bias
+        self.shared, self.shared_gate = fused.shared, fused.shared_gate
+        gated = plan.activation_type == "swiglu"
+        with torch.no_grad():
+            fc1 = interleave_gate_up(fused.w_gate_up) if gated else fused.w_gate_up
+            fc1_b = fused.b_gate_up
+            if fc1_b is not None and gated:
+                fc1_b = interleave_gate_up(fc1_b.unsqueeze(-1)).squeeze(-1)
+            fc2 = fused.w_down * plan.fold if plan.fold != 1.0 else fused.w_down
+            fc2_b = fused.b_down
+            if fc2_b is not None and plan.fold != 1.0:
+                fc2_b = fc2_b * plan.fold
+            if plan.slack:
+                fc1, fc2 = _append_zero_expert(fc1), _append_zero_expert(fc2)
+                fc1_b = None if fc1_b is None else _append_zero_expert(fc1_b)
+                fc2_b = None if fc2_b is None else _append_zero_expert(fc2_b)
+        self.fc1 = nn.Parameter(fc1.detach(), requires_grad=False)
+        self.fc2 = nn.Parameter(fc2.detach(), requires_grad=False)
+        self.fc1_bias = None if fc1_b is None else nn.Parameter(fc1_b.detach(), requires_grad=False)
+        self.fc2_bias = None if fc2_b is None else nn.Parameter(fc2_b.detach(), requires_grad=False)
+
+    def router_input(self, flat: torch.Tensor):
+        """(logits for MoE, ids, weights, router logits) — ids/weights only when routed outside."""
+        if self.plan.native_routing:
+            logits = F.linear(flat, self.router_weight, self.router_bias)
+            return logits, None, None, logits
+        ids, weights, logits = _route_outside(self, flat)
+        w = weights.float()
+        if self.plan.normalize:
+            w = w / self.plan.fold  # MoE renormalizes; the scale lives in fc2
+        pseudo = torch.full((flat.shape[0], self.fc1.shape[0]), float("-inf"), dtype=torch.float32)
+        pseudo = pseudo.scatter(1, ids, torch.log(w))
+        if self.plan.slack:
+            remaining = (self.plan.slack - w.sum(dim=-1, keepdim=True)).clamp(min=0.0)
+            pseudo = torch.cat([pseudo[:, :-1], torch.log(remaining)], dim=-1)
+        return pseudo.to(flat.dtype), ids, weights, logits
+
+    def forward(self, hidden: torch.Tensor):
+        flat = hidden.reshape(-1, self.spec.experts.hidden)
+        moe_logits, ids, weights, logits = self.router_input(flat)
+        p = self.plan
+        k = self.top_k + (1 if p.slack else 0)
+        out = torch.ops.moec.ort_moe(
+            flat, moe_logits, self.fc1, self.fc1_bias, self.fc2, self.fc2_bias,
+            k, p.normalize, p.activation_type, p.alpha, p.beta, p.limit,
+        )
+        s = FusedMoE.shared_output(self, flat)
+        if s is not None:
+            out = out + s
+        if self.spec.output.aux and ids is None:
+            ids, weights = route_reference(logits, None, "softmax", self.top_k, p.normalize, 1, 1, 1.0)
+            weights = weights * p.fold
+        return FusedMoE.finish(self, hidden, out, ids, weights, logits)
+
+
+class DenseMoE(nn.Module):
+    """Exact fallback in plain ONNX-exportable ops: every expert runs on every token."""
+
+    def __init__(self, fused: FusedMoE, reason: str):
+        super().__init__()
+        self.spec, self.reason = fused.spec, reason
+        for name in ("router", "router_weight", "router_bias", "w_gate_up", "w_down", "b_gate_up", "b_down",
+                     "shared", "shared_gate"):
+            setattr(self, name, getattr(fused, name))
+        self.selection_bias = fused.selection_bias
+
+    def forward(self, hidden: torch.Tensor):
+        flat = hidden.reshape(-1, self.spec.experts.hidden)
+        ids, weights, logits = _route_outside(self, flat)
+        out = dense_experts(flat, ids, weights, self.w_gate_up, self.w_down, self.b_gate_up, self.b_down, self.spec)
+        s = FusedMoE.shared_output(self, flat)
+        if s is not None:
+            out = out + s
+        return FusedMoE.finish(self, hidden, out, ids, weights, logits)
+
+
+def _route_outside(layer, flat):
+    """Routing as plain torch ops (exports to TopK & co.), from a FusedMoE-like layer."""
+    r = layer.spec.route
+    if r is None:
+        from moec.moe_layer import pick_router_outputs
+
+        ids, weights = pick_router_outputs(layer.router(flat))
+        return ids, weights, None
+    logits = F.linear(flat, layer.router_weight, layer.router_bias)
+    ids, weights = route_reference(logits, layer.selection_bias, r.scoring, r.top_k, r.renormalize,
+                                   r.n_group, r.topk_group, r.scale)
+    return ids, weights, logits
+
+
+def dense_experts(flat, ids, weights, w_gate_up, w_down, b_gate_up, b_down, spec: LayerSpec) -> torch.Tensor:
+    x = spec.experts
+    tokens, num_experts = flat.shape[0], w_gate_up.shape[0]
+    dense_w = torch.zeros(tokens, num_experts, dtype=flat.dtype).scatter(1, ids, weights.to(flat.dtype))
+    selected = torch.zeros(tokens, num_experts, dtype=flat.dtype).scatter(1, ids, torch.ones_like(weights, dtype=flat.dtype))
+    per_expert_w = dense_w.transpose(0, 1).unsqueeze(-1)  # [E, T, 1]
+    inputs = flat.unsqueeze(0).expand(num_experts, -1, -1)
+    if x.weight_on_input:
+        inputs = inputs * per_expert_w
+    u = torch.bmm(inputs, w_gate_up.transpose(1, 2))
+    if b_gate_up is not None:
+        u = u + b_gate_up.unsqueeze(1)
+    if x.gated:
+        gate, up = u.chunk(2, dim=-1)
+        h = gated_activation(gate, up, x.activation, x.alpha, x.beta, x.limit)
+    else:
+        h = apply_activation(u, x.activation)
+    y = torch.bmm(h, w_down.transpose(1, 2))
+    if b_down is not None:
+        y = y + b_down.unsqueeze(1)
+    scale = selected.transpose(0, 1).unsqueeze(-1) if x.weight_on_input else per_expert_w
+    return (y * scale).sum(dim=0)
+
+
+def _append_zero_expert(t: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t, torch.zeros_like(t[:1])], dim=0)
+
+
+class LowerMoEForOnnxRuntime:
+    name = "lower_moe_onnxruntime"
+
+    def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
+        layers = []
+        modified = False
+        for path, fused in list(iter_fused(module)):
+            top_k = fused.spec.route.top_k if fused.spec.route is not None else kept_router_top_k(fused)
+            plan = plan_layer(fused.spec, top_k)
+            if isinstance(plan, str):
+                set_submodule(module, path, DenseMoE(fused, plan))
+                layers.append({"path": path, "lowered_to": "dense ONNX ops (all experts)", "reason": plan})
+            else:
+                set_submodule(module, path, OrtMoE(fused, plan, top_k))
+                layers.append({"path": path, "lowered_to": plan.describe()})
+            modified = True
+        return PassResult(module, modified, {"layers": layers})
+
+
+def kept_router_top_k(fused: FusedMoE) -> int:
+    """How many experts a kept router picks per token (the width of its ids output)."""
+    from moec.moe_layer import pick_router_outputs
+
+    with torch.no_grad():
+        probe = torch.zeros(1, fused.spec.experts.hidden, dtype=fused.w_down.dtype)
+        ids, _ = pick_router_outputs(fused.router(probe))
+    return int(ids.shape[-1])

@@ -7,6 +7,7 @@ translation becomes an UnsupportedOpError naming the op and the module it came f
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import warnings
@@ -18,8 +19,11 @@ import onnxscript
 import torch
 from torch import nn
 
-from moec import onnx_schemas
+from moec import onnx_schemas, ops  # noqa: F401  (ops registers torch.ops.moec.*)
 from moec.errors import CaptureError, UnsupportedOpError
+
+# torch.onnx logs one line per missing optional library (torchvision ...); not our user's concern.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 # ONNX Runtime 1.31 rejects IR version 14 models; 10 with opset 18 is what it runs everywhere.
 IR_VERSION = 10
@@ -75,8 +79,12 @@ def capture(module: nn.Module, args: tuple, dynamic_shapes: Any) -> Captured:
         ) from exc
 
 
-def to_onnx(captured: Captured, input_names: list[str], output_names: list[str]):
-    """Returns torch.onnx's ONNXProgram (an onnx_ir model whose weights still alias torch's)."""
+def to_onnx(captured: Captured, input_names: list[str], output_names: list[str], dynamic_shapes: Any = None):
+    """Returns torch.onnx's ONNXProgram (an onnx_ir model whose weights still alias torch's).
+
+    Symbolic dims are renamed from torch's internal names (s72) to the user's Dim names
+    (batch, seq) so that the artifact's inputs say what they are.
+    """
     ep = captured.program
     try:
         with warnings.catch_warnings():
@@ -89,7 +97,59 @@ def to_onnx(captured: Captured, input_names: list[str], output_names: list[str])
     except Exception as exc:
         raise _explain_conversion_error(exc, ep) from exc
     program.model.ir_version = IR_VERSION
+    rename_symbolic_dims(program, dim_names(ep, dynamic_shapes))
     return program
+
+
+def dim_names(ep: torch.export.ExportedProgram, dynamic_shapes: Any) -> dict[str, str]:
+    """torch symbol (e.g. 's72') -> the Dim name the user gave for it."""
+    if not dynamic_shapes:
+        return {}
+    specs = list(dynamic_shapes.values()) if isinstance(dynamic_shapes, dict) else list(dynamic_shapes)
+    user = [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    mapping: dict[str, str] = {}
+    for spec, dims in zip(user, specs):
+        val = placeholders[spec.arg.name].meta.get("val")
+        if not isinstance(dims, dict) or val is None:
+            continue
+        for axis, dim in dims.items():
+            sym = val.shape[axis]
+            name = getattr(dim, "__name__", None)
+            if isinstance(sym, torch.SymInt) and name and str(sym).isidentifier():
+                mapping.setdefault(str(sym), name)
+    return mapping
+
+
+def rename_symbolic_dims(program, mapping: dict[str, str]) -> None:
+    import onnx_ir as ir
+
+    if not mapping:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, mapping)) + r")\b")
+
+    def fix(value) -> None:
+        shape = value.shape
+        if shape is None:
+            return
+        dims = []
+        changed = False
+        for d in shape.dims:
+            if isinstance(d, ir.SymbolicDim) and d.value is not None:
+                new = pattern.sub(lambda m: mapping[m.group(1)], d.value)
+                changed |= new != d.value
+                dims.append(ir.SymbolicDim(new))
+            else:
+                dims.append(d)
+        if changed:
+            value.shape = ir.Shape(dims)
+
+    graph = program.model.graph
+    for v in list(graph.inputs) + list(graph.outputs):
+        fix(v)
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for v in node.outputs:
+            fix(v)
 
 
 _NODE_RE = re.compile(r"Error when translating node %(\w+)")

@@ -31,6 +31,7 @@ class RouteSpec:
     topk_group: int = 1
     scale: float = 1.0
     has_selection_bias: bool = False  # DeepSeek-V3 e_score_correction_bias: selection only
+    select_on: str = "scores"  # "scores" | "logits": what top-k ranks (they differ once fp32 saturates)
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,8 @@ class FusedMoE(nn.Module):
             return ids, weights, None
         logits = F.linear(flat, self.router_weight, self.router_bias)
         ids, weights = torch.ops.moec.route(
-            logits, self.selection_bias, r.scoring, r.top_k, r.renormalize, r.n_group, r.topk_group, r.scale
+            logits, self.selection_bias, r.scoring, r.top_k, r.renormalize, r.n_group, r.topk_group, r.scale,
+            r.select_on == "logits",
         )
         return ids, weights, logits
 

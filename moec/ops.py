@@ -68,7 +68,13 @@ def route_reference(
     n_group: int,
     topk_group: int,
     scale: float,
+    select_on_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k over scores (+ selection bias), or over raw logits when `select_on_logits`.
+
+    Both orders agree in exact arithmetic; in fp32 saturated scores tie (sigmoid(20) ==
+    sigmoid(35) == 1.0), so the rule must be the model's own (Llama4 picks on logits).
+    """
     logits = logits.float()
     if scoring == "softmax":
         scores = torch.softmax(logits, dim=-1)
@@ -76,7 +82,9 @@ def route_reference(
         scores = torch.sigmoid(logits)
     else:
         raise ValueError(f"moec.route: unknown scoring {scoring!r} (softmax|sigmoid)")
-    choice = scores if bias is None else scores + bias.float()
+    choice = logits if select_on_logits else scores
+    if bias is not None:
+        choice = choice + bias.float()
     if n_group > 1:
         num_experts = logits.shape[-1]
         grouped = choice.view(-1, n_group, num_experts // n_group)
@@ -105,12 +113,13 @@ def route(
     n_group: int,
     topk_group: int,
     scale: float,
+    select_on_logits: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return route_reference(logits, bias, scoring, top_k, renormalize, n_group, topk_group, scale)
+    return route_reference(logits, bias, scoring, top_k, renormalize, n_group, topk_group, scale, select_on_logits)
 
 
 @route.register_fake
-def _route_fake(logits, bias, scoring, top_k, renormalize, n_group, topk_group, scale):
+def _route_fake(logits, bias, scoring, top_k, renormalize, n_group, topk_group, scale, select_on_logits):
     tokens = logits.shape[0]
     return (
         logits.new_empty((tokens, top_k), dtype=torch.int64),

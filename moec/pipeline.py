@@ -114,7 +114,7 @@ def compile(
     timings["capture"] = time.perf_counter() - t
     log("converting to ONNX")
     t = time.perf_counter()
-    program = to_onnx(captured, src.input_names, src.output_names)
+    program = to_onnx(captured, src.input_names, src.output_names, src.dynamic_shapes)
     timings["onnx_export"] = time.perf_counter() - t
     onnx_weight_bytes = weight_bytes(program)
 

@@ -206,9 +206,12 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
         return None  # stacked weights without a router: not a MoE layer we know
     hidden = router_weight.shape[1]
 
-    readings = (
-        _stacked_readings(stacked, num_experts, hidden) if stacked is not None else _list_readings(expert_list, hidden)
-    )
+    if stacked is not None:
+        # The router's own [E, H] weight may sit beside stacked expert weights (GShard style).
+        expert_params = {k: v for k, v in stacked.items() if v is not router_weight and all(v is not b for b in router_biases)}
+        readings = _stacked_readings(expert_params, num_experts, hidden)
+    else:
+        readings = _list_readings(expert_list, hidden)
     if not readings:
         return "expert weights found, but no reading of their shapes maps hidden -> intermediate -> hidden"
 
@@ -435,8 +438,9 @@ def _route_candidates(anatomy: Anatomy) -> list[tuple[Optional[RouteSpec], Optio
             for renorm in renorms:
                 for (ng, tg) in groups:
                     for rb, sb in bias_roles:
-                        spec = RouteSpec(scoring, k, renorm, ng, tg, scale, sb is not None)
-                        out.append((spec, rb, sb))
+                        for select_on in ("scores", "logits"):
+                            spec = RouteSpec(scoring, k, renorm, ng, tg, scale, sb is not None, select_on)
+                            out.append((spec, rb, sb))
     if anatomy.router is not None:
         out.append((None, None, None))
     return out
@@ -480,7 +484,7 @@ def _route_reproduces(route: RouteSpec, rb, sb, anatomy: Anatomy, probes, decisi
             flat = p.reshape(-1, anatomy.hidden)
             logits = torch.nn.functional.linear(flat, anatomy.router_weight, rb)
             ids, w = route_reference(logits, sb, route.scoring, route.top_k, route.renormalize,
-                                     route.n_group, route.topk_group, route.scale)
+                                     route.n_group, route.topk_group, route.scale, route.select_on == "logits")
             if "dense" in d:
                 got = torch.zeros_like(logits).scatter(1, ids, w)
                 if compare_tensors(d["dense"], got).rel_l2 > MATCH_TOL:

@@ -4,13 +4,15 @@ Matches: every `FusedMoE` left by fuse_moe.
 Produces: an `OrtMoE` module whose experts run as ``moec.ort_moe`` (exported as one
   ``com.microsoft.MoE`` node), with weights laid out once for ORT (fc1 rows
   interleaved gate/up for swiglu; routed scaling folded into fc2):
-  - softmax routing without selection bias or groups: the router logits feed MoE
-    directly (``normalize_routing_weights`` = renormalize);
+  - softmax routing without selection bias or groups, renormalized: the router logits
+    feed MoE directly;
   - any other routing (sigmoid, selection bias, grouped top-k, a kept router):
     routing runs as ONNX ops and MoE gets ``Where(selected, log(w), -inf)``. With
     renormalized weights MoE's own renormalization reproduces them; without, a
-    zero "slack" expert with logit ``log(C - sum(w))`` makes the softmax denominator
-    the constant C, which is folded into fc2 (exact; costs one zero expert per token).
+    zero "slack" expert with logit ``log(C - sum(w))`` makes the renormalization
+    denominator the constant C, which is folded into fc2 (exact; costs one zero
+    expert per token). ``normalize_routing_weights`` is always 1: ORT 1.31's CPU kernel
+    is wrong with 0 when its input is not a graph input.
 Refuses (the layer becomes `DenseMoE`: plain ONNX ops over all experts, exact but
   E/k times the expert FLOPs; the reason goes in the report): erf-GELU or gated
   non-SiLU activations, and routing weights applied to the expert *input* (Llama4).
@@ -67,17 +69,21 @@ def plan_layer(spec: LayerSpec, top_k: int) -> OrtPlan | str:
         if x.activation not in _PLAIN_ACTS:
             return f"activation '{x.activation}' (ORT MoE's gelu is the tanh approximation)"
         act, alpha, beta, limit = _PLAIN_ACTS[x.activation], 1.0, 0.0, math.inf
+    # ORT 1.31's CPU MoE is wrong (relative error 1.0) with normalize_routing_weights=0 whenever
+    # its input is an intermediate tensor (it is right only for graph inputs), so moec always
+    # emits normalize=1 and expresses un-normalized weights through the slack expert.
     r = spec.route
-    if r is not None and r.scoring == "softmax" and not r.has_selection_bias and r.n_group <= 1:
-        return OrtPlan(act, alpha, beta, limit, True, r.renormalize, 0.0, r.scale)
+    native = (r is not None and r.scoring == "softmax" and not r.has_selection_bias and r.n_group <= 1
+              and r.select_on == "scores")  # ORT ranks its own softmax probabilities
+    if native and (r.renormalize or r.top_k == x.num_experts):  # a full softmax already sums to 1
+        return OrtPlan(act, alpha, beta, limit, True, True, 0.0, r.scale)
     if r is not None and r.renormalize:
         return OrtPlan(act, alpha, beta, limit, False, True, 0.0, r.scale)
     if r is None:
         # A kept router (e.g. PhiMoE's sparse mixer) yields k weights, each a probability <= 1.
-        bound = float(top_k)
-        return OrtPlan(act, alpha, beta, limit, False, False, bound, bound)
+        return OrtPlan(act, alpha, beta, limit, False, True, float(top_k), float(top_k))
     bound = (r.top_k if r.scoring == "sigmoid" else 1.0) * r.scale
-    return OrtPlan(act, alpha, beta, limit, False, False, float(bound), float(bound))
+    return OrtPlan(act, alpha, beta, limit, False, True, float(bound), float(bound))
 
 
 class OrtMoE(nn.Module):
@@ -116,7 +122,7 @@ class OrtMoE(nn.Module):
             return logits, None, None, logits
         ids, weights, logits = _route_outside(self, flat)
         w = weights.float()
-        if self.plan.normalize:
+        if not self.plan.slack:
             w = w / self.plan.fold  # MoE renormalizes; the scale lives in fc2
         pseudo = torch.full((flat.shape[0], self.fc1.shape[0]), float("-inf"), dtype=torch.float32)
         pseudo = pseudo.scatter(1, ids, torch.log(w))
@@ -138,8 +144,8 @@ class OrtMoE(nn.Module):
         if s is not None:
             out = out + s
         if self.spec.output.aux and ids is None:
-            ids, weights = route_reference(logits, None, "softmax", self.top_k, p.normalize, 1, 1, 1.0)
-            weights = weights * p.fold
+            r = self.spec.route
+            ids, weights = route_reference(logits, None, r.scoring, r.top_k, r.renormalize, 1, 1, r.scale, False)
         return FusedMoE.finish(self, hidden, out, ids, weights, logits)
 
 
@@ -174,7 +180,7 @@ def _route_outside(layer, flat):
         return ids, weights, None
     logits = F.linear(flat, layer.router_weight, layer.router_bias)
     ids, weights = route_reference(logits, layer.selection_bias, r.scoring, r.top_k, r.renormalize,
-                                   r.n_group, r.topk_group, r.scale)
+                                   r.n_group, r.topk_group, r.scale, r.select_on == "logits")
     return ids, weights, logits
 
 

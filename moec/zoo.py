@@ -1,0 +1,257 @@
+"""Reference MoE models: real transformers classes from tiny configs, and hand-written styles.
+
+Used by tests, golden recording and benchmarks (and usable as SOURCEs, e.g.
+``moec compile moec.zoo:qwen3_moe``). Nothing is downloaded: configs are built here and
+weights are seeded random (routers included, so top-k never ties).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moec.demo import randomize_
+from moec.sources import LoadedSource, causal_lm_source
+
+_BASE = dict(vocab_size=128, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=12, max_position_embeddings=256)
+
+# family -> (config class, model class, config overrides)
+FAMILIES: dict[str, tuple[str, str, dict]] = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=40, num_local_experts=6,
+                                                             num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=56, num_experts=6,
+        num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        intermediate_size=64, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=3,
+        decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
+        topk_group=2, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+        norm_topk_prob=True, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=12,
+        qk_nope_head_dim=12, num_key_value_heads=4, num_hidden_layers=3, head_dim=8)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=40, num_experts=8, num_experts_per_tok=2,
+                                                       norm_topk_prob=False)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(intermediate_size=40, num_local_experts=4,
+                                                           num_experts_per_tok=2, layer_types=None)),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(intermediate_size=40, num_local_experts=4,
+                                                                      num_experts_per_tok=2)),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(intermediate_size=40, num_local_experts=4,
+                                                          num_experts_per_tok=2)),
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", dict(intermediate_size=40, intermediate_size_mlp=56,
+                                                              num_local_experts=4, num_experts_per_tok=1)),
+}
+
+# Families whose whole causal LM does not convert to ONNX for reasons outside the MoE layer;
+# they are compiled at the MoE-block level (still the real transformers class).
+BLOCK_ONLY = {"llama4": "complex-valued RoPE has no ONNX translation"}
+
+
+def build_hf_model(family: str, seed: int = 0, **overrides) -> nn.Module:
+    import transformers
+
+    cfg_cls, model_cls, extra = FAMILIES[family]
+    cfg = getattr(transformers, cfg_cls)(**{**_BASE, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(cfg).eval()
+    randomize_(model, seed)
+    return model
+
+
+def hf_family(family: str, seed: int = 0, **overrides) -> LoadedSource:
+    model = build_hf_model(family, seed, **overrides)
+    if family in BLOCK_ONLY:
+        return moe_block_source(model, family)
+    return causal_lm_source(model, f"zoo:{family}")
+
+
+def moe_block_source(model: nn.Module, family: str) -> LoadedSource:
+    """The first MoE block of a model, as the compiled unit: input [batch, seq, H]."""
+    from moec.passes.fuse_moe import find_candidates
+
+    path = next(p for p, a in find_candidates(model) if not isinstance(a, str))
+    block = model.get_submodule(path)
+    hidden = model.config.hidden_size
+    x = torch.randn(2, 8, hidden, generator=torch.Generator().manual_seed(0))
+    dyn = ({0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("seq", min=2, max=4096)},)
+    return LoadedSource(FirstOutput(block), (x,), dyn, f"zoo:{family}:{path}", ["hidden_states"], ["output"],
+                        [f"compiled at block level: {BLOCK_ONLY.get(family, '')}"], ["float"])
+
+
+class FirstOutput(nn.Module):
+    """Blocks that return (out, router_logits) expose only `out`, reshaped like the input."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return out.reshape(x.shape)
+
+
+def _factory(family: str) -> Callable[[], LoadedSource]:
+    def make() -> LoadedSource:
+        return hf_family(family)
+
+    make.__name__ = family
+    return make
+
+
+mixtral = _factory("mixtral")
+qwen2_moe = _factory("qwen2_moe")
+qwen3_moe = _factory("qwen3_moe")
+deepseek_v3 = _factory("deepseek_v3")
+olmoe = _factory("olmoe")
+gpt_oss = _factory("gpt_oss")
+granitemoe = _factory("granitemoe")
+phimoe = _factory("phimoe")
+llama4 = _factory("llama4")
+
+
+# ----------------------------------------------------------------------------- hand-written styles
+
+
+class SwiGLUExpert(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, inter, bias=False)
+        self.w3 = nn.Linear(hidden, inter, bias=False)
+        self.w2 = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class LoopMoE(nn.Module):
+    """The classic loop over an nn.ModuleList of experts with masks (softmax, top-k, renormalize)."""
+
+    def __init__(self, hidden=32, inter=48, num_experts=6, top_k=2):
+        super().__init__()
+        self.top_k = top_k
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert(hidden, inter) for _ in range(num_experts))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = torch.softmax(self.gate(x), dim=-1)
+        w, idx = probs.topk(self.top_k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(idx == e)
+            if token.numel():
+                out.index_add_(0, token, expert(x[token]) * w[token, slot, None])
+        return out.reshape(shape)
+
+
+class SwitchMoE(nn.Module):
+    """Top-1 switch routing with max; experts are Sequential(Linear, ReLU, Linear) with biases."""
+
+    def __init__(self, hidden=32, inter=64, num_experts=4):
+        super().__init__()
+        self.router = nn.Linear(hidden, num_experts)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(hidden, inter), nn.ReLU(), nn.Linear(inter, hidden)) for _ in range(num_experts))
+
+    def forward(self, x):
+        probs = torch.softmax(self.router(x), dim=-1)
+        gate, choice = probs.max(dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            mask = (choice == e).unsqueeze(-1)
+            out = out + torch.where(mask, expert(x) * gate.unsqueeze(-1), torch.zeros_like(x))
+        return out
+
+
+class GShardMoE(nn.Module):
+    """GShard-style one-hot dispatch / combine with einsum over stacked weights (top-2, GELU-tanh)."""
+
+    def __init__(self, hidden=32, inter=40, num_experts=8, top_k=2):
+        super().__init__()
+        self.top_k = top_k
+        self.wg = nn.Parameter(torch.randn(num_experts, hidden) / math.sqrt(hidden))
+        self.wi = nn.Parameter(torch.randn(num_experts, hidden, inter) / math.sqrt(hidden))
+        self.wo = nn.Parameter(torch.randn(num_experts, inter, hidden) / math.sqrt(inter))
+
+    def forward(self, x):
+        b, s, h = x.shape
+        tokens = x.reshape(-1, h)
+        probs = torch.softmax(tokens @ self.wg.t(), dim=-1)
+        w, idx = probs.topk(self.top_k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        combine = torch.zeros_like(probs).scatter(1, idx, w)  # [T, E]
+        dispatch = (combine > 0).to(x.dtype)
+        expert_in = torch.einsum("te,th->eth", dispatch, tokens)
+        hmid = F.gelu(torch.einsum("eth,ehi->eti", expert_in, self.wi), approximate="tanh")
+        expert_out = torch.einsum("eti,eih->eth", hmid, self.wo)
+        return torch.einsum("te,eth->th", combine, expert_out).reshape(b, s, h)
+
+
+class SoftMixtureMoE(nn.Module):
+    """A dense soft mixture: every expert on every token, weighted by softmax over all experts."""
+
+    def __init__(self, hidden=32, inter=24, num_experts=4):
+        super().__init__()
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.up = nn.Parameter(torch.randn(num_experts, 2 * inter, hidden) / math.sqrt(hidden))
+        self.down = nn.Parameter(torch.randn(num_experts, hidden, inter) / math.sqrt(inter))
+
+    def forward(self, x):
+        p = torch.softmax(self.gate(x), dim=-1)  # [..., E]
+        u = torch.einsum("...h,eih->...ei", x, self.up)
+        g, v = u.chunk(2, dim=-1)
+        y = torch.einsum("...ei,ehi->...eh", F.silu(g) * v, self.down)
+        return (p.unsqueeze(-1) * y).sum(dim=-2)
+
+
+HANDWRITTEN: dict[str, type[nn.Module]] = {
+    "loop": LoopMoE, "switch": SwitchMoE, "gshard": GShardMoE, "soft_mixture": SoftMixtureMoE,
+}
+
+
+class Residual(nn.Module):
+    """A tiny 'model' around a MoE block: x + moe(norm(x)), then a projection, so the MoE is inside."""
+
+    def __init__(self, moe: nn.Module, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.moe = moe
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        return self.proj(x + self.moe(self.norm(x)))
+
+
+def handwritten(style: str, seed: int = 0) -> LoadedSource:
+    torch.manual_seed(seed)
+    moe = HANDWRITTEN[style]()
+    hidden = moe.experts[0][0].in_features if style == "switch" else (
+        moe.gate.in_features if hasattr(moe, "gate") and isinstance(moe.gate, nn.Linear) else moe.wg.shape[1])
+    model = Residual(moe, hidden).eval()
+    x = torch.randn(2, 8, hidden, generator=torch.Generator().manual_seed(seed))
+    dyn = ({0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("seq", min=2, max=4096)},)
+    return LoadedSource(model, (x,), dyn, f"zoo:handwritten:{style}", ["hidden_states"], ["output"], [], ["float"])
+
+
+def loop_moe() -> LoadedSource:
+    return handwritten("loop")
+
+
+def switch_moe() -> LoadedSource:
+    return handwritten("switch")
+
+
+def gshard_moe() -> LoadedSource:
+    return handwritten("gshard")
+
+
+def soft_mixture_moe() -> LoadedSource:
+    return handwritten("soft_mixture")

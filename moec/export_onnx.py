@@ -153,6 +153,7 @@ def rename_symbolic_dims(program, mapping: dict[str, str]) -> None:
 
 
 _NODE_RE = re.compile(r"Error when translating node %(\w+)")
+_NO_FUNCTION_RE = re.compile(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>")
 
 
 def _explain_conversion_error(exc: Exception, ep: torch.export.ExportedProgram) -> Exception:
@@ -169,10 +170,20 @@ def _explain_conversion_error(exc: Exception, ep: torch.export.ExportedProgram) 
                 "Rewrite that module to use ONNX-expressible ops, keep it out of the exported graph, "
                 "or register a translation for the op (torch.onnx custom_translation_table)."
             )
-    missing = re.search(r"No decompositions registered for.*?'([\w.:]+)'", text) or re.search(
-        r"(aten::\w+|\w+::\w+)", text)
-    what = missing.group(1) if missing else "unknown op"
-    return UnsupportedOpError(f"ONNX conversion failed at {what}: {str(_root_cause(exc))[:400]}")
+    m = _NO_FUNCTION_RE.search(text)
+    if m:
+        # The failing node lives in torch.onnx's decomposed copy of the graph; find where it came
+        # from in ours by the op's base name (aten.special_bessel_j0 decomposes to prims.bessel_j0).
+        op = f"{m.group(1)}.{m.group(2)}"
+        base = m.group(1).rsplit(".", 1)[-1].lstrip("_")
+        node = next((n for n in ep.graph.nodes if n.op == "call_function" and base in str(n.target)), None)
+        where = f"from module '{module_path(node)}', op '{node.target}' in the captured graph" if node else "module unknown"
+        return UnsupportedOpError(
+            f"op '{op}' ({where}) has no ONNX translation. Rewrite that module with ONNX-expressible ops, "
+            "keep it out of the exported graph, or register a translation for the op "
+            "(torch.onnx custom_translation_table)."
+        )
+    return UnsupportedOpError(f"ONNX conversion failed: {str(_root_cause(exc))[:400]}")
 
 
 def module_path(node: torch.fx.Node) -> str:

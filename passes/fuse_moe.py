@@ -204,6 +204,8 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
             router_biases = [t for t in own.values() if t.dim() == 1 and t.shape[0] == num_experts]
     if router_weight is None:
         return None  # stacked weights without a router: not a MoE layer we know
+    if router is not None:  # [E] tensors on the layer itself may be a selection bias
+        router_biases += [t for t in own.values() if t.dim() == 1 and t.shape[0] == num_experts]
     hidden = router_weight.shape[1]
 
     if stacked is not None:
@@ -429,9 +431,13 @@ def _route_candidates(anatomy: Anatomy) -> list[tuple[Optional[RouteSpec], Optio
     groups = [(1, 1)]
     if h.get("n_group") and h["n_group"] > 1 and e % h["n_group"] == 0:
         groups.insert(0, (h["n_group"], h.get("topk_group") or 1))
+    # Each [E] tensor is either added to the logits (router bias) or only steers selection.
+    biases = anatomy.router_biases[:2]
     bias_roles: list[tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = [(None, None)]
-    for b in anatomy.router_biases:
-        bias_roles = [(b, None), (None, b)]
+    if len(biases) == 1:
+        bias_roles = [(biases[0], None), (None, biases[0])]
+    elif len(biases) == 2:
+        bias_roles = [(biases[0], biases[1]), (biases[1], biases[0])]
     out = []
     for k in ks:
         for scoring in ("softmax", "sigmoid"):

@@ -12,7 +12,7 @@ Produces: an `OrtMoE` module whose experts run as ``moec.ort_moe`` (exported as 
     zero "slack" expert with logit ``log(C - sum(w))`` makes the renormalization
     denominator the constant C, which is folded into fc2 (exact; costs one zero
     expert per token). ``normalize_routing_weights`` is always 1: ORT 1.31's CPU kernel
-    is wrong with 0 when its input is not a graph input.
+    is wrong with 0 when its input and output are intermediate tensors (in place).
 Refuses (the layer becomes `DenseMoE`: plain ONNX ops over all experts, exact but
   E/k times the expert FLOPs; the reason goes in the report): erf-GELU or gated
   non-SiLU activations, and routing weights applied to the expert *input* (Llama4).
@@ -69,8 +69,8 @@ def plan_layer(spec: LayerSpec, top_k: int) -> OrtPlan | str:
         if x.activation not in _PLAIN_ACTS:
             return f"activation '{x.activation}' (ORT MoE's gelu is the tanh approximation)"
         act, alpha, beta, limit = _PLAIN_ACTS[x.activation], 1.0, 0.0, math.inf
-    # ORT 1.31's CPU MoE is wrong (relative error 1.0) with normalize_routing_weights=0 whenever
-    # its input is an intermediate tensor (it is right only for graph inputs), so moec always
+    # ORT 1.31's CPU MoE is wrong (relative error 1.0) with normalize_routing_weights=0 when its
+    # input and output are intermediate tensors, as in any real model; so moec always
     # emits normalize=1 and expresses un-normalized weights through the slack expert.
     r = spec.route
     native = (r is not None and r.scoring == "softmax" and not r.has_selection_bias and r.n_group <= 1

@@ -1,0 +1,144 @@
+"""fuse_moe: every transformers family and hand-written style becomes one FusedMoE per layer."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from moec import zoo
+from moec.moe_layer import FusedMoE
+from moec.passes.base import PassContext, PassManager
+from moec.passes.fuse_moe import FuseMoE, find_candidates
+
+# family -> (number of MoE layers, expected routing / experts facts)
+EXPECTED = {
+    "mixtral": (2, dict(scoring="softmax", top_k=2, renormalize=True)),
+    "qwen2_moe": (2, dict(scoring="softmax", top_k=2, renormalize=False, shared=True, shared_gate=True)),
+    "qwen3_moe": (2, dict(scoring="softmax", top_k=3, renormalize=True)),
+    "deepseek_v3": (2, dict(scoring="sigmoid", top_k=2, renormalize=True, n_group=4, topk_group=2, scale=2.5,
+                            has_selection_bias=True, shared=True)),
+    "olmoe": (2, dict(scoring="softmax", top_k=2, renormalize=False)),
+    "gpt_oss": (2, dict(top_k=2, activation="swiglu", alpha=1.702, limit=7.0, has_bias=True)),
+    "granitemoe": (2, dict(top_k=2)),
+    "phimoe": (2, dict(route=None)),  # sparse mixer: router kept as written
+    "llama4": (1, dict(scoring="sigmoid", top_k=1, select_on="logits", weight_on_input=True, shared=True)),
+}
+
+
+def _fuse(src):
+    ctx = PassContext(probes=[src.example_args, src.make_inputs(7, seq_len=5, batch=1)])
+    module, records = PassManager([FuseMoE()], validate=True).run(src.module, ctx)
+    return module, records[0]
+
+
+def _facts(spec):
+    facts = {"route": spec.route, "shared": spec.shared, "shared_gate": spec.shared_gate}
+    facts.update(vars(spec.experts))
+    if spec.route is not None:
+        facts.update(vars(spec.route))
+    return facts
+
+
+@pytest.mark.parametrize("family", list(EXPECTED))
+def test_family_fuses_every_moe_layer(family):
+    src = zoo.hf_family(family)
+    module, record = _fuse(src)
+    n_layers, expected = EXPECTED[family]
+    fused = [m for m in module.modules() if isinstance(m, FusedMoE)]
+    assert len(fused) == n_layers, record.details
+    assert record.details["unfused"] == 0
+    assert record.validation is not None and record.validation.rel_l2 < 1e-5
+    facts = _facts(fused[0].spec)
+    for key, value in expected.items():
+        if key == "route":
+            assert facts["route"] is value
+        elif isinstance(value, float):
+            assert math.isclose(facts[key], value, rel_tol=1e-6), (key, facts[key])
+        else:
+            assert facts[key] == value, (key, facts[key])
+
+
+@pytest.mark.parametrize("style", list(zoo.HANDWRITTEN))
+def test_handwritten_style_fuses(style):
+    src = zoo.handwritten(style)
+    module, record = _fuse(src)
+    assert [type(m).__name__ for m in module.modules() if isinstance(m, FusedMoE)] == ["FusedMoE"], record.details
+    assert record.validation.rel_l2 < 1e-5
+
+
+def test_handwritten_semantics_read_from_behaviour():
+    specs = {}
+    for style in ("switch", "soft_mixture", "gshard"):
+        module, _ = _fuse(zoo.handwritten(style))
+        specs[style] = next(m for m in module.modules() if isinstance(m, FusedMoE)).spec
+    assert specs["switch"].route.top_k == 1 and not specs["switch"].route.renormalize
+    assert specs["switch"].experts.activation == "relu" and not specs["switch"].experts.gated
+    assert specs["soft_mixture"].route.top_k == 4  # every expert: a dense soft mixture
+    assert specs["gshard"].experts.activation == "gelu_tanh"
+
+
+def test_dense_model_has_no_moe_layers():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+    assert find_candidates(model) == []
+    out, records = PassManager([FuseMoE()]).run(model, PassContext(probes=[(torch.randn(3, 8),)]))
+    assert records[0].modified is False and records[0].details["layers"] == []
+
+
+class OddRouterMoE(nn.Module):
+    """Looks like a MoE (router + stacked experts) but routes by a rule moec does not know."""
+
+    def __init__(self, hidden=16, inter=8, experts=4):
+        super().__init__()
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.w_in = nn.Parameter(torch.randn(experts, inter, hidden) * 0.3)
+        self.w_out = nn.Parameter(torch.randn(experts, hidden, inter) * 0.3)
+
+    def forward(self, x):
+        logits = self.gate(x)
+        w = torch.softmax(logits ** 2, dim=-1)  # squared logits: no candidate reproduces it
+        h = torch.relu(torch.einsum("th,eih->tei", x, self.w_in))
+        y = torch.einsum("tei,ehi->teh", h, self.w_out)
+        return (w.unsqueeze(-1) * y).sum(1)
+
+
+def test_unmatched_layer_stays_unfused_with_reason():
+    torch.manual_seed(0)
+    model = nn.Sequential(OddRouterMoE())
+    out, records = PassManager([FuseMoE()]).run(model, PassContext(probes=[(torch.randn(5, 16),)]))
+    layer = records[0].details["layers"][0]
+    assert layer["path"] == "0" and layer["fused"] is False
+    assert "no candidate semantics reproduced the layer" in layer["reason"]
+    assert isinstance(out[0], OddRouterMoE)
+
+
+class ScaledLoopMoE(zoo.LoopMoE):
+    def forward(self, x, scale):
+        return super().forward(x) * scale
+
+
+def test_layer_taking_extra_inputs_is_refused():
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = ScaledLoopMoE(hidden=8, inter=8, num_experts=2, top_k=1)
+
+        def forward(self, x):
+            return self.moe(x, 2.0) + x
+
+    _, records = PassManager([FuseMoE()]).run(Wrapper(), PassContext(probes=[(torch.randn(2, 3, 8),)]))
+    layer = records[0].details["layers"][0]
+    assert layer["fused"] is False and "more than the hidden states" in layer["reason"]
+
+
+def test_layer_never_executed_is_reported():
+    class Skips(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = zoo.LoopMoE(hidden=8, inter=8, num_experts=2, top_k=1)
+
+        def forward(self, x):
+            return x * 2
+
+    _, records = PassManager([FuseMoE()]).run(Skips(), PassContext(probes=[(torch.randn(2, 3, 8),)]))
+    assert records[0].details["layers"][0]["reason"] == "not executed by the example inputs"

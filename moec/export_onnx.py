@@ -63,6 +63,7 @@ class Captured:
 
 def capture(module: nn.Module, args: tuple, dynamic_shapes: Any) -> Captured:
     """torch.export, non-strict (HF models rely on Python features strict mode rejects)."""
+    dynamic_shapes = _for_signature(module, dynamic_shapes)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -77,6 +78,18 @@ def capture(module: nn.Module, args: tuple, dynamic_shapes: Any) -> Captured:
             "did not fuse, or dynamic dimensions the model specializes; try static shapes (a factory "
             "returning dynamic_shapes=None) or report the layer."
         ) from exc
+
+
+def _for_signature(module: nn.Module, dynamic_shapes: Any) -> Any:
+    """A forward(*args) (torch.export.unflatten's modules) takes dynamic shapes as one tuple."""
+    import inspect
+
+    if dynamic_shapes is None or isinstance(dynamic_shapes, dict):
+        return dynamic_shapes
+    params = list(inspect.signature(module.forward).parameters.values())
+    if params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        return (tuple(dynamic_shapes),)
+    return dynamic_shapes
 
 
 def to_onnx(captured: Captured, input_names: list[str], output_names: list[str], dynamic_shapes: Any = None):

@@ -120,10 +120,11 @@ class FuseMoE:
             if isinstance(captured, str):
                 outcomes.append(LayerOutcome(path, False, captured))
                 continue
-            outcome, fused = match_layer(path, sub, anatomy_or_reason, captured)
+            call, x = captured
+            outcome, fused = match_layer(path, sub, anatomy_or_reason, x, call)
             outcomes.append(outcome)
             if fused is not None:
-                set_submodule(module, path, fused)
+                set_submodule(module, path, fused if call == LayerCall() else CalledLike(fused, call))
                 modified = True
         details = {
             "layers": [o.to_dict() for o in outcomes],
@@ -359,21 +360,44 @@ def _collect_hints(sources: list[Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- inputs
 
 
-def capture_inputs(model: nn.Module, paths: list[str], example: tuple) -> dict[str, torch.Tensor | str]:
+@dataclass(frozen=True)
+class LayerCall:
+    """How a layer is called: its hidden states, plus (for torch.export.unflatten's modules) int
+    arguments that are sizes of the hidden states' dims, recomputed for every probe shape."""
+
+    tensor_index: int = 0
+    int_dims: tuple[int, ...] = ()  # per leading int argument: which dim of the tensor it is
+
+    def args(self, x: torch.Tensor) -> tuple:
+        ints = [int(x.shape[d]) for d in self.int_dims]
+        return tuple(ints[: self.tensor_index]) + (x,) + tuple(ints[self.tensor_index:])
+
+
+def _layer_call(args: tuple, kwargs: dict) -> tuple[LayerCall, torch.Tensor] | str:
+    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    if kwargs or len(tensors) != 1:
+        return "forward takes more than the hidden states; only f(hidden) layers are fused"
+    x = args[tensors[0]]
+    dims = []
+    for i, a in enumerate(args):
+        if i == tensors[0]:
+            continue
+        if not isinstance(a, int) or a not in x.shape:
+            return "forward takes more than the hidden states; only f(hidden) layers are fused"
+        dims.append(list(x.shape).index(a))
+    return LayerCall(tensors[0], tuple(dims)), x
+
+
+def capture_inputs(model: nn.Module, paths: list[str], example: tuple) -> dict[str, tuple[LayerCall, torch.Tensor] | str]:
     """Run the model once and record the hidden-states input each candidate layer saw."""
-    captured: dict[str, torch.Tensor | str] = {}
+    captured: dict[str, tuple[LayerCall, torch.Tensor] | str] = {}
     handles = []
     for path in paths:
         def hook(mod, args, kwargs, path=path):
             if path in captured:
                 return
-            tensors = [a for a in args if isinstance(a, torch.Tensor)] + [
-                v for v in kwargs.values() if isinstance(v, torch.Tensor)
-            ]
-            if len(tensors) != 1 or len(args) + len(kwargs) != 1:
-                captured[path] = "forward takes more than the hidden states; only f(hidden) layers are fused"
-            else:
-                captured[path] = tensors[0].detach().clone()
+            call = _layer_call(args, kwargs)
+            captured[path] = call if isinstance(call, str) else (call[0], call[1].detach().clone())
 
         handles.append(model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
     try:
@@ -507,11 +531,13 @@ def _route_reproduces(route: RouteSpec, rb, sb, anatomy: Anatomy, probes, decisi
     return True
 
 
-def match_layer(path: str, original: nn.Module, anatomy: Anatomy, x: torch.Tensor) -> tuple[LayerOutcome, Optional[FusedMoE]]:
+def match_layer(path: str, original: nn.Module, anatomy: Anatomy, x: torch.Tensor,
+                call: "LayerCall" = None) -> tuple[LayerOutcome, Optional[FusedMoE]]:
+    call = call or LayerCall()
     probes = layer_probes(x)
     with torch.no_grad():
         try:
-            expected = [original(p) for p in probes]
+            expected = [original(*call.args(p)) for p in probes]
         except Exception as exc:  # the layer itself can't run on probe shapes
             return LayerOutcome(path, False, f"original layer failed on probe inputs: {exc}"), None
     first = expected[0]
@@ -624,6 +650,18 @@ def _match_aux(items, ids, weights, logits) -> Optional[tuple[str, ...]]:
             return None
         names.append(hit)
     return tuple(names)
+
+
+class CalledLike(nn.Module):
+    """Adapts a FusedMoE to a layer that was called with extra size arguments."""
+
+    def __init__(self, fused: FusedMoE, call: LayerCall):
+        super().__init__()
+        self.fused = fused
+        self.tensor_index = call.tensor_index
+
+    def forward(self, *args):
+        return self.fused(args[self.tensor_index])
 
 
 def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:

@@ -36,6 +36,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         fuse=not args.no_fusion, require_fusion=args.require_fusion, disabled_passes=args.no_pass or (),
         triton_repo=args.triton_repo, model_name=name, model_version=args.model_version,
         max_batch_size=args.max_batch_size, instances=args.instances, log=_progress(args.quiet), extra=extra,
+        keep_failed=args.keep_failed, tolerance=args.tolerance,
     )
     result = compile(source=args.source, options=opts)
     r = result.report
@@ -79,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-fusion", action="store_true", help="compile without MoE fusion (reference export)")
     c.add_argument("--require-fusion", action="store_true", help="fail if any MoE layer stays unfused")
     c.add_argument("--no-pass", action="append", help="disable a pass by name (repeatable)")
+    c.add_argument("--tolerance", type=float, default=1e-4,
+                   help="max relative L2 error of the artifact vs eager PyTorch (default 1e-4, fp32)")
+    c.add_argument("--keep-failed", action="store_true",
+                   help="if verification fails, keep the artifact in OUT.failed for inspection")
     c.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     c.set_defaults(func=cmd_compile)
     return p

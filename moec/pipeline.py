@@ -48,6 +48,7 @@ class CompileOptions:
     instances: int = 1
     verify_seq_len: Optional[int] = None
     tolerance: float = FP32_REL_L2
+    keep_failed: bool = False  # on a numerics failure, keep the artifact at OUT.failed for inspection
     log: Callable[[str], None] = lambda msg: None
     extra: dict[str, Any] = field(default_factory=dict)  # options for later passes (quant, memory)
 
@@ -151,10 +152,17 @@ def compile(
         _write_json(os.path.join(tmp, "report.json"), report)
         if not numerics["passed"]:
             worst = max(numerics["inputs"], key=lambda r: r["rel_l2"])
+            where = "Nothing was written; rerun with --keep-failed to inspect the artifact."
+            if options.keep_failed:
+                kept = os.path.abspath(options.out) + ".failed"
+                shutil.rmtree(kept, ignore_errors=True)
+                os.rename(tmp, kept)
+                tmp = None
+                where = f"The failing artifact and its report are in {kept}."
             raise VerificationError(
                 f"ONNX Runtime output differs from eager PyTorch: relative L2 {worst['rel_l2']:.3g} "
                 f"(max abs {worst['max_abs']:.3g}) on input '{worst['input']}' exceeds tolerance "
-                f"{options.tolerance:g}. Nothing was written; rerun with --keep-failed to inspect the artifact."
+                f"{options.tolerance:g}. {where}"
             )
         triton_dir = None
         if options.triton_repo:

@@ -159,3 +159,14 @@ def test_require_fusion_fails_on_unfused_layer(tmp_path):
     strict = moec("compile", "odd:make", "--out", str(tmp_path / "b"), "--quiet", "--require-fusion",
                   cwd=str(tmp_path))
     assert strict.returncode == 7 and "--require-fusion" in strict.stderr and not (tmp_path / "b").exists()
+
+
+def test_verification_failure_exits_8_and_keeps_nothing_unless_asked(userpkg, tmp_path):
+    # An impossible tolerance makes verification fail on a correct artifact.
+    out = tmp_path / "v"
+    r = moec("compile", "userpkg.models:tiny_moe", "--out", str(out), "--quiet", "--tolerance", "1e-12",
+             cwd=userpkg)
+    assert r.returncode == 8 and "exceeds tolerance" in r.stderr and not out.exists()
+    r = moec("compile", "userpkg.models:tiny_moe", "--out", str(out), "--quiet", "--tolerance", "1e-12",
+             "--keep-failed", cwd=userpkg)
+    assert r.returncode == 8 and (tmp_path / "v.failed" / "model.onnx").exists() and not out.exists()

@@ -59,6 +59,16 @@ def test_family_fuses_every_moe_layer(family):
             assert facts[key] == value, (key, facts[key])
 
 
+@pytest.mark.parametrize("impl", ["eager", "batched_mm", "grouped_mm"])
+def test_fusion_does_not_depend_on_the_experts_implementation(impl):
+    src = zoo.hf_family("mixtral")
+    src.module.model.set_experts_implementation(impl)
+    module, record = _fuse(src)
+    assert record.details["fused"] == 2 and record.validation.rel_l2 < 1e-5
+    # the fused layers export even where the original implementation could not (eager's loop)
+    torch.export.export(module, src.example_args, dynamic_shapes=src.dynamic_shapes, strict=False)
+
+
 @pytest.mark.parametrize("style", list(zoo.HANDWRITTEN))
 def test_handwritten_style_fuses(style):
     src = zoo.handwritten(style)

@@ -33,9 +33,10 @@ def randomize_(model: torch.nn.Module, seed: int, std: float = 0.2) -> None:
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if not t.is_floating_point() or "rotary" in name or "inv_freq" in name:
                 continue
+            # in place: no temporary the size of the parameter
             if t.dim() >= 2:
-                t.copy_(torch.randn(t.shape, generator=gen) * std)
+                t.normal_(0.0, std, generator=gen)
             elif "norm" in name:
-                t.copy_(1.0 + 0.1 * torch.randn(t.shape, generator=gen))
+                t.normal_(1.0, 0.1, generator=gen)
             else:
-                t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
+                t.normal_(0.0, 0.1, generator=gen)

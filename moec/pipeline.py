@@ -109,6 +109,7 @@ def compile(
         bad = [f"{l['path']}: {l.get('reason', '')}" for l in layers["layers"] if not l["fused"]]
         raise FusionRequiredError("--require-fusion: MoE layers left unfused: " + "; ".join(bad))
 
+    capture_notes += make_unfused_experts_exportable(module_out, layers)
     log("capturing with torch.export")
     t = time.perf_counter()
     captured = capture(module_out, src.example_args, src.dynamic_shapes)
@@ -181,6 +182,27 @@ def compile(
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_unfused_experts_exportable(module: nn.Module, layers: dict) -> list[str]:
+    """Switch transformers' experts implementation to one that exports, just before capture.
+
+    Only layers moec did not fuse still run transformers' experts code: its 'eager' path
+    doesn't export (data-dependent loop) and 'grouped_mm' doesn't convert to ONNX. 'batched_mm'
+    does both but gathers a weight copy per token, so it is never used for eager reference runs.
+    """
+    from moec.passes.fuse_moe import find_candidates
+
+    if not find_candidates(module):
+        return []
+    for m in module.modules():
+        if hasattr(m, "set_experts_implementation"):
+            try:
+                m.set_experts_implementation("batched_mm")
+                return ["transformers experts implementation set to batched_mm for the unfused layers"]
+            except Exception as exc:  # models without the switch (Llama4 ...)
+                return [f"experts implementation unchanged: {exc}"]
+    return []
 
 
 def build_passes(options: CompileOptions) -> list:

@@ -71,14 +71,6 @@ class CausalLMLogits(nn.Module):
 
 def causal_lm_source(model: nn.Module, identity: str, batch: int = 2, seq: int = 8) -> LoadedSource:
     notes = []
-    if hasattr(model, "set_experts_implementation"):
-        # 'eager' experts don't export (data-dependent loop); 'grouped_mm' has no ONNX translation.
-        # Layers moec fuses no longer use either; 'batched_mm' keeps any unfused layer exportable.
-        try:
-            model.set_experts_implementation("batched_mm")
-            notes.append("transformers experts implementation: batched_mm (for layers left unfused)")
-        except Exception as exc:  # models without the switch (Llama4 ...)
-            notes.append(f"experts implementation unchanged: {exc}")
     vocab = int(model.config.vocab_size)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)

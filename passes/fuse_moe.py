@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -89,7 +89,7 @@ class Anatomy:
     router_name: Optional[str]
     router_weight: torch.Tensor
     router_biases: list[torch.Tensor]  # [E] tensors that may be router bias or selection bias
-    expert_readings: list[ExpertWeights]
+    expert_readings: Callable[[], Iterator[ExpertWeights]]  # lazy: a reading may copy a layer's weights
     experts_name: Optional[str]
     activation_hints: list[Any] = field(default_factory=list)
     shared: Optional[nn.Module] = None
@@ -212,10 +212,10 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
     if stacked is not None:
         # The router's own [E, H] weight may sit beside stacked expert weights (GShard style).
         expert_params = {k: v for k, v in stacked.items() if v is not router_weight and all(v is not b for b in router_biases)}
-        readings = _stacked_readings(expert_params, num_experts, hidden)
+        readings = lambda: _stacked_readings(expert_params, num_experts, hidden)  # noqa: E731
     else:
-        readings = _list_readings(expert_list, hidden)
-    if not readings:
+        readings = lambda: _list_readings(expert_list, hidden)  # noqa: E731
+    if next(readings(), None) is None:
         return "expert weights found, but no reading of their shapes maps hidden -> intermediate -> hidden"
 
     shared, shared_gate, extra = None, None, []
@@ -266,12 +266,12 @@ def _linears(mod: nn.Module) -> list[nn.Module]:
     return out
 
 
-def _stacked_readings(params: dict[str, torch.Tensor], num_experts: int, hidden: int) -> list[ExpertWeights]:
+def _stacked_readings(params: dict[str, torch.Tensor], num_experts: int, hidden: int) -> Iterator[ExpertWeights]:
+    """Every consistent reading of two stacked tensors, made one at a time (some copy weights)."""
     threes = [t for t in params.values() if t.dim() == 3]
     twos = [t for t in params.values() if t.dim() == 2 and t.shape[0] == num_experts]
-    readings = []
     if len(threes) != 2:
-        return readings
+        return
     for w_in, w_out in itertools.permutations(threes):
         for in_t in (False, True):
             if (w_in.shape[1] if in_t else w_in.shape[2]) != hidden:
@@ -291,29 +291,27 @@ def _stacked_readings(params: dict[str, torch.Tensor], num_experts: int, hidden:
                         continue
                     desc = f"in{'ᵀ' if in_t else ''}/out{'ᵀ' if out_t else ''}"
                     if x_dim == 2 * i_dim:
-                        readings.append(ExpertWeights(gu, down, b_in, b_out, True, desc + " gate|up"))
+                        yield ExpertWeights(gu, down, b_in, b_out, True, desc + " gate|up")
                         bi = None if b_in is None else deinterleave_gate_up(b_in.unsqueeze(-1)).squeeze(-1)
-                        readings.append(
-                            ExpertWeights(deinterleave_gate_up(gu), down, bi, b_out, True, desc + " interleaved")
-                        )
+                        yield ExpertWeights(deinterleave_gate_up(gu), down, bi, b_out, True, desc + " interleaved")
                     if x_dim == i_dim:
-                        readings.append(ExpertWeights(gu, down, b_in, b_out, False, desc + " plain"))
-    return readings
+                        yield ExpertWeights(gu, down, b_in, b_out, False, desc + " plain")
 
 
-def _list_readings(experts: nn.ModuleList, hidden: int) -> list[ExpertWeights]:
+def _list_readings(experts: nn.ModuleList, hidden: int) -> Iterator[ExpertWeights]:
+    """Stack a ModuleList's linears, one assignment of roles (gate, up, down) at a time."""
     per_expert = [_linears(e) for e in experts]
     n = len(per_expert[0])
     if any(len(ls) != n for ls in per_expert) or n not in (2, 3):
-        return []
-    readings = []
+        return
     for order in itertools.permutations(range(n)):
         ins, down_i = order[:-1], order[-1]
         ok = True
         for ls in per_expert:
             if ls[down_i].weight.shape[0] != hidden or any(ls[i].weight.shape[1] != hidden for i in ins):
                 ok = False
-        if not ok:
+        if not ok or per_expert[0][down_i].weight.shape[1] * (2 if n == 3 else 1) != sum(
+                per_expert[0][i].weight.shape[0] for i in ins):
             continue
         gated = n == 3
         w_gu = torch.stack([torch.cat([ls[i].weight for i in ins], 0) for ls in per_expert]).detach()
@@ -329,8 +327,7 @@ def _list_readings(experts: nn.ModuleList, hidden: int) -> list[ExpertWeights]:
             if all(getattr(ls[down_i], "bias", None) is not None for ls in per_expert)
             else None
         )
-        readings.append(ExpertWeights(w_gu, w_d, b_gu, b_d, gated, f"module list order {order}"))
-    return readings
+        yield ExpertWeights(w_gu, w_d, b_gu, b_d, gated, f"module list order {order}")
 
 
 def _collect_hints(sources: list[Any]) -> dict[str, Any]:
@@ -574,7 +571,7 @@ def match_layer(path: str, original: nn.Module, anatomy: Anatomy, x: torch.Tenso
 
     best = math.inf
     for route, rb, sb in routes:
-        for reading in anatomy.expert_readings:
+        for reading in anatomy.expert_readings():
             i_dim = reading.w_down.shape[2]
             for woi, (act, alpha, beta, limit) in itertools.product(
                 (False, True), _activation_candidates(anatomy, reading.gated)

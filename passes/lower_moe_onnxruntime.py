@@ -218,7 +218,10 @@ class LowerMoEForOnnxRuntime:
     def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
         layers = []
         modified = False
-        for path, fused in list(iter_fused(module)):
+        # Paths, not modules: holding every old layer until the loop ends would keep a second
+        # copy of all expert weights alive (each lowered layer re-lays its weights).
+        for path in [p for p, _ in iter_fused(module)]:
+            fused = module.get_submodule(path)
             top_k = fused.spec.route.top_k if fused.spec.route is not None else kept_router_top_k(fused)
             plan = plan_layer(fused.spec, top_k)
             if isinstance(plan, str):
@@ -227,6 +230,7 @@ class LowerMoEForOnnxRuntime:
             else:
                 set_submodule(module, path, OrtMoE(fused, plan, top_k))
                 layers.append({"path": path, "lowered_to": plan.describe()})
+            del fused
             modified = True
         return PassResult(module, modified, {"layers": layers})
 

@@ -54,6 +54,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
           f"(tolerance {r['numerics']['tolerance_rel_l2']:g}) — {'PASS' if r['numerics']['passed'] else 'FAIL'}")
     if result.triton_model_dir:
         print(f"Triton model: {result.triton_model_dir}")
+    trt = r.get("tensorrt")
+    if trt:
+        print(f"TensorRT plugin: {trt['plugin']} (definitions in {result.out_dir}/plugins.json)")
+        engine = trt["engine"]
+        if not engine["built"]:
+            print(f"TensorRT engine: skipped — {engine['reason']}; to build it: {engine['how_to_build']}")
     for line in r.get("summary_lines", []):
         print(line)
     return 0

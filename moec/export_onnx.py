@@ -43,9 +43,13 @@ def _ort_moe_translation(hidden, router_logits, fc1, fc1_bias, fc2, fc2_bias, k,
     return _MSFT.MoE(hidden, router_logits, fc1, fc1_bias, fc2, fc2_bias, **attrs)
 
 
-def translation_table() -> dict[Callable, Callable]:
+def translation_table(target: str = "onnxruntime") -> dict[Callable, Callable]:
     onnx_schemas.register_ort_contrib_schemas()
     table: dict[Callable, Callable] = {torch.ops.moec.ort_moe.default: _ort_moe_translation}
+    if target == "tensorrt":
+        from moec.passes.lower_moe_tensorrt import experts_plugin_translation
+
+        table[torch.ops.moec.experts.default] = experts_plugin_translation
     try:  # the quantized experts op, once the quantization lowering is present
         from moec.quant_lowering import qmoe_translation_table
 
@@ -92,7 +96,8 @@ def _for_signature(module: nn.Module, dynamic_shapes: Any) -> Any:
     return dynamic_shapes
 
 
-def to_onnx(captured: Captured, input_names: list[str], output_names: list[str], dynamic_shapes: Any = None):
+def to_onnx(captured: Captured, input_names: list[str], output_names: list[str], dynamic_shapes: Any = None,
+            target: str = "onnxruntime"):
     """Returns torch.onnx's ONNXProgram (an onnx_ir model whose weights still alias torch's).
 
     Symbolic dims are renamed from torch's internal names (s72) to the user's Dim names
@@ -103,7 +108,7 @@ def to_onnx(captured: Captured, input_names: list[str], output_names: list[str],
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                ep, (), dynamo=True, custom_translation_table=translation_table(),
+                ep, (), dynamo=True, custom_translation_table=translation_table(target),
                 input_names=input_names or None, output_names=output_names or None,
                 opset_version=OPSET, optimize=False, verbose=False,
             )

@@ -108,3 +108,18 @@ def register(schema: OpSchema) -> None:
 def register_ort_contrib_schemas() -> None:
     register(moe_schema())
     register(qmoe_schema())
+
+
+def register_plugin_schema(plugin) -> None:
+    """Schema for moec's TensorRT experts plugin node (see passes/lower_moe_tensorrt.PluginSpec)."""
+    a = OpSchema.AttrType
+    kinds = {"int": a.INT, "float": a.FLOAT, "string": a.STRING}
+    attributes = [_attr("plugin_namespace", a.STRING), _attr("plugin_version", a.STRING)]
+    for name, kind in plugin.fields:
+        attributes.append(_attr(name, kinds[kind.split(":")[0].split(",")[0].split()[0]]))
+    inputs = [
+        Input("hidden"), Input("topk_ids", "I"), Input("topk_weights"), Input("w_gate_up"), Input("w_down"),
+        Input("b_gate_up", optional=True), Input("b_down", optional=True),
+    ]
+    constraints = [("T", _FLOATS, ""), ("I", ["tensor(int32)", "tensor(int64)"], "")]
+    register(_schema(plugin.name, plugin.domain, inputs, attributes, constraints))

@@ -116,7 +116,7 @@ def compile(
     timings["capture"] = time.perf_counter() - t
     log("converting to ONNX")
     t = time.perf_counter()
-    program = to_onnx(captured, src.input_names, src.output_names, src.dynamic_shapes)
+    program = to_onnx(captured, src.input_names, src.output_names, src.dynamic_shapes, options.target)
     timings["onnx_export"] = time.perf_counter() - t
     onnx_weight_bytes = weight_bytes(program)
 
@@ -131,7 +131,13 @@ def compile(
 
         log("verifying with ONNX Runtime")
         t = time.perf_counter()
-        numerics, feeds, outs = verify_onnx(model_path, verify_inputs, eager, options.tolerance)
+        verify_path = model_path
+        if options.target == "tensorrt":
+            verify_path = plugin_reference_model(model_path, tmp)
+        numerics, feeds, outs = verify_onnx(verify_path, verify_inputs, eager, options.tolerance)
+        if verify_path != model_path:
+            os.remove(verify_path)
+            numerics["evaluated_as"] = "plugin nodes replaced by their reference subgraph (moec/plugin_reference.py)"
         timings["verify"] = time.perf_counter() - t
         _write_golden(os.path.join(tmp, "golden"), feeds, outs, options.tolerance)
         report = {
@@ -205,15 +211,29 @@ def make_unfused_experts_exportable(module: nn.Module, layers: dict) -> list[str
     return []
 
 
+def plugin_reference_model(model_path: str, tmp: str) -> str:
+    """Where ONNX Runtime can't run TensorRT plugin nodes, a copy with reference subgraphs."""
+    import onnx
+
+    from moec.plugin_reference import substitute_plugins
+
+    model = onnx.load(model_path)
+    substituted, _ = substitute_plugins(model)
+    path = os.path.join(tmp, ".verify-reference.onnx")
+    onnx.save_model(substituted, path, save_as_external_data=substituted.ByteSize() > 1 << 30,
+                    location=".verify-reference.onnx.data")
+    return path
+
+
 def build_passes(options: CompileOptions) -> list:
     from moec.passes.fuse_moe import FuseMoE
     from moec.passes.lower_moe_onnxruntime import LowerMoEForOnnxRuntime
+    from moec.passes.lower_moe_tensorrt import LowerMoEForTensorRT
 
     passes: list = []
     if options.fuse:
         passes.append(FuseMoE())
-        if options.target == "onnxruntime":
-            passes.append(LowerMoEForOnnxRuntime())
+        passes.append(LowerMoEForOnnxRuntime() if options.target == "onnxruntime" else LowerMoEForTensorRT())
     unknown = set(options.disabled_passes) - {p.name for p in passes}
     if unknown:
         raise MoecError(f"--no-pass: unknown pass {', '.join(sorted(unknown))}; passes are "
@@ -222,8 +242,13 @@ def build_passes(options: CompileOptions) -> list:
 
 
 def run_post_hooks(options: CompileOptions, tmp: str, model_path: str, report: dict) -> dict:
-    """Artifact-level steps added by later capabilities (memory planning ...)."""
-    return {}
+    """Artifact-level steps after verification: target extras (plugin definitions, engine)."""
+    extra: dict = {}
+    if options.target == "tensorrt":
+        from moec.tensorrt_target import write_tensorrt_extras
+
+        extra["tensorrt"] = write_tensorrt_extras(tmp, model_path, report, options.log)
+    return extra
 
 
 def verify_onnx(model_path: str, inputs: list[tuple], eager: list[list[torch.Tensor]], tolerance: float):

@@ -75,3 +75,24 @@ def test_report_says_what_each_pass_did(out_dir):
     for key in ("torch", "onnx", "onnxruntime", "transformers"):
         assert report["versions"][key]
     assert set(report["timings_s"]) >= {"capture", "onnx_export", "verify", "total"}
+
+
+def _tree_bytes(root):
+    files = {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            files[os.path.relpath(p, root)] = open(p, "rb").read()
+    return files
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_compiling_twice_gives_byte_identical_artifacts(target, tmp_path):
+    """CI caches and diffs artifacts: model, golden files and plugin definitions must not drift."""
+    a = _compile("moec.zoo:deepseek_v3", str(tmp_path / "a"), target=target)
+    b = _compile("moec.zoo:deepseek_v3", str(tmp_path / "b"), target=target)
+    fa, fb = _tree_bytes(a.out_dir), _tree_bytes(b.out_dir)
+    assert sorted(fa) == sorted(fb)
+    for name in fa:
+        if name != "report.json":  # timings differ run to run
+            assert fa[name] == fb[name], name

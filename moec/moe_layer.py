@@ -144,13 +144,17 @@ class FusedMoE(nn.Module):
             s = torch.sigmoid(self.shared_gate(flat)) * s
         return s
 
-    def forward(self, hidden: torch.Tensor):
-        flat = hidden.reshape(-1, self.spec.experts.hidden)
+    def compute(self, flat: torch.Tensor):
+        """[T, H] -> (out [T, H], topk_ids, topk_weights, router logits or None)."""
         ids, weights, logits = self.routing(flat)
         out = self.routed(flat, ids, weights)
         s = self.shared_output(flat)
         if s is not None:
             out = out + s
+        return out, ids, weights, logits
+
+    def forward(self, hidden: torch.Tensor):
+        out, ids, weights, logits = self.compute(hidden.reshape(-1, self.spec.experts.hidden))
         return self.finish(hidden, out, ids, weights, logits)
 
     def finish(self, hidden, out, ids, weights, logits):

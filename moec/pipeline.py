@@ -24,6 +24,7 @@ from torch import nn
 
 from moec.errors import FusionRequiredError, MoecError, OutputExistsError, VerificationError
 from moec.export_onnx import capture, save_onnx, to_onnx, weight_bytes
+from moec.fsutil import swap_into_place
 from moec.numerics import compare_tensors
 from moec.passes.base import PassContext, PassManager, flatten_outputs
 from moec.sources import LoadedSource, load_source
@@ -300,15 +301,9 @@ def _check_destinations(options: CompileOptions) -> None:
 
 
 def _move_into_place(tmp: str, out: str, force: bool) -> None:
-    if os.path.exists(out):
-        if not force:
-            raise OutputExistsError(f"output directory '{out}' appeared while compiling; not replacing it.")
-        old = tmp + ".old"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+    if os.path.exists(out) and not force:
+        raise OutputExistsError(f"output directory '{out}' appeared while compiling; not replacing it.")
+    swap_into_place(tmp, out)
 
 
 def _other_len(src: LoadedSource) -> Optional[int]:

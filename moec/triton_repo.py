@@ -18,6 +18,7 @@ from typing import Optional
 import onnx
 
 from moec.errors import MoecError, OutputExistsError
+from moec.fsutil import swap_into_place
 
 _ONNX_TO_TRITON = {
     onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
@@ -125,14 +126,7 @@ def write_model_repository(repo: str, name: str, model_path: str, files: list[st
         cfg_tmp = os.path.join(model_dir, ".config.pbtxt.tmp")
         with open(cfg_tmp, "w") as fh:
             fh.write(text)
-        vdir = os.path.join(model_dir, str(version))
-        if os.path.exists(vdir):
-            old = tmp + ".old"
-            os.rename(vdir, old)
-            os.rename(tmp, vdir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, vdir)
+        swap_into_place(tmp, os.path.join(model_dir, str(version)))  # caller checked --force
         tmp = None
         os.replace(cfg_tmp, os.path.join(model_dir, "config.pbtxt"))
     finally:

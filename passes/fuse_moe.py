@@ -610,12 +610,7 @@ def _check(fused: FusedMoE, probes, expected, n_aux: int) -> tuple[float, Option
     with torch.no_grad():
         for p, exp in zip(probes, expected):
             try:
-                flat = p.reshape(-1, fused.spec.experts.hidden)
-                ids, weights, logits = fused.routing(flat)
-                out = fused.routed(flat, ids, weights)
-                s = fused.shared_output(flat)
-                if s is not None:
-                    out = out + s
+                out, ids, weights, logits = fused.compute(p.reshape(-1, fused.spec.experts.hidden))
             except Exception:
                 return math.inf, None
             main = exp[0] if isinstance(exp, (tuple, list)) else exp

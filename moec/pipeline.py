@@ -174,12 +174,20 @@ def compile(
             )
         triton_dir = None
         if options.triton_repo:
-            from moec.triton_repo import write_model_repository
+            from moec.triton_repo import tensorrt_accelerator_config, write_model_repository
 
+            serving = {}
+            engine = (report.get("tensorrt") or {}).get("engine") or {}
+            if options.target == "tensorrt" and engine.get("built"):  # pragma: no cover - needs TensorRT
+                plan = os.path.join(tmp, engine["path"])
+                model_path, files = plan, [plan]
+                serving = dict(platform="tensorrt_plan", kind="KIND_GPU")
+            elif options.target == "tensorrt":
+                serving = dict(kind="KIND_GPU", extra=tensorrt_accelerator_config())
             triton_dir = write_model_repository(
                 options.triton_repo, options.model_name or "moe_model", model_path, files,
                 version=options.model_version, force=options.force, max_batch_size=options.max_batch_size,
-                instances=options.instances,
+                instances=options.instances, **serving,
             )
             report["triton"] = {"model_dir": triton_dir}
             _write_json(os.path.join(tmp, "report.json"), report)

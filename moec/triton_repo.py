@@ -89,6 +89,22 @@ def validate_config(text: str):
         raise MoecError(f"generated config.pbtxt does not parse as Triton's ModelConfig: {exc}") from exc
 
 
+def tensorrt_accelerator_config(workspace_bytes: int = 1 << 30) -> str:
+    """ONNX Runtime model served through the TensorRT execution accelerator (KIND_GPU instances).
+
+    Parameters are the ones Triton's onnxruntime backend documents for the accelerator; the moec
+    experts plugin must be loadable by TensorRT in the server process (see README, TensorRT).
+    """
+    return (
+        "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator : [ {\n"
+        '      name : "tensorrt"\n'
+        '      parameters { key: "precision_mode" value: "FP32" }\n'
+        f'      parameters {{ key: "max_workspace_size_bytes" value: "{workspace_bytes}" }}\n'
+        '      parameters { key: "trt_engine_cache_enable" value: "true" }\n'
+        "    } ]\n  }\n}"
+    )
+
+
 def check_version_free(repo: str, name: str, version: int, force: bool) -> None:
     if version < 1:
         raise MoecError(f"--model-version must be >= 1 (got {version}).")
@@ -104,7 +120,8 @@ def write_model_repository(repo: str, name: str, model_path: str, files: list[st
                            force: bool = False, max_batch_size: Optional[int] = None, instances: int = 1,
                            platform: str = "onnxruntime_onnx", kind: str = "KIND_CPU", extra: str = "") -> str:
     check_version_free(repo, name, version, force)
-    inputs, outputs, first_dims = onnx_signature(model_path)
+    inputs, outputs, first_dims = onnx_signature(model_path if model_path.endswith(".onnx") else
+                                                 os.path.join(os.path.dirname(model_path), "model.onnx"))
     batchable = bool(inputs) and all(d is not None and d == first_dims[0] for d in first_dims) and all(
         o.dims and o.dims[0] == -1 for o in outputs)
     if max_batch_size is None:
@@ -122,7 +139,8 @@ def write_model_repository(repo: str, name: str, model_path: str, files: list[st
     tmp = tempfile.mkdtemp(prefix=".moec-tmp-", dir=model_dir)
     try:
         for f in files:
-            shutil.copy2(f, os.path.join(tmp, os.path.basename(f)))
+            name = "model.plan" if platform == "tensorrt_plan" and f == model_path else os.path.basename(f)
+            shutil.copy2(f, os.path.join(tmp, name))
         cfg_tmp = os.path.join(model_dir, ".config.pbtxt.tmp")
         with open(cfg_tmp, "w") as fh:
             fh.write(text)

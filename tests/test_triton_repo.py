@@ -73,3 +73,14 @@ def test_static_model_gets_max_batch_size_zero(tmp_path):
     assert cfg.max_batch_size == 0 and list(cfg.input[0].dims) == [3, 4]
     with pytest.raises(MoecError, match="can't batch"):
         write_model_repository(str(tmp_path / "repo2"), "s", path, [path], max_batch_size=4)
+
+
+def test_tensorrt_accelerator_config_parses(onnx_model, tmp_path):
+    from moec.triton_repo import tensorrt_accelerator_config
+
+    model_dir = write_model_repository(str(tmp_path / "repo"), "t", onnx_model, [onnx_model], kind="KIND_GPU",
+                                       extra=tensorrt_accelerator_config(2 << 30))
+    cfg = validate_config(open(os.path.join(model_dir, "config.pbtxt")).read())
+    acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert acc.name == "tensorrt" and acc.parameters["max_workspace_size_bytes"] == str(2 << 30)
+    assert model_config_pb2.ModelInstanceGroup.Kind.Name(cfg.instance_group[0].kind) == "KIND_GPU"

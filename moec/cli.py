@@ -65,6 +65,51 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from moec.junit import write_junit
+    from moec.verify import raise_if_failed, verify
+
+    result = verify(args.dir, args.golden, server=args.server, model_name=args.model_name, tolerance=args.tolerance)
+    from moec.golden import format_table
+
+    print(f"verifying with {result.runner}")
+    print(format_table(result.checks, result.tolerance))
+    if args.junit:
+        write_junit(args.junit, "moec.verify", result.checks, result.seconds)
+    raise_if_failed(result)
+    print("PASS")
+    return 0
+
+
+def cmd_golden_record(args: argparse.Namespace) -> int:
+    import torch
+
+    from moec import golden
+    from moec.pipeline import versions
+    from moec.passes.base import flatten_outputs
+    from moec.sources import load_source
+
+    src = load_source(args.source)
+    probes = []
+    inputs = [src.make_inputs(seed=100)]
+    if src._is_dynamic(0, 1) if src.example_args else False:
+        inputs.append(src.make_inputs(seed=101, seq_len=args.seq_len, batch=1 if src._is_dynamic(0, 0) else None))
+    names = src.input_names or [f"input_{i}" for i in range(len(src.example_args))]
+    out_names = src.output_names
+    with torch.no_grad():
+        for i, args_ in enumerate(inputs):
+            outs = flatten_outputs(src.module(*args_))
+            onames = out_names if len(out_names) == len(outs) else [f"output_{j}" for j in range(len(outs))]
+            probes.append(golden.Probe(f"probe{i}", {n: a.numpy() for n, a in zip(names, args_)},
+                                       {n: o.detach().numpy() for n, o in zip(onames, outs)}))
+    model = {"source": args.source or "builtin:mixtral-demo", "identity": src.identity,
+             "weights_sha256": golden.weights_sha256(src.module)}
+    path = golden.record(args.out, probes, model=model, force=args.force, precision=args.precision,
+                         versions=versions())
+    print(f"recorded {len(probes)} probes in {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moec", description="Compile Mixture-of-Experts models to verified "
                                 "ONNX / TensorRT / Triton artifacts.")
@@ -92,12 +137,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="if verification fails, keep the artifact in OUT.failed for inspection")
     c.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     c.set_defaults(func=cmd_compile)
+
+    v = sub.add_parser("verify", help="check an artifact against golden outputs (exit 0 only if all pass)")
+    v.add_argument("dir", nargs="?", help="artifact directory (model.onnx); not needed with --server")
+    v.add_argument("--golden", help="golden directory (default: DIR/golden)")
+    v.add_argument("--junit", help="write JUnit XML here")
+    v.add_argument("--server", help="verify through a running Triton server at HOST:PORT (HTTP)")
+    v.add_argument("--model-name", help="model name on the server (default: moe_model)")
+    v.add_argument("--tolerance", type=float, help="override the golden manifest's relative-L2 tolerance")
+    v.set_defaults(func=cmd_verify)
+
+    g = sub.add_parser("golden", help="golden outputs")
+    gsub = g.add_subparsers(dest="golden_command", required=True)
+    r = gsub.add_parser("record", help="record fixed-seed inputs and eager outputs for SOURCE")
+    r.add_argument("source", nargs="?", default=None)
+    r.add_argument("--out", required=True)
+    r.add_argument("--force", action="store_true")
+    r.add_argument("--seq-len", type=int, default=13, help="sequence length of the second probe")
+    r.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "int4"],
+                   help="precision of the artifacts this golden checks (sets the default tolerance)")
+    r.set_defaults(func=cmd_golden_record)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "verify" and not args.dir and not args.server:
+        parser.error("verify needs DIR or --server")
+    if args.command == "verify" and args.server and not args.golden:
+        parser.error("verify --server needs --golden")
     try:
         return args.func(args)
     except MoecError as exc:

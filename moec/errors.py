@@ -52,3 +52,40 @@ class OutputExistsError(MoecError):
     """The output directory or model version exists and --force was not given."""
 
     exit_code = 9
+
+
+# `moec verify` (and `moec golden`) exit codes
+class NumericsMismatchError(MoecError):
+    """The artifact's outputs differ from the golden outputs beyond the tolerance."""
+
+    exit_code = 10
+
+
+class GoldenError(MoecError):
+    """Golden files are missing, unreadable, or don't match their manifest's hashes."""
+
+    exit_code = 11
+
+
+class ArtifactError(MoecError):
+    """The artifact is missing or can't be loaded."""
+
+    exit_code = 12
+
+
+class SignatureMismatchError(MoecError):
+    """Golden inputs don't fit the artifact (names, dtypes, ranks)."""
+
+    exit_code = 13
+
+
+class ServerError(MoecError):
+    """The Triton server could not be installed, started or reached."""
+
+    exit_code = 14
+
+
+class ModelNotReadyError(MoecError):
+    """The server runs, but the model is not ready; the message quotes the server's reason."""
+
+    exit_code = 15

@@ -25,6 +25,7 @@ from torch import nn
 from moec.errors import FusionRequiredError, MoecError, OutputExistsError, VerificationError
 from moec.export_onnx import capture, save_onnx, to_onnx, weight_bytes
 from moec.fsutil import swap_into_place
+from moec.golden import Probe, write_golden
 from moec.numerics import compare_tensors
 from moec.passes.base import PassContext, PassManager, flatten_outputs
 from moec.sources import LoadedSource, load_source
@@ -87,6 +88,10 @@ def compile(
         src = load_source(source)
     timings["load"] = time.perf_counter() - t0
     capture_notes = list(src.notes)
+    from moec.golden import weights_sha256
+
+    model_identity = {"source": source or src.identity, "identity": src.identity,
+                      "weights_sha256": weights_sha256(src.module)}
 
     # Verification inputs: the example's shape and another batch / sequence length.
     verify_inputs = [src.make_inputs(seed=100)]
@@ -140,10 +145,13 @@ def compile(
             os.remove(verify_path)
             numerics["evaluated_as"] = "plugin nodes replaced by their reference subgraph (moec/plugin_reference.py)"
         timings["verify"] = time.perf_counter() - t
-        _write_golden(os.path.join(tmp, "golden"), feeds, outs, options.tolerance)
+        write_golden(os.path.join(tmp, "golden"),
+                     [Probe(f"probe{i}", f, o) for i, (f, o) in enumerate(zip(feeds, outs))],
+                     model=model_identity, tolerance=options.tolerance, versions=versions())
         report = {
             "moec_version": _version(),
             "source": source or "python-module",
+            "model": model_identity,
             "target": options.target,
             "capture": {"method": "torch.export (non-strict)", "notes": capture_notes},
             "passes": [r.to_dict() for r in records],
@@ -280,19 +288,6 @@ def verify_onnx(model_path: str, inputs: list[tuple], eager: list[list[torch.Ten
         feeds_all.append(feeds)
         outs_all.append({n: r.detach().cpu().numpy() for n, r in zip(out_names, ref)})
     return {"tolerance_rel_l2": tolerance, "inputs": rows, "passed": all(r["passed"] for r in rows)}, feeds_all, outs_all
-
-
-def _write_golden(path: str, feeds: list[dict], outs: list[dict], tolerance: float) -> None:
-    os.makedirs(path)
-    for i, (f, o) in enumerate(zip(feeds, outs)):
-        for name, arr in f.items():
-            np.save(os.path.join(path, f"probe{i}.input.{name}.npy"), arr)
-        for name, arr in o.items():
-            np.save(os.path.join(path, f"probe{i}.output.{name}.npy"), arr)
-    _write_json(os.path.join(path, "manifest.json"), {
-        "probes": len(feeds), "inputs": sorted(feeds[0]), "outputs": sorted(outs[0]),
-        "tolerance_rel_l2": tolerance, "reference": "eager PyTorch (fp32) before any pass",
-    })
 
 
 def _check_destinations(options: CompileOptions) -> None:

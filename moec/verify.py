@@ -1,0 +1,131 @@
+"""`moec verify`: run an artifact (in ONNX Runtime or through a Triton server) on golden inputs.
+
+Exit codes: 0 all outputs within tolerance; 10 numerics mismatch; 11 golden files missing or
+corrupt; 12 artifact missing or unloadable; 13 golden inputs don't fit the artifact; 14 server
+unreachable; 15 model not ready on the server (the server's reason is quoted).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from moec import golden as goldens
+from moec.errors import ArtifactError, ModelNotReadyError, NumericsMismatchError, ServerError, SignatureMismatchError
+
+
+@dataclass
+class VerifyResult:
+    checks: list
+    tolerance: float
+    seconds: float
+    runner: str
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+
+class OrtRunner:
+    """The artifact in ONNX Runtime; TensorRT plugin nodes are evaluated by their reference subgraph."""
+
+    def __init__(self, artifact_dir: str):
+        import onnx
+        import onnxruntime as ort
+
+        from moec.plugin_reference import substitute_plugins
+
+        path = os.path.join(artifact_dir, "model.onnx")
+        if not os.path.isfile(path):
+            raise ArtifactError(f"no model.onnx in '{artifact_dir}'; is it a moec artifact directory?")
+        try:
+            model = onnx.load(path)
+            model, n_plugins = substitute_plugins(model)
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ArtifactError(f"cannot load '{path}' in ONNX Runtime: {type(exc).__name__}: {str(exc)[:400]}") from exc
+        self.name = "onnxruntime" + (f" (+{n_plugins} plugin reference subgraphs)" if n_plugins else "")
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def check_inputs(self, feeds: dict[str, np.ndarray]) -> None:
+        type_names = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int32)": "int32",
+                      "tensor(float16)": "float16"}
+        if set(feeds) != set(self.inputs):
+            raise SignatureMismatchError(f"golden inputs {sorted(feeds)} != artifact inputs {sorted(self.inputs)}")
+        for name, arr in feeds.items():
+            meta = self.inputs[name]
+            if type_names.get(meta.type) != str(arr.dtype) or len(meta.shape) != arr.ndim:
+                raise SignatureMismatchError(
+                    f"golden input '{name}' is {arr.dtype} rank {arr.ndim}; the artifact expects {meta.type} "
+                    f"with shape {meta.shape}")
+
+    def run(self, feeds):
+        return dict(zip(self.outputs, self.session.run(None, feeds)))
+
+
+class TritonRunner:
+    """The model served by a running Triton server, over HTTP."""
+
+    def __init__(self, url: str, model: str):
+        import tritonclient.http as http
+
+        from moec.server import model_failure_reason
+
+        self.http, self.model_name, self.name = http, model, f"triton {url} model '{model}'"
+        try:
+            self.client = http.InferenceServerClient(url, network_timeout=60.0)
+            live = self.client.is_server_live()
+        except Exception as exc:
+            raise ServerError(f"Triton server at '{url}' is unreachable: {type(exc).__name__}: {exc}") from exc
+        if not live:
+            raise ServerError(f"Triton server at '{url}' answers but is not live.")
+        if not self.client.is_model_ready(model):
+            reason = model_failure_reason(url, model) or "not loaded (is it in the server's model repository?)"
+            raise ModelNotReadyError(f"model '{model}' is not ready on {url}: {reason}")
+        meta = self.client.get_model_metadata(model)
+        self.inputs = {i["name"]: i for i in meta["inputs"]}
+        self.outputs = [o["name"] for o in meta["outputs"]]
+
+    def check_inputs(self, feeds) -> None:
+        dtypes = {"FP32": "float32", "INT64": "int64", "INT32": "int32", "FP16": "float16"}
+        if set(feeds) != set(self.inputs):
+            raise SignatureMismatchError(f"golden inputs {sorted(feeds)} != model inputs {sorted(self.inputs)}")
+        for name, arr in feeds.items():
+            if dtypes.get(self.inputs[name]["datatype"]) != str(arr.dtype):
+                raise SignatureMismatchError(f"golden input '{name}' is {arr.dtype}; the model expects "
+                                             f"{self.inputs[name]['datatype']}")
+
+    def run(self, feeds):
+        reqs = []
+        for name, arr in feeds.items():
+            i = self.http.InferInput(name, list(arr.shape), self.inputs[name]["datatype"])
+            i.set_data_from_numpy(arr)
+            reqs.append(i)
+        res = self.client.infer(self.model_name, reqs)
+        return {n: res.as_numpy(n) for n in self.outputs}
+
+
+def verify(artifact_dir: Optional[str], golden_dir: Optional[str] = None, *, server: Optional[str] = None,
+           model_name: Optional[str] = None, tolerance: Optional[float] = None) -> VerifyResult:
+    t = time.perf_counter()
+    g = goldens.load(golden_dir or os.path.join(artifact_dir, "golden"))
+    runner = TritonRunner(server, model_name or "moe_model") if server else OrtRunner(artifact_dir)
+    tol = tolerance if tolerance is not None else g.tolerance
+    checks = []
+    for probe in g.probes:
+        runner.check_inputs(probe.inputs)
+        checks.extend(goldens.compare(g, probe, runner.run(probe.inputs), tol))
+    return VerifyResult(checks, tol, time.perf_counter() - t, runner.name)
+
+
+def raise_if_failed(result: VerifyResult) -> None:
+    if not result.passed:
+        bad = [f"{c.probe}/{c.output}: {c.reason}" for c in result.checks if not c.passed]
+        raise NumericsMismatchError("verification failed: " + "; ".join(bad))

@@ -28,7 +28,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     name = args.model_name or "moe_model"
     out = args.out or os.path.join("moec-out", "mixtral-demo" if args.source is None else name)
     extra = {}
-    for key in ("quant", "block_size", "asymmetric", "quant_dense", "accuracy_budget", "device_memory"):
+    for key in ("quant", "block_size", "asymmetric", "accuracy_budget"):
         if getattr(args, key, None) not in (None, False):
             extra[key] = getattr(args, key)
     opts = CompileOptions(
@@ -42,6 +42,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     r = result.report
     layers = r["moe_layers"]
     worst = max(r["numerics"]["inputs"], key=lambda x: x["rel_l2"])
+    against = "the dequantized reference" if r.get("quantization") else "eager PyTorch"
     print(f"wrote {result.out_dir}/model.onnx  (report: {result.out_dir}/report.json)")
     print(f"MoE layers: {layers['fused']} fused, {layers['unfused']} unfused" +
           (f" — {layers['note']}" if layers.get("note") else ""))
@@ -50,7 +51,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
             print(f"  warning: {l['path']} left unfused: {l.get('reason', '')}")
         elif l.get("lowering_note"):
             print(f"  note: {l['path']} fused, lowered to dense ops: {l['lowering_note']}")
-    print(f"numerics vs eager PyTorch: worst relative L2 {worst['rel_l2']:.2e}, max abs {worst['max_abs']:.2e} "
+    print(f"numerics vs {against}: worst relative L2 {worst['rel_l2']:.2e}, max abs {worst['max_abs']:.2e} "
           f"(tolerance {r['numerics']['tolerance_rel_l2']:g}) — {'PASS' if r['numerics']['passed'] else 'FAIL'}")
     if result.triton_model_dir:
         print(f"Triton model: {result.triton_model_dir}")
@@ -60,8 +61,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
         engine = trt["engine"]
         if not engine["built"]:
             print(f"TensorRT engine: skipped — {engine['reason']}; to build it: {engine['how_to_build']}")
-    for line in r.get("summary_lines", []):
-        print(line)
+    q = r.get("quantization")
+    if q:
+        print(f"quantized experts: {q['spec']}, {q['weight_bytes_fp32'] / 2**20:.1f} MiB -> "
+              f"{q['weight_bytes_quantized'] / 2**20:.1f} MiB; logits vs fp32: relative L2 "
+              f"{q['logits_vs_fp32']['rel_l2']:.3g}, cosine {q['logits_vs_fp32']['cosine']:.5f}")
     return 0
 
 
@@ -131,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-fusion", action="store_true", help="compile without MoE fusion (reference export)")
     c.add_argument("--require-fusion", action="store_true", help="fail if any MoE layer stays unfused")
     c.add_argument("--no-pass", action="append", help="disable a pass by name (repeatable)")
+    c.add_argument("--quant", choices=["int8", "int4"], help="quantize expert weights (ONNX Runtime QMoE)")
+    c.add_argument("--block-size", type=int, choices=[16, 32, 64, 128],
+                   help="quantization block along the input dim (default: one scale per row)")
+    c.add_argument("--asymmetric", action="store_true", help="quantize with zero points")
+    c.add_argument("--accuracy-budget", type=float,
+                   help="fail if the logits move by more than this relative L2 against full precision")
     c.add_argument("--tolerance", type=float, default=1e-4,
                    help="max relative L2 error of the artifact vs eager PyTorch (default 1e-4, fp32)")
     c.add_argument("--keep-failed", action="store_true",

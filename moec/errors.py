@@ -54,6 +54,12 @@ class OutputExistsError(MoecError):
     exit_code = 9
 
 
+class AccuracyBudgetError(MoecError):
+    """--accuracy-budget: quantization error against full precision is over budget."""
+
+    exit_code = 16
+
+
 # `moec verify` (and `moec golden`) exit codes
 class NumericsMismatchError(MoecError):
     """The artifact's outputs differ from the golden outputs beyond the tolerance."""

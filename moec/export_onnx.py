@@ -43,6 +43,21 @@ def _ort_moe_translation(hidden, router_logits, fc1, fc1_bias, fc2, fc2_bias, k,
     return _MSFT.MoE(hidden, router_logits, fc1, fc1_bias, fc2, fc2_bias, **attrs)
 
 
+def _ort_qmoe_translation(hidden, router_probs, router_weights, fc1, fc1_scales, fc1_bias, fc2, fc2_scales,
+                          fc2_bias, fc1_zero_points, fc2_zero_points, k, activation_type, alpha, beta, limit,
+                          bits, block_size):
+    attrs: dict[str, Any] = {"k": int(k), "normalize_routing_weights": 0, "activation_type": activation_type,
+                             "expert_weight_bits": int(bits), "weights_prepacked": 0}
+    if block_size:
+        attrs["block_size"] = int(block_size)
+    if activation_type == "swiglu":
+        attrs.update(swiglu_fusion=1, activation_alpha=float(alpha), activation_beta=float(beta))
+        if math.isfinite(limit):
+            attrs["swiglu_limit"] = float(limit)
+    return _MSFT.QMoE(hidden, router_probs, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, fc2_bias,
+                      None, None, None, fc1_zero_points, fc2_zero_points, None, router_weights, **attrs)
+
+
 def translation_table(target: str = "onnxruntime") -> dict[Callable, Callable]:
     onnx_schemas.register_ort_contrib_schemas()
     table: dict[Callable, Callable] = {torch.ops.moec.ort_moe.default: _ort_moe_translation}
@@ -50,12 +65,7 @@ def translation_table(target: str = "onnxruntime") -> dict[Callable, Callable]:
         from moec.passes.lower_moe_tensorrt import experts_plugin_translation
 
         table[torch.ops.moec.experts.default] = experts_plugin_translation
-    try:  # the quantized experts op, once the quantization lowering is present
-        from moec.quant_lowering import qmoe_translation_table
-
-        table.update(qmoe_translation_table())
-    except ImportError:
-        pass
+    table[torch.ops.moec.ort_qmoe.default] = _ort_qmoe_translation
     return table
 
 

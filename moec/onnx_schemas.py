@@ -86,6 +86,8 @@ def qmoe_schema() -> OpSchema:
         _attr("expert_weight_bits", a.INT, 4),
         _attr("block_size", a.INT, 0),
         _attr("accuracy_level", a.INT, 0),
+        _attr("weights_prepacked", a.INT, -1),
+        _attr("quant_type", a.STRING, "int"),
     ]
     constraints = [("T", _FLOATS, ""), ("T1", ["tensor(uint8)"], ""), ("T2", _FLOATS, "")]
     return _schema("QMoE", "com.microsoft", inputs, attributes, constraints)

@@ -261,3 +261,53 @@ def ort_moe(
 def _ort_moe_fake(hidden, router_logits, fc1, fc1_bias, fc2, fc2_bias, k, normalize,
                   activation_type, alpha, beta, limit):
     return torch.empty_like(hidden)
+
+
+# ----------------------------------------------------------------------------- ort_qmoe
+
+
+@torch.library.custom_op("moec::ort_qmoe", mutates_args=())
+def ort_qmoe(
+    hidden: torch.Tensor,
+    router_probs: torch.Tensor,
+    router_weights: torch.Tensor,
+    fc1: torch.Tensor,
+    fc1_scales: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    fc2: torch.Tensor,
+    fc2_scales: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor],
+    fc1_zero_points: Optional[torch.Tensor],
+    fc2_zero_points: Optional[torch.Tensor],
+    k: int,
+    activation_type: str,
+    alpha: float,
+    beta: float,
+    limit: float,
+    bits: int,
+    block_size: int,
+) -> torch.Tensor:
+    """ONNX Runtime's QMoE with router_weights: top-k on router_probs, weights gathered from router_weights."""
+    from moec.quant import qmoe_dequantize
+
+    hidden_size = hidden.shape[-1]
+    inter = fc2.shape[-1] * 8 // bits
+    w1 = qmoe_dequantize(fc1, fc1_scales, fc1_zero_points, bits, block_size, hidden_size)
+    w2 = qmoe_dequantize(fc2, fc2_scales, fc2_zero_points, bits, block_size, inter)
+    ids = torch.topk(router_probs.float(), k, dim=-1)[1]
+    weights = router_weights.float().gather(1, ids)
+    gated = activation_type == "swiglu"
+    activation = "gelu_tanh" if activation_type == "gelu" else activation_type
+    w_gate_up = deinterleave_gate_up(w1) if gated else w1
+    b_gate_up = None
+    if fc1_bias is not None:
+        b_gate_up = deinterleave_gate_up(fc1_bias.unsqueeze(-1)).squeeze(-1) if gated else fc1_bias
+    flat = hidden.reshape(-1, hidden_size)
+    out = experts_reference(flat, ids, weights, w_gate_up, w2, b_gate_up, fc2_bias, activation, gated,
+                            alpha, beta, limit, False)
+    return out.reshape(hidden.shape)
+
+
+@ort_qmoe.register_fake
+def _ort_qmoe_fake(hidden, *args):
+    return torch.empty_like(hidden)

@@ -93,6 +93,9 @@ def compile(
     model_identity = {"source": source or src.identity, "identity": src.identity,
                       "weights_sha256": weights_sha256(src.module)}
 
+    if options.extra.get("quant"):
+        check_finite_weights(src.module)
+
     # Verification inputs: the example's shape and another batch / sequence length.
     verify_inputs = [src.make_inputs(seed=100)]
     other_seq = options.verify_seq_len or _other_len(src)
@@ -107,10 +110,19 @@ def compile(
     log("running passes: " + ", ".join(p.name for p in passes))
     ctx = PassContext(probes=[src.example_args] + verify_inputs[1:], target=options.target,
                       options=options.extra, log=log)
+    dequant_reference: list = []
+
+    def after_pass(name: str, module: nn.Module) -> None:
+        if name == "quantize_experts":  # the exact reference for the quantized artifact
+            with torch.no_grad():
+                dequant_reference.extend([[o.detach().clone() for o in flatten_outputs(module(*a))]
+                                          for a in verify_inputs])
+
     t = time.perf_counter()
-    module_out, records = PassManager(passes, validate=options.validate).run(src.module, ctx)
+    module_out, records = PassManager(passes, validate=options.validate).run(src.module, ctx, after_pass)
     timings["passes"] = time.perf_counter() - t
     layers = _layer_summary(records)
+    quant = quantization_summary(records, options)
     if options.require_fusion and layers["unfused"]:
         bad = [f"{l['path']}: {l.get('reason', '')}" for l in layers["layers"] if not l["fused"]]
         raise FusionRequiredError("--require-fusion: MoE layers left unfused: " + "; ".join(bad))
@@ -140,14 +152,23 @@ def compile(
         verify_path = model_path
         if options.target == "tensorrt":
             verify_path = plugin_reference_model(model_path, tmp)
-        numerics, feeds, outs = verify_onnx(verify_path, verify_inputs, eager, options.tolerance)
+        tolerance = options.tolerance
+        if quant:  # against fp32 the quantization error is expected; the exact check is below
+            tolerance = max(options.tolerance, quant["tolerance_vs_fp32"])
+        numerics, feeds, outs = verify_onnx(verify_path, verify_inputs, eager, tolerance)
+        if quant:
+            exact, _, outs = verify_onnx(verify_path, verify_inputs, dequant_reference, quant["tolerance_vs_dequantized"])
+            numerics = {"vs_fp32": numerics, "vs_dequantized_reference": exact,
+                        "passed": numerics["passed"] and exact["passed"],
+                        "tolerance_rel_l2": exact["tolerance_rel_l2"], "inputs": exact["inputs"]}
         if verify_path != model_path:
             os.remove(verify_path)
             numerics["evaluated_as"] = "plugin nodes replaced by their reference subgraph (moec/plugin_reference.py)"
         timings["verify"] = time.perf_counter() - t
         write_golden(os.path.join(tmp, "golden"),
                      [Probe(f"probe{i}", f, o) for i, (f, o) in enumerate(zip(feeds, outs))],
-                     model=model_identity, tolerance=options.tolerance, versions=versions())
+                     model=model_identity, precision=quant["precision"] if quant else "fp32",
+                     tolerance=numerics["tolerance_rel_l2"], versions=versions())
         report = {
             "moec_version": _version(),
             "source": source or "python-module",
@@ -156,6 +177,7 @@ def compile(
             "capture": {"method": "torch.export (non-strict)", "notes": capture_notes},
             "passes": [r.to_dict() for r in records],
             "moe_layers": layers,
+            "quantization": quant,
             "numerics": numerics,
             "weights_bytes": onnx_weight_bytes,
             "files": sorted(os.path.relpath(f, tmp) for f in files) + ["golden/"],
@@ -167,7 +189,7 @@ def compile(
         report["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
         _write_json(os.path.join(tmp, "report.json"), report)
         if not numerics["passed"]:
-            worst = max(numerics["inputs"], key=lambda r: r["rel_l2"])
+            worst = max(numerics["inputs"], key=lambda r: float(r["rel_l2"]))
             where = "Nothing was written; rerun with --keep-failed to inspect the artifact."
             if options.keep_failed:
                 kept = os.path.abspath(options.out) + ".failed"
@@ -176,8 +198,8 @@ def compile(
                 tmp = None
                 where = f"The failing artifact and its report are in {kept}."
             raise VerificationError(
-                f"ONNX Runtime output differs from eager PyTorch: relative L2 {worst['rel_l2']:.3g} "
-                f"(max abs {worst['max_abs']:.3g}) on input '{worst['input']}' exceeds tolerance "
+                f"ONNX Runtime output differs from eager PyTorch: relative L2 {float(worst['rel_l2']):.3g} "
+                f"(max abs {float(worst['max_abs']):.3g}) on input '{worst['input']}' exceeds tolerance "
                 f"{options.tolerance:g}. {where}"
             )
         triton_dir = None
@@ -205,6 +227,50 @@ def compile(
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_finite_weights(module: nn.Module) -> None:
+    """Quantizing NaN/inf weights gives garbage scales; refuse up front, naming the tensor."""
+    from moec.quant import QuantError
+
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise QuantError(f"{name}: {bad} non-finite values (NaN/inf) in the weights; nothing was written.")
+
+
+def quantization_summary(records, options: CompileOptions) -> Optional[dict]:
+    """Per-layer and logits error against full precision, sizes, and the accuracy budget check."""
+    rec = next((r for r in records if r.name == "quantize_experts"), None)
+    if rec is None:
+        return None
+    from moec.errors import AccuracyBudgetError
+    from moec.golden import TOLERANCES
+
+    precision = options.extra["quant"]
+    layers = rec.details["layers"]
+    logits = rec.validation.to_dict() if rec.validation is not None else None
+    block = options.extra.get("block_size")
+    # ORT's block-wise int8 experts have no fp32 kernel: activations are quantized too.
+    activations_quantized = precision == "int8" and block is not None
+    summary = {
+        "precision": precision, "spec": rec.details["spec"], "layers": layers, "logits_vs_fp32": logits,
+        "weight_bytes_fp32": sum(l["weight_bytes_fp32"] for l in layers),
+        "weight_bytes_quantized": sum(l["weight_bytes_quantized"] for l in layers),
+        "onnxruntime_quantizes_activations": activations_quantized,
+        "tolerance_vs_fp32": TOLERANCES[precision],
+        "tolerance_vs_dequantized": 3e-2 if activations_quantized else FP32_REL_L2,
+    }
+    budget = options.extra.get("accuracy_budget")
+    if budget is not None and logits is not None and not (logits["rel_l2"] <= budget):
+        worst = sorted(layers, key=lambda l: -l.get("rel_l2_vs_fp32", 0))[:3]
+        names = ", ".join(f"{l['path']} ({l.get('rel_l2_vs_fp32', float('nan')):.3g})" for l in worst)
+        raise AccuracyBudgetError(
+            f"--accuracy-budget {budget:g}: {summary['spec']} quantization moves the logits by relative L2 "
+            f"{logits['rel_l2']:.3g} against full precision. Worst layers: {names}. Try int8, a smaller "
+            "--block-size, or --asymmetric; nothing was written.")
+    return summary
 
 
 def make_unfused_experts_exportable(module: nn.Module, layers: dict) -> list[str]:
@@ -248,9 +314,19 @@ def build_passes(options: CompileOptions) -> list:
     from moec.passes.lower_moe_tensorrt import LowerMoEForTensorRT
 
     passes: list = []
+    quant = options.extra.get("quant")
+    if quant and (not options.fuse or options.target != "onnxruntime"):
+        raise MoecError(f"--quant {quant} needs MoE fusion and --target onnxruntime (QMoE); the TensorRT "
+                        "plugin's quantized variant is not wired into the compiler yet.")
     if options.fuse:
         passes.append(FuseMoE())
-        passes.append(LowerMoEForOnnxRuntime() if options.target == "onnxruntime" else LowerMoEForTensorRT())
+        if quant:
+            from moec.passes.lower_moe_qmoe import LowerMoEForQMoE
+            from moec.passes.quantize_experts import QuantizeExperts
+
+            passes += [QuantizeExperts(), LowerMoEForQMoE()]
+        else:
+            passes.append(LowerMoEForOnnxRuntime() if options.target == "onnxruntime" else LowerMoEForTensorRT())
     unknown = set(options.disabled_passes) - {p.name for p in passes}
     if unknown:
         raise MoecError(f"--no-pass: unknown pass {', '.join(sorted(unknown))}; passes are "

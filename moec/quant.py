@@ -1,0 +1,186 @@
+"""Weight-only round-to-nearest quantization of expert weights, in ONNX Runtime's QMoE layout.
+
+Layout (ORT 1.31 ``com.microsoft.QMoE``, quant_type 'int', weights_prepacked=0), for a weight
+``W [E, N, K]`` (N output rows, K input features):
+- codes: unsigned, ``uint8 [E, N, K * bits / 8]``; 4-bit: two codes per byte, the even column in
+  the low nibble;
+- scales: ``[E, N, K / block]`` (block-wise) or ``[E, N]`` (one per row);
+- zero points: absent for symmetric quantization (ORT then uses 2^(bits-1)); for asymmetric,
+  ``uint8 [E, N, ceil(K / block * bits / 8)]`` (or ``[E, ceil(N * bits / 8)]`` per row), packed
+  like the codes;
+- dequantized = (code - zero_point) * scale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from moec.errors import MoecError
+
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+class QuantError(MoecError):
+    """Quantization can't be done as asked (block size, bits, non-finite weights, bad scales)."""
+
+    exit_code = 17
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int
+    block_size: Optional[int] = None  # None: one scale per output row
+    symmetric: bool = True
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise QuantError(f"{self.bits}-bit weights: ONNX Runtime's QMoE runs 4 or 8 bits here (choose int4 or int8).")
+        if self.block_size is not None and self.block_size not in BLOCK_SIZES:
+            raise QuantError(f"block size {self.block_size}: QMoE takes {', '.join(map(str, BLOCK_SIZES))} "
+                             "(or none for one scale per row).")
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}" + (f" block {self.block_size}" if self.block_size else " per-row") + (
+            "" if self.symmetric else " asymmetric")
+
+
+@dataclass
+class QuantizedWeight:
+    codes: torch.Tensor  # int32 [E, N, K], 0..qmax
+    scales: torch.Tensor  # float32 [E, N, G] (G = K / block, or 1 per row)
+    zero_points: Optional[torch.Tensor]  # int32 [E, N, G] or None (symmetric: 2^(bits-1))
+    spec: QuantSpec
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+
+def _groups(k: int, spec: QuantSpec, name: str) -> int:
+    if spec.block_size is None:
+        return 1
+    if k % spec.block_size:
+        raise QuantError(f"{name}: block size {spec.block_size} does not divide its input dimension {k}; "
+                         f"choose a block size that divides {k}.")
+    return k // spec.block_size
+
+
+def quantize(weight: torch.Tensor, spec: QuantSpec, name: str) -> QuantizedWeight:
+    """Round-to-nearest, per block of `block_size` input features (or per row). `weight` is [E, N, K]."""
+    if weight.dim() != 3:
+        raise QuantError(f"{name}: expected a stacked [experts, rows, cols] weight, got shape {tuple(weight.shape)}.")
+    w = weight.detach().float()
+    bad = int((~torch.isfinite(w)).sum())
+    if bad:
+        raise QuantError(f"{name}: {bad} non-finite values (NaN/inf) in the weights; nothing was written.")
+    e, n, k = w.shape
+    g = _groups(k, spec, name)
+    blocks = w.reshape(e, n, g, k // g)
+    if spec.symmetric:
+        zp_value = 1 << (spec.bits - 1)
+        # codes are zp + round(w / scale) in [0, qmax]; the largest magnitude maps to +-(zp - 1).
+        scales = blocks.abs().amax(dim=-1) / (zp_value - 1)
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        codes = torch.clamp(torch.round(blocks / scales.unsqueeze(-1)) + zp_value, 0, spec.qmax)
+        zps = None
+    else:
+        lo = blocks.amin(dim=-1).clamp(max=0.0)
+        hi = blocks.amax(dim=-1).clamp(min=0.0)
+        scales = (hi - lo) / spec.qmax
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        zps = torch.clamp(torch.round(-lo / scales), 0, spec.qmax)
+        codes = torch.clamp(torch.round(blocks / scales.unsqueeze(-1)) + zps.unsqueeze(-1), 0, spec.qmax)
+        zps = zps.to(torch.int32)
+    return QuantizedWeight(codes.reshape(e, n, k).to(torch.int32), scales.float(), zps, spec)
+
+
+def dequantize(q: QuantizedWeight) -> torch.Tensor:
+    e, n, k = q.shape
+    g = q.scales.shape[-1]
+    zp = q.zero_points if q.zero_points is not None else torch.full_like(q.scales, 1 << (q.spec.bits - 1))
+    blocks = q.codes.reshape(e, n, g, k // g).float()
+    return ((blocks - zp.float().unsqueeze(-1)) * q.scales.unsqueeze(-1)).reshape(e, n, k)
+
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    codes = codes.astype(np.uint8)
+    if bits == 8:
+        return codes
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)  # even column in the low nibble
+
+
+def _unpack(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
+    if bits == 8:
+        return packed.astype(np.int32)
+    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.int32)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return out[..., :cols]
+
+
+@dataclass
+class PackedWeight:
+    """Exactly the arrays ONNX Runtime's QMoE takes for one of fc1 / fc2."""
+
+    weight: np.ndarray  # uint8 [E, N, K * bits / 8]
+    scales: np.ndarray  # float32 [E, N, G] or [E, N]
+    zero_points: Optional[np.ndarray]  # uint8, packed like the weight, or None
+    spec: QuantSpec
+    cols: int  # K
+
+
+def pack(q: QuantizedWeight) -> PackedWeight:
+    e, n, k = q.shape
+    scales = q.scales.numpy().astype(np.float32)
+    zps = None if q.zero_points is None else q.zero_points.numpy()
+    if q.spec.block_size is None:
+        scales = scales[..., 0]
+        if zps is not None:
+            zps = _pack(zps[..., 0], q.spec.bits)  # [E, ceil(N * bits / 8)]
+    elif zps is not None:
+        zps = _pack(zps, q.spec.bits)
+    return PackedWeight(_pack(q.codes.numpy(), q.spec.bits), scales, zps, q.spec, k)
+
+
+def unpack(p: PackedWeight, name: str = "weight") -> QuantizedWeight:
+    """Inverse of `pack`; checks that the scales and zero points fit the weight (pre-quantized checkpoints)."""
+    e, n = p.weight.shape[:2]
+    expect = p.cols * p.spec.bits // 8
+    if p.weight.shape[-1] != expect and not (p.spec.bits == 4 and p.weight.shape[-1] == math.ceil(p.cols / 2)):
+        raise QuantError(f"{name}: packed weight has {p.weight.shape[-1]} bytes per row; {p.cols} "
+                         f"{p.spec.bits}-bit columns need {expect}.")
+    g = 1 if p.spec.block_size is None else _groups(p.cols, p.spec, name)
+    scales = p.scales if p.spec.block_size is not None else p.scales[..., None]
+    if tuple(scales.shape) != (e, n, g):
+        raise QuantError(f"{name}: scales have shape {tuple(p.scales.shape)}; weights [{e}, {n}, {p.cols}] with "
+                         f"{p.spec.name} need {(e, n, g) if p.spec.block_size else (e, n)}.")
+    codes = torch.from_numpy(_unpack(p.weight, p.spec.bits, p.cols))
+    zps = None
+    if p.zero_points is not None:
+        if p.spec.block_size is None:
+            zps = torch.from_numpy(_unpack(p.zero_points, p.spec.bits, n))[..., None]
+        else:
+            zps = torch.from_numpy(_unpack(p.zero_points, p.spec.bits, g))
+        if tuple(zps.shape) != (e, n, g):
+            raise QuantError(f"{name}: zero points do not match the scales' shape {(e, n, g)}.")
+    return QuantizedWeight(codes, torch.from_numpy(np.ascontiguousarray(scales)).float(), zps, p.spec)
+
+
+def qmoe_dequantize(packed: torch.Tensor, scales: torch.Tensor, zero_points: Optional[torch.Tensor], bits: int,
+                    block_size: int, cols: int) -> torch.Tensor:
+    """Torch-side dequantization of QMoE inputs (what ONNX Runtime computes with)."""
+    spec = QuantSpec(bits, block_size or None, zero_points is None)
+    p = PackedWeight(packed.numpy(), scales.numpy(), None if zero_points is None else zero_points.numpy(), spec, cols)
+    return dequantize(unpack(p))

@@ -1,0 +1,91 @@
+"""lower_moe_qmoe: rewrite each quantized FusedMoE as ONNX Runtime's ``com.microsoft.QMoE``.
+
+Matches: every `FusedMoE` carrying ``quantized`` codes (from quantize_experts).
+Produces: an `OrtQMoE` whose experts run as ``moec.ort_qmoe`` (one QMoE node): packed codes, scales
+  and zero points exactly as quantize_experts made them (fc1 rows interleaved gate/up for swiglu — a
+  row permutation, so no value changes). Routing of any kind runs as ONNX ops; QMoE selects the
+  experts from a 0/1 mask (``router_probs``) and mixes with the exact weights (input 14,
+  ``router_weights``), so neither renormalization nor the slack expert is needed.
+Refuses (the layer keeps fp32 experts as dense ONNX ops, with the reason): activations QMoE can't
+  compute exactly (erf-GELU, gated non-SiLU) and input-weighted routing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moec.moe_layer import FusedMoE
+from moec.ops import interleave_gate_up
+from moec.passes.base import PassContext, PassResult
+from moec.passes.fuse_moe import iter_fused, set_submodule
+from moec.passes.lower_moe_onnxruntime import DenseMoE, _route_outside, kept_router_top_k, plan_layer
+from moec.quant import QuantizedWeight, pack
+
+
+def _interleave_rows(q: QuantizedWeight) -> QuantizedWeight:
+    zps = None if q.zero_points is None else interleave_gate_up(q.zero_points)
+    return QuantizedWeight(interleave_gate_up(q.codes), interleave_gate_up(q.scales), zps, q.spec)
+
+
+def _buffers(module: nn.Module, prefix: str, q: QuantizedWeight) -> None:
+    p = pack(q)
+    module.register_buffer(f"{prefix}", torch.from_numpy(p.weight))
+    module.register_buffer(f"{prefix}_scales", torch.from_numpy(p.scales))
+    module.register_buffer(f"{prefix}_zero_points", None if p.zero_points is None else torch.from_numpy(p.zero_points))
+
+
+class OrtQMoE(nn.Module):
+    def __init__(self, fused: FusedMoE, activation_type: str, alpha: float, beta: float, limit: float, top_k: int):
+        super().__init__()
+        self.spec, self.top_k = fused.spec, top_k
+        for name in ("router", "router_weight", "router_bias", "shared", "shared_gate"):
+            setattr(self, name, getattr(fused, name))
+        self.selection_bias = fused.selection_bias
+        q1, q2 = fused.quantized["gate_up"], fused.quantized["down"]
+        gated = activation_type == "swiglu"
+        _buffers(self, "fc1", _interleave_rows(q1) if gated else q1)
+        _buffers(self, "fc2", q2)
+        self.bits, self.block_size = q1.spec.bits, q1.spec.block_size or 0
+        b1 = fused.b_gate_up
+        self.fc1_bias = None if b1 is None else nn.Parameter(
+            (interleave_gate_up(b1.unsqueeze(-1)).squeeze(-1) if gated else b1).detach(), requires_grad=False)
+        self.fc2_bias = fused.b_down
+        self.act = (activation_type, alpha, beta, limit)
+
+    def forward(self, hidden: torch.Tensor):
+        flat = hidden.reshape(-1, self.spec.experts.hidden)
+        ids, weights, logits = _route_outside(self, flat)
+        tokens, experts = flat.shape[0], self.fc1.shape[0]
+        mask = torch.zeros(tokens, experts, dtype=flat.dtype).scatter(1, ids, torch.ones_like(weights, dtype=flat.dtype))
+        dense = torch.zeros(tokens, experts, dtype=flat.dtype).scatter(1, ids, weights.to(flat.dtype))
+        out = torch.ops.moec.ort_qmoe(
+            flat, mask, dense, self.fc1, self.fc1_scales, self.fc1_bias, self.fc2, self.fc2_scales, self.fc2_bias,
+            self.fc1_zero_points, self.fc2_zero_points, self.top_k, *self.act, self.bits, self.block_size,
+        )
+        s = FusedMoE.shared_output(self, flat)
+        if s is not None:
+            out = out + s
+        return FusedMoE.finish(self, hidden, out, ids, weights, logits)
+
+
+class LowerMoEForQMoE:
+    name = "lower_moe_qmoe"
+
+    def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
+        layers = []
+        for path in [p for p, _ in iter_fused(module)]:
+            fused = module.get_submodule(path)
+            top_k = fused.spec.route.top_k if fused.spec.route is not None else kept_router_top_k(fused)
+            plan = plan_layer(fused.spec, top_k)
+            if isinstance(plan, str):
+                set_submodule(module, path, DenseMoE(fused, plan))
+                layers.append({"path": path, "lowered_to": "dense ONNX ops (all experts, dequantized)",
+                               "reason": plan})
+            else:
+                set_submodule(module, path, OrtQMoE(fused, plan.activation_type, plan.alpha, plan.beta,
+                                                    plan.limit, top_k))
+                spec = fused.quantized["gate_up"].spec
+                layers.append({"path": path, "lowered_to": f"com.microsoft.QMoE ({spec.name}, {plan.activation_type})"})
+            del fused
+        return PassResult(module, bool(layers), {"layers": layers})

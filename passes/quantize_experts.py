@@ -1,0 +1,61 @@
+"""quantize_experts: round-to-nearest weight-only quantization of every fused layer's expert weights.
+
+Matches: every `FusedMoE` (after fuse_moe), when the compile asks for ``--quant int8|int4``.
+Produces: the same FusedMoE computing with the *dequantized* weights (so the graph stays runnable
+  and is the exact reference for the quantized artifact), plus the quantized codes in
+  ``fused.quantized`` for the lowering; per layer, the error against full precision on the layer's
+  real inputs (relative L2, cosine) and the expert weight bytes before and after.
+Refuses (QuantError, before anything is written): a block size that doesn't divide the hidden or
+  intermediate size, non-finite weights (naming the tensor), bits QMoE can't run.
+This pass changes numerics on purpose: the pass manager records its error instead of failing it,
+and ``--accuracy-budget`` bounds it.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moec.numerics import compare_tensors
+from moec.passes.base import PassContext, PassResult
+from moec.passes.fuse_moe import capture_inputs, iter_fused
+from moec.quant import QuantSpec, dequantize, pack, quantize
+
+
+def spec_from_options(options: dict) -> QuantSpec:
+    bits = {"int8": 8, "int4": 4}[options["quant"]]
+    return QuantSpec(bits, options.get("block_size"), not options.get("asymmetric", False))
+
+
+def packed_bytes(q) -> int:
+    p = pack(q)
+    return p.weight.nbytes + p.scales.nbytes + (0 if p.zero_points is None else p.zero_points.nbytes)
+
+
+class QuantizeExperts:
+    name = "quantize_experts"
+    changes_numerics = True
+
+    def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
+        spec = spec_from_options(ctx.options)
+        paths = [p for p, _ in iter_fused(module)]
+        inputs = capture_inputs(module, paths, ctx.probes[0])
+        layers = []
+        for path in paths:
+            fused = module.get_submodule(path)
+            captured = inputs.get(path)
+            x = None if captured is None or isinstance(captured, str) else captured[1]
+            before = None if x is None else fused(x).detach()
+            q_gate_up = quantize(fused.w_gate_up, spec, f"{path}.w_gate_up")
+            q_down = quantize(fused.w_down, spec, f"{path}.w_down")
+            fp_bytes = fused.w_gate_up.numel() * 4 + fused.w_down.numel() * 4
+            with_dq = [dequantize(q_gate_up), dequantize(q_down)]
+            fused.w_gate_up = nn.Parameter(with_dq[0], requires_grad=False)
+            fused.w_down = nn.Parameter(with_dq[1], requires_grad=False)
+            fused.quantized = {"gate_up": q_gate_up, "down": q_down}
+            entry = {"path": path, "quantization": spec.name, "weight_bytes_fp32": fp_bytes,
+                     "weight_bytes_quantized": packed_bytes(q_gate_up) + packed_bytes(q_down)}
+            if before is not None:
+                s = compare_tensors(before, fused(x).detach())
+                entry.update(rel_l2_vs_fp32=s.rel_l2, cosine_vs_fp32=s.cosine)
+            layers.append(entry)
+        return PassResult(module, bool(layers), {"layers": layers, "spec": spec.name})

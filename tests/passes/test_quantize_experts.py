@@ -1,0 +1,95 @@
+"""quantize_experts + lower_moe_qmoe: QMoE artifacts equal the dequantized reference; errors reported."""
+
+import itertools
+import os
+import sys
+
+import onnx
+import pytest
+import torch
+
+from moec.errors import AccuracyBudgetError
+from moec.pipeline import CompileOptions, compile
+from moec.quant import QuantError
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "property"))
+from reference_moe import MoEConfig, ReferenceMoE  # noqa: E402
+
+pytestmark = pytest.mark.slow
+DYN = ({0: torch.export.Dim("batch", min=1, max=16), 1: torch.export.Dim("seq", min=2, max=64)},)
+
+
+class Model(torch.nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.moe = ReferenceMoE(cfg, 0)
+
+    def forward(self, x):
+        return self.moe(x) + x
+
+
+def _compile(out, gated=True, **quant):
+    cfg = MoEConfig(experts=8, top_k=2, hidden=128, inter=128, scoring="sigmoid", renormalize=False,
+                    activation="silu" if gated else "relu", gated=gated, expert_bias=True, shared=True)
+    return compile(Model(cfg).eval(), (torch.randn(2, 5, 128),), DYN, options=CompileOptions(out=out, extra=quant))
+
+
+CASES = [(bits, block, asym) for bits, block, asym in itertools.product(
+    ("int4", "int8"), (None, 16, 32, 64, 128), (False, True)) if not (bits == "int8" and block)]
+
+
+@pytest.mark.parametrize("bits,block,asym", CASES)
+def test_qmoe_artifact_equals_dequantized_reference(bits, block, asym, tmp_path):
+    r = _compile(str(tmp_path / "a"), quant=bits, block_size=block, asymmetric=asym).report
+    exact = r["numerics"]["vs_dequantized_reference"]
+    assert exact["tolerance_rel_l2"] == 1e-4 and exact["passed"]
+    assert max(i["rel_l2"] for i in exact["inputs"]) < 1e-5
+    q = r["quantization"]
+    assert q["weight_bytes_quantized"] < q["weight_bytes_fp32"] / (3 if bits == "int8" else 5)
+    layer = q["layers"][0]
+    assert 0 < layer["rel_l2_vs_fp32"] < (0.02 if bits == "int8" else 0.2) and layer["cosine_vs_fp32"] > 0.98
+    model = onnx.load(os.path.join(str(tmp_path / "a"), "model.onnx"))
+    node = next(n for n in model.graph.node if n.op_type == "QMoE")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["expert_weight_bits"] == int(bits[3:]) and attrs.get("block_size", 0) == (block or 0)
+    assert len(node.input) == 15 and node.input[14]  # router_weights carry the exact mixing weights
+    assert bool(node.input[11]) == asym  # zero points only when asymmetric
+
+
+def test_int8_blockwise_is_flagged_as_activation_quantizing(tmp_path):
+    q = _compile(str(tmp_path / "a"), quant="int8", block_size=32).report["quantization"]
+    assert q["onnxruntime_quantizes_activations"] and q["tolerance_vs_dequantized"] == 3e-2
+
+
+def test_accuracy_budget_fails_naming_the_worst_layer(tmp_path):
+    with pytest.raises(AccuracyBudgetError, match=r"int4 per-row .* Worst layers: moe \("):
+        _compile(str(tmp_path / "a"), quant="int4", accuracy_budget=1e-3)
+    assert not (tmp_path / "a").exists()
+    ok = _compile(str(tmp_path / "b"), quant="int8", accuracy_budget=0.05).report
+    assert ok["quantization"]["logits_vs_fp32"]["rel_l2"] < 0.05
+
+
+def test_non_finite_weights_fail_before_writing(tmp_path):
+    cfg = MoEConfig(experts=4, top_k=2, hidden=64, inter=32)
+    model = Model(cfg).eval()
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        model.moe.w_out[2, 3, 5] = float("inf")
+    with pytest.raises(QuantError, match="moe.w_out: 1 non-finite"):
+        compile(model, (x,), DYN, options=CompileOptions(out=str(tmp_path / "a"), extra={"quant": "int4"},
+                                                         validate=False))
+    assert not (tmp_path / "a").exists()
+
+
+def test_cli_quant_flags(tmp_path):
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "moec.cli", "compile", "moec.zoo:loop_moe", "--out",
+                        str(tmp_path / "q"), "--quant", "int4", "--block-size", "16", "--asymmetric", "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "quantized experts: int4 block 16 asymmetric" in r.stdout and "dequantized reference" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "moec.cli", "compile", "moec.zoo:loop_moe", "--out",
+                        str(tmp_path / "q2"), "--quant", "int4", "--block-size", "64", "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 17 and "does not divide" in r.stderr

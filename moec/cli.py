@@ -28,15 +28,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
     name = args.model_name or "moe_model"
     out = args.out or os.path.join("moec-out", "mixtral-demo" if args.source is None else name)
     extra = {}
-    for key in ("quant", "block_size", "asymmetric", "accuracy_budget"):
+    if args.max_shape:
+        extra["max_shape"] = parse_dims(args.max_shape)
+    for key in ("quant", "block_size", "asymmetric", "accuracy_budget", "device_memory"):
         if getattr(args, key, None) not in (None, False):
             extra[key] = getattr(args, key)
     opts = CompileOptions(
         out=out, target=args.target, force=args.force, validate=not args.no_validate,
         fuse=not args.no_fusion, require_fusion=args.require_fusion, disabled_passes=args.no_pass or (),
         triton_repo=args.triton_repo, model_name=name, model_version=args.model_version,
-        max_batch_size=args.max_batch_size, instances=args.instances, log=_progress(args.quiet), extra=extra,
-        keep_failed=args.keep_failed, tolerance=args.tolerance,
+        max_batch_size=args.max_batch_size, instances=args.instances or 1, log=_progress(args.quiet), extra=extra,
+        keep_failed=args.keep_failed, tolerance=args.tolerance, instances_given=args.instances is not None,
     )
     result = compile(source=args.source, options=opts)
     r = result.report
@@ -114,6 +116,43 @@ def cmd_golden_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_dims(text: str) -> dict[str, int]:
+    try:
+        return {k.strip(): int(v) for k, v in (item.split("=") for item in text.split(",") if item.strip())}
+    except ValueError:
+        raise MoecError(f"--max-shape '{text}': expected NAME=INT pairs separated by commas, e.g. batch=8,seq=2048")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import onnx
+
+    from moec.memory import format_table, render_plot
+    from moec.passes.plan_memory import plan_memory
+
+    report_path = os.path.join(args.dir, "report.json")
+    if not os.path.isfile(report_path):
+        raise MoecError(f"no report.json in '{args.dir}'; is it a moec artifact directory?")
+    with open(report_path) as f:
+        report = json.load(f)
+    if not args.memory:
+        print(json.dumps({k: report[k] for k in ("source", "target", "moe_layers", "numerics") if k in report},
+                         indent=2, default=str))
+        return 0
+    mem = report.get("memory")
+    if not mem:
+        raise MoecError(f"'{report_path}' has no memory plan (compiled by an older moec?); recompile it.")
+    profiles = {name: mem["profiles"][name]["dims"] for name in ("min", "opt", "max") if name in mem["profiles"]}
+    plan = plan_memory(onnx.load(os.path.join(args.dir, "model.onnx")), profiles)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2, default=str))
+    else:
+        print(format_table(plan))
+    if args.plot:
+        render_plot(plan, args.profile, args.plot)
+        print(f"plot of profile '{args.profile}' written to {args.plot}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moec", description="Compile Mixture-of-Experts models to verified "
                                 "ONNX / TensorRT / Triton artifacts.")
@@ -130,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model-version", type=int, default=1)
     c.add_argument("--max-batch-size", type=int, default=None,
                    help="Triton max_batch_size (default 8 when the model has a dynamic batch dim, else 0)")
-    c.add_argument("--instances", type=int, default=1, help="Triton instance count")
+    c.add_argument("--instances", type=int, default=None,
+                   help="Triton instance count (default 1, or derived from the plan with --device-memory)")
+    c.add_argument("--device-memory", help="fail unless the model fits in SIZE (e.g. 80GiB) at the max profile")
+    c.add_argument("--max-shape", help="max profile for dynamic dims, e.g. batch=8,seq=2048")
     c.add_argument("--no-validate", action="store_true", help="skip per-pass translation validation")
     c.add_argument("--no-fusion", action="store_true", help="compile without MoE fusion (reference export)")
     c.add_argument("--require-fusion", action="store_true", help="fail if any MoE layer stays unfused")
@@ -156,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model-name", help="model name on the server (default: moe_model)")
     v.add_argument("--tolerance", type=float, help="override the golden manifest's relative-L2 tolerance")
     v.set_defaults(func=cmd_verify)
+
+    i = sub.add_parser("inspect", help="show what a compiled artifact is made of")
+    i.add_argument("dir")
+    i.add_argument("--memory", action="store_true", help="the memory plan as a table")
+    i.add_argument("--json", action="store_true", help="with --memory: as JSON")
+    i.add_argument("--plot", help="with --memory: render the arena as a PNG (tensors over time x offset)")
+    i.add_argument("--profile", default="max", choices=["min", "opt", "max"])
+    i.set_defaults(func=cmd_inspect)
 
     g = sub.add_parser("golden", help="golden outputs")
     gsub = g.add_subparsers(dest="golden_command", required=True)

@@ -60,6 +60,12 @@ class AccuracyBudgetError(MoecError):
     exit_code = 16
 
 
+class DeviceMemoryError(MoecError):
+    """--device-memory: the model can't fit at the max profile."""
+
+    exit_code = 19
+
+
 # `moec verify` (and `moec golden`) exit codes
 class NumericsMismatchError(MoecError):
     """The artifact's outputs differ from the golden outputs beyond the tolerance."""

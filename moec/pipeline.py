@@ -48,6 +48,7 @@ class CompileOptions:
     model_version: int = 1
     max_batch_size: Optional[int] = None
     instances: int = 1
+    instances_given: bool = False  # else derived from the memory plan when --device-memory is set
     verify_seq_len: Optional[int] = None
     tolerance: float = FP32_REL_L2
     keep_failed: bool = False  # on a numerics failure, keep the artifact at OUT.failed for inspection
@@ -88,6 +89,7 @@ def compile(
         src = load_source(source)
     timings["load"] = time.perf_counter() - t0
     capture_notes = list(src.notes)
+    dim_ranges = src.dim_ranges()
     from moec.golden import weights_sha256
 
     model_identity = {"source": source or src.identity, "identity": src.identity,
@@ -185,6 +187,9 @@ def compile(
             "versions": versions(),
         }
         extra_reports = run_post_hooks(options, tmp, model_path, report)
+        memory = plan_artifact_memory(model_path, dim_ranges, options, report)
+        if memory is not None:
+            report["memory"] = memory
         report.update(extra_reports)
         report["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
         _write_json(os.path.join(tmp, "report.json"), report)
@@ -214,10 +219,12 @@ def compile(
                 serving = dict(platform="tensorrt_plan", kind="KIND_GPU")
             elif options.target == "tensorrt":
                 serving = dict(kind="KIND_GPU", extra=tensorrt_accelerator_config())
+            derived = (report.get("memory") or {}).get("derived") or {}
+            instances = options.instances if options.instances_given or not derived else derived["triton_instances"]
             triton_dir = write_model_repository(
                 options.triton_repo, options.model_name or "moe_model", model_path, files,
                 version=options.model_version, force=options.force, max_batch_size=options.max_batch_size,
-                instances=options.instances, **serving,
+                instances=instances, **serving,
             )
             report["triton"] = {"model_dir": triton_dir}
             _write_json(os.path.join(tmp, "report.json"), report)
@@ -332,6 +339,43 @@ def build_passes(options: CompileOptions) -> list:
         raise MoecError(f"--no-pass: unknown pass {', '.join(sorted(unknown))}; passes are "
                         f"{', '.join(p.name for p in passes)}.")
     return [p for p in passes if p.name not in options.disabled_passes]
+
+
+def plan_artifact_memory(model_path: str, dim_ranges: dict, options: CompileOptions, report: dict) -> Optional[dict]:
+    """Plan activation memory over the final graph; enforce --device-memory before anything is written."""
+    import onnx
+
+    from moec.errors import DeviceMemoryError
+    from moec.memory import fit_check, human, parse_size, profiles_for
+    from moec.passes.plan_memory import plan_memory
+
+    budget = parse_size(options.extra["device_memory"]) if options.extra.get("device_memory") else None
+    ranges = {d: (lo, hi) for d, (lo, hi, _) in dim_ranges.items()}
+    opt = {d: ex for d, (_, _, ex) in dim_ranges.items()}
+    profiles = profiles_for(ranges, opt, options.extra.get("max_shape"))
+    options.log("planning memory")
+    plan = plan_memory(onnx.load(model_path), profiles)
+    out = plan.to_dict()
+    if budget is not None:
+        expert_bytes = sum(l.get("weight_bytes_fp32", 0) for l in (report.get("quantization") or {}).get("layers", []))
+        if not expert_bytes:
+            expert_bytes = int(report.get("weights_bytes", 0) * 0.9) if report["moe_layers"]["fused"] else 0
+        fit = fit_check(plan, budget, "max", 0 if report.get("quantization") else expert_bytes)
+        out["device_memory"] = {"budget_bytes": budget, "fits": fit.fits, "total_at_max": fit.total_bytes}
+        if not fit.fits:
+            raise DeviceMemoryError(
+                f"the model does not fit in {human(budget)} at the max profile "
+                f"({', '.join(f'{k}={v}' for k, v in plan.profiles['max'].dims.items())}): it needs "
+                f"{human(fit.total_bytes)}, {human(fit.over_bytes)} too much (weights "
+                f"{human(plan.weights_bytes)}, activations {human(plan.profiles['max'].arena_bytes)}, "
+                f"workspace {human(plan.profiles['max'].workspace_bytes)}). What would fit: "
+                + ("; ".join(fit.suggestions) or "nothing moec can do on its own") + ". Nothing was written.")
+        per_instance = plan.profiles["max"].arena_bytes + plan.profiles["max"].workspace_bytes
+        out["derived"] = {
+            "triton_instances": max(1, min(4, (budget - plan.weights_bytes) // max(per_instance, 1))),
+            "tensorrt_workspace_bytes": plan.profiles["max"].workspace_bytes,
+        }
+    return out
 
 
 def run_post_hooks(options: CompileOptions, tmp: str, model_path: str, report: dict) -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from moec.passes.lower_moe_tensorrt import PLUGIN
+from moec.plugin_spec import PLUGIN
 
 
 class _Builder:

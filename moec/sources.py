@@ -50,6 +50,20 @@ class LoadedSource:
                 out.append(torch.randint(0, max(hi, 2), shape, generator=gen, dtype=a.dtype))
         return tuple(out)
 
+    def dim_ranges(self) -> dict[str, tuple[int, Optional[int], int]]:
+        """Named dynamic dims -> (min, max or None if unbounded, example size)."""
+        out: dict[str, tuple[int, Optional[int], int]] = {}
+        ds = self.dynamic_shapes
+        if ds is None:
+            return out
+        specs = list(ds.values()) if isinstance(ds, dict) else list(ds)
+        for a, spec in zip(self.example_args, specs):
+            for axis, dim in (spec or {}).items() if isinstance(spec, dict) else []:
+                lo, hi = getattr(dim, "min", 1), getattr(dim, "max", None)
+                hi = None if hi is None or not isinstance(hi, int) or hi > 2**40 else int(hi)
+                out.setdefault(getattr(dim, "__name__", f"d{axis}"), (int(lo or 1), hi, int(a.shape[axis])))
+        return out
+
     def _is_dynamic(self, arg: int, dim: int) -> bool:
         ds = self.dynamic_shapes
         if ds is None:

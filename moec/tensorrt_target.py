@@ -11,7 +11,7 @@ import json
 import os
 from typing import Callable
 
-from moec.passes.lower_moe_tensorrt import PLUGIN
+from moec.plugin_spec import PLUGIN
 
 HOW_TO_BUILD = ("copy this directory to a host with an NVIDIA GPU and TensorRT >= 10.8 "
                 "(pip install 'moec[tensorrt]'), then run `moec build-engine DIR`")

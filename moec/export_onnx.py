@@ -45,9 +45,10 @@ def _ort_moe_translation(hidden, router_logits, fc1, fc1_bias, fc2, fc2_bias, k,
 
 def _ort_qmoe_translation(hidden, router_probs, router_weights, fc1, fc1_scales, fc1_bias, fc2, fc2_scales,
                           fc2_bias, fc1_zero_points, fc2_zero_points, k, activation_type, alpha, beta, limit,
-                          bits, block_size):
+                          bits, block_size, accuracy_level):
     attrs: dict[str, Any] = {"k": int(k), "normalize_routing_weights": 0, "activation_type": activation_type,
-                             "expert_weight_bits": int(bits), "weights_prepacked": 0}
+                             "expert_weight_bits": int(bits), "weights_prepacked": 0,
+                             "accuracy_level": int(accuracy_level)}
     if block_size:
         attrs["block_size"] = int(block_size)
     if activation_type == "swiglu":

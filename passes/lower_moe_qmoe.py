@@ -36,8 +36,10 @@ def _buffers(module: nn.Module, prefix: str, q: QuantizedWeight) -> None:
 
 
 class OrtQMoE(nn.Module):
-    def __init__(self, fused: FusedMoE, activation_type: str, alpha: float, beta: float, limit: float, top_k: int):
+    def __init__(self, fused: FusedMoE, activation_type: str, alpha: float, beta: float, limit: float, top_k: int,
+                 accuracy_level: int = 0):
         super().__init__()
+        self.accuracy_level = accuracy_level
         self.spec, self.top_k = fused.spec, top_k
         for name in ("router", "router_weight", "router_bias", "shared", "shared_gate"):
             setattr(self, name, getattr(fused, name))
@@ -62,6 +64,7 @@ class OrtQMoE(nn.Module):
         out = torch.ops.moec.ort_qmoe(
             flat, mask, dense, self.fc1, self.fc1_scales, self.fc1_bias, self.fc2, self.fc2_scales, self.fc2_bias,
             self.fc1_zero_points, self.fc2_zero_points, self.top_k, *self.act, self.bits, self.block_size,
+            self.accuracy_level,
         )
         s = FusedMoE.shared_output(self, flat)
         if s is not None:
@@ -84,7 +87,7 @@ class LowerMoEForQMoE:
                                "reason": plan})
             else:
                 set_submodule(module, path, OrtQMoE(fused, plan.activation_type, plan.alpha, plan.beta,
-                                                    plan.limit, top_k))
+                                                    plan.limit, top_k, int(ctx.options.get("accuracy_level", 0))))
                 spec = fused.quantized["gate_up"].spec
                 layers.append({"path": path, "lowered_to": f"com.microsoft.QMoE ({spec.name}, {plan.activation_type})"})
             del fused

@@ -153,6 +153,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    from moec.targets.tensorrt_engine import build_engine
+
+    result = build_engine(args.dir, cache_dir=args.cache_dir)
+    print(f"engine: {os.path.join(args.dir, result['path'])} (cache {result['cache']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moec", description="Compile Mixture-of-Experts models to verified "
                                 "ONNX / TensorRT / Triton artifacts.")
@@ -201,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model-name", help="model name on the server (default: moe_model)")
     v.add_argument("--tolerance", type=float, help="override the golden manifest's relative-L2 tolerance")
     v.set_defaults(func=cmd_verify)
+
+    b = sub.add_parser("build-engine", help="build the TensorRT engine for a --target tensorrt artifact")
+    b.add_argument("dir")
+    b.add_argument("--cache-dir", help="engine and timing cache (default ~/.cache/moec/engines)")
+    b.set_defaults(func=cmd_build_engine)
 
     i = sub.add_parser("inspect", help="show what a compiled artifact is made of")
     i.add_argument("dir")

@@ -1,0 +1,61 @@
+"""The TensorRT back end behind its capability check: what runs here, and what skips (with the reason)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moec.plugins.tensorrt_plugin import TensorRTUnavailable, register_plugins, tensorrt_available
+from moec.targets.tensorrt_engine import EngineSettings, cache_key, capability, profiles_from_report
+
+HAVE_TRT = tensorrt_available()[0]
+
+
+def test_capability_says_why_not():
+    cap = capability()
+    if not HAVE_TRT:
+        assert not cap.tensorrt and "TensorRT is not installed" in cap.reason and not cap.imoe_layer
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here; the unavailable path can't be exercised")
+def test_register_plugins_raises_with_the_reason():
+    with pytest.raises(TensorRTUnavailable, match="not installed"):
+        register_plugins()
+
+
+def test_engine_cache_key_is_stable_and_tracks_settings(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"model bytes")
+    s = EngineSettings({"x": ((1, 2), (2, 8), (8, 512))}, 1 << 30)
+    k = cache_key(str(path), s, "10.8", "H100")
+    assert k == cache_key(str(path), s, "10.8", "H100")
+    assert k != cache_key(str(path), EngineSettings(s.profiles, 2 << 30), "10.8", "H100")
+    assert k != cache_key(str(path), s, "10.9", "H100") != cache_key(str(path), s, "10.8", "B200")
+
+
+@pytest.mark.slow
+def test_profiles_come_from_the_memory_plan_and_build_engine_explains(tmp_path):
+    from moec.pipeline import CompileOptions, compile
+
+    res = compile(source="moec.zoo:qwen3_moe", options=CompileOptions(
+        out=str(tmp_path / "a"), target="tensorrt", extra={"max_shape": {"batch": 4, "seq": 256}}))
+    prof = profiles_from_report(os.path.join(res.out_dir, "model.onnx"), res.report)
+    assert prof["input_ids"] == ((1, 2), (2, 8), (4, 256))
+    r = subprocess.run([sys.executable, "-m", "moec.cli", "build-engine", res.out_dir], capture_output=True,
+                       text=True, timeout=120)
+    if HAVE_TRT and capability().gpu:  # pragma: no cover - GPU hosts only
+        assert r.returncode == 0 and os.path.exists(os.path.join(res.out_dir, "model.plan"))
+    else:
+        assert r.returncode == 20 and "cannot build a TensorRT engine here" in r.stderr
+
+
+@pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed here (PyPI's tensorrt needs NVIDIA's index, "
+                                         "which this network can't reach); runs on GPU hosts")
+def test_engine_builds_and_matches_onnxruntime(tmp_path):  # pragma: no cover
+    from moec.pipeline import CompileOptions, compile
+    from moec.targets.tensorrt_engine import build_engine
+
+    res = compile(source="moec.zoo:qwen3_moe", options=CompileOptions(out=str(tmp_path / "a"), target="tensorrt"))
+    out = build_engine(res.out_dir, cache_dir=str(tmp_path / "cache"))
+    assert os.path.exists(os.path.join(res.out_dir, out["path"]))

@@ -90,6 +90,19 @@ def fit_check(plan: MemoryPlan, budget: int, profile: str = "max", quantizable_b
     return FitResult(False, p.total_bytes, budget, tips)
 
 
+def largest_fitting(plan: MemoryPlan, dim: str, budget: int, profile: str = "max") -> int:
+    """The largest value of `dim` (others as in `profile`) whose total fits `budget`; 0 if none."""
+    p = plan.profiles[profile]
+    lo, hi = 0, p.dims[dim]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _estimate(plan, dict(p.dims, **{dim: mid})) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _estimate(plan: MemoryPlan, dims: dict[str, int]) -> int:
     from moec.passes.plan_memory import _pack
 

@@ -221,9 +221,12 @@ def compile(
                 serving = dict(kind="KIND_GPU", extra=tensorrt_accelerator_config())
             derived = (report.get("memory") or {}).get("derived") or {}
             instances = options.instances if options.instances_given or not derived else derived["triton_instances"]
+            max_batch = options.max_batch_size
+            if max_batch is None and derived.get("triton_max_batch_size"):
+                max_batch = derived["triton_max_batch_size"]
             triton_dir = write_model_repository(
                 options.triton_repo, options.model_name or "moe_model", model_path, files,
-                version=options.model_version, force=options.force, max_batch_size=options.max_batch_size,
+                version=options.model_version, force=options.force, max_batch_size=max_batch,
                 instances=instances, **serving,
             )
             report["triton"] = {"model_dir": triton_dir}
@@ -376,6 +379,10 @@ def plan_artifact_memory(model_path: str, dim_ranges: dict, options: CompileOpti
             "triton_instances": max(1, min(4, (budget - plan.weights_bytes) // max(per_instance, 1))),
             "tensorrt_workspace_bytes": plan.profiles["max"].workspace_bytes,
         }
+        if "batch" in plan.dims:  # the largest batch that fits with the other dims at their max
+            from moec.memory import largest_fitting
+
+            out["derived"]["triton_max_batch_size"] = largest_fitting(plan, "batch", budget)
     return out
 
 

@@ -95,6 +95,8 @@ def compile(
     model_identity = {"source": source or src.identity, "identity": src.identity,
                       "weights_sha256": weights_sha256(src.module)}
 
+    if src.prequantized is not None:
+        adopt_checkpoint_quantization(src.prequantized, options)
     if options.extra.get("quant"):
         check_finite_weights(src.module)
 
@@ -237,6 +239,16 @@ def compile(
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def adopt_checkpoint_quantization(spec, options: CompileOptions) -> None:
+    """A packed checkpoint compiles with its own quantization; a different --quant is a conflict."""
+    want = {"quant": f"int{spec.bits}", "block_size": spec.block_size, "asymmetric": not spec.symmetric}
+    given = {k: options.extra.get(k) for k in want if options.extra.get(k) not in (None, False)}
+    if given and any(given[k] != want[k] for k in given):
+        raise MoecError(f"the checkpoint's expert weights are already quantized ({spec.name}); --quant/"
+                        f"--block-size/--asymmetric {given} would re-quantize them. Drop those flags.")
+    options.extra.update(want, prequantized=True)
 
 
 def check_finite_weights(module: nn.Module) -> None:

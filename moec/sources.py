@@ -29,6 +29,7 @@ class LoadedSource:
     output_names: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what capture choices were made
     input_kinds: list[str] = field(default_factory=list)  # "tokens:<vocab>" or "float"
+    prequantized: Any = None  # the QuantSpec of a packed checkpoint's expert weights, if any
 
     def make_inputs(self, seed: int, seq_len: Optional[int] = None, batch: Optional[int] = None) -> tuple:
         """Fresh fixed-seed inputs shaped like the example (optionally another batch/sequence)."""
@@ -203,6 +204,15 @@ def load_hf_dir(path: str) -> LoadedSource:
         raise SourceError(f"'{cfg_path}' is not valid JSON: {exc}") from exc
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moec.checkpoint import is_packed, load_packed
+
+    if is_packed(path):
+        model, spec = load_packed(path)
+        src = causal_lm_source(model, f"hf-packed:{os.path.abspath(path)}")
+        src.prequantized = spec
+        src.notes.append(f"packed expert weights ({spec.name}) folded without re-quantizing")
+        return src
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)

@@ -5,6 +5,8 @@ Produces: the same FusedMoE computing with the *dequantized* weights (so the gra
   and is the exact reference for the quantized artifact), plus the quantized codes in
   ``fused.quantized`` for the lowering; per layer, the error against full precision on the layer's
   real inputs (relative L2, cosine) and the expert weight bytes before and after.
+Folds: expert parameters that carry `_moec_quantized` codes (packed checkpoints, moec/checkpoint.py)
+  are not re-quantized; their codes go to the artifact unchanged.
 Refuses (QuantError, before anything is written): a block size that doesn't divide the hidden or
   intermediate size, non-finite weights (naming the tensor), bits QMoE can't run.
 This pass changes numerics on purpose: the pass manager records its error instead of failing it,
@@ -18,7 +20,7 @@ from torch import nn
 from moec.numerics import compare_tensors
 from moec.passes.base import PassContext, PassResult
 from moec.passes.fuse_moe import capture_inputs, iter_fused
-from moec.quant import QuantSpec, dequantize, pack, quantize
+from moec.quant import QuantError, QuantSpec, dequantize, pack, quantize
 
 
 def spec_from_options(options: dict) -> QuantSpec:
@@ -45,8 +47,16 @@ class QuantizeExperts:
             captured = inputs.get(path)
             x = None if captured is None or isinstance(captured, str) else captured[1]
             before = None if x is None else fused(x).detach()
-            q_gate_up = quantize(fused.w_gate_up, spec, f"{path}.w_gate_up")
-            q_down = quantize(fused.w_down, spec, f"{path}.w_down")
+            q_gate_up = getattr(fused.w_gate_up, "_moec_quantized", None)
+            q_down = getattr(fused.w_down, "_moec_quantized", None)
+            if ctx.options.get("prequantized"):
+                if q_gate_up is None or q_down is None:
+                    raise QuantError(
+                        f"{path}: the checkpoint's packed expert weights are not in moec's canonical layout "
+                        "([E, 2I, H] gate|up, [E, H, I]); folding them would re-quantize. Not supported yet.")
+            else:
+                q_gate_up = quantize(fused.w_gate_up, spec, f"{path}.w_gate_up")
+                q_down = quantize(fused.w_down, spec, f"{path}.w_down")
             fp_bytes = fused.w_gate_up.numel() * 4 + fused.w_down.numel() * 4
             with_dq = [dequantize(q_gate_up), dequantize(q_down)]
             fused.w_gate_up = nn.Parameter(with_dq[0], requires_grad=False)

@@ -12,7 +12,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import onnx
 import onnxscript

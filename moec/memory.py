@@ -6,7 +6,6 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-import sympy
 
 from moec.passes.plan_memory import MemoryPlan, MemoryPlanError
 

@@ -176,6 +176,29 @@ class FusedMoE(nn.Module):
         return (out, *extra)
 
 
+class LoweredMoE(nn.Module):
+    """Base of a target's rewrite of a FusedMoE: keeps its routing and shared expert as they are.
+
+    Subclasses add the experts in the target's form; `keep_experts=True` keeps the canonical weights.
+    """
+
+    def __init__(self, fused: FusedMoE, keep_experts: bool = False):
+        super().__init__()
+        self.spec = fused.spec
+        names = ["router", "router_weight", "router_bias", "shared", "shared_gate"]
+        if keep_experts:
+            names += ["w_gate_up", "w_down", "b_gate_up", "b_down"]
+        for name in names:
+            setattr(self, name, getattr(fused, name))
+        self.selection_bias = fused.selection_bias
+
+    def shared_output(self, flat: torch.Tensor) -> Optional[torch.Tensor]:
+        return FusedMoE.shared_output(self, flat)
+
+    def finish(self, hidden, out, ids, weights, logits):
+        return FusedMoE.finish(self, hidden, out, ids, weights, logits)
+
+
 def _param(t: Optional[torch.Tensor]) -> Optional[nn.Parameter]:
     if t is None:
         return None

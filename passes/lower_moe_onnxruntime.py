@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moec.moe_layer import FusedMoE, LayerSpec
+from moec.moe_layer import FusedMoE, LayerSpec, LoweredMoE
 from moec.ops import gated_activation, apply_activation, interleave_gate_up, route_reference
 from moec.passes.base import PassContext, PassResult
 from moec.passes.fuse_moe import iter_fused, set_submodule
@@ -86,16 +85,12 @@ def plan_layer(spec: LayerSpec, top_k: int) -> OrtPlan | str:
     return OrtPlan(act, alpha, beta, limit, False, True, float(bound), float(bound))
 
 
-class OrtMoE(nn.Module):
+class OrtMoE(LoweredMoE):
     """A FusedMoE whose experts run as com.microsoft.MoE."""
 
     def __init__(self, fused: FusedMoE, plan: OrtPlan, top_k: int):
-        super().__init__()
-        self.spec, self.plan, self.top_k = fused.spec, plan, top_k
-        self.router = fused.router
-        self.router_weight, self.router_bias = fused.router_weight, fused.router_bias
-        self.selection_bias = fused.selection_bias
-        self.shared, self.shared_gate = fused.shared, fused.shared_gate
+        super().__init__(fused)
+        self.plan, self.top_k = plan, top_k
         gated = plan.activation_type == "swiglu"
         with torch.no_grad():
             fc1 = interleave_gate_up(fused.w_gate_up) if gated else fused.w_gate_up
@@ -140,34 +135,30 @@ class OrtMoE(nn.Module):
             flat, moe_logits, self.fc1, self.fc1_bias, self.fc2, self.fc2_bias,
             k, p.normalize, p.activation_type, p.alpha, p.beta, p.limit,
         )
-        s = FusedMoE.shared_output(self, flat)
+        s = self.shared_output(flat)
         if s is not None:
             out = out + s
         if self.spec.output.aux and ids is None:
             r = self.spec.route
             ids, weights = route_reference(logits, None, r.scoring, r.top_k, r.renormalize, 1, 1, r.scale, False)
-        return FusedMoE.finish(self, hidden, out, ids, weights, logits)
+        return self.finish(hidden, out, ids, weights, logits)
 
 
-class DenseMoE(nn.Module):
+class DenseMoE(LoweredMoE):
     """Exact fallback in plain ONNX-exportable ops: every expert runs on every token."""
 
     def __init__(self, fused: FusedMoE, reason: str):
-        super().__init__()
-        self.spec, self.reason = fused.spec, reason
-        for name in ("router", "router_weight", "router_bias", "w_gate_up", "w_down", "b_gate_up", "b_down",
-                     "shared", "shared_gate"):
-            setattr(self, name, getattr(fused, name))
-        self.selection_bias = fused.selection_bias
+        super().__init__(fused, keep_experts=True)
+        self.reason = reason
 
     def forward(self, hidden: torch.Tensor):
         flat = hidden.reshape(-1, self.spec.experts.hidden)
         ids, weights, logits = _route_outside(self, flat)
         out = dense_experts(flat, ids, weights, self.w_gate_up, self.w_down, self.b_gate_up, self.b_down, self.spec)
-        s = FusedMoE.shared_output(self, flat)
+        s = self.shared_output(flat)
         if s is not None:
             out = out + s
-        return FusedMoE.finish(self, hidden, out, ids, weights, logits)
+        return self.finish(hidden, out, ids, weights, logits)
 
 
 def _route_outside(layer, flat):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moec.moe_layer import FusedMoE
+from moec.moe_layer import FusedMoE, LoweredMoE
 from moec.ops import interleave_gate_up
 from moec.passes.base import PassContext, PassResult
 from moec.passes.fuse_moe import iter_fused, set_submodule
@@ -35,15 +35,11 @@ def _buffers(module: nn.Module, prefix: str, q: QuantizedWeight) -> None:
     module.register_buffer(f"{prefix}_zero_points", None if p.zero_points is None else torch.from_numpy(p.zero_points))
 
 
-class OrtQMoE(nn.Module):
+class OrtQMoE(LoweredMoE):
     def __init__(self, fused: FusedMoE, activation_type: str, alpha: float, beta: float, limit: float, top_k: int,
                  accuracy_level: int = 0):
-        super().__init__()
-        self.accuracy_level = accuracy_level
-        self.spec, self.top_k = fused.spec, top_k
-        for name in ("router", "router_weight", "router_bias", "shared", "shared_gate"):
-            setattr(self, name, getattr(fused, name))
-        self.selection_bias = fused.selection_bias
+        super().__init__(fused)
+        self.accuracy_level, self.top_k = accuracy_level, top_k
         q1, q2 = fused.quantized["gate_up"], fused.quantized["down"]
         gated = activation_type == "swiglu"
         _buffers(self, "fc1", _interleave_rows(q1) if gated else q1)
@@ -66,10 +62,10 @@ class OrtQMoE(nn.Module):
             self.fc1_zero_points, self.fc2_zero_points, self.top_k, *self.act, self.bits, self.block_size,
             self.accuracy_level,
         )
-        s = FusedMoE.shared_output(self, flat)
+        s = self.shared_output(flat)
         if s is not None:
             out = out + s
-        return FusedMoE.finish(self, hidden, out, ids, weights, logits)
+        return self.finish(hidden, out, ids, weights, logits)
 
 
 class LowerMoEForQMoE:

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import math
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from moec.moe_layer import FusedMoE
+from moec.moe_layer import FusedMoE, LoweredMoE
 from moec.plugin_spec import PLUGIN, PluginSpec  # noqa: F401  (re-exported)
 from moec.passes.base import PassContext, PassResult
 from moec.passes.fuse_moe import iter_fused, set_submodule
@@ -27,14 +26,9 @@ from moec.passes.lower_moe_onnxruntime import _route_outside
 
 
 
-class TrtMoE(nn.Module):
+class TrtMoE(LoweredMoE):
     def __init__(self, fused: FusedMoE):
-        super().__init__()
-        self.spec = fused.spec
-        for name in ("router", "router_weight", "router_bias", "w_gate_up", "w_down", "b_gate_up", "b_down",
-                     "shared", "shared_gate"):
-            setattr(self, name, getattr(fused, name))
-        self.selection_bias = fused.selection_bias
+        super().__init__(fused, keep_experts=True)
         # The plugin takes both biases or neither.
         if (self.b_gate_up is None) != (self.b_down is None):
             e, rows, h = self.w_gate_up.shape
@@ -51,10 +45,10 @@ class TrtMoE(nn.Module):
             flat, ids.to(torch.int32), weights.to(flat.dtype), self.w_gate_up, self.w_down, self.b_gate_up,
             self.b_down, x.activation, x.gated, x.alpha, x.beta, x.limit, x.weight_on_input,
         )
-        s = FusedMoE.shared_output(self, flat)
+        s = self.shared_output(flat)
         if s is not None:
             out = out + s
-        return FusedMoE.finish(self, hidden, out, ids, weights, logits)
+        return self.finish(hidden, out, ids, weights, logits)
 
 
 class LowerMoEForTensorRT:

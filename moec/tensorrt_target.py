@@ -18,19 +18,11 @@ HOW_TO_BUILD = ("copy this directory to a host with an NVIDIA GPU and TensorRT >
 
 
 def capability() -> tuple[bool, str]:
-    """(can build engines here, why not). Delegates to the engine module when it is present."""
-    try:
-        from moec.targets.tensorrt_engine import capability as engine_capability
-    except ImportError:
-        engine_capability = None
-    if engine_capability is not None:
-        cap = engine_capability()
-        return bool(cap.tensorrt and cap.gpu), cap.reason
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError as exc:
-        return False, f"TensorRT is not installed ({exc})"
-    return False, "the TensorRT engine builder module is not available in this build of moec"
+    """(can build engines here, why not)."""
+    from moec.targets.tensorrt_engine import capability as engine_capability
+
+    cap = engine_capability()
+    return bool(cap.tensorrt and cap.gpu), cap.reason
 
 
 def write_tensorrt_extras(out_dir: str, model_path: str, report: dict, log: Callable[[str], None]) -> dict:

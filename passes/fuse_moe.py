@@ -171,9 +171,8 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
         if stacked is not None or expert_list is not None:
             break
         cp = _own_params(child)
-        if sum(t.dim() == 3 for t in cp.values()) >= 2 and not list(child.children()) or (
-            sum(t.dim() == 3 for t in cp.values()) >= 2 and all(not _own_params(c) for c in child.children())
-        ):
+        # stacked experts: >= 2 three-dim tensors, and no parameters further down (an act_fn child is fine)
+        if sum(t.dim() == 3 for t in cp.values()) >= 2 and all(not _own_params(c) for c in child.children()):
             experts_name, stacked = name, cp
         elif isinstance(child, nn.ModuleList) and len(child) >= 1 and all(_linears(e) for e in child):
             experts_name, expert_list = name, child

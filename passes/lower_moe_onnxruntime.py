@@ -203,27 +203,33 @@ def _append_zero_expert(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, torch.zeros_like(t[:1])], dim=0)
 
 
+def lower_each(module: nn.Module, lower, dense_label: str = "dense ONNX ops (all experts)") -> list[dict]:
+    """Rewrite every FusedMoE: `lower(fused, plan, top_k) -> (new module, description)` where ORT's op
+    can express the layer exactly, DenseMoE (with the reason) where it can't."""
+    layers = []
+    # Paths, not modules: holding every old layer until the loop ends would keep a second
+    # copy of all expert weights alive (each lowered layer re-lays its weights).
+    for path in [p for p, _ in iter_fused(module)]:
+        fused = module.get_submodule(path)
+        top_k = fused.spec.route.top_k if fused.spec.route is not None else kept_router_top_k(fused)
+        plan = plan_layer(fused.spec, top_k)
+        if isinstance(plan, str):
+            set_submodule(module, path, DenseMoE(fused, plan))
+            layers.append({"path": path, "lowered_to": dense_label, "reason": plan})
+        else:
+            new, description = lower(fused, plan, top_k)
+            set_submodule(module, path, new)
+            layers.append({"path": path, "lowered_to": description})
+        del fused
+    return layers
+
+
 class LowerMoEForOnnxRuntime:
     name = "lower_moe_onnxruntime"
 
     def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
-        layers = []
-        modified = False
-        # Paths, not modules: holding every old layer until the loop ends would keep a second
-        # copy of all expert weights alive (each lowered layer re-lays its weights).
-        for path in [p for p, _ in iter_fused(module)]:
-            fused = module.get_submodule(path)
-            top_k = fused.spec.route.top_k if fused.spec.route is not None else kept_router_top_k(fused)
-            plan = plan_layer(fused.spec, top_k)
-            if isinstance(plan, str):
-                set_submodule(module, path, DenseMoE(fused, plan))
-                layers.append({"path": path, "lowered_to": "dense ONNX ops (all experts)", "reason": plan})
-            else:
-                set_submodule(module, path, OrtMoE(fused, plan, top_k))
-                layers.append({"path": path, "lowered_to": plan.describe()})
-            del fused
-            modified = True
-        return PassResult(module, modified, {"layers": layers})
+        layers = lower_each(module, lambda fused, plan, top_k: (OrtMoE(fused, plan, top_k), plan.describe()))
+        return PassResult(module, bool(layers), {"layers": layers})
 
 
 def kept_router_top_k(fused: FusedMoE) -> int:

@@ -18,8 +18,7 @@ from torch import nn
 from moec.moe_layer import FusedMoE, LoweredMoE
 from moec.ops import interleave_gate_up
 from moec.passes.base import PassContext, PassResult
-from moec.passes.fuse_moe import iter_fused, set_submodule
-from moec.passes.lower_moe_onnxruntime import DenseMoE, _route_outside, kept_router_top_k, plan_layer
+from moec.passes.lower_moe_onnxruntime import _route_outside, lower_each
 from moec.quant import QuantizedWeight, pack
 
 
@@ -72,19 +71,12 @@ class LowerMoEForQMoE:
     name = "lower_moe_qmoe"
 
     def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
-        layers = []
-        for path in [p for p, _ in iter_fused(module)]:
-            fused = module.get_submodule(path)
-            top_k = fused.spec.route.top_k if fused.spec.route is not None else kept_router_top_k(fused)
-            plan = plan_layer(fused.spec, top_k)
-            if isinstance(plan, str):
-                set_submodule(module, path, DenseMoE(fused, plan))
-                layers.append({"path": path, "lowered_to": "dense ONNX ops (all experts, dequantized)",
-                               "reason": plan})
-            else:
-                set_submodule(module, path, OrtQMoE(fused, plan.activation_type, plan.alpha, plan.beta,
-                                                    plan.limit, top_k, int(ctx.options.get("accuracy_level", 0))))
-                spec = fused.quantized["gate_up"].spec
-                layers.append({"path": path, "lowered_to": f"com.microsoft.QMoE ({spec.name}, {plan.activation_type})"})
-            del fused
+        accuracy_level = int(ctx.options.get("accuracy_level", 0))
+
+        def lower(fused, plan, top_k):
+            spec = fused.quantized["gate_up"].spec
+            layer = OrtQMoE(fused, plan.activation_type, plan.alpha, plan.beta, plan.limit, top_k, accuracy_level)
+            return layer, f"com.microsoft.QMoE ({spec.name}, {plan.activation_type})"
+
+        layers = lower_each(module, lower, "dense ONNX ops (all experts, dequantized)")
         return PassResult(module, bool(layers), {"layers": layers})

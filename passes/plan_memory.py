@@ -115,32 +115,26 @@ def _probe_session(model: onnx.ModelProto):
 
     import onnxruntime as ort
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model) if model.ByteSize() < (1 << 30) else None
     names = [o for n in model.graph.node if n.op_type != "Constant" for o in n.output if o]
     existing = {o.name for o in model.graph.output}
-    target = m if m.ByteSize() else model
     added = [helper.make_empty_tensor_value_info(o) for o in names if o not in existing]
-    target.graph.output.extend(added)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every node
+    model.graph.output.extend(added)  # temporarily: removed again below, the caller's model is unchanged
     try:
-        if target is m:
-            return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        with tempfile.TemporaryDirectory() as d:  # > 1 GiB: no protobuf copy, stream via a file
+        if model.ByteSize() < (1 << 30):
+            return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory() as d:  # over 1 GiB: stream through a file, no protobuf copy
             path = os.path.join(d, "probe.onnx")
-            onnx.save_model(target, path, save_as_external_data=True, location="probe.data")
+            onnx.save_model(model, path, save_as_external_data=True, location="probe.data")
             return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     finally:
-        if target is model:
-            del model.graph.output[len(existing):]
+        del model.graph.output[len(existing):]
 
 
 def _concrete_shapes(session, model: onnx.ModelProto, dims: dict[str, int]) -> dict[str, tuple[int, list[int]]]:
     """Every tensor's (elem type, shape) at one assignment of the dynamic dims, by running the model."""
-    from moec.plugin_reference import substitute_plugins  # noqa: F401  (plugins are substituted upstream)
-
     feeds = {}
     for v in model.graph.input:
         t = v.type.tensor_type

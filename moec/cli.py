@@ -30,7 +30,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     extra = {}
     if args.max_shape:
         extra["max_shape"] = parse_dims(args.max_shape)
-    for key in ("quant", "block_size", "asymmetric", "accuracy_budget", "device_memory", "accuracy_level"):
+    if args.tensorrt_aot and args.target != "tensorrt":
+        raise MoecError("--tensorrt-aot asks for the TensorRT plugin's AOT implementation; it needs --target tensorrt.")
+    for key in ("quant", "block_size", "asymmetric", "accuracy_budget", "device_memory", "accuracy_level",
+                "tensorrt_aot"):
         if getattr(args, key, None) not in (None, False):
             extra[key] = getattr(args, key)
     opts = CompileOptions(
@@ -185,7 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-fusion", action="store_true", help="compile without MoE fusion (reference export)")
     c.add_argument("--require-fusion", action="store_true", help="fail if any MoE layer stays unfused")
     c.add_argument("--no-pass", action="append", help="disable a pass by name (repeatable)")
-    c.add_argument("--quant", choices=["int8", "int4"], help="quantize expert weights (ONNX Runtime QMoE)")
+    c.add_argument("--tensorrt-aot", action="store_true",
+                   help="mark the experts plugin nodes for TensorRT's AOT implementation (one embedded kernel; "
+                        "engines run without Python)")
+    c.add_argument("--quant", choices=["int8", "int4"],
+                   help="quantize expert weights (ONNX Runtime QMoE, or the TensorRT plugin's packed variant)")
     c.add_argument("--block-size", type=int, choices=[16, 32, 64, 128],
                    help="quantization block along the input dim (default: one scale per row)")
     c.add_argument("--asymmetric", action="store_true", help="quantize with zero points")

@@ -65,7 +65,7 @@ def translation_table(target: str = "onnxruntime") -> dict[Callable, Callable]:
     if target == "tensorrt":
         from moec.passes.lower_moe_tensorrt import experts_plugin_translation
 
-        table[torch.ops.moec.experts.default] = experts_plugin_translation
+        table[torch.ops.moec.trt_experts.default] = experts_plugin_translation
     table[torch.ops.moec.ort_qmoe.default] = _ort_qmoe_translation
     return table
 

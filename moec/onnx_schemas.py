@@ -113,15 +113,19 @@ def register_ort_contrib_schemas() -> None:
 
 
 def register_plugin_schema(plugin) -> None:
-    """Schema for moec's TensorRT experts plugin node (see passes/lower_moe_tensorrt.PluginSpec)."""
+    """Schema for moec's TensorRT experts plugin node (see moec/plugin_spec.PluginSpec)."""
     a = OpSchema.AttrType
     kinds = {"int": a.INT, "float": a.FLOAT, "string": a.STRING}
-    attributes = [_attr("plugin_namespace", a.STRING), _attr("plugin_version", a.STRING)]
+    attributes = [_attr("plugin_namespace", a.STRING), _attr("plugin_version", a.STRING), _attr("aot", a.INT)]
     for name, kind in plugin.fields:
         attributes.append(_attr(name, kinds[kind.split(":")[0].split(",")[0].split()[0]]))
-    inputs = [
-        Input("hidden"), Input("topk_ids", "I"), Input("topk_weights"), Input("w_gate_up"), Input("w_down"),
-        Input("b_gate_up", optional=True), Input("b_down", optional=True),
-    ]
-    constraints = [("T", _FLOATS, ""), ("I", ["tensor(int32)", "tensor(int64)"], "")]
-    register(_schema(plugin.name, plugin.domain, inputs, attributes, constraints))
+    types = {"topk_ids": "I", "w_gate_up": "W", "w_down": "W", "s_gate_up": "S", "s_down": "S",
+             "z_gate_up": "Z", "z_down": "Z", "accumulator": "S"}
+    inputs = [Input(name, types.get(name, "T")) for name in plugin.inputs]
+    constraints = [("T", _FLOATS, ""), ("I", ["tensor(int32)", "tensor(int64)"], ""),
+                   ("W", _FLOATS + ["tensor(uint8)"], ""), ("S", ["tensor(float)"], ""), ("Z", ["tensor(uint8)"], "")]
+    option = OpSchema.FormalParameterOption.Single
+    register(OpSchema(plugin.name, plugin.domain, 1, f"{plugin.domain}::{plugin.name} as emitted by moec",
+                      inputs=[OpSchema.FormalParameter(i.name, i.type_str, "", param_option=option) for i in inputs],
+                      outputs=[OpSchema.FormalParameter("output", "S", "")],  # fp32, aliases `accumulator`
+                      type_constraints=constraints, attributes=attributes))

@@ -188,11 +188,10 @@ def compile(
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "versions": versions(),
         }
-        extra_reports = run_post_hooks(options, tmp, model_path, report)
         memory = plan_artifact_memory(model_path, dim_ranges, options, report)
         if memory is not None:
             report["memory"] = memory
-        report.update(extra_reports)
+        report.update(run_post_hooks(options, tmp, report))  # after the plan: engine profiles come from it
         report["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
         _write_json(os.path.join(tmp, "report.json"), report)
         if not numerics["passed"]:
@@ -276,7 +275,9 @@ def quantization_summary(records, options: CompileOptions) -> Optional[dict]:
     block = options.extra.get("block_size")
     # ORT's block-wise int8 experts have no fp32 kernel, and accuracy_level 4 asks for int8
     # activations: then ORT quantizes activations too, beyond what the dequantized reference models.
-    activations_quantized = (precision == "int8" and block is not None) or options.extra.get("accuracy_level") == 4
+    # (The TensorRT plugin dequantizes weights only; its ORT check evaluates the exact reference.)
+    activations_quantized = options.target == "onnxruntime" and (
+        (precision == "int8" and block is not None) or options.extra.get("accuracy_level") == 4)
     summary = {
         "precision": precision, "spec": rec.details["spec"], "layers": layers, "logits_vs_fp32": logits,
         "weight_bytes_fp32": sum(l["weight_bytes_fp32"] for l in layers),
@@ -338,18 +339,22 @@ def build_passes(options: CompileOptions) -> list:
 
     passes: list = []
     quant = options.extra.get("quant")
-    if quant and (not options.fuse or options.target != "onnxruntime"):
-        raise MoecError(f"--quant {quant} needs MoE fusion and --target onnxruntime (QMoE); the TensorRT "
-                        "plugin's quantized variant is not wired into the compiler yet.")
+    if quant and not options.fuse:
+        raise MoecError(f"--quant {quant} quantizes the fused experts; it needs MoE fusion (drop --no-fuse).")
     if options.fuse:
         passes.append(FuseMoE())
         if quant:
-            from moec.passes.lower_moe_qmoe import LowerMoEForQMoE
             from moec.passes.quantize_experts import QuantizeExperts
 
-            passes += [QuantizeExperts(), LowerMoEForQMoE()]
+            passes.append(QuantizeExperts())
+        if options.target == "tensorrt":
+            passes.append(LowerMoEForTensorRT())
+        elif quant:
+            from moec.passes.lower_moe_qmoe import LowerMoEForQMoE
+
+            passes.append(LowerMoEForQMoE())
         else:
-            passes.append(LowerMoEForOnnxRuntime() if options.target == "onnxruntime" else LowerMoEForTensorRT())
+            passes.append(LowerMoEForOnnxRuntime())
     unknown = set(options.disabled_passes) - {p.name for p in passes}
     if unknown:
         raise MoecError(f"--no-pass: unknown pass {', '.join(sorted(unknown))}; passes are "
@@ -398,13 +403,13 @@ def plan_artifact_memory(model_path: str, dim_ranges: dict, options: CompileOpti
     return out
 
 
-def run_post_hooks(options: CompileOptions, tmp: str, model_path: str, report: dict) -> dict:
+def run_post_hooks(options: CompileOptions, tmp: str, report: dict) -> dict:
     """Artifact-level steps after verification: target extras (plugin definitions, engine)."""
     extra: dict = {}
     if options.target == "tensorrt":
         from moec.tensorrt_target import write_tensorrt_extras
 
-        extra["tensorrt"] = write_tensorrt_extras(tmp, model_path, report, options.log)
+        extra["tensorrt"] = write_tensorrt_extras(tmp, report, options.log)
     return extra
 
 

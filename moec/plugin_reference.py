@@ -2,9 +2,10 @@
 
 The artifact for `--target tensorrt` holds one plugin node per MoE layer, which only TensorRT (with
 moec's plugin registered) can run. To check that artifact here, `substitute_plugins` rewrites a copy:
-each plugin node becomes standard ONNX ops computing the plugin's contract exactly (every expert on
-every token, combined with the routing weights), reading the node's own inputs and attributes. So the
-attributes and weight layouts TensorRT will receive are what gets verified.
+each plugin node becomes standard ONNX ops computing the plugin's contract exactly (packed codes
+dequantized, every expert on every token, combined with the routing weights, added to the
+accumulator), reading the node's own inputs and attributes. So the attributes and weight layouts
+TensorRT will receive are what gets verified.
 """
 
 from __future__ import annotations
@@ -58,14 +59,39 @@ def _activation(b: _Builder, u: str, activation: str) -> str:
     raise ValueError(f"unknown plugin activation {activation!r}")
 
 
+def _dequantize(b: _Builder, codes: str, scales: str, zero_points: str | None, bits: int, shape: tuple,
+                group: int) -> str:
+    """float [E, N, K] from the plugin's packed codes (4-bit: even column in the low nibble)."""
+    e, n, k = shape
+    c = codes
+    if bits == 4:
+        lo = b.op("BitwiseAnd", [c, b.const(15, np.uint8)])
+        hi = b.op("BitShift", [c, b.const(4, np.uint8)], direction="RIGHT")
+        last = b.const([-1], np.int64)
+        c = b.op("Concat", [b.op("Unsqueeze", [lo, last]), b.op("Unsqueeze", [hi, last])], axis=-1)
+    blocks = b.op("Reshape", [b.op("Cast", [c], to=TensorProto.FLOAT), b.const([e, n, k // group, group], np.int64)])
+    last = b.const([-1], np.int64)
+    zp = b.const(float(1 << (bits - 1))) if zero_points is None else b.op(
+        "Unsqueeze", [b.op("Cast", [zero_points], to=TensorProto.FLOAT), last])
+    w = b.op("Mul", [b.op("Sub", [blocks, zp]), b.op("Unsqueeze", [scales, last])])
+    return b.op("Reshape", [w, b.const([e, n, k], np.int64)])
+
+
 def _reference_subgraph(node: onnx.NodeProto, prefix: str) -> _Builder:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     act = attrs["activation"].decode() if isinstance(attrs["activation"], bytes) else attrs["activation"]
-    e, inter = attrs["num_experts"], attrs["intermediate_size"]
+    e, inter, hsize = attrs["num_experts"], attrs["intermediate_size"], attrs["hidden_size"]
     gated, woi, has_bias = bool(attrs["gated"]), bool(attrs["weight_on_input"]), bool(attrs["has_bias"])
-    x, ids, w, w1, w2 = list(node.input[:5])
-    b1, b2 = (node.input[5], node.input[6]) if has_bias else (None, None)
+    x, ids, w, w1, w2, b1, b2, s1, z1, s2, z2, acc = list(node.input)
+    if not has_bias:
+        b1 = b2 = None
     b = _Builder(prefix)
+    bits = attrs["quant_bits"]
+    if bits:
+        zps = (z1, z2) if attrs["has_zero_points"] else (None, None)
+        rows = (2 if gated else 1) * inter
+        w1 = _dequantize(b, w1, s1, zps[0], bits, (e, rows, hsize), attrs["group_size_gate_up"])
+        w2 = _dequantize(b, w2, s2, zps[1], bits, (e, hsize, inter), attrs["group_size_down"])
 
     tokens = b.op("Gather", [b.op("Shape", [x]), b.const(0, np.int64)], axis=0)
     zeros_shape = b.op("Concat", [b.op("Unsqueeze", [tokens, b.const([0], np.int64)]), b.const([e], np.int64)], axis=0)
@@ -101,8 +127,9 @@ def _reference_subgraph(node: onnx.NodeProto, prefix: str) -> _Builder:
     if b2:
         y = b.op("Add", [y, b.op("Unsqueeze", [b2, b.const([1], np.int64)])])
     combine = selected if woi else dense_w
-    b.nodes.append(helper.make_node("Einsum", [combine, y], [node.output[0]], equation="te,eth->th",
-                                    name=f"{prefix}/combine"))
+    experts_out = b.op("Einsum", [combine, y], equation="te,eth->th")
+    b.nodes.append(helper.make_node("Add", [acc, b.op("Cast", [experts_out], to=TensorProto.FLOAT)],
+                                    [node.output[0]], name=f"{prefix}/accumulate"))
     return b
 
 

@@ -178,6 +178,21 @@ def unpack(p: PackedWeight, name: str = "weight") -> QuantizedWeight:
     return QuantizedWeight(codes, torch.from_numpy(np.ascontiguousarray(scales)).float(), zps, p.spec)
 
 
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zero_points: Optional[torch.Tensor], bits: int,
+                     cols: int) -> torch.Tensor:
+    """float32 [E, N, cols] from packed codes ``uint8 [E, N, cols * bits / 8]`` (4-bit: even column in
+    the low nibble), scales ``[E, N, G]`` and unpacked zero points ``uint8 [E, N, G]`` (None: 2^(bits-1)).
+    The TensorRT plugin's quantized layout (zero points one a byte, unlike QMoE's)."""
+    c = codes.to(torch.int32)
+    if bits == 4:
+        c = torch.stack([c & 0x0F, c >> 4], dim=-1).reshape(*c.shape[:2], -1)
+    e, n, g = scales.shape
+    zp = zero_points.float() if zero_points is not None else torch.full((e, n, g), float(1 << (bits - 1)),
+                                                                       device=scales.device)
+    blocks = c[..., :cols].float().reshape(e, n, g, cols // g)
+    return ((blocks - zp.unsqueeze(-1)) * scales.float().unsqueeze(-1)).reshape(e, n, cols)
+
+
 def qmoe_dequantize(packed: torch.Tensor, scales: torch.Tensor, zero_points: Optional[torch.Tensor], bits: int,
                     block_size: int, cols: int) -> torch.Tensor:
     """Torch-side dequantization of QMoE inputs (what ONNX Runtime computes with)."""

@@ -25,7 +25,7 @@ def capability() -> tuple[bool, str]:
     return bool(cap.tensorrt and cap.gpu), cap.reason
 
 
-def write_tensorrt_extras(out_dir: str, model_path: str, report: dict, log: Callable[[str], None]) -> dict:
+def write_tensorrt_extras(out_dir: str, report: dict, log: Callable[[str], None]) -> dict:
     with open(os.path.join(out_dir, "plugins.json"), "w") as f:
         json.dump({"plugins": [PLUGIN.describe()],
                    "registration": "import moec.plugins.tensorrt_plugin; moec.plugins.tensorrt_plugin.register_plugins()"},
@@ -40,6 +40,6 @@ def write_tensorrt_extras(out_dir: str, model_path: str, report: dict, log: Call
     from moec.targets.tensorrt_engine import build_engine  # pragma: no cover - needs TensorRT and a GPU
 
     log("building the TensorRT engine")
-    engine = build_engine(model_path, out_dir)  # pragma: no cover
-    result["engine"] = {"built": True, **getattr(engine, "__dict__", {})}  # pragma: no cover
+    engine = build_engine(out_dir, report=report)  # pragma: no cover
+    result["engine"] = {"built": True, **engine}  # pragma: no cover
     return result

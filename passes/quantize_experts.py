@@ -33,6 +33,11 @@ def packed_bytes(q) -> int:
     return p.weight.nbytes + p.scales.nbytes + (0 if p.zero_points is None else p.zero_points.nbytes)
 
 
+def _hidden_out(out):
+    """The layer's hidden-state output (blocks like GPT-OSS's also return router scores)."""
+    return (out[0] if isinstance(out, (tuple, list)) else out).detach()
+
+
 class QuantizeExperts:
     name = "quantize_experts"
     changes_numerics = True
@@ -46,7 +51,7 @@ class QuantizeExperts:
             fused = module.get_submodule(path)
             captured = inputs.get(path)
             x = None if captured is None or isinstance(captured, str) else captured[1]
-            before = None if x is None else fused(x).detach()
+            before = None if x is None else _hidden_out(fused(x))
             q_gate_up = getattr(fused.w_gate_up, "_moec_quantized", None)
             q_down = getattr(fused.w_down, "_moec_quantized", None)
             if ctx.options.get("prequantized"):
@@ -65,7 +70,7 @@ class QuantizeExperts:
             entry = {"path": path, "quantization": spec.name, "weight_bytes_fp32": fp_bytes,
                      "weight_bytes_quantized": packed_bytes(q_gate_up) + packed_bytes(q_down)}
             if before is not None:
-                s = compare_tensors(before, fused(x).detach())
+                s = compare_tensors(before, _hidden_out(fused(x)))
                 entry.update(rel_l2_vs_fp32=s.rel_l2, cosine_vs_fp32=s.cosine)
             layers.append(entry)
         return PassResult(module, bool(layers), {"layers": layers, "spec": spec.name})

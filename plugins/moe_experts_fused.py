@@ -148,29 +148,48 @@ class FusedLaunch:
     num_stages: int = 3
 
 
-def plan_launch(hidden_dtype: torch.dtype, w_gate_up: Weight, w_down: Weight, top_k: int, has_bias: bool,
-                activation: str, gated: bool, alpha: float, beta: float, limit: float, weight_on_input: bool,
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """The expert weights' shapes and quantization (from tensors, or from the plugin's fields)."""
+
+    experts: int
+    rows: int  # of w_gate_up: 2I gated, I otherwise
+    hidden: int
+    inter: int
+    bits: int = 0  # 0: float weights
+    group_gate_up: int = 1
+    group_down: int = 1
+    zero_points: bool = False
+
+    @staticmethod
+    def of(w_gate_up: Weight, w_down: Weight) -> "ExpertsLayout":
+        _, _, _, _, _, g1, bits, zp, (e, rows, h) = _weight_args(w_gate_up)
+        _, _, _, _, _, g2, _, _, (_, _, inter) = _weight_args(w_down)
+        return ExpertsLayout(e, rows, h, inter, bits, g1, g2, zp)
+
+
+def plan_launch(hidden_dtype: torch.dtype, layout: ExpertsLayout, top_k: int, has_bias: bool, activation: str,
+                gated: bool, alpha: float, beta: float, limit: float, weight_on_input: bool,
                 config: FusedConfig) -> FusedLaunch:
-    _, _, _, _, _, g1, bits1, zp1, (e, rows, h) = _weight_args(w_gate_up)
-    _, _, _, _, _, g2, bits2, zp2, (_, _, inter) = _weight_args(w_down)
+    bits, g1, g2 = layout.bits, layout.group_gate_up, layout.group_down
     dot, _, precision = _dot_dtype(hidden_dtype)
-    block_i = config.block_i if not bits2 else min(config.block_i, _block_k(config.block_i, bits2, g2))
-    if bits2 == 4 and block_i < 32:
+    block_i = config.block_i if not bits else min(config.block_i, _block_k(config.block_i, bits, g2))
+    if bits == 4 and block_i < 32:
         # int4 chunks of 16 columns gave wrong sums on an H100 (Triton 3.6) though the interpreter
         # agreed with the reference; cause not found, so such chunks are not used.
         if g2 % 32:
             raise ValueError(f"int4 down-projection groups of {g2} columns: the one-launch kernel needs multiples of 32")
         block_i = 32
     c = dict(
-        H=h, I=inter, TOPK=top_k, TOPK_P2=triton.next_power_of_2(top_k), ROWS=rows // inter,
-        GROUP1=g1, GROUP2=g2, GATED=bool(gated), ACT=ACT_IDS[activation], HAS_BIAS=has_bias,
-        CLAMP=math.isfinite(limit), ALPHA=float(alpha), BETA=float(beta),
+        H=layout.hidden, I=layout.inter, TOPK=top_k, TOPK_P2=triton.next_power_of_2(top_k),
+        ROWS=layout.rows // layout.inter, GROUP1=g1, GROUP2=g2, GATED=bool(gated), ACT=ACT_IDS[activation],
+        HAS_BIAS=has_bias, CLAMP=math.isfinite(limit) and limit > 0, ALPHA=float(alpha), BETA=float(beta),
         LIMIT=float(limit) if math.isfinite(limit) else 0.0, WOI=bool(weight_on_input),
-        BITS1=bits1, ZP1=zp1, BITS2=bits2, ZP2=zp2, DOT=dot, PRECISION=precision,
+        BITS1=bits, ZP1=layout.zero_points, BITS2=bits, ZP2=layout.zero_points, DOT=dot, PRECISION=precision,
         BLOCK_T=config.block_t, BLOCK_I=block_i, BLOCK_H=config.block_h,
-        BLOCK_K1=_block_k(config.block_k, bits1, g1),
+        BLOCK_K1=_block_k(config.block_k, bits, g1),
     )
-    return FusedLaunch(c, grid_xy=(e, triton.cdiv(inter, block_i)), num_warps=config.num_warps,
+    return FusedLaunch(c, grid_xy=(layout.experts, triton.cdiv(layout.inter, block_i)), num_warps=config.num_warps,
                        num_stages=config.num_stages)
 
 
@@ -196,8 +215,8 @@ def moe_experts_fused(hidden, topk_ids, topk_weights, w_gate_up: Weight, w_down:
     """moec.experts semantics in one launch; adds into `accumulator` (fp32 [T, H], zeros by default)."""
     cfg = config or FusedConfig()
     tokens, hsize = hidden.shape
-    plan = plan_launch(hidden.dtype, w_gate_up, w_down, topk_ids.shape[1], b_gate_up is not None, activation,
-                       gated, alpha, beta, limit, weight_on_input, cfg)
+    plan = plan_launch(hidden.dtype, ExpertsLayout.of(w_gate_up, w_down), topk_ids.shape[1], b_gate_up is not None,
+                       activation, gated, alpha, beta, limit, weight_on_input, cfg)
     out = accumulator if accumulator is not None else torch.zeros((tokens, hsize), dtype=torch.float32,
                                                                   device=hidden.device)
     x = hidden.contiguous()
@@ -217,8 +236,6 @@ def moe_experts_fused(hidden, topk_ids, topk_weights, w_gate_up: Weight, w_down:
 
 # --- ahead-of-time compilation (what TensorRT's aot_impl hands over) ---
 
-KERNEL_ARGS = ("x_ptr", "ids_ptr", "wts_ptr", "w1_ptr", "w2_ptr", "b1_ptr", "b2_ptr", "s1_ptr", "z1_ptr", "s2_ptr",
-               "z2_ptr", "acc_ptr", "T", "out_ptr")
 _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.uint8: "*u8",
         torch.int32: "*i32"}
 
@@ -239,16 +256,18 @@ class AotKernel:
 
 
 def compile_aot(hidden_dtype: torch.dtype, weight_dtype: torch.dtype, plan: FusedLaunch, block_t: int,
-                capability: int = 90) -> AotKernel:
-    """PTX for `plan` on an SM `capability` GPU (cross-compiles: no GPU needed; not under TRITON_INTERPRET)."""
+                capability: int = 90, bias_dtype: Optional[torch.dtype] = None) -> AotKernel:
+    """PTX for `plan` on an SM `capability` GPU (cross-compiles: no GPU needed; not under TRITON_INTERPRET).
+
+    weight_dtype is torch.uint8 for packed codes; biases default to the weights' (or hidden's) dtype."""
     from triton.backends.compiler import GPUTarget
 
     fdt = _PTR[hidden_dtype]
-    wdt = "*u8" if weight_dtype == torch.uint8 else _PTR[weight_dtype]
-    signature = dict(x_ptr=fdt, ids_ptr="*i32", wts_ptr=fdt, w1_ptr=wdt, w2_ptr=wdt, b1_ptr=_PTR[weight_dtype]
-                     if weight_dtype != torch.uint8 else "*fp32", b2_ptr=_PTR[weight_dtype]
-                     if weight_dtype != torch.uint8 else "*fp32", s1_ptr="*fp32", z1_ptr="*u8", s2_ptr="*fp32",
-                     z2_ptr="*u8", acc_ptr="*fp32", T="i32", out_ptr="*fp32")
+    bdt = _PTR[bias_dtype or (hidden_dtype if weight_dtype == torch.uint8 else weight_dtype)]
+    wdt = _PTR[weight_dtype]
+    signature = dict(x_ptr=fdt, ids_ptr="*i32", wts_ptr=fdt, w1_ptr=wdt, w2_ptr=wdt, b1_ptr=bdt, b2_ptr=bdt,
+                     s1_ptr="*fp32", z1_ptr="*u8", s2_ptr="*fp32", z2_ptr="*u8", acc_ptr="*fp32", T="i32",
+                     out_ptr="*fp32")
     signature.update({name: "constexpr" for name in plan.constexprs})
     src = triton.compiler.ASTSource(fn=_fused_experts_kernel, signature=signature, constexprs=plan.constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),

@@ -97,14 +97,9 @@ class PackedExpertWeight:
 
     def dequantize(self) -> torch.Tensor:
         """float32 [E, N, K] (the reference the kernels are checked against)."""
-        c = self.codes.to(torch.int32)
-        if self.bits == 4:
-            c = torch.stack([c & 0x0F, c >> 4], dim=-1).reshape(*c.shape[:2], -1)
-        zp = self.zero_points.float() if self.zero_points is not None else torch.full_like(
-            self.scales, float(1 << (self.bits - 1)), dtype=torch.float32)
-        e, n, g = self.scales.shape
-        blocks = c.float().reshape(e, n, g, self.cols // g)
-        return ((blocks - zp.unsqueeze(-1)) * self.scales.float().unsqueeze(-1)).reshape(e, n, self.cols)
+        from moec.quant import dequantize_codes
+
+        return dequantize_codes(self.codes, self.scales, self.zero_points, self.bits, self.cols)
 
 
 Weight = Union[torch.Tensor, PackedExpertWeight]
@@ -356,8 +351,10 @@ def _weight_args(w: Weight):
 def moe_experts_triton(hidden, topk_ids, topk_weights, w_gate_up: Weight, w_down: Weight, b_gate_up=None,
                        b_down=None, activation: str = "silu", gated: bool = True, alpha: float = 1.0,
                        beta: float = 0.0, limit: float = math.inf, weight_on_input: bool = False,
-                       config: Optional[TileConfig] = None) -> torch.Tensor:
-    """moec.experts semantics (see moec/ops.py) with Triton kernels; returns [T, H] in hidden's dtype."""
+                       config: Optional[TileConfig] = None, accumulate_into: Optional[torch.Tensor] = None
+                       ) -> torch.Tensor:
+    """moec.experts semantics (see moec/ops.py) with Triton kernels; returns [T, H] in hidden's dtype,
+    or adds into `accumulate_into` (fp32 [T, H]) and returns it (the TensorRT plugin's aliased output)."""
     cfg = config or TileConfig()
     tokens, hsize = hidden.shape
     k = topk_ids.shape[1]
@@ -374,7 +371,8 @@ def moe_experts_triton(hidden, topk_ids, topk_weights, w_gate_up: Weight, w_down
     if x.dtype == torch.bfloat16 and dot == tl.float32:
         x = x.float()
     h = torch.empty((capacity, inter), dtype=h_dtype, device=hidden.device)
-    out = torch.zeros((tokens, hsize), dtype=torch.float32, device=hidden.device)
+    out = accumulate_into if accumulate_into is not None else torch.zeros(
+        (tokens, hsize), dtype=torch.float32, device=hidden.device)
     b1 = b_gate_up.contiguous() if b_gate_up is not None else out  # dummy pointer when absent
     b2 = b_down.contiguous() if b_down is not None else out
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -395,4 +393,4 @@ def moe_experts_triton(hidden, topk_ids, topk_weights, w_gate_up: Weight, w_down
         PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=_block_k(cfg.block_k, bits2, g2),
         **launch,
     )
-    return out.to(hidden.dtype)
+    return out if accumulate_into is not None else out.to(hidden.dtype)

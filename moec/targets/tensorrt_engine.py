@@ -84,7 +84,9 @@ def profiles_from_report(onnx_path: str, report: dict) -> dict:
     return out
 
 
-def build_engine(artifact_dir: str, settings: Optional[EngineSettings] = None, cache_dir: Optional[str] = None):
+def build_engine(artifact_dir: str, settings: Optional[EngineSettings] = None, cache_dir: Optional[str] = None,
+                 report: Optional[dict] = None) -> dict:
+    """Build DIR/model.plan (or copy it from the engine cache); `report` defaults to DIR/report.json."""
     cap = capability()
     if not (cap.tensorrt and cap.gpu):
         raise EngineBuildError(f"cannot build a TensorRT engine here: {cap.reason}. Run `moec build-engine DIR` "
@@ -95,8 +97,9 @@ def build_engine(artifact_dir: str, settings: Optional[EngineSettings] = None, c
     from moec.plugins.tensorrt_plugin import register_plugins
 
     onnx_path = os.path.join(artifact_dir, "model.onnx")
-    with open(os.path.join(artifact_dir, "report.json")) as f:
-        report = json.load(f)
+    if report is None:
+        with open(os.path.join(artifact_dir, "report.json")) as f:
+            report = json.load(f)
     if settings is None:
         ws = report["memory"]["profiles"]["max"]["workspace_bytes"]
         settings = EngineSettings(profiles_from_report(onnx_path, report), max(int(ws) * 2, 256 << 20))

@@ -40,8 +40,8 @@ def test_family_becomes_one_plugin_node_per_layer(family, out_dir):
     assert not [n for n in model.graph.node if n.domain == "com.microsoft"]  # TensorRT can't parse those
     for n in nodes:
         a = _attrs(n)
-        assert n.domain == PLUGIN.domain and a["plugin_namespace"] == b"moec" and a["plugin_version"] == b"1"
-        assert len(n.input) == (7 if a["has_bias"] else 5)
+        assert n.domain == PLUGIN.domain and a["plugin_namespace"] == b"moec" and a["plugin_version"] == b"2"
+        assert len(n.input) == 12 and a["quant_bits"] == 0 and "aot" not in a
     numerics = result.report["numerics"]
     assert numerics["passed"] and "reference subgraph" in numerics["evaluated_as"]
     assert max(r["rel_l2"] for r in numerics["inputs"]) < 1e-4
@@ -94,3 +94,67 @@ def test_substitution_checks_the_attributes(tmp_path):
                 if a.name == "activation":
                     a.s = b"relu"
     assert run(model) > 1e-2
+
+
+# --- quantized experts for TensorRT: the plugin's packed variant ---
+
+def _quant_model(gated=True):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "property"))
+    from reference_moe import MoEConfig, ReferenceMoE
+
+    cfg = MoEConfig(experts=8, top_k=2, hidden=64, inter=64, scoring="softmax", renormalize=True,
+                    activation="silu" if gated else "relu", gated=gated, expert_bias=True, shared=False)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = ReferenceMoE(cfg, 0)
+
+        def forward(self, x):
+            return self.moe(x) + x
+
+    dyn = ({0: torch.export.Dim("batch", min=1, max=8), 1: torch.export.Dim("seq", min=2, max=32)},)
+    return Model().eval(), (torch.randn(2, 5, 64),), dyn
+
+
+@pytest.mark.parametrize("bits,block,asym,aot", [("int4", 32, False, True), ("int4", None, True, False),
+                                                 ("int8", 16, True, True), ("int8", None, False, False)])
+def test_quantized_plugin_equals_dequantized_reference(bits, block, asym, aot, tmp_path):
+    from moec.quant import QuantSpec, quantize
+
+    model, args, dyn = _quant_model()
+    w_gate_up = model.moe.w_in.detach().transpose(1, 2).contiguous()  # canonical [E, 2I, H] (gate | up)
+    extra = dict(quant=bits, block_size=block, asymmetric=asym, tensorrt_aot=aot)
+    res = compile(model, args, dyn, options=CompileOptions(out=str(tmp_path / "q"), target="tensorrt", extra=extra))
+    exact = res.report["numerics"]["vs_dequantized_reference"]
+    assert exact["passed"] and max(i["rel_l2"] for i in exact["inputs"]) < 1e-5
+    assert res.report["quantization"]["onnxruntime_quantizes_activations"] is False
+    _, nodes, inits = _plugins(res.out_dir)
+    (node,) = nodes
+    a = _attrs(node)
+    nbits = int(bits[3:])
+    assert a["quant_bits"] == nbits and a["has_zero_points"] == int(asym) and a.get("aot", 0) == int(aot)
+    assert (a["group_size_gate_up"], a["group_size_down"]) == (block or 64, block or 64)
+    codes = numpy_helper.to_array(inits[node.input[3]])
+    scales = numpy_helper.to_array(inits[node.input[7]])
+    assert codes.dtype == np.uint8 and codes.shape == (8, 128, 64 * nbits // 8)
+    assert scales.shape == (8, 128, 64 // (block or 64))
+    zps = numpy_helper.to_array(inits[node.input[8]])
+    assert zps.shape == (scales.shape if asym else (1,))
+    # the codes are moec's quantizer's codes for the model's own weights, byte for byte
+    from moec.quant import pack
+
+    expected = pack(quantize(w_gate_up, QuantSpec(nbits, block, not asym), "w")).weight
+    np.testing.assert_array_equal(codes, expected)
+
+
+def test_aot_refuses_int4_groups_the_kernel_cannot_run(tmp_path):
+    from moec.errors import MoecError
+
+    model, args, dyn = _quant_model()
+    extra = dict(quant="int4", block_size=16, tensorrt_aot=True)
+    with pytest.raises(MoecError, match="multiples of 32"):
+        compile(model, args, dyn, options=CompileOptions(out=str(tmp_path / "q"), target="tensorrt", extra=extra))
+    assert not os.path.exists(tmp_path / "q")

@@ -178,13 +178,13 @@ def test_fused_kernel_dequantizes_inside(bits, block, symmetric):
 
 
 def _aot_case(dtype, quant_bits=0):
-    from moec.plugins.moe_experts_fused import FusedConfig, plan_launch
+    from moec.plugins.moe_experts_fused import ExpertsLayout, FusedConfig, plan_launch
 
     x, ids, w, w1, w2, _, _ = _case(5, 64, 32, 4, 2, gated=True, bias=False, dtype=dtype, seed=21)
     if quant_bits:
         w1, w2 = _packed(w1.float(), quant_bits, 32, True), _packed(w2.float(), quant_bits, 32, True)
     cfg = FusedConfig(16, 16, 32, 32)  # int4 raises BLOCK_I to 32 (see plan_launch)
-    plan = plan_launch(dtype, w1, w2, 2, False, "silu", True, 1.0, 0.0, math.inf, False, cfg)
+    plan = plan_launch(dtype, ExpertsLayout.of(w1, w2), 2, False, "silu", True, 1.0, 0.0, math.inf, False, cfg)
     return (x, ids, w.to(dtype), w1, w2), plan, cfg
 
 
@@ -196,9 +196,9 @@ def test_aot_compiles_to_ptx_in_tensorrt_launch_order():
 
     code = (
         "import math, re, torch\n"
-        "from moec.plugins.moe_experts_fused import FusedConfig, compile_aot, plan_launch, KERNEL_ARGS\n"
-        "w1 = torch.zeros(4, 128, 64, dtype=torch.float16); w2 = torch.zeros(4, 64, 64, dtype=torch.float16)\n"
-        "plan = plan_launch(torch.float16, w1, w2, 2, True, 'silu', True, 1.0, 0.0, math.inf, False, FusedConfig())\n"
+        "from moec.plugins.moe_experts_fused import ExpertsLayout, FusedConfig, compile_aot, plan_launch\n"
+        "layout = ExpertsLayout(experts=4, rows=128, hidden=64, inter=64)\n"
+        "plan = plan_launch(torch.float16, layout, 2, True, 'silu', True, 1.0, 0.0, math.inf, False, FusedConfig())\n"
         "k = compile_aot(torch.float16, torch.float16, plan, 16)\n"
         "print(k.name, k.grid_xy, k.num_warps)\n"
         "entry = re.search(r'\\.entry (\\w+)\\((.*?)\\)', k.ptx, re.S)\n"
@@ -255,3 +255,10 @@ def test_fused_kernel_refuses_int4_groups_of_16():
     x, ids, w, w1, w2, _, _ = _case(3, 64, 32, 4, 2, gated=True, bias=False, dtype=torch.float32)
     with pytest.raises(ValueError, match="multiples of 32"):
         moe_experts_fused(x, ids, w, _packed(w1, 4, 16, True), _packed(w2, 4, 16, True))
+
+
+def test_sorted_kernels_add_into_an_accumulator():
+    case = _case(7, 32, 32, 4, 2, gated=True, bias=False, dtype=torch.float32, seed=2)
+    start = torch.randn(7, 32).to(DEVICE)
+    got = moe_experts_triton(*case, activation="silu", gated=True, accumulate_into=start.clone())
+    assert compare_tensors(start + _ref(*case, "silu", True), got).rel_l2 < 1e-4

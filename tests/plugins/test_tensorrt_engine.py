@@ -59,3 +59,15 @@ def test_engine_builds_and_matches_onnxruntime(tmp_path):  # pragma: no cover
     res = compile(source="moec.zoo:qwen3_moe", options=CompileOptions(out=str(tmp_path / "a"), target="tensorrt"))
     out = build_engine(res.out_dir, cache_dir=str(tmp_path / "cache"))
     assert os.path.exists(os.path.join(res.out_dir, out["path"]))
+
+
+def test_autotune_types_cover_every_plugin_input_and_the_output():
+    from moec.plugin_spec import PLUGIN
+    from moec.plugins.tensorrt_plugin import type_combination
+
+    for bits in (0, 4):
+        types = [t.strip() for t in type_combination(bits).split(",")]
+        assert len(types) == len(PLUGIN.inputs) + 1
+        by_name = dict(zip(PLUGIN.inputs + ("output",), types))
+        assert by_name["topk_ids"] == "INT32" and by_name["accumulator"] == by_name["output"] == "FP32"
+        assert by_name["w_gate_up"] == ("UINT8" if bits else "FP32|FP16|BF16")

@@ -30,6 +30,8 @@ from reference_moe import MoEConfig, ReferenceMoE  # noqa: E402
 
 pytestmark = pytest.mark.slow
 H, E, K = 64, 8, 2
+# conftest.py: MOEC_KERNEL_TESTS_ON_GPU=1 compiles the kernels for a GPU instead of interpreting them
+DEVICE = "cuda" if os.environ.get("MOEC_KERNEL_TESTS_ON_GPU") == "1" else "cpu"
 
 
 class Model(torch.nn.Module):
@@ -60,8 +62,10 @@ def _single_node(artifact: str):
     weights = [inits[n] for n in node.input[3:11]]
     graph = helper.make_graph([single], "plugin", graph_inputs,
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["T", H])], weights)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(PLUGIN.domain, 1)])
-    return m, attrs, {n: torch.from_numpy(numpy_helper.to_array(inits[n]).copy()) for n in node.input[3:11]}, node
+    m = helper.make_model(graph, ir_version=10,  # what moec writes; older runtimes reject newer IRs
+                          opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(PLUGIN.domain, 1)])
+    return m, attrs, {n: torch.from_numpy(numpy_helper.to_array(inits[n]).copy()).to(DEVICE)
+                      for n in node.input[3:11]}, node
 
 
 @pytest.mark.parametrize("quant,activation,gated", [
@@ -95,6 +99,7 @@ def test_kernels_fed_the_artifact_agree_with_its_reference(quant, activation, ga
         w1 = PackedExpertWeight(w1, w[name[7]], zps[0], a["quant_bits"], a["hidden_size"])
         w2 = PackedExpertWeight(w2, w[name[9]], zps[1], a["quant_bits"], a["intermediate_size"])
     act = a["activation"].decode()
+    hidden, ids, weights, acc = (t.to(DEVICE) for t in (hidden, ids, weights, acc))
     args = (hidden, ids, weights, w1, w2, b1 if a["has_bias"] else None, b2 if a["has_bias"] else None, act,
             bool(a["gated"]), a["alpha"], a["beta"], a["limit"] if a["limit"] > 0 else float("inf"),
             bool(a["weight_on_input"]))

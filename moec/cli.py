@@ -33,7 +33,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.tensorrt_aot and args.target != "tensorrt":
         raise MoecError("--tensorrt-aot asks for the TensorRT plugin's AOT implementation; it needs --target tensorrt.")
     for key in ("quant", "block_size", "asymmetric", "accuracy_budget", "device_memory", "accuracy_level",
-                "tensorrt_aot"):
+                "tensorrt_aot", "quant_dense"):
         if getattr(args, key, None) not in (None, False):
             extra[key] = getattr(args, key)
     opts = CompileOptions(
@@ -68,7 +68,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
             print(f"TensorRT engine: skipped — {engine['reason']}; to build it: {engine['how_to_build']}")
     q = r.get("quantization")
     if q:
-        print(f"quantized experts: {q['spec']}, {q['weight_bytes_fp32'] / 2**20:.1f} MiB -> "
+        dense = q.get("dense")
+        what = "experts" if dense is None else (f"experts + {len(dense['layers'])} dense layers ({dense['spec']}; "
+                                                f"{len(dense['kept_fp32'])} kept fp32)")
+        print(f"quantized {what}: {q['spec']}, {q['weight_bytes_fp32'] / 2**20:.1f} MiB -> "
               f"{q['weight_bytes_quantized'] / 2**20:.1f} MiB; logits vs fp32: relative L2 "
               f"{q['logits_vs_fp32']['rel_l2']:.3g}, cosine {q['logits_vs_fp32']['cosine']:.5f}")
     return 0
@@ -193,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "engines run without Python)")
     c.add_argument("--quant", choices=["int8", "int4"],
                    help="quantize expert weights (ONNX Runtime QMoE, or the TensorRT plugin's packed variant)")
+    c.add_argument("--quant-dense", action="store_true",
+                   help="also quantize the other Linear layers (ONNX Runtime MatMulNBits; routers stay fp32)")
     c.add_argument("--block-size", type=int, choices=[16, 32, 64, 128],
                    help="quantization block along the input dim (default: one scale per row)")
     c.add_argument("--asymmetric", action="store_true", help="quantize with zero points")

@@ -59,6 +59,12 @@ def _ort_qmoe_translation(hidden, router_probs, router_weights, fc1, fc1_scales,
                       None, None, None, fc1_zero_points, fc2_zero_points, None, router_weights, **attrs)
 
 
+def _matmul_nbits_translation(x, packed, scales, zero_points, bias, in_features, out_features, bits, block_size,
+                              accuracy_level):
+    return _MSFT.MatMulNBits(x, packed, scales, zero_points, None, bias, K=int(in_features), N=int(out_features),
+                             bits=int(bits), block_size=int(block_size), accuracy_level=int(accuracy_level))
+
+
 def translation_table(target: str = "onnxruntime") -> dict[Callable, Callable]:
     onnx_schemas.register_ort_contrib_schemas()
     table: dict[Callable, Callable] = {torch.ops.moec.ort_moe.default: _ort_moe_translation}
@@ -67,6 +73,7 @@ def translation_table(target: str = "onnxruntime") -> dict[Callable, Callable]:
 
         table[torch.ops.moec.trt_experts.default] = experts_plugin_translation
     table[torch.ops.moec.ort_qmoe.default] = _ort_qmoe_translation
+    table[torch.ops.moec.matmul_nbits.default] = _matmul_nbits_translation
     return table
 
 

@@ -93,6 +93,16 @@ def qmoe_schema() -> OpSchema:
     return _schema("QMoE", "com.microsoft", inputs, attributes, constraints)
 
 
+def matmul_nbits_schema() -> OpSchema:
+    a = OpSchema.AttrType
+    inputs = [Input("A"), Input("B", "T1"), Input("scales"), Input("zero_points", "T1", optional=True),
+              Input("g_idx", "T2", optional=True), Input("bias", optional=True)]
+    attributes = [_attr("K", a.INT), _attr("N", a.INT), _attr("bits", a.INT, 4), _attr("block_size", a.INT),
+                  _attr("accuracy_level", a.INT, 0)]
+    constraints = [("T", _FLOATS, ""), ("T1", ["tensor(uint8)"], ""), ("T2", ["tensor(int32)"], "")]
+    return _schema("MatMulNBits", "com.microsoft", inputs, attributes, constraints, outputs=("Y",))
+
+
 _REGISTERED: set[tuple[str, str]] = set()
 
 
@@ -110,6 +120,7 @@ def register(schema: OpSchema) -> None:
 def register_ort_contrib_schemas() -> None:
     register(moe_schema())
     register(qmoe_schema())
+    register(matmul_nbits_schema())
 
 
 def register_plugin_schema(plugin) -> None:

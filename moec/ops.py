@@ -252,6 +252,41 @@ def _trt_experts_fake(hidden, *args):
     return torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
 
 
+# ----------------------------------------------------------------------------- matmul_nbits
+
+
+@torch.library.custom_op("moec::matmul_nbits", mutates_args=())
+def matmul_nbits(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    in_features: int,
+    out_features: int,
+    bits: int,
+    block_size: int,
+    accuracy_level: int,
+) -> torch.Tensor:
+    """ONNX Runtime's com.microsoft.MatMulNBits: x @ dequantize(W).T (+ bias), W [N, K] block-quantized.
+
+    packed ``uint8 [N, K/block, block*bits/8]``, scales ``[N * K/block]``, zero points ``uint8
+    [N * ceil(K/block * bits/8)]`` packed like the codes (None: 2^(bits-1))."""
+    from moec.quant import matmul_nbits_dequantize
+
+    w = matmul_nbits_dequantize(packed, scales, zero_points, bits, block_size, in_features, out_features)
+    y = x.float() @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+@matmul_nbits.register_fake
+def _matmul_nbits_fake(x, packed, scales, zero_points, bias, in_features, out_features, bits, block_size,
+                       accuracy_level):
+    return x.new_empty(x.shape[:-1] + (out_features,))
+
+
 # ----------------------------------------------------------------------------- ort_moe
 
 

@@ -193,6 +193,39 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zero_points: Opt
     return ((blocks - zp.unsqueeze(-1)) * scales.float().unsqueeze(-1)).reshape(e, n, cols)
 
 
+@dataclass
+class NBitsWeight:
+    """A Linear weight [N, K] in ONNX Runtime's MatMulNBits layout (block-wise only)."""
+
+    packed: np.ndarray  # uint8 [N, K / block, block * bits / 8]
+    scales: np.ndarray  # float32 [N * K / block]
+    zero_points: Optional[np.ndarray]  # uint8 [N * ceil(K / block * bits / 8)], or None (symmetric)
+    spec: QuantSpec
+
+
+def quantize_nbits(weight: torch.Tensor, spec: QuantSpec, name: str) -> tuple[NBitsWeight, torch.Tensor]:
+    """(MatMulNBits tensors, the dequantized weight) for a Linear weight [N, K]; same rounding as the experts."""
+    if spec.block_size is None:
+        raise QuantError(f"{name}: ONNX Runtime's MatMulNBits quantizes in blocks; give --block-size.")
+    q = quantize(weight.detach().unsqueeze(0), spec, name)
+    p = pack(q)
+    n, k = weight.shape
+    g = k // spec.block_size
+    packed = p.weight.reshape(n, g, spec.block_size * spec.bits // 8)
+    zps = None if p.zero_points is None else p.zero_points.reshape(-1)
+    return NBitsWeight(packed, p.scales.reshape(-1).astype(np.float32), zps, spec), dequantize(q)[0]
+
+
+def matmul_nbits_dequantize(packed: torch.Tensor, scales: torch.Tensor, zero_points: Optional[torch.Tensor],
+                            bits: int, block_size: int, k: int, n: int) -> torch.Tensor:
+    """float32 [N, K] from MatMulNBits tensors (what ONNX Runtime computes with)."""
+    g = k // block_size
+    spec = QuantSpec(bits, block_size, zero_points is None)
+    zps = None if zero_points is None else zero_points.reshape(1, n, -1).numpy()
+    p = PackedWeight(packed.reshape(1, n, -1).numpy(), scales.reshape(1, n, g).numpy(), zps, spec, k)
+    return dequantize(unpack(p))[0]
+
+
 def qmoe_dequantize(packed: torch.Tensor, scales: torch.Tensor, zero_points: Optional[torch.Tensor], bits: int,
                     block_size: int, cols: int) -> torch.Tensor:
     """Torch-side dequantization of QMoE inputs (what ONNX Runtime computes with)."""

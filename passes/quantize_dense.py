@@ -1,0 +1,107 @@
+"""quantize_dense: weight-only block quantization of the non-expert Linear layers (--quant-dense).
+
+Matches: every ``nn.Linear`` outside the experts (attention projections, shared experts, dense MLPs,
+  the LM head), once quantize_experts has run.
+Produces: a `DenseNBits` in its place, computing with the *dequantized* weight (so the graph stays
+  the exact reference for the artifact) and exporting as one ONNX Runtime ``com.microsoft.MatMulNBits``
+  node: ``uint8 [N, K/block, block*bits/8]`` codes (the same round-to-nearest codes and nibble order as
+  the experts), ``[N * K/block]`` scales, packed zero points when asymmetric, the bias as input 5.
+  Per layer: the error against full precision on the layer's real inputs and the bytes before/after.
+Refuses (kept fp32, with the reason in the report): routers and gates that choose experts (a flipped
+  top-k is a discrete change, not a rounding error) and layers whose input size the block doesn't
+  divide.
+Like quantize_experts it changes numerics on purpose; ``--accuracy-budget`` bounds the total.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from moec.moe_layer import FusedMoE
+from moec.numerics import compare_tensors
+from moec.passes.base import PassContext, PassResult
+from moec.passes.fuse_moe import capture_inputs, set_submodule
+from moec.passes.quantize_experts import spec_from_options
+from moec.quant import QuantSpec, quantize_nbits
+
+# Linear layers whose outputs pick experts (transformers' names): quantizing them changes routing.
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate", "shared_gate")
+
+
+class DenseNBits(nn.Module):
+    def __init__(self, linear: nn.Linear, spec: QuantSpec, accuracy_level: int, name: str):
+        super().__init__()
+        q, _ = quantize_nbits(linear.weight, spec, name)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bits, self.block_size, self.accuracy_level = spec.bits, spec.block_size, accuracy_level
+        self.register_buffer("packed", torch.from_numpy(q.packed))
+        self.register_buffer("scales", torch.from_numpy(q.scales))
+        self.register_buffer("zero_points", None if q.zero_points is None else torch.from_numpy(q.zero_points))
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.moec.matmul_nbits(x, self.packed, self.scales, self.zero_points, self.bias,
+                                           self.in_features, self.out_features, self.bits, self.block_size,
+                                           self.accuracy_level)
+
+    def weight_bytes(self) -> int:
+        zp = 0 if self.zero_points is None else self.zero_points.numel()
+        return self.packed.numel() + self.scales.numel() * 4 + zp
+
+
+def dense_spec(options: dict) -> QuantSpec:
+    """The experts' bits and symmetry; MatMulNBits needs blocks, so per-row experts get block 32 here."""
+    spec = spec_from_options(options)
+    return QuantSpec(spec.bits, spec.block_size or 32, spec.symmetric)
+
+
+def _router_paths(module: nn.Module) -> set[str]:
+    """Linear layers inside fused layers' routers and shared-expert gates."""
+    paths = set()
+    for path, m in module.named_modules():
+        if isinstance(m, FusedMoE):
+            for name in ("router", "shared_gate"):
+                sub = getattr(m, name, None)
+                if isinstance(sub, nn.Module):
+                    paths.update(f"{path}.{name}" + (f".{n}" if n else "") for n, _ in sub.named_modules())
+    return paths
+
+
+def _refusal(path: str, linear: nn.Linear, spec: QuantSpec, routers: set[str]) -> Optional[str]:
+    if path in routers or path.rsplit(".", 1)[-1] in ROUTER_NAMES:
+        return "chooses experts: kept fp32 (quantizing it would change routing decisions)"
+    if linear.in_features % spec.block_size:
+        return f"input size {linear.in_features} is not a multiple of the block size {spec.block_size}"
+    return None
+
+
+class QuantizeDense:
+    name = "quantize_dense"
+    changes_numerics = True
+
+    def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
+        spec = dense_spec(ctx.options)
+        accuracy_level = int(ctx.options.get("accuracy_level", 0) or 0)
+        routers = _router_paths(module)
+        targets = [(p, m) for p, m in module.named_modules() if type(m) is nn.Linear]
+        inputs = capture_inputs(module, [p for p, _ in targets], ctx.probes[0])
+        layers, kept = [], []
+        for path, linear in targets:
+            reason = _refusal(path, linear, spec, routers)
+            if reason:
+                kept.append({"path": path, "reason": reason})
+                continue
+            q = DenseNBits(linear, spec, accuracy_level, f"{path}.weight")
+            entry = {"path": path, "quantization": spec.name, "weight_bytes_fp32": linear.weight.numel() * 4,
+                     "weight_bytes_quantized": q.weight_bytes()}
+            captured = inputs.get(path)
+            if captured is not None and not isinstance(captured, str):
+                x = captured[1]
+                s = compare_tensors(linear(x).detach(), q(x).detach())
+                entry.update(rel_l2_vs_fp32=s.rel_l2, cosine_vs_fp32=s.cosine)
+            set_submodule(module, path, q)
+            layers.append(entry)
+        return PassResult(module, bool(layers), {"layers": layers, "kept_fp32": kept, "spec": spec.name})

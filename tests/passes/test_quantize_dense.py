@@ -1,0 +1,111 @@
+"""quantize_dense (--quant-dense): the other Linear layers as ONNX Runtime MatMulNBits, exact vs the
+dequantized reference, codes byte for byte, routers kept fp32, and the refusals."""
+
+import os
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+from moec.errors import MoecError
+from moec.pipeline import CompileOptions, compile
+from moec.quant import QuantSpec, quantize_nbits
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "property"))
+from reference_moe import MoEConfig, ReferenceMoE  # noqa: E402
+
+pytestmark = pytest.mark.slow
+DYN = ({0: torch.export.Dim("batch", min=1, max=8), 1: torch.export.Dim("seq", min=2, max=32)},)
+
+
+class Model(torch.nn.Module):
+    """Dense layers around an MoE layer, plus a side gate named like transformers' routers."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        cfg = MoEConfig(experts=8, top_k=2, hidden=128, inter=64, scoring="softmax", renormalize=True,
+                        activation="silu", gated=True, expert_bias=False, shared=True)
+        self.up = torch.nn.Linear(128, 256)
+        self.down = torch.nn.Linear(256, 128, bias=False)
+        self.gate = torch.nn.Linear(128, 1)  # routing-like: must stay fp32
+        self.moe = ReferenceMoE(cfg, 0)
+        self.odd = torch.nn.Linear(40, 40)  # in_features no block divides: kept fp32
+        with torch.no_grad():
+            for lin in (self.up, self.down, self.gate, self.odd):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.05)
+
+    def forward(self, x):
+        h = self.down(torch.relu(self.up(x))) + x
+        h = self.moe(h) * torch.sigmoid(self.gate(h)) + h
+        return torch.cat([h[..., :88], self.odd(h[..., 88:])], dim=-1)
+
+
+def _input(node, i: int) -> str:
+    """Input i of a node ('' when absent: the exporter drops trailing optional inputs)."""
+    return node.input[i] if len(node.input) > i else ""
+
+
+def _compile(out, **extra):
+    return compile(Model().eval(), (torch.randn(2, 5, 128),), DYN, options=CompileOptions(out=out, extra=extra))
+
+
+@pytest.mark.parametrize("bits,block,asym", [("int4", 32, False), ("int4", 64, True), ("int8", 16, True),
+                                             ("int8", None, False)])
+def test_dense_layers_become_matmulnbits_exactly(bits, block, asym, tmp_path):
+    model = Model().eval()
+    weights = {"up": model.up.weight.detach().clone(), "down": model.down.weight.detach().clone()}
+    r = _compile(str(tmp_path / "a"), quant=bits, block_size=block, asymmetric=asym, quant_dense=True).report
+    exact = r["numerics"]["vs_dequantized_reference"]
+    # block-wise int8 experts make ONNX Runtime's QMoE quantize activations (flagged); otherwise exact
+    bound = 3e-2 if r["quantization"]["onnxruntime_quantizes_activations"] else 1e-5
+    assert exact["passed"] and max(i["rel_l2"] for i in exact["inputs"]) < bound
+    dense = r["quantization"]["dense"]
+    quantized = {l["path"] for l in dense["layers"]}
+    # up, down and the shared expert's two Linears; the gate and the odd-sized layer stay fp32
+    assert quantized == {"up", "down", "moe.shared.0", "moe.shared.2"}
+    kept = {k["path"]: k["reason"] for k in dense["kept_fp32"]}
+    assert "chooses experts" in kept["gate"] and "not a multiple of the block size" in kept["odd"]
+    for l in dense["layers"]:
+        assert 0 < l["rel_l2_vs_fp32"] < (0.2 if bits == "int4" else 0.02)
+        assert l["weight_bytes_quantized"] < l["weight_bytes_fp32"] / (3 if bits == "int8" else 5)
+
+    m = onnx.load(os.path.join(str(tmp_path / "a"), "model.onnx"))
+    nodes = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 4 and len([n for n in m.graph.node if n.op_type == "QMoE"]) == 1
+    inits = {i.name: i for i in m.graph.initializer}
+    nbits = int(bits[3:])
+    spec = QuantSpec(nbits, block or 32, not asym)  # per-row experts: dense layers take block 32
+    by_layer = {}
+    for n in nodes:
+        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        assert a["bits"] == nbits and a["block_size"] == spec.block_size
+        assert bool(_input(n, 3)) == asym  # zero points only when asymmetric
+        by_layer[n.input[1].rsplit(".", 1)[0]] = (n, a)  # "<layer path>.packed"
+    for name, kn in (("up", (128, 256)), ("down", (256, 128))):
+        node, a = by_layer[name]
+        assert (a["K"], a["N"]) == kn
+        expected, _ = quantize_nbits(weights[name], spec, name)
+        np.testing.assert_array_equal(numpy_helper.to_array(inits[node.input[1]]), expected.packed)
+        np.testing.assert_array_equal(numpy_helper.to_array(inits[node.input[2]]), expected.scales)
+    assert _input(by_layer["up"][0], 5) and not _input(by_layer["down"][0], 5)  # bias only where the layer has one
+
+
+def test_quant_dense_needs_quant_and_the_onnxruntime_target(tmp_path):
+    with pytest.raises(MoecError, match="give --quant"):
+        _compile(str(tmp_path / "a"), quant_dense=True)
+    model = Model().eval()
+    with pytest.raises(MoecError, match="MatMulNBits"):
+        compile(model, (torch.randn(2, 5, 128),), DYN, options=CompileOptions(
+            out=str(tmp_path / "b"), target="tensorrt", extra=dict(quant="int8", quant_dense=True)))
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+def test_logits_error_counts_the_dense_layers_too(tmp_path):
+    experts_only = _compile(str(tmp_path / "e"), quant="int4", block_size=32).report["quantization"]
+    both = _compile(str(tmp_path / "d"), quant="int4", block_size=32, quant_dense=True).report["quantization"]
+    assert both["logits_vs_fp32"]["rel_l2"] > experts_only["logits_vs_fp32"]["rel_l2"]
+    assert both["weight_bytes_fp32"] > experts_only["weight_bytes_fp32"]

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from moec.plugins.moe_experts_triton import (
-    ACT_IDS, PackedExpertWeight, Weight, _activate, _block_k, _dot_dtype, _weight_args, _weight_tile,
+    ACT_IDS, PackedExpertWeight, Weight, _block_k, _dot_dtype, _gate_up_epilogue, _weight_args, _weight_tile,
 )
 
 
@@ -99,23 +99,8 @@ def _fused_experts_kernel(
             wu = _weight_tile(w1_ptr, s1_ptr, z1_ptr, expert, cols + I, col_ok, k0, H, n1, row1, GROUP1,
                               BLOCK_K1, BLOCK_I, BITS1, ZP1)
             acc_u += tl.dot(x, wu.to(DOT), input_precision=PRECISION)
-    if HAS_BIAS:
-        acc_g += tl.load(b1_ptr + expert * (ROWS * I) + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            acc_u += tl.load(b1_ptr + expert * (ROWS * I) + I + cols, mask=col_ok,
-                             other=0.0).to(tl.float32)[None, :]
-    if GATED:
-        if ACT == 5:  # GPT-OSS clamped SwiGLU
-            g = acc_g
-            u = acc_u
-            if CLAMP:
-                g = tl.minimum(g, LIMIT)
-                u = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
-            h = g * tl.sigmoid(ALPHA * g) * (u + BETA)
-        else:
-            h = _activate(acc_g, ACT) * acc_u
-    else:
-        h = _activate(acc_g, ACT)
+    h = _gate_up_epilogue(acc_g, acc_u, b1_ptr, expert * (ROWS * I), I, cols, col_ok, ALPHA, BETA, LIMIT,
+                          GATED, ACT, HAS_BIAS, CLAMP)
     # the combine weight scales y; y is linear in h, so scale h (Llama4 weighted the input instead)
     if WOI:
         h = tl.where(routed[:, None], h, 0.0).to(DOT)

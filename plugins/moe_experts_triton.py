@@ -196,6 +196,29 @@ def _activate(g, ACT: tl.constexpr):
 
 
 @triton.jit
+def _gate_up_epilogue(acc_g, acc_u, b_ptr, bias_base, I, cols, col_ok, alpha, beta, limit,
+                      GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr):
+    """Gate/up biases, then the activation: act(gate) * up, GPT-OSS's clamped SwiGLU, or act(u)."""
+    if HAS_BIAS:
+        acc_g += tl.load(b_ptr + bias_base + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_u += tl.load(b_ptr + bias_base + I + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        if ACT == 5:  # GPT-OSS clamped SwiGLU
+            g = acc_g
+            u = acc_u
+            if CLAMP:
+                g = tl.minimum(g, limit)
+                u = tl.minimum(tl.maximum(u, -limit), limit)
+            h = g * tl.sigmoid(alpha * g) * (u + beta)
+        else:
+            h = _activate(acc_g, ACT) * acc_u
+    else:
+        h = _activate(acc_g, ACT)
+    return h
+
+
+@triton.jit
 def _weight_tile(w_ptr, s_ptr, z_ptr, expert, cols, col_ok, k0, K, stride_we, stride_wn, group,
                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, HAS_ZP: tl.constexpr):
     """W[expert, cols, k0:k0+BLOCK_K] as a [BLOCK_K, BLOCK_N] tile: float, or dequantized codes.
@@ -259,22 +282,8 @@ def _gate_up_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, h_ptr, sorted_ptr, block_
             wu = _weight_tile(w_ptr, s_ptr, z_ptr, expert, cols + I, col_ok, k0, K, stride_we, stride_wn, group,
                               BLOCK_K, BLOCK_N, BITS, HAS_ZP)
             acc_u += tl.dot(x, wu.to(DOT), input_precision=PRECISION)
-    if HAS_BIAS:
-        acc_g += tl.load(b_ptr + expert * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            acc_u += tl.load(b_ptr + expert * stride_be + I + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if GATED:
-        if ACT == 5:  # GPT-OSS clamped SwiGLU
-            g = acc_g
-            u = acc_u
-            if CLAMP:
-                g = tl.minimum(g, limit)
-                u = tl.minimum(tl.maximum(u, -limit), limit)
-            out = g * tl.sigmoid(alpha * g) * (u + beta)
-        else:
-            out = _activate(acc_g, ACT) * acc_u
-    else:
-        out = _activate(acc_g, ACT)
+    out = _gate_up_epilogue(acc_g, acc_u, b_ptr, expert * stride_be, I, cols, col_ok, alpha, beta, limit,
+                            GATED, ACT, HAS_BIAS, CLAMP)
     tl.store(h_ptr + rows[:, None] * I + cols[None, :], out.to(h_ptr.dtype.element_ty),
              mask=valid[:, None] & col_ok[None, :])
 

@@ -204,4 +204,8 @@ def _param(t: Optional[torch.Tensor]) -> Optional[nn.Parameter]:
         return None
     if isinstance(t, nn.Parameter):
         return t
-    return nn.Parameter(t.detach(), requires_grad=False)
+    p = nn.Parameter(t.detach(), requires_grad=False)
+    codes = getattr(t, "_moec_quantized", None)  # pre-quantized weights keep their codes (quantize_experts)
+    if codes is not None:
+        p._moec_quantized = codes
+    return p

@@ -95,6 +95,16 @@ def compile(
     model_identity = {"source": source or src.identity, "identity": src.identity,
                       "weights_sha256": weights_sha256(src.module)}
 
+    from moec.passes.fold_weight_qdq import fold_weight_qdq
+
+    folded = fold_weight_qdq(src.module, src.example_args)  # PT2E-style Q/DQ on weights: keep their codes
+    if folded.layers:
+        log(f"folded quantize/dequantize pairs on {len(folded.layers)} Linear weights ({folded.spec.name})")
+        if src.prequantized is not None and src.prequantized != folded.spec:
+            raise MoecError(f"the checkpoint is packed as {src.prequantized.name} but its Q/DQ layers are "
+                            f"{folded.spec.name}; moec folds one quantization per model.")
+        src.prequantized = folded.spec
+        options.extra["folded_qdq"] = folded.to_dict()
     if src.prequantized is not None:
         adopt_checkpoint_quantization(src.prequantized, options)
     if options.extra.get("quant"):
@@ -240,11 +250,12 @@ def compile(
 
 
 def adopt_checkpoint_quantization(spec, options: CompileOptions) -> None:
-    """A packed checkpoint compiles with its own quantization; a different --quant is a conflict."""
+    """Pre-quantized weights (packed checkpoint, folded Q/DQ) compile with their own quantization;
+    a different --quant is a conflict."""
     want = {"quant": f"int{spec.bits}", "block_size": spec.block_size, "asymmetric": not spec.symmetric}
     given = {k: options.extra.get(k) for k in want if options.extra.get(k) not in (None, False)}
     if given and any(given[k] != want[k] for k in given):
-        raise MoecError(f"the checkpoint's expert weights are already quantized ({spec.name}); --quant/"
+        raise MoecError(f"the model's expert weights are already quantized ({spec.name}); --quant/"
                         f"--block-size/--asymmetric {given} would re-quantize them. Drop those flags.")
     options.extra.update(want, prequantized=True)
 
@@ -300,6 +311,8 @@ def quantization_summary(records, options: CompileOptions, eager: list, dequanti
     }
     if dense is not None:
         summary["dense"] = dense
+    if options.extra.get("folded_qdq"):
+        summary["folded_qdq"] = options.extra["folded_qdq"]
     budget = options.extra.get("accuracy_budget")
     if budget is not None and logits is not None and not (logits["rel_l2"] <= budget):
         worst = sorted(all_layers, key=lambda l: -l.get("rel_l2_vs_fp32", 0))[:3]

@@ -35,6 +35,7 @@ from moec.moe_layer import ExpertsSpec, FusedMoE, LayerSpec, OutputSpec, RouteSp
 from moec.numerics import compare_tensors
 from moec.ops import apply_activation, deinterleave_gate_up, route_reference
 from moec.passes.base import PassContext, PassResult
+from moec.quant import QuantizedWeight
 
 MATCH_TOL = 1e-5
 MAX_CANDIDATES = 2000
@@ -326,7 +327,24 @@ def _list_readings(experts: nn.ModuleList, hidden: int) -> Iterator[ExpertWeight
             if all(getattr(ls[down_i], "bias", None) is not None for ls in per_expert)
             else None
         )
+        _stack_codes(w_gu, [[ls[i].weight for i in ins] for ls in per_expert])
+        _stack_codes(w_d, [[ls[down_i].weight] for ls in per_expert])
         yield ExpertWeights(w_gu, w_d, b_gu, b_d, gated, f"module list order {order}")
+
+
+def _stack_codes(stacked: torch.Tensor, parts: list[list[torch.Tensor]]) -> None:
+    """Pre-quantized per-expert Linear weights (fold_weight_qdq): stack their codes like the weights."""
+    codes = [[getattr(w, "_moec_quantized", None) for w in row] for row in parts]
+    if any(c is None for row in codes for c in row):
+        return
+    spec = codes[0][0].spec
+
+    def cat(field):
+        if getattr(codes[0][0], field) is None:
+            return None
+        return torch.cat([torch.cat([getattr(c, field) for c in row], 1) for row in codes], 0)
+
+    stacked._moec_quantized = QuantizedWeight(cat("codes"), cat("scales"), cat("zero_points"), spec)
 
 
 def _collect_hints(sources: list[Any]) -> dict[str, Any]:

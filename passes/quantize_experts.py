@@ -5,8 +5,9 @@ Produces: the same FusedMoE computing with the *dequantized* weights (so the gra
   and is the exact reference for the quantized artifact), plus the quantized codes in
   ``fused.quantized`` for the lowering; per layer, the error against full precision on the layer's
   real inputs (relative L2, cosine) and the expert weight bytes before and after.
-Folds: expert parameters that carry `_moec_quantized` codes (packed checkpoints, moec/checkpoint.py)
-  are not re-quantized; their codes go to the artifact unchanged.
+Folds: expert parameters that carry `_moec_quantized` codes (packed checkpoints, moec/checkpoint.py;
+  PT2E-style Q/DQ Linears, fold_weight_qdq.py) are not re-quantized; their codes go to the artifact
+  unchanged.
 Refuses (QuantError, before anything is written): a block size that doesn't divide the hidden or
   intermediate size, non-finite weights (naming the tensor), bits QMoE can't run.
 This pass changes numerics on purpose: the pass manager records its error instead of failing it,
@@ -57,8 +58,9 @@ class QuantizeExperts:
             if ctx.options.get("prequantized"):
                 if q_gate_up is None or q_down is None:
                     raise QuantError(
-                        f"{path}: the checkpoint's packed expert weights are not in moec's canonical layout "
-                        "([E, 2I, H] gate|up, [E, H, I]); folding them would re-quantize. Not supported yet.")
+                        f"{path}: the model's pre-quantized expert weights (packed checkpoint or Q/DQ layers) are "
+                        "not in moec's canonical layout ([E, 2I, H] gate|up, [E, H, I]), or only some experts "
+                        "carry codes; folding them would re-quantize. Not supported yet.")
             else:
                 q_gate_up = quantize(fused.w_gate_up, spec, f"{path}.w_gate_up")
                 q_down = quantize(fused.w_down, spec, f"{path}.w_down")

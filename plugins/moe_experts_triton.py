@@ -111,12 +111,13 @@ def _capacity(pairs: int, num_experts: int, block_m: int) -> int:
     return max(triton.cdiv(rows, block_m), 1) * block_m
 
 
-def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int, zero: Optional[torch.Tensor] = None):
     """(sorted (token*k+slot) ids padded with -1, expert of each row block, -1 past the end), both int32.
 
     Pairs keep their order within an expert (a stable sort). Runs on topk_ids' device without a host
     sync: one Triton program for up to `ALIGN_IN_ONE_PROGRAM` pairs (decode; a dozen tiny torch ops
-    would cost more than the GEMMs), torch's sort above that.
+    would cost more than the GEMMs), torch's sort above that. `zero` (a contiguous fp32 tensor) is
+    zero-filled on the way, by the same launch's other programs at decode (one launch fewer).
     """
     flat = topk_ids.reshape(-1)
     n = flat.numel()
@@ -126,9 +127,14 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     if n <= ALIGN_IN_ONE_PROGRAM:
         bins = triton.next_power_of_2(num_experts)
         chunk = max(16, min(64, 8192 // bins))
-        _align_kernel[(1,)](flat.to(torch.int32), sorted_ids, block_expert, n, capacity, num_experts,
-                            BLOCK_M=block_m, BINS=bins, CHUNK=chunk, num_warps=8)
+        n_zero = 0 if zero is None else zero.numel()
+        grid = (1 + triton.cdiv(n_zero, ZERO_BLOCK),)
+        _align_kernel[grid](flat.contiguous(), sorted_ids, block_expert, zero if zero is not None else sorted_ids,
+                            n, capacity, num_experts, n_zero, BLOCK_M=block_m, BINS=bins, CHUNK=chunk,
+                            ZERO_BLOCK=ZERO_BLOCK, num_warps=8)
         return sorted_ids, block_expert
+    if zero is not None:
+        zero.zero_()
     flat = flat.to(torch.int64)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
@@ -144,12 +150,19 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 
 
 ALIGN_IN_ONE_PROGRAM = 4096
+ZERO_BLOCK = 2048
 
 
 @triton.jit
-def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, n_pairs, capacity, num_experts,
-                  BLOCK_M: tl.constexpr, BINS: tl.constexpr, CHUNK: tl.constexpr):
-    """align_by_expert in one program: count, exclusive scan, stable scatter, block -> expert."""
+def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, zero_ptr, n_pairs, capacity, num_experts, n_zero,
+                  BLOCK_M: tl.constexpr, BINS: tl.constexpr, CHUNK: tl.constexpr, ZERO_BLOCK: tl.constexpr):
+    """align_by_expert in program 0: count, exclusive scan, stable scatter, block -> expert.
+    Programs 1.. zero-fill `zero_ptr` (the output the down kernel accumulates into)."""
+    pid = tl.program_id(0)
+    if pid > 0:
+        offs = (pid - 1) * ZERO_BLOCK + tl.arange(0, ZERO_BLOCK)
+        tl.store(zero_ptr + offs, tl.zeros((ZERO_BLOCK,), tl.float32), mask=offs < n_zero)
+        return
     bins = tl.arange(0, BINS)
     lane = tl.arange(0, CHUNK)
     counts = tl.zeros((BINS,), dtype=tl.int32)
@@ -370,7 +383,11 @@ def moe_experts_triton(hidden, topk_ids, topk_weights, w_gate_up: Weight, w_down
     w1, s1, z1, se1, sn1, g1, bits1, zp1, (num_experts, _, _) = _weight_args(w_gate_up)
     w2, s2, z2, se2, sn2, g2, bits2, zp2, (_, _, inter) = _weight_args(w_down)
     dot, h_dtype, precision = _dot_dtype(hidden.dtype)
-    sorted_ids, block_expert = align_by_expert(topk_ids, num_experts, cfg.block_m)
+    # a fresh output is zero-filled by the alignment launch; an accumulator is added into as it is
+    out = accumulate_into if accumulate_into is not None else torch.empty(
+        (tokens, hsize), dtype=torch.float32, device=hidden.device)
+    sorted_ids, block_expert = align_by_expert(topk_ids, num_experts, cfg.block_m,
+                                               zero=out if accumulate_into is None else None)
     capacity = sorted_ids.numel()
     x = hidden.contiguous()
     rows_per_token = k
@@ -380,8 +397,6 @@ def moe_experts_triton(hidden, topk_ids, topk_weights, w_gate_up: Weight, w_down
     if x.dtype == torch.bfloat16 and dot == tl.float32:
         x = x.float()
     h = torch.empty((capacity, inter), dtype=h_dtype, device=hidden.device)
-    out = accumulate_into if accumulate_into is not None else torch.zeros(
-        (tokens, hsize), dtype=torch.float32, device=hidden.device)
     b1 = b_gate_up.contiguous() if b_gate_up is not None else out  # dummy pointer when absent
     b2 = b_down.contiguous() if b_down is not None else out
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -262,3 +262,15 @@ def test_sorted_kernels_add_into_an_accumulator():
     start = torch.randn(7, 32).to(DEVICE)
     got = moe_experts_triton(*case, activation="silu", gated=True, accumulate_into=start.clone())
     assert compare_tensors(start + _ref(*case, "silu", True), got).rel_l2 < 1e-4
+
+
+@pytest.mark.parametrize("one_program", [True, False])
+def test_alignment_zero_fills_the_output_buffer(one_program, monkeypatch):
+    import moec.plugins.moe_experts_triton as mod
+
+    if not one_program:
+        monkeypatch.setattr(mod, "ALIGN_IN_ONE_PROGRAM", 0)
+    ids = torch.tensor([[1, 0], [2, 1], [0, 3]]).to(DEVICE)
+    buf = torch.full((3, mod.ZERO_BLOCK + 5), 7.0).to(DEVICE)  # spans two zeroing programs
+    align_by_expert(ids, 4, 16, zero=buf)
+    assert not buf.any()

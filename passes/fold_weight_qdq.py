@@ -79,8 +79,8 @@ def _value(gm: torch.fx.GraphModule, node) -> object:
 
 def _match(module: nn.Module):
     """(dequant op name, its evaluated args, bias) when module's forward is linear(x, DQ(...), bias)."""
-    if type(module) is nn.Linear or list(module.children()):  # plain Linears and containers: nothing to fold
-        return None
+    if type(module).__module__.startswith("torch.nn") or list(module.children()):
+        return None  # torch's own layers (Linear, Embedding, norms ...) and containers: nothing to fold
     gm = _trace(module)
     if gm is None:
         return None
@@ -138,18 +138,16 @@ def fold_weight_qdq(model: nn.Module, probe: Optional[tuple] = None) -> FoldResu
     """Replace every matching Q/DQ Linear in `model` (in place); `probe` checks the outputs unchanged."""
     from moec.passes.fuse_moe import set_submodule
 
+    result = FoldResult()
+    found = [(path, match) for path, module in model.named_modules()
+             if path and (match := _match(module)) is not None]
+    if not found:
+        return result
     before = None
     if probe is not None:
         with torch.no_grad():
             before = model(*probe)
-    result = FoldResult()
-    for path, module in list(model.named_modules()):
-        if not path:
-            continue
-        found = _match(module)
-        if found is None:
-            continue
-        name, args, kwargs, bias = found
+    for path, (name, args, kwargs, bias) in found:
         q, weight = _codes(name, args, kwargs, path)
         if result.spec is not None and q.spec != result.spec:
             raise QuantError(f"{path}: quantized as {q.spec.name}, other layers as {result.spec.name}; moec "
@@ -163,11 +161,10 @@ def fold_weight_qdq(model: nn.Module, probe: Optional[tuple] = None) -> FoldResu
             linear.bias = nn.Parameter(torch.as_tensor(bias).detach().float(), requires_grad=False)
         set_submodule(model, path, linear)
         result.layers.append(path)
-    if before is not None and result.layers:
+    if before is not None:
         with torch.no_grad():
             after = model(*probe)
         flat = lambda o: o if isinstance(o, torch.Tensor) else o[0]  # noqa: E731
         if not torch.equal(flat(before), flat(after)):
             raise QuantError("folding the quantize/dequantize pairs changed the model's outputs; not folded.")
     return result
-

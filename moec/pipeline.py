@@ -27,7 +27,7 @@ from moec.export_onnx import capture, save_onnx, to_onnx, weight_bytes
 from moec.fsutil import swap_into_place
 from moec.golden import Probe, write_golden
 from moec.numerics import compare_tensors
-from moec.passes.base import PassContext, PassManager, flatten_outputs
+from moec.passes.base import PassContext, PassManager, compare_outputs, flatten_outputs, worst
 from moec.sources import LoadedSource, load_source
 
 TARGETS = ("onnxruntime", "tensorrt")
@@ -289,11 +289,7 @@ def quantization_summary(records, options: CompileOptions, eager: list, dequanti
     layers = recs["quantize_experts"].details["layers"]
     dense = recs["quantize_dense"].details if "quantize_dense" in recs else None
     all_layers = layers + (dense["layers"] if dense else [])
-    logits = None
-    if dequantized:
-        stats = [compare_tensors(e[0], d[0]) for e, d in zip(eager, dequantized)]
-        w = max(stats, key=lambda x: x.rel_l2)
-        logits = {"rel_l2": w.rel_l2, "max_abs": w.max_abs, "cosine": min(x.cosine for x in stats)}
+    logits = worst(compare_outputs(eager, dequantized)).to_dict() if dequantized else None
     block = options.extra.get("block_size")
     # ORT's block-wise int8 experts have no fp32 kernel, and accuracy_level 4 asks for int8
     # activations: then ORT quantizes activations too, beyond what the dequantized reference models.
@@ -315,8 +311,8 @@ def quantization_summary(records, options: CompileOptions, eager: list, dequanti
         summary["folded_qdq"] = options.extra["folded_qdq"]
     budget = options.extra.get("accuracy_budget")
     if budget is not None and logits is not None and not (logits["rel_l2"] <= budget):
-        worst = sorted(all_layers, key=lambda l: -l.get("rel_l2_vs_fp32", 0))[:3]
-        names = ", ".join(f"{l['path']} ({l.get('rel_l2_vs_fp32', float('nan')):.3g})" for l in worst)
+        worst_layers = sorted(all_layers, key=lambda l: -l.get("rel_l2_vs_fp32", 0))[:3]
+        names = ", ".join(f"{l['path']} ({l.get('rel_l2_vs_fp32', float('nan')):.3g})" for l in worst_layers)
         raise AccuracyBudgetError(
             f"--accuracy-budget {budget:g}: {summary['spec']} quantization moves the logits by relative L2 "
             f"{logits['rel_l2']:.3g} against full precision. Worst layers: {names}. Try int8, a smaller "

@@ -27,6 +27,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from moec.passes.base import flatten_outputs
 from moec.quant import BLOCK_SIZES, QuantError, QuantizedWeight, QuantSpec
 
 _DEQUANT = ("dequantize_per_channel", "dequantize_per_channel_group")
@@ -50,11 +51,9 @@ class FoldResult:
 
 
 def _op_name(target) -> Optional[str]:
-    name = getattr(target, "__name__", "") or str(target)
-    for n in _DEQUANT + _QUANT:
-        if name.split(".")[0] == n or name == n:
-            return n
-    return None
+    """'dequantize_per_channel' for the op packet or its overloads ('….default'), else None."""
+    name = (getattr(target, "__name__", "") or str(target)).split(".")[0]
+    return name if name in _DEQUANT + _QUANT else None
 
 
 def _trace(module: nn.Module) -> Optional[torch.fx.GraphModule]:
@@ -164,7 +163,6 @@ def fold_weight_qdq(model: nn.Module, probe: Optional[tuple] = None) -> FoldResu
     if before is not None:
         with torch.no_grad():
             after = model(*probe)
-        flat = lambda o: o if isinstance(o, torch.Tensor) else o[0]  # noqa: E731
-        if not torch.equal(flat(before), flat(after)):
+        if not all(torch.equal(b, a) for b, a in zip(flatten_outputs(before), flatten_outputs(after))):
             raise QuantError("folding the quantize/dequantize pairs changed the model's outputs; not folded.")
     return result

@@ -19,7 +19,7 @@ from __future__ import annotations
 from torch import nn
 
 from moec.numerics import compare_tensors
-from moec.passes.base import PassContext, PassResult
+from moec.passes.base import PassContext, PassResult, flatten_outputs
 from moec.passes.fuse_moe import capture_inputs, iter_fused
 from moec.quant import QuantError, QuantSpec, dequantize, pack, quantize
 
@@ -36,7 +36,7 @@ def packed_bytes(q) -> int:
 
 def _hidden_out(out):
     """The layer's hidden-state output (blocks like GPT-OSS's also return router scores)."""
-    return (out[0] if isinstance(out, (tuple, list)) else out).detach()
+    return flatten_outputs(out)[0].detach()
 
 
 class QuantizeExperts:

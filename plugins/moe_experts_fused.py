@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from moec.plugins.moe_experts_triton import (
-    ACT_IDS, PackedExpertWeight, Weight, _block_k, _dot_dtype, _gate_up_epilogue, _weight_args, _weight_tile,
+    ACT_IDS, Weight, _block_k, _dot_dtype, _gate_up_epilogue, _weight_args, _weight_tile,
 )
 
 
@@ -178,20 +178,6 @@ def plan_launch(hidden_dtype: torch.dtype, layout: ExpertsLayout, top_k: int, ha
                        num_stages=config.num_stages)
 
 
-def _pointer_args(w_gate_up: Weight, w_down: Weight, b_gate_up, b_down):
-    def parts(w):
-        if isinstance(w, PackedExpertWeight):
-            return w.codes.contiguous(), w.scales.contiguous().float(), (
-                None if w.zero_points is None else w.zero_points.contiguous())
-        return w.contiguous(), None, None
-
-    w1, s1, z1 = parts(w_gate_up)
-    w2, s2, z2 = parts(w_down)
-    return dict(w1_ptr=w1, s1_ptr=s1, z1_ptr=z1, w2_ptr=w2, s2_ptr=s2, z2_ptr=z2,
-                b1_ptr=None if b_gate_up is None else b_gate_up.contiguous(),
-                b2_ptr=None if b_down is None else b_down.contiguous())
-
-
 def moe_experts_fused(hidden, topk_ids, topk_weights, w_gate_up: Weight, w_down: Weight, b_gate_up=None,
                       b_down=None, activation: str = "silu", gated: bool = True, alpha: float = 1.0,
                       beta: float = 0.0, limit: float = math.inf, weight_on_input: bool = False,
@@ -207,13 +193,14 @@ def moe_experts_fused(hidden, topk_ids, topk_weights, w_gate_up: Weight, w_down:
     x = hidden.contiguous()
     if x.dtype == torch.bfloat16 and plan.constexprs["DOT"] == tl.float32:  # interpreter: no bf16 dots
         x = x.float()
-    ptrs = _pointer_args(w_gate_up, w_down, b_gate_up, b_down)
-    dummy = out  # absent optional pointers: never dereferenced (their constexpr flags are off)
+    # absent scales / zero points / biases get stand-in pointers their constexpr flags never read
+    w1, s1, z1 = _weight_args(w_gate_up)[:3]
+    w2, s2, z2 = _weight_args(w_down)[:3]
+    b1 = b_gate_up.contiguous() if b_gate_up is not None else out
+    b2 = b_down.contiguous() if b_down is not None else out
     grid = (*plan.grid_xy, triton.cdiv(tokens, cfg.block_t))
     _fused_experts_kernel[grid](
-        x, topk_ids.to(torch.int32).contiguous(), topk_weights.contiguous(),
-        *(dummy if ptrs[n] is None else ptrs[n] for n in
-          ("w1_ptr", "w2_ptr", "b1_ptr", "b2_ptr", "s1_ptr", "z1_ptr", "s2_ptr", "z2_ptr")),
+        x, topk_ids.to(torch.int32).contiguous(), topk_weights.contiguous(), w1, w2, b1, b2, s1, z1, s2, z2,
         out, tokens, out, num_warps=plan.num_warps, num_stages=plan.num_stages, **plan.constexprs,
     )
     return out

@@ -81,7 +81,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from moec.junit import write_junit
     from moec.verify import raise_if_failed, verify
 
-    result = verify(args.dir, args.golden, server=args.server, model_name=args.model_name, tolerance=args.tolerance)
+    result = verify(args.dir, args.golden, server=args.server, model_name=args.model_name, tolerance=args.tolerance,
+                    engine=args.engine)
     from moec.golden import format_table
 
     print(f"verifying with {result.runner}")
@@ -162,8 +163,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_build_engine(args: argparse.Namespace) -> int:
     from moec.targets.tensorrt_engine import build_engine
 
-    result = build_engine(args.dir, cache_dir=args.cache_dir)
+    result = build_engine(args.dir, cache_dir=args.cache_dir, imoe=not args.no_imoe,
+                          log=lambda m: print(m, file=sys.stderr))
     print(f"engine: {os.path.join(args.dir, result['path'])} (cache {result['cache']})")
+    imoe = result["imoe"]
+    if imoe["swapped"]:
+        print(f"IMoELayer: {', '.join(imoe['swapped'])}")
+    for node, why in imoe["refused"].items():
+        print(f"experts plugin kept for {node}: {why}")
+    if imoe["why_not"] or imoe["fallback"]:
+        print(f"IMoELayer not used: {imoe['fallback'] or imoe['why_not']}")
     return 0
 
 
@@ -220,11 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--server", help="verify through a running Triton server at HOST:PORT (HTTP)")
     v.add_argument("--model-name", help="model name on the server (default: moe_model)")
     v.add_argument("--tolerance", type=float, help="override the golden manifest's relative-L2 tolerance")
+    v.add_argument("--engine", action="store_true",
+                   help="run DIR/model.plan (the TensorRT engine; needs TensorRT and a GPU) instead of model.onnx")
     v.set_defaults(func=cmd_verify)
 
     b = sub.add_parser("build-engine", help="build the TensorRT engine for a --target tensorrt artifact")
     b.add_argument("dir")
     b.add_argument("--cache-dir", help="engine and timing cache (default ~/.cache/moec/engines)")
+    b.add_argument("--no-imoe", action="store_true",
+                   help="keep every MoE layer on moec's experts plugin (default: TensorRT's IMoELayer where the "
+                        "GPU (SM100/103/110), TensorRT (>= 10.16) and the layer allow it)")
     b.set_defaults(func=cmd_build_engine)
 
     i = sub.add_parser("inspect", help="show what a compiled artifact is made of")

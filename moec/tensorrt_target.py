@@ -1,8 +1,9 @@
 """The tensorrt target's artifact extras: plugin definitions, and an engine where TensorRT can build one.
 
 The engine builder itself (TensorRT's documented builder API, optimization profiles, timing and
-engine caches) lives in moec/targets/tensorrt_engine.py behind a capability check; here we only
-decide whether to call it and say exactly what was skipped and why.
+engine caches) lives in moec/targets/tensorrt_engine.py behind a capability check; here we
+decide whether to call it, run a built engine on the artifact's goldens, and say exactly what was
+skipped and why.
 """
 
 from __future__ import annotations
@@ -37,9 +38,25 @@ def write_tensorrt_extras(out_dir: str, report: dict, log: Callable[[str], None]
         log(f"TensorRT engine skipped: {reason}")
         result["engine"] = {"built": False, "reason": reason, "how_to_build": HOW_TO_BUILD}
         return result
-    from moec.targets.tensorrt_engine import build_engine  # pragma: no cover - needs TensorRT and a GPU
+    result["engine"] = build_and_verify_engine(out_dir, report, log)  # pragma: no cover
+    return result
+
+
+def build_and_verify_engine(out_dir: str, report: dict, log: Callable[[str], None]) -> dict:  # pragma: no cover
+    """Build the engine (needs TensorRT and a GPU) and run it on the artifact's goldens; a mismatch
+    fails the compile like any other verification failure (nothing is written)."""
+    from moec.errors import VerificationError
+    from moec.targets.tensorrt_engine import build_engine
+    from moec.verify import verify
 
     log("building the TensorRT engine")
-    engine = build_engine(out_dir, report=report)  # pragma: no cover
-    result["engine"] = {"built": True, **engine}  # pragma: no cover
-    return result
+    engine = build_engine(out_dir, report=report, log=log)
+    log("verifying the TensorRT engine against the goldens")
+    checked = verify(out_dir, engine=True)
+    engine["verified"] = {"passed": checked.passed, "tolerance": checked.tolerance,
+                          "worst_rel_l2": max(c.rel_l2 for c in checked.checks)}
+    if not checked.passed:
+        bad = "; ".join(f"{c.probe}/{c.output}: {c.reason}" for c in checked.checks if not c.passed)
+        raise VerificationError(f"the TensorRT engine built from {out_dir}/model.onnx does not reproduce the "
+                                f"goldens: {bad}")
+    return {"built": True, **engine}

@@ -1,4 +1,5 @@
-"""`moec verify`: run an artifact (in ONNX Runtime or through a Triton server) on golden inputs.
+"""`moec verify`: run an artifact (in ONNX Runtime, as a TensorRT engine, or through a Triton server)
+on golden inputs.
 
 Exit codes: 0 all outputs within tolerance; 10 numerics mismatch; 11 golden files missing or
 corrupt; 12 artifact missing or unloadable; 13 golden inputs don't fit the artifact; 14 server
@@ -112,11 +113,38 @@ class TritonRunner:
         return {n: res.as_numpy(n) for n in self.outputs}
 
 
+class EngineRunner:
+    """The artifact's TensorRT engine (model.plan, from `moec build-engine`), on the GPU."""
+
+    def __init__(self, artifact_dir: str):
+        from moec.targets.tensorrt_engine import capability
+
+        self.path = os.path.join(artifact_dir, "model.plan")
+        if not os.path.isfile(self.path):
+            raise ArtifactError(f"no TensorRT engine in '{artifact_dir}' (model.plan); build it with "
+                                f"`moec build-engine {artifact_dir}` on a GPU host")
+        cap = capability()
+        if not (cap.tensorrt and cap.gpu):
+            raise ArtifactError(f"cannot run the TensorRT engine '{self.path}' here: {cap.reason}")
+        self.name = f"tensorrt engine {self.path}"
+
+    def check_inputs(self, feeds) -> None:
+        pass  # run_engine compares the names with the engine's and casts to its input types
+
+    def run(self, feeds):
+        from moec.targets.tensorrt_engine import run_engine
+
+        return run_engine(self.path, feeds)
+
+
 def verify(artifact_dir: Optional[str], golden_dir: Optional[str] = None, *, server: Optional[str] = None,
-           model_name: Optional[str] = None, tolerance: Optional[float] = None) -> VerifyResult:
+           model_name: Optional[str] = None, tolerance: Optional[float] = None, engine: bool = False) -> VerifyResult:
     t = time.perf_counter()
     g = goldens.load(golden_dir or os.path.join(artifact_dir, "golden"))
-    runner = TritonRunner(server, model_name or "moe_model") if server else OrtRunner(artifact_dir)
+    if server:
+        runner = TritonRunner(server, model_name or "moe_model")
+    else:
+        runner = EngineRunner(artifact_dir) if engine else OrtRunner(artifact_dir)
     tol = tolerance if tolerance is not None else g.tolerance
     checks = []
     for probe in g.probes:

@@ -20,6 +20,9 @@ Dots take the activations' dtype (tensor cores for fp16/bf16; fp32 runs as IEEE 
 accumulate in fp32. Under TRITON_INTERPRET=1 bf16 is computed in fp32 (the interpreter's bf16
 `tl.dot` is wrong). The atomic combine makes the summation order of a token's k expert outputs vary
 between runs on a GPU (fp32 rounding only).
+
+For a handful of tokens, moe_experts_decode.py has a second formulation (matrix-vector kernels, no
+sort, no atomics), chosen by passing a `DecodeConfig`.
 """
 
 from __future__ import annotations
@@ -45,6 +48,32 @@ class TileConfig:
     num_stages: int = 3  # software pipelining depth on a GPU (ignored by the interpreter)
 
 
+@dataclass(frozen=True)
+class DecodeConfig:
+    """The decode path (moe_experts_decode.py): matrix-vector tiles, used while tokens * k <= max_pairs."""
+
+    block_n: int = 16  # columns of I per gate/up program
+    block_k: int = 256
+    down_block_n: int = 16  # columns of H per down program
+    down_block_k: int = 256
+    num_warps: int = 4
+    num_stages: int = 4
+    max_pairs: int = 64  # above this the sorted kernels run (with default_config's tiles)
+
+
+def default_config(pairs: int) -> "TileConfig":
+    """The sorted kernels' untuned tiles for `pairs` (token, slot) rows: narrow for weight streaming,
+    square for FLOPs (the H100's best per size in tools/results/bench_plugin_kernels_h100.log).
+
+    The decode kernels (DecodeConfig) are not a default yet: they have run under the interpreter
+    only, not been timed on a GPU (see the README's TensorRT section)."""
+    if pairs <= 256:
+        return TileConfig(16, 32, 128, 4, 4)
+    if pairs <= 8192:
+        return TileConfig(64, 128, 64, 8, 3)
+    return TileConfig(128, 128, 64, 8, 3)
+
+
 # What autotuning (plugins/tensorrt_plugin.py, tools/bench_plugin_kernels.py) chooses from on a GPU:
 # narrow-N / deep-K tiles for decode (weight streaming), square ones for prefill (tensor-core bound).
 TILE_CONFIGS = [
@@ -58,6 +87,16 @@ TILE_CONFIGS = [
     TileConfig(64, 64, 64, 4, 3),
     TileConfig(64, 128, 64, 8, 3),
     TileConfig(128, 128, 64, 8, 3),
+]
+
+# The decode kernels' candidates, timed by tools/bench_plugin_kernels.py. Not TensorRT tactics until
+# they have been checked on a GPU (MOEC_KERNEL_TESTS_ON_GPU=1): a tactic is picked by speed alone.
+DECODE_CONFIGS = [
+    DecodeConfig(),
+    DecodeConfig(8, 512, 8, 256),
+    DecodeConfig(32, 128, 32, 128),
+    DecodeConfig(16, 256, 8, 512, 4, 3),
+    DecodeConfig(16, 512, 16, 256, 8, 3),
 ]
 
 
@@ -370,16 +409,42 @@ def _weight_args(w: Weight):
     return w, w, w, w.stride(0), w.stride(1), 1, 0, False, tuple(w.shape)
 
 
+def routed_rows(hidden: torch.Tensor, topk_weights: torch.Tensor, weight_on_input: bool):
+    """(the rows the gate/up kernels read, how many (token, slot) pairs share a row).
+
+    Llama4 weights the expert's input: each pair gets its own row, the token scaled by its weight.
+    The interpreter computes bf16 in fp32 (its bf16 dots are wrong), so bf16 rows become fp32 there."""
+    tokens, hsize = hidden.shape
+    k = topk_weights.shape[1]
+    x, rows_per_token = hidden.contiguous(), k
+    if weight_on_input:
+        x = (x.float().unsqueeze(1) * topk_weights.float().unsqueeze(-1)).reshape(tokens * k, hsize).to(hidden.dtype)
+        rows_per_token = 1
+    if x.dtype == torch.bfloat16 and _dot_dtype(x.dtype)[0] == tl.float32:
+        x = x.float()
+    return x, rows_per_token
+
+
 def moe_experts_triton(hidden, topk_ids, topk_weights, w_gate_up: Weight, w_down: Weight, b_gate_up=None,
                        b_down=None, activation: str = "silu", gated: bool = True, alpha: float = 1.0,
                        beta: float = 0.0, limit: float = math.inf, weight_on_input: bool = False,
-                       config: Optional[TileConfig] = None, accumulate_into: Optional[torch.Tensor] = None
-                       ) -> torch.Tensor:
+                       config: Optional[Union[TileConfig, DecodeConfig]] = None,
+                       accumulate_into: Optional[torch.Tensor] = None) -> torch.Tensor:
     """moec.experts semantics (see moec/ops.py) with Triton kernels; returns [T, H] in hidden's dtype,
-    or adds into `accumulate_into` (fp32 [T, H]) and returns it (the TensorRT plugin's aliased output)."""
-    cfg = config or TileConfig()
+    or adds into `accumulate_into` (fp32 [T, H]) and returns it (the TensorRT plugin's aliased output).
+
+    A DecodeConfig runs the decode kernels (moe_experts_decode.py) while T * k <= its max_pairs and
+    the sorted kernels with `default_config` tiles above; no config picks by `default_config`."""
     tokens, hsize = hidden.shape
     k = topk_ids.shape[1]
+    cfg = config or default_config(tokens * k)
+    if isinstance(cfg, DecodeConfig):
+        if tokens * k <= cfg.max_pairs:
+            from moec.plugins.moe_experts_decode import moe_experts_decode
+
+            return moe_experts_decode(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down,
+                                      activation, gated, alpha, beta, limit, weight_on_input, cfg, accumulate_into)
+        cfg = default_config(tokens * k)
     w1, s1, z1, se1, sn1, g1, bits1, zp1, (num_experts, _, _) = _weight_args(w_gate_up)
     w2, s2, z2, se2, sn2, g2, bits2, zp2, (_, _, inter) = _weight_args(w_down)
     dot, h_dtype, precision = _dot_dtype(hidden.dtype)
@@ -389,13 +454,7 @@ def moe_experts_triton(hidden, topk_ids, topk_weights, w_gate_up: Weight, w_down
     sorted_ids, block_expert = align_by_expert(topk_ids, num_experts, cfg.block_m,
                                                zero=out if accumulate_into is None else None)
     capacity = sorted_ids.numel()
-    x = hidden.contiguous()
-    rows_per_token = k
-    if weight_on_input:  # Llama4: each (token, slot) row is the token scaled by its weight
-        x = (x.float().unsqueeze(1) * topk_weights.float().unsqueeze(-1)).reshape(tokens * k, hsize).to(hidden.dtype)
-        rows_per_token = 1
-    if x.dtype == torch.bfloat16 and dot == tl.float32:
-        x = x.float()
+    x, rows_per_token = routed_rows(hidden, topk_weights, weight_on_input)
     h = torch.empty((capacity, inter), dtype=h_dtype, device=hidden.device)
     b1 = b_gate_up.contiguous() if b_gate_up is not None else out  # dummy pointer when absent
     b2 = b_down.contiguous() if b_down is not None else out

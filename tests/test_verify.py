@@ -33,6 +33,20 @@ def test_fresh_artifact_passes_with_junit(artifact, tmp_path):
     assert suite.get("tests") == "2" and suite.get("failures") == "0"
 
 
+def test_engine_verification_says_what_is_missing(artifact, tmp_path):
+    from moec.targets.tensorrt_engine import capability
+
+    r = moec("verify", artifact, "--engine")
+    assert r.returncode == 12 and "no TensorRT engine" in r.stderr and "moec build-engine" in r.stderr
+    cap = capability()
+    if not (cap.tensorrt and cap.gpu):
+        with_plan = str(tmp_path / "with_plan")
+        shutil.copytree(artifact, with_plan)
+        open(os.path.join(with_plan, "model.plan"), "wb").write(b"not an engine")
+        r = moec("verify", with_plan, "--engine")
+        assert r.returncode == 12 and "cannot run the TensorRT engine" in r.stderr and cap.reason in r.stderr
+
+
 def test_tampered_artifact_fails(artifact, tmp_path):
     bad = str(tmp_path / "tampered")
     shutil.copytree(artifact, bad)

@@ -2,9 +2,10 @@
 
 Layer: E=128 experts, top-8, H=2048, I=768, SwiGLU (Qwen3-30B-A3B's MoE block), bf16 activations.
 Variants, side by side in one process: bf16 weights, int8 per row, int4 block 128 (dequantized
-inside the kernels), each with the sorted two-kernel implementation (the JIT plugin's) and the
-one-launch kernel (the AOT plugin's, up to --one-launch-max tokens), and a PyTorch eager loop over
-the routed experts (transformers' structure) in bf16. Each point is the best tile configuration,
+inside the kernels), each with the sorted two-kernel implementation (the JIT plugin's), the decode
+kernels (moe_experts_decode.py, while T * k <= DecodeConfig.max_pairs) and the one-launch kernel
+(the AOT plugin's, up to --one-launch-max tokens), and a PyTorch eager loop over the routed experts
+(transformers' structure) in bf16. Each point is the best tile configuration,
 timed as a CUDA-graph replay (triton.testing.do_bench_cudagraph, so host launch overhead is
 excluded for the kernels; the eager loop synchronises and is timed with do_bench).
 
@@ -125,7 +126,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 512, 1024, 2048, 4096])
     ap.add_argument("--json")
-    ap.add_argument("--configs", type=int, nargs="*", help="indices into TILE_CONFIGS (default: all)")
+    ap.add_argument("--configs", type=int, nargs="*", help="indices into TILE_CONFIGS (default: all; the "
+                    "decode kernels always try all of DECODE_CONFIGS)")
     ap.add_argument("--one-launch-max", type=int, default=512,
                     help="largest T to time the one-launch (AOT) kernel at (it does up to E/k x the FLOPs)")
     ap.add_argument("--profile", action="store_true", help="print the kernels' share of the best point per T")
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
 
     from moec.ops import experts_reference
     from moec.plugins.moe_experts_fused import FUSED_CONFIGS, moe_experts_fused
-    from moec.plugins.moe_experts_triton import TILE_CONFIGS, moe_experts_triton
+    from moec.plugins.moe_experts_triton import DECODE_CONFIGS, TILE_CONFIGS, DecodeConfig, moe_experts_triton
 
     name = torch.cuda.get_device_name()
     nominal_bw, nominal_tf = nominal_peaks(name)
@@ -154,6 +156,8 @@ def main(argv=None) -> int:
         x, ids, w = make_tokens(t, t)
         active = int(torch.unique(ids).numel())
         impls = {"sorted": (moe_experts_triton, configs)}
+        if t * K <= DecodeConfig.max_pairs:
+            impls["decode"] = (moe_experts_triton, DECODE_CONFIGS)
         if t <= args.one_launch_max:
             impls["one-launch"] = (moe_experts_fused, FUSED_CONFIGS)
         for (vname, (a, b)), (impl, (op, op_configs)) in itertools.product(variants.items(), impls.items()):

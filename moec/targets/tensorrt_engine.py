@@ -3,6 +3,9 @@
 Optimization profiles come from the artifact's memory plan (min/opt/max of the dynamic dims), the
 workspace pool limit from the plan's kernel workspace, a timing cache is kept next to the engine,
 and engines are cached by a hash of the ONNX bytes, the settings, TensorRT's version and the GPU.
+On SM100/SM103/SM110 GPUs with TensorRT >= 10.16 the experts plugin layers TensorRT's IMoELayer
+can compute are swapped for it (moec/targets/tensorrt_imoe.py); if that build fails, the engine is
+built again with the plugin and the report says why. `run_engine` runs a built engine (verify --engine).
 Everything TensorRT-specific sits behind `capability()`; nothing here runs without it.
 """
 
@@ -32,8 +35,21 @@ class Capability:
 
     @property
     def imoe_layer(self) -> bool:
-        """TensorRT's native IMoELayer (network.add_moe) needs SM100 or newer."""
-        return self.tensorrt and self.gpu and self.sm is not None and self.sm >= (10, 0)
+        """TensorRT's native IMoELayer (network.add_moe, TensorRT >= 10.16) runs on SM 10.x and 11.x
+        (Blackwell data center, Thor); TensorRT documents SM 12.x as unsupported."""
+        return self.imoe_why_not is None
+
+    @property
+    def imoe_why_not(self) -> Optional[str]:
+        if not (self.tensorrt and self.gpu):
+            return self.reason
+        if self.sm is None or not (10, 0) <= self.sm < (12, 0):
+            return f"IMoELayer needs an SM100/SM103/SM110 GPU; this one is SM{self.sm[0]}{self.sm[1]}"
+        if not self.has_add_moe:
+            return f"TensorRT {self.tensorrt_version} has no IMoELayer (network.add_moe is new in 10.16)"
+        return None
+
+    has_add_moe: bool = False
 
 
 def capability() -> Capability:
@@ -50,7 +66,7 @@ def capability() -> Capability:
         gpu, sm = False, None
     if not gpu:
         return Capability(True, False, None, "no CUDA GPU is visible", trt.__version__)
-    return Capability(True, True, tuple(sm), "", trt.__version__)
+    return Capability(True, True, tuple(sm), "", trt.__version__, hasattr(trt.INetworkDefinition, "add_moe"))
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,7 @@ class EngineSettings:
     profiles: dict  # input name -> (min shape, opt shape, max shape)
     workspace_bytes: int
     fp16: bool = False
+    imoe: bool = True  # swap eligible experts plugin layers for IMoELayer where the GPU and TensorRT have it
 
 
 def cache_key(onnx_path: str, settings: EngineSettings, trt_version: str, gpu: str) -> str:
@@ -85,16 +102,21 @@ def profiles_from_report(onnx_path: str, report: dict) -> dict:
 
 
 def build_engine(artifact_dir: str, settings: Optional[EngineSettings] = None, cache_dir: Optional[str] = None,
-                 report: Optional[dict] = None) -> dict:
-    """Build DIR/model.plan (or copy it from the engine cache); `report` defaults to DIR/report.json."""
+                 report: Optional[dict] = None, imoe: bool = True, log=print) -> dict:
+    """Build DIR/model.plan (or copy it from the engine cache); `report` defaults to DIR/report.json.
+
+    Returns {"path", "cache": "hit"|"miss", "key", "imoe": {"available", "why_not", "swapped",
+    "refused", "fallback"}}."""
     cap = capability()
     if not (cap.tensorrt and cap.gpu):
         raise EngineBuildError(f"cannot build a TensorRT engine here: {cap.reason}. Run `moec build-engine DIR` "
                                "on a host with an NVIDIA GPU and TensorRT >= 10.8.")
-    import tensorrt as trt  # pragma: no cover - needs TensorRT and a GPU
+    import onnx  # pragma: no cover - needs TensorRT and a GPU
+    import tensorrt as trt
     import torch
 
     from moec.plugins.tensorrt_plugin import register_plugins
+    from moec.targets.tensorrt_imoe import ImoeSwap, swap_in_imoe_layers
 
     onnx_path = os.path.join(artifact_dir, "model.onnx")
     if report is None:
@@ -102,42 +124,108 @@ def build_engine(artifact_dir: str, settings: Optional[EngineSettings] = None, c
             report = json.load(f)
     if settings is None:
         ws = report["memory"]["profiles"]["max"]["workspace_bytes"]
-        settings = EngineSettings(profiles_from_report(onnx_path, report), max(int(ws) * 2, 256 << 20))
+        settings = EngineSettings(profiles_from_report(onnx_path, report), max(int(ws) * 2, 256 << 20), imoe=imoe)
     register_plugins()
     gpu = torch.cuda.get_device_name()
     key = cache_key(onnx_path, settings, trt.__version__, gpu)
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "moec", "engines")
     cached = os.path.join(cache_dir, f"{key}.plan")
     engine_path = os.path.join(artifact_dir, "model.plan")
-    if os.path.exists(cached):
+    if os.path.exists(cached) and os.path.exists(cached + ".json"):
         shutil.copy2(cached, engine_path)
-        return {"path": "model.plan", "cache": "hit", "key": key}
+        with open(cached + ".json") as f:
+            return {**json.load(f), "cache": "hit"}
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(onnx_path):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineBuildError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
-    if settings.fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in settings.profiles.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-    timing_path = os.path.join(cache_dir, "timing.cache")
     os.makedirs(cache_dir, exist_ok=True)
-    timing = config.create_timing_cache(open(timing_path, "rb").read() if os.path.exists(timing_path) else b"")
-    config.set_timing_cache(timing, ignore_mismatch=False)
-    serialized = builder.build_serialized_network(network, config)
+    timing_path = os.path.join(cache_dir, "timing.cache")
+
+    def parse():
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(onnx_path):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise EngineBuildError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
+        return network, parser  # the parser owns weights the network points at: keep it alive
+
+    def build(network):
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
+        if settings.fp16:
+            config.set_flag(trt.BuilderFlag.FP16)
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in settings.profiles.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+        timing = config.create_timing_cache(open(timing_path, "rb").read() if os.path.exists(timing_path) else b"")
+        config.set_timing_cache(timing, ignore_mismatch=False)
+        return builder.build_serialized_network(network, config), config
+
+    why_not = cap.imoe_why_not if settings.imoe else "disabled (--no-imoe)"
+    network, parser = parse()
+    swap = ImoeSwap()
+    if why_not is None:
+        swap = swap_in_imoe_layers(network, onnx.load(onnx_path, load_external_data=False), trt)
+        log(f"IMoELayer: {len(swap.swapped)} experts layer(s) swapped in, {len(swap.refused)} kept as plugins")
+    serialized, config = build(network)
+    if serialized is None and swap.swapped:
+        swap.fallback = ("TensorRT could not build the engine with IMoELayers (see its log above); "
+                         "built with the experts plugin instead")
+        log(swap.fallback)
+        swap.swapped = []
+        network, parser = parse()
+        serialized, config = build(network)
     if serialized is None:
         raise EngineBuildError("TensorRT failed to build the engine (see the TensorRT log above).")
     with open(engine_path, "wb") as f:
         f.write(serialized)
-    shutil.copy2(engine_path, cached)
     with open(timing_path, "wb") as f:
         f.write(config.get_timing_cache().serialize())
-    return {"path": "model.plan", "cache": "miss", "key": key}
+    result = {"path": "model.plan", "key": key,
+              "imoe": {"available": why_not is None, "why_not": why_not, **swap.to_dict()}}
+    shutil.copy2(engine_path, cached)
+    with open(cached + ".json", "w") as f:
+        json.dump(result, f)
+    return {**result, "cache": "miss"}
+
+
+def run_engine(engine_path: str, feeds: dict) -> dict:
+    """Run a built engine once on numpy `feeds`; numpy outputs by name (needs TensorRT and a GPU)."""
+    cap = capability()
+    if not (cap.tensorrt and cap.gpu):
+        raise EngineBuildError(f"cannot run a TensorRT engine here: {cap.reason}")
+    import numpy as np  # pragma: no cover - needs TensorRT and a GPU
+    import tensorrt as trt
+    import torch
+
+    from moec.plugins.tensorrt_plugin import register_plugins
+
+    register_plugins()  # the JIT plugin's Python implementation runs inside the engine
+    to_torch = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+                trt.int32: torch.int32, trt.int64: torch.int64, trt.int8: torch.int8, trt.uint8: torch.uint8,
+                trt.bool: torch.bool}
+    with open(engine_path, "rb") as f:
+        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(f.read())
+    if engine is None:
+        raise EngineBuildError(f"TensorRT could not load '{engine_path}' (built by another TensorRT version or GPU?)")
+    ctx = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    if set(inputs) != set(feeds):
+        raise EngineBuildError(f"inputs {sorted(feeds)} do not match the engine's {sorted(inputs)}")
+    tensors = {}
+    for name in inputs:
+        t = torch.from_numpy(np.ascontiguousarray(feeds[name])).to("cuda", to_torch[engine.get_tensor_dtype(name)])
+        ctx.set_input_shape(name, tuple(t.shape))
+        tensors[name] = t
+    for name in names:
+        if name not in tensors:
+            shape = tuple(ctx.get_tensor_shape(name))
+            tensors[name] = torch.empty(shape, dtype=to_torch[engine.get_tensor_dtype(name)], device="cuda")
+        ctx.set_tensor_address(name, tensors[name].data_ptr())
+    stream = torch.cuda.Stream()
+    if not ctx.execute_async_v3(stream.cuda_stream):
+        raise EngineBuildError(f"TensorRT failed to run '{engine_path}'")
+    stream.synchronize()
+    return {n: tensors[n].cpu().numpy() for n in names if n not in inputs}

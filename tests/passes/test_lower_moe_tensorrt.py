@@ -14,9 +14,12 @@ from moec import zoo
 from moec.pipeline import CompileOptions, compile
 from moec.plugin_reference import substitute_plugins
 from moec.passes.lower_moe_tensorrt import PLUGIN
+from moec.targets.tensorrt_imoe import imoe_refusal, plugin_fields
 
 pytestmark = pytest.mark.slow
 
+# why a family's plugin nodes stay plugins on SM100+ instead of becoming IMoELayers (None: they can)
+IMOE_REFUSAL = {"gpt_oss": "activation 'swiglu'", "llama4": "Llama4"}
 LAYERS = {"mixtral": 2, "qwen2_moe": 2, "qwen3_moe": 2, "deepseek_v3": 2, "olmoe": 2, "gpt_oss": 2,
           "granitemoe": 2, "phimoe": 2, "llama4": 1}
 
@@ -42,6 +45,8 @@ def test_family_becomes_one_plugin_node_per_layer(family, out_dir):
         a = _attrs(n)
         assert n.domain == PLUGIN.domain and a["plugin_namespace"] == b"moec" and a["plugin_version"] == b"2"
         assert len(n.input) == 12 and a["quant_bits"] == 0 and "aot" not in a
+        refusal = imoe_refusal(plugin_fields(n))
+        assert refusal is None if family not in IMOE_REFUSAL else IMOE_REFUSAL[family] in refusal
     numerics = result.report["numerics"]
     assert numerics["passed"] and "reference subgraph" in numerics["evaluated_as"]
     assert max(r["rel_l2"] for r in numerics["inputs"]) < 1e-4

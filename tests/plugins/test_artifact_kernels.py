@@ -9,7 +9,6 @@ impl/aot_impl read them, agree with that reference on the same node.
 import os
 import sys
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -23,7 +22,7 @@ from moec.pipeline import CompileOptions, compile  # noqa: E402
 from moec.plugin_reference import substitute_plugins  # noqa: E402
 from moec.plugin_spec import PLUGIN  # noqa: E402
 from moec.plugins.moe_experts_fused import moe_experts_fused  # noqa: E402
-from moec.plugins.moe_experts_triton import PackedExpertWeight, moe_experts_triton  # noqa: E402
+from moec.plugins.moe_experts_triton import DecodeConfig, PackedExpertWeight, moe_experts_triton  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "property"))
 from reference_moe import MoEConfig, ReferenceMoE  # noqa: E402
@@ -104,7 +103,9 @@ def test_kernels_fed_the_artifact_agree_with_its_reference(quant, activation, ga
             bool(a["gated"]), a["alpha"], a["beta"], a["limit"] if a["limit"] > 0 else float("inf"),
             bool(a["weight_on_input"]))
     jit = moe_experts_triton(*args, accumulate_into=acc.clone())
+    decode = moe_experts_triton(*args, accumulate_into=acc.clone(), config=DecodeConfig(16, 32, 16, 32))
     aot = moe_experts_fused(*args, accumulator=acc.clone())
     assert compare_tensors(expected, jit).rel_l2 < 1e-5
+    assert compare_tensors(expected, decode).rel_l2 < 1e-5
     assert compare_tensors(expected, aot).rel_l2 < 1e-5
     assert compare_tensors(expected, acc).rel_l2 > 1e-2  # the experts contributed something

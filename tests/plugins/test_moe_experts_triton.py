@@ -10,10 +10,16 @@ pytest.importorskip("triton", reason="the Triton kernel language is a test depen
 
 from moec.ops import experts_reference  # noqa: E402
 from moec.numerics import compare_tensors  # noqa: E402
-from moec.plugins.moe_experts_triton import TileConfig, align_by_expert, moe_experts_triton  # noqa: E402
+from moec.plugins.moe_experts_triton import (  # noqa: E402
+    DecodeConfig, TileConfig, align_by_expert, default_config, moe_experts_triton,
+)
 
 # conftest.py: MOEC_KERNEL_TESTS_ON_GPU=1 compiles the kernels for a GPU instead of interpreting them
 DEVICE = "cuda" if os.environ.get("MOEC_KERNEL_TESTS_ON_GPU") == "1" else "cpu"
+
+# the two implementations behind moe_experts_triton: sorted grouped GEMMs, and the decode kernels
+# (small K tiles so the interpreter's small shapes span several)
+PATHS = [pytest.param(TileConfig(), id="sorted"), pytest.param(DecodeConfig(16, 32, 16, 32), id="decode")]
 
 
 def _case(tokens, hidden, inter, experts, k, gated, bias, dtype, seed=0):
@@ -38,29 +44,33 @@ def _ref(x, ids, w, w1, w2, b1, b2, act, gated, alpha=1.0, beta=0.0, limit=math.
 @pytest.mark.parametrize("tokens,hidden,inter,experts,k", [(1, 32, 32, 4, 2), (5, 64, 48, 8, 2), (33, 32, 32, 1, 1),
                                                           (9, 64, 32, 8, 4)])
 @pytest.mark.parametrize("act,gated", [("silu", True), ("gelu_tanh", True), ("relu", False), ("gelu", False)])
-def test_kernels_match_reference_fp32(tokens, hidden, inter, experts, k, act, gated):
+@pytest.mark.parametrize("cfg", PATHS)
+def test_kernels_match_reference_fp32(tokens, hidden, inter, experts, k, act, gated, cfg):
     case = _case(tokens, hidden, inter, experts, k, gated, bias=tokens % 2 == 1, dtype=torch.float32)
-    got = moe_experts_triton(*case, activation=act, gated=gated)
+    got = moe_experts_triton(*case, activation=act, gated=gated, config=cfg)
     assert compare_tensors(_ref(*case, act, gated), got).rel_l2 < 1e-4
 
 
-def test_gpt_oss_clamped_swiglu_with_biases():
+@pytest.mark.parametrize("cfg", PATHS)
+def test_gpt_oss_clamped_swiglu_with_biases(cfg):
     case = _case(7, 32, 32, 4, 2, gated=True, bias=True, dtype=torch.float32, seed=3)
     x = case[0] * 4  # make the clamp bite
     case = (x,) + case[1:]
-    got = moe_experts_triton(*case, activation="swiglu", gated=True, alpha=1.702, beta=1.0, limit=7.0)
+    got = moe_experts_triton(*case, activation="swiglu", gated=True, alpha=1.702, beta=1.0, limit=7.0, config=cfg)
     assert compare_tensors(_ref(*case, "swiglu", True, 1.702, 1.0, 7.0), got).rel_l2 < 1e-4
 
 
-def test_weight_on_input_llama4():
-    case = _case(6, 32, 32, 4, 1, gated=True, bias=False, dtype=torch.float32, seed=5)
-    got = moe_experts_triton(*case, activation="silu", gated=True, weight_on_input=True)
+@pytest.mark.parametrize("cfg", PATHS)
+def test_weight_on_input_llama4(cfg):
+    case = _case(6, 32, 32, 4, 1, gated=True, bias=True, dtype=torch.float32, seed=5)
+    got = moe_experts_triton(*case, activation="silu", gated=True, weight_on_input=True, config=cfg)
     assert compare_tensors(_ref(*case, "silu", True, woi=True), got).rel_l2 < 1e-4
 
 
-def test_fp16_inputs():
+@pytest.mark.parametrize("cfg", PATHS)
+def test_fp16_inputs(cfg):
     case = _case(12, 64, 32, 4, 2, gated=True, bias=True, dtype=torch.float16, seed=7)
-    got = moe_experts_triton(*case, activation="silu", gated=True)
+    got = moe_experts_triton(*case, activation="silu", gated=True, config=cfg)
     assert got.dtype == torch.float16
     assert compare_tensors(_ref(*case, "silu", True), got.float()).rel_l2 < 1e-2
 
@@ -111,12 +121,14 @@ def _packed(w: torch.Tensor, bits: int, block, symmetric: bool):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("block,symmetric", [(16, True), (32, False), (None, True), (None, False)])
-def test_in_kernel_dequantization_matches_dequantized_reference(bits, block, symmetric):
-    x, ids, w, w1, w2, b1, b2 = _case(11, 64, 32, 4, 2, gated=True, bias=True, dtype=torch.float32, seed=bits)
+@pytest.mark.parametrize("cfg", PATHS)
+def test_in_kernel_dequantization_matches_dequantized_reference(bits, block, symmetric, cfg):
+    # hidden 96: per-row groups of 96 make K tiles of 32 (one scale a tile), the last one partial for 64
+    x, ids, w, w1, w2, b1, b2 = _case(11, 96, 32, 4, 2, gated=True, bias=True, dtype=torch.float32, seed=bits)
     p1, p2 = _packed(w1, bits, block, symmetric), _packed(w2, bits, block, symmetric)
     d1, d2 = p1.dequantize(), p2.dequantize()
     assert compare_tensors(w1, d1).rel_l2 < (0.2 if bits == 4 else 0.02)  # it is quantized, not garbage
-    got = moe_experts_triton(x, ids, w, p1, p2, b1, b2, activation="silu", gated=True)
+    got = moe_experts_triton(x, ids, w, p1, p2, b1, b2, activation="silu", gated=True, config=cfg)
     ref = _ref(x, ids, w, d1, d2, b1, b2, "silu", True)
     assert compare_tensors(ref, got).rel_l2 < 1e-5
 
@@ -190,7 +202,6 @@ def _aot_case(dtype, quant_bits=0):
 
 def test_aot_compiles_to_ptx_in_tensorrt_launch_order():
     """What aot_impl returns: PTX whose entry takes the plugin's inputs, the token count, the output."""
-    import re
     import subprocess
     import sys
 
@@ -257,11 +268,39 @@ def test_fused_kernel_refuses_int4_groups_of_16():
         moe_experts_fused(x, ids, w, _packed(w1, 4, 16, True), _packed(w2, 4, 16, True))
 
 
-def test_sorted_kernels_add_into_an_accumulator():
+@pytest.mark.parametrize("cfg", PATHS)
+def test_kernels_add_into_an_accumulator(cfg):
     case = _case(7, 32, 32, 4, 2, gated=True, bias=False, dtype=torch.float32, seed=2)
     start = torch.randn(7, 32).to(DEVICE)
-    got = moe_experts_triton(*case, activation="silu", gated=True, accumulate_into=start.clone())
+    got = moe_experts_triton(*case, activation="silu", gated=True, accumulate_into=start.clone(), config=cfg)
     assert compare_tensors(start + _ref(*case, "silu", True), got).rel_l2 < 1e-4
+
+
+def test_decode_config_runs_the_decode_kernels_up_to_max_pairs_only(monkeypatch):
+    import moec.plugins.moe_experts_decode as decode
+
+    calls = []
+    real = decode.moe_experts_decode
+    monkeypatch.setattr(decode, "moe_experts_decode", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    cfg = DecodeConfig(16, 32, 16, 32, max_pairs=8)
+    for tokens in (4, 5):  # 8 pairs: decode; 10 pairs: the sorted kernels
+        case = _case(tokens, 32, 32, 4, 2, gated=True, bias=True, dtype=torch.float32, seed=tokens)
+        got = moe_experts_triton(*case, activation="silu", gated=True, config=cfg)
+        assert compare_tensors(_ref(*case, "silu", True), got).rel_l2 < 1e-4
+    assert calls == [(4, 32)]
+
+
+def test_decode_kernels_are_deterministic():
+    """One program owns each output element and sums the slots in order (no atomics)."""
+    case = _case(3, 64, 32, 8, 4, gated=True, bias=True, dtype=torch.float32, seed=13)
+    runs = [moe_experts_triton(*case, activation="silu", gated=True, config=DecodeConfig(16, 32, 16, 32))
+            for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+def test_default_config_by_pair_count():
+    assert default_config(8).block_m == 16 and default_config(512 * 8).block_m == 64
+    assert default_config(4096 * 8).block_m == 128
 
 
 @pytest.mark.parametrize("one_program", [True, False])

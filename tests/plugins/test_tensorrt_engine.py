@@ -50,15 +50,28 @@ def test_profiles_come_from_the_memory_plan_and_build_engine_explains(tmp_path):
         assert r.returncode == 20 and "cannot build a TensorRT engine here" in r.stderr
 
 
-@pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed here (PyPI's tensorrt needs NVIDIA's index, "
-                                         "which this network can't reach); runs on GPU hosts")
-def test_engine_builds_and_matches_onnxruntime(tmp_path):  # pragma: no cover
+NO_ENGINE_HOST = "TensorRT is not installed here (PyPI's tensorrt needs NVIDIA's index and a GPU host); runs there"
+
+
+@pytest.mark.skipif(not (HAVE_TRT and capability().gpu), reason=NO_ENGINE_HOST)
+@pytest.mark.parametrize("imoe", [True, False])
+def test_engine_builds_and_matches_golden_outputs(tmp_path, imoe):  # pragma: no cover - GPU hosts only
+    """The engine (IMoELayer where the GPU has it, else the plugin) reproduces eager PyTorch's outputs."""
     from moec.pipeline import CompileOptions, compile
     from moec.targets.tensorrt_engine import build_engine
+    from moec.verify import verify
 
     res = compile(source="moec.zoo:qwen3_moe", options=CompileOptions(out=str(tmp_path / "a"), target="tensorrt"))
-    out = build_engine(res.out_dir, cache_dir=str(tmp_path / "cache"))
-    assert os.path.exists(os.path.join(res.out_dir, out["path"]))
+    out = build_engine(res.out_dir, cache_dir=str(tmp_path / "cache"), imoe=imoe)
+    assert os.path.exists(os.path.join(res.out_dir, out["path"])) and out["cache"] == "miss"
+    if not imoe:
+        assert out["imoe"]["swapped"] == [] and "disabled" in out["imoe"]["why_not"]
+    elif capability().imoe_layer and not out["imoe"]["fallback"]:
+        assert len(out["imoe"]["swapped"]) == 2  # qwen3_moe's two SiLU MoE layers
+    result = verify(res.out_dir, engine=True)
+    assert result.passed, [c.reason for c in result.checks if not c.passed]
+    again = build_engine(res.out_dir, cache_dir=str(tmp_path / "cache"), imoe=imoe)
+    assert again["cache"] == "hit" and again["key"] == out["key"] and again["imoe"] == out["imoe"]
 
 
 def test_autotune_types_cover_every_plugin_input_and_the_output():

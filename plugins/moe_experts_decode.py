@@ -1,0 +1,156 @@
+"""The experts plugin's decode kernels: two matrix-vector launches, no sort, no atomics.
+
+At decode (a handful of tokens) every (token, slot) pair is its own row, so the sorted path's
+alignment launch, its 16-row tensor-core tiles that are one row full, the zero-fill and the final
+cast buy nothing. Here:
+  1. `_gate_up_rows`: program (pair, BLOCK_N columns of I) reads the pair's expert id from topk_ids
+     and streams that expert's gate and up rows against the token -> h [T*k, I] (+ biases,
+     activation);
+  2. `_down_rows`: program (token, BLOCK_N columns of H) loops over the token's k slots, streams
+     each expert's down rows against h, weights and sums them in registers, and writes the token's
+     output once in its final dtype (or adds into the fp32 accumulator the TensorRT plugin aliases).
+One program owns each output element, so the result is deterministic (the sorted path's atomic
+combine is not). Quantized weights are dequantized per tile as the sorted kernels do, but without
+unpacking nibbles into the tile's order: the low and high nibbles meet the even and odd inputs,
+and the zero point is subtracted once per column, sum((c - z) x) = sum(c x) - z sum(x).
+
+Weight bytes are read once per pair: when tokens share an expert the rows are read again (from L2
+in practice), so this path is for small pair counts (`DecodeConfig.max_pairs`); above it
+moe_experts_triton falls back to the sorted kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from moec.plugins.moe_experts_triton import (
+    ACT_IDS, DecodeConfig, Weight, _block_k, _dot_dtype, _gate_up_epilogue, _weight_args, routed_rows,
+)
+
+
+@triton.jit
+def _row_times_tile(x_row, w_ptr, s_ptr, z_ptr, expert, cols, col_ok, k0, K, stride_we, stride_wn, group,
+                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, HAS_ZP: tl.constexpr):
+    """sum over k in [k0, k0 + BLOCK_K) of W[expert, cols, k] * x[k] -> [BLOCK_N] fp32.
+
+    Quantized tiles lie inside one quantization group (the wrapper picks BLOCK_K dividing it)."""
+    base = w_ptr + expert * stride_we + cols[None, :] * stride_wn
+    if BITS == 4:  # byte j holds columns 2j (low nibble) and 2j + 1 (high nibble)
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        kb_ok = kb < K // 2
+        byte = tl.load(base + kb[:, None], mask=col_ok[None, :] & kb_ok[:, None], other=0).to(tl.int32)
+        x_even = tl.load(x_row + 2 * kb, mask=kb_ok, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_row + 2 * kb + 1, mask=kb_ok, other=0.0).to(tl.float32)
+        cx = tl.sum((byte & 0xF).to(tl.float32) * x_even[:, None] + (byte >> 4).to(tl.float32) * x_odd[:, None],
+                    axis=0)
+        x_sum = tl.sum(x_even, axis=0) + tl.sum(x_odd, axis=0)
+    else:
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        w = tl.load(base + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0).to(tl.float32)
+        x = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)
+        cx = tl.sum(w * x[:, None], axis=0)
+        x_sum = tl.sum(x, axis=0)
+    if BITS == 0:
+        out = cx
+    else:
+        # scales / zero points: [E, N, K / group] contiguous; N = stride_we / stride_wn
+        sidx = (expert * (stride_we // stride_wn) + cols) * (K // group) + k0 // group
+        scale = tl.load(s_ptr + sidx, mask=col_ok, other=0.0).to(tl.float32)
+        if HAS_ZP:
+            zp = tl.load(z_ptr + sidx, mask=col_ok, other=0).to(tl.float32)
+        else:
+            zp = float(1 << (BITS - 1))
+        out = (cx - zp * x_sum) * scale
+    return out
+
+
+@triton.jit
+def _gate_up_rows(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, b_ptr, h_ptr,
+                  K, I, ROWS_PER_TOKEN, stride_we, stride_wn, stride_be, group, alpha, beta, limit,
+                  GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr,
+                  BITS: tl.constexpr, HAS_ZP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pair = tl.program_id(0)
+    expert = tl.load(ids_ptr + pair)
+    x_row = x_ptr + (pair // ROWS_PER_TOKEN) * K
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < I
+    acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        acc_g += _row_times_tile(x_row, w_ptr, s_ptr, z_ptr, expert, cols, col_ok, k0, K, stride_we, stride_wn,
+                                 group, BLOCK_K, BLOCK_N, BITS, HAS_ZP)
+        if GATED:
+            acc_u += _row_times_tile(x_row, w_ptr, s_ptr, z_ptr, expert, cols + I, col_ok, k0, K, stride_we,
+                                     stride_wn, group, BLOCK_K, BLOCK_N, BITS, HAS_ZP)
+    h = _gate_up_epilogue(acc_g[None, :], acc_u[None, :], b_ptr, expert * stride_be, I, cols, col_ok, alpha, beta,
+                          limit, GATED, ACT, HAS_BIAS, CLAMP)
+    tl.store(h_ptr + pair * I + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=col_ok[None, :])
+
+
+@triton.jit
+def _down_rows(h_ptr, ids_ptr, wts_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+               I, H, TOPK, stride_we, stride_wn, stride_be, group,
+               HAS_BIAS: tl.constexpr, SCALE_OUT: tl.constexpr, ACCUMULATE: tl.constexpr,
+               BITS: tl.constexpr, HAS_ZP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < H
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for slot in range(TOPK):  # in slot order: the sum is the same every run
+        pair = token * TOPK + slot
+        expert = tl.load(ids_ptr + pair)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            acc += _row_times_tile(h_ptr + pair * I, w_ptr, s_ptr, z_ptr, expert, cols, col_ok, k0, I, stride_we,
+                                   stride_wn, group, BLOCK_K, BLOCK_N, BITS, HAS_ZP)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + expert * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if SCALE_OUT:
+            acc = acc * tl.load(wts_ptr + pair).to(tl.float32)
+        total += acc
+    dst = out_ptr + token * H + cols
+    if ACCUMULATE:
+        total += tl.load(dst, mask=col_ok, other=0.0)
+    tl.store(dst, total.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+def moe_experts_decode(hidden, topk_ids, topk_weights, w_gate_up: Weight, w_down: Weight, b_gate_up=None,
+                       b_down=None, activation: str = "silu", gated: bool = True, alpha: float = 1.0,
+                       beta: float = 0.0, limit: float = math.inf, weight_on_input: bool = False,
+                       config: Optional[DecodeConfig] = None, accumulate_into: Optional[torch.Tensor] = None
+                       ) -> torch.Tensor:
+    """moec.experts semantics (see moec/ops.py) in two launches; [T, H] in hidden's dtype, or added
+    into `accumulate_into` (fp32 [T, H]). Any pair count works; it is fast for small ones."""
+    cfg = config or DecodeConfig()
+    tokens, hsize = hidden.shape
+    k = topk_ids.shape[1]
+    w1, s1, z1, se1, sn1, g1, bits1, zp1, _ = _weight_args(w_gate_up)
+    w2, s2, z2, se2, sn2, g2, bits2, zp2, (_, _, inter) = _weight_args(w_down)
+    _, h_dtype, _ = _dot_dtype(hidden.dtype)
+    x, rows_per_token = routed_rows(hidden, topk_weights, weight_on_input)
+    ids = topk_ids.contiguous()
+    out = accumulate_into if accumulate_into is not None else torch.empty_like(hidden)
+    h = torch.empty((tokens * k, inter), dtype=h_dtype, device=hidden.device)
+    b1 = b_gate_up.contiguous() if b_gate_up is not None else h  # stand-in pointers when absent
+    b2 = b_down.contiguous() if b_down is not None else h
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _gate_up_rows[(tokens * k, triton.cdiv(inter, cfg.block_n))](
+        x, ids, w1, s1, z1, b1, h,
+        hsize, inter, rows_per_token, se1, sn1, b1.stride(0) if b_gate_up is not None else 0, g1,
+        float(alpha), float(beta), float(limit) if math.isfinite(limit) else 0.0,
+        GATED=gated, ACT=ACT_IDS[activation], HAS_BIAS=b_gate_up is not None, CLAMP=math.isfinite(limit),
+        BITS=bits1, HAS_ZP=zp1, BLOCK_N=cfg.block_n, BLOCK_K=_block_k(cfg.block_k, bits1, g1), **launch,
+    )
+    _down_rows[(tokens, triton.cdiv(hsize, cfg.down_block_n))](
+        h, ids, topk_weights.contiguous(), w2, s2, z2, b2, out,
+        inter, hsize, k, se2, sn2, b2.stride(0) if b_down is not None else 0, g2,
+        HAS_BIAS=b_down is not None, SCALE_OUT=not weight_on_input, ACCUMULATE=accumulate_into is not None,
+        BITS=bits2, HAS_ZP=zp2, BLOCK_N=cfg.down_block_n, BLOCK_K=_block_k(cfg.down_block_k, bits2, g2), **launch,
+    )
+    return out

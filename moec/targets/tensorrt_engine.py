@@ -164,17 +164,23 @@ def build_engine(artifact_dir: str, settings: Optional[EngineSettings] = None, c
 
     why_not = cap.imoe_why_not if settings.imoe else "disabled (--no-imoe)"
     network, parser = parse()
-    swap = ImoeSwap()
+    swap, serialized = ImoeSwap(), None
     if why_not is None:
-        swap = swap_in_imoe_layers(network, onnx.load(onnx_path, load_external_data=False), trt)
-        log(f"IMoELayer: {len(swap.swapped)} experts layer(s) swapped in, {len(swap.refused)} kept as plugins")
-    serialized, config = build(network)
-    if serialized is None and swap.swapped:
-        swap.fallback = ("TensorRT could not build the engine with IMoELayers (see its log above); "
-                         "built with the experts plugin instead")
-        log(swap.fallback)
-        swap.swapped = []
-        network, parser = parse()
+        failure = None
+        try:
+            swap = swap_in_imoe_layers(network, onnx.load(onnx_path, load_external_data=False), trt)
+            log(f"IMoELayer: {len(swap.swapped)} experts layer(s) swapped in, {len(swap.refused)} kept as plugins")
+            if swap.swapped:
+                serialized, config = build(network)
+                failure = None if serialized is not None else "the builder returned no engine (see its log above)"
+        except Exception as exc:  # an API TensorRT documents but this build lacks, a layer it rejects ...
+            failure = f"{type(exc).__name__}: {exc}"
+        if failure:
+            swap = ImoeSwap(refused=swap.refused, fallback=f"TensorRT could not build the engine with IMoELayers "
+                                                            f"({failure}); built with the experts plugin instead")
+            log(swap.fallback)
+            network, parser = parse()  # a fresh network: the failed one may be half rewritten
+    if serialized is None:
         serialized, config = build(network)
     if serialized is None:
         raise EngineBuildError("TensorRT failed to build the engine (see the TensorRT log above).")

@@ -161,11 +161,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
-    from moec.targets.tensorrt_engine import build_engine
+    from moec.tensorrt_target import build_and_verify_engine
 
-    result = build_engine(args.dir, cache_dir=args.cache_dir, imoe=not args.no_imoe,
-                          log=lambda m: print(m, file=sys.stderr))
-    print(f"engine: {os.path.join(args.dir, result['path'])} (cache {result['cache']})")
+    result = build_and_verify_engine(args.dir, log=lambda m: print(m, file=sys.stderr),
+                                     imoe=False if args.no_imoe else None, cache_dir=args.cache_dir)
+    print(f"engine: {os.path.join(args.dir, result['path'])} (cache {result['cache']}); goldens: worst relative "
+          f"L2 {result['verified']['worst_rel_l2']:.3g} <= {result['verified']['tolerance']:g}")
     imoe = result["imoe"]
     if imoe["swapped"]:
         print(f"IMoELayer: {', '.join(imoe['swapped'])}")
@@ -226,10 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("dir", nargs="?", help="artifact directory (model.onnx); not needed with --server")
     v.add_argument("--golden", help="golden directory (default: DIR/golden)")
     v.add_argument("--junit", help="write JUnit XML here")
-    v.add_argument("--server", help="verify through a running Triton server at HOST:PORT (HTTP)")
+    where = v.add_mutually_exclusive_group()
+    where.add_argument("--server", help="verify through a running Triton server at HOST:PORT (HTTP)")
     v.add_argument("--model-name", help="model name on the server (default: moe_model)")
     v.add_argument("--tolerance", type=float, help="override the golden manifest's relative-L2 tolerance")
-    v.add_argument("--engine", action="store_true",
+    where.add_argument("--engine", action="store_true",
                    help="run DIR/model.plan (the TensorRT engine; needs TensorRT and a GPU) instead of model.onnx")
     v.set_defaults(func=cmd_verify)
 

@@ -135,7 +135,9 @@ def moe_experts_decode(hidden, topk_ids, topk_weights, w_gate_up: Weight, w_down
     _, h_dtype, _ = _dot_dtype(hidden.dtype)
     x, rows_per_token = routed_rows(hidden, topk_weights, weight_on_input)
     ids = topk_ids.contiguous()
-    out = accumulate_into if accumulate_into is not None else torch.empty_like(hidden)
+    # written as contiguous rows (empty_like would keep a transposed hidden's strides)
+    out = accumulate_into if accumulate_into is not None else torch.empty(
+        (tokens, hsize), dtype=hidden.dtype, device=hidden.device)
     h = torch.empty((tokens * k, inter), dtype=h_dtype, device=hidden.device)
     b1 = b_gate_up.contiguous() if b_gate_up is not None else h  # stand-in pointers when absent
     b2 = b_down.contiguous() if b_down is not None else h

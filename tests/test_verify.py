@@ -38,6 +38,8 @@ def test_engine_verification_says_what_is_missing(artifact, tmp_path):
 
     r = moec("verify", artifact, "--engine")
     assert r.returncode == 12 and "no TensorRT engine" in r.stderr and "moec build-engine" in r.stderr
+    r = moec("verify", artifact, "--engine", "--server", "127.0.0.1:1")
+    assert r.returncode == 2 and "not allowed with" in r.stderr
     cap = capability()
     if not (cap.tensorrt and cap.gpu):
         with_plan = str(tmp_path / "with_plan")

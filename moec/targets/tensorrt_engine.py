@@ -15,10 +15,10 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
-from moec.errors import MoecError
+from moec.errors import ArtifactError, MoecError, SignatureMismatchError
 
 
 class EngineBuildError(MoecError):
@@ -102,8 +102,9 @@ def profiles_from_report(onnx_path: str, report: dict) -> dict:
 
 
 def build_engine(artifact_dir: str, settings: Optional[EngineSettings] = None, cache_dir: Optional[str] = None,
-                 report: Optional[dict] = None, imoe: bool = True, log=print) -> dict:
+                 report: Optional[dict] = None, imoe: Optional[bool] = None, log=print) -> dict:
     """Build DIR/model.plan (or copy it from the engine cache); `report` defaults to DIR/report.json.
+    `imoe` (default: settings.imoe, True) allows the IMoELayer swap.
 
     Returns {"path", "cache": "hit"|"miss", "key", "imoe": {"available", "why_not", "swapped",
     "refused", "fallback"}}."""
@@ -124,7 +125,9 @@ def build_engine(artifact_dir: str, settings: Optional[EngineSettings] = None, c
             report = json.load(f)
     if settings is None:
         ws = report["memory"]["profiles"]["max"]["workspace_bytes"]
-        settings = EngineSettings(profiles_from_report(onnx_path, report), max(int(ws) * 2, 256 << 20), imoe=imoe)
+        settings = EngineSettings(profiles_from_report(onnx_path, report), max(int(ws) * 2, 256 << 20))
+    if imoe is not None:
+        settings = replace(settings, imoe=imoe)
     register_plugins()
     gpu = torch.cuda.get_device_name()
     key = cache_key(onnx_path, settings, trt.__version__, gpu)
@@ -214,24 +217,35 @@ def run_engine(engine_path: str, feeds: dict) -> dict:
     with open(engine_path, "rb") as f:
         engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(f.read())
     if engine is None:
-        raise EngineBuildError(f"TensorRT could not load '{engine_path}' (built by another TensorRT version or GPU?)")
+        raise ArtifactError(f"TensorRT could not load '{engine_path}' (built by another TensorRT version or for "
+                            "another GPU? rebuild it with `moec build-engine`)")
     ctx = engine.create_execution_context()
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
     if set(inputs) != set(feeds):
-        raise EngineBuildError(f"inputs {sorted(feeds)} do not match the engine's {sorted(inputs)}")
+        raise SignatureMismatchError(f"inputs {sorted(feeds)} do not match the engine's {sorted(inputs)}")
+
+    def dtype_of(name):
+        dt = engine.get_tensor_dtype(name)
+        if dt not in to_torch:
+            raise ArtifactError(f"engine tensor '{name}' has type {dt}, which moec can't feed or read")
+        return to_torch[dt]
+
     tensors = {}
     for name in inputs:
-        t = torch.from_numpy(np.ascontiguousarray(feeds[name])).to("cuda", to_torch[engine.get_tensor_dtype(name)])
-        ctx.set_input_shape(name, tuple(t.shape))
+        t = torch.from_numpy(np.ascontiguousarray(feeds[name])).to("cuda", dtype_of(name))
+        if not ctx.set_input_shape(name, tuple(t.shape)):
+            raise SignatureMismatchError(f"input '{name}' of shape {tuple(t.shape)} is outside the engine's "
+                                         f"optimization profile {engine.get_tensor_profile_shape(name, 0)}")
         tensors[name] = t
     for name in names:
         if name not in tensors:
-            shape = tuple(ctx.get_tensor_shape(name))
-            tensors[name] = torch.empty(shape, dtype=to_torch[engine.get_tensor_dtype(name)], device="cuda")
+            tensors[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=dtype_of(name), device="cuda")
         ctx.set_tensor_address(name, tensors[name].data_ptr())
     stream = torch.cuda.Stream()
     if not ctx.execute_async_v3(stream.cuda_stream):
         raise EngineBuildError(f"TensorRT failed to run '{engine_path}'")
     stream.synchronize()
-    return {n: tensors[n].cpu().numpy() for n in names if n not in inputs}
+    # numpy has no bfloat16: such outputs come back as float32 (the golden comparison then names the dtype)
+    return {n: (tensors[n].float() if tensors[n].dtype == torch.bfloat16 else tensors[n]).cpu().numpy()
+            for n in names if n not in inputs}

@@ -1,17 +1,22 @@
 """Swap moec's experts plugin for TensorRT's native IMoELayer where TensorRT and the GPU allow it.
 
-TensorRT >= 10.16 has `INetworkDefinition.add_moe` (IMoELayer) on SM100/SM103/SM110 GPUs. It is a
-network-API layer, not something the ONNX parser produces, so the engine builder parses moec's
-TensorRT ONNX (plugin nodes included) and then, for each experts plugin layer this module accepts:
+TensorRT >= 10.16 has `INetworkDefinition.add_moe` (IMoELayer) on SM100/SM103/SM110 GPUs. In 10.x it
+is a network-API layer the ONNX parser does not produce (11.0's parser adds a `TRT_MoE` custom op,
+not used here), so the engine builder parses moec's TensorRT ONNX (plugin nodes included) and then,
+for each experts plugin layer this module accepts:
   - adds an IMoELayer on the same hidden states, expert ids and scores (reshaped to [1, T, *]: the
     layer takes [batch, seq, *]), with the plugin's weights re-laid out by `IMOE_VIEWS`;
   - points every consumer of the plugin's output at the IMoELayer's output (cast to fp32, the
     plugin's output type); the plugin layer is then unused and the builder drops it.
 
-Accepted: gated experts with SiLU (MoEActType.SILU) or no activation (NONE), float weights, the
-weight applied to the output. Refused, with the reason, and left as plugins: other activations
-(GELU, ReLU, GPT-OSS's clamped SwiGLU, whose clamp TensorRT does not document), ungated experts,
-Llama4's weight-on-input, and moec's int4/int8 codes (IMoELayer quantizes with FP8/FP4 only).
+Accepted: gated experts with SiLU (MoEActType.SILU; TensorRT's header: "Currently only kSILU is
+supported"), float weights, the weight applied to the output. Refused, with the reason, and left as
+plugins: other activations (GELU, ReLU, an identity gate; GPT-OSS's clamped SwiGLU too: IMoELayer has
+`set_swiglu_params(limit, alpha, beta)` but documents no formula for them, so moec's exactness
+can't be argued), ungated experts, Llama4's weight-on-input, and moec's int4/int8 codes (IMoELayer
+quantizes with FP8/FP4 only). The layer takes tokens as [batch, seq]: moec passes [1, T], and
+TensorRT warns that its performance "is limited when seqLen > 16" — prefill-heavy engines may be
+faster with --no-imoe (untimed).
 
 The layout arithmetic (`IMOE_VIEWS`, `imoe_reference`) is plain numpy and tested everywhere; the
 network surgery needs TensorRT and an SM100+ GPU and has not run where moec is developed.
@@ -26,8 +31,8 @@ import numpy as np
 
 from moec.plugin_spec import PLUGIN
 
-# moec activation -> TensorRT MoEActType member name
-IMOE_ACTIVATIONS = {"silu": "SILU", "identity": "NONE"}
+# moec activation -> TensorRT MoEActType member name (TensorRT supports only SILU so far)
+IMOE_ACTIVATIONS = {"silu": "SILU"}
 
 
 def imoe_refusal(fields: dict) -> Optional[str]:
@@ -36,7 +41,7 @@ def imoe_refusal(fields: dict) -> Optional[str]:
     if not int(fields.get("gated", 1)):
         return "ungated experts (IMoELayer experts are GLUs)"
     if act not in IMOE_ACTIVATIONS:
-        return f"activation '{act}' (IMoELayer has SiLU and none)"
+        return f"activation '{act}' (IMoELayer supports SiLU only)"
     if int(fields.get("weight_on_input", 0)):
         return "routing weight applied to the input (Llama4); IMoELayer weights the output"
     if int(fields.get("quant_bits", 0)):
@@ -73,10 +78,10 @@ def imoe_views(inter: int) -> dict[str, tuple[str, View]]:
     }
 
 
-def imoe_reference(x: np.ndarray, ids: np.ndarray, scores: np.ndarray, w: dict, activation: str) -> np.ndarray:
+def imoe_reference(x: np.ndarray, ids: np.ndarray, scores: np.ndarray, w: dict) -> np.ndarray:
     """IMoELayer's documented computation on [T, H] tokens: out = sum_i score_i *
-    fcDown(fcUp(x) * act(fcGate(x))), fc(v) = v @ w + b, with `w` keyed like `imoe_views`."""
-    act = {"silu": lambda g: g / (1.0 + np.exp(-g)), "identity": lambda g: g}[activation]
+    fcDown(fcUp(x) * silu(fcGate(x))), fc(v) = v @ w + b, with `w` keyed like `imoe_views`."""
+    act = lambda g: g / (1.0 + np.exp(-g))  # noqa: E731
     out = np.zeros(x.shape, dtype=np.float64)
     for t in range(x.shape[0]):
         for e, s in zip(ids[t], scores[t]):

@@ -123,7 +123,7 @@ def _packed(w: torch.Tensor, bits: int, block, symmetric: bool):
 @pytest.mark.parametrize("block,symmetric", [(16, True), (32, False), (None, True), (None, False)])
 @pytest.mark.parametrize("cfg", PATHS)
 def test_in_kernel_dequantization_matches_dequantized_reference(bits, block, symmetric, cfg):
-    # hidden 96: per-row groups of 96 make K tiles of 32 (one scale a tile), the last one partial for 64
+    # hidden 96: per-row groups of 96 make K tiles of 32 (a tile must lie in one group), three of them
     x, ids, w, w1, w2, b1, b2 = _case(11, 96, 32, 4, 2, gated=True, bias=True, dtype=torch.float32, seed=bits)
     p1, p2 = _packed(w1, bits, block, symmetric), _packed(w2, bits, block, symmetric)
     d1, d2 = p1.dequantize(), p2.dequantize()
@@ -288,6 +288,32 @@ def test_decode_config_runs_the_decode_kernels_up_to_max_pairs_only(monkeypatch)
         got = moe_experts_triton(*case, activation="silu", gated=True, config=cfg)
         assert compare_tensors(_ref(*case, "silu", True), got).rel_l2 < 1e-4
     assert calls == [(4, 32)]
+
+
+@pytest.mark.parametrize("cfg", PATHS)
+def test_partial_column_and_k_tiles(cfg):
+    """H=40, I=24: the last column tile of both kernels and the last K tile are partly masked."""
+    case = _case(3, 40, 24, 4, 2, gated=True, bias=True, dtype=torch.float32, seed=17)
+    got = moe_experts_triton(*case, activation="silu", gated=True, config=cfg)
+    assert compare_tensors(_ref(*case, "silu", True), got).rel_l2 < 1e-5
+
+
+@pytest.mark.parametrize("cfg", [TileConfig(), DecodeConfig(32, 32, 32, 32)], ids=["sorted", "decode"])
+def test_partial_column_tiles_quantized(cfg):
+    """int4 groups must be multiples of 16 columns, so H=I=48 with 32-wide column tiles: the last is half empty."""
+    x, ids, w, w1, w2, b1, b2 = _case(3, 48, 48, 4, 2, gated=True, bias=True, dtype=torch.float32, seed=17)
+    p1, p2 = _packed(w1, 4, None, False), _packed(w2, 4, 16, True)
+    got = moe_experts_triton(x, ids, w, p1, p2, b1, b2, activation="silu", gated=True, config=cfg)
+    ref = _ref(x, ids, w, p1.dequantize(), p2.dequantize(), b1, b2, "silu", True)
+    assert compare_tensors(ref, got).rel_l2 < 1e-5
+
+
+def test_decode_output_is_contiguous_for_a_transposed_input():
+    x, ids, w, w1, w2, b1, b2 = _case(5, 32, 32, 4, 2, gated=True, bias=False, dtype=torch.float32, seed=19)
+    xt = x.t().contiguous().t()  # same values, column-major strides
+    got = moe_experts_triton(xt, ids, w, w1, w2, activation="silu", gated=True, config=DecodeConfig(16, 32, 16, 32))
+    assert got.is_contiguous()
+    assert compare_tensors(_ref(x, ids, w, w1, w2, None, None, "silu", True), got).rel_l2 < 1e-4
 
 
 def test_decode_kernels_are_deterministic():

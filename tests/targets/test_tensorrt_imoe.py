@@ -7,15 +7,14 @@ import pytest
 import torch
 
 from moec.ops import experts_reference
-from moec.targets.tensorrt_engine import capability
+from moec.targets.tensorrt_engine import Capability, capability
 from moec.targets.tensorrt_imoe import View, imoe_reference, imoe_refusal, imoe_views
 
 SILU = dict(activation="silu", gated=1, weight_on_input=0, quant_bits=0)
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("activation", ["silu", "identity"])
-def test_views_give_imoe_the_plugins_experts(bias, activation):
+def test_views_give_imoe_the_plugins_experts(bias):
     """Plugin-layout weights through IMOE views, computed the way TensorRT documents IMoELayer,
     equal moec's experts op on the plugin layout."""
     g = torch.Generator().manual_seed(0)
@@ -28,11 +27,11 @@ def test_views_give_imoe_the_plugins_experts(bias, activation):
         plugin["b_gate_up"] = torch.randn(experts, 2 * inter, generator=g, dtype=torch.float64)
         plugin["b_down"] = torch.randn(experts, hidden, generator=g, dtype=torch.float64)
     want = experts_reference(x, ids, w.double(), plugin["w_gate_up"], plugin["w_down"], plugin.get("b_gate_up"),
-                             plugin.get("b_down"), activation, True, 1.0, 0.0, math.inf, False)
+                             plugin.get("b_down"), "silu", True, 1.0, 0.0, math.inf, False)
     imoe = {name: view.apply(plugin[src].numpy()) for name, (src, view) in imoe_views(inter).items() if src in plugin}
     assert imoe["fc_gate_weights"].shape == (experts, hidden, inter)  # [numExperts, hiddenSize, moeInterSize]
     assert imoe["fc_down_weights"].shape == (experts, inter, hidden)
-    got = imoe_reference(x.numpy(), ids.numpy(), w.double().numpy(), imoe, activation)
+    got = imoe_reference(x.numpy(), ids.numpy(), w.double().numpy(), imoe)
     # experts_reference computes in fp32; a wrong layout is off by O(1) (see the next test)
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
 
@@ -48,7 +47,7 @@ def test_swapped_gate_and_up_would_be_caught():
     right = {n: view.apply(w13 if src == "w_gate_up" else w2) for n, (src, view) in v.items() if src != "b_gate_up"
              and src != "b_down"}
     wrong = dict(right, fc_gate_weights=right["fc_up_weights"], fc_up_weights=right["fc_gate_weights"])
-    assert not np.allclose(imoe_reference(x, ids, scores, right, "silu"), imoe_reference(x, ids, scores, wrong, "silu"))
+    assert not np.allclose(imoe_reference(x, ids, scores, right), imoe_reference(x, ids, scores, wrong))
 
 
 def test_view_slices_then_permutes():
@@ -60,7 +59,7 @@ def test_view_slices_then_permutes():
 
 @pytest.mark.parametrize("change,reason", [
     (dict(), None),
-    (dict(activation="identity"), None),
+    (dict(activation="identity"), "activation 'identity'"),
     (dict(activation="gelu"), "activation 'gelu'"),
     (dict(activation="swiglu"), "activation 'swiglu'"),
     (dict(gated=0), "ungated"),
@@ -72,9 +71,19 @@ def test_which_plugin_nodes_qualify(change, reason):
     assert got is None if reason is None else reason in got
 
 
-def test_imoe_needs_tensorrt_and_sm100():
+@pytest.mark.parametrize("sm,has_add_moe,why", [
+    ((9, 0), True, "SM90"), ((12, 0), True, "SM120"), ((10, 0), False, "10.16"),
+    ((10, 0), True, None), ((10, 3), True, None), ((11, 0), True, None),
+])
+def test_imoe_needs_sm100_to_sm11x_and_tensorrt_10_16(sm, has_add_moe, why):
+    cap = Capability(True, True, sm, "", "10.15" if not has_add_moe else "10.16", has_add_moe)
+    assert cap.imoe_layer == (why is None)
+    assert cap.imoe_why_not is None if why is None else why in cap.imoe_why_not
+
+
+def test_imoe_unavailable_without_tensorrt_or_gpu():
+    assert Capability(False, False, None, "TensorRT is not installed").imoe_why_not == "TensorRT is not installed"
+    assert not Capability(True, False, None, "no CUDA GPU is visible", "10.16", True).imoe_layer
     cap = capability()
     if not (cap.tensorrt and cap.gpu):
-        assert not cap.imoe_layer
-    elif cap.sm < (10, 0):  # pragma: no cover - GPU hosts
-        assert not cap.imoe_layer
+        assert cap.imoe_why_not == cap.reason

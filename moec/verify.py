@@ -30,6 +30,14 @@ class VerifyResult:
     def passed(self) -> bool:
         return all(c.passed for c in self.checks)
 
+    @property
+    def worst_rel_l2(self) -> float:
+        return max(c.rel_l2 for c in self.checks)
+
+    @property
+    def failures(self) -> str:
+        return "; ".join(f"{c.probe}/{c.output}: {c.reason}" for c in self.checks if not c.passed)
+
 
 class OrtRunner:
     """The artifact in ONNX Runtime; TensorRT plugin nodes are evaluated by their reference subgraph."""
@@ -117,24 +125,20 @@ class EngineRunner:
     """The artifact's TensorRT engine (model.plan, from `moec build-engine`), on the GPU."""
 
     def __init__(self, artifact_dir: str):
-        from moec.targets.tensorrt_engine import capability
+        from moec.targets.tensorrt_engine import EngineSession
 
-        self.path = os.path.join(artifact_dir, "model.plan")
-        if not os.path.isfile(self.path):
+        path = os.path.join(artifact_dir, "model.plan")
+        if not os.path.isfile(path):
             raise ArtifactError(f"no TensorRT engine in '{artifact_dir}' (model.plan); build it with "
                                 f"`moec build-engine {artifact_dir}` on a GPU host")
-        cap = capability()
-        if not (cap.tensorrt and cap.gpu):
-            raise ArtifactError(f"cannot run the TensorRT engine '{self.path}' here: {cap.reason}")
-        self.name = f"tensorrt engine {self.path}"
+        self.session = EngineSession(path)  # loaded once for all probes
+        self.name = f"tensorrt engine {path}"
 
     def check_inputs(self, feeds) -> None:
-        pass  # run_engine compares the names with the engine's and casts to its input types
+        pass  # EngineSession.run compares the names with the engine's and casts to its input types
 
     def run(self, feeds):
-        from moec.targets.tensorrt_engine import run_engine
-
-        return run_engine(self.path, feeds)
+        return self.session.run(feeds)
 
 
 def verify(artifact_dir: Optional[str], golden_dir: Optional[str] = None, *, server: Optional[str] = None,
@@ -155,5 +159,4 @@ def verify(artifact_dir: Optional[str], golden_dir: Optional[str] = None, *, ser
 
 def raise_if_failed(result: VerifyResult) -> None:
     if not result.passed:
-        bad = [f"{c.probe}/{c.output}: {c.reason}" for c in result.checks if not c.passed]
-        raise NumericsMismatchError("verification failed: " + "; ".join(bad))
+        raise NumericsMismatchError("verification failed: " + result.failures)

@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from moec.plugins.moe_experts_triton import (
-    ACT_IDS, DecodeConfig, Weight, _block_k, _dot_dtype, _gate_up_epilogue, _weight_args, routed_rows,
+    ACT_IDS, DecodeConfig, Weight, _block_k, _dot_dtype, _gate_up_epilogue, _tile_scale_zero, _weight_args,
+    routed_rows,
 )
 
 
@@ -59,13 +60,8 @@ def _row_times_tile(x_row, w_ptr, s_ptr, z_ptr, expert, cols, col_ok, k0, K, str
     if BITS == 0:
         out = cx
     else:
-        # scales / zero points: [E, N, K / group] contiguous; N = stride_we / stride_wn
-        sidx = (expert * (stride_we // stride_wn) + cols) * (K // group) + k0 // group
-        scale = tl.load(s_ptr + sidx, mask=col_ok, other=0.0).to(tl.float32)
-        if HAS_ZP:
-            zp = tl.load(z_ptr + sidx, mask=col_ok, other=0).to(tl.float32)
-        else:
-            zp = float(1 << (BITS - 1))
+        scale, zp = _tile_scale_zero(s_ptr, z_ptr, expert, cols, col_ok, k0, K, stride_we, stride_wn, group,
+                                     BLOCK_N, BITS, HAS_ZP)
         out = (cx - zp * x_sum) * scale
     return out
 

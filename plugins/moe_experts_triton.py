@@ -271,6 +271,22 @@ def _gate_up_epilogue(acc_g, acc_u, b_ptr, bias_base, I, cols, col_ok, alpha, be
 
 
 @triton.jit
+def _tile_scale_zero(s_ptr, z_ptr, expert, cols, col_ok, k0, K, stride_we, stride_wn, group,
+                     BLOCK_N: tl.constexpr, BITS: tl.constexpr, HAS_ZP: tl.constexpr):
+    """(scale, zero point) per column, fp32 [BLOCK_N], of the quantization group holding column k0.
+
+    Scales / zero points are [E, N, K / group] contiguous (N = stride_we / stride_wn); symmetric
+    codes have the zero point 2^(bits-1)."""
+    sidx = (expert * (stride_we // stride_wn) + cols) * (K // group) + k0 // group
+    scale = tl.load(s_ptr + sidx, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_ZP:
+        zp = tl.load(z_ptr + sidx, mask=col_ok, other=0).to(tl.float32)
+    else:
+        zp = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.float32)
+    return scale, zp
+
+
+@triton.jit
 def _weight_tile(w_ptr, s_ptr, z_ptr, expert, cols, col_ok, k0, K, stride_we, stride_wn, group,
                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, HAS_ZP: tl.constexpr):
     """W[expert, cols, k0:k0+BLOCK_K] as a [BLOCK_K, BLOCK_N] tile: float, or dequantized codes.
@@ -291,14 +307,9 @@ def _weight_tile(w_ptr, s_ptr, z_ptr, expert, cols, col_ok, k0, K, stride_we, st
         else:
             ks = k0 + tl.arange(0, BLOCK_K)
             code = tl.load(base + ks[:, None], mask=col_ok[None, :] & (ks < K)[:, None], other=0).to(tl.int32)
-        # scales / zero points: [E, N, K / group] contiguous; N = stride_we / stride_wn
-        sidx = (expert * (stride_we // stride_wn) + cols) * (K // group) + k0 // group
-        scale = tl.load(s_ptr + sidx, mask=col_ok, other=0.0).to(tl.float32)
-        if HAS_ZP:
-            zp = tl.load(z_ptr + sidx, mask=col_ok, other=0).to(tl.float32)
-            w = (code.to(tl.float32) - zp[None, :]) * scale[None, :]
-        else:
-            w = (code.to(tl.float32) - float(1 << (BITS - 1))) * scale[None, :]
+        scale, zp = _tile_scale_zero(s_ptr, z_ptr, expert, cols, col_ok, k0, K, stride_we, stride_wn, group,
+                                     BLOCK_N, BITS, HAS_ZP)
+        w = (code.to(tl.float32) - zp[None, :]) * scale[None, :]
     return w
 
 

@@ -38,6 +38,16 @@ _REGISTERED = False
 FLOATS = "FP32|FP16|BF16"
 
 
+def torch_dtypes() -> dict:
+    """TensorRT DataType -> torch dtype, for the types moec's plugin and engine I/O use (needs TensorRT)."""
+    import tensorrt as trt
+    import torch
+
+    return {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+            trt.int32: torch.int32, trt.int64: torch.int64, trt.int8: torch.int8, trt.uint8: torch.uint8,
+            trt.bool: torch.bool}
+
+
 def type_combination(quant_bits: int) -> str:
     """AutoTuneCombination types, positionally: the 12 inputs of PLUGIN.inputs, then the output."""
     weights = "UINT8" if quant_bits else FLOATS
@@ -54,15 +64,13 @@ def register_plugins() -> str:
     plugin_id = f"{PLUGIN.namespace}::{PLUGIN.name}"
     if _REGISTERED:
         return plugin_id
-    import tensorrt as trt
     import tensorrt.plugin as trtp
     import torch
 
     from moec.plugins.moe_experts_fused import FUSED_CONFIGS, ExpertsLayout, compile_aot, plan_launch
     from moec.plugins.moe_experts_triton import TILE_CONFIGS, PackedExpertWeight, moe_experts_triton
 
-    to_torch = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-                trt.uint8: torch.uint8}
+    to_torch = torch_dtypes()
     tactics = list(range(1, max(len(TILE_CONFIGS), len(FUSED_CONFIGS)) + 1))
 
     @trtp.register(plugin_id)

@@ -5,7 +5,7 @@ workspace pool limit from the plan's kernel workspace, a timing cache is kept ne
 and engines are cached by a hash of the ONNX bytes, the settings, TensorRT's version and the GPU.
 On SM100/SM103/SM110 GPUs with TensorRT >= 10.16 the experts plugin layers TensorRT's IMoELayer
 can compute are swapped for it (moec/targets/tensorrt_imoe.py); if that build fails, the engine is
-built again with the plugin and the report says why. `run_engine` runs a built engine (verify --engine).
+built again with the plugin and the report says why. `EngineSession` runs a built engine (verify --engine).
 Everything TensorRT-specific sits behind `capability()`; nothing here runs without it.
 """
 
@@ -199,53 +199,58 @@ def build_engine(artifact_dir: str, settings: Optional[EngineSettings] = None, c
     return {**result, "cache": "miss"}
 
 
-def run_engine(engine_path: str, feeds: dict) -> dict:
-    """Run a built engine once on numpy `feeds`; numpy outputs by name (needs TensorRT and a GPU)."""
-    cap = capability()
-    if not (cap.tensorrt and cap.gpu):
-        raise EngineBuildError(f"cannot run a TensorRT engine here: {cap.reason}")
-    import numpy as np  # pragma: no cover - needs TensorRT and a GPU
-    import tensorrt as trt
-    import torch
+class EngineSession:
+    """A built engine, loaded once (deserialized, one execution context) and run on numpy feeds.
+    Needs TensorRT and a GPU; says why not otherwise (ArtifactError, exit 12)."""
 
-    from moec.plugins.tensorrt_plugin import register_plugins
+    def __init__(self, engine_path: str):
+        cap = capability()
+        if not (cap.tensorrt and cap.gpu):
+            raise ArtifactError(f"cannot run the TensorRT engine '{engine_path}' here: {cap.reason}")
+        import tensorrt as trt  # pragma: no cover - needs TensorRT and a GPU
+        import torch
 
-    register_plugins()  # the JIT plugin's Python implementation runs inside the engine
-    to_torch = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-                trt.int32: torch.int32, trt.int64: torch.int64, trt.int8: torch.int8, trt.uint8: torch.uint8,
-                trt.bool: torch.bool}
-    with open(engine_path, "rb") as f:
-        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(f.read())
-    if engine is None:
-        raise ArtifactError(f"TensorRT could not load '{engine_path}' (built by another TensorRT version or for "
-                            "another GPU? rebuild it with `moec build-engine`)")
-    ctx = engine.create_execution_context()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-    if set(inputs) != set(feeds):
-        raise SignatureMismatchError(f"inputs {sorted(feeds)} do not match the engine's {sorted(inputs)}")
+        from moec.plugins.tensorrt_plugin import register_plugins, torch_dtypes
 
-    def dtype_of(name):
-        dt = engine.get_tensor_dtype(name)
-        if dt not in to_torch:
+        register_plugins()  # the JIT plugin's Python implementation runs inside the engine
+        self.trt, self.torch, self.path, self.to_torch = trt, torch, engine_path, torch_dtypes()
+        with open(engine_path, "rb") as f:
+            self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(f.read())
+        if self.engine is None:
+            raise ArtifactError(f"TensorRT could not load '{engine_path}' (built by another TensorRT version or "
+                                "for another GPU? rebuild it with `moec build-engine`)")
+        self.context = self.engine.create_execution_context()
+        self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+
+    def _dtype(self, name):
+        dt = self.engine.get_tensor_dtype(name)
+        if dt not in self.to_torch:
             raise ArtifactError(f"engine tensor '{name}' has type {dt}, which moec can't feed or read")
-        return to_torch[dt]
+        return self.to_torch[dt]
 
-    tensors = {}
-    for name in inputs:
-        t = torch.from_numpy(np.ascontiguousarray(feeds[name])).to("cuda", dtype_of(name))
-        if not ctx.set_input_shape(name, tuple(t.shape)):
-            raise SignatureMismatchError(f"input '{name}' of shape {tuple(t.shape)} is outside the engine's "
-                                         f"optimization profile {engine.get_tensor_profile_shape(name, 0)}")
-        tensors[name] = t
-    for name in names:
-        if name not in tensors:
-            tensors[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=dtype_of(name), device="cuda")
-        ctx.set_tensor_address(name, tensors[name].data_ptr())
-    stream = torch.cuda.Stream()
-    if not ctx.execute_async_v3(stream.cuda_stream):
-        raise EngineBuildError(f"TensorRT failed to run '{engine_path}'")
-    stream.synchronize()
-    # numpy has no bfloat16: such outputs come back as float32 (the golden comparison then names the dtype)
-    return {n: (tensors[n].float() if tensors[n].dtype == torch.bfloat16 else tensors[n]).cpu().numpy()
-            for n in names if n not in inputs}
+    def run(self, feeds: dict) -> dict:  # pragma: no cover - needs TensorRT and a GPU
+        """numpy outputs by name for numpy `feeds` (cast to the engine's input types)."""
+        import numpy as np
+
+        torch, ctx = self.torch, self.context
+        if set(self.inputs) != set(feeds):
+            raise SignatureMismatchError(f"inputs {sorted(feeds)} do not match the engine's {sorted(self.inputs)}")
+        tensors = {}
+        for name in self.inputs:
+            t = torch.from_numpy(np.ascontiguousarray(feeds[name])).to("cuda", self._dtype(name))
+            if not ctx.set_input_shape(name, tuple(t.shape)):
+                raise SignatureMismatchError(f"input '{name}' of shape {tuple(t.shape)} is outside the engine's "
+                                             f"optimization profile {self.engine.get_tensor_profile_shape(name, 0)}")
+            tensors[name] = t
+        for name in self.names:
+            if name not in tensors:
+                tensors[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=self._dtype(name), device="cuda")
+            ctx.set_tensor_address(name, tensors[name].data_ptr())
+        stream = torch.cuda.Stream()
+        if not ctx.execute_async_v3(stream.cuda_stream):
+            raise EngineBuildError(f"TensorRT failed to run '{self.path}'")
+        stream.synchronize()
+        # numpy has no bfloat16: such outputs come back as float32 (the golden comparison then names the dtype)
+        return {n: (tensors[n].float() if tensors[n].dtype == torch.bfloat16 else tensors[n]).cpu().numpy()
+                for n in self.names if n not in self.inputs}

@@ -14,7 +14,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import onnx
 import onnxscript
 import torch
 from torch import nn

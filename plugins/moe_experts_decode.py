@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from moec.plugins.moe_experts_triton import (
-    ACT_IDS, DecodeConfig, Weight, _block_k, _dot_dtype, _gate_up_epilogue, _tile_scale_zero, _weight_args,
-    routed_rows,
+    ACT_IDS, DecodeConfig, Weight, _bias_args, _block_k, _dot_dtype, _gate_up_epilogue, _tile_scale_zero,
+    _weight_args, routed_rows,
 )
 
 
@@ -135,19 +135,19 @@ def moe_experts_decode(hidden, topk_ids, topk_weights, w_gate_up: Weight, w_down
     out = accumulate_into if accumulate_into is not None else torch.empty(
         (tokens, hsize), dtype=hidden.dtype, device=hidden.device)
     h = torch.empty((tokens * k, inter), dtype=h_dtype, device=hidden.device)
-    b1 = b_gate_up.contiguous() if b_gate_up is not None else h  # stand-in pointers when absent
-    b2 = b_down.contiguous() if b_down is not None else h
+    b1, sb1 = _bias_args(b_gate_up, h)
+    b2, sb2 = _bias_args(b_down, h)
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _gate_up_rows[(tokens * k, triton.cdiv(inter, cfg.block_n))](
         x, ids, w1, s1, z1, b1, h,
-        hsize, inter, rows_per_token, se1, sn1, b1.stride(0) if b_gate_up is not None else 0, g1,
+        hsize, inter, rows_per_token, se1, sn1, sb1, g1,
         float(alpha), float(beta), float(limit) if math.isfinite(limit) else 0.0,
         GATED=gated, ACT=ACT_IDS[activation], HAS_BIAS=b_gate_up is not None, CLAMP=math.isfinite(limit),
         BITS=bits1, HAS_ZP=zp1, BLOCK_N=cfg.block_n, BLOCK_K=_block_k(cfg.block_k, bits1, g1), **launch,
     )
     _down_rows[(tokens, triton.cdiv(hsize, cfg.down_block_n))](
         h, ids, topk_weights.contiguous(), w2, s2, z2, b2, out,
-        inter, hsize, k, se2, sn2, b2.stride(0) if b_down is not None else 0, g2,
+        inter, hsize, k, se2, sn2, sb2, g2,
         HAS_BIAS=b_down is not None, SCALE_OUT=not weight_on_input, ACCUMULATE=accumulate_into is not None,
         BITS=bits2, HAS_ZP=zp2, BLOCK_N=cfg.down_block_n, BLOCK_K=_block_k(cfg.down_block_k, bits2, g2), **launch,
     )

@@ -420,6 +420,14 @@ def _weight_args(w: Weight):
     return w, w, w, w.stride(0), w.stride(1), 1, 0, False, tuple(w.shape)
 
 
+def _bias_args(bias: Optional[torch.Tensor], stand_in: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(pointer, row stride) of an optional [E, N] bias; absent, a stand-in pointer HAS_BIAS=False never reads."""
+    if bias is None:
+        return stand_in, 0
+    bias = bias.contiguous()
+    return bias, bias.stride(0)
+
+
 def routed_rows(hidden: torch.Tensor, topk_weights: torch.Tensor, weight_on_input: bool):
     """(the rows the gate/up kernels read, how many (token, slot) pairs share a row).
 
@@ -467,13 +475,13 @@ def moe_experts_triton(hidden, topk_ids, topk_weights, w_gate_up: Weight, w_down
     capacity = sorted_ids.numel()
     x, rows_per_token = routed_rows(hidden, topk_weights, weight_on_input)
     h = torch.empty((capacity, inter), dtype=h_dtype, device=hidden.device)
-    b1 = b_gate_up.contiguous() if b_gate_up is not None else out  # dummy pointer when absent
-    b2 = b_down.contiguous() if b_down is not None else out
+    b1, sb1 = _bias_args(b_gate_up, out)
+    b2, sb2 = _bias_args(b_down, out)
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     grid1 = (capacity // cfg.block_m, triton.cdiv(inter, cfg.block_n))
     _gate_up_kernel[grid1](
         x, w1, s1, z1, b1, h, sorted_ids, block_expert,
-        hsize, inter, rows_per_token, se1, sn1, b1.stride(0) if b_gate_up is not None else 0, g1,
+        hsize, inter, rows_per_token, se1, sn1, sb1, g1,
         float(alpha), float(beta), float(limit) if math.isfinite(limit) else 0.0,
         GATED=gated, ACT=ACT_IDS[activation], HAS_BIAS=b_gate_up is not None, CLAMP=math.isfinite(limit),
         BITS=bits1, HAS_ZP=zp1, DOT=dot, PRECISION=precision,
@@ -482,7 +490,7 @@ def moe_experts_triton(hidden, topk_ids, topk_weights, w_gate_up: Weight, w_down
     grid2 = (capacity // cfg.block_m, triton.cdiv(hsize, cfg.block_n))
     _down_kernel[grid2](
         h, w2, s2, z2, b2, out, sorted_ids, block_expert, topk_weights.contiguous().float().reshape(-1),
-        inter, hsize, k, se2, sn2, b2.stride(0) if b_down is not None else 0, g2,
+        inter, hsize, k, se2, sn2, sb2, g2,
         HAS_BIAS=b_down is not None, SCALE_OUT=not weight_on_input, BITS=bits2, HAS_ZP=zp2, DOT=dot,
         PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=_block_k(cfg.block_k, bits2, g2),
         **launch,

@@ -6,7 +6,6 @@ import os
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import numpy_helper
 from safetensors.torch import load_file, save_file
 
@@ -28,7 +27,7 @@ def _packed_mixtral(path, spec):
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, 16, True), QuantSpec(8, None, False)])
 def test_packed_checkpoint_folds_exactly(spec, tmp_path):
-    names = _packed_mixtral(tmp_path / "ckpt", spec)
+    _packed_mixtral(tmp_path / "ckpt", spec)
     res = compile(source=str(tmp_path / "ckpt"), options=CompileOptions(out=str(tmp_path / "a")))
     assert res.report["quantization"]["spec"] == spec.name
     assert res.report["numerics"]["vs_dequantized_reference"]["passed"]

@@ -6,9 +6,8 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
-from moec.errors import (CaptureError, OutputExistsError, SourceError, UnsupportedOpError)
+from moec.errors import (OutputExistsError, SourceError, UnsupportedOpError)
 
 
 def moec(*args, cwd=None, env_extra=None):

@@ -5,9 +5,7 @@ At the torch level (moec.route + moec.experts) the property holds for every inpu
 without ties: ORT's TopK may break exact ties differently, which moec documents rather than hides.
 """
 
-import numpy as np
 import onnxruntime as ort
-import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st

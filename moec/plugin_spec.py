@@ -17,7 +17,9 @@ class PluginSpec:
 
     name: str = "MoeExperts"
     namespace: str = "moec"
-    version: str = "2"
+    # tensorrt.plugin registers every Python plugin as version "1" and the parser matches name, namespace
+    # and version exactly, so the version can't mark contract changes: a new contract needs a new name
+    version: str = "1"
     domain: str = "trt.plugins"  # TensorRT's parser keys on op_type + plugin_* attributes, not the domain
     inputs: tuple[str, ...] = ("hidden", "topk_ids", "topk_weights", "w_gate_up", "w_down", "b_gate_up", "b_down",
                                "s_gate_up", "z_gate_up", "s_down", "z_down", "accumulator")
@@ -48,8 +50,8 @@ class PluginSpec:
                 "accumulator": "float32 [T, H], zeros; the output aliases it",
             },
             "fields": dict(self.fields), "output": "float32 [T, H] (aliases accumulator)",
-            "onnx_only_attributes": {"aot": "int 1: ask TensorRT's parser for the AOT implementation "
-                                            "(engines that run without Python)"},
+            "onnx_only_attributes": {"aot": "int 1: TensorRT's parser asks for the AOT implementation (engines "
+                                            "that run without Python); 0: for the JIT one (Python in the process)"},
         }
 
 

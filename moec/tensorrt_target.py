@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 from moec.plugin_spec import PLUGIN
 
-HOW_TO_BUILD = ("copy this directory to a host with an NVIDIA GPU and TensorRT >= 10.8 "
+HOW_TO_BUILD = ("copy this directory to a host with an NVIDIA GPU and TensorRT >= 10.9 "
                 "(pip install 'moec[tensorrt]'), then run `moec build-engine DIR`")
 
 

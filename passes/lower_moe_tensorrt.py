@@ -4,8 +4,9 @@ Matches: every `FusedMoE` left by fuse_moe (and quantize_experts, when the compi
 Produces: a `TrtMoE` whose routing runs as ops TensorRT's ONNX parser supports (MatMul, Softmax or
   Sigmoid, TopK, GatherElements, ReduceSum, Div ...) and whose experts are one ``moec::trt_experts``
   op, exported as one plugin node (see `PLUGIN`): ``op_type`` = plugin name, attributes
-  ``plugin_namespace`` / ``plugin_version`` plus the plugin fields (and ``aot`` = 1 with
-  --tensorrt-aot), weights as inputs in moec's canonical layout (``w_gate_up [E, 2I, H]`` gate rows
+  ``plugin_namespace`` / ``plugin_version`` plus the plugin fields and ``aot`` (1 with
+  --tensorrt-aot, else 0: the plugin defines both implementations, and without the attribute
+  TensorRT's parser would leave the choice to the plugin creator, which refuses), weights as inputs in moec's canonical layout (``w_gate_up [E, 2I, H]`` gate rows
   then up rows, ``w_down [E, H, I]``; quantized: packed codes, per-group scales, zero points), expert
   ids as int32 (TensorRT's TopK index type), a zero-filled fp32 accumulator the output aliases.
 Refuses: quantization groups that are not a multiple of 16 columns (the kernels dequantize one
@@ -143,7 +144,6 @@ def experts_plugin_translation(hidden, topk_ids, topk_weights, w_gate_up, w_down
     groups = (0, 0)
     if quant_bits:
         groups = (h // s_gate_up.shape[2], inter // s_down.shape[2])
-    extra = {"aot": 1} if aot else {}
     return getattr(op, PLUGIN.name)(
         hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, s_gate_up, z_gate_up, s_down, z_down,
         accumulator, plugin_namespace=PLUGIN.namespace, plugin_version=PLUGIN.version,
@@ -151,5 +151,5 @@ def experts_plugin_translation(hidden, topk_ids, topk_weights, w_gate_up, w_down
         activation=activation, gated=int(bool(gated)), alpha=float(alpha), beta=float(beta),
         limit=float(limit) if math.isfinite(limit) else 0.0, weight_on_input=int(bool(weight_on_input)),
         has_bias=int(bool(has_bias)), quant_bits=int(quant_bits), group_size_gate_up=int(groups[0]),
-        group_size_down=int(groups[1]), has_zero_points=int(bool(has_zero_points)), **extra,
+        group_size_down=int(groups[1]), has_zero_points=int(bool(has_zero_points)), aot=int(bool(aot)),
     )

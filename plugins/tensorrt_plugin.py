@@ -1,6 +1,6 @@
-"""TensorRT registration of moec's experts plugin (``moec::MoeExperts`` v2), via tensorrt.plugin (QDP).
+"""TensorRT registration of moec's experts plugin (``moec::MoeExperts`` v1), via tensorrt.plugin (QDP).
 
-Real code against TensorRT's documented Python plugin API (TensorRT >= 10.8):
+Real code against TensorRT's documented Python plugin API (TensorRT >= 10.9, the first with `aot_impl`):
 - `register`: the output is fp32 [T, H] and aliases the `accumulator` input (I/O aliasing), so
   both implementations add into memory the graph zero-filled;
 - `autotune`: the dtypes the kernels take and one tactic per tile configuration;
@@ -13,9 +13,13 @@ CUDA driver on an H100 (tests/plugins, MOEC_KERNEL_TESTS_ON_GPU=1); TensorRT its
 installed where moec is developed, so registration and engine builds are untested there.
 
 Importing this module never needs TensorRT; `register_plugins()` does, and says why when it can't.
+
+No ``from __future__ import annotations`` here: tensorrt.plugin validates the decorated functions'
+annotations with ``inspect.signature`` and ``issubclass``, so they must be classes, not strings
+(tests/plugins/test_tensorrt_plugin_signatures.py checks the rules statically).
 """
 
-from __future__ import annotations
+from typing import Tuple, Union
 
 from moec.plugin_spec import PLUGIN
 
@@ -127,7 +131,8 @@ def register_plugins() -> str:
                   num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, activation: str,
                   gated: int, alpha: float, beta: float, limit: float, weight_on_input: int, has_bias: int,
                   quant_bits: int, group_size_gate_up: int, group_size_down: int, has_zero_points: int,
-                  outputs, tactic: int):
+                  outputs, tactic: int
+                  ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
         cfg = FUSED_CONFIGS[(max(tactic, 1) - 1) % len(FUSED_CONFIGS)]
         dtype = to_torch[hidden.dtype]
         plan = plan_launch(dtype, layout(quant_bits, num_experts, gated, hidden_size, intermediate_size,

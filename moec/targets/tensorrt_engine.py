@@ -1,4 +1,4 @@
-"""Build a TensorRT engine from moec's TensorRT-flavored ONNX (documented builder API, TensorRT >= 10.8).
+"""Build a TensorRT engine from moec's TensorRT-flavored ONNX (documented builder API, TensorRT >= 10.9).
 
 Optimization profiles come from the artifact's memory plan (min/opt/max of the dynamic dims), the
 workspace pool limit from the plan's kernel workspace, a timing cache is kept next to the engine,
@@ -23,6 +23,21 @@ from moec.errors import ArtifactError, MoecError, SignatureMismatchError
 
 class EngineBuildError(MoecError):
     exit_code = 20
+
+
+MIN_TENSORRT = (10, 9)  # tensorrt.plugin's aot_impl, SymIntExprs and the parser's `aot` attribute
+
+
+def tensorrt_version_problem(version: str) -> Optional[str]:
+    """Why TensorRT `version` can't build moec's engines, or None."""
+    try:
+        major_minor = tuple(int(p) for p in version.split(".")[:2])
+    except ValueError:
+        return f"TensorRT reports an unreadable version '{version}'"
+    if len(major_minor) < 2 or major_minor < MIN_TENSORRT:
+        return (f"TensorRT {version} is too old: moec's plugin needs TensorRT >= "
+                f"{MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} (tensorrt.plugin's aot_impl)")
+    return None
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,9 @@ def capability() -> Capability:
         sm = torch.cuda.get_device_capability() if gpu else None
     except Exception:  # torch without CUDA
         gpu, sm = False, None
+    too_old = tensorrt_version_problem(trt.__version__)
+    if too_old:
+        return Capability(False, gpu, tuple(sm) if sm else None, too_old, trt.__version__)
     if not gpu:
         return Capability(True, False, None, "no CUDA GPU is visible", trt.__version__)
     return Capability(True, True, tuple(sm), "", trt.__version__, hasattr(trt.INetworkDefinition, "add_moe"))
@@ -111,7 +129,7 @@ def build_engine(artifact_dir: str, settings: Optional[EngineSettings] = None, c
     cap = capability()
     if not (cap.tensorrt and cap.gpu):
         raise EngineBuildError(f"cannot build a TensorRT engine here: {cap.reason}. Run `moec build-engine DIR` "
-                               "on a host with an NVIDIA GPU and TensorRT >= 10.8.")
+                               "on a host with an NVIDIA GPU and TensorRT >= 10.9.")
     import onnx  # pragma: no cover - needs TensorRT and a GPU
     import tensorrt as trt
     import torch
@@ -156,7 +174,13 @@ def build_engine(artifact_dir: str, settings: Optional[EngineSettings] = None, c
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
         if settings.fp16:
+            if not hasattr(trt.BuilderFlag, "FP16"):  # TensorRT 11 builds strongly typed networks only
+                raise EngineBuildError(f"TensorRT {trt.__version__} takes precisions from the ONNX types only (no "
+                                       "FP16 builder flag): compile the model with fp16 weights instead")
             config.set_flag(trt.BuilderFlag.FP16)
+        # the plugin's output aliases its zero-filled accumulator input; TensorRT honours the aliasing
+        # only with this preview feature on (otherwise the output would be a fresh, unfilled buffer)
+        config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in settings.profiles.items():
             profile.set_shape(name, lo, opt, hi)
@@ -248,6 +272,7 @@ class EngineSession:
                 tensors[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=self._dtype(name), device="cuda")
             ctx.set_tensor_address(name, tensors[name].data_ptr())
         stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())  # the input copies above run on the current stream
         if not ctx.execute_async_v3(stream.cuda_stream):
             raise EngineBuildError(f"TensorRT failed to run '{self.path}'")
         stream.synchronize()

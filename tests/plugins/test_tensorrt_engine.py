@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from moec.plugins.tensorrt_plugin import TensorRTUnavailable, register_plugins, tensorrt_available
-from moec.targets.tensorrt_engine import EngineSettings, cache_key, capability, profiles_from_report
+from moec.targets.tensorrt_engine import (EngineSettings, cache_key, capability, profiles_from_report,
+                                          tensorrt_version_problem)
 
 HAVE_TRT = tensorrt_available()[0]
 
@@ -16,6 +17,16 @@ def test_capability_says_why_not():
     cap = capability()
     if not HAVE_TRT:
         assert not cap.tensorrt and "TensorRT is not installed" in cap.reason and not cap.imoe_layer
+
+
+@pytest.mark.parametrize("version,ok", [("10.9.0.34", True), ("10.16.1", True), ("11.1.0", True),
+                                        ("10.8.0.43", False), ("8.6.1", False), ("garbage", False)])
+def test_tensorrt_older_than_10_9_is_refused_with_the_reason(version, ok):
+    """10.8 lacks tensorrt.plugin.aot_impl and SymIntExprs (first in 10.9): refuse it up front."""
+    problem = tensorrt_version_problem(version)
+    assert (problem is None) == ok
+    if not ok:
+        assert version in problem
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here; the unavailable path can't be exercised")

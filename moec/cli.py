@@ -59,7 +59,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"numerics vs {against}: worst relative L2 {worst['rel_l2']:.2e}, max abs {worst['max_abs']:.2e} "
           f"(tolerance {r['numerics']['tolerance_rel_l2']:g}) — {'PASS' if r['numerics']['passed'] else 'FAIL'}")
     if result.triton_model_dir:
-        print(f"Triton model: {result.triton_model_dir}")
+        serving = (r.get("triton") or {}).get("serving")
+        print(f"Triton model: {result.triton_model_dir}" + (f" — {serving}" if serving else ""))
     trt = r.get("tensorrt")
     if trt:
         print(f"TensorRT plugin: {trt['plugin']} (definitions in {result.out_dir}/plugins.json)")

@@ -175,7 +175,9 @@ def compile(
             numerics = {"vs_fp32": numerics, "vs_dequantized_reference": exact, "passed": exact["passed"],
                         "tolerance_rel_l2": exact["tolerance_rel_l2"], "inputs": exact["inputs"]}
         if verify_path != model_path:
-            os.remove(verify_path)
+            for f in os.listdir(tmp):
+                if f.startswith(".verify-reference.onnx"):
+                    os.remove(os.path.join(tmp, f))
             numerics["evaluated_as"] = "plugin nodes replaced by their reference subgraph (moec/plugin_reference.py)"
         timings["verify"] = time.perf_counter() - t
         write_golden(os.path.join(tmp, "golden"),
@@ -219,27 +221,30 @@ def compile(
             )
         triton_dir = None
         if options.triton_repo:
-            from moec.triton_repo import tensorrt_accelerator_config, write_model_repository
+            from moec.triton_repo import write_model_repository
 
-            serving = {}
-            engine = (report.get("tensorrt") or {}).get("engine") or {}
-            if options.target == "tensorrt" and engine.get("built"):  # pragma: no cover - needs TensorRT
-                plan = os.path.join(tmp, engine["path"])
-                model_path, files = plan, [plan]
-                serving = dict(platform="tensorrt_plan", kind="KIND_GPU")
-            elif options.target == "tensorrt":
-                serving = dict(kind="KIND_GPU", extra=tensorrt_accelerator_config())
+            serving, triton_report = {}, {}
             derived = (report.get("memory") or {}).get("derived") or {}
-            instances = options.instances if options.instances_given or not derived else derived["triton_instances"]
             max_batch = options.max_batch_size
             if max_batch is None and derived.get("triton_max_batch_size"):
                 max_batch = derived["triton_max_batch_size"]
+            if options.target == "tensorrt":
+                from moec.tensorrt_target import triton_serving
+
+                plan = triton_serving(tmp, model_path, report, aot=bool(options.extra.get("tensorrt_aot")))
+                model_path, files = plan.model_path, plan.files
+                serving = dict(platform=plan.platform, kind="KIND_GPU", extra=plan.extra)
+                triton_report = {"platform": plan.platform, "serving": plan.note}
+                max_batch = plan.fit_max_batch(max_batch)
+                log(f"Triton model: {plan.note}")
+            instances = options.instances if options.instances_given or not derived else derived["triton_instances"]
             triton_dir = write_model_repository(
                 options.triton_repo, options.model_name or "moe_model", model_path, files,
                 version=options.model_version, force=options.force, max_batch_size=max_batch,
                 instances=instances, **serving,
             )
-            report["triton"] = {"model_dir": triton_dir}
+            shutil.rmtree(os.path.join(tmp, ".triton"), ignore_errors=True)  # the serving copy, not the artifact
+            report["triton"] = {"model_dir": triton_dir, **triton_report}
             _write_json(os.path.join(tmp, "report.json"), report)
         _move_into_place(tmp, options.out, options.force)
         tmp = None
@@ -343,16 +348,9 @@ def make_unfused_experts_exportable(module: nn.Module, layers: dict) -> list[str
 
 def plugin_reference_model(model_path: str, tmp: str) -> str:
     """Where ONNX Runtime can't run TensorRT plugin nodes, a copy with reference subgraphs."""
-    import onnx
+    from moec.plugin_reference import save_reference_model
 
-    from moec.plugin_reference import substitute_plugins
-
-    model = onnx.load(model_path)
-    substituted, _ = substitute_plugins(model)
-    path = os.path.join(tmp, ".verify-reference.onnx")
-    onnx.save_model(substituted, path, save_as_external_data=substituted.ByteSize() > 1 << 30,
-                    location=".verify-reference.onnx.data")
-    return path
+    return save_reference_model(model_path, os.path.join(tmp, ".verify-reference.onnx"))[0]
 
 
 def build_passes(options: CompileOptions) -> list:

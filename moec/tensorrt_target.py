@@ -10,12 +10,71 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from moec.plugin_spec import PLUGIN
 
 HOW_TO_BUILD = ("copy this directory to a host with an NVIDIA GPU and TensorRT >= 10.9 "
                 "(pip install 'moec[tensorrt]'), then run `moec build-engine DIR`")
+
+
+@dataclass(frozen=True)
+class TritonServing:
+    """What a --target tensorrt artifact puts in a Triton model repository, and why.
+
+    Triton's servers run no Python in their TensorRT and ONNX Runtime backends, and moec's experts
+    plugin is a Python plugin (tensorrt.plugin): only an engine whose plugin layers are AOT (PTX
+    embedded in the plan) runs there as it is. Anything else is served as ONNX Runtime with the
+    TensorRT accelerator, from a copy of the ONNX whose plugin nodes are expanded to standard ops
+    (moec/plugin_reference.py: the subgraph the artifact was verified with)."""
+
+    model_path: str
+    files: list
+    platform: str  # tensorrt_plan | onnxruntime_onnx
+    extra: str  # config.pbtxt additions
+    note: str  # one line for the user and the report
+    profile_max_batch: Optional[int] = None  # a tensorrt_plan can't batch past its profile
+
+    def fit_max_batch(self, requested: Optional[int]) -> Optional[int]:
+        """Triton refuses a tensorrt_plan whose max_batch_size exceeds the engine profile's batch."""
+        cap = self.profile_max_batch
+        if cap is None:
+            return requested
+        if requested is None:
+            return min(8, cap)
+        if requested > cap:
+            from moec.errors import MoecError
+
+            raise MoecError(f"--max-batch-size {requested} exceeds the TensorRT engine's optimization profile "
+                            f"(max batch {cap}); Triton would refuse to load the model. Use --max-batch-size "
+                            f"<= {cap}, or compile with a larger --max-shape batch=N.")
+        return requested
+
+
+def triton_serving(tmp: str, model_path: str, report: dict, aot: bool) -> TritonServing:
+    """Decide the Triton model for a --target tensorrt artifact being built in `tmp`."""
+    from moec.plugin_reference import save_reference_model
+    from moec.triton_repo import tensorrt_accelerator_config
+
+    engine = (report.get("tensorrt") or {}).get("engine") or {}
+    memory = report.get("memory") or {}
+    if engine.get("built") and aot:  # pragma: no cover - needs TensorRT and a GPU
+        plan = os.path.join(tmp, engine["path"])
+        batch = ((memory.get("profiles") or {}).get("max") or {}).get("dims", {}).get("batch")
+        return TritonServing(plan, [plan], "tensorrt_plan", "",
+                             "TensorRT engine with the AOT plugin (no plugin code needed in the server)", batch)
+    why = ("the engine uses the JIT plugin, whose Python implementation Triton's backends can't run "
+           "(compile with --tensorrt-aot for a tensorrt_plan model)" if engine.get("built")
+           else "no TensorRT engine was built here")
+    os.makedirs(os.path.join(tmp, ".triton"), exist_ok=True)
+    files = save_reference_model(model_path, os.path.join(tmp, ".triton", "model.onnx"))
+    workspace = (memory.get("derived") or {}).get("tensorrt_workspace_bytes")
+    extra = tensorrt_accelerator_config(max(int(workspace) * 2, 1 << 30) if workspace else 1 << 30)
+    note = (f"ONNX Runtime with the TensorRT accelerator ({why}); its experts plugin nodes are expanded to "
+            "standard ONNX ops that compute every expert for every token (exact, but E/k times the experts' "
+            "work), because Triton can't load moec's Python plugin")
+    return TritonServing(files[0], files, "onnxruntime_onnx", extra, note)
 
 
 def capability() -> tuple[bool, str]:

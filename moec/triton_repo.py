@@ -92,8 +92,8 @@ def validate_config(text: str):
 def tensorrt_accelerator_config(workspace_bytes: int = 1 << 30) -> str:
     """ONNX Runtime model served through the TensorRT execution accelerator (KIND_GPU instances).
 
-    Parameters are the ones Triton's onnxruntime backend documents for the accelerator; the moec
-    experts plugin must be loadable by TensorRT in the server process (see README, TensorRT).
+    Parameters are the ones Triton's onnxruntime backend documents for the accelerator. The ONNX must
+    hold no moec plugin node (the server can't load the Python plugin): see tensorrt_target.triton_serving.
     """
     return (
         "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator : [ {\n"

@@ -42,7 +42,7 @@ def _ref(x, ids, w, w1, w2, b1, b2, act, gated, alpha=1.0, beta=0.0, limit=math.
 
 
 @pytest.mark.parametrize("tokens,hidden,inter,experts,k", [(1, 32, 32, 4, 2), (5, 64, 48, 8, 2), (33, 32, 32, 1, 1),
-                                                          (9, 64, 32, 8, 4)])
+                                                          (9, 64, 32, 8, 4), (2, 32, 32, 8, 3)])
 @pytest.mark.parametrize("act,gated", [("silu", True), ("gelu_tanh", True), ("relu", False), ("gelu", False)])
 @pytest.mark.parametrize("cfg", PATHS)
 def test_kernels_match_reference_fp32(tokens, hidden, inter, experts, k, act, gated, cfg):
@@ -50,6 +50,17 @@ def test_kernels_match_reference_fp32(tokens, hidden, inter, experts, k, act, ga
     got = moe_experts_triton(*case, activation=act, gated=gated, config=cfg)
     assert compare_tensors(_ref(*case, act, gated), got).rel_l2 < 1e-4
 
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_decode_top3_masks_the_padded_slot_with_quantized_weights_and_biases(bits):
+    """k=3: the down kernel loads 4 slot rows at once (a power of two); the 4th must add nothing."""
+    x, ids, w, w1, w2, b1, b2 = _case(2, 64, 32, 8, 3, gated=True, bias=True, dtype=torch.float32, seed=23)
+    p1, p2 = _packed(w1, bits, 32, False), _packed(w2, bits, 32, False)
+    got = moe_experts_triton(x, ids, w, p1, p2, b1, b2, activation="silu", gated=True,
+                             config=DecodeConfig(16, 32, 16, 32))
+    ref = _ref(x, ids, w, p1.dequantize(), p2.dequantize(), b1, b2, "silu", True)
+    assert compare_tensors(ref, got).rel_l2 < 1e-5
 
 @pytest.mark.parametrize("cfg", PATHS)
 def test_gpt_oss_clamped_swiglu_with_biases(cfg):

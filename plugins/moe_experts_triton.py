@@ -50,12 +50,16 @@ class TileConfig:
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """The decode path (moe_experts_decode.py): matrix-vector tiles, used while tokens * k <= max_pairs."""
+    """The decode path (moe_experts_decode.py): matrix-vector tiles, used while tokens * k <= max_pairs.
+
+    The down kernel loads all k slots at once, so its tile is k x down_block_k x down_block_n; the
+    defaults make both kernels' tiles 16 KB of bf16 weights per loop trip (k=8) without spills
+    (tools/inspect_kernels.py shows registers and load widths; timing needs a GPU)."""
 
     block_n: int = 16  # columns of I per gate/up program
     block_k: int = 256
     down_block_n: int = 16  # columns of H per down program
-    down_block_k: int = 256
+    down_block_k: int = 64
     num_warps: int = 4
     num_stages: int = 4
     max_pairs: int = 64  # above this the sorted kernels run (with default_config's tiles)
@@ -93,10 +97,10 @@ TILE_CONFIGS = [
 # they have been checked on a GPU (MOEC_KERNEL_TESTS_ON_GPU=1): a tactic is picked by speed alone.
 DECODE_CONFIGS = [
     DecodeConfig(),
-    DecodeConfig(8, 512, 8, 256),
-    DecodeConfig(32, 128, 32, 128),
-    DecodeConfig(16, 256, 8, 512, 4, 3),
-    DecodeConfig(16, 512, 16, 256, 8, 3),
+    DecodeConfig(8, 512, 8, 128),  # twice the programs of the default
+    DecodeConfig(32, 128, 32, 64, 8),  # half the programs, 8 warps
+    DecodeConfig(16, 256, 8, 64),  # down tiles of 8 KB
+    DecodeConfig(16, 512, 16, 128, 8, 3),  # 32 KB per trip
 ]
 
 

@@ -234,8 +234,8 @@ def compile(
                 plan = triton_serving(tmp, model_path, report, aot=bool(options.extra.get("tensorrt_aot")))
                 model_path, files = plan.model_path, plan.files
                 serving = dict(platform=plan.platform, kind="KIND_GPU", extra=plan.extra)
+                serving["max_batch_cap"] = plan.max_batch_cap
                 triton_report = {"platform": plan.platform, "serving": plan.note}
-                max_batch = plan.fit_max_batch(max_batch)
                 log(f"Triton model: {plan.note}")
             instances = options.instances if options.instances_given or not derived else derived["triton_instances"]
             triton_dir = write_model_repository(

@@ -34,47 +34,42 @@ class TritonServing:
     platform: str  # tensorrt_plan | onnxruntime_onnx
     extra: str  # config.pbtxt additions
     note: str  # one line for the user and the report
-    profile_max_batch: Optional[int] = None  # a tensorrt_plan can't batch past its profile
-
-    def fit_max_batch(self, requested: Optional[int]) -> Optional[int]:
-        """Triton refuses a tensorrt_plan whose max_batch_size exceeds the engine profile's batch."""
-        cap = self.profile_max_batch
-        if cap is None:
-            return requested
-        if requested is None:
-            return min(8, cap)
-        if requested > cap:
-            from moec.errors import MoecError
-
-            raise MoecError(f"--max-batch-size {requested} exceeds the TensorRT engine's optimization profile "
-                            f"(max batch {cap}); Triton would refuse to load the model. Use --max-batch-size "
-                            f"<= {cap}, or compile with a larger --max-shape batch=N.")
-        return requested
+    max_batch_cap: Optional[int] = None  # a tensorrt_plan can't batch past its profile's first dim
 
 
 def triton_serving(tmp: str, model_path: str, report: dict, aot: bool) -> TritonServing:
     """Decide the Triton model for a --target tensorrt artifact being built in `tmp`."""
     from moec.plugin_reference import save_reference_model
+    from moec.targets.tensorrt_engine import workspace_bytes
     from moec.triton_repo import tensorrt_accelerator_config
 
     engine = (report.get("tensorrt") or {}).get("engine") or {}
-    memory = report.get("memory") or {}
     if engine.get("built") and aot:  # pragma: no cover - needs TensorRT and a GPU
         plan = os.path.join(tmp, engine["path"])
-        batch = ((memory.get("profiles") or {}).get("max") or {}).get("dims", {}).get("batch")
         return TritonServing(plan, [plan], "tensorrt_plan", "",
-                             "TensorRT engine with the AOT plugin (no plugin code needed in the server)", batch)
+                             "TensorRT engine with the AOT plugin (no plugin code needed in the server)",
+                             profile_max_batch(model_path, report))
     why = ("the engine uses the JIT plugin, whose Python implementation Triton's backends can't run "
            "(compile with --tensorrt-aot for a tensorrt_plan model)" if engine.get("built")
            else "no TensorRT engine was built here")
     os.makedirs(os.path.join(tmp, ".triton"), exist_ok=True)
     files = save_reference_model(model_path, os.path.join(tmp, ".triton", "model.onnx"))
-    workspace = (memory.get("derived") or {}).get("tensorrt_workspace_bytes")
-    extra = tensorrt_accelerator_config(max(int(workspace) * 2, 1 << 30) if workspace else 1 << 30)
     note = (f"ONNX Runtime with the TensorRT accelerator ({why}); its experts plugin nodes are expanded to "
             "standard ONNX ops that compute every expert for every token (exact, but E/k times the experts' "
             "work), because Triton can't load moec's Python plugin")
-    return TritonServing(files[0], files, "onnxruntime_onnx", extra, note)
+    return TritonServing(files[0], files, "onnxruntime_onnx", tensorrt_accelerator_config(workspace_bytes(report)),
+                         note)
+
+
+def profile_max_batch(onnx_path: str, report: dict) -> Optional[int]:
+    """The max-profile size of the first input's first (batch) dim, when it is dynamic."""
+    import onnx
+
+    graph = onnx.load(onnx_path, load_external_data=False).graph
+    dims = graph.input[0].type.tensor_type.shape.dim if graph.input else []
+    name = dims[0].dim_param if dims else ""
+    max_dims = (((report.get("memory") or {}).get("profiles") or {}).get("max") or {}).get("dims") or {}
+    return int(max_dims[name]) if name and name in max_dims else None
 
 
 def capability() -> tuple[bool, str]:

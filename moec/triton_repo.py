@@ -118,14 +118,21 @@ def check_version_free(repo: str, name: str, version: int, force: bool) -> None:
 
 def write_model_repository(repo: str, name: str, model_path: str, files: list[str], *, version: int = 1,
                            force: bool = False, max_batch_size: Optional[int] = None, instances: int = 1,
-                           platform: str = "onnxruntime_onnx", kind: str = "KIND_CPU", extra: str = "") -> str:
+                           platform: str = "onnxruntime_onnx", kind: str = "KIND_CPU", extra: str = "",
+                           max_batch_cap: Optional[int] = None) -> str:
+    """Write REPO/NAME/config.pbtxt and REPO/NAME/VERSION/<model files>. `max_batch_cap`: the largest
+    batch the model accepts (a TensorRT engine's profile; Triton refuses a larger max_batch_size)."""
     check_version_free(repo, name, version, force)
     inputs, outputs, first_dims = onnx_signature(model_path if model_path.endswith(".onnx") else
                                                  os.path.join(os.path.dirname(model_path), "model.onnx"))
     batchable = bool(inputs) and all(d is not None and d == first_dims[0] for d in first_dims) and all(
         o.dims and o.dims[0] == -1 for o in outputs)
     if max_batch_size is None:
-        max_batch_size = 8 if batchable else 0
+        max_batch_size = min(8, max_batch_cap or 8) if batchable else 0
+    elif max_batch_cap is not None and max_batch_size > max_batch_cap:
+        raise MoecError(f"--max-batch-size {max_batch_size} exceeds the TensorRT engine's optimization profile "
+                        f"(max batch {max_batch_cap}); Triton would refuse to load the model. Use "
+                        f"--max-batch-size <= {max_batch_cap}, or compile with a larger --max-shape batch=N.")
     if max_batch_size > 0 and not batchable:
         raise MoecError(
             f"--max-batch-size {max_batch_size}: the model's inputs do not share a dynamic first (batch) "

@@ -1,7 +1,7 @@
 """Cross-compile the decode kernels for an NVIDIA GPU on any machine, and report what the compiler made.
 
 Matches: the launches `plan_decode` makes for a layer, planned on meta tensors (no memory, no GPU).
-Produces: one `KernelFacts` per launch: registers per thread, local memory (register spills),
+Produces: one `KernelFacts` per launch: registers per thread, spilled bytes (stack + local memory),
   shared memory, the global loads in the PTX by bytes per load, and the weight bytes one loop
   iteration of one program requests.
 Refuses: running under TRITON_INTERPRET=1 (no compiler runs then).
@@ -36,7 +36,7 @@ class KernelFacts:
     grid: tuple[int, ...]
     threads: int
     registers: int
-    local_bytes: int  # > 0: registers spilled to local memory
+    spilled_bytes: int  # stack + local memory: ptxas puts spilled registers there (0 for these kernels)
     shared_bytes: int
     loads_by_bytes: dict  # bytes per global load instruction -> how many in the PTX
     weight_bytes_per_iteration: int  # one program, one trip of its K loop
@@ -53,12 +53,13 @@ def _load_bytes(instruction: str) -> int:
     return (int(vec.group(1)) if vec else 1) * (int(bits.group(1)) // 8 if bits else 0)
 
 
-def _weight_bytes(launch: Launch) -> int:
+def _weight_bytes(launch: Launch, values: dict) -> int:
+    """Weight bytes one trip of the K loop reads: gate (+ up) tiles, or the k real slots' down tiles."""
     c = launch.constexprs
-    weights = launch.args[2] if launch.kernel.__name__ == "_gate_up_rows" else launch.args[3]
-    per_column = {4: c["BLOCK_K"] // 2, 8: c["BLOCK_K"]}.get(c["BITS"]) or c["BLOCK_K"] * _ELEMENT_BYTES[weights.dtype]
-    rows = (2 if c.get("GATED") else 1) if "GATED" in c else c["SLOTS"]
-    return rows * c["BLOCK_N"] * per_column
+    per_column = ({4: c["BLOCK_K"] // 2, 8: c["BLOCK_K"]}.get(c["BITS"])
+                  or c["BLOCK_K"] * _ELEMENT_BYTES[values["w_ptr"].dtype])
+    tiles = (2 if c["GATED"] else 1) if "GATED" in c else values["TOPK"]
+    return tiles * c["BLOCK_N"] * per_column
 
 
 def cross_compile(launch: Launch, sm: int = 90) -> KernelFacts:
@@ -96,10 +97,10 @@ def cross_compile(launch: Launch, sm: int = 90) -> KernelFacts:
         f.flush()
         usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True,
                                text=True, check=True).stdout
-    res = {k: int(v) for k, v in re.findall(r"(REG|SHARED|LOCAL):(\d+)", usage)}
-    return KernelFacts(fn.__name__, sm, tuple(launch.grid), launch.num_warps * 32, res["REG"], res["LOCAL"],
-                       max(res["SHARED"], compiled.metadata.shared), dict(sorted(loads.items())),
-                       _weight_bytes(launch))
+    res = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+    return KernelFacts(fn.__name__, sm, tuple(launch.grid), launch.num_warps * 32, res["REG"],
+                       res["STACK"] + res["LOCAL"], max(res["SHARED"], compiled.metadata.shared),
+                       dict(sorted(loads.items())), _weight_bytes(launch, values))
 
 
 def meta_layer(weights: str, tokens: int, experts: int = 128, k: int = 8, hidden: int = 2048, inter: int = 768,

@@ -7,8 +7,9 @@ cast buy nothing. Here:
      and streams that expert's gate and up rows against the token -> h [T*k, I] (+ biases,
      activation);
   2. `_down_rows`: program (token, BLOCK_N columns of H) loads the down tiles of all the token's k
-     experts at once ([k, BLOCK_K, BLOCK_N]: k times the bytes in flight of a slot-by-slot loop,
-     which matters at T=1, where H / BLOCK_N programs are all there is), weights and sums them in
+     experts in one batch of loads ([k, BLOCK_K, BLOCK_N], 16 KB per loop trip at the defaults where a
+     slot-by-slot loop had 8 KB in flight: at T=1 the H / BLOCK_N programs are all there is, so each
+     must keep many bytes in flight), weights and sums them in
      registers, and writes the token's output once in its final dtype (or adds into the fp32
      accumulator the TensorRT plugin aliases).
 One program owns each output element and sums in a fixed order, so the result is deterministic
@@ -46,7 +47,8 @@ def _rows_times_tiles(x_rows, row_ok, w_ptr, s_ptr, z_ptr, experts, cols, col_ok
     x_rows: [S] pointers to the rows' starts, experts: [S] ids, row_ok: [S] which rows are real. All
     S tiles are loaded at once, so S rows put S times the bytes in flight of one. Quantized tiles lie
     inside one quantization group (the wrapper picks BLOCK_K dividing it)."""
-    base = w_ptr + experts[:, None, None] * stride_we + cols[None, None, :] * stride_wn
+    # int64 offsets: E * N * K passes 2^31 for the largest layers (DeepSeek-V3: 256 x 4096 x 7168)
+    base = w_ptr + experts.to(tl.int64)[:, None, None] * stride_we + cols[None, None, :] * stride_wn
     ok = row_ok[:, None, None] & col_ok[None, None, :]
     if BITS == 4:  # byte j holds columns 2j (low nibble) and 2j + 1 (high nibble)
         kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)

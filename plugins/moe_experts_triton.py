@@ -277,11 +277,14 @@ def _gate_up_epilogue(acc_g, acc_u, b_ptr, bias_base, I, cols, col_ok, alpha, be
 @triton.jit
 def _tile_scale_zero(s_ptr, z_ptr, expert, cols, col_ok, k0, K, stride_we, stride_wn, group,
                      BLOCK_N: tl.constexpr, BITS: tl.constexpr, HAS_ZP: tl.constexpr):
-    """(scale, zero point) per column, fp32 [BLOCK_N], of the quantization group holding column k0.
+    """(scale, zero point) per column, fp32, of the quantization group holding column k0: shaped like
+    expert (x) cols broadcast ([BLOCK_N], or [S, BLOCK_N] for S experts); a symmetric zero point is a
+    [BLOCK_N] constant that broadcasts.
 
     Scales / zero points are [E, N, K / group] contiguous (N = stride_we / stride_wn); symmetric
     codes have the zero point 2^(bits-1)."""
-    sidx = (expert * (stride_we // stride_wn) + cols) * (K // group) + k0 // group
+    # int64: E * N * K / group can pass 2^31 where expert ids are int32 (TensorRT's)
+    sidx = (expert.to(tl.int64) * (stride_we // stride_wn) + cols) * (K // group) + k0 // group
     scale = tl.load(s_ptr + sidx, mask=col_ok, other=0.0).to(tl.float32)
     if HAS_ZP:
         zp = tl.load(z_ptr + sidx, mask=col_ok, other=0).to(tl.float32)
@@ -298,7 +301,7 @@ def _weight_tile(w_ptr, s_ptr, z_ptr, expert, cols, col_ok, k0, K, stride_we, st
     Quantized tiles lie inside one quantization group (the wrapper picks BLOCK_K dividing the group
     size), so each tile needs one scale (and zero point) per column.
     """
-    base = w_ptr + expert * stride_we + cols[None, :] * stride_wn
+    base = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn  # E*N*K can pass 2^31
     # constexpr branches: only one is compiled (code after an early return would be compiled too)
     if BITS == 0:
         ks = k0 + tl.arange(0, BLOCK_K)

@@ -12,10 +12,12 @@ from moec import golden
 from moec.errors import MoecError
 from moec.pipeline import CompileOptions, compile
 from moec.plugin_spec import PLUGIN
-from moec.tensorrt_target import TritonServing
+from moec.tensorrt_target import capability, profile_max_batch
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(capability()[0], reason="TensorRT and a GPU are here, so the compile builds an engine; "
+                    "this checks the no-engine path")
 def test_triton_model_without_an_engine_is_onnxruntime_with_plugins_expanded(tmp_path):
     """No engine here: Triton gets ONNX Runtime + the TensorRT accelerator, on an ONNX with no plugin
     node (Triton can't load the Python plugin), and that model reproduces the artifact's goldens."""
@@ -42,11 +44,32 @@ def test_triton_model_without_an_engine_is_onnxruntime_with_plugins_expanded(tmp
         assert checks and all(c.passed for c in checks), [c.reason for c in checks if not c.passed]
 
 
-def test_tensorrt_plan_max_batch_is_held_to_the_engine_profile():
-    """Triton refuses a tensorrt_plan whose max_batch_size exceeds the profile's max batch."""
-    plan = TritonServing("model.plan", ["model.plan"], "tensorrt_plan", "", "", profile_max_batch=4)
-    assert plan.fit_max_batch(None) == 4 and plan.fit_max_batch(2) == 2 and plan.fit_max_batch(4) == 4
+def test_tensorrt_plan_max_batch_is_held_to_the_engine_profile(tmp_path):
+    """Triton refuses a tensorrt_plan whose max_batch_size exceeds the profile's max batch: the
+    default is lowered to it, an explicit larger one is an error."""
+    import torch
+
+    from moec.triton_repo import write_model_repository
+
+    class M(torch.nn.Module):
+        def forward(self, ids):
+            return ids.float() * 2
+
+    path = str(tmp_path / "model.onnx")
+    torch.onnx.export(M(), (torch.ones(2, 3, dtype=torch.int64),), dynamo=True, input_names=["input_ids"],
+                      dynamic_shapes=({0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("seq")},),
+                      ).save(path)
+    report = {"memory": {"profiles": {"max": {"dims": {"batch": 4, "seq": 512}}}}}
+    cap = profile_max_batch(path, report)
+    assert cap == 4 and profile_max_batch(path, {}) is None
+
+    def config(version, **kw):
+        model_dir = write_model_repository(str(tmp_path / "repo"), "m", path, [path], version=version,
+                                           max_batch_cap=cap, **kw)
+        return text_format.Parse(open(os.path.join(model_dir, "config.pbtxt")).read(),
+                                 model_config_pb2.ModelConfig())
+
+    assert config(1).max_batch_size == 4 and config(2, max_batch_size=2).max_batch_size == 2
     with pytest.raises(MoecError, match="exceeds the TensorRT engine's optimization profile"):
-        plan.fit_max_batch(8)
-    onnx_model = TritonServing("model.onnx", ["model.onnx"], "onnxruntime_onnx", "", "")
-    assert onnx_model.fit_max_batch(None) is None and onnx_model.fit_max_batch(16) == 16
+        config(3, max_batch_size=8)
+    assert not os.path.exists(tmp_path / "repo" / "m" / "3")

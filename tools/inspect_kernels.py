@@ -2,9 +2,9 @@
 
 Cross-compiles both decode launches for Qwen3-30B-A3B's MoE layer (E=128, k=8, H=2048, I=768) at T
 tokens, for every DecodeConfig candidate and weight format, for Hopper (sm_90) and Blackwell
-(sm_100), and prints per kernel: programs in the grid, registers per thread, local-memory bytes
-(spills), shared memory, the weight bytes one loop trip of one program requests, and how many of
-them the PTX's 16-byte loads cover. This is static evidence, not a timing: the timings come from
+(sm_100), and prints per kernel: programs in the grid, registers per thread, spilled bytes (stack
++ local memory, where ptxas spills registers), shared memory, the weight bytes one loop trip of one
+program requests, and how many bytes the PTX's 16-byte loads fetch per trip. This is static evidence, not a timing: the timings come from
 tools/bench_plugin_kernels.py on a GPU.
 
     python tools/inspect_kernels.py [--tokens 1] [--sm 90 100] [--weights float int8 int4] [--json FILE]
@@ -41,7 +41,8 @@ def main(argv=None) -> int:
             for i in picked:
                 cfg = DECODE_CONFIGS[i]
                 for facts in inspect_decode(weights, args.tokens, cfg, sm):
-                    rows.append(dict(weights=weights, config=i, config_fields=asdict(cfg), **asdict(facts)))
+                    rows.append(dict(weights=weights, config=i, config_fields=asdict(cfg), **asdict(facts),
+                                     vector_load_bytes=facts.vector_load_bytes_per_iteration))
                     if args.json is None:
                         print(_line(rows[-1], header=len(rows) == 1))
     if args.json:
@@ -58,9 +59,9 @@ def _line(r: dict, header: bool) -> str:
     programs = 1
     for g in r["grid"]:
         programs *= g
-    vec = r["loads_by_bytes"].get(16, 0) * 16 * r["threads"]
     line = (f"sm_{r['sm']:<4}{r['weights']:<7}{r['config']:>3}  {r['kernel']:<14}{programs:>8}{r['registers']:>6}"
-            f"{r['local_bytes']:>7}{r['shared_bytes']:>8}{r['weight_bytes_per_iteration']:>10}{vec:>10}")
+            f"{r['spilled_bytes']:>7}{r['shared_bytes']:>8}{r['weight_bytes_per_iteration']:>10}"
+            f"{r['vector_load_bytes']:>10}")
     if header:
         head = (f"{'sm':<7}{'weights':<7}{'cfg':>3}  {'kernel':<14}{'programs':>8}{'regs':>6}{'spill':>7}{'smem':>8}"
                 f"{'w B/iter':>10}{'16B-ld B':>10}")

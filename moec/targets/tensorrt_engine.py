@@ -91,8 +91,14 @@ def capability() -> Capability:
 class EngineSettings:
     profiles: dict  # input name -> (min shape, opt shape, max shape)
     workspace_bytes: int
-    fp16: bool = False
     imoe: bool = True  # swap eligible experts plugin layers for IMoELayer where the GPU and TensorRT have it
+
+
+def workspace_bytes(report: dict, floor: int = 256 << 20) -> int:
+    """TensorRT's workspace pool for an artifact: twice the kernel workspace its memory plan found at
+    the max profile (the plan's figure is ONNX Runtime's; TensorRT's tactics may want more)."""
+    ws = ((report.get("memory") or {}).get("profiles") or {}).get("max", {}).get("workspace_bytes")
+    return max(int(ws) * 2, floor) if ws is not None else max(1 << 30, floor)
 
 
 def cache_key(onnx_path: str, settings: EngineSettings, trt_version: str, gpu: str) -> str:
@@ -142,8 +148,7 @@ def build_engine(artifact_dir: str, settings: Optional[EngineSettings] = None, c
         with open(os.path.join(artifact_dir, "report.json")) as f:
             report = json.load(f)
     if settings is None:
-        ws = report["memory"]["profiles"]["max"]["workspace_bytes"]
-        settings = EngineSettings(profiles_from_report(onnx_path, report), max(int(ws) * 2, 256 << 20))
+        settings = EngineSettings(profiles_from_report(onnx_path, report), workspace_bytes(report))
     if imoe is not None:
         settings = replace(settings, imoe=imoe)
     register_plugins()
@@ -173,14 +178,11 @@ def build_engine(artifact_dir: str, settings: Optional[EngineSettings] = None, c
     def build(network):
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
-        if settings.fp16:
-            if not hasattr(trt.BuilderFlag, "FP16"):  # TensorRT 11 builds strongly typed networks only
-                raise EngineBuildError(f"TensorRT {trt.__version__} takes precisions from the ONNX types only (no "
-                                       "FP16 builder flag): compile the model with fp16 weights instead")
-            config.set_flag(trt.BuilderFlag.FP16)
-        # the plugin's output aliases its zero-filled accumulator input; TensorRT honours the aliasing
-        # only with this preview feature on (otherwise the output would be a fresh, unfilled buffer)
-        config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)
+        # precisions come from the ONNX's types (no FP16 builder flag: TensorRT 11 dropped it)
+        # the plugin's output aliases its zero-filled accumulator input, which TensorRT accepts only
+        # with this preview feature on (documented for IPluginV3 aliasing since 10.3)
+        if hasattr(trt.PreviewFeature, "ALIASED_PLUGIN_IO_10_03"):
+            config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in settings.profiles.items():
             profile.set_shape(name, lo, opt, hi)

@@ -51,7 +51,6 @@ def test_kernels_match_reference_fp32(tokens, hidden, inter, experts, k, act, ga
     assert compare_tensors(_ref(*case, act, gated), got).rel_l2 < 1e-4
 
 
-
 @pytest.mark.parametrize("bits", [4, 8])
 def test_decode_top3_masks_the_padded_slot_with_quantized_weights_and_biases(bits):
     """k=3: the down kernel loads 4 slot rows at once (a power of two); the 4th must add nothing."""
@@ -61,6 +60,7 @@ def test_decode_top3_masks_the_padded_slot_with_quantized_weights_and_biases(bit
                              config=DecodeConfig(16, 32, 16, 32))
     ref = _ref(x, ids, w, p1.dequantize(), p2.dequantize(), b1, b2, "silu", True)
     assert compare_tensors(ref, got).rel_l2 < 1e-5
+
 
 @pytest.mark.parametrize("cfg", PATHS)
 def test_gpt_oss_clamped_swiglu_with_biases(cfg):

@@ -163,9 +163,10 @@ def compile(
 
         log("verifying with ONNX Runtime")
         t = time.perf_counter()
-        verify_path = model_path
-        if options.target == "tensorrt":
-            verify_path = plugin_reference_model(model_path, tmp)
+        verify_path, reference_files = model_path, []
+        if options.target == "tensorrt":  # written once: verification, then (if asked) Triton, use it
+            reference_files = plugin_reference_model(model_path, tmp)
+            verify_path = reference_files[0]
         tolerance = options.tolerance
         if quant:  # against fp32 the error is the quantization's own (reported; --accuracy-budget gates it)
             tolerance = max(options.tolerance, quant["tolerance_vs_fp32"])
@@ -174,10 +175,9 @@ def compile(
             exact, _, outs = verify_onnx(verify_path, verify_inputs, dequant_reference, quant["tolerance_vs_dequantized"])
             numerics = {"vs_fp32": numerics, "vs_dequantized_reference": exact, "passed": exact["passed"],
                         "tolerance_rel_l2": exact["tolerance_rel_l2"], "inputs": exact["inputs"]}
-        if verify_path != model_path:
-            for f in os.listdir(tmp):
-                if f.startswith(".verify-reference.onnx"):
-                    os.remove(os.path.join(tmp, f))
+        if reference_files:
+            if not (options.triton_repo and numerics["passed"]):
+                shutil.rmtree(os.path.dirname(verify_path))
             numerics["evaluated_as"] = "plugin nodes replaced by their reference subgraph (moec/plugin_reference.py)"
         timings["verify"] = time.perf_counter() - t
         write_golden(os.path.join(tmp, "golden"),
@@ -231,7 +231,8 @@ def compile(
             if options.target == "tensorrt":
                 from moec.tensorrt_target import triton_serving
 
-                plan = triton_serving(tmp, model_path, report, aot=bool(options.extra.get("tensorrt_aot")))
+                plan = triton_serving(tmp, model_path, reference_files, report,
+                                      aot=bool(options.extra.get("tensorrt_aot")))
                 model_path, files = plan.model_path, plan.files
                 serving = dict(platform=plan.platform, kind="KIND_GPU", extra=plan.extra)
                 serving["max_batch_cap"] = plan.max_batch_cap
@@ -243,7 +244,8 @@ def compile(
                 version=options.model_version, force=options.force, max_batch_size=max_batch,
                 instances=instances, **serving,
             )
-            shutil.rmtree(os.path.join(tmp, ".triton"), ignore_errors=True)  # the serving copy, not the artifact
+            if reference_files:  # the expanded copy is not part of the artifact
+                shutil.rmtree(os.path.dirname(reference_files[0]))
             report["triton"] = {"model_dir": triton_dir, **triton_report}
             _write_json(os.path.join(tmp, "report.json"), report)
         _move_into_place(tmp, options.out, options.force)
@@ -346,11 +348,13 @@ def make_unfused_experts_exportable(module: nn.Module, layers: dict) -> list[str
     return []
 
 
-def plugin_reference_model(model_path: str, tmp: str) -> str:
-    """Where ONNX Runtime can't run TensorRT plugin nodes, a copy with reference subgraphs."""
+def plugin_reference_model(model_path: str, tmp: str) -> list[str]:
+    """Where ONNX Runtime can't run TensorRT plugin nodes, a copy with reference subgraphs, in
+    tmp/.reference/ (kept out of the artifact); returns its files, model.onnx first."""
     from moec.plugin_reference import save_reference_model
 
-    return save_reference_model(model_path, os.path.join(tmp, ".verify-reference.onnx"))[0]
+    os.makedirs(os.path.join(tmp, ".reference"))
+    return save_reference_model(model_path, os.path.join(tmp, ".reference", "model.onnx"))
 
 
 def build_passes(options: CompileOptions) -> list:

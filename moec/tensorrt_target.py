@@ -37,9 +37,9 @@ class TritonServing:
     max_batch_cap: Optional[int] = None  # a tensorrt_plan can't batch past its profile's first dim
 
 
-def triton_serving(tmp: str, model_path: str, report: dict, aot: bool) -> TritonServing:
-    """Decide the Triton model for a --target tensorrt artifact being built in `tmp`."""
-    from moec.plugin_reference import save_reference_model
+def triton_serving(tmp: str, model_path: str, reference_files: list, report: dict, aot: bool) -> TritonServing:
+    """Decide the Triton model for a --target tensorrt artifact being built in `tmp`; `reference_files`:
+    the plugin-expanded copy the compile verified (pipeline.plugin_reference_model), model.onnx first."""
     from moec.targets.tensorrt_engine import workspace_bytes
     from moec.triton_repo import tensorrt_accelerator_config
 
@@ -52,13 +52,11 @@ def triton_serving(tmp: str, model_path: str, report: dict, aot: bool) -> Triton
     why = ("the engine uses the JIT plugin, whose Python implementation Triton's backends can't run "
            "(compile with --tensorrt-aot for a tensorrt_plan model)" if engine.get("built")
            else "no TensorRT engine was built here")
-    os.makedirs(os.path.join(tmp, ".triton"), exist_ok=True)
-    files = save_reference_model(model_path, os.path.join(tmp, ".triton", "model.onnx"))
     note = (f"ONNX Runtime with the TensorRT accelerator ({why}); its experts plugin nodes are expanded to "
             "standard ONNX ops that compute every expert for every token (exact, but E/k times the experts' "
             "work), because Triton can't load moec's Python plugin")
-    return TritonServing(files[0], files, "onnxruntime_onnx", tensorrt_accelerator_config(workspace_bytes(report)),
-                         note)
+    return TritonServing(reference_files[0], list(reference_files), "onnxruntime_onnx",
+                         tensorrt_accelerator_config(workspace_bytes(report)), note)
 
 
 def profile_max_batch(onnx_path: str, report: dict) -> Optional[int]:

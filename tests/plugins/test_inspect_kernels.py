@@ -16,11 +16,15 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _inspect(*args) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, don't interpret
+def _compiling(*argv) -> subprocess.CompletedProcess:
+    """Run Python `argv` with Triton's compiler (this suite's TRITON_INTERPRET=1 removed)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "inspect_kernels.py"), "--json", "-", *args],
-                         capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=600)
+
+
+def _inspect(*args) -> list[dict]:
+    out = _compiling(os.path.join(ROOT, "tools", "inspect_kernels.py"), "--json", "-", *args)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
 
@@ -45,9 +49,7 @@ def test_a_tile_too_big_for_the_registers_is_reported_as_spilling():
             "from moec.plugins.moe_experts_triton import DecodeConfig\n"
             "facts = inspect_decode('float', 1, DecodeConfig(16, 256, 64, 256), 90)\n"
             "print(facts[1].kernel, facts[1].spilled_bytes)\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    out = _compiling("-c", code)
     assert out.returncode == 0, out.stderr[-3000:]
     kernel, spilled = out.stdout.split()[-2:]
     assert kernel == "_down_rows" and int(spilled) > 0

@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 import torch
 
-from moec.quant import PackedWeight, QuantError, QuantSpec, dequantize, pack, quantize, unpack
+from moec.quant import PackedWeight, QuantError, QuantSpec, WeightCodes, dequantize, pack, quantize, unpack
 
 FORMAT = "moec-packed/1"
 MANIFEST = "moec_quant.json"
@@ -80,6 +80,7 @@ def load_packed(path: str):
         raise QuantError(f"{path}: checkpoint does not match the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}.")
     params = dict(model.named_parameters())
+    table = WeightCodes()
     for name, q in codes.items():
-        params[name]._moec_quantized = q  # picked up by quantize_experts: the codes go out unchanged
-    return model, spec
+        table.attach(params[name], q)  # fuse_moe stacks these into the fused layer; they go out unchanged
+    return model, spec, table

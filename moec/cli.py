@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from moec import targets
 from moec.errors import MoecError
 
 
@@ -30,8 +31,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
     extra = {}
     if args.max_shape:
         extra["max_shape"] = parse_dims(args.max_shape)
-    if args.tensorrt_aot and args.target != "tensorrt":
-        raise MoecError("--tensorrt-aot asks for the TensorRT plugin's AOT implementation; it needs --target tensorrt.")
     for key in ("quant", "block_size", "asymmetric", "accuracy_budget", "device_memory", "accuracy_level",
                 "tensorrt_aot", "quant_dense"):
         if getattr(args, key, None) not in (None, False):
@@ -61,12 +60,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if result.triton_model_dir:
         serving = (r.get("triton") or {}).get("serving")
         print(f"Triton model: {result.triton_model_dir}" + (f" — {serving}" if serving else ""))
-    trt = r.get("tensorrt")
-    if trt:
-        print(f"TensorRT plugin: {trt['plugin']} (definitions in {result.out_dir}/plugins.json)")
-        engine = trt["engine"]
-        if not engine["built"]:
-            print(f"TensorRT engine: skipped — {engine['reason']}; to build it: {engine['how_to_build']}")
+    for line in targets.get(r["target"]).summary(r, result.out_dir):
+        print(line)
     q = r.get("quantization")
     if q:
         dense = q.get("dense")
@@ -99,7 +94,7 @@ def cmd_golden_record(args: argparse.Namespace) -> int:
     import torch
 
     from moec import golden
-    from moec.pipeline import versions
+    from moec.report import versions
     from moec.passes.base import flatten_outputs
     from moec.sources import load_source
 
@@ -135,7 +130,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import onnx
 
     from moec.memory import format_table, render_plot
-    from moec.passes.plan_memory import plan_memory
+    from moec.analysis.plan_memory import PlanHooks, plan_memory
 
     report_path = os.path.join(args.dir, "report.json")
     if not os.path.isfile(report_path):
@@ -150,7 +145,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not mem:
         raise MoecError(f"'{report_path}' has no memory plan (compiled by an older moec?); recompile it.")
     profiles = {name: mem["profiles"][name]["dims"] for name in ("min", "opt", "max") if name in mem["profiles"]}
-    plan = plan_memory(onnx.load(os.path.join(args.dir, "model.onnx")), profiles)
+    hooks = PlanHooks.of(targets.get(report["target"])) if report.get("target") in targets.names() else None
+    plan = plan_memory(onnx.load(os.path.join(args.dir, "model.onnx"), load_external_data=False), profiles, hooks=hooks)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2, default=str))
     else:
@@ -162,7 +158,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
-    from moec.tensorrt_target import build_and_verify_engine
+    from moec.targets.tensorrt.artifact import build_and_verify_engine
 
     result = build_and_verify_engine(args.dir, log=lambda m: print(m, file=sys.stderr),
                                      imoe=False if args.no_imoe else None, cache_dir=args.cache_dir)
@@ -187,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("source", nargs="?", default=None,
                    help="package.module:factory | file.pt2 | Hugging Face model dir (default: built-in demo)")
     c.add_argument("--out", help="output directory (default: moec-out/<name>)")
-    c.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    c.add_argument("--target", default="onnxruntime", choices=targets.names(),
+                   help="what the artifact runs on (default onnxruntime)")
     c.add_argument("--force", action="store_true", help="replace an existing output dir / model version")
     c.add_argument("--triton-repo", help="also write a Triton model repository entry here")
     c.add_argument("--model-name", help="Triton model name (default: moe_model)")

@@ -26,7 +26,7 @@ def randomize_(model: torch.nn.Module, seed: int, std: float = 0.2) -> None:
     """Seeded random weights everywhere (parameters and float buffers such as selection biases).
 
     transformers initializes some routers to zero, which makes every score tie; random
-    routers keep top-k selection well defined (see DESIGN.md on ties).
+    routers keep top-k selection well defined (see docs/DESIGN.md, "Routing ties").
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

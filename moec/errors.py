@@ -36,6 +36,12 @@ class PassValidationError(MoecError):
     exit_code = 6
 
 
+class PassContractError(MoecError):
+    """A pass ran without what it requires, or did not establish what it ensures (names the pass)."""
+
+    exit_code = 21
+
+
 class FusionRequiredError(MoecError):
     """--require-fusion and a MoE layer stayed unfused."""
 

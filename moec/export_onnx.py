@@ -1,24 +1,22 @@
 """Capture with torch.export and emit ONNX through torch.onnx's dynamo exporter.
 
-moec's own ops get translations here (``moec::ort_moe`` -> ``com.microsoft.MoE``);
-everything else goes through torch.onnx's standard table. An op without a
+A target's ops get the target's translations (`Target.translations()`: ``moec::ort_moe`` ->
+``com.microsoft.MoE`` ...); everything else goes through torch.onnx's standard table. An op without a
 translation becomes an UnsupportedOpError naming the op and the module it came from.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
-import onnxscript
 import torch
 from torch import nn
 
-from moec import onnx_schemas, ops  # noqa: F401  (ops registers torch.ops.moec.*)
+from moec import ops  # noqa: F401  (registers torch.ops.moec.*)
 from moec.errors import CaptureError, UnsupportedOpError
 
 # torch.onnx logs one line per missing optional library (torchvision ...); not our user's concern.
@@ -27,53 +25,6 @@ logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(loggin
 # ONNX Runtime 1.31 rejects IR version 14 models; 10 with opset 18 is what it runs everywhere.
 IR_VERSION = 10
 OPSET = 18
-
-_MSFT = onnxscript.values.Opset("com.microsoft", 1)
-
-
-def _ort_moe_translation(hidden, router_logits, fc1, fc1_bias, fc2, fc2_bias, k, normalize,
-                         activation_type, alpha, beta, limit):
-    attrs: dict[str, Any] = {"k": int(k), "normalize_routing_weights": int(bool(normalize)),
-                             "activation_type": activation_type}
-    if activation_type == "swiglu":
-        attrs.update(swiglu_fusion=1, activation_alpha=float(alpha), activation_beta=float(beta))
-        if math.isfinite(limit):
-            attrs["swiglu_limit"] = float(limit)
-    return _MSFT.MoE(hidden, router_logits, fc1, fc1_bias, fc2, fc2_bias, **attrs)
-
-
-def _ort_qmoe_translation(hidden, router_probs, router_weights, fc1, fc1_scales, fc1_bias, fc2, fc2_scales,
-                          fc2_bias, fc1_zero_points, fc2_zero_points, k, activation_type, alpha, beta, limit,
-                          bits, block_size, accuracy_level):
-    attrs: dict[str, Any] = {"k": int(k), "normalize_routing_weights": 0, "activation_type": activation_type,
-                             "expert_weight_bits": int(bits), "weights_prepacked": 0,
-                             "accuracy_level": int(accuracy_level)}
-    if block_size:
-        attrs["block_size"] = int(block_size)
-    if activation_type == "swiglu":
-        attrs.update(swiglu_fusion=1, activation_alpha=float(alpha), activation_beta=float(beta))
-        if math.isfinite(limit):
-            attrs["swiglu_limit"] = float(limit)
-    return _MSFT.QMoE(hidden, router_probs, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, fc2_bias,
-                      None, None, None, fc1_zero_points, fc2_zero_points, None, router_weights, **attrs)
-
-
-def _matmul_nbits_translation(x, packed, scales, zero_points, bias, in_features, out_features, bits, block_size,
-                              accuracy_level):
-    return _MSFT.MatMulNBits(x, packed, scales, zero_points, None, bias, K=int(in_features), N=int(out_features),
-                             bits=int(bits), block_size=int(block_size), accuracy_level=int(accuracy_level))
-
-
-def translation_table(target: str = "onnxruntime") -> dict[Callable, Callable]:
-    onnx_schemas.register_ort_contrib_schemas()
-    table: dict[Callable, Callable] = {torch.ops.moec.ort_moe.default: _ort_moe_translation}
-    if target == "tensorrt":
-        from moec.passes.lower_moe_tensorrt import experts_plugin_translation
-
-        table[torch.ops.moec.trt_experts.default] = experts_plugin_translation
-    table[torch.ops.moec.ort_qmoe.default] = _ort_qmoe_translation
-    table[torch.ops.moec.matmul_nbits.default] = _matmul_nbits_translation
-    return table
 
 
 @dataclass
@@ -114,7 +65,7 @@ def _for_signature(module: nn.Module, dynamic_shapes: Any) -> Any:
 
 
 def to_onnx(captured: Captured, input_names: list[str], output_names: list[str], dynamic_shapes: Any = None,
-            target: str = "onnxruntime"):
+            translations: Mapping[Callable, Callable] | None = None):
     """Returns torch.onnx's ONNXProgram (an onnx_ir model whose weights still alias torch's).
 
     Symbolic dims are renamed from torch's internal names (s72) to the user's Dim names
@@ -125,7 +76,7 @@ def to_onnx(captured: Captured, input_names: list[str], output_names: list[str],
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                ep, (), dynamo=True, custom_translation_table=translation_table(target),
+                ep, (), dynamo=True, custom_translation_table=dict(translations or {}),
                 input_names=input_names or None, output_names=output_names or None,
                 opset_version=OPSET, optimize=False, verbose=False,
             )

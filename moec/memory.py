@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 
-from moec.passes.plan_memory import MemoryPlan, MemoryPlanError
+from moec.analysis.plan_memory import MemoryPlan, MemoryPlanError
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -103,7 +103,7 @@ def largest_fitting(plan: MemoryPlan, dim: str, budget: int, profile: str = "max
 
 
 def _estimate(plan: MemoryPlan, dims: dict[str, int]) -> int:
-    from moec.passes.plan_memory import _pack
+    from moec.analysis.plan_memory import _pack
 
     return _pack(plan, dims, 64).total_bytes
 

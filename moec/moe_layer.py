@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moec import ops  # noqa: F401  (registers torch.ops.moec.*)
+from moec.quant import QuantizedWeight
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class ExpertsSpec:
     num_experts: int
     hidden: int
     intermediate: int
-    activation: str  # moec.ops.ACTIVATIONS
+    activation: str  # moec.activations.ACTIVATIONS
     gated: bool
     alpha: float = 1.0
     beta: float = 0.0
@@ -71,6 +72,14 @@ class LayerSpec:
         return d
 
 
+@dataclass(frozen=True)
+class QuantizedExperts:
+    """A fused layer's expert weights as integer codes, in the canonical layout (gate|up rows, down)."""
+
+    gate_up: QuantizedWeight  # [E, 2I, H] (or [E, I, H])
+    down: QuantizedWeight  # [E, H, I]
+
+
 def pick_router_outputs(outputs) -> tuple[torch.Tensor, torch.Tensor]:
     """From a kept router's outputs, take (topk_ids [T,k] int64, topk_weights [T,k] float)."""
     items = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
@@ -85,7 +94,11 @@ def pick_router_outputs(outputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class FusedMoE(nn.Module):
-    """route + experts (+ shared expert) in canonical form; runnable and exportable."""
+    """route + experts (+ shared expert) in canonical form; runnable and exportable.
+
+    `quantized` holds the experts' integer codes once they are quantized (quantize_experts, or the
+    checkpoint's own codes); the float weights are then their dequantized values, so the module
+    stays the exact reference for the quantized artifact."""
 
     def __init__(
         self,
@@ -100,9 +113,11 @@ class FusedMoE(nn.Module):
         shared: Optional[nn.Module] = None,
         shared_gate: Optional[nn.Module] = None,
         router: Optional[nn.Module] = None,
+        quantized: Optional[QuantizedExperts] = None,
     ):
         super().__init__()
         self.spec = spec
+        self.quantized = quantized
         self.router = router  # only when routing is kept as written (spec.route is None)
         self.router_weight = _param(router_weight)
         self.router_bias = _param(router_bias)
@@ -204,8 +219,4 @@ def _param(t: Optional[torch.Tensor]) -> Optional[nn.Parameter]:
         return None
     if isinstance(t, nn.Parameter):
         return t
-    p = nn.Parameter(t.detach(), requires_grad=False)
-    codes = getattr(t, "_moec_quantized", None)  # pre-quantized weights keep their codes (quantize_experts)
-    if codes is not None:
-        p._moec_quantized = codes
-    return p
+    return nn.Parameter(t.detach(), requires_grad=False)

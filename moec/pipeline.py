@@ -1,43 +1,52 @@
-"""compile(): source -> passes (validated) -> torch.export -> ONNX -> verify -> write, atomically.
+"""compile(): a model in, a verified artifact directory out, as a list of named stages.
 
-Memory discipline: the model's weights exist once. Passes rewrite layers in place (a
-layer's new layout is made before its old one is dropped); the ONNX program aliases
-torch's tensors until it is saved; eager reference outputs are computed before the
-ONNX Runtime session (which holds its own copy) is created, and the torch model is
-released first.
+    load -> fold -> eager_reference -> passes -> capture -> onnx_export -> verify -> plan -> package
+
+Each stage is a function with typed inputs and outputs; `compile()` only sequences them, and the
+progress lines and `report.json`'s timings come from that sequence. Everything target-specific is
+asked of the target (moec/targets/); the artifact is built in a temporary directory beside OUT and
+renamed into place only once it is verified, so a failure leaves nothing half-written.
+
+Memory discipline: the model's weights exist once. Passes rewrite layers in place (a layer's new
+layout is made before its old one is dropped); the ONNX program aliases torch's tensors until it is
+saved; eager reference outputs are computed before the ONNX Runtime session (which holds its own
+copy) is created, and the torch model is released first.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
-import platform
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
+from moec import targets
 from moec.errors import FusionRequiredError, MoecError, OutputExistsError, VerificationError
-from moec.export_onnx import capture, save_onnx, to_onnx, weight_bytes
+from moec.export_onnx import Captured, capture, save_onnx, to_onnx, weight_bytes
 from moec.fsutil import swap_into_place
-from moec.golden import Probe, write_golden
+from moec.golden import Probe, weights_sha256, write_golden
 from moec.numerics import compare_tensors
-from moec.passes.base import PassContext, PassManager, compare_outputs, flatten_outputs, worst
+from moec.passes.base import Pass, PassContext, PassManager, PassRecord, flatten_outputs
+from moec.report import FP32_REL_L2, layer_summary, moec_version, quantization_summary, versions
 from moec.sources import LoadedSource, load_source
+from moec.targets.base import ArtifactContext, Target
 
-TARGETS = ("onnxruntime", "tensorrt")
-FP32_REL_L2 = 1e-4
+__all__ = ["CompileOptions", "CompileResult", "compile", "versions", "FP32_REL_L2"]
+
+STAGES = ("load", "fold", "eager_reference", "passes", "capture", "onnx_export", "verify", "plan", "package")
 
 
 @dataclass
 class CompileOptions:
     out: str
-    target: str = "onnxruntime"
+    target: str = "onnxruntime"  # a name in moec.targets
     force: bool = False
     validate: bool = True
     fuse: bool = True
@@ -63,6 +72,63 @@ class CompileResult:
     triton_model_dir: Optional[str] = None
 
 
+# ----------------------------------------------------------------------------- what stages hand on
+
+
+@dataclass
+class Loaded:
+    src: LoadedSource
+    source: Optional[str]
+    identity: dict  # source, identity, weights_sha256 (the golden manifest's model)
+    notes: list[str]  # capture choices, for the report
+    dim_ranges: dict
+
+
+@dataclass
+class Reference:
+    """Fixed-seed verification inputs and the eager model's outputs on them."""
+
+    inputs: list[tuple]
+    eager: list[list[torch.Tensor]]
+
+
+@dataclass
+class Transformed:
+    module: nn.Module
+    records: list[PassRecord]
+    layers: dict  # the report's moe_layers
+    quant: Optional[dict]  # the report's quantization
+    dequantized: list  # outputs of the quantized model before lowering: the exact reference
+
+
+@dataclass
+class Verified:
+    numerics: dict
+    feeds: list[dict]
+    outputs: list[dict]
+    evaluable_files: list[str]  # the target's runnable copy (kept for Triton), [] when the artifact runs
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+class _Stages:
+    """Runs the stages in order: a progress line each, and their wall times for the report."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log, self.timings, self.index = log, {}, 0
+
+    def __call__(self, name: str, what: str, fn: Callable, *args, **kwargs):
+        assert name in STAGES, name
+        self.index += 1
+        self.log(f"[{self.index}/{len(STAGES)}] {name}: {what}")
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
+
+
 def compile(
     module: Optional[nn.Module] = None,
     example_args: Optional[tuple] = None,
@@ -73,344 +139,248 @@ def compile(
 ) -> CompileResult:
     """Compile a model. Pass either (module, example_args[, dynamic_shapes]) or `source`."""
     t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    log = options.log
-    if options.target not in TARGETS:
-        raise MoecError(f"unknown target '{options.target}'; choose one of {', '.join(TARGETS)}.")
-    _check_destinations(options)
+    target = targets.get(options.target)
+    check_options(options, target)
+    stage = _Stages(options.log)
+    loaded = stage("load", f"loading {source or ('python module' if module is not None else 'built-in demo model')}",
+                   load, module, example_args, dynamic_shapes, source)
+    fold_records = stage("fold", "folding quantize/dequantize pairs on weights", fold, loaded, options)
+    reference = stage("eager_reference", "eager PyTorch outputs on the verification inputs", eager_reference, loaded,
+                      options)
+    passes = build_passes(options, target)
+    names = [p.name for p in passes if p.name not in options.disabled_passes]
+    transformed = stage("passes", "running passes: " + (", ".join(names) or "none"), transform,
+                        loaded, reference, passes, options, target, fold_records)
+    captured = stage("capture", "capturing with torch.export", capture_model, transformed, loaded)
+    program = stage("onnx_export", "converting to ONNX", to_onnx, captured, loaded.src.input_names,
+                    loaded.src.output_names, loaded.src.dynamic_shapes, target.translations())
+    del captured
+    with _workdir(options.out) as tmp:
+        model_path = os.path.join(tmp, "model.onnx")
+        onnx_weight_bytes = weight_bytes(program)
+        files = save_onnx(program, model_path)
+        del program, transformed.module, loaded.src
+        gc.collect()  # the torch weights go before ONNX Runtime loads its own copy
+        verified = stage("verify", "verifying with ONNX Runtime", verify, model_path, tmp, reference, transformed,
+                         options, target)
+        report = {
+            "moec_version": moec_version(),
+            "source": source or "python-module",
+            "model": loaded.identity,
+            "target": target.name,
+            "capture": {"method": "torch.export (non-strict)", "notes": loaded.notes},
+            "passes": [r.to_dict() for r in fold_records + transformed.records],
+            "moe_layers": transformed.layers,
+            "quantization": transformed.quant,
+            "numerics": verified.numerics,
+            "weights_bytes": onnx_weight_bytes,
+            "files": sorted(os.path.relpath(f, tmp) for f in files) + ["golden/"],
+            "versions": versions(),
+        }
+        write_golden(os.path.join(tmp, "golden"),
+                     [Probe(f"probe{i}", f, o) for i, (f, o) in enumerate(zip(verified.feeds, verified.outputs))],
+                     model=loaded.identity, precision=transformed.quant["precision"] if transformed.quant else "fp32",
+                     tolerance=verified.numerics["tolerance_rel_l2"], versions=versions())
+        memory = stage("plan", "planning memory", plan_artifact_memory, model_path, loaded.dim_ranges, options,
+                       report, target)
+        if memory is not None:
+            report["memory"] = memory
+        artifact = ArtifactContext(tmp, model_path, files, report, options, verified.evaluable_files, options.log)
+        triton_dir = stage("package", "writing the artifact", package, artifact, target, stage.timings, t0)
+        return CompileResult(os.path.abspath(options.out), report, triton_dir)
 
+
+# ----------------------------------------------------------------------------- stages
+
+
+def check_options(options: CompileOptions, target: Target) -> None:
+    """Everything that can be refused before any work: options, destinations."""
+    targets.base.refuse_foreign_options(target, options.extra, targets.all_targets())
+    extra = options.extra
+    quant = extra.get("quant")
+    if quant and not options.fuse:
+        raise MoecError(f"--quant {quant} quantizes the fused experts; it needs MoE fusion (drop --no-fuse).")
+    if extra.get("quant_dense") and not quant:
+        raise MoecError("--quant-dense quantizes the other Linear layers with the experts' settings; give --quant "
+                        "int8|int4 too.")
+    target.check_options(options)
+    if os.path.exists(options.out) and not options.force:
+        raise OutputExistsError(
+            f"output directory '{options.out}' already exists; moec never overwrites an artifact "
+            "unless asked: pass --force to replace it, or choose another --out."
+        )
+    if options.triton_repo:
+        from moec.triton_repo import check_version_free
+
+        check_version_free(options.triton_repo, options.model_name or "moe_model", options.model_version,
+                           options.force)
+
+
+def load(module: Optional[nn.Module], example_args: Optional[tuple], dynamic_shapes: Any,
+         source: Optional[str]) -> Loaded:
     if module is not None:
         src = LoadedSource(module.eval(), tuple(example_args or ()), dynamic_shapes, "python:" + type(module).__name__,
                            [], [], [], [])
         src.input_names = [f"input_{i}" for i in range(len(src.example_args))]
         src.input_kinds = ["float" if a.is_floating_point() else "int" for a in src.example_args]
     else:
-        log(f"loading {source or 'built-in demo model'}")
         src = load_source(source)
-    timings["load"] = time.perf_counter() - t0
-    capture_notes = list(src.notes)
-    dim_ranges = src.dim_ranges()
-    from moec.golden import weights_sha256
+    identity = {"source": source or src.identity, "identity": src.identity, "weights_sha256": weights_sha256(src.module)}
+    return Loaded(src, source, identity, list(src.notes), src.dim_ranges())
 
-    model_identity = {"source": source or src.identity, "identity": src.identity,
-                      "weights_sha256": weights_sha256(src.module)}
 
-    from moec.passes.fold_weight_qdq import fold_weight_qdq
+def fold(loaded: Loaded, options: CompileOptions) -> list[PassRecord]:
+    """Fold weight Q/DQ pairs (their own pass, in its own stage: the quantization it finds decides
+    which passes follow), then adopt the checkpoint's quantization as the compile's."""
+    from moec.passes.fold_weight_qdq import FoldWeightQDQ
+    from moec.report import folded_qdq
 
-    folded = fold_weight_qdq(src.module, src.example_args)  # PT2E-style Q/DQ on weights: keep their codes
-    if folded.layers:
-        log(f"folded quantize/dequantize pairs on {len(folded.layers)} Linear weights ({folded.spec.name})")
-        if src.prequantized is not None and src.prequantized != folded.spec:
+    src = loaded.src
+    passes = [p for p in [FoldWeightQDQ()] if p.name not in options.disabled_passes]
+    ctx = PassContext(probes=[src.example_args], target=options.target, options=options.extra, log=options.log,
+                      weight_codes=src.weight_codes)
+    # No probe validation: the pass itself checks the model's outputs bit for bit.
+    src.module, records = PassManager(passes, validate=False).run(src.module, ctx)
+    folded = folded_qdq(records)
+    if folded:
+        options.log(f"folded quantize/dequantize pairs on {len(folded['layers'])} Linear weights ({folded['spec']})")
+        spec = next(o for r in records for o in r.layers).spec
+        if src.prequantized is not None and src.prequantized != spec:
             raise MoecError(f"the checkpoint is packed as {src.prequantized.name} but its Q/DQ layers are "
-                            f"{folded.spec.name}; moec folds one quantization per model.")
-        src.prequantized = folded.spec
-        options.extra["folded_qdq"] = folded.to_dict()
+                            f"{spec.name}; moec folds one quantization per model.")
+        src.prequantized = spec
     if src.prequantized is not None:
         adopt_checkpoint_quantization(src.prequantized, options)
     if options.extra.get("quant"):
         check_finite_weights(src.module)
+    return records
 
-    # Verification inputs: the example's shape and another batch / sequence length.
-    verify_inputs = [src.make_inputs(seed=100)]
+
+def eager_reference(loaded: Loaded, options: CompileOptions) -> Reference:
+    """Verification inputs: the example's shape and another batch / sequence length."""
+    src = loaded.src
+    inputs = [src.make_inputs(seed=100)]
     other_seq = options.verify_seq_len or _other_len(src)
     if other_seq is not None:
-        verify_inputs.append(src.make_inputs(seed=101, seq_len=other_seq, batch=1 if src._is_dynamic(0, 0) else None))
-    t = time.perf_counter()
+        inputs.append(src.make_inputs(seed=101, seq_len=other_seq, batch=1 if src._is_dynamic(0, 0) else None))
     with torch.no_grad():
-        eager = [[o.detach().clone() for o in flatten_outputs(src.module(*a))] for a in verify_inputs]
-    timings["eager_reference"] = time.perf_counter() - t
-
-    passes = build_passes(options)
-    log("running passes: " + ", ".join(p.name for p in passes))
-    ctx = PassContext(probes=[src.example_args] + verify_inputs[1:], target=options.target,
-                      options=options.extra, log=log)
-    dequant_reference: list = []
-
-    def after_pass(name: str, module: nn.Module) -> None:
-        if name in QUANT_PASSES:  # after the last one: the exact reference for the quantized artifact
-            with torch.no_grad():
-                dequant_reference[:] = [[o.detach().clone() for o in flatten_outputs(module(*a))]
-                                        for a in verify_inputs]
-
-    t = time.perf_counter()
-    module_out, records = PassManager(passes, validate=options.validate).run(src.module, ctx, after_pass)
-    timings["passes"] = time.perf_counter() - t
-    layers = _layer_summary(records)
-    quant = quantization_summary(records, options, eager, dequant_reference)
-    if options.require_fusion and layers["unfused"]:
-        bad = [f"{l['path']}: {l.get('reason', '')}" for l in layers["layers"] if not l["fused"]]
-        raise FusionRequiredError("--require-fusion: MoE layers left unfused: " + "; ".join(bad))
-
-    capture_notes += make_unfused_experts_exportable(module_out, layers)
-    log("capturing with torch.export")
-    t = time.perf_counter()
-    captured = capture(module_out, src.example_args, src.dynamic_shapes)
-    timings["capture"] = time.perf_counter() - t
-    log("converting to ONNX")
-    t = time.perf_counter()
-    program = to_onnx(captured, src.input_names, src.output_names, src.dynamic_shapes, options.target)
-    timings["onnx_export"] = time.perf_counter() - t
-    onnx_weight_bytes = weight_bytes(program)
-
-    parent = os.path.dirname(os.path.abspath(options.out)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".moec-tmp-", dir=parent)
-    try:
-        model_path = os.path.join(tmp, "model.onnx")
-        files = save_onnx(program, model_path)
-        del program, captured, module_out, src
-        gc.collect()  # the torch weights go before ONNX Runtime loads its own copy
-
-        log("verifying with ONNX Runtime")
-        t = time.perf_counter()
-        verify_path, reference_files = model_path, []
-        if options.target == "tensorrt":  # written once: verification, then (if asked) Triton, use it
-            reference_files = plugin_reference_model(model_path, tmp)
-            verify_path = reference_files[0]
-        tolerance = options.tolerance
-        if quant:  # against fp32 the error is the quantization's own (reported; --accuracy-budget gates it)
-            tolerance = max(options.tolerance, quant["tolerance_vs_fp32"])
-        numerics, feeds, outs = verify_onnx(verify_path, verify_inputs, eager, tolerance)
-        if quant:  # the artifact itself is gated on the exact check against the dequantized reference
-            exact, _, outs = verify_onnx(verify_path, verify_inputs, dequant_reference, quant["tolerance_vs_dequantized"])
-            numerics = {"vs_fp32": numerics, "vs_dequantized_reference": exact, "passed": exact["passed"],
-                        "tolerance_rel_l2": exact["tolerance_rel_l2"], "inputs": exact["inputs"]}
-        if reference_files:
-            if not (options.triton_repo and numerics["passed"]):
-                shutil.rmtree(os.path.dirname(verify_path))
-            numerics["evaluated_as"] = "plugin nodes replaced by their reference subgraph (moec/plugin_reference.py)"
-        timings["verify"] = time.perf_counter() - t
-        write_golden(os.path.join(tmp, "golden"),
-                     [Probe(f"probe{i}", f, o) for i, (f, o) in enumerate(zip(feeds, outs))],
-                     model=model_identity, precision=quant["precision"] if quant else "fp32",
-                     tolerance=numerics["tolerance_rel_l2"], versions=versions())
-        report = {
-            "moec_version": _version(),
-            "source": source or "python-module",
-            "model": model_identity,
-            "target": options.target,
-            "capture": {"method": "torch.export (non-strict)", "notes": capture_notes},
-            "passes": [r.to_dict() for r in records],
-            "moe_layers": layers,
-            "quantization": quant,
-            "numerics": numerics,
-            "weights_bytes": onnx_weight_bytes,
-            "files": sorted(os.path.relpath(f, tmp) for f in files) + ["golden/"],
-            "timings_s": {k: round(v, 3) for k, v in timings.items()},
-            "versions": versions(),
-        }
-        memory = plan_artifact_memory(model_path, dim_ranges, options, report)
-        if memory is not None:
-            report["memory"] = memory
-        report.update(run_post_hooks(options, tmp, report))  # after the plan: engine profiles come from it
-        report["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
-        _write_json(os.path.join(tmp, "report.json"), report)
-        if not numerics["passed"]:
-            worst = max(numerics["inputs"], key=lambda r: float(r["rel_l2"]))
-            where = "Nothing was written; rerun with --keep-failed to inspect the artifact."
-            if options.keep_failed:
-                kept = os.path.abspath(options.out) + ".failed"
-                shutil.rmtree(kept, ignore_errors=True)
-                os.rename(tmp, kept)
-                tmp = None
-                where = f"The failing artifact and its report are in {kept}."
-            raise VerificationError(
-                f"ONNX Runtime output differs from eager PyTorch: relative L2 {float(worst['rel_l2']):.3g} "
-                f"(max abs {float(worst['max_abs']):.3g}) on input '{worst['input']}' exceeds tolerance "
-                f"{options.tolerance:g}. {where}"
-            )
-        triton_dir = None
-        if options.triton_repo:
-            from moec.triton_repo import write_model_repository
-
-            serving, triton_report = {}, {}
-            derived = (report.get("memory") or {}).get("derived") or {}
-            max_batch = options.max_batch_size
-            if max_batch is None and derived.get("triton_max_batch_size"):
-                max_batch = derived["triton_max_batch_size"]
-            if options.target == "tensorrt":
-                from moec.tensorrt_target import triton_serving
-
-                plan = triton_serving(tmp, model_path, reference_files, report,
-                                      aot=bool(options.extra.get("tensorrt_aot")))
-                model_path, files = plan.model_path, plan.files
-                serving = dict(platform=plan.platform, kind="KIND_GPU", extra=plan.extra)
-                serving["max_batch_cap"] = plan.max_batch_cap
-                triton_report = {"platform": plan.platform, "serving": plan.note}
-                log(f"Triton model: {plan.note}")
-            instances = options.instances if options.instances_given or not derived else derived["triton_instances"]
-            triton_dir = write_model_repository(
-                options.triton_repo, options.model_name or "moe_model", model_path, files,
-                version=options.model_version, force=options.force, max_batch_size=max_batch,
-                instances=instances, **serving,
-            )
-            if reference_files:  # the expanded copy is not part of the artifact
-                shutil.rmtree(os.path.dirname(reference_files[0]))
-            report["triton"] = {"model_dir": triton_dir, **triton_report}
-            _write_json(os.path.join(tmp, "report.json"), report)
-        _move_into_place(tmp, options.out, options.force)
-        tmp = None
-        return CompileResult(os.path.abspath(options.out), report, triton_dir)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        eager = [[o.detach().clone() for o in flatten_outputs(src.module(*a))] for a in inputs]
+    return Reference(inputs, eager)
 
 
-def adopt_checkpoint_quantization(spec, options: CompileOptions) -> None:
-    """Pre-quantized weights (packed checkpoint, folded Q/DQ) compile with their own quantization;
-    a different --quant is a conflict."""
-    want = {"quant": f"int{spec.bits}", "block_size": spec.block_size, "asymmetric": not spec.symmetric}
-    given = {k: options.extra.get(k) for k in want if options.extra.get(k) not in (None, False)}
-    if given and any(given[k] != want[k] for k in given):
-        raise MoecError(f"the model's expert weights are already quantized ({spec.name}); --quant/"
-                        f"--block-size/--asymmetric {given} would re-quantize them. Drop those flags.")
-    options.extra.update(want, prequantized=True)
-
-
-def check_finite_weights(module: nn.Module) -> None:
-    """Quantizing NaN/inf weights gives garbage scales; refuse up front, naming the tensor."""
-    from moec.quant import QuantError
-
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if t.is_floating_point():
-            bad = int((~torch.isfinite(t)).sum())
-            if bad:
-                raise QuantError(f"{name}: {bad} non-finite values (NaN/inf) in the weights; nothing was written.")
-
-
-QUANT_PASSES = ("quantize_experts", "quantize_dense")
-
-
-def quantization_summary(records, options: CompileOptions, eager: list, dequantized: list) -> Optional[dict]:
-    """Per-layer and logits error against full precision, sizes, and the accuracy budget check.
-
-    The logits' error is the whole quantized model's (experts and, with --quant-dense, the dense
-    layers) against the fp32 eager model on the verification inputs."""
-    recs = {r.name: r for r in records if r.name in QUANT_PASSES}
-    if "quantize_experts" not in recs:
-        return None
-    from moec.errors import AccuracyBudgetError
-    from moec.golden import TOLERANCES
-
-    precision = options.extra["quant"]
-    layers = recs["quantize_experts"].details["layers"]
-    dense = recs["quantize_dense"].details if "quantize_dense" in recs else None
-    all_layers = layers + (dense["layers"] if dense else [])
-    logits = worst(compare_outputs(eager, dequantized)).to_dict() if dequantized else None
-    block = options.extra.get("block_size")
-    # ORT's block-wise int8 experts have no fp32 kernel, and accuracy_level 4 asks for int8
-    # activations: then ORT quantizes activations too, beyond what the dequantized reference models.
-    # (The TensorRT plugin dequantizes weights only; its ORT check evaluates the exact reference.)
-    activations_quantized = options.target == "onnxruntime" and (
-        (precision == "int8" and block is not None) or options.extra.get("accuracy_level") == 4)
-    summary = {
-        "precision": precision, "spec": recs["quantize_experts"].details["spec"], "layers": layers,
-        "logits_vs_fp32": logits,
-        "weight_bytes_fp32": sum(l["weight_bytes_fp32"] for l in all_layers),
-        "weight_bytes_quantized": sum(l["weight_bytes_quantized"] for l in all_layers),
-        "onnxruntime_quantizes_activations": activations_quantized,
-        "tolerance_vs_fp32": TOLERANCES[precision],  # informational: vs_fp32["passed"] in the numerics
-        "tolerance_vs_dequantized": 3e-2 if activations_quantized else FP32_REL_L2,
-    }
-    if dense is not None:
-        summary["dense"] = dense
-    if options.extra.get("folded_qdq"):
-        summary["folded_qdq"] = options.extra["folded_qdq"]
-    budget = options.extra.get("accuracy_budget")
-    if budget is not None and logits is not None and not (logits["rel_l2"] <= budget):
-        worst_layers = sorted(all_layers, key=lambda l: -l.get("rel_l2_vs_fp32", 0))[:3]
-        names = ", ".join(f"{l['path']} ({l.get('rel_l2_vs_fp32', float('nan')):.3g})" for l in worst_layers)
-        raise AccuracyBudgetError(
-            f"--accuracy-budget {budget:g}: {summary['spec']} quantization moves the logits by relative L2 "
-            f"{logits['rel_l2']:.3g} against full precision. Worst layers: {names}. Try int8, a smaller "
-            "--block-size, or --asymmetric; nothing was written.")
-    return summary
-
-
-def make_unfused_experts_exportable(module: nn.Module, layers: dict) -> list[str]:
-    """Switch transformers' experts implementation to one that exports, just before capture.
-
-    Only layers moec did not fuse still run transformers' experts code: its 'eager' path
-    doesn't export (data-dependent loop) and 'grouped_mm' doesn't convert to ONNX. 'batched_mm'
-    does both but gathers a weight copy per token, so it is never used for eager reference runs.
-    """
-    from moec.passes.fuse_moe import find_candidates
-
-    if not find_candidates(module):
-        return []
-    for m in module.modules():
-        if hasattr(m, "set_experts_implementation"):
-            try:
-                m.set_experts_implementation("batched_mm")
-                return ["transformers experts implementation set to batched_mm for the unfused layers"]
-            except Exception as exc:  # models without the switch (Llama4 ...)
-                return [f"experts implementation unchanged: {exc}"]
-    return []
-
-
-def plugin_reference_model(model_path: str, tmp: str) -> list[str]:
-    """Where ONNX Runtime can't run TensorRT plugin nodes, a copy with reference subgraphs, in
-    tmp/.reference/ (kept out of the artifact); returns its files, model.onnx first."""
-    from moec.plugin_reference import save_reference_model
-
-    os.makedirs(os.path.join(tmp, ".reference"))
-    return save_reference_model(model_path, os.path.join(tmp, ".reference", "model.onnx"))
-
-
-def build_passes(options: CompileOptions) -> list:
+def build_passes(options: CompileOptions, target: Target) -> list[Pass]:
+    """fuse_moe, quantize_experts with --quant, then the target's lowering (--no-pass applies later)."""
+    from moec.passes.fold_weight_qdq import FoldWeightQDQ
     from moec.passes.fuse_moe import FuseMoE
-    from moec.passes.lower_moe_onnxruntime import LowerMoEForOnnxRuntime
-    from moec.passes.lower_moe_tensorrt import LowerMoEForTensorRT
 
-    passes: list = []
-    quant = options.extra.get("quant")
-    if quant and not options.fuse:
-        raise MoecError(f"--quant {quant} quantizes the fused experts; it needs MoE fusion (drop --no-fuse).")
-    if options.extra.get("quant_dense") and not quant:
-        raise MoecError("--quant-dense quantizes the other Linear layers with the experts' settings; give --quant "
-                        "int8|int4 too.")
-    if options.extra.get("quant_dense") and options.target != "onnxruntime":
-        raise MoecError("--quant-dense emits ONNX Runtime's com.microsoft.MatMulNBits, which TensorRT's ONNX parser "
-                        "can't read; use --target onnxruntime, or drop --quant-dense.")
+    passes: list[Pass] = []
     if options.fuse:
         passes.append(FuseMoE())
-        if quant:
+        if options.extra.get("quant"):
             from moec.passes.quantize_experts import QuantizeExperts
 
             passes.append(QuantizeExperts())
-        if options.extra.get("quant_dense"):
-            from moec.passes.quantize_dense import QuantizeDense
-
-            passes.append(QuantizeDense())
-        if options.target == "tensorrt":
-            passes.append(LowerMoEForTensorRT())
-        elif quant:
-            from moec.passes.lower_moe_qmoe import LowerMoEForQMoE
-
-            passes.append(LowerMoEForQMoE())
-        else:
-            passes.append(LowerMoEForOnnxRuntime())
-    unknown = set(options.disabled_passes) - {p.name for p in passes}
+        passes.extend(target.lowering_passes(options))
+    known = {p.name for p in passes} | {FoldWeightQDQ.name}
+    unknown = set(options.disabled_passes) - known
     if unknown:
         raise MoecError(f"--no-pass: unknown pass {', '.join(sorted(unknown))}; passes are "
-                        f"{', '.join(p.name for p in passes)}.")
-    return [p for p in passes if p.name not in options.disabled_passes]
+                        f"{', '.join([FoldWeightQDQ.name] + [p.name for p in passes])}.")
+    return passes
 
 
-def plan_artifact_memory(model_path: str, dim_ranges: dict, options: CompileOptions, report: dict) -> Optional[dict]:
+def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options: CompileOptions, target: Target,
+              fold_records: list[PassRecord]) -> Transformed:
+    src = loaded.src
+    ctx = PassContext(probes=[src.example_args] + reference.inputs[1:], target=target.name, options=options.extra,
+                      log=options.log, weight_codes=src.weight_codes)
+    ctx.established.update(c for r in fold_records for c in r.ensures)
+    last_numerics = next((p for p in reversed(passes) if p.changes_numerics and p.name not in options.disabled_passes),
+                         None)
+    dequantized: list = []
+
+    def after_pass(p: Pass, module: nn.Module) -> None:
+        if p is last_numerics:  # the exact reference for the quantized artifact
+            with torch.no_grad():
+                dequantized[:] = [[o.detach().clone() for o in flatten_outputs(module(*a))] for a in reference.inputs]
+
+    active = [p for p in passes if p.name not in options.disabled_passes]
+    off = [p for p in passes if p.name in options.disabled_passes]
+    module, records = PassManager(active, validate=options.validate, disabled=off).run(src.module, ctx, after_pass)
+    src.module = module
+    layers = layer_summary(records)
+    activations_quantized = target.quantizes_activations(options)
+    quant = quantization_summary(fold_records + records, options.extra, activations_quantized, reference.eager,
+                                 dequantized)
+    if options.require_fusion and layers["unfused"]:
+        bad = [f"{l['path']}: {l.get('reason', '')}" for l in layers["layers"] if not l["fused"]]
+        raise FusionRequiredError("--require-fusion: MoE layers left unfused: " + "; ".join(bad))
+    return Transformed(module, records, layers, quant, dequantized)
+
+
+def capture_model(transformed: Transformed, loaded: Loaded) -> Captured:
+    loaded.notes += make_unfused_experts_exportable(transformed.module, transformed.layers)
+    return capture(transformed.module, loaded.src.example_args, loaded.src.dynamic_shapes)
+
+
+def verify(model_path: str, tmp: str, reference: Reference, transformed: Transformed, options: CompileOptions,
+           target: Target) -> Verified:
+    """The artifact (or the target's runnable copy of it) in ONNX Runtime against eager PyTorch; a
+    quantized artifact is gated on the exact check against the dequantized reference."""
+    from moec.verify import OrtRunner
+
+    evaluable_files = target.write_evaluable(model_path, tmp)  # written once: verification, then Triton
+    runner = OrtRunner(evaluable_files[0] if evaluable_files else model_path)
+    quant = transformed.quant
+    tolerance = options.tolerance
+    if quant:  # against fp32 the error is the quantization's own (reported; --accuracy-budget gates it)
+        tolerance = max(options.tolerance, quant["tolerance_vs_fp32"])
+    numerics, feeds, outs = compare_runs(runner, reference.inputs, reference.eager, tolerance)
+    if quant:
+        exact, _, outs = compare_runs(runner, reference.inputs, transformed.dequantized,
+                                      quant["tolerance_vs_dequantized"])
+        numerics = {"vs_fp32": numerics, "vs_dequantized_reference": exact, "passed": exact["passed"],
+                    "tolerance_rel_l2": exact["tolerance_rel_l2"], "inputs": exact["inputs"]}
+    del runner
+    if evaluable_files:
+        if not (options.triton_repo and numerics["passed"]):
+            shutil.rmtree(os.path.dirname(evaluable_files[0]))
+            evaluable_files = []
+        numerics["evaluated_as"] = target.describe_evaluation()
+    return Verified(numerics, feeds, outs, evaluable_files)
+
+
+def compare_runs(runner, inputs: list[tuple], references: list[list[torch.Tensor]], tolerance: float):
+    """Run every input; compare each output with its reference (relative L2 against `tolerance`)."""
+    names, out_names = list(runner.inputs), runner.outputs
+    rows, feeds_all, outs_all = [], [], []
+    for idx, (args, ref) in enumerate(zip(inputs, references)):
+        feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
+        got = runner.run(feeds)
+        shape = "x".join(str(d) for d in args[0].shape) if args else ""
+        for name, r in zip(out_names, ref):
+            s = compare_tensors(r, got[name])
+            rows.append({"input": f"probe{idx}[{shape}]", "output": name, **s.to_dict(),
+                         "passed": bool(s.rel_l2 <= tolerance)})
+        feeds_all.append(feeds)
+        outs_all.append({n: r.detach().cpu().numpy() for n, r in zip(out_names, ref)})
+    return {"tolerance_rel_l2": tolerance, "inputs": rows, "passed": all(r["passed"] for r in rows)}, feeds_all, outs_all
+
+
+def plan_artifact_memory(model_path: str, dim_ranges: dict, options: CompileOptions, report: dict,
+                         target: Target) -> Optional[dict]:
     """Plan activation memory over the final graph; enforce --device-memory before anything is written."""
     import onnx
 
+    from moec.analysis.plan_memory import PlanHooks, plan_memory
     from moec.errors import DeviceMemoryError
     from moec.memory import fit_check, human, parse_size, profiles_for
-    from moec.passes.plan_memory import plan_memory
 
     budget = parse_size(options.extra["device_memory"]) if options.extra.get("device_memory") else None
     ranges = {d: (lo, hi) for d, (lo, hi, _) in dim_ranges.items()}
     opt = {d: ex for d, (_, _, ex) in dim_ranges.items()}
     profiles = profiles_for(ranges, opt, options.extra.get("max_shape"))
-    options.log("planning memory")
-    plan = plan_memory(onnx.load(model_path), profiles)
+    plan = plan_memory(onnx.load(model_path, load_external_data=False), profiles, hooks=PlanHooks.of(target))
     out = plan.to_dict()
     if budget is not None:
         expert_bytes = sum(l.get("weight_bytes_fp32", 0) for l in (report.get("quantization") or {}).get("layers", []))
@@ -438,55 +408,124 @@ def plan_artifact_memory(model_path: str, dim_ranges: dict, options: CompileOpti
     return out
 
 
-def run_post_hooks(options: CompileOptions, tmp: str, report: dict) -> dict:
-    """Artifact-level steps after verification: target extras (plugin definitions, engine)."""
-    extra: dict = {}
-    if options.target == "tensorrt":
-        from moec.tensorrt_target import write_tensorrt_extras
-
-        extra["tensorrt"] = write_tensorrt_extras(tmp, report, options.log)
-    return extra
-
-
-def verify_onnx(model_path: str, inputs: list[tuple], eager: list[list[torch.Tensor]], tolerance: float):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    out_names = [o.name for o in sess.get_outputs()]
-    rows, feeds_all, outs_all = [], [], []
-    for idx, (args, ref) in enumerate(zip(inputs, eager)):
-        feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
-        got = sess.run(None, feeds)
-        shape = "x".join(str(d) for d in args[0].shape) if args else ""
-        for name, g, r in zip(out_names, got, ref):
-            s = compare_tensors(r, g)
-            rows.append({"input": f"probe{idx}[{shape}]", "output": name, **s.to_dict(),
-                         "passed": bool(s.rel_l2 <= tolerance)})
-        feeds_all.append(feeds)
-        outs_all.append({n: r.detach().cpu().numpy() for n, r in zip(out_names, ref)})
-    return {"tolerance_rel_l2": tolerance, "inputs": rows, "passed": all(r["passed"] for r in rows)}, feeds_all, outs_all
-
-
-def _check_destinations(options: CompileOptions) -> None:
-    if os.path.exists(options.out) and not options.force:
-        raise OutputExistsError(
-            f"output directory '{options.out}' already exists; moec never overwrites an artifact "
-            "unless asked: pass --force to replace it, or choose another --out."
+def package(artifact: ArtifactContext, target: Target, timings: dict, t0: float) -> Optional[str]:
+    """The target's extras, report.json, a failed check's verdict, the Triton model; then into place."""
+    report, options, tmp = artifact.report, artifact.options, artifact.workdir
+    extras = target.write_extras(artifact)  # after the plan: engine profiles come from it
+    if extras is not None:
+        report[target.name] = extras
+    report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    report["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
+    _write_json(os.path.join(tmp, "report.json"), report)
+    numerics = report["numerics"]
+    if not numerics["passed"]:
+        worst = max(numerics["inputs"], key=lambda r: float(r["rel_l2"]))
+        where = "Nothing was written; rerun with --keep-failed to inspect the artifact."
+        if options.keep_failed:
+            kept = os.path.abspath(options.out) + ".failed"
+            shutil.rmtree(kept, ignore_errors=True)
+            os.rename(tmp, kept)
+            where = f"The failing artifact and its report are in {kept}."
+        raise VerificationError(
+            f"ONNX Runtime output differs from eager PyTorch: relative L2 {float(worst['rel_l2']):.3g} "
+            f"(max abs {float(worst['max_abs']):.3g}) on input '{worst['input']}' exceeds tolerance "
+            f"{options.tolerance:g}. {where}"
         )
+    triton_dir = None
     if options.triton_repo:
-        from moec.triton_repo import check_version_free
+        triton_dir = write_triton_model(artifact, target)
+        _write_json(os.path.join(tmp, "report.json"), report)
+    if os.path.exists(options.out) and not options.force:
+        raise OutputExistsError(f"output directory '{options.out}' appeared while compiling; not replacing it.")
+    swap_into_place(tmp, options.out)
+    return triton_dir
 
-        check_version_free(options.triton_repo, options.model_name or "moe_model", options.model_version,
-                           options.force)
+
+def write_triton_model(artifact: ArtifactContext, target: Target) -> str:
+    from moec.triton_repo import write_model_repository
+
+    report, options = artifact.report, artifact.options
+    derived = (report.get("memory") or {}).get("derived") or {}
+    max_batch = options.max_batch_size
+    if max_batch is None and derived.get("triton_max_batch_size"):
+        max_batch = derived["triton_max_batch_size"]
+    model = target.triton_model(artifact)
+    if model.note:
+        artifact.log(f"Triton model: {model.note}")
+    instances = options.instances if options.instances_given or not derived else derived["triton_instances"]
+    triton_dir = write_model_repository(
+        options.triton_repo, options.model_name or "moe_model", model.model_path, model.files,
+        version=options.model_version, force=options.force, max_batch_size=max_batch, instances=instances,
+        platform=model.platform, kind=model.kind, extra=model.extra, max_batch_cap=model.max_batch_cap,
+    )
+    if artifact.evaluable_files:  # the runnable copy is not part of the artifact
+        shutil.rmtree(os.path.dirname(artifact.evaluable_files[0]))
+    report["triton"] = {"model_dir": triton_dir}
+    if model.note:
+        report["triton"].update(platform=model.platform, serving=model.note)
+    return triton_dir
 
 
-def _move_into_place(tmp: str, out: str, force: bool) -> None:
-    if os.path.exists(out) and not force:
-        raise OutputExistsError(f"output directory '{out}' appeared while compiling; not replacing it.")
-    swap_into_place(tmp, out)
+# ----------------------------------------------------------------------------- helpers
+
+
+def adopt_checkpoint_quantization(spec, options: CompileOptions) -> None:
+    """Pre-quantized weights (packed checkpoint, folded Q/DQ) compile with their own quantization;
+    a different --quant is a conflict."""
+    want = {"quant": f"int{spec.bits}", "block_size": spec.block_size, "asymmetric": not spec.symmetric}
+    given = {k: options.extra.get(k) for k in want if options.extra.get(k) not in (None, False)}
+    if given and any(given[k] != want[k] for k in given):
+        raise MoecError(f"the model's expert weights are already quantized ({spec.name}); --quant/"
+                        f"--block-size/--asymmetric {given} would re-quantize them. Drop those flags.")
+    options.extra.update(want, prequantized=True)
+
+
+def check_finite_weights(module: nn.Module) -> None:
+    """Quantizing NaN/inf weights gives garbage scales; refuse up front, naming the tensor."""
+    from moec.quant import QuantError
+
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise QuantError(f"{name}: {bad} non-finite values (NaN/inf) in the weights; nothing was written.")
+
+
+def make_unfused_experts_exportable(module: nn.Module, layers: dict) -> list[str]:
+    """Switch transformers' experts implementation to one that exports, just before capture.
+
+    Only layers moec did not fuse still run transformers' experts code: its 'eager' path
+    doesn't export (data-dependent loop) and 'grouped_mm' doesn't convert to ONNX. 'batched_mm'
+    does both but gathers a weight copy per token, so it is never used for eager reference runs.
+    """
+    from moec.passes.fuse_moe import find_candidates
+
+    if not find_candidates(module):
+        return []
+    for m in module.modules():
+        if hasattr(m, "set_experts_implementation"):
+            try:
+                m.set_experts_implementation("batched_mm")
+                return ["transformers experts implementation set to batched_mm for the unfused layers"]
+            except Exception as exc:  # models without the switch (Llama4 ...)
+                return [f"experts implementation unchanged: {exc}"]
+    return []
+
+
+class _workdir:
+    """A temporary directory beside OUT, removed unless the package stage moved it into place."""
+
+    def __init__(self, out: str):
+        parent = os.path.dirname(os.path.abspath(out)) or "."
+        os.makedirs(parent, exist_ok=True)
+        self.path = tempfile.mkdtemp(prefix=".moec-tmp-", dir=parent)
+
+    def __enter__(self) -> str:
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        if os.path.isdir(self.path):  # still here: not moved into place (nor kept as OUT.failed)
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _other_len(src: LoadedSource) -> Optional[int]:
@@ -496,46 +535,7 @@ def _other_len(src: LoadedSource) -> Optional[int]:
     return seq + 5 if seq < 64 else max(2, seq // 2)
 
 
-def _layer_summary(records) -> dict:
-    layers: list[dict] = []
-    for r in records:
-        if r.name == "fuse_moe":
-            layers = [dict(l) for l in r.details.get("layers", [])]
-    lowered = {}
-    for r in records:
-        for l in r.details.get("layers", []) if r.name.startswith("lower_") else []:
-            lowered[l["path"]] = l
-    for l in layers:
-        if l["path"] in lowered:
-            l["lowered_to"] = lowered[l["path"]]["lowered_to"]
-            if "reason" in lowered[l["path"]]:
-                l["lowering_note"] = lowered[l["path"]]["reason"]
-    return {"fused": sum(l["fused"] for l in layers), "unfused": sum(not l["fused"] for l in layers),
-            "layers": layers, "note": "" if layers else "no MoE layer found; compiled as a dense model"}
-
-
-def versions() -> dict:
-    import onnx
-    import onnxruntime
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,
-            "numpy": np.__version__}
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("moec")
-    except Exception:
-        return "0.0.0+local"
-
-
 def _write_json(path: str, obj: Any) -> None:
-    import json
-
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
         f.write("\n")

@@ -66,6 +66,30 @@ class QuantizedWeight:
         return tuple(self.codes.shape)  # type: ignore[return-value]
 
 
+class WeightCodes:
+    """Pre-quantized weights' own codes (packed checkpoints, folded Q/DQ), by weight tensor.
+
+    Loading and folding record them here; fuse_moe stacks them with the expert weights into the fused
+    layer's declared `quantized` field, and quantize_experts then writes them unchanged. Keyed by the
+    tensor object (held here, so an id is never reused while its entry lives)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[torch.Tensor, QuantizedWeight]] = {}
+
+    def attach(self, weight: torch.Tensor, codes: QuantizedWeight) -> None:
+        self._by_id[id(weight)] = (weight, codes)
+
+    def get(self, weight: Optional[torch.Tensor]) -> Optional[QuantizedWeight]:
+        entry = self._by_id.get(id(weight)) if weight is not None else None
+        return entry[1] if entry is not None and entry[0] is weight else None
+
+    def update(self, other: "WeightCodes") -> None:
+        self._by_id.update(other._by_id)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+
 def _groups(k: int, spec: QuantSpec, name: str) -> int:
     if spec.block_size is None:
         return 1

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from moec.errors import SourceError
+from moec.quant import WeightCodes
 
 
 @dataclass
@@ -30,6 +31,7 @@ class LoadedSource:
     notes: list[str] = field(default_factory=list)  # what capture choices were made
     input_kinds: list[str] = field(default_factory=list)  # "tokens:<vocab>" or "float"
     prequantized: Any = None  # the QuantSpec of a packed checkpoint's expert weights, if any
+    weight_codes: WeightCodes = field(default_factory=WeightCodes)  # and their codes, by weight tensor
 
     def make_inputs(self, seed: int, seq_len: Optional[int] = None, batch: Optional[int] = None) -> tuple:
         """Fresh fixed-seed inputs shaped like the example (optionally another batch/sequence)."""
@@ -208,9 +210,9 @@ def load_hf_dir(path: str) -> LoadedSource:
     from moec.checkpoint import is_packed, load_packed
 
     if is_packed(path):
-        model, spec = load_packed(path)
+        model, spec, codes = load_packed(path)
         src = causal_lm_source(model, f"hf-packed:{os.path.abspath(path)}")
-        src.prequantized = spec
+        src.prequantized, src.weight_codes = spec, codes
         src.notes.append(f"packed expert weights ({spec.name}) folded without re-quantizing")
         return src
 

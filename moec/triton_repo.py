@@ -93,7 +93,7 @@ def tensorrt_accelerator_config(workspace_bytes: int = 1 << 30) -> str:
     """ONNX Runtime model served through the TensorRT execution accelerator (KIND_GPU instances).
 
     Parameters are the ones Triton's onnxruntime backend documents for the accelerator. The ONNX must
-    hold no moec plugin node (the server can't load the Python plugin): see tensorrt_target.triton_serving.
+    hold no moec plugin node (the server can't load the Python plugin): see moec/targets/tensorrt/artifact.py (triton_model).
     """
     return (
         "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator : [ {\n"

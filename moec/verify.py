@@ -8,6 +8,7 @@ unreachable; 15 model not ready on the server (the server's reason is quoted).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -40,28 +41,50 @@ class VerifyResult:
 
 
 class OrtRunner:
-    """The artifact in ONNX Runtime; TensorRT plugin nodes are evaluated by their reference subgraph."""
+    """A model in ONNX Runtime (CPU). `evaluable(model) -> (model, n)` first rewrites what ONNX Runtime
+    can't run (a target's custom nodes, expanded to their reference subgraphs); without it the file
+    is loaded as it is (external data included)."""
 
-    def __init__(self, artifact_dir: str):
+    def __init__(self, path: str, evaluable=None):
         import onnx
         import onnxruntime as ort
 
-        from moec.plugin_reference import substitute_plugins
-
-        path = os.path.join(artifact_dir, "model.onnx")
         if not os.path.isfile(path):
-            raise ArtifactError(f"no model.onnx in '{artifact_dir}'; is it a moec artifact directory?")
+            raise ArtifactError(f"no {os.path.basename(path)} in '{os.path.dirname(path)}'; is it a moec artifact "
+                                "directory?")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        n_expanded = 0
         try:
-            model = onnx.load(path)
-            model, n_plugins = substitute_plugins(model)
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            if evaluable is None:
+                self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            else:
+                model, n_expanded = evaluable(onnx.load(path))
+                self.session = ort.InferenceSession(model.SerializeToString(), opts,
+                                                    providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise ArtifactError(f"cannot load '{path}' in ONNX Runtime: {type(exc).__name__}: {str(exc)[:400]}") from exc
-        self.name = "onnxruntime" + (f" (+{n_plugins} plugin reference subgraphs)" if n_plugins else "")
+        self.name = "onnxruntime" + (f" (+{n_expanded} plugin reference subgraphs)" if n_expanded else "")
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
+
+    @classmethod
+    def for_artifact(cls, artifact_dir: str) -> "OrtRunner":
+        """The artifact's model.onnx, with its target's nodes made runnable (the target from report.json;
+        every registered target's when there is no report)."""
+        from moec import targets
+        from moec.targets.base import evaluable_by
+
+        report = os.path.join(artifact_dir, "report.json")
+        chosen = targets.all_targets()
+        if os.path.isfile(report):
+            try:
+                with open(report) as f:
+                    chosen = [targets.get(json.load(f)["target"])]
+            except Exception:  # an unreadable report or unknown target: try them all
+                pass
+
+        return cls(os.path.join(artifact_dir, "model.onnx"), evaluable_by(chosen))
 
     def check_inputs(self, feeds: dict[str, np.ndarray]) -> None:
         type_names = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int32)": "int32",
@@ -125,7 +148,7 @@ class EngineRunner:
     """The artifact's TensorRT engine (model.plan, from `moec build-engine`), on the GPU."""
 
     def __init__(self, artifact_dir: str):
-        from moec.targets.tensorrt_engine import EngineSession
+        from moec.targets.tensorrt.engine import EngineSession
 
         path = os.path.join(artifact_dir, "model.plan")
         if not os.path.isfile(path):
@@ -148,7 +171,7 @@ def verify(artifact_dir: Optional[str], golden_dir: Optional[str] = None, *, ser
     if server:
         runner = TritonRunner(server, model_name or "moe_model")
     else:
-        runner = EngineRunner(artifact_dir) if engine else OrtRunner(artifact_dir)
+        runner = EngineRunner(artifact_dir) if engine else OrtRunner.for_artifact(artifact_dir)
     tol = tolerance if tolerance is not None else g.tolerance
     checks = []
     for probe in g.probes:

@@ -7,9 +7,10 @@ Matches: leaf modules whose forward is ``F.linear(x, dequantize_per_channel[_gro
   each module's forward with torch.fx.
 Produces: an ``nn.Linear`` whose weight is the dequantized weight, bit for bit what the Q/DQ graph
   computed, tagged with its codes in moec's unsigned convention (code - quant_min; zero point -
-  quant_min; one scale per row or per group) so that quantize_experts writes those codes into QMoE
-  unchanged instead of re-quantizing. Runs at load time, before fusion (the fused layer reads plain
-  Linear weights), and the whole model's outputs are checked unchanged.
+  quant_min; one scale per row or per group), recorded in the compile's WeightCodes, so that fuse_moe
+  stacks them into the fused layer and quantize_experts writes them into QMoE unchanged instead of
+  re-quantizing. Runs first, in its own stage (its quantization decides which passes follow), and the
+  whole model's outputs are checked bit for bit unchanged.
 Refuses (QuantError, before anything is written): code ranges other than 4 or 8 bits, groups QMoE
   can't take, a quantization axis other than the output rows, non-integer zero points, and layers
   quantized differently from each other (one QMoE spec per model).
@@ -27,8 +28,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from moec.passes.base import flatten_outputs
-from moec.quant import BLOCK_SIZES, QuantError, QuantizedWeight, QuantSpec
+from moec.passes.base import Pass, PassContext, PassResult, flatten_outputs
+from moec.passes.conditions import WEIGHT_QDQ_FOLDED
+from moec.passes.layers import set_submodule
+from moec.passes.outcomes import FoldOutcome
+from moec.quant import BLOCK_SIZES, QuantError, QuantizedWeight, QuantSpec, WeightCodes
 
 _DEQUANT = ("dequantize_per_channel", "dequantize_per_channel_group")
 _QUANT = ("quantize_per_channel", "quantize_per_channel_group")
@@ -40,14 +44,13 @@ def _decomposed(name: str):
     return getattr(torch.ops.quantized_decomposed, name)
 
 
+FORMAT = "PT2E quantize/dequantize on Linear weights"
+
+
 @dataclass
 class FoldResult:
     spec: Optional[QuantSpec] = None
     layers: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {"format": "PT2E quantize/dequantize on Linear weights", "spec": self.spec.name if self.spec else None,
-                "layers": self.layers}
 
 
 def _op_name(target) -> Optional[str]:
@@ -133,10 +136,21 @@ def _codes(name: str, args: list, kwargs: dict, path: str) -> tuple[QuantizedWei
     return QuantizedWeight(codes, scale, None if symmetric else zp, spec), dequantized
 
 
-def fold_weight_qdq(model: nn.Module, probe: Optional[tuple] = None) -> FoldResult:
-    """Replace every matching Q/DQ Linear in `model` (in place); `probe` checks the outputs unchanged."""
-    from moec.passes.fuse_moe import set_submodule
+class FoldWeightQDQ(Pass):
+    name = "fold_weight_qdq"
+    ensures = (WEIGHT_QDQ_FOLDED,)
 
+    def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
+        result = fold_weight_qdq(module, ctx.probes[0] if ctx.probes else None, ctx.weight_codes)
+        if not result.layers:
+            return PassResult(module, False, {"format": FORMAT, "spec": None})
+        layers = [FoldOutcome(path, result.spec) for path in result.layers]
+        return PassResult(module, True, {"format": FORMAT, "spec": result.spec.name}, layers)
+
+
+def fold_weight_qdq(model: nn.Module, probe: Optional[tuple] = None, codes: Optional[WeightCodes] = None) -> FoldResult:
+    """Replace every matching Q/DQ Linear in `model` (in place), recording their codes in `codes`;
+    `probe` checks the outputs unchanged."""
     result = FoldResult()
     found = [(path, match) for path, module in model.named_modules()
              if path and (match := _match(module)) is not None]
@@ -155,7 +169,8 @@ def fold_weight_qdq(model: nn.Module, probe: Optional[tuple] = None) -> FoldResu
         n, k = weight.shape
         linear = nn.Linear(k, n, bias=bias is not None)
         linear.weight = nn.Parameter(weight, requires_grad=False)
-        linear.weight._moec_quantized = q  # quantize_experts writes these codes, not new ones
+        if codes is not None:
+            codes.attach(linear.weight, q)  # quantize_experts writes these codes, not new ones
         if bias is not None:
             linear.bias = nn.Parameter(torch.as_tensor(bias).detach().float(), requires_grad=False)
         set_submodule(model, path, linear)

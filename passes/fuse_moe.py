@@ -31,11 +31,15 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from moec.moe_layer import ExpertsSpec, FusedMoE, LayerSpec, OutputSpec, RouteSpec, pick_router_outputs
+from moec.activations import PLAIN_ACTIVATIONS, apply_activation
+from moec.moe_layer import ExpertsSpec, FusedMoE, LayerSpec, OutputSpec, QuantizedExperts, RouteSpec, pick_router_outputs
 from moec.numerics import compare_tensors
-from moec.ops import apply_activation, deinterleave_gate_up, route_reference
-from moec.passes.base import PassContext, PassResult
-from moec.quant import QuantizedWeight
+from moec.ops import deinterleave_gate_up, route_reference
+from moec.passes.base import Pass, PassContext, PassResult
+from moec.passes.conditions import MOE_FUSED
+from moec.passes.layers import LayerCall, capture_inputs, set_submodule
+from moec.passes.outcomes import FusionOutcome
+from moec.quant import QuantizedWeight, WeightCodes
 
 MATCH_TOL = 1e-5
 MAX_CANDIDATES = 2000
@@ -49,26 +53,6 @@ _ACT_ATTRS = ("act_fn", "activation_fn", "act", "activation")
 
 
 @dataclass
-class LayerOutcome:
-    path: str
-    fused: bool
-    reason: str = ""
-    spec: Optional[LayerSpec] = None
-    candidates_tried: int = 0
-    closest_error: Optional[float] = None
-
-    def to_dict(self) -> dict:
-        d: dict[str, Any] = {"path": self.path, "fused": self.fused, "candidates_tried": self.candidates_tried}
-        if self.reason:
-            d["reason"] = self.reason
-        if self.spec is not None:
-            d["spec"] = self.spec.to_dict()
-        if self.closest_error is not None:
-            d["closest_error"] = self.closest_error
-        return d
-
-
-@dataclass
 class ExpertWeights:
     """One candidate reading of the expert parameters, already in canonical layout."""
 
@@ -78,6 +62,10 @@ class ExpertWeights:
     b_down: Optional[torch.Tensor]
     gated: bool
     layout: str
+    # The tensors each stacked weight was read from ([expert][part]), when read without a transform:
+    # pre-quantized codes (WeightCodes) are stacked the same way. None: the codes can't follow.
+    gate_up_sources: Optional[list[list[torch.Tensor]]] = None
+    down_sources: Optional[list[list[torch.Tensor]]] = None
 
 
 @dataclass
@@ -98,12 +86,13 @@ class Anatomy:
     hints: dict[str, Any] = field(default_factory=dict)
 
 
-class FuseMoE:
+class FuseMoE(Pass):
     name = "fuse_moe"
+    ensures = (MOE_FUSED,)
 
     def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
         candidates = find_candidates(module)
-        outcomes: list[LayerOutcome] = []
+        outcomes: list[FusionOutcome] = []
         if not candidates:
             return PassResult(module, False, {"layers": [], "note": "no MoE layer found"})
         inputs = capture_inputs(module, [p for p, _ in candidates], ctx.probes[0])
@@ -111,28 +100,24 @@ class FuseMoE:
         for i, (path, anatomy_or_reason) in enumerate(candidates):
             ctx.log(f"  [{i + 1}/{len(candidates)}] {path}")
             if isinstance(anatomy_or_reason, str):
-                outcomes.append(LayerOutcome(path, False, anatomy_or_reason))
+                outcomes.append(FusionOutcome(path, False, anatomy_or_reason))
                 continue
             sub = module.get_submodule(path)
             captured = inputs.get(path)
             if captured is None:
-                outcomes.append(LayerOutcome(path, False, "not executed by the example inputs"))
+                outcomes.append(FusionOutcome(path, False, "not executed by the example inputs"))
                 continue
             if isinstance(captured, str):
-                outcomes.append(LayerOutcome(path, False, captured))
+                outcomes.append(FusionOutcome(path, False, captured))
                 continue
             call, x = captured
-            outcome, fused = match_layer(path, sub, anatomy_or_reason, x, call)
+            outcome, fused = match_layer(path, sub, anatomy_or_reason, x, call, ctx.weight_codes)
             outcomes.append(outcome)
             if fused is not None:
                 set_submodule(module, path, fused if call == LayerCall() else CalledLike(fused, call))
                 modified = True
-        details = {
-            "layers": [o.to_dict() for o in outcomes],
-            "fused": sum(o.fused for o in outcomes),
-            "unfused": sum(not o.fused for o in outcomes),
-        }
-        return PassResult(module, modified, details)
+        details = {"fused": sum(o.fused for o in outcomes), "unfused": sum(not o.fused for o in outcomes)}
+        return PassResult(module, modified, details, outcomes)
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -290,12 +275,14 @@ def _stacked_readings(params: dict[str, torch.Tensor], num_experts: int, hidden:
                     if twos and not any(b is not None for b in (b_in, b_out)):
                         continue
                     desc = f"in{'ᵀ' if in_t else ''}/out{'ᵀ' if out_t else ''}"
+                    as_read = ([[w_in]] if gu is w_in else None), ([[w_out]] if down is w_out else None)
                     if x_dim == 2 * i_dim:
-                        yield ExpertWeights(gu, down, b_in, b_out, True, desc + " gate|up")
+                        yield ExpertWeights(gu, down, b_in, b_out, True, desc + " gate|up", *as_read)
                         bi = None if b_in is None else deinterleave_gate_up(b_in.unsqueeze(-1)).squeeze(-1)
-                        yield ExpertWeights(deinterleave_gate_up(gu), down, bi, b_out, True, desc + " interleaved")
+                        yield ExpertWeights(deinterleave_gate_up(gu), down, bi, b_out, True, desc + " interleaved",
+                                            None, as_read[1])
                     if x_dim == i_dim:
-                        yield ExpertWeights(gu, down, b_in, b_out, False, desc + " plain")
+                        yield ExpertWeights(gu, down, b_in, b_out, False, desc + " plain", *as_read)
 
 
 def _list_readings(experts: nn.ModuleList, hidden: int) -> Iterator[ExpertWeights]:
@@ -327,16 +314,19 @@ def _list_readings(experts: nn.ModuleList, hidden: int) -> Iterator[ExpertWeight
             if all(getattr(ls[down_i], "bias", None) is not None for ls in per_expert)
             else None
         )
-        _stack_codes(w_gu, [[ls[i].weight for i in ins] for ls in per_expert])
-        _stack_codes(w_d, [[ls[down_i].weight] for ls in per_expert])
-        yield ExpertWeights(w_gu, w_d, b_gu, b_d, gated, f"module list order {order}")
+        yield ExpertWeights(w_gu, w_d, b_gu, b_d, gated, f"module list order {order}",
+                            [[ls[i].weight for i in ins] for ls in per_expert], [[ls[down_i].weight] for ls in per_expert])
 
 
-def _stack_codes(stacked: torch.Tensor, parts: list[list[torch.Tensor]]) -> None:
-    """Pre-quantized per-expert Linear weights (fold_weight_qdq): stack their codes like the weights."""
-    codes = [[getattr(w, "_moec_quantized", None) for w in row] for row in parts]
+def _stack_codes(table: WeightCodes, parts: Optional[list[list[torch.Tensor]]]) -> Optional[QuantizedWeight]:
+    """Pre-quantized weights' codes (packed checkpoint, fold_weight_qdq), stacked like the weights."""
+    if parts is None:
+        return None
+    codes = [[table.get(w) for w in row] for row in parts]
     if any(c is None for row in codes for c in row):
-        return
+        return None
+    if len(codes) == 1 and len(codes[0]) == 1:
+        return codes[0][0]
     spec = codes[0][0].spec
 
     def cat(field):
@@ -344,7 +334,15 @@ def _stack_codes(stacked: torch.Tensor, parts: list[list[torch.Tensor]]) -> None
             return None
         return torch.cat([torch.cat([getattr(c, field) for c in row], 1) for row in codes], 0)
 
-    stacked._moec_quantized = QuantizedWeight(cat("codes"), cat("scales"), cat("zero_points"), spec)
+    return QuantizedWeight(cat("codes"), cat("scales"), cat("zero_points"), spec)
+
+
+def expert_codes(table: WeightCodes, reading: ExpertWeights) -> Optional[QuantizedExperts]:
+    """The reading's pre-quantized codes, when every expert weight it stacks has them."""
+    if not len(table):
+        return None
+    gate_up, down = _stack_codes(table, reading.gate_up_sources), _stack_codes(table, reading.down_sources)
+    return QuantizedExperts(gate_up, down) if gate_up is not None and down is not None else None
 
 
 def _collect_hints(sources: list[Any]) -> dict[str, Any]:
@@ -374,55 +372,6 @@ def _collect_hints(sources: list[Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- inputs
 
 
-@dataclass(frozen=True)
-class LayerCall:
-    """How a layer is called: its hidden states, plus (for torch.export.unflatten's modules) int
-    arguments that are sizes of the hidden states' dims, recomputed for every probe shape."""
-
-    tensor_index: int = 0
-    int_dims: tuple[int, ...] = ()  # per leading int argument: which dim of the tensor it is
-
-    def args(self, x: torch.Tensor) -> tuple:
-        ints = [int(x.shape[d]) for d in self.int_dims]
-        return tuple(ints[: self.tensor_index]) + (x,) + tuple(ints[self.tensor_index:])
-
-
-def _layer_call(args: tuple, kwargs: dict) -> tuple[LayerCall, torch.Tensor] | str:
-    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-    if kwargs or len(tensors) != 1:
-        return "forward takes more than the hidden states; only f(hidden) layers are fused"
-    x = args[tensors[0]]
-    dims = []
-    for i, a in enumerate(args):
-        if i == tensors[0]:
-            continue
-        if not isinstance(a, int) or a not in x.shape:
-            return "forward takes more than the hidden states; only f(hidden) layers are fused"
-        dims.append(list(x.shape).index(a))
-    return LayerCall(tensors[0], tuple(dims)), x
-
-
-def capture_inputs(model: nn.Module, paths: list[str], example: tuple) -> dict[str, tuple[LayerCall, torch.Tensor] | str]:
-    """Run the model once and record the hidden-states input each candidate layer saw."""
-    captured: dict[str, tuple[LayerCall, torch.Tensor] | str] = {}
-    handles = []
-    for path in paths:
-        def hook(mod, args, kwargs, path=path):
-            if path in captured:
-                return
-            call = _layer_call(args, kwargs)
-            captured[path] = call if isinstance(call, str) else (call[0], call[1].detach().clone())
-
-        handles.append(model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(*example)
-    finally:
-        for h in handles:
-            h.remove()
-    return captured
-
-
 def layer_probes(x: torch.Tensor) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(1234)
     std = float(x.float().std()) or 1.0
@@ -442,7 +391,7 @@ def _activation_candidates(anatomy: Anatomy, gated: bool) -> list[tuple[str, flo
         limit = h["limit"] if h.get("limit") is not None else math.inf
         out.append(("swiglu", h["alpha"], 1.0, limit))
     grid = torch.linspace(-6, 6, 241)
-    names = ["silu", "gelu_tanh", "gelu", "relu", "identity"]
+    names = list(PLAIN_ACTIVATIONS)
     hinted = []
     for f in anatomy.activation_hints:
         try:
@@ -546,18 +495,19 @@ def _route_reproduces(route: RouteSpec, rb, sb, anatomy: Anatomy, probes, decisi
 
 
 def match_layer(path: str, original: nn.Module, anatomy: Anatomy, x: torch.Tensor,
-                call: "LayerCall" = None) -> tuple[LayerOutcome, Optional[FusedMoE]]:
+                call: Optional[LayerCall] = None,
+                codes: Optional[WeightCodes] = None) -> tuple[FusionOutcome, Optional[FusedMoE]]:
     call = call or LayerCall()
     probes = layer_probes(x)
     with torch.no_grad():
         try:
             expected = [original(*call.args(p)) for p in probes]
         except Exception as exc:  # the layer itself can't run on probe shapes
-            return LayerOutcome(path, False, f"original layer failed on probe inputs: {exc}"), None
+            return FusionOutcome(path, False, f"original layer failed on probe inputs: {exc}"), None
     first = expected[0]
     main0 = first[0] if isinstance(first, (tuple, list)) else first
     if not isinstance(main0, torch.Tensor):
-        return LayerOutcome(path, False, "layer output is not a tensor or a tuple starting with one"), None
+        return FusionOutcome(path, False, "layer output is not a tensor or a tuple starting with one"), None
     flatten = main0.shape != x.shape and main0.numel() == x.numel()
     n_aux = len(first) - 1 if isinstance(first, (tuple, list)) else 0
 
@@ -565,7 +515,7 @@ def match_layer(path: str, original: nn.Module, anatomy: Anatomy, x: torch.Tenso
     if anatomy.shared is not None:
         shared_variants = [(anatomy.shared, anatomy.shared_gate)]
     elif anatomy.shared_gate is not None:
-        return LayerOutcome(path, False, "a [1, H] shared gate without a shared expert"), None
+        return FusionOutcome(path, False, "a [1, H] shared gate without a shared expert"), None
 
     # When the router exposes its decision, pin the routing rule against the router alone
     # (cheap), so the joint search below only varies the experts' reading.
@@ -609,13 +559,14 @@ def match_layer(path: str, original: nn.Module, anatomy: Anatomy, x: torch.Tenso
                     best = min(best, err)
                     if err <= MATCH_TOL and aux is not None:
                         fused.spec = replace(spec, output=OutputSpec(flatten, aux))
-                        return LayerOutcome(path, True, spec=fused.spec, candidates_tried=tried), fused
+                        fused.quantized = expert_codes(codes or WeightCodes(), reading)
+                        return FusionOutcome(path, True, spec=fused.spec, candidates_tried=tried), fused
     return _no_match(path, tried, best), None
 
 
-def _no_match(path: str, tried: int, best: float, why: str = "") -> LayerOutcome:
+def _no_match(path: str, tried: int, best: float, why: str = "") -> FusionOutcome:
     why = why or f"no candidate semantics reproduced the layer (tried {tried}; closest relative error {best:.3g})"
-    return LayerOutcome(
+    return FusionOutcome(
         path, False, why,
         candidates_tried=tried, closest_error=None if not math.isfinite(best) else best,
     )
@@ -671,18 +622,3 @@ class CalledLike(nn.Module):
 
     def forward(self, *args):
         return self.fused(args[self.tensor_index])
-
-
-def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    if isinstance(parent, (nn.ModuleList, nn.Sequential)) and name.isdigit():
-        parent[int(name)] = new
-    else:
-        setattr(parent, name, new)
-
-
-def iter_fused(model: nn.Module) -> Iterator[tuple[str, FusedMoE]]:
-    for path, mod in model.named_modules():
-        if isinstance(mod, FusedMoE):
-            yield path, mod

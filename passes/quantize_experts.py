@@ -2,12 +2,12 @@
 
 Matches: every `FusedMoE` (after fuse_moe), when the compile asks for ``--quant int8|int4``.
 Produces: the same FusedMoE computing with the *dequantized* weights (so the graph stays runnable
-  and is the exact reference for the quantized artifact), plus the quantized codes in
-  ``fused.quantized`` for the lowering; per layer, the error against full precision on the layer's
+  and is the exact reference for the quantized artifact), plus the quantized codes in the layer's
+  declared ``FusedMoE.quantized`` for the lowering; per layer, the error against full precision on the layer's
   real inputs (relative L2, cosine) and the expert weight bytes before and after.
-Folds: expert parameters that carry `_moec_quantized` codes (packed checkpoints, moec/checkpoint.py;
-  PT2E-style Q/DQ Linears, fold_weight_qdq.py) are not re-quantized; their codes go to the artifact
-  unchanged.
+Folds: fused layers that already hold their checkpoint's codes (packed checkpoints, moec/checkpoint.py;
+  PT2E-style Q/DQ Linears, fold_weight_qdq.py; fuse_moe stacks them) are not re-quantized; their codes
+  go to the artifact unchanged.
 Refuses (QuantError, before anything is written): a block size that doesn't divide the hidden or
   intermediate size, non-finite weights (naming the tensor), bits QMoE can't run.
 This pass changes numerics on purpose: the pass manager records its error instead of failing it,
@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from moec.moe_layer import QuantizedExperts
 from moec.numerics import compare_tensors
-from moec.passes.base import PassContext, PassResult, flatten_outputs
-from moec.passes.fuse_moe import capture_inputs, iter_fused
+from moec.passes.base import Pass, PassContext, PassResult, flatten_outputs
+from moec.passes.conditions import EXPERTS_QUANTIZED, MOE_FUSED
+from moec.passes.layers import capture_inputs, iter_fused
+from moec.passes.outcomes import QuantizationOutcome
 from moec.quant import QuantError, QuantSpec, dequantize, pack, quantize
 
 
@@ -39,9 +42,11 @@ def _hidden_out(out):
     return flatten_outputs(out)[0].detach()
 
 
-class QuantizeExperts:
+class QuantizeExperts(Pass):
     name = "quantize_experts"
     changes_numerics = True
+    requires = (MOE_FUSED,)
+    ensures = (EXPERTS_QUANTIZED,)
 
     def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
         spec = spec_from_options(ctx.options)
@@ -53,14 +58,13 @@ class QuantizeExperts:
             captured = inputs.get(path)
             x = None if captured is None or isinstance(captured, str) else captured[1]
             before = None if x is None else _hidden_out(fused(x))
-            q_gate_up = getattr(fused.w_gate_up, "_moec_quantized", None)
-            q_down = getattr(fused.w_down, "_moec_quantized", None)
             if ctx.options.get("prequantized"):
-                if q_gate_up is None or q_down is None:
+                if fused.quantized is None:
                     raise QuantError(
                         f"{path}: the model's pre-quantized expert weights (packed checkpoint or Q/DQ layers) are "
                         "not in moec's canonical layout ([E, 2I, H] gate|up, [E, H, I]), or only some experts "
                         "carry codes; folding them would re-quantize. Not supported yet.")
+                q_gate_up, q_down = fused.quantized.gate_up, fused.quantized.down
             else:
                 q_gate_up = quantize(fused.w_gate_up, spec, f"{path}.w_gate_up")
                 q_down = quantize(fused.w_down, spec, f"{path}.w_down")
@@ -68,11 +72,9 @@ class QuantizeExperts:
             with_dq = [dequantize(q_gate_up), dequantize(q_down)]
             fused.w_gate_up = nn.Parameter(with_dq[0], requires_grad=False)
             fused.w_down = nn.Parameter(with_dq[1], requires_grad=False)
-            fused.quantized = {"gate_up": q_gate_up, "down": q_down}
-            entry = {"path": path, "quantization": spec.name, "weight_bytes_fp32": fp_bytes,
-                     "weight_bytes_quantized": packed_bytes(q_gate_up) + packed_bytes(q_down)}
-            if before is not None:
-                s = compare_tensors(before, _hidden_out(fused(x)))
-                entry.update(rel_l2_vs_fp32=s.rel_l2, cosine_vs_fp32=s.cosine)
-            layers.append(entry)
-        return PassResult(module, bool(layers), {"layers": layers, "spec": spec.name})
+            fused.quantized = QuantizedExperts(q_gate_up, q_down)
+            s = None if before is None else compare_tensors(before, _hidden_out(fused(x)))
+            layers.append(QuantizationOutcome(
+                path, spec.name, fp_bytes, packed_bytes(q_gate_up) + packed_bytes(q_down),
+                None if s is None else s.rel_l2, None if s is None else s.cosine))
+        return PassResult(module, bool(layers), {"spec": spec.name}, layers)

@@ -36,7 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-ACT_IDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3, "identity": 4, "swiglu": 5}
+from moec.activations import ACTIVATIONS
+
+ACT_IDS = {name: i for i, name in enumerate(ACTIVATIONS)}  # the kernels' ACT constexpr: see _activate
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ annotations with ``inspect.signature`` and ``issubclass``, so they must be class
 
 from typing import Tuple, Union
 
-from moec.plugin_spec import PLUGIN
+from moec.targets.tensorrt.plugin_spec import PLUGIN
 
 
 class TensorRTUnavailable(RuntimeError):

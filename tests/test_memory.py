@@ -6,7 +6,7 @@ import pytest
 
 from moec.errors import DeviceMemoryError
 from moec.memory import parse_size, profiles_for
-from moec.passes.plan_memory import MemoryPlanError
+from moec.analysis.plan_memory import MemoryPlanError
 from moec.pipeline import CompileOptions, compile
 
 

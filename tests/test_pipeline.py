@@ -67,8 +67,9 @@ def test_unfused_reference_export_has_no_moe_node(out_dir):
 def test_report_says_what_each_pass_did(out_dir):
     report = _compile("moec.zoo:deepseek_v3", out_dir).report
     names = [p["name"] for p in report["passes"]]
-    assert names == ["fuse_moe", "lower_moe_onnxruntime"]
-    assert all(p["validation"]["rel_l2"] < 1e-4 for p in report["passes"])
+    assert names == ["fold_weight_qdq", "fuse_moe", "lower_moe_onnxruntime"]  # the fold runs first, unmodified
+    assert not report["passes"][0]["modified"]
+    assert all(p["validation"]["rel_l2"] < 1e-4 for p in report["passes"][1:])
     layer = report["moe_layers"]["layers"][0]
     assert layer["spec"]["route"]["scoring"] == "sigmoid" and layer["spec"]["route"]["n_group"] == 4
     assert layer["lowered_to"].startswith("com.microsoft.MoE")

@@ -33,7 +33,7 @@ def test_fresh_artifact_passes_with_junit(artifact, tmp_path):
 
 
 def test_engine_verification_says_what_is_missing(artifact, tmp_path):
-    from moec.targets.tensorrt_engine import capability
+    from moec.targets.tensorrt.engine import capability
 
     r = moec("verify", artifact, "--engine")
     assert r.returncode == 12 and "no TensorRT engine" in r.stderr and "moec build-engine" in r.stderr

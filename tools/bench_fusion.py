@@ -30,10 +30,12 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
+from moec import targets  # noqa: E402
 from moec.export_onnx import capture, save_onnx, to_onnx  # noqa: E402
 from moec.passes.base import PassContext, PassManager  # noqa: E402
 from moec.passes.fuse_moe import FuseMoE  # noqa: E402
-from moec.passes.lower_moe_onnxruntime import DenseMoE, LowerMoEForOnnxRuntime  # noqa: E402
+from moec.passes.lowering import DenseMoE  # noqa: E402
+from moec.targets.onnxruntime.lower_moe_onnxruntime import LowerMoEForOnnxRuntime  # noqa: E402
 
 H, I, E, K = 2048, 768, 64, 8
 THREADS = 2
@@ -86,7 +88,7 @@ def ort_session(path):
 
 def export(module, example, path):
     dyn = ({0: torch.export.Dim("tokens", min=1, max=4096)},)
-    save_onnx(to_onnx(capture(module, example, dyn), ["hidden"], ["out"], dyn), path)
+    save_onnx(to_onnx(capture(module, example, dyn), ["hidden"], ["out"], dyn, targets.get("onnxruntime").translations()), path)
 
 
 class Flat(torch.nn.Module):

@@ -26,8 +26,8 @@ import torch  # noqa: E402
 from bench_fusion import THREADS, Flat, H, I, K, bandwidth_gbs, build_block, export, ort_session, time_it  # noqa: E402
 from moec.passes.base import PassContext, PassManager  # noqa: E402
 from moec.passes.fuse_moe import FuseMoE  # noqa: E402
-from moec.passes.lower_moe_onnxruntime import LowerMoEForOnnxRuntime  # noqa: E402
-from moec.passes.lower_moe_qmoe import LowerMoEForQMoE  # noqa: E402
+from moec.targets.onnxruntime.lower_moe_onnxruntime import LowerMoEForOnnxRuntime  # noqa: E402
+from moec.targets.onnxruntime.lower_moe_qmoe import LowerMoEForQMoE  # noqa: E402
 from moec.passes.quantize_experts import QuantizeExperts  # noqa: E402
 
 VARIANTS = {  # name -> quant options (None: fp32 MoE)

@@ -51,7 +51,7 @@ marks = {}
 def log(msg):
     # The first message after loading: reset the high-water mark, so the peak we read at the
     # end is moec's (passes, capture, export, verification), not the model's construction.
-    if msg.startswith("running passes") and "loaded" not in marks:
+    if "running passes" in msg and "loaded" not in marks:
         marks["load_peak_kb"] = status("VmHWM")
         marks["loaded_kb"] = status("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:

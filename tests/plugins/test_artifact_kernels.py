@@ -19,8 +19,8 @@ pytest.importorskip("triton", reason="the Triton kernel language is a test depen
 
 from moec.numerics import compare_tensors  # noqa: E402
 from moec.pipeline import CompileOptions, compile  # noqa: E402
-from moec.plugin_reference import substitute_plugins  # noqa: E402
-from moec.plugin_spec import PLUGIN  # noqa: E402
+from moec.targets.tensorrt.plugin_reference import substitute_plugins  # noqa: E402
+from moec.targets.tensorrt.plugin_spec import PLUGIN  # noqa: E402
 from moec.plugins.moe_experts_fused import moe_experts_fused  # noqa: E402
 from moec.plugins.moe_experts_triton import DecodeConfig, PackedExpertWeight, moe_experts_triton  # noqa: E402
 

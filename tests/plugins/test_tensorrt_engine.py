@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from moec.plugins.tensorrt_plugin import TensorRTUnavailable, register_plugins, tensorrt_available
-from moec.targets.tensorrt_engine import (EngineSettings, cache_key, capability, profiles_from_report,
+from moec.targets.tensorrt.engine import (EngineSettings, cache_key, capability, profiles_from_report,
                                           tensorrt_version_problem)
 
 HAVE_TRT = tensorrt_available()[0]
@@ -69,7 +69,7 @@ NO_ENGINE_HOST = "TensorRT is not installed here (PyPI's tensorrt needs NVIDIA's
 def test_engine_builds_and_matches_golden_outputs(tmp_path, imoe):  # pragma: no cover - GPU hosts only
     """The engine (IMoELayer where the GPU has it, else the plugin) reproduces eager PyTorch's outputs."""
     from moec.pipeline import CompileOptions, compile
-    from moec.targets.tensorrt_engine import build_engine
+    from moec.targets.tensorrt.engine import build_engine
     from moec.verify import verify
 
     res = compile(source="moec.zoo:qwen3_moe", options=CompileOptions(out=str(tmp_path / "a"), target="tensorrt"))
@@ -86,7 +86,7 @@ def test_engine_builds_and_matches_golden_outputs(tmp_path, imoe):  # pragma: no
 
 
 def test_autotune_types_cover_every_plugin_input_and_the_output():
-    from moec.plugin_spec import PLUGIN
+    from moec.targets.tensorrt.plugin_spec import PLUGIN
     from moec.plugins.tensorrt_plugin import type_combination
 
     for bits in (0, 4):

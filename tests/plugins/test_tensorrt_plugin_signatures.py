@@ -14,7 +14,7 @@ import pathlib
 import pytest
 
 import moec.plugins.tensorrt_plugin as tensorrt_plugin
-from moec.plugin_spec import PLUGIN
+from moec.targets.tensorrt.plugin_spec import PLUGIN
 
 TREE = ast.parse(pathlib.Path(tensorrt_plugin.__file__).read_text())
 ATTRIBUTE_TYPES = {"int", "float", "str", "bool", "bytes"}  # tensorrt.plugin's SERIALIZABLE_BUILTIN_TYPES

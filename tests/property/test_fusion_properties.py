@@ -11,12 +11,13 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from moec import targets
 from moec.export_onnx import capture, to_onnx
 from moec.moe_layer import FusedMoE
 from moec.numerics import compare_tensors
 from moec.passes.base import PassContext, PassManager
 from moec.passes.fuse_moe import FuseMoE
-from moec.passes.lower_moe_onnxruntime import LowerMoEForOnnxRuntime
+from moec.targets.onnxruntime.lower_moe_onnxruntime import LowerMoEForOnnxRuntime
 
 from reference_moe import MoEConfig, ReferenceMoE
 
@@ -95,7 +96,7 @@ def test_onnxruntime_artifact_equals_reference(cfg, seed, tokens, tmp_path_facto
     ref, model, layer, example = _fuse(cfg, seed, lower=True)
     dyn = ({0: torch.export.Dim("batch", min=1, max=16), 1: torch.export.Dim("seq", min=1, max=256)},)
     path = str(tmp_path_factory.mktemp("onnx") / "m.onnx")
-    to_onnx(capture(model, example, dyn), ["x"], ["y"], dyn).save(path)
+    to_onnx(capture(model, example, dyn), ["x"], ["y"], dyn, targets.get("onnxruntime").translations()).save(path)
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     x = torch.randn(1, tokens, cfg.hidden, generator=torch.Generator().manual_seed(seed + 2))
     with torch.no_grad():

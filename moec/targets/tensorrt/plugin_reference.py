@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from moec.plugin_spec import PLUGIN
+from moec.targets.tensorrt.plugin_spec import PLUGIN
 
 
 class _Builder:

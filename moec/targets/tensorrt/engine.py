@@ -4,7 +4,7 @@ Optimization profiles come from the artifact's memory plan (min/opt/max of the d
 workspace pool limit from the plan's kernel workspace, a timing cache is kept next to the engine,
 and engines are cached by a hash of the ONNX bytes, the settings, TensorRT's version and the GPU.
 On SM100/SM103/SM110 GPUs with TensorRT >= 10.16 the experts plugin layers TensorRT's IMoELayer
-can compute are swapped for it (moec/targets/tensorrt_imoe.py); if that build fails, the engine is
+can compute are swapped for it (moec/targets/tensorrt/imoe.py); if that build fails, the engine is
 built again with the plugin and the report says why. `EngineSession` runs a built engine (verify --engine).
 Everything TensorRT-specific sits behind `capability()`; nothing here runs without it.
 """
@@ -141,7 +141,7 @@ def build_engine(artifact_dir: str, settings: Optional[EngineSettings] = None, c
     import torch
 
     from moec.plugins.tensorrt_plugin import register_plugins
-    from moec.targets.tensorrt_imoe import ImoeSwap, swap_in_imoe_layers
+    from moec.targets.tensorrt.imoe import ImoeSwap, swap_in_imoe_layers
 
     onnx_path = os.path.join(artifact_dir, "model.onnx")
     if report is None:

@@ -17,9 +17,12 @@ from torch import nn
 
 from moec.moe_layer import FusedMoE, LoweredMoE
 from moec.ops import interleave_gate_up
-from moec.passes.base import PassContext, PassResult
-from moec.passes.lower_moe_onnxruntime import _route_outside, lower_each
+from moec.passes.base import Pass, PassContext, PassResult
+from moec.passes.conditions import EXPERTS_LOWERED, EXPERTS_QUANTIZED
+from moec.passes.lowering import lower_each, route_outside
 from moec.quant import QuantizedWeight, pack
+from moec.targets.onnxruntime import ops  # noqa: F401  (registers torch.ops.moec.ort_qmoe)
+from moec.targets.onnxruntime.lower_moe_onnxruntime import plan_layer
 
 
 def _interleave_rows(q: QuantizedWeight) -> QuantizedWeight:
@@ -39,7 +42,7 @@ class OrtQMoE(LoweredMoE):
                  accuracy_level: int = 0):
         super().__init__(fused)
         self.accuracy_level, self.top_k = accuracy_level, top_k
-        q1, q2 = fused.quantized["gate_up"], fused.quantized["down"]
+        q1, q2 = fused.quantized.gate_up, fused.quantized.down
         gated = activation_type == "swiglu"
         _buffers(self, "fc1", _interleave_rows(q1) if gated else q1)
         _buffers(self, "fc2", q2)
@@ -52,7 +55,7 @@ class OrtQMoE(LoweredMoE):
 
     def forward(self, hidden: torch.Tensor):
         flat = hidden.reshape(-1, self.spec.experts.hidden)
-        ids, weights, logits = _route_outside(self, flat)
+        ids, weights, logits = route_outside(self, flat)
         tokens, experts = flat.shape[0], self.fc1.shape[0]
         mask = torch.zeros(tokens, experts, dtype=flat.dtype).scatter(1, ids, torch.ones_like(weights, dtype=flat.dtype))
         dense = torch.zeros(tokens, experts, dtype=flat.dtype).scatter(1, ids, weights.to(flat.dtype))
@@ -67,16 +70,20 @@ class OrtQMoE(LoweredMoE):
         return self.finish(hidden, out, ids, weights, logits)
 
 
-class LowerMoEForQMoE:
+class LowerMoEForQMoE(Pass):
     name = "lower_moe_qmoe"
+    requires = (EXPERTS_QUANTIZED,)
+    ensures = (EXPERTS_LOWERED,)
 
     def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
         accuracy_level = int(ctx.options.get("accuracy_level", 0))
 
-        def lower(fused, plan, top_k):
-            spec = fused.quantized["gate_up"].spec
+        def lower(fused: FusedMoE, top_k: int) -> tuple[nn.Module, str] | str:
+            plan = plan_layer(fused.spec, top_k)
+            if isinstance(plan, str):
+                return plan
             layer = OrtQMoE(fused, plan.activation_type, plan.alpha, plan.beta, plan.limit, top_k, accuracy_level)
-            return layer, f"com.microsoft.QMoE ({spec.name}, {plan.activation_type})"
+            return layer, f"com.microsoft.QMoE ({fused.quantized.gate_up.spec.name}, {plan.activation_type})"
 
         layers = lower_each(module, lower, "dense ONNX ops (all experts, dequantized)")
-        return PassResult(module, bool(layers), {"layers": layers})
+        return PassResult(module, bool(layers), {}, layers)

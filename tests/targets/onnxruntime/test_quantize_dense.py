@@ -14,7 +14,7 @@ from moec.errors import MoecError
 from moec.pipeline import CompileOptions, compile
 from moec.quant import QuantSpec, quantize_nbits
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "property"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "property"))
 from reference_moe import MoEConfig, ReferenceMoE  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from moec.moe_layer import ExpertsSpec, LayerSpec, RouteSpec
-from moec.ops import ort_moe_reference
-from moec.passes.lower_moe_onnxruntime import OrtPlan, plan_layer
+from moec.targets.onnxruntime.ops import ort_moe_reference
+from moec.targets.onnxruntime.lower_moe_onnxruntime import OrtPlan, plan_layer
 
 
 def spec(route=RouteSpec("softmax", 2, True), **experts):

@@ -1,10 +1,15 @@
 """plan_memory: an exact activation-memory plan for an ONNX graph with symbolic (dynamic) dims.
 
-Matches: any ONNX model moec writes (standard ops, com.microsoft MoE/QMoE, moec plugin nodes).
+An analysis of the final ONNX graph (not a pass: it rewrites nothing). What it needs to know of a
+target comes from `PlanHooks`: how to make the graph runnable in ONNX Runtime and which nodes are
+fused-experts kernels with scratch of their own (moec.targets.base.Target.evaluable_model /
+expert_nodes).
+
+Matches: any ONNX model moec writes (standard ops, each target's expert nodes).
 Produces: a `MemoryPlan`:
   - every intermediate tensor's size as a sympy expression of the dynamic dims. Concrete sizes come
     from running the graph in ONNX Runtime at a few tiny probe assignments of the dims (2..16, every
-    node output exposed; plugin nodes evaluated by their reference subgraph) — ONNX's own shape
+    node output exposed; a target's custom nodes evaluated by their reference subgraph) — ONNX's own shape
     inference loses shapes through torch's Range/Shape arithmetic. Each size is then fitted exactly
     on all monomials of the dims up to degree 3 (attention: batch*seq^2) and checked at two further
     points;
@@ -16,6 +21,8 @@ Produces: a `MemoryPlan`:
   - per profile (min/opt/max assignments of the dims): offsets in one arena by greedy packing
     (the tightest of a few orders, best-fit gaps, 64-byte alignment), the arena size, the lower
     bound (most bytes simultaneously live), kernel workspace and the total.
+Weights are never read: the probes run a weightless copy (`weightless`), so planning costs memory for
+activations at tiny sizes, not for the model.
 Refuses (MemoryPlanError): a dynamic dim with no value in a profile, and shapes the fit can't express.
 """
 
@@ -23,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -33,7 +40,23 @@ from onnx import helper
 from moec.errors import MoecError
 
 ALIASING_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
-FIRST_INPUT_SHAPED = {("com.microsoft", "MoE"), ("com.microsoft", "QMoE"), ("trt.plugins", "MoeExperts")}
+
+
+@dataclass(frozen=True)
+class PlanHooks:
+    """What the planner asks of the artifact's target(s)."""
+
+    expert_nodes: Sequence = ()  # moec.targets.base.ExpertNode
+    evaluable: Callable = lambda model: (model, 0)  # model -> (model ONNX Runtime runs, n expanded)
+
+    @classmethod
+    def of(cls, *chosen) -> "PlanHooks":
+        """The hooks of the given targets (moec.targets.base.Target); every registered one by default."""
+        from moec import targets
+        from moec.targets.base import evaluable_by
+
+        chosen = chosen or tuple(targets.all_targets())
+        return cls(tuple(e for t in chosen for e in t.expert_nodes()), evaluable_by(chosen))
 
 
 class MemoryPlanError(MoecError):
@@ -108,6 +131,53 @@ def _itemsize(elem_type: int) -> int:
     return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
 
 
+WEIGHTLESS_MIN_BYTES = 4096  # smaller initializers (Reshape targets, index tables) keep their values
+_WEIGHTLESS_PREFIX = "moec_weightless/"
+
+
+def weightless(model: onnx.ModelProto, min_bytes: int = WEIGHTLESS_MIN_BYTES) -> onnx.ModelProto:
+    """A copy of `model` whose weights are zeros made at run time: every initializer of `min_bytes`
+    or more (or stored as external data) becomes a ConstantOfShape node of its shape and type.
+
+    Shapes in moec's graphs never depend on weight values, so the probe runs see the same shapes;
+    the copy holds no weight bytes, and ONNX Runtime makes each zero weight just before its first use
+    (its default order is a depth-first walk from the outputs) and frees it after its last, so a
+    probe costs activations at tiny sizes plus a few weights, not the model."""
+    from onnx import TensorProto, numpy_helper
+
+    out = onnx.ModelProto()
+    out.ir_version, out.producer_name = model.ir_version, model.producer_name
+    out.opset_import.extend(model.opset_import)
+    g = out.graph
+    g.name = model.graph.name
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    g.value_info.extend(model.graph.value_info)
+    made = []
+    for init in model.graph.initializer:
+        external = init.data_location == TensorProto.EXTERNAL
+        nbytes = int(np.prod(init.dims)) * _itemsize(init.data_type)
+        if not external and nbytes < min_bytes:
+            g.initializer.append(init)
+            continue
+        shape_name = f"{_WEIGHTLESS_PREFIX}{init.name}/shape"
+        g.initializer.append(numpy_helper.from_array(np.asarray(init.dims, dtype=np.int64), shape_name))
+        # ConstantOfShape (opset <= 19) has no bfloat16: make float zeros and cast
+        direct = init.data_type != TensorProto.BFLOAT16
+        zero_type = init.data_type if direct else TensorProto.FLOAT
+        zero = helper.make_tensor("value", zero_type, [1], [0])
+        made_name = init.name if direct else f"{_WEIGHTLESS_PREFIX}{init.name}/float"
+        made.append(helper.make_node("ConstantOfShape", [shape_name], [made_name], value=zero,
+                                     name=f"{_WEIGHTLESS_PREFIX}{init.name}"))
+        if not direct:
+            made.append(helper.make_node("Cast", [made_name], [init.name], to=init.data_type,
+                                         name=f"{_WEIGHTLESS_PREFIX}{init.name}/cast"))
+    g.node.extend(made + list(model.graph.node))
+    for f in model.functions:
+        out.functions.append(f)
+    return out
+
+
 def _probe_session(model: onnx.ModelProto):
     """An ONNX Runtime session over `model` with every node output exposed (shapes at tiny sizes)."""
     import os
@@ -115,7 +185,8 @@ def _probe_session(model: onnx.ModelProto):
 
     import onnxruntime as ort
 
-    names = [o for n in model.graph.node if n.op_type != "Constant" for o in n.output if o]
+    names = [o for n in model.graph.node if n.op_type != "Constant" and not n.name.startswith(_WEIGHTLESS_PREFIX)
+             for o in n.output if o]
     existing = {o.name for o in model.graph.output}
     added = [helper.make_empty_tensor_value_info(o) for o in names if o not in existing]
     opts = ort.SessionOptions()
@@ -176,16 +247,18 @@ def _fit(samples: list[tuple[dict[str, int], int]], dims: list[str], basis) -> O
     return None if coef is None else _expr(coef, dims, basis)
 
 
-def plan_memory(model: onnx.ModelProto, profiles: dict[str, dict[str, int]], alignment: int = 64) -> MemoryPlan:
+def plan_memory(model: onnx.ModelProto, profiles: dict[str, dict[str, int]], alignment: int = 64,
+                hooks: Optional[PlanHooks] = None, with_weights: bool = False) -> MemoryPlan:
+    """Plan `model` (its weights need not be loaded: onnx.load(..., load_external_data=False)).
+    The probe runs use a weightless copy unless `with_weights` (kept to check the two agree)."""
     dims = sorted({d.dim_param for v in model.graph.input for d in v.type.tensor_type.shape.dim if d.dim_param})
     for pname, p in profiles.items():
         missing = [d for d in dims if d not in p]
         if missing:
             raise MemoryPlanError(f"profile '{pname}' gives no value for dynamic dim(s) {', '.join(missing)}; "
                                   "every dynamic dim needs a bounded value in every profile.")
-    from moec.plugin_reference import substitute_plugins
-
-    runnable, _ = substitute_plugins(model)  # plugin nodes keep their output names and shapes
+    hooks = hooks or PlanHooks.of()
+    runnable, _ = hooks.evaluable(model if with_weights else weightless(model))  # same output names and shapes
     session = _probe_session(runnable)
     basis = _basis(dims)
     # probe points: enough for the basis, plus two to check the fit
@@ -246,26 +319,28 @@ def plan_memory(model: onnx.ModelProto, profiles: dict[str, dict[str, int]], ali
     for init in model.graph.initializer:
         name = onnx.helper.tensor_dtype_to_string(init.data_type).replace("TensorProto.", "").lower()
         weights[name] = weights.get(name, 0) + int(np.prod(init.dims)) * _itemsize(init.data_type)
-    workspace = _workspace(model, shapes_at, points, dims, basis)
+    workspace = _workspace(model, shapes_at, points, dims, basis, hooks.expert_nodes)
     plan = MemoryPlan(dims, tensors, weights, workspace, notes=notes)
     for pname, p in profiles.items():
         plan.profiles[pname] = _pack(plan, {d: int(p[d]) for d in dims}, alignment)
     return plan
 
 
-def _workspace(model, shapes_at, points, dims, basis) -> sympy.Expr:
+def _workspace(model, shapes_at, points, dims, basis, expert_nodes) -> sympy.Expr:
     """Scratch the fused expert kernels need beyond their inputs and outputs: per routed token-slot,
     one fc1 output row (2I or I values) and one fc2 output row (H values), in fp32 — the
-    sorted-by-expert buffers of ORT's MoE/QMoE kernels and of moec's plugin. Expert nodes run one
-    after another, so the workspace is the largest node's, not the sum."""
+    sorted-by-expert buffers of ORT's MoE/QMoE kernels and of moec's plugin (the targets' `expert_nodes`).
+    Expert nodes run one after another, so the workspace is the largest node's, not the sum."""
     weights = {i.name: list(i.dims) for i in model.graph.initializer}
     per_node: list[sympy.Expr] = []
+    kinds = {(e.domain, e.op_type): e for e in expert_nodes}
     for n in model.graph.node:
-        if (n.domain, n.op_type) not in FIRST_INPUT_SHAPED:
+        kind = kinds.get((n.domain, n.op_type))
+        if kind is None:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        k = int(attrs.get("k", attrs.get("top_k", 1)))
-        fc1 = weights.get(n.input[3] if n.op_type == "MoeExperts" else n.input[2])
+        k = int(attrs.get(kind.top_k_attribute, 1))
+        fc1 = weights.get(n.input[kind.fc1_input])
         samples = []
         for p, shapes in zip(points, shapes_at):
             if fc1 is None:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from moec.passes.plan_memory import MemoryPlanError, check_no_overlap, plan_memory
+from moec.analysis.plan_memory import MemoryPlanError, check_no_overlap, plan_memory
 
 
 @st.composite
@@ -119,3 +119,29 @@ def test_plan_against_what_onnxruntime_allocates(tmp_path):
     # ORT's arena rounds blocks up and keeps freed ones; MLAS packs weights on first run. The plan
     # is a lower bound on a good allocator: within 0.5x..3x of what the process actually grows.
     assert 0.5 * planned <= measured <= 3 * planned, (planned, measured)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,target", [("qwen3_moe", "onnxruntime"), ("deepseek_v3", "tensorrt"),
+                                           ("gpt_oss", "onnxruntime")])
+def test_planning_never_reads_weights(family, target, tmp_path):
+    """The plan comes from a weightless copy: the same plan as probing with the real weights, and it
+    is made with the weights' file deleted."""
+    from moec import targets
+    from moec.analysis.plan_memory import PlanHooks, weightless
+    from moec.pipeline import CompileOptions, compile
+
+    result = compile(source=f"moec.zoo:{family}", options=CompileOptions(out=str(tmp_path / "a"), target=target))
+    profiles = {"min": {"batch": 1, "seq": 1}, "max": {"batch": 4, "seq": 64}}
+    hooks = PlanHooks.of(targets.get(target))
+    full = onnx.load(os.path.join(result.out_dir, "model.onnx"))
+    with_weights = plan_memory(full, profiles, hooks=hooks, with_weights=True).to_dict()
+    copy = weightless(full)
+    assert all(int(np.prod(i.dims)) * 4 < 4096 for i in copy.graph.initializer if i.data_type == onnx.TensorProto.FLOAT)
+    weight_bytes = [sum(len(i.raw_data) for i in m.graph.initializer) for m in (copy, full)]
+    assert weight_bytes[0] < weight_bytes[1] / 20, weight_bytes
+    onnx.save_model(full, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.data",
+                    size_threshold=0)
+    graph_only = onnx.load(str(tmp_path / "ext.onnx"), load_external_data=False)
+    os.remove(tmp_path / "ext.data")  # nothing may read it
+    assert plan_memory(graph_only, profiles, hooks=hooks).to_dict() == with_weights

@@ -22,10 +22,13 @@ from torch import nn
 
 from moec.moe_layer import FusedMoE
 from moec.numerics import compare_tensors
-from moec.passes.base import PassContext, PassResult
-from moec.passes.fuse_moe import capture_inputs, set_submodule
+from moec.passes.base import Pass, PassContext, PassResult
+from moec.passes.conditions import DENSE_QUANTIZED, EXPERTS_QUANTIZED
+from moec.passes.layers import capture_inputs, set_submodule
+from moec.passes.outcomes import QuantizationOutcome
 from moec.passes.quantize_experts import spec_from_options
 from moec.quant import QuantSpec, quantize_nbits
+from moec.targets.onnxruntime import ops  # noqa: F401  (registers torch.ops.moec.matmul_nbits)
 
 # Linear layers whose outputs pick experts (transformers' names): quantizing them changes routing.
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate", "shared_gate")
@@ -78,9 +81,11 @@ def _refusal(path: str, linear: nn.Linear, spec: QuantSpec, routers: set[str]) -
     return None
 
 
-class QuantizeDense:
+class QuantizeDense(Pass):
     name = "quantize_dense"
     changes_numerics = True
+    requires = (EXPERTS_QUANTIZED,)  # it takes the experts' settings, and never re-quantizes their weights
+    ensures = (DENSE_QUANTIZED,)
 
     def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
         spec = dense_spec(ctx.options)
@@ -95,13 +100,13 @@ class QuantizeDense:
                 kept.append({"path": path, "reason": reason})
                 continue
             q = DenseNBits(linear, spec, accuracy_level, f"{path}.weight")
-            entry = {"path": path, "quantization": spec.name, "weight_bytes_fp32": linear.weight.numel() * 4,
-                     "weight_bytes_quantized": q.weight_bytes()}
             captured = inputs.get(path)
+            s = None
             if captured is not None and not isinstance(captured, str):
                 x = captured[1]
                 s = compare_tensors(linear(x).detach(), q(x).detach())
-                entry.update(rel_l2_vs_fp32=s.rel_l2, cosine_vs_fp32=s.cosine)
+            layers.append(QuantizationOutcome(path, spec.name, linear.weight.numel() * 4, q.weight_bytes(),
+                                              None if s is None else s.rel_l2, None if s is None else s.cosine,
+                                              experts=False))
             set_submodule(module, path, q)
-            layers.append(entry)
-        return PassResult(module, bool(layers), {"layers": layers, "kept_fp32": kept, "spec": spec.name})
+        return PassResult(module, bool(layers), {"kept_fp32": kept, "spec": spec.name}, layers)

@@ -12,9 +12,9 @@ from onnx import helper, numpy_helper
 
 from moec import zoo
 from moec.pipeline import CompileOptions, compile
-from moec.plugin_reference import substitute_plugins
-from moec.passes.lower_moe_tensorrt import PLUGIN
-from moec.targets.tensorrt_imoe import imoe_refusal, plugin_fields
+from moec.targets.tensorrt.plugin_reference import substitute_plugins
+from moec.targets.tensorrt.lower_moe_tensorrt import PLUGIN
+from moec.targets.tensorrt.imoe import imoe_refusal, plugin_fields
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +108,7 @@ def test_substitution_checks_the_attributes(tmp_path):
 def _quant_model(gated=True):
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "property"))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "property"))
     from reference_moe import MoEConfig, ReferenceMoE
 
     cfg = MoEConfig(experts=8, top_k=2, hidden=64, inter=64, scoring="softmax", renormalize=True,

@@ -11,8 +11,8 @@ from tritonclient.grpc import model_config_pb2
 from moec import golden
 from moec.errors import MoecError
 from moec.pipeline import CompileOptions, compile
-from moec.plugin_spec import PLUGIN
-from moec.tensorrt_target import capability, profile_max_batch
+from moec.targets.tensorrt.plugin_spec import PLUGIN
+from moec.targets.tensorrt.artifact import capability, profile_max_batch
 
 
 @pytest.mark.slow

@@ -1,62 +1,51 @@
 """The tensorrt target's artifact extras: plugin definitions, and an engine where TensorRT can build one.
 
 The engine builder itself (TensorRT's documented builder API, optimization profiles, timing and
-engine caches) lives in moec/targets/tensorrt_engine.py behind a capability check; here we
-decide whether to call it, run a built engine on the artifact's goldens, and say exactly what was
-skipped and why.
+engine caches) lives in engine.py behind a capability check; here we decide whether to call it, run
+a built engine on the artifact's goldens, say exactly what was skipped and why, and decide what a
+Triton model repository gets.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from typing import Callable, Optional
 
-from moec.plugin_spec import PLUGIN
+from moec.targets.base import ArtifactContext, TritonModel
+from moec.targets.tensorrt.plugin_spec import PLUGIN
 
 HOW_TO_BUILD = ("copy this directory to a host with an NVIDIA GPU and TensorRT >= 10.9 "
                 "(pip install 'moec[tensorrt]'), then run `moec build-engine DIR`")
 
 
-@dataclass(frozen=True)
-class TritonServing:
-    """What a --target tensorrt artifact puts in a Triton model repository, and why.
+def triton_model(artifact: ArtifactContext) -> TritonModel:
+    """The Triton model for a --target tensorrt artifact being built in `artifact.workdir`.
 
     Triton's servers run no Python in their TensorRT and ONNX Runtime backends, and moec's experts
     plugin is a Python plugin (tensorrt.plugin): only an engine whose plugin layers are AOT (PTX
     embedded in the plan) runs there as it is. Anything else is served as ONNX Runtime with the
-    TensorRT accelerator, from a copy of the ONNX whose plugin nodes are expanded to standard ops
-    (moec/plugin_reference.py: the subgraph the artifact was verified with)."""
-
-    model_path: str
-    files: list
-    platform: str  # tensorrt_plan | onnxruntime_onnx
-    extra: str  # config.pbtxt additions
-    note: str  # one line for the user and the report
-    max_batch_cap: Optional[int] = None  # a tensorrt_plan can't batch past its profile's first dim
-
-
-def triton_serving(tmp: str, model_path: str, reference_files: list, report: dict, aot: bool) -> TritonServing:
-    """Decide the Triton model for a --target tensorrt artifact being built in `tmp`; `reference_files`:
-    the plugin-expanded copy the compile verified (pipeline.plugin_reference_model), model.onnx first."""
-    from moec.targets.tensorrt_engine import workspace_bytes
+    TensorRT accelerator, from the copy of the ONNX whose plugin nodes are expanded to standard ops
+    (plugin_reference.py: the subgraph the artifact was verified with, `artifact.evaluable_files`)."""
+    from moec.targets.tensorrt.engine import workspace_bytes
     from moec.triton_repo import tensorrt_accelerator_config
 
+    report, aot = artifact.report, bool(artifact.options.extra.get("tensorrt_aot"))
     engine = (report.get("tensorrt") or {}).get("engine") or {}
     if engine.get("built") and aot:  # pragma: no cover - needs TensorRT and a GPU
-        plan = os.path.join(tmp, engine["path"])
-        return TritonServing(plan, [plan], "tensorrt_plan", "",
-                             "TensorRT engine with the AOT plugin (no plugin code needed in the server)",
-                             profile_max_batch(model_path, report))
+        plan = os.path.join(artifact.workdir, engine["path"])
+        return TritonModel(plan, [plan], "tensorrt_plan", "KIND_GPU", "",
+                           "TensorRT engine with the AOT plugin (no plugin code needed in the server)",
+                           profile_max_batch(artifact.model_path, report))
     why = ("the engine uses the JIT plugin, whose Python implementation Triton's backends can't run "
            "(compile with --tensorrt-aot for a tensorrt_plan model)" if engine.get("built")
            else "no TensorRT engine was built here")
     note = (f"ONNX Runtime with the TensorRT accelerator ({why}); its experts plugin nodes are expanded to "
             "standard ONNX ops that compute every expert for every token (exact, but E/k times the experts' "
             "work), because Triton can't load moec's Python plugin")
-    return TritonServing(reference_files[0], list(reference_files), "onnxruntime_onnx",
-                         tensorrt_accelerator_config(workspace_bytes(report)), note)
+    files = artifact.evaluable_files
+    return TritonModel(files[0], list(files), "onnxruntime_onnx", "KIND_GPU",
+                       tensorrt_accelerator_config(workspace_bytes(report)), note)
 
 
 def profile_max_batch(onnx_path: str, report: dict) -> Optional[int]:
@@ -72,7 +61,7 @@ def profile_max_batch(onnx_path: str, report: dict) -> Optional[int]:
 
 def capability() -> tuple[bool, str]:
     """(can build engines here, why not)."""
-    from moec.targets.tensorrt_engine import capability as engine_capability
+    from moec.targets.tensorrt.engine import capability as engine_capability
 
     cap = engine_capability()
     return bool(cap.tensorrt and cap.gpu), cap.reason
@@ -102,7 +91,7 @@ def build_and_verify_engine(out_dir: str, report: Optional[dict] = None, log: Ca
     documents no precision for IMoELayer); any other mismatch raises VerificationError (exit 8; in a
     compile nothing is written)."""
     from moec.errors import VerificationError
-    from moec.targets.tensorrt_engine import build_engine
+    from moec.targets.tensorrt.engine import build_engine
     from moec.verify import verify
 
     log("building the TensorRT engine")

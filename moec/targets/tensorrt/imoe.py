@@ -29,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-from moec.plugin_spec import PLUGIN
+from moec.targets.tensorrt.plugin_spec import PLUGIN
 
 # moec activation -> TensorRT MoEActType member name (TensorRT supports only SILU so far)
 IMOE_ACTIVATIONS = {"silu": "SILU"}

@@ -13,7 +13,7 @@ Produces: an `OrtMoE` module whose experts run as ``moec.ort_moe`` (exported as 
     denominator the constant C, which is folded into fc2 (exact; costs one zero
     expert per token). ``normalize_routing_weights`` is always 1: ORT 1.31's CPU kernel
     is wrong with 0 when its input and output are intermediate tensors (in place).
-Refuses (the layer becomes `DenseMoE`: plain ONNX ops over all experts, exact but
+Refuses (the layer becomes `DenseMoE` (moec/passes/lowering.py): plain ONNX ops over all experts, exact but
   E/k times the expert FLOPs; the reason goes in the report): erf-GELU or gated
   non-SiLU activations, and routing weights applied to the expert *input* (Llama4).
 """
@@ -28,9 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from moec.moe_layer import FusedMoE, LayerSpec, LoweredMoE
-from moec.ops import gated_activation, apply_activation, interleave_gate_up, route_reference
-from moec.passes.base import PassContext, PassResult
-from moec.passes.fuse_moe import iter_fused, set_submodule
+from moec.ops import interleave_gate_up, route_reference
+from moec.passes.base import Pass, PassContext, PassResult
+from moec.passes.conditions import EXPERTS_LOWERED
+from moec.passes.lowering import lower_each, route_outside
+from moec.targets.onnxruntime import ops  # noqa: F401  (registers torch.ops.moec.ort_moe)
 
 _PLAIN_ACTS = {"silu": "silu", "gelu_tanh": "gelu", "relu": "relu", "identity": "identity"}
 
@@ -115,7 +117,7 @@ class OrtMoE(LoweredMoE):
         if self.plan.native_routing:
             logits = F.linear(flat, self.router_weight, self.router_bias)
             return logits, None, None, logits
-        ids, weights, logits = _route_outside(self, flat)
+        ids, weights, logits = route_outside(self, flat)
         w = weights.float()
         if not self.plan.slack:
             w = w / self.plan.fold  # MoE renormalizes; the scale lives in fc2
@@ -144,99 +146,19 @@ class OrtMoE(LoweredMoE):
         return self.finish(hidden, out, ids, weights, logits)
 
 
-class DenseMoE(LoweredMoE):
-    """Exact fallback in plain ONNX-exportable ops: every expert runs on every token."""
-
-    def __init__(self, fused: FusedMoE, reason: str):
-        super().__init__(fused, keep_experts=True)
-        self.reason = reason
-
-    def forward(self, hidden: torch.Tensor):
-        flat = hidden.reshape(-1, self.spec.experts.hidden)
-        ids, weights, logits = _route_outside(self, flat)
-        out = dense_experts(flat, ids, weights, self.w_gate_up, self.w_down, self.b_gate_up, self.b_down, self.spec)
-        s = self.shared_output(flat)
-        if s is not None:
-            out = out + s
-        return self.finish(hidden, out, ids, weights, logits)
-
-
-def _route_outside(layer, flat):
-    """Routing as plain torch ops (exports to TopK & co.), from a FusedMoE-like layer."""
-    r = layer.spec.route
-    if r is None:
-        from moec.moe_layer import pick_router_outputs
-
-        ids, weights = pick_router_outputs(layer.router(flat))
-        return ids, weights, None
-    logits = F.linear(flat, layer.router_weight, layer.router_bias)
-    ids, weights = route_reference(logits, layer.selection_bias, r.scoring, r.top_k, r.renormalize,
-                                   r.n_group, r.topk_group, r.scale, r.select_on == "logits")
-    return ids, weights, logits
-
-
-def dense_experts(flat, ids, weights, w_gate_up, w_down, b_gate_up, b_down, spec: LayerSpec) -> torch.Tensor:
-    x = spec.experts
-    tokens, num_experts = flat.shape[0], w_gate_up.shape[0]
-    dense_w = torch.zeros(tokens, num_experts, dtype=flat.dtype).scatter(1, ids, weights.to(flat.dtype))
-    selected = torch.zeros(tokens, num_experts, dtype=flat.dtype).scatter(1, ids, torch.ones_like(weights, dtype=flat.dtype))
-    per_expert_w = dense_w.transpose(0, 1).unsqueeze(-1)  # [E, T, 1]
-    inputs = flat.unsqueeze(0).expand(num_experts, -1, -1)
-    if x.weight_on_input:
-        inputs = inputs * per_expert_w
-    u = torch.bmm(inputs, w_gate_up.transpose(1, 2))
-    if b_gate_up is not None:
-        u = u + b_gate_up.unsqueeze(1)
-    if x.gated:
-        gate, up = u.chunk(2, dim=-1)
-        h = gated_activation(gate, up, x.activation, x.alpha, x.beta, x.limit)
-    else:
-        h = apply_activation(u, x.activation)
-    y = torch.bmm(h, w_down.transpose(1, 2))
-    if b_down is not None:
-        y = y + b_down.unsqueeze(1)
-    scale = selected.transpose(0, 1).unsqueeze(-1) if x.weight_on_input else per_expert_w
-    return (y * scale).sum(dim=0)
-
-
 def _append_zero_expert(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, torch.zeros_like(t[:1])], dim=0)
 
 
-def lower_each(module: nn.Module, lower, dense_label: str = "dense ONNX ops (all experts)") -> list[dict]:
-    """Rewrite every FusedMoE: `lower(fused, plan, top_k) -> (new module, description)` where ORT's op
-    can express the layer exactly, DenseMoE (with the reason) where it can't."""
-    layers = []
-    # Paths, not modules: holding every old layer until the loop ends would keep a second
-    # copy of all expert weights alive (each lowered layer re-lays its weights).
-    for path in [p for p, _ in iter_fused(module)]:
-        fused = module.get_submodule(path)
-        top_k = fused.spec.route.top_k if fused.spec.route is not None else kept_router_top_k(fused)
-        plan = plan_layer(fused.spec, top_k)
-        if isinstance(plan, str):
-            set_submodule(module, path, DenseMoE(fused, plan))
-            layers.append({"path": path, "lowered_to": dense_label, "reason": plan})
-        else:
-            new, description = lower(fused, plan, top_k)
-            set_submodule(module, path, new)
-            layers.append({"path": path, "lowered_to": description})
-        del fused
-    return layers
+def lower_to_moe(fused: FusedMoE, top_k: int) -> tuple[nn.Module, str] | str:
+    plan = plan_layer(fused.spec, top_k)
+    return plan if isinstance(plan, str) else (OrtMoE(fused, plan, top_k), plan.describe())
 
 
-class LowerMoEForOnnxRuntime:
+class LowerMoEForOnnxRuntime(Pass):
     name = "lower_moe_onnxruntime"
+    ensures = (EXPERTS_LOWERED,)
 
     def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
-        layers = lower_each(module, lambda fused, plan, top_k: (OrtMoE(fused, plan, top_k), plan.describe()))
-        return PassResult(module, bool(layers), {"layers": layers})
-
-
-def kept_router_top_k(fused: FusedMoE) -> int:
-    """How many experts a kept router picks per token (the width of its ids output)."""
-    from moec.moe_layer import pick_router_outputs
-
-    with torch.no_grad():
-        probe = torch.zeros(1, fused.spec.experts.hidden, dtype=fused.w_down.dtype)
-        ids, _ = pick_router_outputs(fused.router(probe))
-    return int(ids.shape[-1])
+        layers = lower_each(module, lower_to_moe)
+        return PassResult(module, bool(layers), {}, layers)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from moec.ops import experts_reference
-from moec.targets.tensorrt_engine import Capability, capability
-from moec.targets.tensorrt_imoe import View, imoe_reference, imoe_refusal, imoe_views
+from moec.targets.tensorrt.engine import Capability, capability
+from moec.targets.tensorrt.imoe import View, imoe_reference, imoe_refusal, imoe_views
 
 SILU = dict(activation="silu", gated=1, weight_on_input=0, quant_bits=0)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moec.activations import ACTIVATIONS
+
 
 @dataclass(frozen=True)
 class PluginSpec:
@@ -25,7 +27,7 @@ class PluginSpec:
                                "s_gate_up", "z_gate_up", "s_down", "z_down", "accumulator")
     fields: tuple[tuple[str, str], ...] = (
         ("num_experts", "int"), ("top_k", "int"), ("hidden_size", "int"), ("intermediate_size", "int"),
-        ("activation", "string: silu|gelu_tanh|gelu|relu|identity|swiglu"), ("gated", "int 0/1"),
+        ("activation", "string: " + "|".join(ACTIVATIONS)), ("gated", "int 0/1"),
         ("alpha", "float"), ("beta", "float"), ("limit", "float, 0 = no clamp"),
         ("weight_on_input", "int 0/1"), ("has_bias", "int 0/1"),
         ("quant_bits", "int: 0 = float weights, 4 or 8 = packed codes"),

@@ -13,12 +13,11 @@ Refuses: quantization groups that are not a multiple of 16 columns (the kernels 
   scale per tile), and with --tensorrt-aot int4 down-projection groups not a multiple of 32
   (the one-launch kernel's limit; see plugins/moe_experts_fused.py). Every activation moec
   recognizes, biases and input-weighted routing (Llama4) are plugin fields.
-The plugin's kernels and TensorRT registration live in plugins/.
+The plugin's ONNX node is made in translations.py; its kernels and TensorRT registration live in plugins/.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -26,11 +25,14 @@ from torch import nn
 
 from moec.errors import MoecError
 from moec.moe_layer import FusedMoE, LoweredMoE
-from moec.passes.base import PassContext, PassResult
-from moec.passes.fuse_moe import iter_fused, set_submodule
-from moec.passes.lower_moe_onnxruntime import _route_outside
-from moec.plugin_spec import PLUGIN, PluginSpec  # noqa: F401  (re-exported)
+from moec.passes.base import Pass, PassContext, PassResult
+from moec.passes.conditions import EXPERTS_LOWERED
+from moec.passes.layers import iter_fused, set_submodule
+from moec.passes.lowering import route_outside
+from moec.passes.outcomes import LoweringOutcome
 from moec.quant import QuantizedWeight, pack
+from moec.targets.tensorrt import ops  # noqa: F401  (registers torch.ops.moec.trt_experts)
+from moec.targets.tensorrt.plugin_spec import PLUGIN, PluginSpec  # noqa: F401  (re-exported)
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -48,7 +50,7 @@ def plugin_quantized(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, Op
 
 class TrtMoE(LoweredMoE):
     def __init__(self, fused: FusedMoE, aot: bool = False):
-        quantized = getattr(fused, "quantized", None)
+        quantized = fused.quantized
         super().__init__(fused, keep_experts=quantized is None)
         dtype = fused.w_gate_up.dtype
         self.aot = aot
@@ -65,9 +67,9 @@ class TrtMoE(LoweredMoE):
         self.groups = (0, 0)
         self.has_zero_points = False
         if quantized is not None:
-            c1, s1, z1, g1 = plugin_quantized(quantized["gate_up"])
-            c2, s2, z2, g2 = plugin_quantized(quantized["down"])
-            self.quant_bits = quantized["gate_up"].spec.bits
+            c1, s1, z1, g1 = plugin_quantized(quantized.gate_up)
+            c2, s2, z2, g2 = plugin_quantized(quantized.down)
+            self.quant_bits = quantized.gate_up.spec.bits
             self.groups = (g1, g2)
             self.has_zero_points = z1 is not None
             for name, t in (("w_gate_up", c1), ("w_down", c2), ("s_gate_up", s1), ("s_down", s2)):
@@ -77,7 +79,7 @@ class TrtMoE(LoweredMoE):
 
     def forward(self, hidden: torch.Tensor):
         flat = hidden.reshape(-1, self.spec.experts.hidden)
-        ids, weights, logits = _route_outside(self, flat)
+        ids, weights, logits = route_outside(self, flat)
         x = self.spec.experts
         quant = self.quant_bits != 0
         bias = self.has_bias
@@ -111,8 +113,9 @@ def check_quant_groups(path: str, layer: TrtMoE, aot: bool) -> None:
                         "32, or drop --tensorrt-aot (the JIT plugin runs them).")
 
 
-class LowerMoEForTensorRT:
+class LowerMoEForTensorRT(Pass):
     name = "lower_moe_tensorrt"
+    ensures = (EXPERTS_LOWERED,)
 
     def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
         aot = bool(ctx.options.get("tensorrt_aot"))
@@ -123,33 +126,6 @@ class LowerMoEForTensorRT:
             check_quant_groups(path, layer, aot)
             set_submodule(module, path, layer)
             kind = f"int{layer.quant_bits} " if layer.quant_bits else ""
-            layers.append({"path": path, "lowered_to": f"{PLUGIN.namespace}::{PLUGIN.name} plugin "
-                                                      f"v{PLUGIN.version} ({kind}{'AOT' if aot else 'JIT'})"})
-        return PassResult(module, bool(layers), {"layers": layers, "plugin": PLUGIN.describe()})
-
-
-def experts_plugin_translation(hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, s_gate_up,
-                               z_gate_up, s_down, z_down, accumulator, activation, gated, alpha, beta, limit,
-                               weight_on_input, has_bias, quant_bits, has_zero_points, aot):
-    """torch.onnx translation of moec::trt_experts: one plugin node."""
-    import onnxscript
-
-    from moec.onnx_schemas import register_plugin_schema
-
-    register_plugin_schema(PLUGIN)
-    op = onnxscript.values.Opset(PLUGIN.domain, 1)
-    e, rows = w_gate_up.shape[:2]
-    h = hidden.shape[-1]
-    inter = w_down.shape[2] * 8 // quant_bits if quant_bits else w_down.shape[2]
-    groups = (0, 0)
-    if quant_bits:
-        groups = (h // s_gate_up.shape[2], inter // s_down.shape[2])
-    return getattr(op, PLUGIN.name)(
-        hidden, topk_ids, topk_weights, w_gate_up, w_down, b_gate_up, b_down, s_gate_up, z_gate_up, s_down, z_down,
-        accumulator, plugin_namespace=PLUGIN.namespace, plugin_version=PLUGIN.version,
-        num_experts=int(e), top_k=int(topk_ids.shape[1]), hidden_size=int(h), intermediate_size=int(inter),
-        activation=activation, gated=int(bool(gated)), alpha=float(alpha), beta=float(beta),
-        limit=float(limit) if math.isfinite(limit) else 0.0, weight_on_input=int(bool(weight_on_input)),
-        has_bias=int(bool(has_bias)), quant_bits=int(quant_bits), group_size_gate_up=int(groups[0]),
-        group_size_down=int(groups[1]), has_zero_points=int(bool(has_zero_points)), aot=int(bool(aot)),
-    )
+            layers.append(LoweringOutcome(path, f"{PLUGIN.namespace}::{PLUGIN.name} plugin "
+                                                f"v{PLUGIN.version} ({kind}{'AOT' if aot else 'JIT'})"))
+        return PassResult(module, bool(layers), {"plugin": PLUGIN.describe()}, layers)

@@ -1,0 +1,47 @@
+"""The expert activations moec recognizes: one definition, read by every pass, op, target and kernel.
+
+`ACTIVATIONS` is also the kernels' activation id order (plugins/: id = index) and the plugin field's
+documented values; targets map these names to their own (ONNX Runtime's `activation_type`, TensorRT's
+`MoEActType`, the plugin's reference subgraph) and refuse the rest with a reason. The names import
+without torch (the plugin contract and the memory planner read them); the functions import it.
+"""
+
+from __future__ import annotations
+
+import math
+
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu", "identity", "swiglu")
+GATED_ONLY = ("swiglu",)  # defined on (gate, up) pairs only
+PLAIN_ACTIVATIONS = tuple(a for a in ACTIVATIONS if a not in GATED_ONLY)
+
+
+def apply_activation(u, activation: str):
+    import torch.nn.functional as F
+
+    if activation == "silu":
+        return F.silu(u)
+    if activation == "gelu_tanh":
+        return F.gelu(u, approximate="tanh")
+    if activation == "gelu":
+        return F.gelu(u)
+    if activation == "relu":
+        return F.relu(u)
+    if activation == "identity":
+        return u
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def gated_activation(gate, up, activation: str, alpha: float, beta: float, limit: float):
+    """act(gate) * up, with the clamped 'swiglu' variant (GPT-OSS) when activation == 'swiglu'.
+
+    swiglu: gate = min(gate, limit); up = clamp(up, -limit, limit);
+            out = gate * sigmoid(alpha * gate) * (up + beta). limit = inf disables the clamp.
+    """
+    import torch
+
+    if activation == "swiglu":
+        if math.isfinite(limit):
+            gate = gate.clamp(max=limit)
+            up = up.clamp(min=-limit, max=limit)
+        return gate * torch.sigmoid(alpha * gate) * (up + beta)
+    return apply_activation(gate, activation) * up

@@ -1,0 +1,99 @@
+"""The compile report's sections, built from typed records (never from pass names)."""
+
+from __future__ import annotations
+
+import platform
+from typing import Optional
+
+import numpy as np
+import torch
+
+from moec.passes.base import PassRecord, compare_outputs, worst
+from moec.passes.conditions import DENSE_QUANTIZED, EXPERTS_QUANTIZED
+from moec.passes.outcomes import FoldOutcome, FusionOutcome, LoweringOutcome, QuantizationOutcome
+
+FP32_REL_L2 = 1e-4
+
+
+def layer_summary(records: list[PassRecord]) -> dict:
+    """Every MoE-shaped layer: fused or not (why), and what its target made of it."""
+    outcomes = [o for r in records for o in r.layers]
+    layers = [o.to_dict() for o in outcomes if isinstance(o, FusionOutcome)]
+    lowered = {o.path: o for o in outcomes if isinstance(o, LoweringOutcome)}
+    for l in layers:
+        if l["path"] in lowered:
+            l["lowered_to"] = lowered[l["path"]].lowered_to
+            if lowered[l["path"]].reason:
+                l["lowering_note"] = lowered[l["path"]].reason
+    return {"fused": sum(l["fused"] for l in layers), "unfused": sum(not l["fused"] for l in layers),
+            "layers": layers, "note": "" if layers else "no MoE layer found; compiled as a dense model"}
+
+
+def folded_qdq(records: list[PassRecord]) -> Optional[dict]:
+    """The Q/DQ fold's record, when it folded anything."""
+    for r in records:
+        if any(isinstance(o, FoldOutcome) for o in r.layers):
+            return r.details
+    return None
+
+
+def quantization_summary(records: list[PassRecord], extra: dict, activations_quantized: bool, eager: list,
+                         dequantized: list) -> Optional[dict]:
+    """Per-layer and logits error against full precision, sizes, and the accuracy budget check.
+
+    The logits' error is the whole quantized model's (experts and, with --quant-dense, the dense
+    layers) against the fp32 eager model on the verification inputs."""
+    experts = next((r for r in records if EXPERTS_QUANTIZED.name in r.ensures), None)
+    if experts is None:
+        return None
+    dense_rec = next((r for r in records if DENSE_QUANTIZED.name in r.ensures), None)
+    from moec.errors import AccuracyBudgetError
+    from moec.golden import TOLERANCES
+
+    precision = extra["quant"]
+    layers = [o.to_dict() for o in experts.layers if isinstance(o, QuantizationOutcome)]
+    dense = dense_rec.details if dense_rec is not None else None
+    all_layers = layers + (dense["layers"] if dense else [])
+    logits = worst(compare_outputs(eager, dequantized)).to_dict() if dequantized else None
+    summary = {
+        "precision": precision, "spec": experts.details["spec"], "layers": layers,
+        "logits_vs_fp32": logits,
+        "weight_bytes_fp32": sum(l["weight_bytes_fp32"] for l in all_layers),
+        "weight_bytes_quantized": sum(l["weight_bytes_quantized"] for l in all_layers),
+        "onnxruntime_quantizes_activations": activations_quantized,
+        "tolerance_vs_fp32": TOLERANCES[precision],  # informational: vs_fp32["passed"] in the numerics
+        "tolerance_vs_dequantized": 3e-2 if activations_quantized else FP32_REL_L2,
+    }
+    if dense is not None:
+        summary["dense"] = dense
+    folded = folded_qdq(records)
+    if folded:
+        summary["folded_qdq"] = folded
+    budget = extra.get("accuracy_budget")
+    if budget is not None and logits is not None and not (logits["rel_l2"] <= budget):
+        worst_layers = sorted(all_layers, key=lambda l: -l.get("rel_l2_vs_fp32", 0))[:3]
+        names = ", ".join(f"{l['path']} ({l.get('rel_l2_vs_fp32', float('nan')):.3g})" for l in worst_layers)
+        raise AccuracyBudgetError(
+            f"--accuracy-budget {budget:g}: {summary['spec']} quantization moves the logits by relative L2 "
+            f"{logits['rel_l2']:.3g} against full precision. Worst layers: {names}. Try int8, a smaller "
+            "--block-size, or --asymmetric; nothing was written.")
+    return summary
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,
+            "numpy": np.__version__}
+
+
+def moec_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("moec")
+    except Exception:
+        return "0.0.0+local"

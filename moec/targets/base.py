@@ -1,0 +1,134 @@
+"""What a compile target is: one object that owns everything target-specific in a compile.
+
+The pipeline never compares target names; it asks the target (moec/targets/<name>/__init__.py):
+  - `check_options`: refuse options the target can't honour, before any work;
+  - `lowering_passes`: the passes after fuse_moe / quantize_experts that put every FusedMoE in the
+    target's form (they must ensure `experts_lowered`);
+  - `translations`: torch op -> ONNX translation for the target's ops (their schemas registered);
+  - `evaluable_model` / `write_evaluable`: a copy of the artifact ONNX Runtime can run, for
+    verification and memory planning (the artifact itself, or one with the target's custom nodes
+    expanded to reference subgraphs; `describe_evaluation` says so in the report);
+  - `expert_nodes`: how its fused-experts nodes look in ONNX, for the memory planner's workspace;
+  - `write_extras`: files written beside model.onnx, and their report entry (`summary`: the CLI's lines);
+  - `triton_model`: what it puts in a Triton model repository;
+  - `quantizes_activations`: whether its runtime quantizes activations (looser exact check).
+Subclasses override what differs; the defaults describe a target whose artifact ONNX Runtime runs
+as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
+
+from moec.errors import MoecError
+
+
+@dataclass(frozen=True)
+class ExpertNode:
+    """A target's fused-experts node in ONNX: per routed token-slot its kernel keeps one fc1 output row
+    and one fc2 output row as scratch (the memory planner's workspace)."""
+
+    domain: str
+    op_type: str
+    fc1_input: int  # index of the [E, rows, H] first-projection weight input
+    top_k_attribute: str  # the node attribute holding k
+
+
+@dataclass(frozen=True)
+class TritonModel:
+    """What a compile puts in a Triton model repository, and why."""
+
+    model_path: str
+    files: list
+    platform: str = "onnxruntime_onnx"  # | tensorrt_plan
+    kind: str = "KIND_CPU"
+    extra: str = ""  # config.pbtxt additions
+    note: str = ""  # one line for the user and the report ("" : nothing to say)
+    max_batch_cap: Optional[int] = None  # a tensorrt_plan can't batch past its profile's first dim
+
+
+@dataclass
+class ArtifactContext:
+    """The artifact being built, as a target's artifact hooks see it."""
+
+    workdir: str  # the temporary directory that becomes OUT
+    model_path: str
+    files: list[str]
+    report: dict
+    options: Any  # moec.pipeline.CompileOptions
+    evaluable_files: list[str] = field(default_factory=list)  # from `evaluable`, model first; [] = the artifact
+    log: Callable[[str], None] = lambda msg: None
+
+
+class Target:
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    # Options only this target takes (CompileOptions.extra keys) -> what they do, for the refusal elsewhere.
+    own_options: ClassVar[Mapping[str, str]] = {}
+
+    def check_options(self, options) -> None:
+        """Refuse options this target can't honour (MoecError, before anything runs)."""
+
+    def lowering_passes(self, options) -> Sequence:
+        raise NotImplementedError
+
+    def translations(self) -> Mapping[Callable, Callable]:
+        return {}
+
+    def expert_nodes(self) -> Sequence[ExpertNode]:
+        return ()
+
+    def evaluable_model(self, model):
+        """(a model ONNX Runtime can run with the same outputs, how many nodes were expanded)."""
+        return model, 0
+
+    def write_evaluable(self, model_path: str, workdir: str) -> list[str]:
+        """Files of an ONNX Runtime-runnable copy of the artifact, model first, kept out of it (in
+        workdir/.reference/); [] when the artifact itself runs."""
+        return []
+
+    def quantizes_activations(self, options) -> bool:
+        return False
+
+    def write_extras(self, artifact: ArtifactContext) -> Optional[dict]:
+        """Write files beside the model; returns the report entry (under the target's name), or None."""
+        return None
+
+    def triton_model(self, artifact: ArtifactContext) -> TritonModel:
+        return TritonModel(artifact.model_path, list(artifact.files))
+
+    def describe_evaluation(self) -> str:
+        """How `evaluable` verified the artifact, for the report ("" when it ran as it is)."""
+        return ""
+
+    def summary(self, report: dict, out_dir: str) -> list[str]:
+        """Lines `moec compile` prints about what the target wrote beside the model."""
+        return []
+
+
+def refuse_foreign_options(target: Target, extra: Mapping[str, Any], others: Sequence[Target]) -> None:
+    """An option another target owns is an error naming that target, not silently ignored."""
+    for other in others:
+        if other.name == target.name:
+            continue
+        for key, what in other.own_options.items():
+            if key in target.own_options or extra.get(key) in (None, False):
+                continue
+            flag = "--" + key.replace("_", "-")
+            raise MoecError(f"{flag} {what}; it is an option of --target {other.name}, not {target.name}. Use "
+                            f"--target {other.name}, or drop {flag}.")
+
+
+def evaluable_by(chosen: Sequence[Target]) -> Callable:
+    """model -> (a model ONNX Runtime runs, nodes expanded): each chosen target's `evaluable_model` in turn
+    (each expands only its own nodes)."""
+
+    def evaluable(model):
+        total = 0
+        for t in chosen:
+            model, n = t.evaluable_model(model)
+            total += n
+        return model, total
+
+    return evaluable

@@ -1,0 +1,56 @@
+"""The onnxruntime target: ONNX with ONNX Runtime's contrib MoE ops, run as it is by ONNX Runtime.
+
+Fused layers become one ``com.microsoft.MoE`` node (fp32) or ``QMoE`` (--quant), or exact dense ops
+where ORT's op can't express the layer (lower_moe_onnxruntime.py, lower_moe_qmoe.py); --quant-dense
+adds ``MatMulNBits`` for the other Linear layers (quantize_dense.py). Ops: ops.py; their schemas and
+ONNX translations: translations.py.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+from moec.targets.base import ExpertNode, Target
+
+
+class OnnxRuntimeTarget(Target):
+    name = "onnxruntime"
+    description = "ONNX for ONNX Runtime (com.microsoft MoE / QMoE / MatMulNBits)"
+    own_options = {
+        "quant_dense": "emits ONNX Runtime's com.microsoft.MatMulNBits for the other Linear layers",
+        "accuracy_level": "sets ONNX Runtime QMoE's accuracy_level",
+    }
+
+    def lowering_passes(self, options) -> Sequence:
+        passes = []
+        if options.extra.get("quant_dense"):
+            from moec.targets.onnxruntime.quantize_dense import QuantizeDense
+
+            passes.append(QuantizeDense())
+        if options.extra.get("quant"):
+            from moec.targets.onnxruntime.lower_moe_qmoe import LowerMoEForQMoE
+
+            passes.append(LowerMoEForQMoE())
+        else:
+            from moec.targets.onnxruntime.lower_moe_onnxruntime import LowerMoEForOnnxRuntime
+
+            passes.append(LowerMoEForOnnxRuntime())
+        return passes
+
+    def translations(self) -> Mapping[Callable, Callable]:
+        from moec.targets.onnxruntime.translations import translations
+
+        return translations()
+
+    def expert_nodes(self) -> Sequence[ExpertNode]:
+        return (ExpertNode("com.microsoft", "MoE", 2, "k"), ExpertNode("com.microsoft", "QMoE", 2, "k"))
+
+    def quantizes_activations(self, options) -> bool:
+        # ORT's block-wise int8 experts have no fp32 kernel, and accuracy_level 4 asks for int8
+        # activations: then ORT quantizes activations too, beyond what the dequantized reference models.
+        x = options.extra
+        return bool(x.get("quant")) and ((x["quant"] == "int8" and x.get("block_size") is not None)
+                                         or x.get("accuracy_level") == 4)
+
+
+TARGET = OnnxRuntimeTarget()

@@ -1,0 +1,75 @@
+"""Finding, feeding and replacing layers: helpers shared by the passes and the targets' lowerings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from moec.moe_layer import FusedMoE
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """How a layer is called: its hidden states, plus (for torch.export.unflatten's modules) int
+    arguments that are sizes of the hidden states' dims, recomputed for every probe shape."""
+
+    tensor_index: int = 0
+    int_dims: tuple[int, ...] = ()  # per leading int argument: which dim of the tensor it is
+
+    def args(self, x: torch.Tensor) -> tuple:
+        ints = [int(x.shape[d]) for d in self.int_dims]
+        return tuple(ints[: self.tensor_index]) + (x,) + tuple(ints[self.tensor_index:])
+
+
+def _layer_call(args: tuple, kwargs: dict) -> tuple[LayerCall, torch.Tensor] | str:
+    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    if kwargs or len(tensors) != 1:
+        return "forward takes more than the hidden states; only f(hidden) layers are fused"
+    x = args[tensors[0]]
+    dims = []
+    for i, a in enumerate(args):
+        if i == tensors[0]:
+            continue
+        if not isinstance(a, int) or a not in x.shape:
+            return "forward takes more than the hidden states; only f(hidden) layers are fused"
+        dims.append(list(x.shape).index(a))
+    return LayerCall(tensors[0], tuple(dims)), x
+
+
+def capture_inputs(model: nn.Module, paths: list[str], example: tuple) -> dict[str, tuple[LayerCall, torch.Tensor] | str]:
+    """Run the model once and record the hidden-states input each candidate layer saw."""
+    captured: dict[str, tuple[LayerCall, torch.Tensor] | str] = {}
+    handles = []
+    for path in paths:
+        def hook(mod, args, kwargs, path=path):
+            if path in captured:
+                return
+            call = _layer_call(args, kwargs)
+            captured[path] = call if isinstance(call, str) else (call[0], call[1].detach().clone())
+
+        handles.append(model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(*example)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    if isinstance(parent, (nn.ModuleList, nn.Sequential)) and name.isdigit():
+        parent[int(name)] = new
+    else:
+        setattr(parent, name, new)
+
+
+def iter_fused(model: nn.Module) -> Iterator[tuple[str, FusedMoE]]:
+    for path, mod in model.named_modules():
+        if isinstance(mod, FusedMoE):
+            yield path, mod

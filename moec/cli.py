@@ -31,6 +31,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
     extra = {}
     if args.max_shape:
         extra["max_shape"] = parse_dims(args.max_shape)
+    if args.shard_size:
+        from moec.memory import parse_size
+
+        extra["shard_size"] = parse_size(args.shard_size)
+        if extra["shard_size"] <= 0:
+            raise MoecError(f"--shard-size {args.shard_size}: a shard must hold at least one byte.")
     for key in ("quant", "block_size", "asymmetric", "accuracy_budget", "device_memory", "accuracy_level",
                 "tensorrt_aot", "quant_dense"):
         if getattr(args, key, None) not in (None, False):
@@ -195,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Triton instance count (default 1, or derived from the plan with --device-memory)")
     c.add_argument("--device-memory", help="fail unless the model fits in SIZE (e.g. 80GiB) at the max profile")
     c.add_argument("--max-shape", help="max profile for dynamic dims, e.g. batch=8,seq=2048")
+    c.add_argument("--shard-size", help="write the weights as external data in files of at most SIZE (e.g. 2GB, "
+                                        "500MiB), one layer never split (default: inline under 256 MiB, else 2 GiB "
+                                        "shards)")
     c.add_argument("--no-validate", action="store_true", help="skip per-pass translation validation")
     c.add_argument("--no-fusion", action="store_true", help="compile without MoE fusion (reference export)")
     c.add_argument("--require-fusion", action="store_true", help="fail if any MoE layer stays unfused")

@@ -201,14 +201,14 @@ def weight_bytes(program) -> int:
     return sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
 
 
-def save_onnx(program, path: str, external_threshold_bytes: int = 256 * 1024 * 1024) -> list[str]:
-    """Write model.onnx; weights stream to model.onnx.data once they are large (never a 2 GB protobuf)."""
-    import os
+def save_onnx(program, path: str, external_threshold_bytes: int = 256 * 1024 * 1024,
+              shard_bytes: int | None = None, log: Callable[[str], None] = lambda msg: None) -> list[str]:
+    """Write model.onnx; weights go to external data once they are large (never a 2 GB protobuf), or
+    whenever `shard_bytes` is given: files of at most that size, one layer never split
+    (moec/external_data.py). Small models without `shard_bytes` keep their weights inline."""
+    from moec.external_data import DEFAULT_SHARD_BYTES, save_sharded
 
-    external = weight_bytes(program) >= external_threshold_bytes
-    program.save(path, external_data=external)
-    files = [path]
-    data = path + ".data"
-    if external and os.path.exists(data):
-        files.append(data)
-    return files
+    if shard_bytes is None and weight_bytes(program) < external_threshold_bytes:
+        program.save(path, external_data=False)
+        return [path]
+    return save_sharded(program.model, path, shard_bytes or DEFAULT_SHARD_BYTES, log)

@@ -158,7 +158,7 @@ def compile(
     with _workdir(options.out) as tmp:
         model_path = os.path.join(tmp, "model.onnx")
         onnx_weight_bytes = weight_bytes(program)
-        files = save_onnx(program, model_path)
+        files = save_onnx(program, model_path, shard_bytes=options.extra.get("shard_size"), log=options.log)
         del program, transformed.module, loaded.src
         gc.collect()  # the torch weights go before ONNX Runtime loads its own copy
         verified = stage("verify", "verifying with ONNX Runtime", verify, model_path, tmp, reference, transformed,

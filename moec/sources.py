@@ -216,13 +216,22 @@ def load_hf_dir(path: str) -> LoadedSource:
         src.notes.append(f"packed expert weights ({spec.name}) folded without re-quantizing")
         return src
 
+    from moec.safetensors_check import checkpoint_files
+
+    checkpoint_files(path)  # truncated files, missing shards: named before anything loads
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, dtype=torch.float32)
+        model, info = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True,
+                                                           dtype=torch.float32, output_loading_info=True)
     except Exception as exc:
         raise SourceError(
             f"cannot load the Hugging Face model in '{path}' offline: {type(exc).__name__}: {str(exc)[:400]}. "
             "The directory needs config.json and model.safetensors (or sharded safetensors with an index); "
             "moec never downloads from a hub."
         ) from exc
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would fill them with random values and say nothing
+        raise SourceError(f"the checkpoint in '{path}' lacks {len(missing)} tensor(s) the model in its config.json "
+                          f"needs, e.g. '{missing[0]}'; transformers would initialize them randomly. Nothing was "
+                          "written.")
     return causal_lm_source(model.eval(), f"hf:{os.path.abspath(path)}")

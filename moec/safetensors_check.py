@@ -1,0 +1,72 @@
+"""Check a Hugging Face checkpoint's safetensors files before anything loads them.
+
+Reads only headers (8-byte length + JSON) and file sizes, so a multi-GB checkpoint is checked in
+milliseconds. Refuses, naming the file and the tensor: a shard the index lists but the directory
+lacks, a tensor the index places in a shard whose header doesn't hold it, a header that isn't valid,
+and a file shorter than its tensors (truncated by a failed copy or download).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+from moec.errors import SourceError
+
+INDEX = "model.safetensors.index.json"
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The safetensors files of the checkpoint in `path` (from its index when it has one), checked."""
+    index = os.path.join(path, INDEX)
+    expected: dict[str, list[str]] = {}
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except Exception as exc:
+            raise SourceError(f"'{index}' is not a valid safetensors index ({type(exc).__name__}: {exc}).") from exc
+        for tensor, shard in weight_map.items():
+            expected.setdefault(shard, []).append(tensor)
+        missing = [s for s in expected if not os.path.isfile(os.path.join(path, s))]
+        if missing:
+            raise SourceError(f"'{index}' lists shard '{missing[0]}' (tensor '{expected[missing[0]][0]}' and "
+                              f"{len(expected[missing[0]]) - 1} more), which is not in '{path}'"
+                              + (f"; {len(missing) - 1} more shard(s) missing" if len(missing) > 1 else "")
+                              + ". Copy the whole checkpoint.")
+        files = sorted(expected)
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    for name in files:
+        header = read_header(os.path.join(path, name))
+        absent = [t for t in expected.get(name, []) if t not in header]
+        if absent:
+            raise SourceError(f"'{os.path.join(path, name)}' does not hold tensor '{absent[0]}', which '{INDEX}' "
+                              f"places there ({len(absent)} such tensors); the index and the shard disagree.")
+    return files
+
+
+def read_header(file: str) -> dict:
+    """The tensor entries of one safetensors file, after checking the file holds all their bytes."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise SourceError(f"'{file}' is truncated: {size} bytes, not even a safetensors header.")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise SourceError(f"'{file}' is not a valid safetensors file: its header claims {n} bytes "
+                              f"but the file has {size}.")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as exc:
+            raise SourceError(f"'{file}' has a corrupted safetensors header ({exc}).") from exc
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    if tensors:
+        name, meta = max(tensors.items(), key=lambda kv: kv[1]["data_offsets"][1])
+        end = 8 + n + int(meta["data_offsets"][1])
+        if size < end:
+            raise SourceError(f"'{file}' is truncated: {size} bytes, but tensor '{name}' needs bytes up to {end}.")
+    return tensors

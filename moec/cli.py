@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from typing import Optional, Sequence
@@ -278,14 +279,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("verify needs DIR or --server")
     if args.command == "verify" and args.server and not args.golden:
         parser.error("verify --server needs --golden")
+    previous = _terminate_as_interrupt()
     try:
         return args.func(args)
     except MoecError as exc:
         print(f"moec: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("moec: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"moec: {'terminated' if terminated else 'interrupted'}; nothing was written", file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every cleanup runs (the temporary directory goes)."""
+
+
+def _terminate_as_interrupt():
+    """Make SIGTERM unwind like Ctrl-C (main thread only); returns the handler to restore."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, raise_terminated)
 
 
 if __name__ == "__main__":

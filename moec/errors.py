@@ -42,6 +42,12 @@ class PassContractError(MoecError):
     exit_code = 21
 
 
+class DiskFullError(MoecError):
+    """The disk (or a file-size limit) ran out while writing; nothing was left behind."""
+
+    exit_code = 22
+
+
 class FusionRequiredError(MoecError):
     """--require-fusion and a MoE layer stayed unfused."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -65,6 +66,7 @@ def save_sharded(model, path: str, shard_bytes: int = DEFAULT_SHARD_BYTES,
            if v.const_value is not None and _nbytes(v) >= INLINE_BELOW]
     shards = plan_shards(big, shard_bytes, stem)
     files = []
+    total, done, start = sum(s.bytes for s in shards), 0, time.perf_counter()
     for i, shard in enumerate(shards):
         target = os.path.join(directory, shard.file)
         with open(target, "wb") as f:
@@ -80,8 +82,11 @@ def save_sharded(model, path: str, shard_bytes: int = DEFAULT_SHARD_BYTES,
                                                   name=v.name, base_dir=directory)
                 del data
         files.append(target)
-        if len(shards) > 1:
-            log(f"  weights shard {i + 1}/{len(shards)}: {shard.bytes / 2**20:.0f} MiB ({shard.file})")
+        done += shard.bytes
+        elapsed = time.perf_counter() - start
+        eta = elapsed / done * (total - done) if done else 0.0
+        log(f"  weights {i + 1}/{len(shards)} {shard.file}: {done / 2**30:.2f} of {total / 2**30:.2f} GiB written, "
+            f"ETA {eta:.0f} s")
     ir.save(model, path)
     return [path] + files
 

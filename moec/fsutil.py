@@ -1,9 +1,74 @@
-"""Atomic directory placement: artifacts appear whole or not at all."""
+"""Atomic directory placement: artifacts appear whole or not at all.
+
+Work happens in a temporary directory beside the destination, named for its owner
+(`.moec-tmp-<host>-<pid>-<random>`), and is renamed into place when done. A compile killed
+outright (SIGKILL, power loss) can't clean up after itself; the next one in the same place removes
+temporary directories whose owner process on this host is gone.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
+import socket
+import tempfile
+from typing import Callable, Optional
+
+PREFIX = ".moec-tmp-"
+_OWNED = re.compile(re.escape(PREFIX) + r"(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)-")
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+
+
+def make_workdir(parent: str) -> str:
+    """A new temporary directory in `parent`, named for this process."""
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f"{PREFIX}{_host()}-{os.getpid()}-", dir=parent)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_workdirs(parent: str, log: Callable[[str], None] = lambda msg: None) -> list[str]:
+    """Remove temporary directories in `parent` left by dead moec processes on this host; returns them."""
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        m = _OWNED.match(name)
+        if not m or m.group("host") != _host() or _alive(int(m.group("pid"))):
+            continue
+        path = os.path.join(parent, name)
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            removed.append(path)
+            log(f"removed {path}, left by an interrupted moec run (process {m.group('pid')})")
+    return removed
+
+
+def disk_error(exc: BaseException) -> Optional[OSError]:
+    """The out-of-space (or file-size-limit) OSError behind `exc`, if that is what it is."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def swap_into_place(tmp: str, dest: str) -> None:

@@ -13,14 +13,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
 from moec.errors import GoldenError, OutputExistsError
-from moec.fsutil import swap_into_place
+from moec.fsutil import make_workdir, remove_stale_workdirs, swap_into_place
 from moec.numerics import compare_tensors
 
 FORMAT = "moec-golden/1"
@@ -93,7 +92,8 @@ def record(out: str, probes: list[Probe], *, model: dict, force: bool = False, *
         raise OutputExistsError(f"golden directory '{out}' already exists; pass --force to re-record it.")
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".moec-tmp-", dir=parent)
+    remove_stale_workdirs(parent)
+    tmp = make_workdir(parent)
     try:
         write_golden(os.path.join(tmp, "golden"), probes, model=model, **kw)
         swap_into_place(os.path.join(tmp, "golden"), out)

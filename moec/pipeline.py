@@ -19,7 +19,6 @@ import gc
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -28,9 +27,9 @@ import torch
 from torch import nn
 
 from moec import targets
-from moec.errors import FusionRequiredError, MoecError, OutputExistsError, VerificationError
+from moec.errors import DiskFullError, FusionRequiredError, MoecError, OutputExistsError, VerificationError
 from moec.export_onnx import Captured, capture, save_onnx, to_onnx, weight_bytes
-from moec.fsutil import swap_into_place
+from moec.fsutil import disk_error, make_workdir, remove_stale_workdirs, swap_into_place
 from moec.golden import Probe, weights_sha256, write_golden
 from moec.numerics import compare_tensors
 from moec.passes.base import Pass, PassContext, PassManager, PassRecord, flatten_outputs
@@ -155,7 +154,7 @@ def compile(
     program = stage("onnx_export", "converting to ONNX", to_onnx, captured, loaded.src.input_names,
                     loaded.src.output_names, loaded.src.dynamic_shapes, target.translations())
     del captured
-    with _workdir(options.out) as tmp:
+    with _workdir(options.out, options.log) as tmp:
         model_path = os.path.join(tmp, "model.onnx")
         onnx_weight_bytes = weight_bytes(program)
         files = save_onnx(program, model_path, shard_bytes=options.extra.get("shard_size"), log=options.log)
@@ -513,19 +512,26 @@ def make_unfused_experts_exportable(module: nn.Module, layers: dict) -> list[str
 
 
 class _workdir:
-    """A temporary directory beside OUT, removed unless the package stage moved it into place."""
+    """A temporary directory beside OUT, removed unless the package stage moved it into place; one
+    left by a killed compile is removed first. Running out of disk becomes a DiskFullError."""
 
-    def __init__(self, out: str):
+    def __init__(self, out: str, log: Callable[[str], None]):
         parent = os.path.dirname(os.path.abspath(out)) or "."
-        os.makedirs(parent, exist_ok=True)
-        self.path = tempfile.mkdtemp(prefix=".moec-tmp-", dir=parent)
+        remove_stale_workdirs(parent, log)
+        self.parent, self.path = parent, make_workdir(parent)
 
     def __enter__(self) -> str:
         return self.path
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, exc, tb) -> None:
         if os.path.isdir(self.path):  # still here: not moved into place (nor kept as OUT.failed)
             shutil.rmtree(self.path, ignore_errors=True)
+        full = disk_error(exc) if exc is not None else None
+        if full is not None:
+            free = shutil.disk_usage(self.parent).free
+            raise DiskFullError(f"out of disk space writing the artifact ({full.strerror}: "
+                                f"{full.filename or self.parent}); {free / 2**30:.2f} GiB free in '{self.parent}'. "
+                                "Nothing was written; free space or choose another --out.") from exc
 
 
 def _other_len(src: LoadedSource) -> Optional[int]:

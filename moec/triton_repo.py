@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
 import onnx
 
 from moec.errors import MoecError, OutputExistsError
-from moec.fsutil import swap_into_place
+from moec.fsutil import make_workdir, remove_stale_workdirs, swap_into_place
 
 _ONNX_TO_TRITON = {
     onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
@@ -143,7 +142,8 @@ def write_model_repository(repo: str, name: str, model_path: str, files: list[st
 
     model_dir = os.path.join(repo, name)
     os.makedirs(model_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".moec-tmp-", dir=model_dir)
+    remove_stale_workdirs(model_dir)
+    tmp = make_workdir(model_dir)
     try:
         for f in files:
             name = "model.plan" if platform == "tensorrt_plan" and f == model_path else os.path.basename(f)

@@ -1,0 +1,85 @@
+"""Nothing half-written: interrupted, killed and out-of-disk compiles leave no artifact, and the next
+compile removes what a killed one could not."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from moec.fsutil import PREFIX, make_workdir, remove_stale_workdirs
+
+ENV = dict(os.environ, OMP_WAIT_POLICY="passive", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _leftovers(root) -> list:
+    return [p for p in os.listdir(root) if p.startswith(PREFIX)]
+
+
+def test_stale_workdirs_of_dead_processes_are_removed_live_ones_kept(tmp_path):
+    mine = make_workdir(str(tmp_path))
+    host = os.path.basename(mine)[len(PREFIX):].rsplit("-", 2)[0]
+    dead = tmp_path / f"{PREFIX}{host}-{_dead_pid()}-abc123"
+    other_host = tmp_path / f"{PREFIX}elsewhere-{_dead_pid()}-abc123"
+    unowned = tmp_path / f"{PREFIX}xyz"  # an older moec's name: owner unknown, kept
+    for d in (dead, other_host, unowned):
+        (d / "golden").mkdir(parents=True)
+    assert remove_stale_workdirs(str(tmp_path)) == [str(dead)]
+    assert sorted(_leftovers(tmp_path)) == sorted([os.path.basename(mine), other_host.name, unowned.name])
+
+
+def _compile_until(tmp_path, marker: str, sig: int, delay: float = 0.0):
+    """Start `moec compile` of the demo, send `sig` once stderr shows `marker`; returns (rc, stderr)."""
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "moec.cli", "compile", "--out", str(out)], stderr=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL, text=True, env=ENV)
+    seen = []
+    for line in p.stderr:
+        seen.append(line)
+        if marker in line:
+            time.sleep(delay)
+            p.send_signal(sig)
+            break
+    seen += p.stderr.read().splitlines(keepends=True)
+    return p.wait(timeout=300), "".join(seen), out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,rc,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_an_interrupted_compile_leaves_nothing(sig, rc, word, tmp_path):
+    code, err, out = _compile_until(tmp_path, "verify:", sig)
+    assert code == rc and f"moec: {word}; nothing was written" in err, err[-2000:]
+    assert not out.exists() and not _leftovers(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_killed_compile_is_cleaned_up_by_the_next(tmp_path):
+    code, err, out = _compile_until(tmp_path, "verify:", signal.SIGKILL)
+    assert code == -signal.SIGKILL and not out.exists()
+    left = _leftovers(tmp_path)
+    assert len(left) == 1 and os.path.isfile(tmp_path / left[0] / "model.onnx")  # killed mid-way: its work dir stays
+    r = subprocess.run([sys.executable, "-m", "moec.cli", "compile", "--out", str(out)], capture_output=True,
+                       text=True, env=ENV)
+    assert r.returncode == 0 and f"removed {tmp_path / left[0]}" in r.stderr
+    assert not _leftovers(tmp_path) and (out / "model.onnx").exists()
+
+
+@pytest.mark.slow
+def test_running_out_of_disk_says_so_and_leaves_nothing(tmp_path):
+    """A file-size limit makes the artifact's writes fail the way a full disk does (EFBIG, like ENOSPC)."""
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
+            "from moec.cli import main; sys.exit(main(['compile', '--out', sys.argv[1]]))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 22, r.stderr[-2000:]
+    assert "out of disk space writing the artifact (File too large" in r.stderr
+    assert "Nothing was written" in r.stderr
+    assert not (tmp_path / "out").exists() and not _leftovers(tmp_path)

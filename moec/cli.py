@@ -27,7 +27,11 @@ def _progress(quiet: bool):
 def cmd_compile(args: argparse.Namespace) -> int:
     from moec.pipeline import CompileOptions, compile
 
-    name = args.model_name or "moe_model"
+    from moec.validate import check_model_name
+
+    if args.model_name is not None:  # it names the Triton model and the default --out: one path component
+        check_model_name(args.model_name)
+    name = args.model_name if args.model_name is not None else "moe_model"
     out = args.out or os.path.join("moec-out", "mixtral-demo" if args.source is None else name)
     extra = {}
     if args.max_shape:
@@ -289,9 +293,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         terminated = isinstance(exc, Terminated)
         print(f"moec: {'terminated' if terminated else 'interrupted'}; nothing was written", file=sys.stderr)
         return 143 if terminated else 130
+    except Exception as exc:  # a bug of ours, not the user's input: its own exit code and the traceback kept
+        path = _save_traceback(argv)
+        print(f"moec: internal error: {type(exc).__name__}: {str(exc)[:300]}. This is a bug in moec, not in your "
+              f"input; nothing was written. The traceback is in {path}; please attach it to a report.",
+              file=sys.stderr)
+        return INTERNAL_ERROR
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+INTERNAL_ERROR = 70  # EX_SOFTWARE
+
+
+def _save_traceback(argv) -> str:
+    """Write the current exception's traceback (and the command line) to a file; returns its path."""
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix="moec-internal-error-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write("moec " + " ".join(sys.argv[1:] if argv is None else list(argv)) + "\n\n")
+        traceback.print_exc(file=f)
+    return path
 
 
 class Terminated(KeyboardInterrupt):

@@ -26,9 +26,18 @@ def _host() -> str:
 
 
 def make_workdir(parent: str) -> str:
-    """A new temporary directory in `parent`, named for this process."""
+    """A new temporary directory in `parent`, named for this process, with the permissions the umask gives
+    a normal directory (mkdtemp's 0700 would keep a Triton server running as another user out)."""
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f"{PREFIX}{_host()}-{os.getpid()}-", dir=parent)
+    path = tempfile.mkdtemp(prefix=f"{PREFIX}{_host()}-{os.getpid()}-", dir=parent)
+    os.chmod(path, 0o777 & ~umask())
+    return path
+
+
+def umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _alive(pid: int) -> bool:
@@ -53,7 +62,13 @@ def remove_stale_workdirs(parent: str, log: Callable[[str], None] = lambda msg: 
         if not m or m.group("host") != _host() or _alive(int(m.group("pid"))):
             continue
         path = os.path.join(parent, name)
-        shutil.rmtree(path, ignore_errors=True)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:  # a config written beside its version directory (triton_repo)
+            try:
+                os.remove(path)
+            except OSError:
+                pass
         if not os.path.exists(path):
             removed.append(path)
             log(f"removed {path}, left by an interrupted moec run (process {m.group('pid')})")
@@ -71,16 +86,30 @@ def disk_error(exc: BaseException) -> Optional[OSError]:
     return None
 
 
-def swap_into_place(tmp: str, dest: str) -> None:
-    """Rename the finished directory `tmp` to `dest`, replacing an existing `dest` (caller checked --force).
+def swap_into_place(tmp: str, dest: str, replace: bool = True) -> None:
+    """Rename the finished directory `tmp` to `dest`.
 
-    The old directory is renamed aside first, so at every moment `dest` is either the old
-    artifact or the new one, never a mix.
+    `replace`: an existing `dest` (directory or file) is renamed aside first, so at every moment `dest`
+    is either the old artifact or the new one, never a mix. Otherwise the rename itself is the check:
+    if `dest` appeared meanwhile (a concurrent writer), OutputExistsError, and `dest` is untouched.
     """
-    if os.path.exists(dest):
-        old = tmp + ".old"
-        os.rename(dest, old)
-        os.rename(tmp, dest)
+    from moec.errors import OutputExistsError
+
+    if not replace or not os.path.lexists(dest):
+        try:
+            if os.path.lexists(dest):
+                raise FileExistsError(errno.EEXIST, "exists", dest)
+            os.rename(tmp, dest)  # onto an existing non-empty directory this fails: never a silent overwrite
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
+                raise
+            raise OutputExistsError(f"'{dest}' appeared while moec was writing it (another run?); not "
+                                    "replacing it without --force.") from exc
+        return
+    old = tmp + ".old"
+    os.rename(dest, old)
+    os.rename(tmp, dest)
+    if os.path.isdir(old) and not os.path.islink(old):
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.rename(tmp, dest)
+        os.remove(old)

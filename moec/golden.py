@@ -96,7 +96,7 @@ def record(out: str, probes: list[Probe], *, model: dict, force: bool = False, *
     tmp = make_workdir(parent)
     try:
         write_golden(os.path.join(tmp, "golden"), probes, model=model, **kw)
-        swap_into_place(os.path.join(tmp, "golden"), out)
+        swap_into_place(os.path.join(tmp, "golden"), out, replace=force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return os.path.abspath(out)

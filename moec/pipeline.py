@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from moec import targets
+from moec import targets, validate
 from moec.errors import DiskFullError, FusionRequiredError, MoecError, OutputExistsError, VerificationError
 from moec.export_onnx import Captured, capture, save_onnx, to_onnx, weight_bytes
 from moec.fsutil import disk_error, make_workdir, remove_stale_workdirs, swap_into_place
@@ -143,6 +143,7 @@ def compile(
     stage = _Stages(options.log)
     loaded = stage("load", f"loading {source or ('python module' if module is not None else 'built-in demo model')}",
                    load, module, example_args, dynamic_shapes, source)
+    check_loaded(loaded, options)
     fold_records = stage("fold", "folding quantize/dequantize pairs on weights", fold, loaded, options)
     reference = stage("eager_reference", "eager PyTorch outputs on the verification inputs", eager_reference, loaded,
                       options)
@@ -203,14 +204,31 @@ def check_options(options: CompileOptions, target: Target) -> None:
         raise MoecError("--quant-dense quantizes the other Linear layers with the experts' settings; give --quant "
                         "int8|int4 too.")
     target.check_options(options)
-    if os.path.exists(options.out) and not options.force:
+    validate.check_positive(options.tolerance, "--tolerance")
+    validate.check_positive(extra.get("accuracy_budget"), "--accuracy-budget", allow_zero=True)
+    validate.check_positive(extra.get("shard_size"), "--shard-size")
+    if options.max_batch_size is not None and options.max_batch_size < 0:
+        raise MoecError(f"--max-batch-size {options.max_batch_size}: must be >= 0 (0: Triton does not batch).")
+    if options.instances < 1:
+        raise MoecError(f"--instances {options.instances}: must be >= 1.")
+    for name, size in (extra.get("max_shape") or {}).items():
+        if not isinstance(size, int) or size < 1:
+            raise MoecError(f"--max-shape {name}={size}: sizes must be integers >= 1.")
+    if extra.get("device_memory"):
+        from moec.memory import parse_size
+
+        validate.check_positive(parse_size(extra["device_memory"]), "--device-memory")
+    if os.path.isdir(options.out) and not options.force:
         raise OutputExistsError(
             f"output directory '{options.out}' already exists; moec never overwrites an artifact "
             "unless asked: pass --force to replace it, or choose another --out."
         )
+    validate.check_destination(options.out, "--out", options.force)
     if options.triton_repo:
         from moec.triton_repo import check_version_free
 
+        validate.check_model_name(options.model_name if options.model_name is not None else "moe_model")
+        validate.check_destination(options.triton_repo, "--triton-repo", must_be_dir_if_exists=True)
         check_version_free(options.triton_repo, options.model_name or "moe_model", options.model_version,
                            options.force)
 
@@ -226,6 +244,12 @@ def load(module: Optional[nn.Module], example_args: Optional[tuple], dynamic_sha
         src = load_source(source)
     identity = {"source": source or src.identity, "identity": src.identity, "weights_sha256": weights_sha256(src.module)}
     return Loaded(src, source, identity, list(src.notes), src.dim_ranges())
+
+
+def check_loaded(loaded: Loaded, options: CompileOptions) -> None:
+    """What needs the model: --max-shape names its dims; its weights are finite (named otherwise)."""
+    validate.check_max_shape(options.extra.get("max_shape"), loaded.dim_ranges)
+    check_finite_weights(loaded.src.module, quantizing=bool(options.extra.get("quant")))
 
 
 def fold(loaded: Loaded, options: CompileOptions) -> list[PassRecord]:
@@ -250,8 +274,6 @@ def fold(loaded: Loaded, options: CompileOptions) -> list[PassRecord]:
         src.prequantized = spec
     if src.prequantized is not None:
         adopt_checkpoint_quantization(src.prequantized, options)
-    if options.extra.get("quant"):
-        check_finite_weights(src.module)
     return records
 
 
@@ -434,9 +456,7 @@ def package(artifact: ArtifactContext, target: Target, timings: dict, t0: float)
     if options.triton_repo:
         triton_dir = write_triton_model(artifact, target)
         _write_json(os.path.join(tmp, "report.json"), report)
-    if os.path.exists(options.out) and not options.force:
-        raise OutputExistsError(f"output directory '{options.out}' appeared while compiling; not replacing it.")
-    swap_into_place(tmp, options.out)
+    swap_into_place(tmp, options.out, replace=options.force)
     return triton_dir
 
 
@@ -479,15 +499,17 @@ def adopt_checkpoint_quantization(spec, options: CompileOptions) -> None:
     options.extra.update(want, prequantized=True)
 
 
-def check_finite_weights(module: nn.Module) -> None:
-    """Quantizing NaN/inf weights gives garbage scales; refuse up front, naming the tensor."""
+def check_finite_weights(module: nn.Module, quantizing: bool = False) -> None:
+    """NaN/inf weights make every comparison meaningless (and quantization scales garbage); refuse up
+    front, naming the tensor, at any precision."""
+    from moec.errors import SourceError
     from moec.quant import QuantError
 
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if t.is_floating_point():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
-            if bad:
-                raise QuantError(f"{name}: {bad} non-finite values (NaN/inf) in the weights; nothing was written.")
+            error = QuantError if quantizing else SourceError
+            raise error(f"{name}: {bad} non-finite values (NaN/inf) in the weights ({t.dtype}); nothing was written.")
 
 
 def make_unfused_experts_exportable(module: nn.Module, layers: dict) -> list[str]:

@@ -222,13 +222,25 @@ def load_hf_dir(path: str) -> LoadedSource:
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         model, info = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True,
-                                                           dtype=torch.float32, output_loading_info=True)
+                                                           dtype=torch.float32, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True)  # refused below, by name
     except Exception as exc:
         raise SourceError(
             f"cannot load the Hugging Face model in '{path}' offline: {type(exc).__name__}: {str(exc)[:400]}. "
             "The directory needs config.json and model.safetensors (or sharded safetensors with an index); "
             "moec never downloads from a hub."
         ) from exc
+    mismatched = list(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, got, want = mismatched[0]
+        raise SourceError(f"the checkpoint in '{path}' has {len(mismatched)} tensor(s) whose shape disagrees with "
+                          f"its config.json: '{key}' is {tuple(got)} in the checkpoint, the model needs {tuple(want)}. "
+                          "Nothing was written.")
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:
+        raise SourceError(f"the checkpoint in '{path}' holds {len(unexpected)} tensor(s) the model in its config.json "
+                          f"does not have, e.g. '{unexpected[0]}'; it is not the checkpoint of this config. "
+                          "Nothing was written.")
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers would fill them with random values and say nothing
         raise SourceError(f"the checkpoint in '{path}' lacks {len(missing)} tensor(s) the model in its config.json "

@@ -9,6 +9,7 @@ is never replaced unless `force` is set.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from dataclasses import dataclass
@@ -104,6 +105,27 @@ def tensorrt_accelerator_config(workspace_bytes: int = 1 << 30) -> str:
     )
 
 
+def _place(staged: str, model_dir: str, version: int, force: bool) -> None:
+    """Move a staged model directory (config.pbtxt + VERSION/) into the repository."""
+    try:
+        os.rename(staged, model_dir)  # a new model: appears with its config and version at once
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EXDEV):
+            raise
+    # The model exists (or appeared meanwhile, or the repository is another filesystem): its version
+    # directory goes in whole, then the config is replaced atomically.
+    os.makedirs(model_dir, exist_ok=True)
+    work = make_workdir(model_dir)  # hidden inside a model directory: not a version Triton loads
+    try:
+        os.rename(os.path.join(staged, "config.pbtxt"), os.path.join(work, "config.pbtxt"))
+        shutil.move(os.path.join(staged, str(version)), os.path.join(work, str(version)))
+        swap_into_place(os.path.join(work, str(version)), os.path.join(model_dir, str(version)), replace=force)
+        os.replace(os.path.join(work, "config.pbtxt"), os.path.join(model_dir, "config.pbtxt"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def check_version_free(repo: str, name: str, version: int, force: bool) -> None:
     if version < 1:
         raise MoecError(f"--model-version must be >= 1 (got {version}).")
@@ -141,20 +163,22 @@ def write_model_repository(repo: str, name: str, model_path: str, files: list[st
     validate_config(text)
 
     model_dir = os.path.join(repo, name)
-    os.makedirs(model_dir, exist_ok=True)
-    remove_stale_workdirs(model_dir)
-    tmp = make_workdir(model_dir)
+    os.makedirs(repo, exist_ok=True)
+    # Staged outside the repository (Triton tries to load every directory in it, hidden ones too),
+    # then renamed in: a new model appears whole, a new version of an existing one appears whole.
+    stage_parent = os.path.dirname(os.path.abspath(repo))
+    remove_stale_workdirs(stage_parent)
+    remove_stale_workdirs(model_dir)  # left inside a model directory by an older moec
+    tmp = make_workdir(stage_parent)
     try:
+        staged = os.path.join(tmp, name)
+        os.makedirs(os.path.join(staged, str(version)))
         for f in files:
-            name = "model.plan" if platform == "tensorrt_plan" and f == model_path else os.path.basename(f)
-            shutil.copy2(f, os.path.join(tmp, name))
-        cfg_tmp = os.path.join(model_dir, ".config.pbtxt.tmp")
-        with open(cfg_tmp, "w") as fh:
+            target = "model.plan" if platform == "tensorrt_plan" and f == model_path else os.path.basename(f)
+            shutil.copy2(f, os.path.join(staged, str(version), target))
+        with open(os.path.join(staged, "config.pbtxt"), "w") as fh:
             fh.write(text)
-        swap_into_place(tmp, os.path.join(model_dir, str(version)))  # caller checked --force
-        tmp = None
-        os.replace(cfg_tmp, os.path.join(model_dir, "config.pbtxt"))
+        _place(staged, model_dir, version, force)
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return os.path.abspath(model_dir)

@@ -36,10 +36,10 @@ def test_stale_workdirs_of_dead_processes_are_removed_live_ones_kept(tmp_path):
     assert sorted(_leftovers(tmp_path)) == sorted([os.path.basename(mine), other_host.name, unowned.name])
 
 
-def _compile_until(tmp_path, marker: str, sig: int, delay: float = 0.0):
-    """Start `moec compile` of the demo, send `sig` once stderr shows `marker`; returns (rc, stderr)."""
+def _compile_until(tmp_path, marker: str, sig: int, delay: float = 0.0, extra=()):
+    """Start `moec compile` of the demo, send `sig` once stderr shows `marker`; returns (rc, stderr, out)."""
     out = tmp_path / "out"
-    p = subprocess.Popen([sys.executable, "-m", "moec.cli", "compile", "--out", str(out)], stderr=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-m", "moec.cli", "compile", "--out", str(out), *extra], stderr=subprocess.PIPE,
                          stdout=subprocess.DEVNULL, text=True, env=ENV)
     seen = []
     for line in p.stderr:
@@ -61,15 +61,22 @@ def test_an_interrupted_compile_leaves_nothing(sig, rc, word, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_compile_is_cleaned_up_by_the_next(tmp_path):
-    code, err, out = _compile_until(tmp_path, "verify:", signal.SIGKILL)
+@pytest.mark.parametrize("stage", ["verify:", "package:"])
+def test_a_killed_compile_is_cleaned_up_by_the_next(stage, tmp_path):
+    """SIGKILL at a stage: no output and no partial Triton model; the next compile removes the leftovers."""
+    repo = tmp_path / "repo"
+    code, err, out = _compile_until(tmp_path, stage, signal.SIGKILL, extra=["--triton-repo", str(repo)])
     assert code == -signal.SIGKILL and not out.exists()
     left = _leftovers(tmp_path)
-    assert len(left) == 1 and os.path.isfile(tmp_path / left[0] / "model.onnx")  # killed mid-way: its work dir stays
-    r = subprocess.run([sys.executable, "-m", "moec.cli", "compile", "--out", str(out)], capture_output=True,
-                       text=True, env=ENV)
-    assert r.returncode == 0 and f"removed {tmp_path / left[0]}" in r.stderr
+    assert len(left) >= 1  # killed mid-way: its work dir stays (the compile's, and the repository's staging)
+    assert not repo.exists() or os.listdir(repo) in ([], ["moe_model"])
+    if repo.exists() and os.listdir(repo):  # it got as far as placing the model: then it is whole
+        assert sorted(os.listdir(repo / "moe_model")) == ["1", "config.pbtxt"]
+    r = subprocess.run([sys.executable, "-m", "moec.cli", "compile", "--out", str(out), "--triton-repo", str(repo),
+                        "--force"], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0 and all(f"removed {tmp_path / d}" in r.stderr for d in left), r.stderr[-1500:]
     assert not _leftovers(tmp_path) and (out / "model.onnx").exists()
+    assert sorted(os.listdir(repo / "moe_model")) == ["1", "config.pbtxt"]
 
 
 @pytest.mark.slow
@@ -83,3 +90,31 @@ def test_running_out_of_disk_says_so_and_leaves_nothing(tmp_path):
     assert "out of disk space writing the artifact (File too large" in r.stderr
     assert "Nothing was written" in r.stderr
     assert not (tmp_path / "out").exists() and not _leftovers(tmp_path)
+
+
+def test_artifacts_get_the_umask_permissions_not_mkdtemp_0700(tmp_path):
+    from moec.fsutil import umask
+
+    work = make_workdir(str(tmp_path))
+    assert os.stat(work).st_mode & 0o777 == 0o777 & ~umask()
+
+
+def test_force_replaces_a_file_and_leaves_nothing_beside_it(tmp_path):
+    from moec.fsutil import swap_into_place
+
+    dest, work = tmp_path / "out", make_workdir(str(tmp_path))
+    dest.write_text("an old file")
+    (tmp_path / os.path.basename(work) / "model.onnx").write_text("new")
+    swap_into_place(work, str(dest), replace=True)
+    assert (dest / "model.onnx").read_text() == "new" and os.listdir(tmp_path) == ["out"]
+
+
+def test_without_replace_a_destination_that_appeared_is_left_alone(tmp_path):
+    from moec.errors import OutputExistsError
+    from moec.fsutil import swap_into_place
+
+    dest, work = tmp_path / "out", make_workdir(str(tmp_path))
+    (dest / "1").mkdir(parents=True)
+    with pytest.raises(OutputExistsError, match="appeared while moec was writing it"):
+        swap_into_place(work, str(dest), replace=False)
+    assert os.listdir(dest) == ["1"]

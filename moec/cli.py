@@ -157,7 +157,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise MoecError(f"'{report_path}' has no memory plan (compiled by an older moec?); recompile it.")
     profiles = {name: mem["profiles"][name]["dims"] for name in ("min", "opt", "max") if name in mem["profiles"]}
     hooks = PlanHooks.of(targets.get(report["target"])) if report.get("target") in targets.names() else None
-    plan = plan_memory(onnx.load(os.path.join(args.dir, "model.onnx"), load_external_data=False), profiles, hooks=hooks)
+    plan = plan_memory(onnx.load(os.path.join(args.dir, "model.onnx"), load_external_data=False), profiles,
+                       hooks=hooks, base_dir=args.dir)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2, default=str))
     else:

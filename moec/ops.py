@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from moec.activations import ACTIVATIONS, apply_activation, gated_activation  # noqa: F401  (re-exported)
+from moec.activations import apply_activation, gated_activation
 
 # ----------------------------------------------------------------------------- route
 

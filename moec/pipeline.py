@@ -144,7 +144,11 @@ def compile(
     loaded = stage("load", f"loading {source or ('python module' if module is not None else 'built-in demo model')}",
                    load, module, example_args, dynamic_shapes, source)
     check_loaded(loaded, options)
-    fold_records = stage("fold", "folding quantize/dequantize pairs on weights", fold, loaded, options)
+    folded = stage("fold", "folding quantize/dequantize pairs on weights", fold, loaded, options)
+    if folded.spec is not None:
+        adopt_checkpoint_quantization(folded.spec, options)
+    check_quantization(options, folded.spec is not None)
+    fold_records = folded.records
     reference = stage("eager_reference", "eager PyTorch outputs on the verification inputs", eager_reference, loaded,
                       options)
     passes = build_passes(options, target)
@@ -197,12 +201,6 @@ def check_options(options: CompileOptions, target: Target) -> None:
     """Everything that can be refused before any work: options, destinations."""
     targets.base.refuse_foreign_options(target, options.extra, targets.all_targets())
     extra = options.extra
-    quant = extra.get("quant")
-    if quant and not options.fuse:
-        raise MoecError(f"--quant {quant} quantizes the fused experts; it needs MoE fusion (drop --no-fuse).")
-    if extra.get("quant_dense") and not quant:
-        raise MoecError("--quant-dense quantizes the other Linear layers with the experts' settings; give --quant "
-                        "int8|int4 too.")
     target.check_options(options)
     validate.check_positive(options.tolerance, "--tolerance")
     validate.check_positive(extra.get("accuracy_budget"), "--accuracy-budget", allow_zero=True)
@@ -233,6 +231,17 @@ def check_options(options: CompileOptions, target: Target) -> None:
                            options.force)
 
 
+def check_quantization(options: CompileOptions, prequantized: bool) -> None:
+    """Once the checkpoint's own quantization is adopted (it may stand for --quant)."""
+    quant = options.extra.get("quant")
+    what = "the model's expert weights are already quantized and" if prequantized else f"--quant {quant}"
+    if quant and not options.fuse:
+        raise MoecError(f"{what} quantizes the fused experts; it needs MoE fusion (drop --no-fusion).")
+    if options.extra.get("quant_dense") and not quant:
+        raise MoecError("--quant-dense quantizes the other Linear layers with the experts' settings; give --quant "
+                        "int8|int4 too.")
+
+
 def load(module: Optional[nn.Module], example_args: Optional[tuple], dynamic_shapes: Any,
          source: Optional[str]) -> Loaded:
     if module is not None:
@@ -252,15 +261,21 @@ def check_loaded(loaded: Loaded, options: CompileOptions) -> None:
     check_finite_weights(loaded.src.module, quantizing=bool(options.extra.get("quant")))
 
 
-def fold(loaded: Loaded, options: CompileOptions) -> list[PassRecord]:
-    """Fold weight Q/DQ pairs (their own pass, in its own stage: the quantization it finds decides
-    which passes follow), then adopt the checkpoint's quantization as the compile's."""
+@dataclass
+class Folded:
+    records: list[PassRecord]
+    spec: Any  # the QuantSpec the checkpoint's weights come with (packed or Q/DQ), or None
+
+
+def fold(loaded: Loaded, options: CompileOptions) -> Folded:
+    """Fold weight Q/DQ pairs (their own pass, in its own stage: the quantization it finds, or a packed
+    checkpoint's, decides which passes follow)."""
     from moec.passes.fold_weight_qdq import FoldWeightQDQ
     from moec.report import folded_qdq
 
     src = loaded.src
     passes = [p for p in [FoldWeightQDQ()] if p.name not in options.disabled_passes]
-    ctx = PassContext(probes=[src.example_args], target=options.target, options=options.extra, log=options.log,
+    ctx = PassContext(probes=[src.example_args], options=options.extra, log=options.log,
                       weight_codes=src.weight_codes)
     # No probe validation: the pass itself checks the model's outputs bit for bit.
     src.module, records = PassManager(passes, validate=False).run(src.module, ctx)
@@ -272,9 +287,7 @@ def fold(loaded: Loaded, options: CompileOptions) -> list[PassRecord]:
             raise MoecError(f"the checkpoint is packed as {src.prequantized.name} but its Q/DQ layers are "
                             f"{spec.name}; moec folds one quantization per model.")
         src.prequantized = spec
-    if src.prequantized is not None:
-        adopt_checkpoint_quantization(src.prequantized, options)
-    return records
+    return Folded(records, src.prequantized)
 
 
 def eager_reference(loaded: Loaded, options: CompileOptions) -> Reference:
@@ -313,7 +326,7 @@ def build_passes(options: CompileOptions, target: Target) -> list[Pass]:
 def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options: CompileOptions, target: Target,
               fold_records: list[PassRecord]) -> Transformed:
     src = loaded.src
-    ctx = PassContext(probes=[src.example_args] + reference.inputs[1:], target=target.name, options=options.extra,
+    ctx = PassContext(probes=[src.example_args] + reference.inputs[1:], options=options.extra,
                       log=options.log, weight_codes=src.weight_codes)
     ctx.established.update(c for r in fold_records for c in r.ensures)
     last_numerics = next((p for p in reversed(passes) if p.changes_numerics and p.name not in options.disabled_passes),
@@ -401,7 +414,8 @@ def plan_artifact_memory(model_path: str, dim_ranges: dict, options: CompileOpti
     ranges = {d: (lo, hi) for d, (lo, hi, _) in dim_ranges.items()}
     opt = {d: ex for d, (_, _, ex) in dim_ranges.items()}
     profiles = profiles_for(ranges, opt, options.extra.get("max_shape"))
-    plan = plan_memory(onnx.load(model_path, load_external_data=False), profiles, hooks=PlanHooks.of(target))
+    plan = plan_memory(onnx.load(model_path, load_external_data=False), profiles, hooks=PlanHooks.of(target),
+                       base_dir=os.path.dirname(model_path))
     out = plan.to_dict()
     if budget is not None:
         expert_bytes = sum(l.get("weight_bytes_fp32", 0) for l in (report.get("quantization") or {}).get("layers", []))
@@ -447,10 +461,11 @@ def package(artifact: ArtifactContext, target: Target, timings: dict, t0: float)
             shutil.rmtree(kept, ignore_errors=True)
             os.rename(tmp, kept)
             where = f"The failing artifact and its report are in {kept}."
+        against = "the dequantized reference" if report.get("quantization") else "eager PyTorch"
         raise VerificationError(
-            f"ONNX Runtime output differs from eager PyTorch: relative L2 {float(worst['rel_l2']):.3g} "
+            f"ONNX Runtime output differs from {against}: relative L2 {float(worst['rel_l2']):.3g} "
             f"(max abs {float(worst['max_abs']):.3g}) on input '{worst['input']}' exceeds tolerance "
-            f"{options.tolerance:g}. {where}"
+            f"{float(numerics['tolerance_rel_l2']):g}. {where}"
         )
     triton_dir = None
     if options.triton_repo:

@@ -83,8 +83,9 @@ class WeightCodes:
         entry = self._by_id.get(id(weight)) if weight is not None else None
         return entry[1] if entry is not None and entry[0] is weight else None
 
-    def update(self, other: "WeightCodes") -> None:
-        self._by_id.update(other._by_id)
+    def clear(self) -> None:
+        """Drop every entry (and the reference to its weight) once the codes live in the fused layers."""
+        self._by_id.clear()
 
     def __len__(self) -> int:
         return len(self._by_id)

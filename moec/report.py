@@ -32,8 +32,9 @@ def layer_summary(records: list[PassRecord]) -> dict:
 def folded_qdq(records: list[PassRecord]) -> Optional[dict]:
     """The Q/DQ fold's record, when it folded anything."""
     for r in records:
-        if any(isinstance(o, FoldOutcome) for o in r.layers):
-            return r.details
+        folded = [o for o in r.layers if isinstance(o, FoldOutcome)]
+        if folded:
+            return {"format": r.details["format"], "spec": r.details["spec"], "layers": [o.path for o in folded]}
     return None
 
 

@@ -39,10 +39,9 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What passes may read: probe inputs, the target, options, a progress callback."""
+    """What passes may read: probe inputs, options, a progress callback, what earlier passes established."""
 
     probes: Sequence[tuple]  # positional-argument tuples for the whole model
-    target: str = "onnxruntime"
     options: dict[str, Any] = field(default_factory=dict)
     log: Callable[[str], None] = lambda msg: None
     established: set[str] = field(default_factory=set)  # names of the conditions passes have ensured

@@ -116,6 +116,8 @@ class FuseMoE(Pass):
             if fused is not None:
                 set_submodule(module, path, fused if call == LayerCall() else CalledLike(fused, call))
                 modified = True
+        # The codes now live in the fused layers; the table would keep every superseded weight alive.
+        ctx.weight_codes.clear()
         details = {"fused": sum(o.fused for o in outcomes), "unfused": sum(not o.fused for o in outcomes)}
         return PassResult(module, modified, details, outcomes)
 

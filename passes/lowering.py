@@ -69,19 +69,19 @@ def dense_experts(flat, ids, weights, w_gate_up, w_down, b_gate_up, b_down, spec
     return (y * scale).sum(dim=0)
 
 
-Lower = Callable[[FusedMoE, int], "tuple[nn.Module, str] | str"]
+Lower = Callable[[str, FusedMoE, int], "tuple[nn.Module, str] | str"]
 
 
 def lower_each(module: nn.Module, lower: Lower, dense_label: str = "dense ONNX ops (all experts)") -> list[LoweringOutcome]:
-    """Rewrite every FusedMoE: `lower(fused, top_k)` returns (new module, description) where the target's
-    op expresses the layer exactly, or the reason it can't; then the layer becomes a DenseMoE."""
+    """Rewrite every FusedMoE: `lower(path, fused, top_k)` returns (new module, description) where the
+    target's op expresses the layer exactly, or the reason it can't; then the layer becomes a DenseMoE."""
     layers: list[LoweringOutcome] = []
     # Paths, not modules: holding every old layer until the loop ends would keep a second
     # copy of all expert weights alive (each lowered layer re-lays its weights).
     for path in [p for p, _ in iter_fused(module)]:
         fused = module.get_submodule(path)
         top_k = fused.spec.route.top_k if fused.spec.route is not None else kept_router_top_k(fused)
-        lowered = lower(fused, top_k)
+        lowered = lower(path, fused, top_k)
         if isinstance(lowered, str):
             set_submodule(module, path, DenseMoE(fused, lowered))
             layers.append(LoweringOutcome(path, dense_label, lowered))

@@ -135,9 +135,11 @@ WEIGHTLESS_MIN_BYTES = 4096  # smaller initializers (Reshape targets, index tabl
 _WEIGHTLESS_PREFIX = "moec_weightless/"
 
 
-def weightless(model: onnx.ModelProto, min_bytes: int = WEIGHTLESS_MIN_BYTES) -> onnx.ModelProto:
+def weightless(model: onnx.ModelProto, min_bytes: int = WEIGHTLESS_MIN_BYTES,
+               base_dir: Optional[str] = None) -> onnx.ModelProto:
     """A copy of `model` whose weights are zeros made at run time: every initializer of `min_bytes`
-    or more (or stored as external data) becomes a ConstantOfShape node of its shape and type.
+    or more becomes a ConstantOfShape node of its shape and type. Smaller ones keep their values; when
+    they are external data (not loaded), they are read from `base_dir` one by one, or zeroed without it.
 
     Shapes in moec's graphs never depend on weight values, so the probe runs see the same shapes;
     the copy holds no weight bytes, and ONNX Runtime makes each zero weight just before its first use
@@ -154,10 +156,19 @@ def weightless(model: onnx.ModelProto, min_bytes: int = WEIGHTLESS_MIN_BYTES) ->
     g.output.extend(model.graph.output)
     g.value_info.extend(model.graph.value_info)
     made = []
+    from onnx.external_data_helper import load_external_data_for_tensor
+
     for init in model.graph.initializer:
-        external = init.data_location == TensorProto.EXTERNAL
+        external = init.data_location == TensorProto.EXTERNAL and not init.raw_data
         nbytes = int(np.prod(init.dims)) * _itemsize(init.data_type)
-        if not external and nbytes < min_bytes:
+        if nbytes < min_bytes and (not external or base_dir is not None):
+            if external:
+                small = TensorProto()
+                small.CopyFrom(init)
+                load_external_data_for_tensor(small, base_dir)
+                small.data_location = TensorProto.DEFAULT
+                del small.external_data[:]
+                init = small
             g.initializer.append(init)
             continue
         shape_name = f"{_WEIGHTLESS_PREFIX}{init.name}/shape"
@@ -248,9 +259,11 @@ def _fit(samples: list[tuple[dict[str, int], int]], dims: list[str], basis) -> O
 
 
 def plan_memory(model: onnx.ModelProto, profiles: dict[str, dict[str, int]], alignment: int = 64,
-                hooks: Optional[PlanHooks] = None, with_weights: bool = False) -> MemoryPlan:
-    """Plan `model` (its weights need not be loaded: onnx.load(..., load_external_data=False)).
-    The probe runs use a weightless copy unless `with_weights` (kept to check the two agree)."""
+                hooks: Optional[PlanHooks] = None, with_weights: bool = False,
+                base_dir: Optional[str] = None) -> MemoryPlan:
+    """Plan `model` (its weights need not be loaded: onnx.load(..., load_external_data=False); `base_dir`,
+    its directory, lets small external tensors keep their values). The probe runs use a weightless copy
+    unless `with_weights` (kept to check the two agree)."""
     dims = sorted({d.dim_param for v in model.graph.input for d in v.type.tensor_type.shape.dim if d.dim_param})
     for pname, p in profiles.items():
         missing = [d for d in dims if d not in p]
@@ -258,7 +271,7 @@ def plan_memory(model: onnx.ModelProto, profiles: dict[str, dict[str, int]], ali
             raise MemoryPlanError(f"profile '{pname}' gives no value for dynamic dim(s) {', '.join(missing)}; "
                                   "every dynamic dim needs a bounded value in every profile.")
     hooks = hooks or PlanHooks.of()
-    runnable, _ = hooks.evaluable(model if with_weights else weightless(model))  # same output names and shapes
+    runnable, _ = hooks.evaluable(model if with_weights else weightless(model, base_dir=base_dir))  # same output names and shapes
     session = _probe_session(runnable)
     basis = _basis(dims)
     # probe points: enough for the basis, plus two to check the fit

@@ -18,6 +18,7 @@ as it is.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 
@@ -84,9 +85,20 @@ class Target:
         return model, 0
 
     def write_evaluable(self, model_path: str, workdir: str) -> list[str]:
-        """Files of an ONNX Runtime-runnable copy of the artifact, model first, kept out of it (in
-        workdir/.reference/); [] when the artifact itself runs."""
-        return []
+        """Files of an ONNX Runtime-runnable copy of the artifact (`evaluable_model` applied), model first,
+        kept out of it in workdir/.reference/; [] when the artifact itself runs (nothing to expand)."""
+        import onnx
+
+        _, expanded = self.evaluable_model(onnx.load(model_path, load_external_data=False))
+        if not expanded:  # decided on the graph alone: the weights are not read for nothing
+            return []
+        model, _ = self.evaluable_model(onnx.load(model_path))
+        out_dir = os.path.join(workdir, ".reference")
+        os.makedirs(out_dir)
+        out = os.path.join(out_dir, "model.onnx")
+        external = model.ByteSize() > 1 << 30
+        onnx.save_model(model, out, save_as_external_data=external, location="model.onnx.data")
+        return [out] + ([out + ".data"] if external else [])
 
     def quantizes_activations(self, options) -> bool:
         return False

@@ -27,7 +27,7 @@ class LowerMoEToDenseOps(Pass):
     ensures = (EXPERTS_LOWERED,)
 
     def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
-        layers = lower_each(module, lambda fused, top_k: "the dense-reference target runs every expert")
+        layers = lower_each(module, lambda path, fused, top_k: "the dense-reference target runs every expert")
         return PassResult(module, bool(layers), {}, layers)
 
 

@@ -150,7 +150,7 @@ def _append_zero_expert(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, torch.zeros_like(t[:1])], dim=0)
 
 
-def lower_to_moe(fused: FusedMoE, top_k: int) -> tuple[nn.Module, str] | str:
+def lower_to_moe(path: str, fused: FusedMoE, top_k: int) -> tuple[nn.Module, str] | str:
     plan = plan_layer(fused.spec, top_k)
     return plan if isinstance(plan, str) else (OrtMoE(fused, plan, top_k), plan.describe())
 

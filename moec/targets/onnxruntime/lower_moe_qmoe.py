@@ -78,7 +78,7 @@ class LowerMoEForQMoE(Pass):
     def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
         accuracy_level = int(ctx.options.get("accuracy_level", 0))
 
-        def lower(fused: FusedMoE, top_k: int) -> tuple[nn.Module, str] | str:
+        def lower(path: str, fused: FusedMoE, top_k: int) -> tuple[nn.Module, str] | str:
             plan = plan_layer(fused.spec, top_k)
             if isinstance(plan, str):
                 return plan

@@ -10,7 +10,6 @@ imoe.py); the plugin's kernels and TensorRT registration live in plugins/.
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Mapping, Optional, Sequence
 
 from moec.targets.base import ArtifactContext, ExpertNode, Target, TritonModel
@@ -39,12 +38,6 @@ class TensorRTTarget(Target):
         from moec.targets.tensorrt.plugin_reference import substitute_plugins
 
         return substitute_plugins(model)  # plugin nodes keep their output names and shapes
-
-    def write_evaluable(self, model_path: str, workdir: str) -> list[str]:
-        from moec.targets.tensorrt.plugin_reference import save_reference_model
-
-        os.makedirs(os.path.join(workdir, ".reference"))
-        return save_reference_model(model_path, os.path.join(workdir, ".reference", "model.onnx"))
 
     def describe_evaluation(self) -> str:
         return "plugin nodes replaced by their reference subgraph (moec/targets/tensorrt/plugin_reference.py)"

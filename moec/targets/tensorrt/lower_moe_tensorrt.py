@@ -27,9 +27,7 @@ from moec.errors import MoecError
 from moec.moe_layer import FusedMoE, LoweredMoE
 from moec.passes.base import Pass, PassContext, PassResult
 from moec.passes.conditions import EXPERTS_LOWERED
-from moec.passes.layers import iter_fused, set_submodule
-from moec.passes.lowering import route_outside
-from moec.passes.outcomes import LoweringOutcome
+from moec.passes.lowering import lower_each, route_outside
 from moec.quant import QuantizedWeight, pack
 from moec.targets.tensorrt import ops  # noqa: F401  (registers torch.ops.moec.trt_experts)
 from moec.targets.tensorrt.plugin_spec import PLUGIN, PluginSpec  # noqa: F401  (re-exported)
@@ -119,13 +117,13 @@ class LowerMoEForTensorRT(Pass):
 
     def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
         aot = bool(ctx.options.get("tensorrt_aot"))
-        layers = []
-        for path in [p for p, _ in iter_fused(module)]:
-            fused = module.get_submodule(path)
-            layer = TrtMoE(fused, aot)
+
+        def lower(path: str, fused: FusedMoE, top_k: int) -> tuple[nn.Module, str]:
+            layer = TrtMoE(fused, aot)  # every layer moec fuses is a plugin layer: no dense fallback
             check_quant_groups(path, layer, aot)
-            set_submodule(module, path, layer)
             kind = f"int{layer.quant_bits} " if layer.quant_bits else ""
-            layers.append(LoweringOutcome(path, f"{PLUGIN.namespace}::{PLUGIN.name} plugin "
-                                                f"v{PLUGIN.version} ({kind}{'AOT' if aot else 'JIT'})"))
+            mode = "AOT" if aot else "JIT"
+            return layer, f"{PLUGIN.namespace}::{PLUGIN.name} plugin v{PLUGIN.version} ({kind}{mode})"
+
+        layers = lower_each(module, lower)
         return PassResult(module, bool(layers), {"plugin": PLUGIN.describe()}, layers)

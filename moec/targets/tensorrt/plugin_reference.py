@@ -153,15 +153,3 @@ def substitute_plugins(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     del out.opset_import[:]
     out.opset_import.extend(kept)
     return out, count
-
-
-def save_reference_model(model_path: str, out_path: str) -> list[str]:
-    """Write `model_path` with its plugin nodes substituted to `out_path` (weights beside it, in
-    `<name>.data`, once they pass 1 GB); returns the files written."""
-    import os
-
-    substituted, _ = substitute_plugins(onnx.load(model_path))
-    external = substituted.ByteSize() > 1 << 30
-    data = os.path.basename(out_path) + ".data"
-    onnx.save_model(substituted, out_path, save_as_external_data=external, location=data)
-    return [out_path] + ([os.path.join(os.path.dirname(out_path), data)] if external else [])

@@ -32,25 +32,29 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.model_name is not None:  # it names the Triton model and the default --out: one path component
         check_model_name(args.model_name)
     name = args.model_name if args.model_name is not None else "moe_model"
-    out = args.out or os.path.join("moec-out", "mixtral-demo" if args.source is None else name)
+    for flag, value in (("--out", args.out), ("--triton-repo", args.triton_repo)):
+        if value is not None and not value.strip():
+            raise MoecError(f"{flag} is empty; give a directory.")
+    out = args.out if args.out is not None else os.path.join("moec-out", "mixtral-demo" if args.source is None else name)
     extra = {}
-    if args.max_shape:
+    if args.max_shape is not None:
         extra["max_shape"] = parse_dims(args.max_shape)
-    if args.shard_size:
+    if args.shard_size is not None:
         from moec.memory import parse_size
 
-        extra["shard_size"] = parse_size(args.shard_size)
+        extra["shard_size"] = parse_size(args.shard_size, "--shard-size")
         if extra["shard_size"] <= 0:
             raise MoecError(f"--shard-size {args.shard_size}: a shard must hold at least one byte.")
     for key in ("quant", "block_size", "asymmetric", "accuracy_budget", "device_memory", "accuracy_level",
                 "tensorrt_aot", "quant_dense"):
-        if getattr(args, key, None) not in (None, False):
-            extra[key] = getattr(args, key)
+        value = getattr(args, key, None)
+        if value is not None and value is not False:  # 0 and "" are given values, checked as such
+            extra[key] = value
     opts = CompileOptions(
         out=out, target=args.target, force=args.force, validate=not args.no_validate,
         fuse=not args.no_fusion, require_fusion=args.require_fusion, disabled_passes=args.no_pass or (),
         triton_repo=args.triton_repo, model_name=name, model_version=args.model_version,
-        max_batch_size=args.max_batch_size, instances=args.instances or 1, log=_progress(args.quiet), extra=extra,
+        max_batch_size=args.max_batch_size, instances=1 if args.instances is None else args.instances, log=_progress(args.quiet), extra=extra,
         keep_failed=args.keep_failed, tolerance=args.tolerance, instances_given=args.instances is not None,
     )
     result = compile(source=args.source, options=opts)
@@ -88,6 +92,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from moec.junit import write_junit
     from moec.verify import raise_if_failed, verify
 
+    from moec.validate import check_destination, check_positive
+
+    check_positive(args.tolerance, "--tolerance")
+    if args.junit:
+        check_destination(args.junit, "--junit", force=True)
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.junit))):
+            raise MoecError(f"--junit '{args.junit}': its directory does not exist.")
     result = verify(args.dir, args.golden, server=args.server, model_name=args.model_name, tolerance=args.tolerance,
                     engine=args.engine)
     from moec.golden import format_table
@@ -103,6 +114,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_golden_record(args: argparse.Namespace) -> int:
     import torch
+
+    from moec.validate import check_destination
+
+    if args.seq_len < 1:
+        raise MoecError(f"--seq-len {args.seq_len}: the second probe needs at least one token.")
+    check_destination(args.out, "--out", force=args.force)
 
     from moec import golden
     from moec.report import versions
@@ -146,8 +163,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     report_path = os.path.join(args.dir, "report.json")
     if not os.path.isfile(report_path):
         raise MoecError(f"no report.json in '{args.dir}'; is it a moec artifact directory?")
-    with open(report_path) as f:
-        report = json.load(f)
+    try:
+        with open(report_path) as f:
+            report = json.load(f)
+    except ValueError as exc:
+        from moec.errors import ArtifactError
+
+        raise ArtifactError(f"'{report_path}' is not valid JSON ({exc}); recompile the artifact.") from exc
     if not args.memory:
         print(json.dumps({k: report[k] for k in ("source", "target", "moe_layers", "numerics") if k in report},
                          indent=2, default=str))

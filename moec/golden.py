@@ -2,7 +2,8 @@
 
 Layout of a golden directory (small, diff-friendly, byte-identical when recorded twice):
     manifest.json                 format, model identity + weights hash, precision, tolerance,
-                                  per-probe tensors (file, shape, dtype, sha256), library versions
+                                  per-probe tensors (file, shape, dtype, sha256), library versions,
+                                  and manifest_sha256: its own digest, so an edited manifest is refused
     probe<N>.input.<name>.npy
     probe<N>.output.<name>.npy
 """
@@ -81,9 +82,16 @@ def write_golden(path: str, probes: list[Probe], *, model: dict, precision: str 
         "probes": entries, "versions": versions or {},
         "reference": "eager PyTorch (fp32) on the original model, before any moec pass",
     }
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     with open(os.path.join(path, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's content without its own digest (canonical JSON)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def record(out: str, probes: list[Probe], *, model: dict, force: bool = False, **kw) -> str:
@@ -103,6 +111,15 @@ def record(out: str, probes: list[Probe], *, model: dict, force: bool = False, *
 
 
 def load(path: str) -> Golden:
+    """Load and check a golden directory; anything malformed in it is a GoldenError (exit 11)."""
+    try:
+        return _load(path)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a manifest with fields missing or mistyped
+        raise GoldenError(f"golden manifest '{os.path.join(path, 'manifest.json')}' is malformed "
+                          f"({type(exc).__name__}: {exc}); re-record the golden.") from exc
+
+
+def _load(path: str) -> Golden:
     manifest_path = os.path.join(path, "manifest.json")
     if not os.path.isfile(manifest_path):
         raise GoldenError(f"no golden manifest at '{manifest_path}'; record one with `moec golden record`.")
@@ -130,6 +147,13 @@ def load(path: str) -> Golden:
                     raise GoldenError(f"golden file '{fpath}' is not a readable .npy: {exc}") from exc
                 tensors[kind][name] = arr
         probes.append(Probe(entry["name"], tensors["inputs"], tensors["outputs"]))
+    recorded = manifest.get("manifest_sha256")
+    if recorded is None:
+        raise GoldenError(f"golden manifest '{manifest_path}' has no manifest_sha256 (recorded by an older moec, "
+                          "or the field was damaged); re-record the golden with `moec golden record`.")
+    if recorded != manifest_digest(manifest):
+        raise GoldenError(f"golden manifest '{manifest_path}' does not match its own sha256 (corrupt or edited: "
+                          "a tolerance, a file hash or a probe changed); re-record the golden.")
     return Golden(path, probes, manifest.get("precision", "fp32"), float(manifest["tolerance"]["rel_l2"]), manifest)
 
 

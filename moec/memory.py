@@ -13,11 +13,11 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_size(text: str) -> int:
-    """'80GiB', '512MB', '1.5GiB', '1048576' -> bytes."""
+def parse_size(text: str, flag: str = "--device-memory") -> int:
+    """'80GiB', '512MB', '1.5GiB', '1048576' -> bytes; `flag` names the option in the error."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise MemoryPlanError(f"cannot parse memory size '{text}': use a number with an optional unit "
+        raise MemoryPlanError(f"{flag}: cannot parse memory size '{text}': use a number with an optional unit "
                               "(B, KB, MB, GB, KiB, MiB, GiB, TiB), e.g. 80GiB or 512MB.")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 

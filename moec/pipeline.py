@@ -212,7 +212,7 @@ def check_options(options: CompileOptions, target: Target) -> None:
     for name, size in (extra.get("max_shape") or {}).items():
         if not isinstance(size, int) or size < 1:
             raise MoecError(f"--max-shape {name}={size}: sizes must be integers >= 1.")
-    if extra.get("device_memory"):
+    if extra.get("device_memory") is not None:
         from moec.memory import parse_size
 
         validate.check_positive(parse_size(extra["device_memory"]), "--device-memory")
@@ -240,6 +240,10 @@ def check_quantization(options: CompileOptions, prequantized: bool) -> None:
     if options.extra.get("quant_dense") and not quant:
         raise MoecError("--quant-dense quantizes the other Linear layers with the experts' settings; give --quant "
                         "int8|int4 too.")
+    for key in ("block_size", "asymmetric", "accuracy_budget", "accuracy_level"):
+        if options.extra.get(key) is not None and options.extra.get(key) is not False and not quant:
+            raise MoecError(f"--{key.replace('_', '-')} {options.extra[key]} applies to quantized experts; give "
+                            "--quant int8|int4 too, or drop it.")
 
 
 def load(module: Optional[nn.Module], example_args: Optional[tuple], dynamic_shapes: Any,

@@ -63,7 +63,15 @@ def read_header(file: str) -> dict:
             header = json.loads(f.read(n))
         except ValueError as exc:
             raise SourceError(f"'{file}' has a corrupted safetensors header ({exc}).") from exc
+    if not isinstance(header, dict):
+        raise SourceError(f"'{file}' has a corrupted safetensors header (not a JSON object).")
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    for name, meta in tensors.items():
+        offsets = meta.get("data_offsets") if isinstance(meta, dict) else None
+        if (not isinstance(meta, dict) or not isinstance(meta.get("dtype"), str) or not isinstance(meta.get("shape"), list)
+                or not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets))):
+            raise SourceError(f"'{file}' has a corrupted safetensors header: the entry of tensor '{name}' lacks a "
+                              "dtype, shape or data_offsets.")
     if tensors:
         name, meta = max(tensors.items(), key=lambda kv: kv[1]["data_offsets"][1])
         end = 8 + n + int(meta["data_offsets"][1])

@@ -144,6 +144,10 @@ def load_factory(spec: str) -> LoadedSource:
         )
     module, args = result[0], result[1]
     args = args if isinstance(args, tuple) else (args,)
+    for i, a in enumerate(args):
+        if not isinstance(a, torch.Tensor):
+            raise SourceError(f"factory '{spec}' returned example input {i} as {type(a).__name__}; example_args must "
+                              "be a tuple of tensors (one per forward argument).")
     dyn = result[2] if len(result) == 3 else None
     return LoadedSource(module.eval(), args, dyn, f"factory:{spec}",
                         [f"input_{i}" for i in range(len(args))], [], [], ["float"] * len(args))

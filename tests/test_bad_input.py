@@ -155,18 +155,27 @@ def edit_tensors(ckpt: Path, fn: Callable[[dict], None]) -> None:
 
 
 def edit_json(path: Path, fn: Callable[[dict], object]) -> None:
+    """Rewrite a JSON file through fn(obj), which edits obj in place (its result is ignored)."""
     obj = json.loads(path.read_text())
-    obj = fn(obj) or obj
+    fn(obj)
     path.write_text(json.dumps(obj, indent=2))
 
 
 def edit_golden_manifest(golden: Path, fn: Callable[[dict], object]) -> None:
-    edit_json(golden / "manifest.json", fn)
+    """Edit a manifest as a consistent (re-signed) golden of another model would read."""
+    from moec.golden import manifest_digest
+
+    def edit_and_sign(m):
+        fn(m)
+        m["manifest_sha256"] = manifest_digest(m)
+
+    edit_json(golden / "manifest.json", edit_and_sign)
 
 
 # A tensor of the tiny qwen3_moe checkpoint that is loaded under its own name (expert weights are
 # converted to fused ones by transformers, so their checkpoint names don't survive loading).
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+INDEX = "model.safetensors.index.json"
 
 FACTORIES = textwrap.dedent('''
     import torch
@@ -315,6 +324,14 @@ def _truncate(path: Path, keep: int) -> None:
     path.write_bytes(path.read_bytes()[:keep])
 
 
+def _garble_header_key(ckpt: Path) -> None:
+    """A tensor entry whose "data_offsets" key is misspelt (same length: the header still parses)."""
+    path = ckpt / "model.safetensors"
+    data = path.read_bytes()
+    end = safetensors_header_end(path)
+    path.write_bytes(data[:end].replace(b'"data_offsets"', b'"data_offsetz"', 1) + data[end:])
+
+
 def _first_shard(ckpt: Path) -> Path:
     return ckpt / sorted(f for f in os.listdir(ckpt) if f.endswith(".safetensors"))[0]
 
@@ -355,6 +372,9 @@ def _golden_dtype_int32(golden: Path) -> None:
         np.save(golden / meta["file"], arr)
         meta["dtype"] = "int32"
         meta["sha256"] = hashlib.sha256((golden / meta["file"]).read_bytes()).hexdigest()
+    from moec.golden import manifest_digest
+
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     (golden / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
@@ -402,6 +422,8 @@ CASES = [
          setup=_ckpt(lambda c: _truncate(c / "model.safetensors", (c / "model.safetensors").stat().st_size - 999))),
     Case("source/hf-safetensors-header-only", lambda t: compile_(t, source=str(t / "ckpt")), 3,
          (r"{tmp}/ckpt/model\.safetensors",), setup=_ckpt(lambda c: _truncate(c / "model.safetensors", 5))),
+    Case("source/hf-safetensors-header-garbled", lambda t: compile_(t, source=str(t / "ckpt")), 3,
+         (r"{tmp}/ckpt/model\.safetensors",), setup=_ckpt(_garble_header_key)),
     Case("source/hf-missing-shard", lambda t: compile_(t, source=str(t / "ckpt")), 3,
          (r"model-00001-of-00002\.safetensors", r"not in"),
          setup=_ckpt(lambda c: os.remove(_first_shard(c)), sharded=True)),
@@ -536,6 +558,10 @@ CASES = [
     Case("verify/golden-manifest-without-probes", lambda t: ["verify", str(t / "art")], 11,
          (r"{tmp}/art/golden/manifest\.json", r"probes"),
          setup=_art_then(lambda a: write(a / "golden" / "manifest.json", '{"format": "moec-golden/1"}'))),
+    Case("verify/golden-manifest-entry-without-sha256", lambda t: ["verify", str(t / "art")], 11,
+         (r"{tmp}/art/golden/manifest\.json", r"sha256"),
+         setup=_art_then(lambda a: edit_golden_manifest(
+             a / "golden", lambda m: m["probes"][0]["inputs"]["input_ids"].pop("sha256")))),
     Case("verify/golden-manifest-wrong-format", lambda t: ["verify", str(t / "art")], 11,
          (r"{tmp}/art/golden/manifest\.json", r"format"),
          setup=_art_then(lambda a: edit_golden_manifest(a / "golden", lambda m: m.update(format="other/9")))),
@@ -622,7 +648,6 @@ def test_bad_input(case: Case, tmp_path, monkeypatch, request):
 
 # ----------------------------------------------------------------------------- fuzzing
 
-INDEX = "model.safetensors.index.json"
 OUT, EXISTING, FILE, REPO = "<out>", "<existing dir>", "<file>", "<repo>"
 
 # option -> (valid values, invalid values); every invalid value here is refusable before the model loads.
@@ -695,26 +720,29 @@ def test_fuzz_compile_options_are_refused_up_front(pairs):
 
 
 @st.composite
-def corruption(draw, files: list[str]):
-    """(file, 'truncate' | 'flip' | 'delete', parameter)."""
+def corruption(draw, files: list[str], flippable: Callable[[str], bool] = lambda name: True):
+    """(file, 'truncate' | 'flip' | 'delete', parameter): a truncation keeps a fraction of the file (always
+    losing at least 2 bytes, so a JSON file loses its closing brace, not just its newline)."""
     name = draw(st.sampled_from(files))
-    kind = draw(st.sampled_from(["truncate", "flip", "delete"]))
+    kind = draw(st.sampled_from(["truncate", "delete"] + (["flip"] if flippable(name) else [])))
     if kind == "truncate":
-        return name, kind, draw(st.floats(0.0, 0.999))
+        return name, kind, draw(st.floats(0.0, 1.0))
     if kind == "flip":
         return name, kind, draw(st.lists(st.integers(0, 2**40), min_size=1, max_size=8))
     return name, kind, None
 
 
-def _corrupt(root: Path, name: str, kind: str, param, header_only: bool) -> None:
+def _corrupt(root: Path, name: str, kind: str, param) -> None:
+    """Apply a corruption; bit flips in a .safetensors file stay in its header (8-byte length + JSON)."""
     path = root / name
+    size = path.stat().st_size
     if kind == "delete":
         os.remove(path)
     elif kind == "truncate":
-        _truncate(path, int(path.stat().st_size * param))
+        _truncate(path, min(int(size * param), size - 2))
     else:
-        span = safetensors_header_end(path) if header_only and name.endswith(".safetensors") else path.stat().st_size
-        flip_bits(path, [p % (span * 8) for p in param])
+        span = safetensors_header_end(path) if name.endswith(".safetensors") else size
+        flip_bits(path, sorted({p % (span * 8) for p in param}))  # each bit once: two flips would cancel
 
 
 @pytest.fixture(scope="module")
@@ -731,11 +759,13 @@ def _checkpoint_files(root: Path) -> list[str]:
 @FUZZ
 @given(data=st.data())
 def test_fuzz_corrupted_checkpoint_is_refused(data, sharded_checkpoint, fuzz_root):
-    name, kind, param = data.draw(corruption(_checkpoint_files(sharded_checkpoint)))
+    # bit flips only in the safetensors headers: a flip in config.json or the index's metadata can be harmless
+    name, kind, param = data.draw(corruption(_checkpoint_files(sharded_checkpoint),
+                                             flippable=lambda f: f.endswith(".safetensors")))
     t = Path(tempfile.mkdtemp(dir=fuzz_root))
     try:
         ckpt = copy_tree(sharded_checkpoint, t / "ckpt")
-        _corrupt(ckpt, name, kind, param, header_only=True)
+        _corrupt(ckpt, name, kind, param)
         before = snapshot(t)
         argv = compile_(t, source=str(ckpt))
         code, _, err = run_cli(argv, stop_at="eager_reference")
@@ -757,7 +787,7 @@ def _fuzz_golden(data, demo_artifact: Path, fuzz_root: Path, manifest: bool) -> 
     t = Path(tempfile.mkdtemp(dir=fuzz_root))
     try:
         art = copy_tree(demo_artifact, t / "art")
-        _corrupt(art / "golden", name, kind, param, header_only=False)
+        _corrupt(art / "golden", name, kind, param)
         before = snapshot(t)
         code, _, err = run_cli(["verify", str(art)])
         assert code in VERIFY_CODES, f"{kind} of golden/{name} ({param}): exit {code}, expected 10-13\n{err}"

@@ -39,8 +39,10 @@ def test_stale_workdirs_of_dead_processes_are_removed_live_ones_kept(tmp_path):
 def _compile_until(tmp_path, marker: str, sig: int, delay: float = 0.0, extra=()):
     """Start `moec compile` of the demo, send `sig` once stderr shows `marker`; returns (rc, stderr, out)."""
     out = tmp_path / "out"
+    # SIGINT as a terminal would deliver it: pytest-xdist's workers ignore SIGINT, and children inherit that
     p = subprocess.Popen([sys.executable, "-m", "moec.cli", "compile", "--out", str(out), *extra], stderr=subprocess.PIPE,
-                         stdout=subprocess.DEVNULL, text=True, env=ENV)
+                         stdout=subprocess.DEVNULL, text=True, env=ENV,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in p.stderr:
         seen.append(line)

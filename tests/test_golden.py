@@ -53,6 +53,29 @@ def test_load_checks_every_file(tmp_path):
         golden.load(bad)
 
 
+@pytest.mark.parametrize("edit", [
+    lambda m: m["tolerance"].update(rel_l2=1.0),  # a loosened gate
+    lambda m: m["probes"][0]["outputs"]["y"].update(dtype="float64"),
+    lambda m: m["model"].update(weights_sha256="0" * 64),
+    lambda m: m.update(precision="int4"),
+])
+def test_an_edited_manifest_is_refused(edit, tmp_path):
+    """The manifest carries its own sha256: any edit is caught, not only the .npy files'."""
+    path = golden.record(str(tmp_path / "g"), [_probe()], model={"source": "t", "weights_sha256": "a" * 64})
+    manifest = json.load(open(os.path.join(path, "manifest.json")))
+    assert manifest["manifest_sha256"] == golden.manifest_digest(manifest)
+    edit(manifest)
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(GoldenError, match="does not match its own sha256"):
+        golden.load(path)
+    del manifest["manifest_sha256"]  # a manifest without its digest (damaged key, older moec) is refused too
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(GoldenError, match="has no manifest_sha256"):
+        golden.load(path)
+
+
 def test_compare_reports_shape_mismatch_as_failure():
     g = golden.Golden("x", [_probe()], "fp32", 1e-4)
     checks = golden.compare(g, g.probes[0], {"y": np.zeros((3, 2), np.float32)}, 1e-4)

@@ -125,7 +125,7 @@ def refuse_foreign_options(target: Target, extra: Mapping[str, Any], others: Seq
         if other.name == target.name:
             continue
         for key, what in other.own_options.items():
-            if key in target.own_options or extra.get(key) in (None, False):
+            if key in target.own_options or extra.get(key) is None or extra.get(key) is False:
                 continue
             flag = "--" + key.replace("_", "-")
             raise MoecError(f"{flag} {what}; it is an option of --target {other.name}, not {target.name}. Use "

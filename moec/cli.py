@@ -119,6 +119,10 @@ def cmd_golden_record(args: argparse.Namespace) -> int:
 
     if args.seq_len < 1:
         raise MoecError(f"--seq-len {args.seq_len}: the second probe needs at least one token.")
+    if os.path.exists(args.out) and not args.force:
+        from moec.errors import OutputExistsError
+
+        raise OutputExistsError(f"golden directory '{args.out}' already exists; pass --force to re-record it.")
     check_destination(args.out, "--out", force=args.force)
 
     from moec import golden
@@ -323,8 +327,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return INTERNAL_ERROR
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if previous is not False:  # None: the previous handler was not Python's; the default stands for it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 INTERNAL_ERROR = 70  # EX_SOFTWARE
@@ -335,11 +339,15 @@ def _save_traceback(argv) -> str:
     import tempfile
     import traceback
 
-    fd, path = tempfile.mkstemp(prefix="moec-internal-error-", suffix=".txt")
-    with os.fdopen(fd, "w") as f:
-        f.write("moec " + " ".join(sys.argv[1:] if argv is None else list(argv)) + "\n\n")
-        traceback.print_exc(file=f)
-    return path
+    try:
+        fd, path = tempfile.mkstemp(prefix="moec-internal-error-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write("moec " + " ".join(sys.argv[1:] if argv is None else list(argv)) + "\n\n")
+            traceback.print_exc(file=f)
+        return path
+    except OSError:  # nowhere to write it: show it instead
+        traceback.print_exc()
+        return "the output above (no writable temporary directory)"
 
 
 class Terminated(KeyboardInterrupt):
@@ -351,7 +359,7 @@ def _terminate_as_interrupt():
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return False
 
     def raise_terminated(signum, frame):
         raise Terminated()

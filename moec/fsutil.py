@@ -1,17 +1,21 @@
 """Atomic directory placement: artifacts appear whole or not at all.
 
 Work happens in a temporary directory beside the destination, named for its owner
-(`.moec-tmp-<host>-<pid>-<random>`), and is renamed into place when done. A compile killed
-outright (SIGKILL, power loss) can't clean up after itself; the next one in the same place removes
-temporary directories whose owner process on this host is gone.
+(`.moec-tmp-<host>-<pid>-<random>`), and is renamed into place when done. The owner holds an flock
+on the directory for as long as it lives (the kernel drops it when the process dies, whatever its
+PID namespace). A compile killed outright (SIGKILL, power loss) can't clean up after itself; the next
+one in the same place removes temporary directories of this host whose lock nobody holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
 from typing import Callable, Optional
@@ -31,7 +35,20 @@ def make_workdir(parent: str) -> str:
     os.makedirs(parent, exist_ok=True)
     path = tempfile.mkdtemp(prefix=f"{PREFIX}{_host()}-{os.getpid()}-", dir=parent)
     os.chmod(path, 0o777 & ~umask())
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held until released or this process exits (it follows the inode across renames)
+    _HELD[path] = fd
     return path
+
+
+_HELD: dict[str, int] = {}  # work directory (as created) -> its lock descriptor
+
+
+def release_workdir(path: str) -> None:
+    """Drop the lock of a work directory this process made (after it was renamed into place or removed)."""
+    fd = _HELD.pop(path, None)
+    if fd is not None:
+        os.close(fd)
 
 
 def umask() -> int:
@@ -40,14 +57,19 @@ def umask() -> int:
     return mask
 
 
-def _alive(pid: int) -> bool:
+def _owned_by_a_live_process(path: str) -> bool:
+    """Whether some process holds the directory's lock (its owner, alive in any PID namespace)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True  # can't tell: leave it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
         return True
-    return True
+    finally:
+        os.close(fd)  # releases the probe's own lock
+    return False
 
 
 def remove_stale_workdirs(parent: str, log: Callable[[str], None] = lambda msg: None) -> list[str]:
@@ -59,9 +81,9 @@ def remove_stale_workdirs(parent: str, log: Callable[[str], None] = lambda msg: 
         return removed
     for name in names:
         m = _OWNED.match(name)
-        if not m or m.group("host") != _host() or _alive(int(m.group("pid"))):
-            continue
         path = os.path.join(parent, name)
+        if not m or m.group("host") != _host() or (os.path.isdir(path) and _owned_by_a_live_process(path)):
+            continue
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
         else:  # a config written beside its version directory (triton_repo)
@@ -107,9 +129,25 @@ def swap_into_place(tmp: str, dest: str, replace: bool = True) -> None:
                                     "replacing it without --force.") from exc
         return
     old = tmp + ".old"
-    os.rename(dest, old)
-    os.rename(tmp, dest)
+    with _signals_blocked():  # between the two renames DEST is absent: no Ctrl-C / SIGTERM may land there
+        os.rename(dest, old)
+        os.rename(tmp, dest)
     if os.path.isdir(old) and not os.path.islink(old):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.remove(old)
+
+
+@contextlib.contextmanager
+def _signals_blocked():
+    """Hold SIGINT/SIGTERM until the block ends (they are delivered then)."""
+    signals = {signal.SIGINT, signal.SIGTERM}
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    except (AttributeError, ValueError, OSError):  # not supported here
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)

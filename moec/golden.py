@@ -20,10 +20,11 @@ from typing import Optional
 import numpy as np
 
 from moec.errors import GoldenError, OutputExistsError
-from moec.fsutil import make_workdir, remove_stale_workdirs, swap_into_place
+from moec.fsutil import make_workdir, release_workdir, remove_stale_workdirs, swap_into_place
 from moec.numerics import compare_tensors
 
-FORMAT = "moec-golden/1"
+FORMAT = "moec-golden/2"  # /2: the manifest carries its own sha256
+LEGACY_FORMATS = ("moec-golden/1",)  # recorded before the digest: loaded without it
 # Relative-L2 tolerance of an artifact against eager fp32 PyTorch, by the artifact's precision.
 TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 2e-2, "int8": 5e-2, "int4": 1.5e-1}
 
@@ -107,6 +108,7 @@ def record(out: str, probes: list[Probe], *, model: dict, force: bool = False, *
         swap_into_place(os.path.join(tmp, "golden"), out, replace=force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        release_workdir(tmp)
     return os.path.abspath(out)
 
 
@@ -128,7 +130,7 @@ def _load(path: str) -> Golden:
             manifest = json.load(f)
     except ValueError as exc:
         raise GoldenError(f"golden manifest '{manifest_path}' is not valid JSON: {exc}") from exc
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") not in (FORMAT,) + LEGACY_FORMATS:
         raise GoldenError(f"'{manifest_path}' has format {manifest.get('format')!r}; expected {FORMAT!r}.")
     probes = []
     for entry in manifest["probes"]:
@@ -148,10 +150,10 @@ def _load(path: str) -> Golden:
                 tensors[kind][name] = arr
         probes.append(Probe(entry["name"], tensors["inputs"], tensors["outputs"]))
     recorded = manifest.get("manifest_sha256")
-    if recorded is None:
-        raise GoldenError(f"golden manifest '{manifest_path}' has no manifest_sha256 (recorded by an older moec, "
-                          "or the field was damaged); re-record the golden with `moec golden record`.")
-    if recorded != manifest_digest(manifest):
+    if recorded is None and manifest["format"] == FORMAT:
+        raise GoldenError(f"golden manifest '{manifest_path}' has no manifest_sha256, which its format "
+                          f"{FORMAT} requires (the field was damaged or removed); re-record the golden.")
+    if recorded is not None and recorded != manifest_digest(manifest):
         raise GoldenError(f"golden manifest '{manifest_path}' does not match its own sha256 (corrupt or edited: "
                           "a tolerance, a file hash or a probe changed); re-record the golden.")
     return Golden(path, probes, manifest.get("precision", "fp32"), float(manifest["tolerance"]["rel_l2"]), manifest)

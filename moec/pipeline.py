@@ -29,7 +29,7 @@ from torch import nn
 from moec import targets, validate
 from moec.errors import DiskFullError, FusionRequiredError, MoecError, OutputExistsError, VerificationError
 from moec.export_onnx import Captured, capture, save_onnx, to_onnx, weight_bytes
-from moec.fsutil import disk_error, make_workdir, remove_stale_workdirs, swap_into_place
+from moec.fsutil import disk_error, make_workdir, release_workdir, remove_stale_workdirs, swap_into_place
 from moec.golden import Probe, weights_sha256, write_golden
 from moec.numerics import compare_tensors
 from moec.passes.base import Pass, PassContext, PassManager, PassRecord, flatten_outputs
@@ -471,11 +471,20 @@ def package(artifact: ArtifactContext, target: Target, timings: dict, t0: float)
             f"(max abs {float(worst['max_abs']):.3g}) on input '{worst['input']}' exceeds tolerance "
             f"{float(numerics['tolerance_rel_l2']):g}. {where}"
         )
-    triton_dir = None
+    triton_dir, model_dir_existed = None, False
     if options.triton_repo:
+        model_dir_existed = os.path.isdir(os.path.join(options.triton_repo, options.model_name or "moe_model"))
         triton_dir = write_triton_model(artifact, target)
         _write_json(os.path.join(tmp, "report.json"), report)
-    swap_into_place(tmp, options.out, replace=options.force)
+    try:
+        swap_into_place(tmp, options.out, replace=options.force)
+    except BaseException:  # OUT could not be placed (appeared meanwhile, interrupted): unpublish the model
+        if triton_dir is not None and not options.force:
+            from moec.triton_repo import remove_version
+
+            remove_version(options.triton_repo, options.model_name or "moe_model", options.model_version,
+                           model_dir_existed)
+        raise
     return triton_dir
 
 
@@ -567,6 +576,7 @@ class _workdir:
     def __exit__(self, kind, exc, tb) -> None:
         if os.path.isdir(self.path):  # still here: not moved into place (nor kept as OUT.failed)
             shutil.rmtree(self.path, ignore_errors=True)
+        release_workdir(self.path)
         full = disk_error(exc) if exc is not None else None
         if full is not None:
             free = shutil.disk_usage(self.parent).free

@@ -18,7 +18,7 @@ from typing import Optional
 import onnx
 
 from moec.errors import MoecError, OutputExistsError
-from moec.fsutil import make_workdir, remove_stale_workdirs, swap_into_place
+from moec.fsutil import make_workdir, release_workdir, remove_stale_workdirs, swap_into_place
 
 _ONNX_TO_TRITON = {
     onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
@@ -105,25 +105,51 @@ def tensorrt_accelerator_config(workspace_bytes: int = 1 << 30) -> str:
     )
 
 
+def staging_parent(repo: str) -> Optional[str]:
+    """The directory to stage a model in, outside the repository: its parent, when that is a writable
+    directory on the same filesystem (so the final rename is atomic); None otherwise."""
+    repo = os.path.abspath(repo)
+    parent = os.path.dirname(repo)
+    try:
+        same_fs = os.stat(parent).st_dev == os.stat(repo).st_dev
+    except OSError:
+        return None
+    if parent == repo or not same_fs or not os.access(parent, os.W_OK | os.X_OK):
+        return None
+    return parent
+
+
 def _place(staged: str, model_dir: str, version: int, force: bool) -> None:
     """Move a staged model directory (config.pbtxt + VERSION/) into the repository."""
     try:
         os.rename(staged, model_dir)  # a new model: appears with its config and version at once
         return
     except OSError as exc:
-        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EXDEV):
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
             raise
-    # The model exists (or appeared meanwhile, or the repository is another filesystem): its version
-    # directory goes in whole, then the config is replaced atomically.
-    os.makedirs(model_dir, exist_ok=True)
+    _place_version(staged, model_dir, version, force)  # the model exists (or appeared meanwhile)
+
+
+def _place_version(staged: str, model_dir: str, version: int, force: bool) -> None:
+    """Into an existing model directory: the version directory whole, then the config atomically."""
     work = make_workdir(model_dir)  # hidden inside a model directory: not a version Triton loads
     try:
         os.rename(os.path.join(staged, "config.pbtxt"), os.path.join(work, "config.pbtxt"))
-        shutil.move(os.path.join(staged, str(version)), os.path.join(work, str(version)))
+        os.rename(os.path.join(staged, str(version)), os.path.join(work, str(version)))
         swap_into_place(os.path.join(work, str(version)), os.path.join(model_dir, str(version)), replace=force)
         os.replace(os.path.join(work, "config.pbtxt"), os.path.join(model_dir, "config.pbtxt"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        release_workdir(work)
+
+
+def remove_version(repo: str, name: str, version: int, model_dir_existed: bool) -> None:
+    """Undo a model version this run published (its artifact could not be placed after all)."""
+    model_dir = os.path.join(repo, name)
+    if not model_dir_existed:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    else:
+        shutil.rmtree(os.path.join(model_dir, str(version)), ignore_errors=True)
 
 
 def check_version_free(repo: str, name: str, version: int, force: bool) -> None:
@@ -164,12 +190,21 @@ def write_model_repository(repo: str, name: str, model_path: str, files: list[st
 
     model_dir = os.path.join(repo, name)
     os.makedirs(repo, exist_ok=True)
-    # Staged outside the repository (Triton tries to load every directory in it, hidden ones too),
-    # then renamed in: a new model appears whole, a new version of an existing one appears whole.
-    stage_parent = os.path.dirname(os.path.abspath(repo))
+    # Staged outside the repository (Triton tries to load every directory in it, hidden ones too), then
+    # renamed in: a new model appears whole, a new version of an existing one appears whole. Where the
+    # repository's parent can't take the stage (a mount point, '/', not writable), it is staged inside
+    # the model's directory instead, which then exists, empty of versions, while the files are copied.
+    stage_parent = staging_parent(repo)
+    inside = stage_parent is None
+    created_model_dir = inside and not os.path.isdir(model_dir)
+    if inside:
+        os.makedirs(model_dir, exist_ok=True)
+        stage_parent = model_dir
     remove_stale_workdirs(stage_parent)
-    remove_stale_workdirs(model_dir)  # left inside a model directory by an older moec
+    if os.path.isdir(model_dir):
+        remove_stale_workdirs(model_dir)  # left inside a model directory by an older moec
     tmp = make_workdir(stage_parent)
+    placed = False
     try:
         staged = os.path.join(tmp, name)
         os.makedirs(os.path.join(staged, str(version)))
@@ -178,7 +213,14 @@ def write_model_repository(repo: str, name: str, model_path: str, files: list[st
             shutil.copy2(f, os.path.join(staged, str(version), target))
         with open(os.path.join(staged, "config.pbtxt"), "w") as fh:
             fh.write(text)
-        _place(staged, model_dir, version, force)
+        if inside:
+            _place_version(staged, model_dir, version, force)
+        else:
+            _place(staged, model_dir, version, force)
+        placed = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        release_workdir(tmp)
+        if not placed and created_model_dir:
+            shutil.rmtree(model_dir, ignore_errors=True)
     return os.path.abspath(model_dir)

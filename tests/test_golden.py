@@ -69,11 +69,15 @@ def test_an_edited_manifest_is_refused(edit, tmp_path):
         json.dump(manifest, f)
     with pytest.raises(GoldenError, match="does not match its own sha256"):
         golden.load(path)
-    del manifest["manifest_sha256"]  # a manifest without its digest (damaged key, older moec) is refused too
+    del manifest["manifest_sha256"]  # a damaged or removed digest is refused too
     with open(os.path.join(path, "manifest.json"), "w") as f:
         json.dump(manifest, f)
     with pytest.raises(GoldenError, match="has no manifest_sha256"):
         golden.load(path)
+    manifest["format"] = "moec-golden/1"  # recorded before manifests carried a digest: still loads
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    golden.load(path)
 
 
 def test_compare_reports_shape_mismatch_as_failure():

@@ -84,3 +84,19 @@ def test_tensorrt_accelerator_config_parses(onnx_model, tmp_path):
     acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator[0]
     assert acc.name == "tensorrt" and acc.parameters["max_workspace_size_bytes"] == str(2 << 30)
     assert model_config_pb2.ModelInstanceGroup.Kind.Name(cfg.instance_group[0].kind) == "KIND_GPU"
+
+
+def test_a_repository_whose_parent_cannot_stage_gets_whole_models_too(tmp_path, monkeypatch):
+    """A repository on a mount point ('/models') can't stage beside itself: the model is staged inside
+    its own directory, and a failure leaves no empty model directory behind."""
+    import moec.triton_repo as tr
+
+    model = tmp_path / "m.onnx"
+    torch.onnx.export(torch.nn.Linear(4, 2).eval(), (torch.randn(3, 4),), str(model), dynamo=True)
+    monkeypatch.setattr(tr, "staging_parent", lambda repo: None)
+    repo = tmp_path / "repo"
+    tr.write_model_repository(str(repo), "lin", str(model), [str(model)])
+    assert sorted(os.listdir(repo / "lin")) == ["1", "config.pbtxt"] and os.listdir(repo / "lin" / "1") == ["m.onnx"]
+    with pytest.raises(FileNotFoundError):
+        tr.write_model_repository(str(repo), "gone", str(model), [str(model), str(tmp_path / "missing.data")])
+    assert sorted(os.listdir(repo)) == ["lin"]

@@ -165,7 +165,12 @@ def weightless(model: onnx.ModelProto, min_bytes: int = WEIGHTLESS_MIN_BYTES,
             if external:
                 small = TensorProto()
                 small.CopyFrom(init)
-                load_external_data_for_tensor(small, base_dir)
+                try:
+                    load_external_data_for_tensor(small, base_dir)
+                except OSError as exc:
+                    from moec.errors import ArtifactError
+
+                    raise ArtifactError(f"weights of '{init.name}' can't be read from '{base_dir}': {exc}") from exc
                 small.data_location = TensorProto.DEFAULT
                 del small.external_data[:]
                 init = small

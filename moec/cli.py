@@ -46,10 +46,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
         if extra["shard_size"] <= 0:
             raise MoecError(f"--shard-size {args.shard_size}: a shard must hold at least one byte.")
     for key in ("quant", "block_size", "asymmetric", "accuracy_budget", "device_memory", "accuracy_level",
-                "tensorrt_aot", "quant_dense"):
+                "tensorrt_aot", "quant_dense", "calibration", "prune_by"):
         value = getattr(args, key, None)
         if value is not None and value is not False:  # 0 and "" are given values, checked as such
             extra[key] = value
+    if args.prune_experts is not None:
+        extra["prune_experts"] = parse_prune(args.prune_experts)
     opts = CompileOptions(
         out=out, target=args.target, force=args.force, validate=not args.no_validate,
         fuse=not args.no_fusion, require_fusion=args.require_fusion, disabled_passes=args.no_pass or (),
@@ -61,7 +63,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     r = result.report
     layers = r["moe_layers"]
     worst = max(r["numerics"]["inputs"], key=lambda x: x["rel_l2"])
-    against = "the dequantized reference" if r.get("quantization") else "eager PyTorch"
+    against = r["numerics"].get("against") or "eager PyTorch"
     print(f"wrote {result.out_dir}/model.onnx  (report: {result.out_dir}/report.json)")
     print(f"MoE layers: {layers['fused']} fused, {layers['unfused']} unfused" +
           (f" — {layers['note']}" if layers.get("note") else ""))
@@ -77,6 +79,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(f"Triton model: {result.triton_model_dir}" + (f" — {serving}" if serving else ""))
     for line in targets.get(r["target"]).summary(r, result.out_dir):
         print(line)
+    p = r.get("pruning")
+    if p:
+        d = p["vs_unpruned"]
+        how = (f"auto within budget {p['auto']['budget']:g} (a uniform fraction would prune "
+               f"{p['auto']['uniform_removed']})" if p["mode"] == "auto" else f"{p['fraction']:g} per layer")
+        print(f"pruned experts: {p['experts_before']} -> {p['experts_after']} by {p['by']}, {how}; expert weights "
+              f"{p['weight_bytes_before'] / 2**20:.1f} MiB -> {p['weight_bytes_after'] / 2**20:.1f} MiB; vs the unpruned "
+              f"model on the calibration data: relative L2 {d['rel_l2']:.3g}, top-1 agreement {d['top1_agreement']:.1%}")
+        for l in p["layers"]:
+            if l.get("reason") and not l["removed"]:
+                print(f"  note: {l['path']}: {l['reason']}")
     q = r.get("quantization")
     if q:
         dense = q.get("dense")
@@ -84,7 +97,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                                                 f"{len(dense['kept_fp32'])} kept fp32)")
         print(f"quantized {what}: {q['spec']}, {q['weight_bytes_fp32'] / 2**20:.1f} MiB -> "
               f"{q['weight_bytes_quantized'] / 2**20:.1f} MiB; logits vs fp32: relative L2 "
-              f"{q['logits_vs_fp32']['rel_l2']:.3g}, cosine {q['logits_vs_fp32']['cosine']:.5f}")
+              f"{q['logits_vs_fp32']['rel_l2']:.3g}, cosine {q['logits_vs_fp32']['cosine']:.5f}"
+              + (" (pruning included)" if q.get("logits_vs_fp32_includes_pruning") else ""))
     return 0
 
 
@@ -151,6 +165,18 @@ def cmd_golden_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_prune(text: str):
+    """--prune-experts: 'auto' or a fraction (checked against (0, 1) by the compile)."""
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        from moec.passes.prune_experts import PruneError
+
+        raise PruneError(f"--prune-experts '{text}': expected a fraction of each layer's experts (e.g. 0.25) or auto.")
+
+
 def parse_dims(text: str) -> dict[str, int]:
     try:
         return {k.strip(): int(v) for k, v in (item.split("=") for item in text.split(",") if item.strip())}
@@ -174,6 +200,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from moec.errors import ArtifactError
 
         raise ArtifactError(f"'{report_path}' is not valid JSON ({exc}); recompile the artifact.") from exc
+    if args.routing:
+        return show_routing(report, report_path, args)
     if not args.memory:
         print(json.dumps({k: report[k] for k in ("source", "target", "moe_layers", "numerics") if k in report},
                          indent=2, default=str))
@@ -192,6 +220,29 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.plot:
         render_plot(plan, args.profile, args.plot)
         print(f"plot of profile '{args.profile}' written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+def show_routing(report: dict, report_path: str, args: argparse.Namespace) -> int:
+    from moec.analysis.routing_stats import LayerRouting, format_table, render_heatmap
+
+    if not report.get("routing"):
+        raise MoecError(f"'{report_path}' has no routing statistics: compile with --calibration FILE|random:N "
+                        "(and MoE fusion) to measure them.")
+    layers = [LayerRouting.from_dict(l) for l in report["routing"]]
+    if args.json:
+        print(json.dumps({"routing": report["routing"], "pruning": report.get("pruning")}, indent=2))
+    else:
+        print(format_table(layers))
+        pruning = report.get("pruning")
+        if pruning:
+            for l in pruning["layers"]:
+                print(f"{l['path']}: pruned {len(l['removed'])} of {l['experts_before']} experts "
+                      f"({', '.join(f'e{e}' for e in l['removed']) or 'none'})")
+    if args.plot:
+        pruned = {l["path"]: l["removed"] for l in (report.get("pruning") or {}).get("layers", [])}
+        render_heatmap(layers, args.plot, pruned=pruned)
+        print(f"routing heat map written to {args.plot}", file=sys.stderr)
     return 0
 
 
@@ -254,7 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QMoE accuracy_level: 4 lets ONNX Runtime use int8 activations for block-wise int4 "
                         "(several times faster, ~1%% more error; verified with a looser tolerance)")
     c.add_argument("--accuracy-budget", type=float,
-                   help="fail if the logits move by more than this relative L2 against full precision")
+                   help="fail if the logits move by more than this relative L2 against full precision (quantization "
+                        "and pruning together); with --prune-experts auto, the budget pruning fills")
+    c.add_argument("--calibration", metavar="FILE|random:N",
+                   help="calibration data: token ids as .npy [N, S] or .jsonl (one list per line), or random:N; "
+                        "measures each MoE layer's routing (report 'routing', moec inspect --routing)")
+    c.add_argument("--prune-experts", metavar="FRACTION|auto",
+                   help="remove this fraction of every MoE layer's experts, lowest ranked first (needs "
+                        "--calibration); auto: as many as --accuracy-budget allows, per layer")
+    c.add_argument("--prune-by", choices=["contribution", "count", "random"],
+                   help="how experts are ranked for pruning (default contribution: routing weight x output norm)")
     c.add_argument("--tolerance", type=float, default=1e-4,
                    help="max relative L2 error of the artifact vs eager PyTorch (default 1e-4, fp32)")
     c.add_argument("--keep-failed", action="store_true",
@@ -285,8 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show what a compiled artifact is made of")
     i.add_argument("dir")
     i.add_argument("--memory", action="store_true", help="the memory plan as a table")
-    i.add_argument("--json", action="store_true", help="with --memory: as JSON")
-    i.add_argument("--plot", help="with --memory: render the arena as a PNG (tensors over time x offset)")
+    i.add_argument("--routing", action="store_true",
+                   help="routing statistics per layer and expert (compiled with --calibration) and what was pruned")
+    i.add_argument("--json", action="store_true", help="with --memory or --routing: as JSON")
+    i.add_argument("--plot", help="with --memory: render the arena as a PNG (tensors over time x offset); with "
+                                  "--routing: a layers x experts heat map of the contributions")
     i.add_argument("--profile", default="max", choices=["min", "opt", "max"])
     i.set_defaults(func=cmd_inspect)
 
@@ -308,6 +371,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "verify" and not args.dir and not args.server:
         parser.error("verify needs DIR or --server")
+    if args.command == "inspect" and args.memory and args.routing:
+        parser.error("inspect: give --memory or --routing, not both")
     if args.command == "verify" and args.server and not args.golden:
         parser.error("verify --server needs --golden")
     previous = _terminate_as_interrupt()

@@ -33,7 +33,8 @@ from moec.fsutil import disk_error, make_workdir, release_workdir, remove_stale_
 from moec.golden import Probe, weights_sha256, write_golden
 from moec.numerics import compare_tensors
 from moec.passes.base import Pass, PassContext, PassManager, PassRecord, flatten_outputs
-from moec.report import FP32_REL_L2, layer_summary, moec_version, quantization_summary, versions
+from moec.passes.conditions import ROUTING_MEASURED
+from moec.report import FP32_REL_L2, layer_summary, moec_version, pruning_summary, quantization_summary, versions
 from moec.sources import LoadedSource, load_source
 from moec.targets.base import ArtifactContext, Target
 
@@ -81,6 +82,7 @@ class Loaded:
     identity: dict  # source, identity, weights_sha256 (the golden manifest's model)
     notes: list[str]  # capture choices, for the report
     dim_ranges: dict
+    calibration: Any = None  # moec.calibration.Calibration with --calibration
 
 
 @dataclass
@@ -97,7 +99,11 @@ class Transformed:
     records: list[PassRecord]
     layers: dict  # the report's moe_layers
     quant: Optional[dict]  # the report's quantization
-    dequantized: list  # outputs of the quantized model before lowering: the exact reference
+    exact: list  # outputs after the last pass that changes numerics (pruned / dequantized model): the exact
+    # reference for the artifact; [] when no such pass ran (eager PyTorch is the reference)
+    exact_name: str = ""  # what `exact` is, for messages and the report: "dequantized reference" ...
+    pruning: Optional[dict] = None  # the report's pruning
+    routing: Optional[list] = None  # the report's routing statistics (with --calibration)
 
 
 @dataclass
@@ -176,6 +182,8 @@ def compile(
             "passes": [r.to_dict() for r in fold_records + transformed.records],
             "moe_layers": transformed.layers,
             "quantization": transformed.quant,
+            "pruning": transformed.pruning,
+            "routing": transformed.routing,
             "numerics": verified.numerics,
             "weights_bytes": onnx_weight_bytes,
             "files": sorted(os.path.relpath(f, tmp) for f in files) + ["golden/"],
@@ -205,6 +213,7 @@ def check_options(options: CompileOptions, target: Target) -> None:
     validate.check_positive(options.tolerance, "--tolerance")
     validate.check_positive(extra.get("accuracy_budget"), "--accuracy-budget", allow_zero=True)
     validate.check_positive(extra.get("shard_size"), "--shard-size")
+    check_pruning(options)
     if options.max_batch_size is not None and options.max_batch_size < 0:
         raise MoecError(f"--max-batch-size {options.max_batch_size}: must be >= 0 (0: Triton does not batch).")
     if options.instances < 1:
@@ -241,9 +250,42 @@ def check_quantization(options: CompileOptions, prequantized: bool) -> None:
         raise MoecError("--quant-dense quantizes the other Linear layers with the experts' settings; give --quant "
                         "int8|int4 too.")
     for key in ("block_size", "asymmetric", "accuracy_budget", "accuracy_level"):
+        if key == "accuracy_budget" and options.extra.get("prune_experts") is not None:
+            continue  # it bounds the pruning too
         if options.extra.get(key) is not None and options.extra.get(key) is not False and not quant:
             raise MoecError(f"--{key.replace('_', '-')} {options.extra[key]} applies to quantized experts; give "
                             "--quant int8|int4 too, or drop it.")
+
+
+def check_pruning(options: CompileOptions) -> None:
+    """--prune-experts / --prune-by / --calibration, before any work."""
+    from moec.passes.prune_experts import RANKINGS, PruneError, check_fraction
+
+    extra = options.extra
+    prune = extra.get("prune_experts")
+    if prune is not None:
+        check_fraction(prune)
+        if not options.fuse:
+            raise PruneError("--prune-experts removes experts from fused MoE layers; it needs MoE fusion (drop "
+                             "--no-fusion).")
+        if not extra.get("calibration"):
+            raise PruneError("--prune-experts ranks experts by how they are routed on calibration data: give "
+                             "--calibration FILE.npy|FILE.jsonl|random:N.")
+        if prune == "auto" and extra.get("accuracy_budget") is None:
+            raise PruneError("--prune-experts auto picks how many experts each layer loses from --accuracy-budget; "
+                             "give it (e.g. --accuracy-budget 0.05) or a fraction.")
+    if extra.get("prune_by") is not None:
+        if prune is None:
+            raise PruneError(f"--prune-by {extra['prune_by']} ranks experts for --prune-experts; give it too.")
+        if extra["prune_by"] not in RANKINGS:
+            raise PruneError(f"--prune-by {extra['prune_by']}: expected one of {', '.join(RANKINGS)}.")
+    if extra.get("calibration") is not None:
+        from moec.calibration import check_spec
+
+        check_spec(extra["calibration"])
+    if extra.get("calibration") and not options.fuse:
+        raise MoecError("--calibration measures the fused MoE layers' routing; it needs MoE fusion (drop "
+                        "--no-fusion).")
 
 
 def load(module: Optional[nn.Module], example_args: Optional[tuple], dynamic_shapes: Any,
@@ -263,6 +305,10 @@ def check_loaded(loaded: Loaded, options: CompileOptions) -> None:
     """What needs the model: --max-shape names its dims; its weights are finite (named otherwise)."""
     validate.check_max_shape(options.extra.get("max_shape"), loaded.dim_ranges)
     check_finite_weights(loaded.src.module, quantizing=bool(options.extra.get("quant")))
+    if options.extra.get("calibration"):
+        from moec.calibration import load_calibration
+
+        loaded.calibration = load_calibration(options.extra["calibration"], loaded.src)
 
 
 @dataclass
@@ -314,6 +360,14 @@ def build_passes(options: CompileOptions, target: Target) -> list[Pass]:
     passes: list[Pass] = []
     if options.fuse:
         passes.append(FuseMoE())
+        if options.extra.get("calibration"):
+            from moec.passes.measure_routing import MeasureRouting
+
+            passes.append(MeasureRouting())
+        if options.extra.get("prune_experts") is not None:
+            from moec.passes.prune_experts import PruneExperts
+
+            passes.append(PruneExperts())
         if options.extra.get("quant"):
             from moec.passes.quantize_experts import QuantizeExperts
 
@@ -331,16 +385,17 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
               fold_records: list[PassRecord]) -> Transformed:
     src = loaded.src
     ctx = PassContext(probes=[src.example_args] + reference.inputs[1:], options=options.extra,
-                      log=options.log, weight_codes=src.weight_codes)
+                      log=options.log, weight_codes=src.weight_codes,
+                      calibration=loaded.calibration.batches if loaded.calibration is not None else ())
     ctx.established.update(c for r in fold_records for c in r.ensures)
     last_numerics = next((p for p in reversed(passes) if p.changes_numerics and p.name not in options.disabled_passes),
                          None)
-    dequantized: list = []
+    exact: list = []
 
     def after_pass(p: Pass, module: nn.Module) -> None:
-        if p is last_numerics:  # the exact reference for the quantized artifact
+        if p is last_numerics:  # the exact reference for the quantized / pruned artifact
             with torch.no_grad():
-                dequantized[:] = [[o.detach().clone() for o in flatten_outputs(module(*a))] for a in reference.inputs]
+                exact[:] = [[o.detach().clone() for o in flatten_outputs(module(*a))] for a in reference.inputs]
 
     active = [p for p in passes if p.name not in options.disabled_passes]
     off = [p for p in passes if p.name in options.disabled_passes]
@@ -349,11 +404,17 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
     layers = layer_summary(records)
     activations_quantized = target.quantizes_activations(options)
     quant = quantization_summary(fold_records + records, options.extra, activations_quantized, reference.eager,
-                                 dequantized)
+                                 exact)
+    pruning = pruning_summary(records)
+    if quant is not None and pruning is not None:
+        quant["logits_vs_fp32_includes_pruning"] = True
+    routing = next((r.details["routing"] for r in records if ROUTING_MEASURED.name in r.ensures), None)
+    exact_name = " ".join(w for w, on in (("pruned", pruning is not None), ("dequantized", quant is not None)) if on)
     if options.require_fusion and layers["unfused"]:
         bad = [f"{l['path']}: {l.get('reason', '')}" for l in layers["layers"] if not l["fused"]]
         raise FusionRequiredError("--require-fusion: MoE layers left unfused: " + "; ".join(bad))
-    return Transformed(module, records, layers, quant, dequantized)
+    return Transformed(module, records, layers, quant, exact if exact_name else [],
+                       f"the {exact_name} reference" if exact_name else "", pruning, routing)
 
 
 def capture_model(transformed: Transformed, loaded: Loaded) -> Captured:
@@ -364,20 +425,24 @@ def capture_model(transformed: Transformed, loaded: Loaded) -> Captured:
 def verify(model_path: str, tmp: str, reference: Reference, transformed: Transformed, options: CompileOptions,
            target: Target) -> Verified:
     """The artifact (or the target's runnable copy of it) in ONNX Runtime against eager PyTorch; a
-    quantized artifact is gated on the exact check against the dequantized reference."""
+    quantized or pruned artifact is gated on the exact check against the quantized / pruned model
+    (its distance from full precision is reported)."""
     from moec.verify import OrtRunner
 
     evaluable_files = target.write_evaluable(model_path, tmp)  # written once: verification, then Triton
     runner = OrtRunner(evaluable_files[0] if evaluable_files else model_path)
-    quant = transformed.quant
+    quant, pruning = transformed.quant, transformed.pruning
     tolerance = options.tolerance
     if quant:  # against fp32 the error is the quantization's own (reported; --accuracy-budget gates it)
         tolerance = max(options.tolerance, quant["tolerance_vs_fp32"])
+    if pruning:  # informational too: the pruned model is another model (the budget gates it in its pass)
+        tolerance = max(tolerance, options.extra.get("accuracy_budget") or 1.0)
     numerics, feeds, outs = compare_runs(runner, reference.inputs, reference.eager, tolerance)
-    if quant:
-        exact, _, outs = compare_runs(runner, reference.inputs, transformed.dequantized,
-                                      quant["tolerance_vs_dequantized"])
-        numerics = {"vs_fp32": numerics, "vs_dequantized_reference": exact, "passed": exact["passed"],
+    if transformed.exact:
+        exact_tol = quant["tolerance_vs_dequantized"] if quant else options.tolerance
+        exact, _, outs = compare_runs(runner, reference.inputs, transformed.exact, exact_tol)
+        key = "vs_" + transformed.exact_name.removeprefix("the ").replace(" ", "_")
+        numerics = {"vs_fp32": numerics, key: exact, "passed": exact["passed"], "against": transformed.exact_name,
                     "tolerance_rel_l2": exact["tolerance_rel_l2"], "inputs": exact["inputs"]}
     del runner
     if evaluable_files:
@@ -465,7 +530,7 @@ def package(artifact: ArtifactContext, target: Target, timings: dict, t0: float)
             shutil.rmtree(kept, ignore_errors=True)
             os.rename(tmp, kept)
             where = f"The failing artifact and its report are in {kept}."
-        against = "the dequantized reference" if report.get("quantization") else "eager PyTorch"
+        against = numerics.get("against") or "eager PyTorch"
         raise VerificationError(
             f"ONNX Runtime output differs from {against}: relative L2 {float(worst['rel_l2']):.3g} "
             f"(max abs {float(worst['max_abs']):.3g}) on input '{worst['input']}' exceeds tolerance "

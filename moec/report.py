@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from moec.passes.base import PassRecord, compare_outputs, worst
-from moec.passes.conditions import DENSE_QUANTIZED, EXPERTS_QUANTIZED
-from moec.passes.outcomes import FoldOutcome, FusionOutcome, LoweringOutcome, QuantizationOutcome
+from moec.passes.conditions import DENSE_QUANTIZED, EXPERTS_PRUNED, EXPERTS_QUANTIZED
+from moec.passes.outcomes import FoldOutcome, FusionOutcome, LoweringOutcome, PruneOutcome, QuantizationOutcome
 
 FP32_REL_L2 = 1e-4
 
@@ -78,6 +78,23 @@ def quantization_summary(records: list[PassRecord], extra: dict, activations_qua
             f"--accuracy-budget {budget:g}: {summary['spec']} quantization moves the logits by relative L2 "
             f"{logits['rel_l2']:.3g} against full precision. Worst layers: {names}. Try int8, a smaller "
             "--block-size, or --asymmetric; nothing was written.")
+    return summary
+
+
+def pruning_summary(records: list[PassRecord]) -> Optional[dict]:
+    """Which experts each layer lost, the bytes, and the pruned model's distance from the unpruned one."""
+    rec = next((r for r in records if EXPERTS_PRUNED.name in r.ensures), None)
+    if rec is None:
+        return None
+    layers = [o.to_dict() for o in rec.layers if isinstance(o, PruneOutcome)]
+    summary = {k: v for k, v in rec.details.items() if k != "layers"}
+    summary.update(
+        layers=layers,
+        experts_before=sum(l["experts_before"] for l in layers),
+        experts_after=sum(l["experts_after"] for l in layers),
+        weight_bytes_before=sum(l["weight_bytes_before"] for l in layers),
+        weight_bytes_after=sum(l["weight_bytes_after"] for l in layers),
+    )
     return summary
 
 

@@ -46,6 +46,8 @@ class PassContext:
     log: Callable[[str], None] = lambda msg: None
     established: set[str] = field(default_factory=set)  # names of the conditions passes have ensured
     weight_codes: WeightCodes = field(default_factory=WeightCodes)  # pre-quantized weights' own codes
+    calibration: Sequence[tuple] = ()  # --calibration inputs (moec.calibration), for passes that measure
+    routing: list = field(default_factory=list)  # measure_routing's LayerRouting per fused layer
 
 
 class Pass:

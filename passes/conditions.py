@@ -47,5 +47,9 @@ EXPERTS_QUANTIZED = Condition("experts_quantized", "every FusedMoE carries its q
                               _unquantized)
 EXPERTS_LOWERED = Condition("experts_lowered", "no FusedMoE is left: every fused layer is in the target's form",
                             _left_fused)
+ROUTING_MEASURED = Condition("routing_measured", "every fused layer's routing statistics on the calibration data "
+                             "are in the pass context")
+EXPERTS_PRUNED = Condition("experts_pruned", "the lowest-ranked experts are removed from the fused layers (router rows "
+                           "and weights)")
 DENSE_QUANTIZED = Condition("dense_quantized", "the Linear layers outside the experts are quantized or kept "
                             "with a reason")

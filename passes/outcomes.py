@@ -80,3 +80,26 @@ class FoldOutcome(LayerOutcome):
 
     def to_dict(self) -> dict:
         return {"path": self.path, "quantization": self.spec.name if self.spec else None}
+
+
+@dataclass(frozen=True)
+class PruneOutcome(LayerOutcome):
+    """A fused layer's experts after pruning: which were removed (by original index) and the bytes saved;
+    `reason` says why a layer was left whole."""
+
+    experts_before: int = 0
+    removed: tuple[int, ...] = ()
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
+    removed_share: float = 0.0  # of the layer's total ranking score (contribution, count ...)
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"path": self.path, "experts_before": self.experts_before,
+                             "experts_after": self.experts_before - len(self.removed), "removed": list(self.removed),
+                             "weight_bytes_before": self.weight_bytes_before,
+                             "weight_bytes_after": self.weight_bytes_after,
+                             "removed_share": round(self.removed_share, 6)}
+        if self.reason:
+            d["reason"] = self.reason
+        return d

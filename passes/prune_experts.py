@@ -1,0 +1,355 @@
+"""prune_experts: remove each fused layer's lowest-ranked experts, router rows and weights both.
+
+Matches: every `FusedMoE` with moec's own routing (``spec.route`` set), once measure_routing has
+  measured it on the calibration data; with ``--prune-experts FRACTION|auto``.
+Produces: the same FusedMoE with fewer experts: router weight/bias rows, the selection bias, the
+  stacked expert weights and biases (and a pre-quantized checkpoint's codes) sliced to the experts
+  kept, and ``spec.experts.num_experts`` set to their count. Top-k then runs over the experts kept,
+  so the weights renormalise over them exactly as the pruned eager model's do; the pruned module
+  *is* the reference the artifact is verified against. Per layer, which experts went (by their
+  original index) and the bytes saved; for the model, the logits' distance from the unpruned model
+  (relative L2) and how often the top-1 token (argmax of the last dim) still agrees, over the
+  calibration data.
+Ranking (``--prune-by``): ``contribution`` (mean of routing weight x ‖expert output‖ per token, the
+  default), ``count`` (how often it is picked) or ``random`` (a fixed-seed baseline).
+Modes: a FRACTION removes floor(FRACTION x E) experts from every layer. ``auto`` first measures each
+  layer's sensitivity (the logits' error on the calibration data when only that layer loses its
+  1, 2, ... lowest-ranked experts; at most 16 points a layer, interpolated between), orders all removals
+  by the squared error each adds, and keeps the longest prefix whose real combined error is within
+  ``--accuracy-budget`` (binary search), so layers lose different numbers. It costs one calibration
+  pass per measured point. The report also gives the largest uniform fraction within the same budget
+  (and auto never removes fewer experts than it).
+Grouped routing (DeepSeek-V3's n_group): the same number of experts goes from every group, so the
+  groups stay equal (the routing's contract); a unit of removal is one expert per group.
+Refuses (PruneError, before anything is written): a fraction outside (0, 1); a fraction that would
+  leave a layer fewer experts than it routes each token to (names the layer and the largest fraction
+  it allows); ``auto`` without a budget. Layers it can't prune are left whole with the reason
+  (routing kept as the model wrote it; a layer the calibration data never reached).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from moec.analysis.routing_stats import LayerRouting
+from moec.errors import AccuracyBudgetError, MoecError
+from moec.moe_layer import FusedMoE, QuantizedExperts
+from moec.numerics import compare_tensors
+from moec.passes.base import Pass, PassContext, PassResult, flatten_outputs
+from moec.passes.conditions import EXPERTS_PRUNED, MOE_FUSED, ROUTING_MEASURED
+from moec.passes.outcomes import PruneOutcome
+from moec.quant import QuantizedWeight
+
+RANKINGS = ("contribution", "count", "random")
+
+
+class PruneError(MoecError):
+    """Pruning can't be done as asked: the fraction, the layer and what it allows are named."""
+
+    exit_code = 23
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One prunable layer: its removal units in order (each a tuple of expert indices; one expert, or
+    one per group under grouped routing), how many may go, and each unit's share of the score."""
+
+    path: str
+    num_experts: int
+    units: tuple[tuple[int, ...], ...]
+    shares: tuple[float, ...]
+    max_units: int
+    group_size: int  # experts per group (num_experts when not grouped)
+
+    def removed(self, n_units: int) -> tuple[int, ...]:
+        return tuple(sorted(e for u in self.units[:n_units] for e in u))
+
+    def units_for_fraction(self, fraction: float) -> int:
+        return int(math.floor(fraction * self.group_size + 1e-9))
+
+
+@dataclass(frozen=True)
+class Distance:
+    """The pruned model against the unpruned one over the calibration data."""
+
+    rel_l2: float
+    top1_agreement: float
+
+    def to_dict(self) -> dict:
+        return {"rel_l2": float(f"{self.rel_l2:.6g}"), "top1_agreement": round(self.top1_agreement, 6)}
+
+
+def check_fraction(value) -> None:
+    if value == "auto":
+        return
+    if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise PruneError(f"--prune-experts {value}: a fraction of each layer's experts strictly between 0 and 1 "
+                         "(e.g. 0.25), or auto with --accuracy-budget.")
+
+
+def scores_of(stats: LayerRouting, by: str, seed: int) -> list[float]:
+    if by == "contribution":
+        return list(stats.contribution)
+    if by == "count":
+        return [float(c) for c in stats.counts]
+    if by == "random":
+        return torch.rand(stats.num_experts, generator=torch.Generator().manual_seed(seed)).tolist()
+    raise PruneError(f"--prune-by {by}: expected one of {', '.join(RANKINGS)}.")
+
+
+def layer_plan(fused: FusedMoE, stats: LayerRouting, by: str, seed: int) -> LayerPlan:
+    """Removal order for one layer: lowest score first (ties: lower index first)."""
+    r = fused.spec.route
+    e = fused.spec.experts.num_experts
+    n_group = max(1, r.n_group)
+    size = e // n_group
+    scores = scores_of(stats, by, seed)
+    total = sum(scores) or 1.0
+    per_group = [sorted(range(g * size, (g + 1) * size), key=lambda i: (scores[i], i)) for g in range(n_group)]
+    units = tuple(tuple(group[u] for group in per_group) for u in range(size))
+    shares = tuple(sum(scores[i] for i in unit) / total for unit in units)
+    keep_min = max(1, math.ceil(r.top_k / max(1, r.topk_group))) if n_group > 1 else r.top_k
+    return LayerPlan(stats.path, e, units, shares, max(0, size - keep_min), size)
+
+
+# ----------------------------------------------------------------------------- slicing a layer
+
+
+def _rows(t: Optional[torch.Tensor], keep: torch.Tensor) -> Optional[torch.Tensor]:
+    return None if t is None else t.detach().index_select(0, keep).clone()
+
+
+def _sliced(fused: FusedMoE, keep: Sequence[int]) -> dict:
+    """The attributes of `fused` restricted to the experts `keep` (in their original order)."""
+    idx = torch.tensor(list(keep), dtype=torch.int64)
+    spec = fused.spec
+    new_spec = dataclasses.replace(spec, experts=dataclasses.replace(spec.experts, num_experts=len(keep)))
+    q = fused.quantized
+    if q is not None:
+        q = QuantizedExperts(*(QuantizedWeight(_rows(w.codes, idx), _rows(w.scales, idx), _rows(w.zero_points, idx),
+                                               w.spec) for w in (q.gate_up, q.down)))
+    out = {"spec": new_spec, "quantized": q, "selection_bias": _rows(fused.selection_bias, idx)}
+    for name in ("router_weight", "router_bias", "w_gate_up", "w_down", "b_gate_up", "b_down"):
+        t = _rows(getattr(fused, name), idx)
+        out[name] = None if t is None else nn.Parameter(t, requires_grad=False)
+    return out
+
+
+def _assign(fused: FusedMoE, attrs: dict) -> None:
+    for name, value in attrs.items():
+        setattr(fused, name, value)
+
+
+def _attrs(fused: FusedMoE) -> dict:
+    names = ("spec", "quantized", "selection_bias", "router_weight", "router_bias", "w_gate_up", "w_down",
+             "b_gate_up", "b_down")
+    return {n: getattr(fused, n) for n in names}
+
+
+@contextmanager
+def pruned(module: nn.Module, removed: dict[str, tuple[int, ...]]) -> Iterator[None]:
+    """Temporarily prune (for measuring); the layers are restored on exit."""
+    saved = {}
+    try:
+        for path, gone in removed.items():
+            if gone:
+                fused = module.get_submodule(path)
+                saved[path] = _attrs(fused)
+                keep = [i for i in range(fused.spec.experts.num_experts) if i not in set(gone)]
+                _assign(fused, _sliced(fused, keep))
+        yield
+    finally:
+        for path, attrs in saved.items():
+            _assign(module.get_submodule(path), attrs)
+
+
+def expert_bytes(fused: FusedMoE) -> int:
+    return sum(t.numel() * t.element_size() for t in (fused.w_gate_up, fused.w_down, fused.b_gate_up, fused.b_down)
+               if t is not None)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def first_outputs(module: nn.Module, batches: Sequence[tuple]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [flatten_outputs(module(*b))[0].detach().float() for b in batches]
+
+
+def distance(reference: list[torch.Tensor], got: list[torch.Tensor]) -> Distance:
+    ref = torch.cat([r.reshape(-1) for r in reference])
+    out = torch.cat([g.reshape(-1) for g in got])
+    agree = [(r.argmax(-1) == g.argmax(-1)).float().reshape(-1) for r, g in zip(reference, got)]
+    return Distance(compare_tensors(ref, out).rel_l2, float(torch.cat(agree).mean()))
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+class PruneExperts(Pass):
+    name = "prune_experts"
+    changes_numerics = True
+    requires = (MOE_FUSED, ROUTING_MEASURED)
+    ensures = (EXPERTS_PRUNED,)
+
+    def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
+        mode = ctx.options["prune_experts"]
+        check_fraction(mode)
+        by = ctx.options.get("prune_by") or "contribution"
+        budget = ctx.options.get("accuracy_budget")
+        stats = {l.path: l for l in ctx.routing}
+        plans: dict[str, LayerPlan] = {}
+        skipped: dict[str, str] = {}
+        for i, (path, fused) in enumerate((p, m) for p, m in module.named_modules() if isinstance(m, FusedMoE)):
+            if fused.spec.route is None:
+                skipped[path] = ("routing kept as the model wrote it (a router module moec can't shrink); "
+                                 "layer left whole")
+            elif path not in stats or stats[path].tokens == 0:
+                skipped[path] = "the calibration data never reached this layer; layer left whole"
+            else:
+                plans[path] = layer_plan(fused, stats[path], by, seed=i)
+        for path, why in skipped.items():
+            ctx.log(f"warning: {path}: {why}")
+        reference = first_outputs(module, ctx.calibration)
+        details: dict = {"by": by, "mode": "auto" if mode == "auto" else "fraction"}
+        if mode == "auto":
+            if budget is None:
+                raise PruneError("--prune-experts auto picks how many experts each layer loses from "
+                                 "--accuracy-budget; give it (e.g. --accuracy-budget 0.05) or a fraction.")
+            units, auto = self.search(module, plans, reference, ctx.calibration, float(budget), ctx.log)
+            details["auto"] = auto
+        else:
+            details["fraction"] = float(mode)
+            units = {}
+            for path, plan in plans.items():
+                n = plan.units_for_fraction(float(mode))
+                if n > plan.max_units:
+                    allowed = plan.max_units / plan.group_size
+                    kept = plan.num_experts - n * (plan.num_experts // plan.group_size)
+                    raise PruneError(
+                        f"--prune-experts {mode}: {path} would keep {kept} of its {plan.num_experts} experts, fewer "
+                        f"than its routing needs (top-{module.get_submodule(path).spec.route.top_k}"
+                        + (f" from {module.get_submodule(path).spec.route.topk_group} groups" if plan.group_size
+                           < plan.num_experts else "") + f"); the largest fraction this layer allows is "
+                        f"{allowed:.3g}. Nothing was written.")
+                units[path] = n
+        removed = {path: plans[path].removed(n) for path, n in units.items()}
+        with pruned(module, removed):
+            final = distance(reference, first_outputs(module, ctx.calibration))
+        details["vs_unpruned"] = final.to_dict()
+        if budget is not None and mode != "auto" and not final.rel_l2 <= float(budget):
+            worst = sorted(plans, key=lambda p: -sum(plans[p].shares[:units[p]]))[:3]
+            raise AccuracyBudgetError(
+                f"--accuracy-budget {float(budget):g}: pruning {mode} of the experts (by {by}) moves the logits by "
+                f"relative L2 {final.rel_l2:.3g} against the unpruned model on the calibration data (top-1 agrees on "
+                f"{final.top1_agreement:.1%}). Layers losing the most: {', '.join(worst)}. Try a smaller fraction "
+                "or --prune-experts auto; nothing was written.")
+        outcomes = []
+        for path, fused in [(p, m) for p, m in module.named_modules() if isinstance(m, FusedMoE)]:
+            before_bytes, before_e = expert_bytes(fused), fused.spec.experts.num_experts
+            gone = removed.get(path, ())
+            if gone:
+                _assign(fused, _sliced(fused, [i for i in range(before_e) if i not in set(gone)]))
+            share = sum(plans[path].shares[:units[path]]) if path in plans else 0.0
+            reason = skipped.get(path, "" if gone else "no expert removed at this fraction/budget")
+            outcomes.append(PruneOutcome(path, before_e, gone, before_bytes, expert_bytes(fused), share, reason))
+        ctx.log(f"pruned {sum(len(o.removed) for o in outcomes)} of {sum(o.experts_before for o in outcomes)} experts "
+                f"(by {by}); logits vs unpruned: relative L2 {final.rel_l2:.3g}, top-1 agreement "
+                f"{final.top1_agreement:.1%}")
+        return PassResult(module, any(o.removed for o in outcomes), details, outcomes)
+
+    def search(self, module: nn.Module, plans: dict[str, LayerPlan], reference: list, batches: Sequence[tuple],
+               budget: float, log, cache: Optional[dict] = None) -> tuple[dict[str, int], dict]:
+        """How many units each layer loses: measure each layer's sensitivity alone (the logits' error of
+        pruning only that layer, unit by unit), order all units by the error they add (squared errors of
+        independent perturbations add), keep the longest prefix of that order whose real combined error
+        is within the budget; and the best uniform fraction at the same budget, for comparison."""
+        cache = {} if cache is None else cache  # (layer, units) -> Distance; shareable across budgets
+        evaluated = len(cache)
+
+        def error(units: dict[str, int]) -> Distance:
+            key = tuple(sorted((p, n) for p, n in units.items() if n))
+            if key not in cache:
+                with pruned(module, {p: plans[p].removed(n) for p, n in key}):
+                    cache[key] = distance(reference, first_outputs(module, batches))
+            return cache[key]
+
+        curves = {}
+        for i, (path, plan) in enumerate(plans.items()):
+            curves[path] = sensitivity(plan.max_units, lambda u, path=path: error({path: u}).rel_l2)
+            log(f"prune auto: sensitivity of {path} ({i + 1}/{len(plans)}): relative L2 "
+                + ", ".join(f"{e:.3g}" for e in curves[path][1:6]) + (" ..." if len(curves[path]) > 6 else ""))
+        heap = [(_marginal(curves[p], 0, plans[p]), p) for p in plans if plans[p].max_units]
+        heapq.heapify(heap)
+        order, taken = [], {p: 0 for p in plans}
+        while heap:
+            _, path = heapq.heappop(heap)
+            order.append(path)
+            taken[path] += 1
+            if taken[path] < plans[path].max_units:
+                heapq.heappush(heap, (_marginal(curves[path], taken[path], plans[path]), path))
+
+        def prefix(n: int) -> dict[str, int]:
+            units = {p: 0 for p in plans}
+            for path in order[:n]:
+                units[path] += 1
+            return units
+
+        count = lambda units: sum(len(plans[p].removed(n)) for p, n in units.items())  # noqa: E731
+        lo, hi = 0, len(order)
+        while lo < hi:  # the combined error grows with what is removed: the last prefix within the budget
+            mid = (lo + hi + 1) // 2
+            d = error(prefix(mid))
+            log(f"prune auto: {count(prefix(mid))} experts -> relative L2 {d.rel_l2:.3g} (budget {budget:g})")
+            if d.rel_l2 <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        chosen = prefix(lo)
+        steps = 64
+        ulo, uhi = 0, steps
+        while ulo < uhi:  # one fraction everywhere (floor per layer, as FRACTION does)
+            mid = (ulo + uhi + 1) // 2
+            units = {p: plan.units_for_fraction(mid / steps) for p, plan in plans.items()}
+            if all(units[p] <= plan.max_units for p, plan in plans.items()) and error(units).rel_l2 <= budget:
+                ulo = mid
+            else:
+                uhi = mid - 1
+        uniform = {p: plan.units_for_fraction(ulo / steps) for p, plan in plans.items()}
+        source = "measured per-layer sensitivities"
+        if count(uniform) > count(chosen):  # the error is not additive everywhere: never prune less than uniform
+            chosen, source = uniform, "uniform fraction (removes more within the budget than the sensitivity order)"
+        return chosen, {"budget": budget, "removed": count(chosen), "chosen_from": source, "evaluations": len(cache) - evaluated,
+                        "uniform_fraction": ulo / steps, "uniform_removed": count(uniform),
+                        "uniform_vs_unpruned": error(uniform).to_dict()}
+
+
+MAX_CURVE_POINTS = 16  # per layer; larger layers are measured at evenly spaced unit counts and interpolated
+
+
+def sensitivity(max_units: int, measure) -> list[float]:
+    """[error after removing 0, 1, ..., max_units units] of one layer, measured (or interpolated)."""
+    if max_units <= MAX_CURVE_POINTS:
+        return [0.0] + [measure(u) for u in range(1, max_units + 1)]
+    points = sorted({round(max_units * j / MAX_CURVE_POINTS) for j in range(1, MAX_CURVE_POINTS + 1)})
+    known = {0: 0.0, **{u: measure(u) for u in points}}
+    xs = sorted(known)
+    out = []
+    for u in range(max_units + 1):
+        hi = next(x for x in xs if x >= u)
+        lo = max(x for x in xs if x <= u)
+        out.append(known[lo] if hi == lo else known[lo] + (known[hi] - known[lo]) * (u - lo) / (hi - lo))
+    return out
+
+
+def _marginal(curve: list[float], u: int, plan: LayerPlan) -> float:
+    """Squared error the (u+1)-th unit adds, per expert it removes (clamped: a curve may dip)."""
+    return max(curve[u + 1] ** 2 - curve[u] ** 2, 0.0) / len(plan.units[u])

@@ -46,7 +46,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         if extra["shard_size"] <= 0:
             raise MoecError(f"--shard-size {args.shard_size}: a shard must hold at least one byte.")
     for key in ("quant", "block_size", "asymmetric", "accuracy_budget", "device_memory", "accuracy_level",
-                "tensorrt_aot", "quant_dense", "calibration", "prune_by"):
+                "tensorrt_aot", "quant_dense", "calibration", "prune_by", "static"):
         value = getattr(args, key, None)
         if value is not None and value is not False:  # 0 and "" are given values, checked as such
             extra[key] = value
@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--shard-size", help="write the weights as external data in files of at most SIZE (e.g. 2GB, "
                                         "500MiB), one layer never split (default: inline under 256 MiB, else 2 GiB "
                                         "shards)")
+    c.add_argument("--static", action="store_true",
+                   help="keep the example's shapes: a factory that gives no dynamic shapes otherwise gets batch "
+                        "(dim 0) and seq (dim 1) inferred by probing, listed in the report")
     c.add_argument("--no-validate", action="store_true", help="skip per-pass translation validation")
     c.add_argument("--no-fusion", action="store_true", help="compile without MoE fusion (reference export)")
     c.add_argument("--require-fusion", action="store_true", help="fail if any MoE layer stays unfused")

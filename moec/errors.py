@@ -72,6 +72,12 @@ class AccuracyBudgetError(MoecError):
     exit_code = 16
 
 
+class NoFusedLayerError(MoecError):
+    """--quant / --prune-experts on a model where no MoE layer was fused: nothing to work on."""
+
+    exit_code = 17
+
+
 class DeviceMemoryError(MoecError):
     """--device-memory: the model can't fit at the max profile."""
 

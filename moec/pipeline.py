@@ -148,7 +148,7 @@ def compile(
     check_options(options, target)
     stage = _Stages(options.log)
     loaded = stage("load", f"loading {source or ('python module' if module is not None else 'built-in demo model')}",
-                   load, module, example_args, dynamic_shapes, source)
+                   load, module, example_args, dynamic_shapes, source, bool(options.extra.get("static")))
     check_loaded(loaded, options)
     folded = stage("fold", "folding quantize/dequantize pairs on weights", fold, loaded, options)
     if folded.spec is not None:
@@ -289,14 +289,14 @@ def check_pruning(options: CompileOptions) -> None:
 
 
 def load(module: Optional[nn.Module], example_args: Optional[tuple], dynamic_shapes: Any,
-         source: Optional[str]) -> Loaded:
+         source: Optional[str], static: bool = False) -> Loaded:
     if module is not None:
         src = LoadedSource(module.eval(), tuple(example_args or ()), dynamic_shapes, "python:" + type(module).__name__,
                            [], [], [], [])
         src.input_names = [f"input_{i}" for i in range(len(src.example_args))]
         src.input_kinds = ["float" if a.is_floating_point() else "int" for a in src.example_args]
     else:
-        src = load_source(source)
+        src = load_source(source, static=static)
     identity = {"source": source or src.identity, "identity": src.identity, "weights_sha256": weights_sha256(src.module)}
     return Loaded(src, source, identity, list(src.notes), src.dim_ranges())
 
@@ -347,6 +347,8 @@ def eager_reference(loaded: Loaded, options: CompileOptions) -> Reference:
     other_seq = options.verify_seq_len or _other_len(src)
     if other_seq is not None:
         inputs.append(src.make_inputs(seed=101, seq_len=other_seq, batch=1 if src._is_dynamic(0, 0) else None))
+    elif src.example_args and src._is_dynamic(0, 0):  # a dynamic batch alone: check another batch size
+        inputs.append(src.make_inputs(seed=101, batch=int(src.example_args[0].shape[0]) + 1))
     with torch.no_grad():
         eager = [[o.detach().clone() for o in flatten_outputs(src.module(*a))] for a in inputs]
     return Reference(inputs, eager)
@@ -393,6 +395,8 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
     exact: list = []
 
     def after_pass(p: Pass, module: nn.Module) -> None:
+        if p.name == "fuse_moe":
+            refuse_without_fused_layers(module, options)
         if p is last_numerics:  # the exact reference for the quantized / pruned artifact
             with torch.no_grad():
                 exact[:] = [[o.detach().clone() for o in flatten_outputs(module(*a))] for a in reference.inputs]
@@ -415,6 +419,23 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
         raise FusionRequiredError("--require-fusion: MoE layers left unfused: " + "; ".join(bad))
     return Transformed(module, records, layers, quant, exact if exact_name else [],
                        f"the {exact_name} reference" if exact_name else "", pruning, routing)
+
+
+def refuse_without_fused_layers(module: nn.Module, options: CompileOptions) -> None:
+    """--quant / --prune-experts work on fused MoE layers; with none, saying "0.0 MiB -> 0.0 MiB" and
+    succeeding would hide that the model was not understood."""
+    from moec.errors import NoFusedLayerError
+    from moec.passes.layers import iter_fused
+
+    extra = options.extra
+    asked = [flag for flag, on in (
+        (f"--quant {extra.get('quant')}", extra.get("quant") and not extra.get("prequantized")),
+        (f"--prune-experts {extra.get('prune_experts')}", extra.get("prune_experts") is not None)) if on]
+    if asked and next(iter_fused(module), None) is None:
+        raise NoFusedLayerError(
+            f"{' and '.join(asked)} works on fused MoE layers, but no MoE layer of this model was fused (the compile "
+            "stopped after fuse_moe; compile without the flag to see the report's moe_layers, which says per layer "
+            "why). Nothing was written.")
 
 
 def capture_model(transformed: Transformed, loaded: Loaded) -> Captured:
@@ -611,16 +632,15 @@ def make_unfused_experts_exportable(module: nn.Module, layers: dict) -> list[str
     Only layers moec did not fuse still run transformers' experts code: its 'eager' path
     doesn't export (data-dependent loop) and 'grouped_mm' doesn't convert to ONNX. 'batched_mm'
     does both but gathers a weight copy per token, so it is never used for eager reference runs.
+    It is set whether or not fusion recognised anything: experts moec can't even find as a MoE
+    layer (a family it has never seen) must still export.
     """
-    from moec.passes.fuse_moe import find_candidates
-
-    if not find_candidates(module):
-        return []
     for m in module.modules():
         if hasattr(m, "set_experts_implementation"):
             try:
                 m.set_experts_implementation("batched_mm")
-                return ["transformers experts implementation set to batched_mm for the unfused layers"]
+                return ["transformers experts implementation set to batched_mm (it exports) for any experts moec "
+                        "did not fuse"]
             except Exception as exc:  # models without the switch (Llama4 ...)
                 return [f"experts implementation unchanged: {exc}"]
     return []

@@ -86,11 +86,12 @@ class CausalLMLogits(nn.Module):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
 
-def causal_lm_source(model: nn.Module, identity: str, batch: int = 2, seq: int = 8) -> LoadedSource:
+def causal_lm_source(model: nn.Module, identity: str, batch: int = 2, seq: int = 8,
+                     example: Optional[torch.Tensor] = None) -> LoadedSource:
     notes = []
     vocab = int(model.config.vocab_size)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen) if example is None else example
     max_pos = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("seq", min=2, max=max_pos)},)
     return LoadedSource(
@@ -99,7 +100,8 @@ def causal_lm_source(model: nn.Module, identity: str, batch: int = 2, seq: int =
     )
 
 
-def load_source(source: Optional[str]) -> LoadedSource:
+def load_source(source: Optional[str], static: bool = False) -> LoadedSource:
+    """`static`: keep a factory's example shapes when it gives no dynamic shapes (--static)."""
     if source is None or source in ("", "demo", "builtin:mixtral-demo"):
         from moec.demo import mixtral_demo
 
@@ -109,14 +111,14 @@ def load_source(source: Optional[str]) -> LoadedSource:
     if source.endswith(".pt2"):
         return load_pt2(source)
     if ":" in source:
-        return load_factory(source)
+        return load_factory(source, static)
     raise SourceError(
         f"cannot interpret SOURCE '{source}': expected 'package.module:factory', a .pt2 file saved "
         "with torch.export.save, or a Hugging Face model directory (config.json + *.safetensors)."
     )
 
 
-def load_factory(spec: str) -> LoadedSource:
+def load_factory(spec: str, static: bool = False) -> LoadedSource:
     mod_name, _, fn_name = spec.partition(":")
     try:
         mod = importlib.import_module(mod_name)
@@ -149,8 +151,86 @@ def load_factory(spec: str) -> LoadedSource:
             raise SourceError(f"factory '{spec}' returned example input {i} as {type(a).__name__}; example_args must "
                               "be a tuple of tensors (one per forward argument).")
     dyn = result[2] if len(result) == 3 else None
-    return LoadedSource(module.eval(), args, dyn, f"factory:{spec}",
-                        [f"input_{i}" for i in range(len(args))], [], [], ["float"] * len(args))
+    if is_causal_lm(module):  # a transformers model as it comes: wrapped as a Hugging Face directory is
+        if len(args) != 1 or args[0].is_floating_point() or args[0].dim() != 2:
+            raise SourceError(f"factory '{spec}' returned a {type(module).__name__} with example inputs "
+                              f"{[tuple(a.shape) for a in args]}; a causal LM takes one [batch, seq] tensor of token "
+                              "ids.")
+        src = causal_lm_source(module.eval(), f"factory:{spec}", example=args[0])
+        if dyn is not None:
+            src.dynamic_shapes = dyn
+        elif static:
+            src.dynamic_shapes = None
+        src.notes.append(f"{type(module).__name__} wrapped as input_ids -> logits (no KV cache)")
+        return src
+    src = LoadedSource(module.eval(), args, dyn, f"factory:{spec}",
+                       [f"input_{i}" for i in range(len(args))], [], [], ["float"] * len(args))
+    if dyn is None and not static:
+        src.dynamic_shapes, note = infer_dynamic_shapes(src.module, args)
+        src.notes.append(note)
+    return src
+
+
+def is_causal_lm(module: nn.Module) -> bool:
+    """A transformers model with a language-model head (what AutoModelForCausalLM returns)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return (isinstance(module, PreTrainedModel) and hasattr(module, "generate")
+            and module.get_output_embeddings() is not None)
+
+
+BATCH_MAX, SEQ_MAX = 1024, 4096
+
+
+def infer_dynamic_shapes(module: nn.Module, args: tuple) -> tuple[Any, str]:
+    """Dynamic dims for a factory that gave none: dim 0 of every input as `batch` and, for token ids
+    [B, S] and hidden states [B, S, H], dim 1 as `seq` — when all inputs agree on those sizes and the
+    eager model runs at other sizes (probed). Returns (dynamic_shapes or None, a note for the report)."""
+    def agreed(dim: int, min_rank: int) -> bool:
+        sizes = {int(a.shape[dim]) for a in args if a.dim() >= min_rank}
+        return len(sizes) == 1 and next(iter(sizes)) >= 2 and all(a.dim() >= min_rank for a in args)
+
+    def runs(shapes: dict[int, int]) -> bool:
+        probe = []
+        for a in args:
+            shape = [shapes.get(d, n) for d, n in enumerate(a.shape)]
+            if a.is_floating_point():
+                probe.append(torch.randn(shape, dtype=a.dtype))
+            else:
+                hi = int(a.max()) + 1 if a.numel() else 2
+                probe.append(torch.randint(0, max(hi, 2), shape, dtype=a.dtype))
+        try:
+            with torch.no_grad():
+                module(*probe)
+            return True
+        except Exception:
+            return False
+
+    if not args:
+        return None, "no inputs: static"
+    batch = agreed(0, 1)
+    seq = agreed(1, 2) and all((a.dim() == 2 and not a.is_floating_point()) or a.dim() == 3 for a in args)
+    candidates = [c for c in ((batch, seq), (batch, False), (False, seq)) if any(c)]
+    for use_batch, use_seq in candidates:
+        shapes = {}
+        if use_batch:
+            shapes[0] = int(args[0].shape[0]) + 1
+        if use_seq:
+            shapes[1] = int(args[0].shape[1]) + 3
+        if not runs(shapes):
+            continue
+        spec = {}
+        if use_batch:
+            spec[0] = torch.export.Dim("batch", min=1, max=BATCH_MAX)
+        if use_seq:
+            spec[1] = torch.export.Dim("seq", min=2, max=SEQ_MAX)
+        names = ", ".join(f"dim {d} = {'batch' if d == 0 else 'seq'}" for d in spec)
+        return tuple(dict(spec) for _ in args), (
+            f"dynamic dims inferred for every input ({names}; probed: the eager model runs at other sizes); "
+            "--static keeps the example's shapes")
+    return None, "no dynamic dims inferred (the eager model does not run at other batch/sequence sizes): static"
 
 
 def load_pt2(path: str) -> LoadedSource:

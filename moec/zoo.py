@@ -45,6 +45,12 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                                                           num_experts_per_tok=2)),
     "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", dict(intermediate_size=40, intermediate_size_mlp=56,
                                                               num_local_experts=4, num_experts_per_tok=1)),
+    # router nested in a submodule (gate.wg), selection bias stored [1, E] in gate.moe_statics:
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", dict(intermediate_size=40, num_experts=4,
+                                                                             moe_topk=2)),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(
+        intermediate_size=40, moe_num_experts=6, moe_k=2, moe_intermediate_size=24, moe_num_shared_experts=1,
+        moe_layer_start_index=0, moe_layer_end_index=1)),
 }
 
 # Families whose whole causal LM does not convert to ONNX for reasons outside the MoE layer;
@@ -113,6 +119,8 @@ gpt_oss = _factory("gpt_oss")
 granitemoe = _factory("granitemoe")
 phimoe = _factory("phimoe")
 llama4 = _factory("llama4")
+hunyuan_v1_moe = _factory("hunyuan_v1_moe")
+ernie4_5_moe = _factory("ernie4_5_moe")
 
 
 # ----------------------------------------------------------------------------- hand-written styles

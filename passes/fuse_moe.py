@@ -142,6 +142,12 @@ def find_candidates(model: nn.Module) -> list[tuple[str, Anatomy | str]]:
     return found
 
 
+def _subtree_params(mod: nn.Module) -> dict[str, torch.Tensor]:
+    d = dict(mod.named_parameters())
+    d.update({k: v for k, v in mod.named_buffers() if v is not None})
+    return d
+
+
 def _own_params(mod: nn.Module) -> dict[str, torch.Tensor]:
     d = dict(mod.named_parameters(recurse=False))
     d.update({k: v for k, v in mod.named_buffers(recurse=False) if v is not None})
@@ -174,16 +180,20 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
     else:
         num_experts = len(expert_list)
 
-    # Router: a 2-D [E, H] weight on a child module, or on the module itself.
+    # Router: a 2-D [E, H] weight on a child module (possibly nested in it, e.g. gate.wg, when that is all
+    # the child holds besides [E] vectors), or on the module itself.
     router, router_name, router_weight, router_biases = None, None, None, []
     for name, child in children.items():
         if name == experts_name:
             continue
-        cp = _own_params(child)
+        cp = _own_params(child) if not list(child.children()) else _subtree_params(child)
         two = [t for t in cp.values() if t.dim() == 2 and t.shape[0] == num_experts]
-        if len(two) == 1 and not list(child.children()):
+        # [E] vectors (router or selection biases), also stored as [1, E] (Ernie 4.5's moe_statics)
+        vectors = [t.reshape(num_experts) for t in cp.values()
+                   if tuple(t.shape) in ((num_experts,), (1, num_experts)) and t is not (two[0] if two else None)]
+        if len(two) == 1 and len(two) + len(vectors) == len(cp):
             router, router_name, router_weight = child, name, two[0]
-            router_biases = [t for t in cp.values() if t.dim() == 1 and t.shape[0] == num_experts]
+            router_biases = vectors
             break
     if router_weight is None:
         two = [t for n, t in own.items() if t.dim() == 2 and t.shape[0] == num_experts]

@@ -200,6 +200,9 @@ FACTORIES = textwrap.dedent('''
 
     def none_input():
         return nn.Linear(4, 4), None
+
+    def dense_mlp():
+        return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)).eval(), (torch.randn(3, 8),)
 ''')
 
 
@@ -496,6 +499,12 @@ CASES = [
     Case("prune/over-budget", lambda t: compile_(t, "--calibration", "random:4", "--prune-experts", "0.5",
                                                  "--accuracy-budget", "0.001"), 16,
          (r"--accuracy-budget 0\.001", r"pruning 0\.5 of the experts", r"nothing was written")),
+    Case("quant/no-fused-layer", lambda t: compile_(t, "--quant", "int8", source="badinput_factories.models:dense_mlp"),
+         17, (r"--quant int8 works on fused MoE layers", r"no MoE layer of this model was fused"),
+         setup=_uses_factories),
+    Case("prune/no-fused-layer", lambda t: compile_(t, "--calibration", "random:4", "--prune-experts", "0.5",
+                                                    source="badinput_factories.models:dense_mlp"), 17,
+         (r"--prune-experts 0\.5 works on fused MoE layers",), setup=_uses_factories),
     Case("calibration/random-zero", lambda t: compile_(t, "--calibration", "random:0"), 24, (r"random:0", r">= 1"),
          early=True),
     Case("calibration/random-malformed", lambda t: compile_(t, "--calibration", "random:some"), 24,
@@ -711,7 +720,7 @@ OPTION_DOMAINS = {
     "--out": ([OUT], [EXISTING, FILE, FILE + "/sub"]),
     "--triton-repo": ([REPO], [FILE, FILE + "/repo"]),
 }
-FLAGS = ["--quant-dense", "--no-fusion", "--tensorrt-aot", "--asymmetric", "--no-validate", "--require-fusion",
+FLAGS = ["--quant-dense", "--no-fusion", "--tensorrt-aot", "--asymmetric", "--no-validate", "--require-fusion", "--static",
          "--quiet"]
 
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 # family -> how many MoE layers must become one com.microsoft.MoE node each
 MOE_NODES = {"mixtral": 2, "qwen2_moe": 2, "qwen3_moe": 2, "deepseek_v3": 2, "olmoe": 2, "gpt_oss": 2,
-             "granitemoe": 2, "phimoe": 2, "llama4": 0}
+             "granitemoe": 2, "phimoe": 2, "llama4": 0, "hunyuan_v1_moe": 2, "ernie4_5_moe": 2}
 
 
 def _compile(source, out_dir, **kw):

@@ -60,3 +60,96 @@ def test_corrupt_config_json(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(SourceError, match="not valid JSON"):
         load_source(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- models as users have them
+
+FACTORIES = '''
+import torch
+from torch import nn
+from moec import zoo
+
+
+def raw_causal_lm():
+    """A transformers model as it comes: its forward returns a DynamicCache too."""
+    return zoo.build_hf_model("qwen3_moe"), (torch.randint(0, 128, (2, 7)),)
+
+
+def no_dynamic_shapes():
+    torch.manual_seed(0)
+    return zoo.Residual(zoo.LoopMoE(hidden=16, inter=24, num_experts=4, top_k=2), 16).eval(), (torch.randn(2, 6, 16),)
+
+
+class FixedBatch(nn.Module):
+    def forward(self, x):
+        return x.reshape(2, -1).sum(-1)  # runs at batch 2 only
+
+
+def fixed_batch():
+    return FixedBatch(), (torch.randn(2, 5),)
+'''
+
+
+@pytest.fixture
+def factories(tmp_path, monkeypatch):
+    (tmp_path / "user_factories.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "user_factories"
+
+
+@pytest.mark.slow
+def test_factory_returning_a_transformers_model_as_it_comes(factories, out_dir):
+    src = load_source(f"{factories}:raw_causal_lm")
+    assert src.input_names == ["input_ids"] and src.input_kinds == ["tokens:128"]
+    assert any("wrapped as input_ids -> logits" in n for n in src.notes)
+    r = moec.compile(source=f"{factories}:raw_causal_lm", out=out_dir).report
+    assert r["moe_layers"]["fused"] == 2 and r["numerics"]["passed"]
+    dims = [d.dim_param for d in onnx.load(os.path.join(out_dir, "model.onnx")).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "seq"]
+
+
+@pytest.mark.slow
+def test_factory_without_dynamic_shapes_gets_batch_and_seq_inferred(factories, tmp_path):
+    r = moec.compile(source=f"{factories}:no_dynamic_shapes", out=str(tmp_path / "a")).report
+    assert any("dynamic dims inferred" in n and "dim 0 = batch, dim 1 = seq" in n for n in r["capture"]["notes"])
+    assert len({row["input"] for row in r["numerics"]["inputs"]}) == 2  # verified at a second shape
+    dims = [d.dim_param or d.dim_value
+            for d in onnx.load(str(tmp_path / "a" / "model.onnx")).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "seq", 16]
+    static = moec.compile(source=f"{factories}:no_dynamic_shapes", out=str(tmp_path / "s"), extra={"static": True}).report
+    assert not any("inferred" in n for n in static["capture"]["notes"])
+    dims = [d.dim_param or d.dim_value
+            for d in onnx.load(str(tmp_path / "s" / "model.onnx")).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [2, 6, 16]
+
+
+def test_a_model_that_only_runs_at_its_example_shape_stays_static(factories):
+    src = load_source(f"{factories}:fixed_batch")
+    assert src.dynamic_shapes is None and any("no dynamic dims inferred" in n for n in src.notes)
+
+
+@pytest.mark.slow
+def test_experts_moec_does_not_recognise_still_export(out_dir):
+    """A router moec can't read (here: a pre-scaled Linear) leaves transformers' experts in the graph;
+    they are switched to an implementation that exports even though nothing was recognised."""
+    from torch import nn
+    import torch.nn.functional as F
+
+    class PreScaled(nn.Linear):
+        def __init__(self, linear):
+            super().__init__(linear.in_features, linear.out_features, bias=False)
+            self.weight = linear.weight
+            self.pre = nn.Parameter(torch.linspace(0.5, 1.5, linear.in_features))
+
+        def forward(self, x):
+            return F.linear(x * self.pre, self.weight)
+
+    src = zoo.hf_family("hunyuan_v1_moe")
+    for layer in src.module.model.model.layers:
+        layer.mlp.gate.wg = PreScaled(layer.mlp.gate.wg)
+    from moec.passes.fuse_moe import find_candidates
+
+    assert not find_candidates(src.module)
+    r = moec.compile(src.module, src.example_args, src.dynamic_shapes, out=out_dir).report
+    assert r["numerics"]["passed"] and r["moe_layers"]["fused"] == 0
+    assert any("batched_mm" in n for n in r["capture"]["notes"])

@@ -8,8 +8,10 @@
   - ``FILE.jsonl`` one sequence per line: a JSON list of token ids or ``{"input_ids": [...]}``;
     sequences of different lengths are run as separate batches.
 
-Everything is checked up front and refused with the file (and line) named: token ids outside the
-vocabulary, empty files, shapes the model can't take.
+Everything is checked before any pass runs and refused with the file (and line or row) named:
+unreadable or non-numeric data, non-finite values, empty sequences, token ids outside the
+vocabulary (when the model's vocabulary is known), and shapes the model was not captured for (a
+fixed dim that differs from the example's, a dynamic one outside its declared range).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch
 
 from moec.errors import MoecError
 
-BATCH = 8  # sequences per forward pass
+BATCH = 8  # sequences per forward pass (when the batch dim is dynamic)
+INT64 = (-(2**63), 2**63 - 1)
 
 
 class CalibrationError(MoecError):
@@ -72,89 +75,149 @@ def load_calibration(spec: str, src) -> Calibration:
     if len(src.example_args) != 1:
         raise CalibrationError(f"--calibration '{spec}': the model takes {len(src.example_args)} inputs; a "
                                "calibration file feeds models with one input (use random:N).")
-    kind = src.input_kinds[0] if src.input_kinds else ("float" if src.example_args[0].is_floating_point() else "int")
+    example = src.example_args[0]
+    kind = src.input_kinds[0] if src.input_kinds else ("float" if example.is_floating_point() else "int")
     if spec.endswith(".npy"):
-        rows = _npy_rows(spec, src, kind)
+        rows = _npy_rows(spec, example)
     else:
-        if not kind.startswith("tokens:"):
+        if example.is_floating_point():
             raise CalibrationError(f"--calibration '{spec}': a .jsonl file holds token ids, but the model's input "
                                    f"is {kind}; give a .npy array shaped like its input.")
         rows = _jsonl_rows(spec)
     if not rows:
         raise CalibrationError(f"--calibration '{spec}': no sequences in the file.")
+    where = (lambda i: f"line {i + 1}") if spec.endswith(".jsonl") else (lambda i: f"row {i}")  # noqa: E731
     if kind.startswith("tokens:"):
         vocab = int(kind.split(":")[1])
         for i, row in enumerate(rows):
             bad = (row < 0) | (row >= vocab)
             if bad.any():
-                where = f"line {i + 1}" if spec.endswith(".jsonl") else f"row {i}"
-                raise CalibrationError(f"--calibration '{spec}', {where}: token id {int(row[bad][0])} is outside the "
-                                       f"model's vocabulary [0, {vocab}).")
-    dtype = src.example_args[0].dtype
-    batches = _batch_rows([torch.as_tensor(r).to(dtype) for r in rows])
-    return Calibration(batches, f"{os.path.basename(spec)} ({len(rows)} sequences)")
+                raise CalibrationError(f"--calibration '{spec}', {where(i)}: token id {int(row[bad][0])} is outside "
+                                       f"the model's vocabulary [0, {vocab}).")
+    for i, row in enumerate(rows):
+        _check_row(spec, where(i), row.shape, src)
+    batches = _batch_rows([torch.as_tensor(r).to(example.dtype) for r in rows], _static_batch(src))
+    if not batches:
+        raise CalibrationError(f"--calibration '{spec}': {len(rows)} sequences, fewer than the model's fixed batch "
+                               f"size {_static_batch(src)}.")
+    used = sum(int(b[0].shape[0]) for b in batches)
+    dropped = f", {len(rows) - used} left over for the model's fixed batch size" if used < len(rows) else ""
+    return Calibration(batches, f"{os.path.basename(spec)} ({used} sequences{dropped})")
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+def _dim_spec(src, axis: int):
+    """The torch.export Dim of input 0's `axis`, or None when the dim is fixed."""
+    ds = src.dynamic_shapes
+    if ds is None:
+        return None
+    spec = ds[0] if isinstance(ds, (tuple, list)) else next(iter(ds.values()), None)
+    return spec.get(axis) if isinstance(spec, dict) else None
+
+
+def _static_batch(src):
+    return None if _dim_spec(src, 0) is not None else int(src.example_args[0].shape[0])
+
+
+def _check_row(spec: str, where: str, row_shape: tuple, src) -> None:
+    """One sequence (the example's shape without its batch dim) against what the model was captured for."""
+    example = src.example_args[0]
+    if 0 in row_shape:
+        raise CalibrationError(f"--calibration '{spec}', {where}: an empty sequence (shape {list(row_shape)}).")
+    for axis, size in enumerate(row_shape, start=1):
+        dim = _dim_spec(src, axis)
+        if dim is None:
+            if size != int(example.shape[axis]):
+                raise CalibrationError(
+                    f"--calibration '{spec}', {where}: dim {axis} is {size}, but the model was captured with it fixed "
+                    f"at {int(example.shape[axis])} (the example's shape {list(example.shape)}).")
+            continue
+        lo, hi = getattr(dim, "min", 1) or 1, getattr(dim, "max", None)
+        hi = None if not isinstance(hi, int) or hi > 2**40 else hi
+        if size < lo or (hi is not None and size > hi):
+            raise CalibrationError(
+                f"--calibration '{spec}', {where}: dim {axis} ({getattr(dim, '__name__', '')}) is {size}, outside the "
+                f"range the model accepts [{lo}, {hi if hi is not None else 'inf'}].")
+
+
+# ----------------------------------------------------------------------------- reading
 
 
 def _random_batches(src, n: int) -> list[tuple]:
-    batch = src.example_args[0].shape[0] if src.example_args and src.example_args[0].dim() > 1 else None
-    per = max(1, min(BATCH, n)) if batch is not None and src._is_dynamic(0, 0) else (batch or 1)
+    dynamic_batch = bool(src.example_args) and src.example_args[0].dim() > 1 and _dim_spec(src, 0) is not None
     out, done, seed = [], 0, 9000
     while done < n:
-        args = src.make_inputs(seed=seed, batch=per if src._is_dynamic(0, 0) else None)
+        args = src.make_inputs(seed=seed, batch=min(BATCH, n - done) if dynamic_batch else None)
         out.append(args)
         done += int(args[0].shape[0]) if args and args[0].dim() > 1 else 1
         seed += 1
     return out
 
 
-def _npy_rows(path: str, src, kind: str) -> list[np.ndarray]:
+def _npy_rows(path: str, example: torch.Tensor) -> list[np.ndarray]:
     try:
         arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, EOFError) as exc:
         raise CalibrationError(f"--calibration '{path}': not a readable .npy array ({exc}).") from exc
-    example = src.example_args[0]
-    if kind.startswith("tokens:") or not example.is_floating_point():
+    if not np.issubdtype(arr.dtype, np.integer) and not np.issubdtype(arr.dtype, np.floating):
+        raise CalibrationError(f"--calibration '{path}': expected a numeric array, it holds {arr.dtype}.")
+    if not example.is_floating_point():
         if not np.issubdtype(arr.dtype, np.integer):
             raise CalibrationError(f"--calibration '{path}': token ids must be integers, the array is {arr.dtype}.")
         if arr.ndim == 1:
             arr = arr[None]
-        if arr.ndim != 2 or arr.shape[1] < 1:
+        if arr.ndim != 2:
             raise CalibrationError(f"--calibration '{path}': expected token ids shaped [N, S], got {list(arr.shape)}.")
         return [a.astype(np.int64) for a in arr]
-    want = list(example.shape[1:])
-    if arr.ndim != example.dim() or (len(want) > 1 and list(arr.shape[2:]) != want[1:]) or (
-            len(want) == 1 and list(arr.shape[1:]) != want):
+    if arr.ndim != example.dim():
         raise CalibrationError(f"--calibration '{path}': the model's input is shaped like {list(example.shape)} "
                                f"(first dim: the count); the array is {list(arr.shape)}.")
-    return [a.astype(np.float32) for a in arr]
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        bad = int(np.argwhere(~np.isfinite(arr).reshape(len(arr), -1).all(axis=1))[0][0])
+        raise CalibrationError(f"--calibration '{path}', row {bad}: non-finite values (NaN/inf).")
+    return list(arr)
 
 
 def _jsonl_rows(path: str) -> list[np.ndarray]:
     rows = []
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except ValueError as exc:
-                raise CalibrationError(f"--calibration '{path}', line {i + 1}: not JSON ({exc}).") from exc
-            ids = item.get("input_ids") if isinstance(item, dict) else item
-            if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool)
-                                                               for t in ids):
-                raise CalibrationError(f"--calibration '{path}', line {i + 1}: expected a non-empty list of token "
-                                       "ids or {\"input_ids\": [...]}.")
-            rows.append(np.asarray(ids, dtype=np.int64))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(f"--calibration '{path}': not UTF-8 text ({exc}).") from exc
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as exc:
+            raise CalibrationError(f"--calibration '{path}', line {i + 1}: not JSON ({exc}).") from exc
+        ids = item.get("input_ids") if isinstance(item, dict) else item
+        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                           for t in ids):
+            raise CalibrationError(f"--calibration '{path}', line {i + 1}: expected a non-empty list of token "
+                                   "ids or {\"input_ids\": [...]}.")
+        if any(not INT64[0] <= t <= INT64[1] for t in ids):
+            raise CalibrationError(f"--calibration '{path}', line {i + 1}: a token id does not fit in 64 bits.")
+        rows.append(np.asarray(ids, dtype=np.int64))
     return rows
 
 
-def _batch_rows(rows: list[torch.Tensor]) -> list[tuple]:
-    """Equal-length rows stacked, at most BATCH at a time, in file order within each length."""
+def _batch_rows(rows: list[torch.Tensor], static_batch) -> list[tuple]:
+    """Equal-length rows stacked in file order within each length: at most BATCH at a time, or exactly
+    the model's fixed batch size (a remainder that can't fill one is left out)."""
     by_shape: dict[tuple, list[torch.Tensor]] = {}
     for r in rows:
         by_shape.setdefault(tuple(r.shape), []).append(r)
+    step = static_batch or BATCH
     out = []
     for group in by_shape.values():
-        for i in range(0, len(group), BATCH):
-            out.append((torch.stack(group[i:i + BATCH]),))
+        for i in range(0, len(group), step):
+            chunk = group[i:i + step]
+            if static_batch and len(chunk) < static_batch:
+                continue
+            out.append((torch.stack(chunk),))
     return out

@@ -98,7 +98,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(f"quantized {what}: {q['spec']}, {q['weight_bytes_fp32'] / 2**20:.1f} MiB -> "
               f"{q['weight_bytes_quantized'] / 2**20:.1f} MiB; logits vs fp32: relative L2 "
               f"{q['logits_vs_fp32']['rel_l2']:.3g}, cosine {q['logits_vs_fp32']['cosine']:.5f}"
-              + (" (pruning included)" if q.get("logits_vs_fp32_includes_pruning") else ""))
+              + (" (against the pruned model)" if q.get("logits_vs_fp32_against") else ""))
     return 0
 
 
@@ -308,8 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QMoE accuracy_level: 4 lets ONNX Runtime use int8 activations for block-wise int4 "
                         "(several times faster, ~1%% more error; verified with a looser tolerance)")
     c.add_argument("--accuracy-budget", type=float,
-                   help="fail if the logits move by more than this relative L2 against full precision (quantization "
-                        "and pruning together); with --prune-experts auto, the budget pruning fills")
+                   help="fail if quantization moves the logits by more than this relative L2 against the "
+                        "full-precision model, or pruning moves them by more than this against the unpruned model "
+                        "(on the calibration data); with --prune-experts auto, the budget pruning fills")
     c.add_argument("--calibration", metavar="FILE|random:N",
                    help="calibration data: token ids as .npy [N, S] or .jsonl (one list per line), or random:N; "
                         "measures each MoE layer's routing (report 'routing', moec inspect --routing)")

@@ -43,7 +43,8 @@ def quantization_summary(records: list[PassRecord], extra: dict, activations_qua
     """Per-layer and logits error against full precision, sizes, and the accuracy budget check.
 
     The logits' error is the whole quantized model's (experts and, with --quant-dense, the dense
-    layers) against the fp32 eager model on the verification inputs."""
+    layers) against `eager`, the full-precision model it quantized (the pruned one when pruned), on the
+    verification inputs."""
     experts = next((r for r in records if EXPERTS_QUANTIZED.name in r.ensures), None)
     if experts is None:
         return None
@@ -76,7 +77,7 @@ def quantization_summary(records: list[PassRecord], extra: dict, activations_qua
         names = ", ".join(f"{l['path']} ({l.get('rel_l2_vs_fp32', float('nan')):.3g})" for l in worst_layers)
         raise AccuracyBudgetError(
             f"--accuracy-budget {budget:g}: {summary['spec']} quantization moves the logits by relative L2 "
-            f"{logits['rel_l2']:.3g} against full precision. Worst layers: {names}. Try int8, a smaller "
+            f"{logits['rel_l2']:.3g} against the full-precision model it quantized. Worst layers: {names}. Try int8, a smaller "
             "--block-size, or --asymmetric; nothing was written.")
     return summary
 

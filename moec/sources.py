@@ -29,7 +29,7 @@ class LoadedSource:
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what capture choices were made
-    input_kinds: list[str] = field(default_factory=list)  # "tokens:<vocab>" or "float"
+    input_kinds: list[str] = field(default_factory=list)  # "tokens:<vocab>", "int" (vocabulary unknown) or "float"
     prequantized: Any = None  # the QuantSpec of a packed checkpoint's expert weights, if any
     weight_codes: WeightCodes = field(default_factory=WeightCodes)  # and their codes, by weight tensor
 
@@ -164,11 +164,15 @@ def load_factory(spec: str, static: bool = False) -> LoadedSource:
         src.notes.append(f"{type(module).__name__} wrapped as input_ids -> logits (no KV cache)")
         return src
     src = LoadedSource(module.eval(), args, dyn, f"factory:{spec}",
-                       [f"input_{i}" for i in range(len(args))], [], [], ["float"] * len(args))
+                       [f"input_{i}" for i in range(len(args))], [], [], [input_kind(a) for a in args])
     if dyn is None and not static:
         src.dynamic_shapes, note = infer_dynamic_shapes(src.module, args)
         src.notes.append(note)
     return src
+
+
+def input_kind(example: torch.Tensor) -> str:
+    return "float" if example.is_floating_point() else "int"
 
 
 def is_causal_lm(module: nn.Module) -> bool:
@@ -254,7 +258,7 @@ def load_pt2(path: str) -> LoadedSource:
         module = ep.module()
         note = f"pt2: unflatten failed ({exc}); compiled as a flat graph without MoE fusion"
     return LoadedSource(module, tuple(args), dyn, f"pt2:{os.path.abspath(path)}",
-                        [f"input_{i}" for i in range(len(args))], [], [note], ["float"] * len(args))
+                        [f"input_{i}" for i in range(len(args))], [], [note], [input_kind(a) for a in args])
 
 
 def _dynamic_shapes_of(ep) -> Any:

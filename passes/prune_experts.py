@@ -34,15 +34,14 @@ import heapq
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
-from moec.analysis.routing_stats import LayerRouting
+from moec.analysis.routing_stats import LayerRouting, run_calibration_batch
 from moec.errors import AccuracyBudgetError, MoecError
 from moec.moe_layer import FusedMoE, QuantizedExperts
-from moec.numerics import compare_tensors
 from moec.passes.base import Pass, PassContext, PassResult, flatten_outputs
 from moec.passes.conditions import EXPERTS_PRUNED, MOE_FUSED, ROUTING_MEASURED
 from moec.passes.outcomes import PruneOutcome
@@ -84,7 +83,8 @@ class Distance:
     top1_agreement: float
 
     def to_dict(self) -> dict:
-        return {"rel_l2": float(f"{self.rel_l2:.6g}"), "top1_agreement": round(self.top1_agreement, 6)}
+        rel = float(f"{self.rel_l2:.6g}") if math.isfinite(self.rel_l2) else str(self.rel_l2)
+        return {"rel_l2": rel, "top1_agreement": round(self.top1_agreement, 6)}
 
 
 def check_fraction(value) -> None:
@@ -116,7 +116,9 @@ def layer_plan(fused: FusedMoE, stats: LayerRouting, by: str, seed: int) -> Laye
     per_group = [sorted(range(g * size, (g + 1) * size), key=lambda i: (scores[i], i)) for g in range(n_group)]
     units = tuple(tuple(group[u] for group in per_group) for u in range(size))
     shares = tuple(sum(scores[i] for i in unit) / total for unit in units)
-    keep_min = max(1, math.ceil(r.top_k / max(1, r.topk_group))) if n_group > 1 else r.top_k
+    # Grouped routing ranks groups by the sum of their two best experts: keep at least two per group
+    # (and enough groups' worth for top-k), or the pruned model would rank groups by another rule.
+    keep_min = max(2, math.ceil(r.top_k / max(1, r.topk_group))) if n_group > 1 else r.top_k
     return LayerPlan(stats.path, e, units, shares, max(0, size - keep_min), size)
 
 
@@ -124,7 +126,7 @@ def layer_plan(fused: FusedMoE, stats: LayerRouting, by: str, seed: int) -> Laye
 
 
 def _rows(t: Optional[torch.Tensor], keep: torch.Tensor) -> Optional[torch.Tensor]:
-    return None if t is None else t.detach().index_select(0, keep).clone()
+    return None if t is None else t.detach().index_select(0, keep)  # a new tensor: the rows kept
 
 
 def _sliced(fused: FusedMoE, keep: Sequence[int]) -> dict:
@@ -180,15 +182,32 @@ def expert_bytes(fused: FusedMoE) -> int:
 
 
 def first_outputs(module: nn.Module, batches: Sequence[tuple]) -> list[torch.Tensor]:
+    """The model's first output (the logits) on every calibration batch: the unpruned reference."""
     with torch.no_grad():
-        return [flatten_outputs(module(*b))[0].detach().float() for b in batches]
+        return [flatten_outputs(run_calibration_batch(module, b, i))[0].detach().float()
+                for i, b in enumerate(batches)]
 
 
-def distance(reference: list[torch.Tensor], got: list[torch.Tensor]) -> Distance:
-    ref = torch.cat([r.reshape(-1) for r in reference])
-    out = torch.cat([g.reshape(-1) for g in got])
-    agree = [(r.argmax(-1) == g.argmax(-1)).float().reshape(-1) for r, g in zip(reference, got)]
-    return Distance(compare_tensors(ref, out).rel_l2, float(torch.cat(agree).mean()))
+def distance(reference: Iterable[torch.Tensor], got: Iterable[torch.Tensor]) -> Distance:
+    """Relative L2 over all batches together and top-1 agreement, accumulated batch by batch (no
+    concatenated copy of the logits)."""
+    diff2 = ref2 = 0.0
+    agree = count = 0
+    for r, g in zip(reference, got):
+        r64, g64 = r.double(), g.double()
+        diff2 += float(((g64 - r64) ** 2).sum())
+        ref2 += float((r64 ** 2).sum())
+        same = r.argmax(-1) == g.argmax(-1)
+        agree, count = agree + int(same.sum()), count + same.numel()
+    rel = math.sqrt(diff2) / math.sqrt(ref2) if ref2 > 0 else (0.0 if diff2 == 0 else math.inf)
+    return Distance(rel, agree / count if count else 1.0)
+
+
+def distance_of(module: nn.Module, batches: Sequence[tuple], reference: list[torch.Tensor]) -> Distance:
+    """`module`'s distance from `reference` on `batches`, one batch in memory at a time."""
+    with torch.no_grad():
+        got = (flatten_outputs(run_calibration_batch(module, b, i))[0].detach().float() for i, b in enumerate(batches))
+        return distance(reference, got)
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -209,9 +228,13 @@ class PruneExperts(Pass):
         plans: dict[str, LayerPlan] = {}
         skipped: dict[str, str] = {}
         for i, (path, fused) in enumerate((p, m) for p, m in module.named_modules() if isinstance(m, FusedMoE)):
+            renumbered = [a for a in fused.spec.output.aux if a in ("logits", "topk_ids", "dense_scores")]
             if fused.spec.route is None:
                 skipped[path] = ("routing kept as the model wrote it (a router module moec can't shrink); "
                                  "layer left whole")
+            elif renumbered:
+                skipped[path] = (f"the layer also returns its router's {', '.join(renumbered)}, which pruning would "
+                                 "resize and renumber; layer left whole")
             elif path not in stats or stats[path].tokens == 0:
                 skipped[path] = "the calibration data never reached this layer; layer left whole"
             else:
@@ -243,7 +266,7 @@ class PruneExperts(Pass):
                 units[path] = n
         removed = {path: plans[path].removed(n) for path, n in units.items()}
         with pruned(module, removed):
-            final = distance(reference, first_outputs(module, ctx.calibration))
+            final = distance_of(module, ctx.calibration, reference)
         details["vs_unpruned"] = final.to_dict()
         if budget is not None and mode != "auto" and not final.rel_l2 <= float(budget):
             worst = sorted(plans, key=lambda p: -sum(plans[p].shares[:units[p]]))[:3]
@@ -279,7 +302,7 @@ class PruneExperts(Pass):
             key = tuple(sorted((p, n) for p, n in units.items() if n))
             if key not in cache:
                 with pruned(module, {p: plans[p].removed(n) for p, n in key}):
-                    cache[key] = distance(reference, first_outputs(module, batches))
+                    cache[key] = distance_of(module, batches, reference)
             return cache[key]
 
         curves = {}
@@ -314,21 +337,23 @@ class PruneExperts(Pass):
             else:
                 hi = mid - 1
         chosen = prefix(lo)
-        steps = 64
-        ulo, uhi = 0, steps
-        while ulo < uhi:  # one fraction everywhere (floor per layer, as FRACTION does)
+        # one fraction everywhere (floor per layer, as FRACTION does): its breakpoints are u / group size
+        fractions = sorted({u / plan.group_size for plan in plans.values() for u in range(1, plan.max_units + 1)
+                            if all(q.units_for_fraction(u / plan.group_size) <= q.max_units for q in plans.values())})
+        ulo, uhi = -1, len(fractions) - 1
+        while ulo < uhi:
             mid = (ulo + uhi + 1) // 2
-            units = {p: plan.units_for_fraction(mid / steps) for p, plan in plans.items()}
-            if all(units[p] <= plan.max_units for p, plan in plans.items()) and error(units).rel_l2 <= budget:
+            if error({p: plan.units_for_fraction(fractions[mid]) for p, plan in plans.items()}).rel_l2 <= budget:
                 ulo = mid
             else:
                 uhi = mid - 1
-        uniform = {p: plan.units_for_fraction(ulo / steps) for p, plan in plans.items()}
+        fraction = fractions[ulo] if ulo >= 0 else 0.0
+        uniform = {p: plan.units_for_fraction(fraction) for p, plan in plans.items()}
         source = "measured per-layer sensitivities"
         if count(uniform) > count(chosen):  # the error is not additive everywhere: never prune less than uniform
             chosen, source = uniform, "uniform fraction (removes more within the budget than the sensitivity order)"
         return chosen, {"budget": budget, "removed": count(chosen), "chosen_from": source, "evaluations": len(cache) - evaluated,
-                        "uniform_fraction": ulo / steps, "uniform_removed": count(uniform),
+                        "uniform_fraction": round(fraction, 6), "uniform_removed": count(uniform),
                         "uniform_vs_unpruned": error(uniform).to_dict()}
 
 

@@ -24,7 +24,7 @@ def float_source():
 def test_random_gives_n_fixed_seed_sequences_shaped_like_the_example():
     a = load_calibration("random:20", token_source())
     b = load_calibration("random:20", token_source())
-    assert sum(x[0].shape[0] for x in a.batches) >= 20 and all(x[0].shape[0] <= BATCH for x in a.batches)
+    assert sum(x[0].shape[0] for x in a.batches) == 20 and all(x[0].shape[0] <= BATCH for x in a.batches)
     assert all(x[0].shape[1] == 6 and x[0].dtype == torch.int64 for x in a.batches)
     assert all(torch.equal(x[0], y[0]) for x, y in zip(a.batches, b.batches))
     assert int(max(x[0].max() for x in a.batches)) < 100 and a.tokens == sum(x[0].numel() for x in a.batches)
@@ -96,7 +96,7 @@ def test_bad_npy(tmp_path):
     with pytest.raises(CalibrationError, match=r"big\.npy', row 1: token id 100"):
         load_calibration(str(tmp_path / "big.npy"), token_source())
     np.save(tmp_path / "h.npy", np.zeros((2, 9, 8), np.float32))
-    with pytest.raises(CalibrationError, match=r"shaped like \[2, 5, 16\].*\[2, 9, 8\]"):
+    with pytest.raises(CalibrationError, match=r"row 0: dim 2 is 8, but the model was captured with it fixed at 16"):
         load_calibration(str(tmp_path / "h.npy"), float_source())
     (tmp_path / "junk.npy").write_bytes(b"not numpy")
     with pytest.raises(CalibrationError, match="not a readable .npy"):
@@ -104,3 +104,50 @@ def test_bad_npy(tmp_path):
     (tmp_path / "t.jsonl").write_text("[1]\n")
     with pytest.raises(CalibrationError, match="input is float"):
         load_calibration(str(tmp_path / "t.jsonl"), float_source())
+
+
+@pytest.mark.parametrize("content,says", [
+    (b"[1, 2]\n\xff\xfe\n", r"not UTF-8"),
+    (b"[1, 99999999999999999999999]\n", r"line 1: a token id does not fit in 64 bits"),
+])
+def test_undecodable_jsonl(tmp_path, content, says):
+    (tmp_path / "c.jsonl").write_bytes(content)
+    with pytest.raises(CalibrationError, match=says):
+        load_calibration(str(tmp_path / "c.jsonl"), token_source())
+
+
+def test_npy_that_is_not_numbers_or_not_finite_or_empty(tmp_path):
+    np.save(tmp_path / "s.npy", np.array([["a", "b"]]))
+    with pytest.raises(CalibrationError, match="expected a numeric array"):
+        load_calibration(str(tmp_path / "s.npy"), float_source())
+    x = np.zeros((3, 4, 16), np.float32)
+    x[1, 2, 3] = np.nan
+    np.save(tmp_path / "n.npy", x)
+    with pytest.raises(CalibrationError, match=r"row 1: non-finite"):
+        load_calibration(str(tmp_path / "n.npy"), float_source())
+    np.save(tmp_path / "e.npy", np.zeros((2, 0, 16), np.float32))
+    with pytest.raises(CalibrationError, match=r"row 0: an empty sequence"):
+        load_calibration(str(tmp_path / "e.npy"), float_source())
+
+
+def test_sequences_outside_the_captured_range_are_refused(tmp_path):
+    np.save(tmp_path / "long.npy", np.ones((2, 600), np.int64))
+    with pytest.raises(CalibrationError, match=r"row 0: dim 1 \(seq\) is 600, outside the range the model accepts "
+                                               r"\[2, 512\]"):
+        load_calibration(str(tmp_path / "long.npy"), token_source())
+    static = token_source()
+    static.dynamic_shapes = None  # captured with the example's [2, 6] fixed
+    np.save(tmp_path / "seven.npy", np.ones((4, 7), np.int64))
+    with pytest.raises(CalibrationError, match=r"row 0: dim 1 is 7, but the model was captured with it fixed at 6"):
+        load_calibration(str(tmp_path / "seven.npy"), static)
+    np.save(tmp_path / "five.npy", np.ones((5, 6), np.int64))  # fixed batch 2: two batches, one row left over
+    cal = load_calibration(str(tmp_path / "five.npy"), static)
+    assert [b[0].shape for b in cal.batches] == [(2, 6), (2, 6)] and "1 left over" in cal.description
+
+
+def test_a_model_that_fails_on_the_data_is_a_calibration_error():
+    from moec.analysis.routing_stats import run_calibration_batch
+
+    emb = torch.nn.Embedding(10, 4)
+    with pytest.raises(CalibrationError, match=r"fails on calibration batch 3 \(shape \[1, 2\]\).*IndexError"):
+        run_calibration_batch(emb, (torch.tensor([[1, 50]]),), 3)

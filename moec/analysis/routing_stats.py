@@ -87,13 +87,26 @@ def measure_routing(module: nn.Module, batches: Sequence[tuple],
     try:
         with torch.no_grad():
             for i, batch in enumerate(batches):
-                module(*batch)
+                run_calibration_batch(module, batch, i)
                 if len(batches) > 4 and (i + 1) % max(1, len(batches) // 4) == 0:
                     log(f"routing statistics: {i + 1}/{len(batches)} calibration batches")
     finally:
         for h in handles:
             h.remove()
     return list(stats.values())
+
+
+def run_calibration_batch(module: nn.Module, batch: tuple, index: int):
+    """The model on one calibration batch; its failure is the data's problem, said as such (exit 24)."""
+    from moec.calibration import CalibrationError
+
+    try:
+        return module(*batch)
+    except Exception as exc:
+        shapes = ", ".join(str(list(t.shape)) for t in batch)
+        raise CalibrationError(f"--calibration: the model fails on calibration batch {index} (shape {shapes}): "
+                               f"{type(exc).__name__}: {str(exc)[:300]}. Check the data against the model's "
+                               "inputs (vocabulary, sequence length).") from exc
 
 
 def _accumulate(stats: LayerRouting, fused: FusedMoE, hidden: torch.Tensor) -> None:

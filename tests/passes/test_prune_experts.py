@@ -170,6 +170,36 @@ def test_auto_meets_its_budget_and_prunes_at_least_the_uniform_fraction(budget):
     assert auto["uniform_vs_unpruned"]["rel_l2"] <= budget and auto["evaluations"] > 0
 
 
+def test_auto_without_a_prunable_layer_reports_no_uniform_fraction():
+    cfg = MoEConfig(experts=4, top_k=4, hidden=32, inter=24)  # top-4 of 4: nothing may go
+    _, record, _ = prune(Model(ReferenceMoE(cfg, 0).eval()), {"prune_experts": "auto", "accuracy_budget": 1.0},
+                         calibration(cfg.hidden), cfg.hidden)
+    auto = record.details["auto"]
+    assert auto["removed"] == auto["uniform_removed"] == 0 and auto["uniform_fraction"] == 0.0
+
+
+class ReturnsLogits(torch.nn.Module):
+    def __init__(self, moe):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x):
+        out = self.moe(x)
+        return (out[0] if isinstance(out, tuple) else out) + x
+
+
+def test_a_layer_that_returns_its_router_logits_is_left_whole():
+    cfg = CONFIGS["softmax-renorm"]
+    calib = calibration(cfg.hidden)
+    ctx = PassContext(probes=[(torch.randn(2, 5, cfg.hidden),)], options={"prune_experts": 0.25}, calibration=calib)
+    module, _ = PassManager([FuseMoE()], validate=False).run(ReturnsLogits(ReferenceMoE(cfg, 0).eval()), ctx)
+    spec = module.moe.spec
+    module.moe.spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, aux=("logits",)))
+    _, records = PassManager([MeasureRouting(), PruneExperts()], validate=False).run(module, ctx)
+    (outcome,) = records[1].layers
+    assert outcome.removed == () and "returns its router's logits" in outcome.reason
+
+
 def test_auto_with_a_zero_budget_removes_nothing():
     cfg = CONFIGS["softmax-renorm"]
     module, record, _ = prune(Model(ReferenceMoE(cfg, 0).eval()), {"prune_experts": "auto", "accuracy_budget": 0.0},
@@ -219,7 +249,7 @@ def test_layer_plan_units_for_grouped_routing():
     plan = layer_plan(module.moe, ctx.routing[0], "contribution", 0)
     # 4 groups of 4: a unit is one expert from every group, lowest contribution first
     assert len(plan.units) == 4 and all(sorted(e // 4 for e in u) == [0, 1, 2, 3] for u in plan.units)
-    assert plan.max_units == 3  # top-2 from 2 groups needs one expert per group
+    assert plan.max_units == 2  # groups are ranked by their two best experts: two stay in every group
     c = ctx.routing[0].contribution
     for g in range(4):
         in_group = [u[[e // 4 for e in u].index(g)] for u in plan.units]
@@ -264,13 +294,24 @@ def test_compiled_pruned_artifact_is_verified_against_the_pruned_model(target, q
 
 @pytest.mark.slow
 def test_deepseek_v3_prunes_evenly_across_groups(tmp_path):
-    res = compile(source="moec.zoo:deepseek_v3",
+    from moec import zoo
+    from moec.sources import causal_lm_source
+
+    src = causal_lm_source(zoo.build_hf_model("deepseek_v3", n_routed_experts=16), "deepseek_v3")
+    res = compile(src.module, src.example_args, src.dynamic_shapes,
                   options=CompileOptions(out=str(tmp_path / "a"), extra={"calibration": "random:16",
-                                                                          "prune_experts": 0.5}))
+                                                                          "prune_experts": 0.25}))
     p = res.report["pruning"]
-    assert res.report["numerics"]["passed"] and p["experts_after"] * 2 == p["experts_before"]
-    for layer in p["layers"]:  # 8 experts in 4 groups of 2: one from each group
-        assert sorted(e // 2 for e in layer["removed"]) == [0, 1, 2, 3]
+    assert res.report["numerics"]["passed"] and p["experts_after"] == p["experts_before"] * 3 // 4
+    for layer in p["layers"]:  # 16 experts in 4 groups of 4: one from each group
+        assert sorted(e // 4 for e in layer["removed"]) == [0, 1, 2, 3]
+
+
+def test_grouped_routing_keeps_two_experts_in_every_group():
+    cfg = CONFIGS["grouped"]  # 4 groups of 4: at most 2 per group may go
+    with pytest.raises(PruneError, match=r"would keep 4 of its 16 experts.*from 2 groups.*largest fraction this "
+                                         r"layer allows is 0\.5"):
+        prune(Model(ReferenceMoE(cfg, 0).eval()), {"prune_experts": 0.75}, calibration(cfg.hidden), cfg.hidden)
 
 
 @pytest.mark.slow

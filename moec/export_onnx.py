@@ -8,6 +8,7 @@ translation becomes an UnsupportedOpError naming the op and the module it came f
 from __future__ import annotations
 
 import logging
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -44,12 +45,48 @@ def capture(module: nn.Module, args: tuple, dynamic_shapes: Any) -> Captured:
     except Exception as exc:
         msg = str(exc).strip().splitlines()
         head = " ".join(msg[:6])[:800]
+        where = failing_module(module, exc)
+        text = str(exc)
+        if "data-dependent" in text or "DataDependent" in type(exc).__name__:
+            why = ("its control flow or shapes depend on tensor values (e.g. a loop over the experts that received "
+                   "tokens, or slices of data-dependent size); moec can capture such a MoE layer only once it is "
+                   "fused, so see the report's moe_layers for why this one was not, or rewrite it with fixed-size "
+                   "ops (masks, einsum)")
+        elif "Constraints violated" in text:
+            why = ("the model specializes a dimension given as dynamic; compile with --static (or give narrower "
+                   "dynamic_shapes)")
+        else:
+            why = ("common causes: data-dependent Python control flow in a layer moec did not fuse, or dynamic "
+                   "dimensions the model specializes (try --static)")
         raise CaptureError(
-            f"torch.export could not capture the model: {type(exc).__name__}: {head}. "
-            "Common causes: data-dependent Python control flow (loops over tensor values) in a layer moec "
-            "did not fuse, or dynamic dimensions the model specializes; try static shapes (a factory "
-            "returning dynamic_shapes=None) or report the layer."
+            f"torch.export could not capture the model{where}: {type(exc).__name__}: {head}. This happens because "
+            f"{why}."
         ) from exc
+
+
+def failing_module(root: nn.Module, exc: BaseException) -> str:
+    """' in module PATH (Class), file:line `source`' for the innermost of root's modules whose forward was
+    running when `exc` was raised (its traceback, and the exceptions it was raised from); '' if none."""
+    import linecache
+
+    paths = {id(m): p for p, m in root.named_modules()}
+    found = None
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        tb = exc.__traceback__
+        while tb is not None:
+            me = tb.tb_frame.f_locals.get("self")
+            if isinstance(me, nn.Module) and id(me) in paths and paths[id(me)]:
+                code = tb.tb_frame.f_code
+                line = linecache.getline(code.co_filename, tb.tb_lineno).strip()
+                found = (paths[id(me)], type(me).__name__, code.co_filename, tb.tb_lineno, line)
+            tb = tb.tb_next
+        exc = exc.__cause__ or exc.__context__
+    if found is None:
+        return ""
+    path, cls, filename, lineno, line = found
+    return f" in module '{path}' ({cls}), {os.path.basename(filename)}:{lineno} `{line[:120]}`"
 
 
 def _for_signature(module: nn.Module, dynamic_shapes: Any) -> Any:

@@ -70,12 +70,23 @@ def tiny_config(model_type: str):
     cls = getattr(transformers, CONFIG_MAPPING_NAMES[model_type])
     defaults = cls().to_dict()
     overrides = {k: v for k, v in TINY.items() if k in defaults}
+    if "qk_rope_head_dim" in defaults:  # multi-head latent attention: head_dim is the rope part, and
+        overrides["head_dim"] = TINY["qk_rope_head_dim"]  # every head has its own keys and values
+        overrides["num_key_value_heads"] = TINY["num_attention_heads"]
+    for i, key in enumerate(("pad_token_id", "bos_token_id", "eos_token_id")):
+        if isinstance(defaults.get(key), int) and defaults[key] >= TINY["vocab_size"]:
+            overrides[key] = i
     if isinstance(defaults.get("layer_types"), list):  # per-layer lists must match the layer count
         overrides["layer_types"] = defaults["layer_types"][: overrides.get("num_hidden_layers", 2)]
     for key in ("mlp_layer_types", "moe_layer_types"):
         if isinstance(defaults.get(key), list):
             overrides[key] = defaults[key][: overrides.get("num_hidden_layers", 2)]
-    return cls(**overrides)
+    try:
+        return cls(**overrides)
+    except Exception as exc:  # some configs insist on plain multi-head attention
+        if "num_key_value_heads" not in str(exc):
+            raise
+        return cls(**{**overrides, "num_key_value_heads": overrides.get("num_attention_heads", 4)})
 
 
 def run_one(model_type: str, fuse_only: bool) -> dict:
@@ -98,7 +109,7 @@ def run_one(model_type: str, fuse_only: bool) -> dict:
         model = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])(cfg).eval()
         randomize_(model, 0)
     except Exception as exc:
-        return {**row, "stage": "build", "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        return {**row, "stage": "build", "error": f"{type(exc).__name__}: {str(exc)[:600]}"}
     src = causal_lm_source(model, f"survey:{model_type}")
     try:
         ctx = PassContext(probes=[src.example_args, src.make_inputs(7, seq_len=5, batch=1)])
@@ -106,7 +117,7 @@ def run_one(model_type: str, fuse_only: bool) -> dict:
         module, records = PassManager([FuseMoE()], validate=True).run(src.module, ctx)
         fuse_s = time.perf_counter() - t
     except Exception as exc:
-        return {**row, "stage": "fuse", "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        return {**row, "stage": "fuse", "error": f"{type(exc).__name__}: {str(exc)[:600]}"}
     details = records[0].details
     layers = details.get("layers", [])
     row.update(layers=len(layers), fused=sum(l["fused"] for l in layers), fuse_seconds=round(fuse_s, 2),
@@ -125,9 +136,9 @@ def run_one(model_type: str, fuse_only: bool) -> dict:
                            shapes=sorted({x["input"] for x in rows}),
                            lowered=sorted({l.get("lowered_to", "") for l in r["moe_layers"]["layers"] if l["fused"]}))
             except MoecError as exc:
-                row.update(stage="compile", exit=exc.exit_code, error=str(exc)[:240])
+                row.update(stage="compile", exit=exc.exit_code, error=str(exc)[:600])
             except Exception as exc:
-                row.update(stage="compile", exit=70, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+                row.update(stage="compile", exit=70, error=f"{type(exc).__name__}: {str(exc)[:600]}")
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
@@ -183,16 +194,20 @@ def exact(row: dict) -> bool:
             and row["rel_l2"] <= 1e-4)
 
 
+def _cell(text: str, width: int) -> str:
+    return " ".join(str(text).split())[:width].replace("|", "/")
+
+
 def markdown(rows: list[dict]) -> str:
     out = ["| family | MoE layers fused | compiled (logits rel L2, 2 shapes) | lowered to / why not |",
            "|---|---|---|---|"]
     for r in rows:
         if r.get("stage") in ("build", "timeout", "crash", "fuse"):
-            out.append(f"| {r['family']} | — | not built ({r['stage']}) | {r['error'][:120]} |")
+            out.append(f"| {r['family']} | — | not built ({r['stage']}) | {_cell(r['error'], 120)} |")
             continue
         comp = (f"{r['rel_l2']:.1e}" if r.get("stage") == "compiled" else
-                f"exit {r.get('exit')}: {r.get('error', '')[:100]}" if r.get("stage") == "compile" else "—")
-        why = "; ".join(x for x in r.get("reasons", []) if x)[:140] or ", ".join(r.get("lowered", []))[:140]
+                f"exit {r.get('exit')}: {_cell(r.get('error', ''), 100)}" if r.get("stage") == "compile" else "—")
+        why = _cell("; ".join(x for x in r.get("reasons", []) if x), 140) or _cell(", ".join(r.get("lowered", [])), 140)
         out.append(f"| {r['family']} | {r['fused']}/{r['layers']} | {comp} | {why} |")
     return "\n".join(out)
 

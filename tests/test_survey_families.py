@@ -1,0 +1,35 @@
+"""tools/survey_families.py on a fixed subset of transformers' MoE families (CI): each builds from its
+default config shrunk to test size, and fuse_moe fuses every MoE layer it finds, validated at 1e-4
+against the eager model. The README's table comes from the full run (every family, compiled)."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+import survey_families  # noqa: E402
+
+# families the full survey fuses exactly (every MoE layer, one fused op each, artifact within 1e-4)
+SUBSET = ["afmoe", "aria_text", "cohere2_moe", "ernie4_5_moe", "exaone_moe", "flint", "glm4_moe", "gpt_oss",
+          "granitemoe", "granitemoe_swa", "granitemoeshared", "hunyuan_v1_moe", "kolibri1", "laguna", "mellum",
+          "mimo_v2_flash", "minimax_m2", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "sarvam_moe",
+          "solar_open"]
+
+
+def test_the_registry_has_the_moe_families():
+    families = survey_families.moe_families()
+    assert len(families) >= 50 and set(SUBSET) <= set(families)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", SUBSET)
+def test_family_fuses_every_moe_layer(family):
+    threads = torch.get_num_threads()
+    try:
+        row = survey_families.run_one(family, fuse_only=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert "error" not in row, row
+    assert row["layers"] > 0 and row["fused"] == row["layers"], row

@@ -13,19 +13,10 @@ from moec.passes.base import PassContext, PassManager
 from moec.passes.fuse_moe import FuseMoE
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "property"))
-from reference_moe import MoEConfig, ReferenceMoE  # noqa: E402
+from reference_moe import MoEConfig, ReferenceMoE, Residual as Model  # noqa: E402
 
 CFG = MoEConfig(experts=8, top_k=3, hidden=32, inter=24, scoring="sigmoid", selection_bias=True, scale=2.5,
                 shared=True, shared_gate=True)
-
-
-class Model(torch.nn.Module):
-    def __init__(self, moe):
-        super().__init__()
-        self.moe = moe
-
-    def forward(self, x):
-        return self.moe(x) + x
 
 
 def calibration(n=2, seed=5):

@@ -23,18 +23,9 @@ from moec.passes.prune_experts import PruneError, PruneExperts, _sliced, layer_p
 from moec.pipeline import CompileOptions, compile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "property"))
-from reference_moe import MoEConfig, ReferenceMoE  # noqa: E402
+from reference_moe import MoEConfig, ReferenceMoE, Residual as Model  # noqa: E402
 
 DYN = ({0: torch.export.Dim("batch", min=1, max=16), 1: torch.export.Dim("seq", min=2, max=64)},)
-
-
-class Model(torch.nn.Module):
-    def __init__(self, moe):
-        super().__init__()
-        self.moe = moe
-
-    def forward(self, x):
-        return self.moe(x) + x
 
 
 def kept_reference(ref: ReferenceMoE, keep: list[int]) -> ReferenceMoE:

@@ -125,3 +125,14 @@ class ReferenceMoE(nn.Module):
                 s = torch.sigmoid(self.shared_gate(flat)) * s
             out = out + s
         return out.reshape(x.shape)
+
+
+class Residual(nn.Module):
+    """x + moe(x): a MoE layer as a model's residual block."""
+
+    def __init__(self, moe):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x):
+        return self.moe(x) + x

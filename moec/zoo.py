@@ -220,8 +220,54 @@ class SoftMixtureMoE(nn.Module):
         return (p.unsqueeze(-1) * y).sum(dim=-2)
 
 
+class BareRouterMoE(nn.Module):
+    """The router a bare [H, E] parameter (x @ W); gate, up and down stacked separately ([E, H, I] twice,
+    [E, I, H]); softmax, top-k, renormalise; a loop over all experts with dense masks."""
+
+    def __init__(self, hidden=32, inter=24, num_experts=6, top_k=2):
+        super().__init__()
+        self.hidden, self.k = hidden, top_k
+        self.router = nn.Parameter(torch.randn(hidden, num_experts) * 0.5)
+        self.w_gate = nn.Parameter(torch.randn(num_experts, hidden, inter) / math.sqrt(hidden))
+        self.w_up = nn.Parameter(torch.randn(num_experts, hidden, inter) / math.sqrt(hidden))
+        self.w_down = nn.Parameter(torch.randn(num_experts, inter, hidden) / math.sqrt(inter))
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        w, idx = torch.softmax(flat @ self.router, -1).topk(self.k, -1)
+        w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        for e in range(self.w_gate.shape[0]):
+            weight = (w * (idx == e).to(flat.dtype)).sum(-1, keepdim=True)
+            out = out + weight * ((F.silu(flat @ self.w_gate[e]) * (flat @ self.w_up[e])) @ self.w_down[e])
+        return out.reshape(x.shape)
+
+
+class ParallelListsMoE(nn.Module):
+    """Experts as two parallel ModuleLists of biased Linears (w1[e]: H->I, w2[e]: I->H) with GELU-tanh;
+    top-k on logits, softmax over the k."""
+
+    def __init__(self, hidden=32, inter=40, num_experts=4, top_k=2):
+        super().__init__()
+        self.hidden, self.k = hidden, top_k
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.w1 = nn.ModuleList([nn.Linear(hidden, inter) for _ in range(num_experts)])
+        self.w2 = nn.ModuleList([nn.Linear(inter, hidden) for _ in range(num_experts)])
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        w, idx = self.gate(flat).topk(self.k, -1)
+        w = torch.softmax(w, -1)
+        out = torch.zeros_like(flat)
+        for e in range(len(self.w1)):
+            weight = (w * (idx == e).to(flat.dtype)).sum(-1, keepdim=True)
+            out = out + weight * self.w2[e](F.gelu(self.w1[e](flat), approximate="tanh"))
+        return out.reshape(x.shape)
+
+
 HANDWRITTEN: dict[str, type[nn.Module]] = {
     "loop": LoopMoE, "switch": SwitchMoE, "gshard": GShardMoE, "soft_mixture": SoftMixtureMoE,
+    "bare_router": BareRouterMoE, "parallel_lists": ParallelListsMoE,
 }
 
 
@@ -241,8 +287,10 @@ class Residual(nn.Module):
 def handwritten(style: str, seed: int = 0) -> LoadedSource:
     torch.manual_seed(seed)
     moe = HANDWRITTEN[style]()
-    hidden = moe.experts[0][0].in_features if style == "switch" else (
-        moe.gate.in_features if hasattr(moe, "gate") and isinstance(moe.gate, nn.Linear) else moe.wg.shape[1])
+    hidden = getattr(moe, "hidden", None)
+    if hidden is None:
+        hidden = moe.experts[0][0].in_features if style == "switch" else (
+            moe.gate.in_features if hasattr(moe, "gate") and isinstance(moe.gate, nn.Linear) else moe.wg.shape[1])
     model = Residual(moe, hidden).eval()
     x = torch.randn(2, 8, hidden, generator=torch.Generator().manual_seed(seed))
     dyn = ({0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("seq", min=2, max=4096)},)
@@ -263,3 +311,11 @@ def gshard_moe() -> LoadedSource:
 
 def soft_mixture_moe() -> LoadedSource:
     return handwritten("soft_mixture")
+
+
+def bare_router_moe() -> LoadedSource:
+    return handwritten("bare_router")
+
+
+def parallel_lists_moe() -> LoadedSource:
+    return handwritten("parallel_lists")

@@ -158,6 +158,7 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
     """None: not a MoE layer. str: looks like one but can't be read (the reason)."""
     children = dict(mod.named_children())
     experts_name, stacked, expert_list = None, None, None
+    expert_names: list[str] = []  # every child holding expert weights (several for parallel lists)
     own = _own_params(mod)
     if sum(t.dim() == 3 for t in own.values()) >= 2:
         stacked = own
@@ -170,6 +171,13 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
             experts_name, stacked = name, cp
         elif isinstance(child, nn.ModuleList) and len(child) >= 1 and all(_linears(e) for e in child):
             experts_name, expert_list = name, child
+            parallel = _parallel_lists(children, len(child))
+            if len(parallel) >= 2:  # w1[e], w2[e] (, w3[e]): one ModuleList of Linears per role
+                expert_names = list(parallel)
+                expert_list = nn.ModuleList([nn.ModuleList([lst[e] for lst in parallel.values()])
+                                             for e in range(len(child))])
+    if experts_name is not None and not expert_names:
+        expert_names = [experts_name]
     if stacked is None and expert_list is None:
         return None
     if stacked is not None:
@@ -195,10 +203,17 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
             router, router_name, router_weight = child, name, two[0]
             router_biases = vectors
             break
+    router_source = None  # the module's own tensor when the router is stored transposed
     if router_weight is None:
         two = [t for n, t in own.items() if t.dim() == 2 and t.shape[0] == num_experts]
+        # a bare [H, E] parameter (x @ W) is the router read transposed; [E, E] stays ambiguous and unread
+        cols = [t for t in own.values() if t.dim() == 2 and t.shape[1] == num_experts and t.shape[0] != num_experts]
         if len(two) == 1:
             router_weight = two[0]
+        elif not two and len(cols) == 1:
+            router_source = cols[0]
+            router_weight = cols[0].detach().t().contiguous()
+        if router_weight is not None:
             router_biases = [t for t in own.values() if t.dim() == 1 and t.shape[0] == num_experts]
     if router_weight is None:
         return None  # stacked weights without a router: not a MoE layer we know
@@ -208,7 +223,8 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
 
     if stacked is not None:
         # The router's own [E, H] weight may sit beside stacked expert weights (GShard style).
-        expert_params = {k: v for k, v in stacked.items() if v is not router_weight and all(v is not b for b in router_biases)}
+        expert_params = {k: v for k, v in stacked.items() if v is not router_weight and v is not router_source
+                         and all(v is not b for b in router_biases)}
         readings = lambda: _stacked_readings(expert_params, num_experts, hidden)  # noqa: E731
     else:
         readings = lambda: _list_readings(expert_list, hidden)  # noqa: E731
@@ -217,7 +233,7 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
 
     shared, shared_gate, extra = None, None, []
     for name, child in children.items():
-        if name in (experts_name, router_name):
+        if name in expert_names or name == router_name:
             continue
         params = list(child.parameters())
         if not params:
@@ -254,6 +270,12 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
     )
 
 
+def _parallel_lists(children: dict[str, nn.Module], length: int) -> dict[str, nn.ModuleList]:
+    """Sibling ModuleLists of `length` bare Linears each, in declaration order."""
+    return {n: c for n, c in children.items() if isinstance(c, nn.ModuleList) and len(c) == length
+            and all(isinstance(e, nn.Linear) for e in c)}
+
+
 def _linears(mod: nn.Module) -> list[nn.Module]:
     out = []
     for sub in mod.modules():
@@ -267,6 +289,9 @@ def _stacked_readings(params: dict[str, torch.Tensor], num_experts: int, hidden:
     """Every consistent reading of two stacked tensors, made one at a time (some copy weights)."""
     threes = [t for t in params.values() if t.dim() == 3]
     twos = [t for t in params.values() if t.dim() == 2 and t.shape[0] == num_experts]
+    if len(threes) == 3 and not twos:
+        yield from _separate_readings(threes, hidden)
+        return
     if len(threes) != 2:
         return
     for w_in, w_out in itertools.permutations(threes):
@@ -295,6 +320,25 @@ def _stacked_readings(params: dict[str, torch.Tensor], num_experts: int, hidden:
                                             None, as_read[1])
                     if x_dim == i_dim:
                         yield ExpertWeights(gu, down, b_in, b_out, False, desc + " plain", *as_read)
+
+
+def _separate_readings(threes: list[torch.Tensor], hidden: int) -> Iterator[ExpertWeights]:
+    """Gate, up and down stacked separately ([E, I, H] or [E, H, I] each, no biases): gate and up are
+    concatenated into the canonical [E, 2I, H], every assignment of the three roles tried."""
+    for gate, up, down in itertools.permutations(threes):
+        if gate.shape != up.shape:
+            continue
+        for in_t in (False, True):
+            if (gate.shape[1] if in_t else gate.shape[2]) != hidden:
+                continue
+            g, u = (gate.transpose(1, 2), up.transpose(1, 2)) if in_t else (gate, up)  # [E, I, H]
+            for out_t in (False, True):
+                d = down.transpose(1, 2) if out_t else down  # [E, H, I]
+                if d.shape[1] != hidden or d.shape[2] != g.shape[1]:
+                    continue
+                desc = f"separate gate/up{'ᵀ' if in_t else ''}/down{'ᵀ' if out_t else ''}"
+                yield ExpertWeights(torch.cat([g, u], dim=1), d, None, None, True, desc, None,
+                                    None if out_t else [[down]])
 
 
 def _list_readings(experts: nn.ModuleList, hidden: int) -> Iterator[ExpertWeights]:

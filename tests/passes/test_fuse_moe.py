@@ -92,6 +92,18 @@ def test_handwritten_semantics_read_from_behaviour():
     assert specs["gshard"].experts.activation == "gelu_tanh"
 
 
+def test_bare_router_and_parallel_lists_are_read():
+    """A bare [H, E] router beside separately stacked gate/up/down, and experts as parallel ModuleLists of
+    biased Linears (issue #16's unrecognised styles)."""
+    module, _ = _fuse(zoo.handwritten("bare_router"))
+    spec = next(m for m in module.modules() if isinstance(m, FusedMoE)).spec
+    assert spec.route.scoring == "softmax" and spec.route.renormalize and spec.experts.gated
+    module, _ = _fuse(zoo.handwritten("parallel_lists"))
+    fused = next(m for m in module.modules() if isinstance(m, FusedMoE))
+    assert fused.spec.experts.activation == "gelu_tanh" and not fused.spec.experts.gated
+    assert fused.spec.experts.has_bias and fused.b_gate_up.shape == (4, 40)
+
+
 def test_dense_model_has_no_moe_layers():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
     assert find_candidates(model) == []

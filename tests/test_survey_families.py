@@ -12,10 +12,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "too
 import survey_families  # noqa: E402
 
 # families the full survey fuses exactly (every MoE layer, one fused op each, artifact within 1e-4)
-SUBSET = ["afmoe", "aria_text", "cohere2_moe", "ernie4_5_moe", "exaone_moe", "flint", "glm4_moe", "gpt_oss",
-          "granitemoe", "granitemoe_swa", "granitemoeshared", "hunyuan_v1_moe", "kolibri1", "laguna", "mellum",
-          "mimo_v2_flash", "minimax_m2", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "sarvam_moe",
-          "solar_open"]
+SUBSET = ["afmoe", "aria_text", "cohere2_moe", "deepseek_v3", "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint",
+          "glm4_moe", "glm4_moe_lite", "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoeshared", "hunyuan_v1_moe",
+          "kolibri1", "laguna", "mellum", "mimo_v2_flash", "minimax_m2", "mixtral", "olmoe", "phimoe", "qwen2_moe",
+          "qwen3_moe", "sarvam_mla", "sarvam_moe", "solar_open"]
 
 
 def test_the_registry_has_the_moe_families():

@@ -108,17 +108,8 @@ def load_calibration(spec: str, src) -> Calibration:
 # ----------------------------------------------------------------------------- shapes
 
 
-def _dim_spec(src, axis: int):
-    """The torch.export Dim of input 0's `axis`, or None when the dim is fixed."""
-    ds = src.dynamic_shapes
-    if ds is None:
-        return None
-    spec = ds[0] if isinstance(ds, (tuple, list)) else next(iter(ds.values()), None)
-    return spec.get(axis) if isinstance(spec, dict) else None
-
-
 def _static_batch(src):
-    return None if _dim_spec(src, 0) is not None else int(src.example_args[0].shape[0])
+    return None if src.dim_range(0, 0) is not None else int(src.example_args[0].shape[0])
 
 
 def _check_row(spec: str, where: str, row_shape: tuple, src) -> None:
@@ -127,18 +118,18 @@ def _check_row(spec: str, where: str, row_shape: tuple, src) -> None:
     if 0 in row_shape:
         raise CalibrationError(f"--calibration '{spec}', {where}: an empty sequence (shape {list(row_shape)}).")
     for axis, size in enumerate(row_shape, start=1):
-        dim = _dim_spec(src, axis)
-        if dim is None:
+        bounds = src.dim_range(0, axis)
+        if bounds is None:
             if size != int(example.shape[axis]):
                 raise CalibrationError(
                     f"--calibration '{spec}', {where}: dim {axis} is {size}, but the model was captured with it fixed "
                     f"at {int(example.shape[axis])} (the example's shape {list(example.shape)}).")
             continue
-        lo, hi = getattr(dim, "min", 1) or 1, getattr(dim, "max", None)
-        hi = None if not isinstance(hi, int) or hi > 2**40 else hi
+        lo, hi = bounds
         if size < lo or (hi is not None and size > hi):
+            name = getattr(src.dim_spec(0, axis), "__name__", "")
             raise CalibrationError(
-                f"--calibration '{spec}', {where}: dim {axis} ({getattr(dim, '__name__', '')}) is {size}, outside the "
+                f"--calibration '{spec}', {where}: dim {axis} ({name}) is {size}, outside the "
                 f"range the model accepts [{lo}, {hi if hi is not None else 'inf'}].")
 
 
@@ -146,7 +137,7 @@ def _check_row(spec: str, where: str, row_shape: tuple, src) -> None:
 
 
 def _random_batches(src, n: int) -> list[tuple]:
-    dynamic_batch = bool(src.example_args) and src.example_args[0].dim() > 1 and _dim_spec(src, 0) is not None
+    dynamic_batch = bool(src.example_args) and src.example_args[0].dim() > 1 and src.dim_range(0, 0) is not None
     out, done, seed = [], 0, 9000
     while done < n:
         args = src.make_inputs(seed=seed, batch=min(BATCH, n - done) if dynamic_batch else None)

@@ -33,7 +33,7 @@ from moec.fsutil import disk_error, make_workdir, release_workdir, remove_stale_
 from moec.golden import Probe, weights_sha256, write_golden
 from moec.numerics import compare_tensors
 from moec.passes.base import Pass, PassContext, PassManager, PassRecord, flatten_outputs
-from moec.passes.conditions import ROUTING_MEASURED
+from moec.passes.conditions import EXPERTS_PRUNED, MOE_FUSED, ROUTING_MEASURED
 from moec.report import FP32_REL_L2, layer_summary, moec_version, pruning_summary, quantization_summary, versions
 from moec.sources import LoadedSource, load_source
 from moec.targets.base import ArtifactContext, Target
@@ -184,6 +184,8 @@ def compile(
             "quantization": transformed.quant,
             "pruning": transformed.pruning,
             "routing": transformed.routing,
+            "calibration": None if loaded.calibration is None else {
+                "data": loaded.calibration.description, "tokens": loaded.calibration.tokens},
             "numerics": verified.numerics,
             "weights_bytes": onnx_weight_bytes,
             "files": sorted(os.path.relpath(f, tmp) for f in files) + ["golden/"],
@@ -349,9 +351,13 @@ def eager_reference(loaded: Loaded, options: CompileOptions) -> Reference:
         inputs.append(src.make_inputs(seed=101, seq_len=other_seq, batch=1 if src._is_dynamic(0, 0) else None))
     elif src.example_args and src._is_dynamic(0, 0):  # a dynamic batch alone: check another batch size
         inputs.append(src.make_inputs(seed=101, batch=int(src.example_args[0].shape[0]) + 1))
+    return Reference(inputs, outputs_on(src.module, inputs))
+
+
+def outputs_on(module: nn.Module, inputs: list[tuple]) -> list[list[torch.Tensor]]:
+    """The module's flattened outputs on each input tuple, detached copies."""
     with torch.no_grad():
-        eager = [[o.detach().clone() for o in flatten_outputs(src.module(*a))] for a in inputs]
-    return Reference(inputs, eager)
+        return [[o.detach().clone() for o in flatten_outputs(module(*a))] for a in inputs]
 
 
 def build_passes(options: CompileOptions, target: Target) -> list[Pass]:
@@ -396,14 +402,12 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
     pruned: list = []  # the pruned full-precision model's outputs: what quantization's own error is against
 
     def after_pass(p: Pass, module: nn.Module) -> None:
-        if p.name == "fuse_moe":
+        if MOE_FUSED in p.ensures:
             refuse_without_fused_layers(module, options)
-        if p.name == "prune_experts" and p is not last_numerics:
-            with torch.no_grad():
-                pruned[:] = [[o.detach().clone() for o in flatten_outputs(module(*a))] for a in reference.inputs]
+        if EXPERTS_PRUNED in p.ensures and p is not last_numerics:
+            pruned[:] = outputs_on(module, reference.inputs)
         if p is last_numerics:  # the exact reference for the quantized / pruned artifact
-            with torch.no_grad():
-                exact[:] = [[o.detach().clone() for o in flatten_outputs(module(*a))] for a in reference.inputs]
+            exact[:] = outputs_on(module, reference.inputs)
 
     active = [p for p in passes if p.name not in options.disabled_passes]
     off = [p for p in passes if p.name in options.disabled_passes]

@@ -44,13 +44,7 @@ class LoadedSource:
             if seq_len is not None and len(shape) > 1 and self._is_dynamic(i, 1):
                 shape[1] = seq_len
             kind = self.input_kinds[i] if i < len(self.input_kinds) else "float"
-            if kind.startswith("tokens:"):
-                out.append(torch.randint(0, int(kind.split(":")[1]), shape, generator=gen, dtype=a.dtype))
-            elif a.is_floating_point():
-                out.append(torch.randn(shape, generator=gen, dtype=a.dtype))
-            else:
-                hi = int(a.max()) + 1 if a.numel() else 2
-                out.append(torch.randint(0, max(hi, 2), shape, generator=gen, dtype=a.dtype))
+            out.append(random_like(a, shape, gen, int(kind.split(":")[1]) if kind.startswith("tokens:") else None))
         return tuple(out)
 
     def dim_ranges(self) -> dict[str, tuple[int, Optional[int], int]]:
@@ -60,19 +54,44 @@ class LoadedSource:
         if ds is None:
             return out
         specs = list(ds.values()) if isinstance(ds, dict) else list(ds)
-        for a, spec in zip(self.example_args, specs):
+        for i, (a, spec) in enumerate(zip(self.example_args, specs)):
             for axis, dim in (spec or {}).items() if isinstance(spec, dict) else []:
-                lo, hi = getattr(dim, "min", 1), getattr(dim, "max", None)
-                hi = None if hi is None or not isinstance(hi, int) or hi > 2**40 else int(hi)
-                out.setdefault(getattr(dim, "__name__", f"d{axis}"), (int(lo or 1), hi, int(a.shape[axis])))
+                if dim is None:  # torch.export's way of saying static
+                    continue
+                lo, hi = self.dim_range(i, axis)
+                out.setdefault(getattr(dim, "__name__", f"d{axis}"), (lo, hi, int(a.shape[axis])))
         return out
 
-    def _is_dynamic(self, arg: int, dim: int) -> bool:
+    def dim_spec(self, arg: int, axis: int):
+        """The torch.export Dim of input `arg`'s `axis`, or None when that dim is fixed."""
         ds = self.dynamic_shapes
         if ds is None:
-            return False
+            return None
         spec = ds[arg] if isinstance(ds, (tuple, list)) else list(ds.values())[arg]
-        return isinstance(spec, dict) and dim in spec
+        return spec.get(axis) if isinstance(spec, dict) else None
+
+    def dim_range(self, arg: int, axis: int) -> Optional[tuple[int, Optional[int]]]:
+        """(min, max or None if unbounded) of a dynamic dim; None when the dim is fixed."""
+        dim = self.dim_spec(arg, axis)
+        if dim is None:
+            return None
+        lo, hi = getattr(dim, "min", 1), getattr(dim, "max", None)
+        return int(lo or 1), None if hi is None or not isinstance(hi, int) or hi > 2**40 else int(hi)
+
+    def _is_dynamic(self, arg: int, dim: int) -> bool:
+        return self.dim_spec(arg, dim) is not None
+
+
+def random_like(example: torch.Tensor, shape, gen: Optional[torch.Generator] = None,
+                vocab: Optional[int] = None) -> torch.Tensor:
+    """A random input of `shape` like `example`: token ids below `vocab`, normal floats, or integers in
+    the example's range."""
+    if vocab is not None:
+        return torch.randint(0, vocab, shape, generator=gen, dtype=example.dtype)
+    if example.is_floating_point():
+        return torch.randn(shape, generator=gen, dtype=example.dtype)
+    hi = int(example.max()) + 1 if example.numel() else 2
+    return torch.randint(0, max(hi, 2), shape, generator=gen, dtype=example.dtype)
 
 
 class CausalLMLogits(nn.Module):
@@ -197,14 +216,7 @@ def infer_dynamic_shapes(module: nn.Module, args: tuple) -> tuple[Any, str]:
         return len(sizes) == 1 and next(iter(sizes)) >= 2 and all(a.dim() >= min_rank for a in args)
 
     def runs(shapes: dict[int, int]) -> bool:
-        probe = []
-        for a in args:
-            shape = [shapes.get(d, n) for d, n in enumerate(a.shape)]
-            if a.is_floating_point():
-                probe.append(torch.randn(shape, dtype=a.dtype))
-            else:
-                hi = int(a.max()) + 1 if a.numel() else 2
-                probe.append(torch.randint(0, max(hi, 2), shape, dtype=a.dtype))
+        probe = [random_like(a, [shapes.get(d, n) for d, n in enumerate(a.shape)]) for a in args]
         try:
             with torch.no_grad():
                 module(*probe)

@@ -181,11 +181,16 @@ def expert_bytes(fused: FusedMoE) -> int:
 # ----------------------------------------------------------------------------- measuring
 
 
-def first_outputs(module: nn.Module, batches: Sequence[tuple]) -> list[torch.Tensor]:
-    """The model's first output (the logits) on every calibration batch: the unpruned reference."""
+def iter_first_outputs(module: nn.Module, batches: Sequence[tuple]) -> Iterator[torch.Tensor]:
+    """The model's first output (the logits) on each calibration batch, one batch at a time."""
     with torch.no_grad():
-        return [flatten_outputs(run_calibration_batch(module, b, i))[0].detach().float()
-                for i, b in enumerate(batches)]
+        for i, b in enumerate(batches):
+            yield flatten_outputs(run_calibration_batch(module, b, i))[0].detach().float()
+
+
+def first_outputs(module: nn.Module, batches: Sequence[tuple]) -> list[torch.Tensor]:
+    """The model's first output on every calibration batch: the unpruned reference."""
+    return list(iter_first_outputs(module, batches))
 
 
 def distance(reference: Iterable[torch.Tensor], got: Iterable[torch.Tensor]) -> Distance:
@@ -205,9 +210,7 @@ def distance(reference: Iterable[torch.Tensor], got: Iterable[torch.Tensor]) -> 
 
 def distance_of(module: nn.Module, batches: Sequence[tuple], reference: list[torch.Tensor]) -> Distance:
     """`module`'s distance from `reference` on `batches`, one batch in memory at a time."""
-    with torch.no_grad():
-        got = (flatten_outputs(run_calibration_batch(module, b, i))[0].detach().float() for i, b in enumerate(batches))
-        return distance(reference, got)
+    return distance(reference, iter_first_outputs(module, batches))
 
 
 # ----------------------------------------------------------------------------- the pass

@@ -92,10 +92,7 @@ def tiny_config(model_type: str):
 def run_one(model_type: str, fuse_only: bool) -> dict:
     """In this process: build, fuse, compile one family; a dict of what happened."""
     import torch
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from moec.demo import randomize_
     from moec.passes.base import PassContext, PassManager
     from moec.passes.fuse_moe import FuseMoE
     from moec.sources import causal_lm_source
@@ -104,10 +101,7 @@ def run_one(model_type: str, fuse_only: bool) -> dict:
     row: dict = {"family": model_type}
     t0 = time.perf_counter()
     try:
-        cfg = tiny_config(model_type)
-        torch.manual_seed(0)
-        model = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])(cfg).eval()
-        randomize_(model, 0)
+        model = build(model_type)
     except Exception as exc:
         return {**row, "stage": "build", "error": f"{type(exc).__name__}: {str(exc)[:600]}"}
     src = causal_lm_source(model, f"survey:{model_type}")
@@ -126,7 +120,7 @@ def run_one(model_type: str, fuse_only: bool) -> dict:
         from moec.errors import MoecError
         from moec.pipeline import CompileOptions, compile
 
-        fresh = causal_lm_source(model_from_scratch(model_type), f"survey:{model_type}")
+        fresh = causal_lm_source(build(model_type), f"survey:{model_type}")  # fusion rewrote the first in place
         with tempfile.TemporaryDirectory() as d:
             try:
                 r = compile(fresh.module, fresh.example_args, fresh.dynamic_shapes,
@@ -143,8 +137,8 @@ def run_one(model_type: str, fuse_only: bool) -> dict:
     return row
 
 
-def model_from_scratch(model_type: str):
-    """The same seeded model again (fusion rewrote the first in place)."""
+def build(model_type: str):
+    """The family's causal LM from its tiny config, with seeded random weights (the same each call)."""
     import torch
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

@@ -269,6 +269,7 @@ def test_compiled_pruned_artifact_is_verified_against_the_pruned_model(target, q
     assert max(i["rel_l2"] for i in r["numerics"][key]["inputs"]) < 1e-5
     assert r["pruning"]["experts_before"] == 8 and r["pruning"]["experts_after"] == 6
     assert r["routing"][0]["tokens"] == 8 * 12 and len(r["routing"][0]["counts"]) == 8
+    assert r["calibration"] == {"data": "calib.npy (8 sequences)", "tokens": 8 * 12}
     model = onnx.load(os.path.join(out, "model.onnx"))
     shapes = {i.name: list(i.dims) for i in model.graph.initializer}
     expert_dims = [d[0] for d in shapes.values() if len(d) == 3 and d[0] in (6, 8)]

@@ -46,7 +46,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         if extra["shard_size"] <= 0:
             raise MoecError(f"--shard-size {args.shard_size}: a shard must hold at least one byte.")
     for key in ("quant", "block_size", "asymmetric", "accuracy_budget", "device_memory", "accuracy_level",
-                "tensorrt_aot", "quant_dense", "calibration", "prune_by", "static"):
+                "tensorrt_aot", "quant_dense", "calibration", "prune_by", "static", "task"):
         value = getattr(args, key, None)
         if value is not None and value is not False:  # 0 and "" are given values, checked as such
             extra[key] = value
@@ -74,6 +74,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
             print(f"  note: {l['path']} fused, lowered to dense ops: {l['lowering_note']}")
     print(f"numerics vs {against}: worst relative L2 {worst['rel_l2']:.2e}, max abs {worst['max_abs']:.2e} "
           f"(tolerance {r['numerics']['tolerance_rel_l2']:g}) — {'PASS' if r['numerics']['passed'] else 'FAIL'}")
+    gen = r["numerics"].get("generation")
+    if gen:
+        print(f"text generation: KV-cache decoder; greedy {gen['new_tokens']} tokens on prompt sets "
+              f"{gen['prompt_sets']} vs {gen['reference']}:")
+        for c in gen["checks"]:
+            print(f"  {c['description']}")
+        if gen["genai"] != "checked":
+            print(f"  onnxruntime-genai: {gen['genai']}")
     if result.triton_model_dir:
         serving = (r.get("triton") or {}).get("serving")
         print(f"Triton model: {result.triton_model_dir}" + (f" — {serving}" if serving else ""))
@@ -119,6 +127,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     print(f"verifying with {result.runner}")
     print(format_table(result.checks, result.tolerance))
+    for g in result.generation:
+        print(f"greedy generation ({'PASS' if g.passed else 'FAIL'}): {g.describe()}")
     if args.junit:
         write_junit(args.junit, "moec.verify", result.checks, result.seconds)
     raise_if_failed(result)
@@ -290,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--static", action="store_true",
                    help="keep the example's shapes: a factory that gives no dynamic shapes otherwise gets batch "
                         "(dim 0) and seq (dim 1) inferred by probing, listed in the report")
+    c.add_argument("--task", choices=["text-generation", "logits"], default=None,
+                   help="for causal LMs: text-generation (a decoder with a KV cache that onnxruntime-genai loads, "
+                        "with genai_config.json; the default for Hugging Face directories and transformers "
+                        "factories) or logits (input_ids -> logits, no cache; the default for the built-in demo)")
     c.add_argument("--no-validate", action="store_true", help="skip per-pass translation validation")
     c.add_argument("--no-fusion", action="store_true", help="compile without MoE fusion (reference export)")
     c.add_argument("--require-fusion", action="store_true", help="fail if any MoE layer stays unfused")

@@ -83,6 +83,8 @@ class Loaded:
     notes: list[str]  # capture choices, for the report
     dim_ranges: dict
     calibration: Any = None  # moec.calibration.Calibration with --calibration
+    derived_dims: dict = field(default_factory=dict)  # LoadedSource.derived_dims (kept: the source is freed)
+    generation: Any = None  # moec.generation.GenerationInfo of a KV-cache decoder (--task text-generation)
 
 
 @dataclass
@@ -91,6 +93,7 @@ class Reference:
 
     inputs: list[tuple]
     eager: list[list[torch.Tensor]]
+    generation: Optional[list] = None  # a decoder's greedy runs (moec.greedy.GreedyRun) on the prompt sets
 
 
 @dataclass
@@ -104,6 +107,7 @@ class Transformed:
     exact_name: str = ""  # what `exact` is, for messages and the report: "dequantized reference" ...
     pruning: Optional[dict] = None  # the report's pruning
     routing: Optional[list] = None  # the report's routing statistics (with --calibration)
+    exact_generation: Optional[list] = None  # a decoder's greedy runs after the last pass changing numerics
 
 
 @dataclass
@@ -148,7 +152,8 @@ def compile(
     check_options(options, target)
     stage = _Stages(options.log)
     loaded = stage("load", f"loading {source or ('python module' if module is not None else 'built-in demo model')}",
-                   load, module, example_args, dynamic_shapes, source, bool(options.extra.get("static")))
+                   load, module, example_args, dynamic_shapes, source, bool(options.extra.get("static")),
+                   options.extra.get("task"))
     check_loaded(loaded, options)
     folded = stage("fold", "folding quantize/dequantize pairs on weights", fold, loaded, options)
     if folded.spec is not None:
@@ -169,10 +174,23 @@ def compile(
         model_path = os.path.join(tmp, "model.onnx")
         onnx_weight_bytes = weight_bytes(program)
         files = save_onnx(program, model_path, shard_bytes=options.extra.get("shard_size"), log=options.log)
+        generation = None
+        if loaded.generation is not None:
+            from moec.generation import write_generation_files
+
+            generation = write_generation_files(tmp, loaded.generation)
+            files += [os.path.join(tmp, f) for f in ["genai_config.json"] * generation["genai_config"]
+                      + generation["tokenizer_files"]]
+        gen_golden = generation_golden(loaded, reference, transformed, options)
         del program, transformed.module, loaded.src
         gc.collect()  # the torch weights go before ONNX Runtime loads its own copy
         verified = stage("verify", "verifying with ONNX Runtime", verify, model_path, tmp, reference, transformed,
-                         options, target)
+                         options, target, gen_golden)
+        if transformed.exact_generation and reference.generation:  # how far quantization / pruning moved tokens
+            from moec.greedy import token_agreement
+
+            verified.numerics["generation"]["tokens_equal_to_fp32"] = token_agreement(reference.generation,
+                                                                                      transformed.exact_generation)
         report = {
             "moec_version": moec_version(),
             "source": source or "python-module",
@@ -184,6 +202,7 @@ def compile(
             "quantization": transformed.quant,
             "pruning": transformed.pruning,
             "routing": transformed.routing,
+            "generation": generation,
             "calibration": None if loaded.calibration is None else {
                 "data": loaded.calibration.description, "tokens": loaded.calibration.tokens},
             "numerics": verified.numerics,
@@ -195,8 +214,12 @@ def compile(
                      [Probe(f"probe{i}", f, o) for i, (f, o) in enumerate(zip(verified.feeds, verified.outputs))],
                      model=loaded.identity, precision=transformed.quant["precision"] if transformed.quant else "fp32",
                      tolerance=verified.numerics["tolerance_rel_l2"], versions=versions())
+        if gen_golden is not None:
+            from moec.greedy import write_generation_golden
+
+            write_generation_golden(os.path.join(tmp, "golden"), gen_golden)
         memory = stage("plan", "planning memory", plan_artifact_memory, model_path, loaded.dim_ranges, options,
-                       report, target)
+                       report, target, loaded.derived_dims)
         if memory is not None:
             report["memory"] = memory
         artifact = ArtifactContext(tmp, model_path, files, report, options, verified.evaluable_files, options.log)
@@ -291,16 +314,23 @@ def check_pruning(options: CompileOptions) -> None:
 
 
 def load(module: Optional[nn.Module], example_args: Optional[tuple], dynamic_shapes: Any,
-         source: Optional[str], static: bool = False) -> Loaded:
-    if module is not None:
+         source: Optional[str], static: bool = False, task: Optional[str] = None) -> Loaded:
+    if module is not None and task == "text-generation":
+        from moec.sources import as_task, is_causal_lm, refuse_generation
+
+        if not is_causal_lm(module):
+            refuse_generation(task, f"the module given is a {type(module).__name__}")
+        src = as_task(module.eval(), "python:" + type(module).__name__, task, type(module).__name__)
+    elif module is not None:
         src = LoadedSource(module.eval(), tuple(example_args or ()), dynamic_shapes, "python:" + type(module).__name__,
                            [], [], [], [])
         src.input_names = [f"input_{i}" for i in range(len(src.example_args))]
         src.input_kinds = ["float" if a.is_floating_point() else "int" for a in src.example_args]
     else:
-        src = load_source(source, static=static)
+        src = load_source(source, static=static, task=task)
     identity = {"source": source or src.identity, "identity": src.identity, "weights_sha256": weights_sha256(src.module)}
-    return Loaded(src, source, identity, list(src.notes), src.dim_ranges())
+    return Loaded(src, source, identity, list(src.notes), src.dim_ranges(), derived_dims=dict(src.derived_dims),
+                  generation=getattr(src, "info", None))
 
 
 def check_loaded(loaded: Loaded, options: CompileOptions) -> None:
@@ -345,13 +375,21 @@ def fold(loaded: Loaded, options: CompileOptions) -> Folded:
 def eager_reference(loaded: Loaded, options: CompileOptions) -> Reference:
     """Verification inputs: the example's shape and another batch / sequence length."""
     src = loaded.src
-    inputs = [src.make_inputs(seed=100)]
-    other_seq = options.verify_seq_len or _other_len(src)
-    if other_seq is not None:
-        inputs.append(src.make_inputs(seed=101, seq_len=other_seq, batch=1 if src._is_dynamic(0, 0) else None))
-    elif src.example_args and src._is_dynamic(0, 0):  # a dynamic batch alone: check another batch size
-        inputs.append(src.make_inputs(seed=101, batch=int(src.example_args[0].shape[0]) + 1))
-    return Reference(inputs, outputs_on(src.module, inputs))
+    inputs = src.verification_inputs(options.verify_seq_len)
+    return Reference(inputs, outputs_on(src.module, inputs), greedy_runs(src.module, loaded.generation))
+
+
+GENERATION_STEPS = 8  # new tokens a compile checks per prompt (`moec verify` replays the same)
+
+
+def greedy_runs(module: nn.Module, info) -> Optional[list]:
+    """A decoder's greedy continuations of the fixed prompt sets, in PyTorch (None for other models)."""
+    if info is None:
+        return None
+    from moec.greedy import greedy, prompt_sets, torch_step
+
+    return [greedy(torch_step(module), prompts, GENERATION_STEPS, info.cache_shapes, info.pad_id,
+                   info.context_length) for prompts in prompt_sets(info.vocab, info.pad_id)]
 
 
 def outputs_on(module: nn.Module, inputs: list[tuple]) -> list[list[torch.Tensor]]:
@@ -399,6 +437,7 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
     last_numerics = next((p for p in reversed(passes) if p.changes_numerics and p.name not in options.disabled_passes),
                          None)
     exact: list = []
+    exact_generation: list = []
     pruned: list = []  # the pruned full-precision model's outputs: what quantization's own error is against
 
     def after_pass(p: Pass, module: nn.Module) -> None:
@@ -408,6 +447,7 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
             pruned[:] = outputs_on(module, reference.inputs)
         if p is last_numerics:  # the exact reference for the quantized / pruned artifact
             exact[:] = outputs_on(module, reference.inputs)
+            exact_generation[:] = greedy_runs(module, loaded.generation) or []
 
     active = [p for p in passes if p.name not in options.disabled_passes]
     off = [p for p in passes if p.name in options.disabled_passes]
@@ -427,7 +467,8 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
         bad = [f"{l['path']}: {l.get('reason', '')}" for l in layers["layers"] if not l["fused"]]
         raise FusionRequiredError("--require-fusion: MoE layers left unfused: " + "; ".join(bad))
     return Transformed(module, records, layers, quant, exact if exact_name else [],
-                       f"the {exact_name} reference" if exact_name else "", pruning, routing)
+                       f"the {exact_name} reference" if exact_name else "", pruning, routing,
+                       exact_generation if exact_name and exact_generation else None)
 
 
 def refuse_without_fused_layers(module: nn.Module, options: CompileOptions) -> None:
@@ -452,8 +493,45 @@ def capture_model(transformed: Transformed, loaded: Loaded) -> Captured:
     return capture(transformed.module, loaded.src.example_args, loaded.src.dynamic_shapes)
 
 
+def generation_golden(loaded: Loaded, reference: Reference, transformed: Transformed, options: CompileOptions):
+    """A decoder's generation golden: greedy runs of the exact reference (the quantized / pruned model when
+    a pass changed numerics, else eager PyTorch); None for other models."""
+    if reference.generation is None:
+        return None
+    from moec.greedy import GenerationGolden
+
+    info, quant = loaded.generation, transformed.quant
+    runs = transformed.exact_generation or reference.generation
+    tolerance = quant["tolerance_vs_dequantized"] if quant else options.tolerance
+    return GenerationGolden(runs, GENERATION_STEPS, info.pad_id, info.cache_shapes, info.context_length, tolerance,
+                            transformed.exact_name if transformed.exact_generation else "eager PyTorch",
+                            list(info.eos_ids))
+
+
+def check_generation(runner, tmp: str, golden, evaluable: bool) -> dict:
+    """Replay the golden's greedy runs through ONNX Runtime (every step's logits), and through
+    onnxruntime-genai over the artifact directory when it is installed and can hold the cache."""
+    from moec import greedy
+
+    checks = [greedy.check(runner.name, golden.runs, greedy.replay(golden, greedy.session_step(runner)),
+                           golden.tolerance)]
+    genai_note = None
+    if evaluable:
+        genai_note = "the target's nodes need moec's reference subgraphs; onnxruntime-genai not run"
+    elif not os.path.isfile(os.path.join(tmp, "genai_config.json")):
+        genai_note = "no genai_config.json (see generation.genai_unsupported)"
+    elif not greedy.genai_available():
+        genai_note = "onnxruntime-genai is not installed: verified with ONNX Runtime directly"
+    else:
+        checks.append(greedy.check_genai(tmp, golden, golden.eos_ids))
+    return {"reference": golden.reference, "new_tokens": golden.new_tokens,
+            "prompt_sets": [[len(p) for p in r.prompts] for r in golden.runs],
+            "checks": [{**c.to_dict(), "description": c.describe()} for c in checks],
+            "genai": genai_note or "checked", "passed": all(c.passed for c in checks)}
+
+
 def verify(model_path: str, tmp: str, reference: Reference, transformed: Transformed, options: CompileOptions,
-           target: Target) -> Verified:
+           target: Target, generation=None) -> Verified:
     """The artifact (or the target's runnable copy of it) in ONNX Runtime against eager PyTorch; a
     quantized or pruned artifact is gated on the exact check against the quantized / pruned model
     (its distance from full precision is reported)."""
@@ -478,6 +556,9 @@ def verify(model_path: str, tmp: str, reference: Reference, transformed: Transfo
             numerics["vs_fp32"]["note"] = ("the unpruned model, for information (tolerance 1.0 means nothing in "
                                            "common); --accuracy-budget gates pruning.vs_unpruned on the calibration "
                                            "data and quantization against the pruned model")
+    if generation is not None:
+        numerics["generation"] = check_generation(runner, tmp, generation, bool(evaluable_files))
+        numerics["passed"] = numerics["passed"] and numerics["generation"]["passed"]
     del runner
     if evaluable_files:
         if not (options.triton_repo and numerics["passed"]):
@@ -505,7 +586,7 @@ def compare_runs(runner, inputs: list[tuple], references: list[list[torch.Tensor
 
 
 def plan_artifact_memory(model_path: str, dim_ranges: dict, options: CompileOptions, report: dict,
-                         target: Target) -> Optional[dict]:
+                         target: Target, derived_dims: Optional[dict] = None) -> Optional[dict]:
     """Plan activation memory over the final graph; enforce --device-memory before anything is written."""
     import onnx
 
@@ -514,11 +595,16 @@ def plan_artifact_memory(model_path: str, dim_ranges: dict, options: CompileOpti
     from moec.memory import fit_check, human, parse_size, profiles_for
 
     budget = parse_size(options.extra["device_memory"]) if options.extra.get("device_memory") else None
+    derived_dims = derived_dims or {}
     ranges = {d: (lo, hi) for d, (lo, hi, _) in dim_ranges.items()}
     opt = {d: ex for d, (_, _, ex) in dim_ranges.items()}
     profiles = profiles_for(ranges, opt, options.extra.get("max_shape"))
+    for dim, parts in derived_dims.items():  # e.g. a decoder's total = past + seq, in every profile
+        for p in profiles.values():
+            if dim in p and all(d in p for d in parts):
+                p[dim] = sum(p[d] for d in parts)
     plan = plan_memory(onnx.load(model_path, load_external_data=False), profiles, hooks=PlanHooks.of(target),
-                       base_dir=os.path.dirname(model_path))
+                       base_dir=os.path.dirname(model_path), derived=derived_dims)
     out = plan.to_dict()
     if budget is not None:
         expert_bytes = sum(l.get("weight_bytes_fp32", 0) for l in (report.get("quantization") or {}).get("layers", []))
@@ -565,6 +651,10 @@ def package(artifact: ArtifactContext, target: Target, timings: dict, t0: float)
             os.rename(tmp, kept)
             where = f"The failing artifact and its report are in {kept}."
         against = numerics.get("against") or "eager PyTorch"
+        if all(r["passed"] for r in numerics["inputs"]):  # the probes pass: greedy generation diverged
+            failed = [c["description"] for c in numerics["generation"]["checks"] if not c["passed"]]
+            raise VerificationError(f"greedy generation through the artifact differs from {against}: "
+                                    + "; ".join(failed) + f". {where}")
         raise VerificationError(
             f"ONNX Runtime output differs from {against}: relative L2 {float(worst['rel_l2']):.3g} "
             f"(max abs {float(worst['max_abs']):.3g}) on input '{worst['input']}' exceeds tolerance "
@@ -681,13 +771,6 @@ class _workdir:
             raise DiskFullError(f"out of disk space writing the artifact ({full.strerror}: "
                                 f"{full.filename or self.parent}); {free / 2**30:.2f} GiB free in '{self.parent}'. "
                                 "Nothing was written; free space or choose another --out.") from exc
-
-
-def _other_len(src: LoadedSource) -> Optional[int]:
-    if not src.example_args or not src._is_dynamic(0, 1):
-        return None
-    seq = src.example_args[0].shape[1]
-    return seq + 5 if seq < 64 else max(2, seq // 2)
 
 
 def _write_json(path: str, obj: Any) -> None:

@@ -32,6 +32,7 @@ class LoadedSource:
     input_kinds: list[str] = field(default_factory=list)  # "tokens:<vocab>", "int" (vocabulary unknown) or "float"
     prequantized: Any = None  # the QuantSpec of a packed checkpoint's expert weights, if any
     weight_codes: WeightCodes = field(default_factory=WeightCodes)  # and their codes, by weight tensor
+    derived_dims: dict[str, tuple[str, ...]] = field(default_factory=dict)  # dim -> the dims it is the sum of
 
     def make_inputs(self, seed: int, seq_len: Optional[int] = None, batch: Optional[int] = None) -> tuple:
         """Fresh fixed-seed inputs shaped like the example (optionally another batch/sequence)."""
@@ -46,6 +47,19 @@ class LoadedSource:
             kind = self.input_kinds[i] if i < len(self.input_kinds) else "float"
             out.append(random_like(a, shape, gen, int(kind.split(":")[1]) if kind.startswith("tokens:") else None))
         return tuple(out)
+
+    def verification_inputs(self, other_seq: Optional[int] = None) -> list[tuple]:
+        """The example's shape, and another sequence length (`other_seq`, else a derived one) at batch 1 —
+        or, with a dynamic batch alone, another batch size."""
+        inputs = [self.make_inputs(seed=100)]
+        dynamic_seq = bool(self.example_args) and self._is_dynamic(0, 1)
+        if dynamic_seq:
+            seq = int(self.example_args[0].shape[1])
+            other = other_seq or (seq + 5 if seq < 64 else max(2, seq // 2))
+            inputs.append(self.make_inputs(seed=101, seq_len=other, batch=1 if self._is_dynamic(0, 0) else None))
+        elif self.example_args and self._is_dynamic(0, 0):
+            inputs.append(self.make_inputs(seed=101, batch=int(self.example_args[0].shape[0]) + 1))
+        return inputs
 
     def dim_ranges(self) -> dict[str, tuple[int, Optional[int], int]]:
         """Named dynamic dims -> (min, max or None if unbounded, example size)."""
@@ -119,25 +133,49 @@ def causal_lm_source(model: nn.Module, identity: str, batch: int = 2, seq: int =
     )
 
 
-def load_source(source: Optional[str], static: bool = False) -> LoadedSource:
-    """`static`: keep a factory's example shapes when it gives no dynamic shapes (--static)."""
+def load_source(source: Optional[str], static: bool = False, task: Optional[str] = None) -> LoadedSource:
+    """`static`: keep a factory's example shapes when it gives no dynamic shapes (--static).
+    `task`: "text-generation" (a KV-cache decoder; the default for Hugging Face directories and transformers
+    factories) or "logits" (input_ids -> logits; the default for the built-in demo). Other sources have no
+    task and refuse "text-generation"."""
     if source is None or source in ("", "demo", "builtin:mixtral-demo"):
         from moec.demo import mixtral_demo
 
+        if task == "text-generation":
+            return as_task(mixtral_demo().module.model, "builtin:mixtral-demo", task, "the built-in demo")
         return mixtral_demo()
     if os.path.isdir(source):
-        return load_hf_dir(source)
+        return load_hf_dir(source, task)
     if source.endswith(".pt2"):
+        refuse_generation(task, f"'{source}' is a torch.export program, not a transformers causal LM")
         return load_pt2(source)
     if ":" in source:
-        return load_factory(source, static)
+        return load_factory(source, static, task)
     raise SourceError(
         f"cannot interpret SOURCE '{source}': expected 'package.module:factory', a .pt2 file saved "
         "with torch.export.save, or a Hugging Face model directory (config.json + *.safetensors)."
     )
 
 
-def load_factory(spec: str, static: bool = False) -> LoadedSource:
+def as_task(model: nn.Module, identity: str, task: Optional[str], what: str,
+            example: Optional[torch.Tensor] = None, source_dir: Optional[str] = None) -> LoadedSource:
+    """A transformers causal LM as the graph `task` asks for (text-generation unless told otherwise)."""
+    if task in (None, "text-generation"):
+        from moec.generation import decoder_source
+
+        return decoder_source(model, identity, source_dir)
+    if task != "logits":
+        raise SourceError(f"unknown task '{task}' for {what}; expected text-generation or logits.")
+    return causal_lm_source(model, identity, example=example)
+
+
+def refuse_generation(task: Optional[str], why: str) -> None:
+    if task == "text-generation":
+        raise SourceError(f"--task text-generation needs a transformers causal LM (a Hugging Face model directory or "
+                          f"a factory returning a *ForCausalLM), and {why}; compile it without --task.")
+
+
+def load_factory(spec: str, static: bool = False, task: Optional[str] = None) -> LoadedSource:
     mod_name, _, fn_name = spec.partition(":")
     try:
         mod = importlib.import_module(mod_name)
@@ -157,6 +195,9 @@ def load_factory(spec: str, static: bool = False) -> LoadedSource:
             "without network access and return (module, example_args[, dynamic_shapes])."
         ) from exc
     if isinstance(result, LoadedSource):
+        if task == "text-generation" and isinstance(result.module, CausalLMLogits):
+            return as_task(result.module.model, result.identity, task, f"factory '{spec}'")
+        refuse_generation(task, f"factory '{spec}' returned a LoadedSource of {type(result.module).__name__}")
         return result
     if not isinstance(result, tuple) or len(result) not in (2, 3) or not isinstance(result[0], nn.Module):
         raise SourceError(
@@ -170,6 +211,17 @@ def load_factory(spec: str, static: bool = False) -> LoadedSource:
             raise SourceError(f"factory '{spec}' returned example input {i} as {type(a).__name__}; example_args must "
                               "be a tuple of tensors (one per forward argument).")
     dyn = result[2] if len(result) == 3 else None
+    if not is_causal_lm(module):
+        refuse_generation(task, f"factory '{spec}' returned a {type(module).__name__}")
+    # Example shapes or --static given for a causal LM ask for the logits graph unless the task is explicit.
+    if is_causal_lm(module) and (task == "text-generation" or (task is None and dyn is None and not static)):
+        if dyn is not None or static:
+            raise SourceError(f"factory '{spec}' returned a causal LM with {'dynamic shapes' if dyn else '--static'}; "
+                              "a text-generation artifact has its own inputs and dims (batch, seq, past, total). "
+                              "Drop them, or compile with --task logits.")
+        src = as_task(module.eval(), f"factory:{spec}", task, f"factory '{spec}'")
+        src.notes.append(f"{type(module).__name__} from factory '{spec}' compiled as a KV-cache decoder")
+        return src
     if is_causal_lm(module):  # a transformers model as it comes: wrapped as a Hugging Face directory is
         if len(args) != 1 or args[0].is_floating_point() or args[0].dim() != 2:
             raise SourceError(f"factory '{spec}' returned a {type(module).__name__} with example inputs "
@@ -295,7 +347,7 @@ def _dynamic_shapes_of(ep) -> Any:
     return tuple(specs) if any(specs) else None
 
 
-def load_hf_dir(path: str) -> LoadedSource:
+def load_hf_dir(path: str, task: Optional[str] = None) -> LoadedSource:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise SourceError(f"'{path}' is a directory but has no config.json; a Hugging Face model directory is expected.")
@@ -311,7 +363,7 @@ def load_hf_dir(path: str) -> LoadedSource:
 
     if is_packed(path):
         model, spec, codes = load_packed(path)
-        src = causal_lm_source(model, f"hf-packed:{os.path.abspath(path)}")
+        src = as_task(model, f"hf-packed:{os.path.abspath(path)}", task, f"'{path}'", source_dir=path)
         src.prequantized, src.weight_codes = spec, codes
         src.notes.append(f"packed expert weights ({spec.name}) folded without re-quantizing")
         return src
@@ -346,4 +398,4 @@ def load_hf_dir(path: str) -> LoadedSource:
         raise SourceError(f"the checkpoint in '{path}' lacks {len(missing)} tensor(s) the model in its config.json "
                           f"needs, e.g. '{missing[0]}'; transformers would initialize them randomly. Nothing was "
                           "written.")
-    return causal_lm_source(model.eval(), f"hf:{os.path.abspath(path)}")
+    return as_task(model.eval(), f"hf:{os.path.abspath(path)}", task, f"'{path}'", source_dir=path)

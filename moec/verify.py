@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -26,10 +26,11 @@ class VerifyResult:
     tolerance: float
     seconds: float
     runner: str
+    generation: list = field(default_factory=list)  # moec.greedy.GenerationCheck per runner (decoders)
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        return all(c.passed for c in self.checks) and all(g.passed for g in self.generation)
 
     @property
     def worst_rel_l2(self) -> float:
@@ -37,7 +38,8 @@ class VerifyResult:
 
     @property
     def failures(self) -> str:
-        return "; ".join(f"{c.probe}/{c.output}: {c.reason}" for c in self.checks if not c.passed)
+        return "; ".join([f"{c.probe}/{c.output}: {c.reason}" for c in self.checks if not c.passed]
+                         + [f"greedy generation: {g.describe()}" for g in self.generation if not g.passed])
 
 
 class OrtRunner:
@@ -177,7 +179,27 @@ def verify(artifact_dir: Optional[str], golden_dir: Optional[str] = None, *, ser
     for probe in g.probes:
         runner.check_inputs(probe.inputs)
         checks.extend(goldens.compare(g, probe, runner.run(probe.inputs), tol))
-    return VerifyResult(checks, tol, time.perf_counter() - t, runner.name)
+    generation = []
+    if not engine:
+        generation = replay_generation(golden_dir or os.path.join(artifact_dir, "golden"), runner,
+                                       None if server else artifact_dir, tolerance)
+    return VerifyResult(checks, tol, time.perf_counter() - t, runner.name, generation)
+
+
+def replay_generation(golden_dir: str, runner, artifact_dir: Optional[str], tolerance: Optional[float]) -> list:
+    """A decoder's generation golden (greedy tokens and every step's logits) replayed through `runner`, and
+    through onnxruntime-genai over `artifact_dir` when it has genai_config.json and genai is installed."""
+    from moec import greedy
+
+    g = greedy.load_generation_golden(golden_dir)
+    if g is None:
+        return []
+    if tolerance is not None:
+        g.tolerance = tolerance
+    checks = [greedy.check(runner.name, g.runs, greedy.replay(g, greedy.session_step(runner)), g.tolerance)]
+    if artifact_dir and os.path.isfile(os.path.join(artifact_dir, "genai_config.json")) and greedy.genai_available():
+        checks.append(greedy.check_genai(artifact_dir, g, g.eos_ids))
+    return checks
 
 
 def raise_if_failed(result: VerifyResult) -> None:

@@ -99,10 +99,13 @@ def factories(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_factory_returning_a_transformers_model_as_it_comes(factories, out_dir):
-    src = load_source(f"{factories}:raw_causal_lm")
+    src = load_source(f"{factories}:raw_causal_lm")  # a text-generation decoder by default
+    assert src.input_names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert any("compiled as a KV-cache decoder" in n for n in src.notes)
+    src = load_source(f"{factories}:raw_causal_lm", task="logits")
     assert src.input_names == ["input_ids"] and src.input_kinds == ["tokens:128"]
     assert any("wrapped as input_ids -> logits" in n for n in src.notes)
-    r = moec.compile(source=f"{factories}:raw_causal_lm", out=out_dir).report
+    r = moec.compile(source=f"{factories}:raw_causal_lm", out=out_dir, extra={"task": "logits"}).report
     assert r["moe_layers"]["fused"] == 2 and r["numerics"]["passed"]
     dims = [d.dim_param for d in onnx.load(os.path.join(out_dir, "model.onnx")).graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", "seq"]

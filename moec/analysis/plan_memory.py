@@ -265,13 +265,16 @@ def _fit(samples: list[tuple[dict[str, int], int]], dims: list[str], basis) -> O
 
 def plan_memory(model: onnx.ModelProto, profiles: dict[str, dict[str, int]], alignment: int = 64,
                 hooks: Optional[PlanHooks] = None, with_weights: bool = False,
-                base_dir: Optional[str] = None) -> MemoryPlan:
+                base_dir: Optional[str] = None, derived: Optional[dict[str, tuple[str, ...]]] = None) -> MemoryPlan:
     """Plan `model` (its weights need not be loaded: onnx.load(..., load_external_data=False); `base_dir`,
     its directory, lets small external tensors keep their values). The probe runs use a weightless copy
-    unless `with_weights` (kept to check the two agree)."""
-    dims = sorted({d.dim_param for v in model.graph.input for d in v.type.tensor_type.shape.dim if d.dim_param})
+    unless `with_weights` (kept to check the two agree). `derived` names dims that are sums of others (a
+    decoder's total = past + seq): probes keep the relation, and sizes are expressions of the others."""
+    derived = derived or {}
+    all_dims = sorted({d.dim_param for v in model.graph.input for d in v.type.tensor_type.shape.dim if d.dim_param})
+    dims = [d for d in all_dims if d not in derived]
     for pname, p in profiles.items():
-        missing = [d for d in dims if d not in p]
+        missing = [d for d in all_dims if d not in p]
         if missing:
             raise MemoryPlanError(f"profile '{pname}' gives no value for dynamic dim(s) {', '.join(missing)}; "
                                   "every dynamic dim needs a bounded value in every profile.")
@@ -282,7 +285,9 @@ def plan_memory(model: onnx.ModelProto, profiles: dict[str, dict[str, int]], ali
     # probe points: enough for the basis, plus two to check the fit
     rng = np.random.default_rng(0)
     points = [{d: int(v) for d, v in zip(dims, rng.integers(2, 17, size=len(dims)))} for _ in range(len(basis) + 2)]
-    shapes_at = [_concrete_shapes(session, runnable, p) for p in points]
+    feeds_at = [{**p, **{d: sum(p[k] for k in parts) for d, parts in derived.items() if d in all_dims}}
+                for p in points]
+    shapes_at = [_concrete_shapes(session, runnable, p) for p in feeds_at]
     del session
     init_names = {i.name for i in model.graph.initializer}
     const_outputs = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}

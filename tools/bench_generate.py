@@ -160,9 +160,7 @@ def run_genai(model_dir: str, ids: np.ndarray, new: int, window: int = 0) -> tup
         return [list(map(int, gen.get_sequence(r)))[ids.shape[1]:length] for r in range(ids.shape[0])], prefill, decode
 
     generate(2)  # warm-up
-    out = generate(new)
-    del model
-    return out
+    return generate(new)
 
 
 def compile_moec(src: str, out: str, *extra: str) -> dict:

@@ -391,8 +391,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("verify needs DIR or --server")
     if args.command == "inspect" and args.memory and args.routing:
         parser.error("inspect: give --memory or --routing, not both")
-    if args.command == "verify" and args.server and not args.golden:
-        parser.error("verify --server needs --golden")
+    if args.command == "verify" and args.server and not args.golden and not args.dir:
+        parser.error("verify --server needs --golden (or DIR, whose golden/ is used)")
     previous = _terminate_as_interrupt()
     try:
         return args.func(args)

@@ -15,7 +15,7 @@ as transformers computes it, so the semantics are the model's own.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -186,6 +186,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 @dataclass
+class SearchDefaults:
+    """The source's generation_config.json sampling settings, which become genai_config.json's search
+    defaults (transformers' own defaults where the source sets none). Verification is greedy regardless."""
+
+    do_sample: bool = False
+    top_k: int = 50
+    top_p: float = 1.0
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+
+
+@dataclass
 class GenerationInfo:
     """What the generation files need from the model, kept after the model itself is freed."""
 
@@ -198,6 +210,7 @@ class GenerationInfo:
     eos_ids: list[int]
     pad_id: int
     source_dir: Optional[str]  # a Hugging Face directory to copy tokenizer files from
+    search: SearchDefaults = field(default_factory=SearchDefaults)
 
     @property
     def cache_shapes(self) -> list[tuple[int, int]]:
@@ -224,9 +237,13 @@ def generation_info(model: nn.Module, layout: CacheLayout, source_dir: Optional[
     eos_ids = [e for e in (in_vocab(x) for x in (eos if isinstance(eos, (list, tuple)) else [eos])) if e is not None]
     pad_id = in_vocab(pick("pad_token_id"))
     pad_id = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else 0)
+    defaults = SearchDefaults()
+    search = SearchDefaults(**{
+        name: type(default)(getattr(gen, name)) if getattr(gen, name, None) is not None else default
+        for name, default in vars(defaults).items()})
     return GenerationInfo(layout, vocab, int(cfg.hidden_size), int(cfg.num_attention_heads),
                           int(getattr(cfg, "max_position_embeddings", 4096) or 4096),
-                          in_vocab(pick("bos_token_id")), eos_ids, pad_id, source_dir)
+                          in_vocab(pick("bos_token_id")), eos_ids, pad_id, source_dir, search)
 
 
 def genai_config(info: GenerationInfo) -> tuple[Optional[dict], str]:
@@ -260,8 +277,8 @@ def genai_config(info: GenerationInfo) -> tuple[Optional[dict], str]:
     }
     if info.bos_id is not None:
         model["bos_token_id"] = info.bos_id
-    search = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": info.context_length,
-              "min_length": 0, "top_k": 1, "top_p": 1.0, "temperature": 1.0, "repetition_penalty": 1.0,
+    search = {**vars(info.search), "num_beams": 1, "num_return_sequences": 1, "max_length": info.context_length,
+              "min_length": 0,
               "early_stopping": True, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0,
               # the graph concatenates past and new keys (present = past + seq): no shared buffer
               "past_present_share_buffer": False}

@@ -290,21 +290,27 @@ def genai_comparable(tokens: Sequence[int], eos_ids: Sequence[int], pad_id: int)
     return out
 
 
-def check_genai(artifact_dir: str, g: GenerationGolden, eos_ids: Sequence[int]) -> GenerationCheck:
-    """genai's tokens against the golden's, each prompt alone, over the prefix genai reproduces (before the
-    first end-of-sequence or pad token; the golden runs on). genai gives no per-step logits here: tokens
-    only.
-
-    Alone, because onnxruntime-genai 0.18's append_tokens does not mask left padding (it feeds an all-ones
-    attention mask and positions 0..L-1 for a padded batch, measured), so a batch of prompts of different
-    lengths would differ from transformers for reasons outside the artifact."""
+def check_generate(runner: str, g: GenerationGolden, generate: Callable[[list[int], int], list[int]]
+                   ) -> GenerationCheck:
+    """Tokens from `generate(prompt, max_tokens)` (onnxruntime-genai, or a server running it) against the
+    golden's, each prompt alone, over the prefix genai reproduces (before the first end-of-sequence or pad
+    token; the golden runs on)."""
     first = None
     for b, run in enumerate(g.runs):
         for row, prompt in enumerate(run.prompts):
-            toks = genai_generate(artifact_dir, [prompt], g.new_tokens)[0]
-            for step, expected in enumerate(genai_comparable(run.tokens[row], eos_ids, g.pad_id)):
+            toks = generate(prompt, g.new_tokens)
+            for step, expected in enumerate(genai_comparable(run.tokens[row], g.eos_ids, g.pad_id)):
                 token = toks[step] if step < len(toks) else -1
                 if token != expected:
                     first = first or Divergence(b, row, step, expected, token, float("nan"))
                     break
-    return GenerationCheck("onnxruntime-genai", first, 0.0, g.tolerance, g.new_tokens, compares_logits=False)
+    return GenerationCheck(runner, first, 0.0, g.tolerance, g.new_tokens, compares_logits=False)
+
+
+def check_genai(artifact_dir: str, g: GenerationGolden) -> GenerationCheck:
+    """onnxruntime-genai's Generator over the artifact directory, each prompt alone: onnxruntime-genai 0.18's
+    append_tokens does not mask left padding (it feeds an all-ones attention mask and positions 0..L-1 for
+    a padded batch, measured), so a batch of prompts of different lengths would differ from transformers
+    for reasons outside the artifact. genai gives no per-step logits here: tokens only."""
+    return check_generate("onnxruntime-genai", g,
+                          lambda prompt, n: genai_generate(artifact_dir, [prompt], n)[0])

@@ -523,7 +523,7 @@ def check_generation(runner, tmp: str, golden, evaluable: bool) -> dict:
     elif not greedy.genai_available():
         genai_note = "onnxruntime-genai is not installed: verified with ONNX Runtime directly"
     else:
-        checks.append(greedy.check_genai(tmp, golden, golden.eos_ids))
+        checks.append(greedy.check_genai(tmp, golden))
     return {"reference": golden.reference, "new_tokens": golden.new_tokens,
             "prompt_sets": [[len(p) for p in r.prompts] for r in golden.runs],
             "checks": [{**c.to_dict(), "description": c.describe()} for c in checks],
@@ -689,11 +689,25 @@ def write_triton_model(artifact: ArtifactContext, target: Target) -> str:
     if model.note:
         artifact.log(f"Triton model: {model.note}")
     instances = options.instances if options.instances_given or not derived else derived["triton_instances"]
+    generation = report.get("generation")
+    config_text, extra_files = None, None
+    if generation and generation["genai_config"] and not artifact.evaluable_files:
+        # a text-generation artifact is served through the generate extension by onnxruntime-genai
+        from moec.triton_repo import generate_config
+
+        config_text = generate_config(options.model_name or "moe_model", instances)
+        extra_files = {"model.py": os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_backends",
+                                                "genai_generate.py")}
     triton_dir = write_model_repository(
         options.triton_repo, options.model_name or "moe_model", model.model_path, model.files,
         version=options.model_version, force=options.force, max_batch_size=max_batch, instances=instances,
         platform=model.platform, kind=model.kind, extra=model.extra, max_batch_cap=model.max_batch_cap,
+        config_text=config_text, extra_files=extra_files,
     )
+    if generation:
+        generation["triton"] = ("generate extension (python backend, onnxruntime-genai, streaming)" if config_text
+                                else "the decoder graph, one step a request (no genai_config.json: "
+                                     "onnxruntime-genai cannot serve this artifact)")
     if artifact.evaluable_files:  # the runnable copy is not part of the artifact
         shutil.rmtree(os.path.dirname(artifact.evaluable_files[0]))
     report["triton"] = {"model_dir": triton_dir}

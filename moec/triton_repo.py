@@ -166,10 +166,23 @@ def check_version_free(repo: str, name: str, version: int, force: bool) -> None:
 def write_model_repository(repo: str, name: str, model_path: str, files: list[str], *, version: int = 1,
                            force: bool = False, max_batch_size: Optional[int] = None, instances: int = 1,
                            platform: str = "onnxruntime_onnx", kind: str = "KIND_CPU", extra: str = "",
-                           max_batch_cap: Optional[int] = None) -> str:
+                           max_batch_cap: Optional[int] = None, config_text: Optional[str] = None,
+                           extra_files: Optional[dict[str, str]] = None) -> str:
     """Write REPO/NAME/config.pbtxt and REPO/NAME/VERSION/<model files>. `max_batch_cap`: the largest
-    batch the model accepts (a TensorRT engine's profile; Triton refuses a larger max_batch_size)."""
+    batch the model accepts (a TensorRT engine's profile; Triton refuses a larger max_batch_size).
+    `config_text`: a config of the caller's (a python-backend model) instead of one from the ONNX
+    signature; `extra_files`: name in the version directory -> file to copy there."""
     check_version_free(repo, name, version, force)
+    text = config_text if config_text is not None else signature_config(
+        name, model_path, max_batch_size, instances, platform, kind, extra, max_batch_cap)
+    validate_config(text)
+    files = [(f, "model.plan" if platform == "tensorrt_plan" and f == model_path else os.path.basename(f))
+             for f in files] + [(src, dest) for dest, src in (extra_files or {}).items()]
+    return _write_staged(repo, name, version, force, text, files)
+
+
+def signature_config(name: str, model_path: str, max_batch_size: Optional[int], instances: int, platform: str,
+                     kind: str, extra: str, max_batch_cap: Optional[int]) -> str:
     inputs, outputs, first_dims = onnx_signature(model_path if model_path.endswith(".onnx") else
                                                  os.path.join(os.path.dirname(model_path), "model.onnx"))
     batchable = bool(inputs) and all(d is not None and d == first_dims[0] for d in first_dims) and all(
@@ -185,9 +198,10 @@ def write_model_repository(repo: str, name: str, model_path: str, files: list[st
             f"--max-batch-size {max_batch_size}: the model's inputs do not share a dynamic first (batch) "
             "dimension, so Triton can't batch it; use --max-batch-size 0."
         )
-    text = render_config(name, inputs, outputs, max_batch_size, instances, platform, kind, extra)
-    validate_config(text)
+    return render_config(name, inputs, outputs, max_batch_size, instances, platform, kind, extra)
 
+
+def _write_staged(repo: str, name: str, version: int, force: bool, text: str, files: list[tuple[str, str]]) -> str:
     model_dir = os.path.join(repo, name)
     os.makedirs(repo, exist_ok=True)
     # Staged outside the repository (Triton tries to load every directory in it, hidden ones too), then
@@ -208,9 +222,8 @@ def write_model_repository(repo: str, name: str, model_path: str, files: list[st
     try:
         staged = os.path.join(tmp, name)
         os.makedirs(os.path.join(staged, str(version)))
-        for f in files:
-            target = "model.plan" if platform == "tensorrt_plan" and f == model_path else os.path.basename(f)
-            shutil.copy2(f, os.path.join(staged, str(version), target))
+        for src, dest in files:
+            shutil.copy2(src, os.path.join(staged, str(version), dest))
         with open(os.path.join(staged, "config.pbtxt"), "w") as fh:
             fh.write(text)
         if inside:
@@ -224,3 +237,20 @@ def write_model_repository(repo: str, name: str, model_path: str, files: list[st
         if not placed and created_model_dir:
             shutil.rmtree(model_dir, ignore_errors=True)
     return os.path.abspath(model_dir)
+
+
+def generate_config(name: str, instances: int = 1) -> str:
+    """A decoupled python-backend model answering Triton's generate extension (moec/triton_backends/
+    genai_generate.py): text_input or input_ids, max_tokens and stream in; text_output and output_ids out."""
+    def tensor(n: str, t: str, dims: str, optional: bool) -> str:
+        return (f"  {{\n    name: \"{n}\"\n    data_type: {t}\n    dims: [ {dims} ]"
+                + ("\n    optional: true" if optional else "") + "\n  }")
+
+    inputs = [tensor("text_input", "TYPE_STRING", "1", True), tensor("input_ids", "TYPE_INT64", "-1", True),
+              tensor("max_tokens", "TYPE_INT32", "1", True), tensor("stream", "TYPE_BOOL", "1", True)]
+    outputs = [tensor("text_output", "TYPE_STRING", "1", False), tensor("output_ids", "TYPE_INT64", "-1", False)]
+    return "\n".join([
+        f'name: "{name}"', 'backend: "python"', "max_batch_size: 0",
+        "model_transaction_policy {\n  decoupled: true\n}",
+        "input [\n" + ",\n".join(inputs) + "\n]", "output [\n" + ",\n".join(outputs) + "\n]",
+        f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_CPU\n  }}\n]"]) + "\n"

@@ -146,6 +146,33 @@ class TritonRunner:
         return {n: res.as_numpy(n) for n in self.outputs}
 
 
+class GenerateEndpoint:
+    """A text-generation model served through Triton's generate extension (POST .../generate)."""
+
+    def __init__(self, url: str, model: str):
+        self.url = url if "://" in url else f"http://{url}"
+        self.model_name, self.name = model, f"triton {url} model '{model}' (generate extension)"
+
+    def generate(self, prompt: list[int], max_tokens: int) -> list[int]:
+        import urllib.error
+        import urllib.request
+
+        body = json.dumps({"input_ids": list(map(int, prompt)), "max_tokens": int(max_tokens)}).encode()
+        req = urllib.request.Request(f"{self.url}/v2/models/{self.model_name}/generate", data=body,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return [int(t) for t in json.loads(r.read())["output_ids"]]
+        except urllib.error.HTTPError as exc:
+            raise ServerError(f"{self.name} refused a generate request: HTTP {exc.code}: "
+                              f"{exc.read().decode(errors='replace')[:400]}") from exc
+
+
+def serves_generate(runner) -> bool:
+    """A Triton model whose inputs are the generate extension's (moec's text-generation model)."""
+    return isinstance(runner, TritonRunner) and "max_tokens" in runner.inputs and "input_ids" in runner.inputs
+
+
 class EngineRunner:
     """The artifact's TensorRT engine (model.plan, from `moec build-engine`), on the GPU."""
 
@@ -175,6 +202,17 @@ def verify(artifact_dir: Optional[str], golden_dir: Optional[str] = None, *, ser
     else:
         runner = EngineRunner(artifact_dir) if engine else OrtRunner.for_artifact(artifact_dir)
     tol = tolerance if tolerance is not None else g.tolerance
+    if server and serves_generate(runner):  # the golden's greedy runs through the generate endpoint
+        from moec import greedy
+
+        golden_path = golden_dir or os.path.join(artifact_dir, "golden")
+        gen = greedy.load_generation_golden(golden_path)
+        if gen is None:
+            raise SignatureMismatchError(f"model '{runner.model_name}' serves text generation but '{golden_path}' "
+                                         "has no generation golden; verify it against its compile's golden.")
+        endpoint = GenerateEndpoint(server, model_name or "moe_model")
+        check = greedy.check_generate(endpoint.name, gen, endpoint.generate)
+        return VerifyResult([], tol, time.perf_counter() - t, endpoint.name, [check])
     checks = []
     for probe in g.probes:
         runner.check_inputs(probe.inputs)
@@ -198,7 +236,7 @@ def replay_generation(golden_dir: str, runner, artifact_dir: Optional[str], tole
         g.tolerance = tolerance
     checks = [greedy.check(runner.name, g.runs, greedy.replay(g, greedy.session_step(runner)), g.tolerance)]
     if artifact_dir and os.path.isfile(os.path.join(artifact_dir, "genai_config.json")) and greedy.genai_available():
-        checks.append(greedy.check_genai(artifact_dir, g, g.eos_ids))
+        checks.append(greedy.check_genai(artifact_dir, g))
     return checks
 
 

@@ -319,3 +319,33 @@ def bare_router_moe() -> LoadedSource:
 
 def parallel_lists_moe() -> LoadedSource:
     return handwritten("parallel_lists")
+
+
+def save_byte_level_tokenizer(path: str, vocab_size: int) -> None:
+    """A tokenizer for a random-weight model (nothing to download): byte-level BPE (GPT-2 style, the kind
+    onnxruntime-genai's Tokenizer reads; it does not read word-level ones) trained on a fixed synthetic
+    corpus to exactly `vocab_size` tokens, with <pad> = 0, <eos> = 1, <bos> = 2. Saved as transformers
+    writes one (tokenizer.json + tokenizer_config.json)."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<eos>", "<bos>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(special):
+        raise ValueError(f"a byte-level tokenizer needs vocab_size >= {len(alphabet) + len(special)} "
+                         f"(256 bytes and 3 special tokens); got {vocab_size}")
+    rng = random.Random(0)  # enough distinct words that the trainer always has merges left to learn
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+             for _ in range(4 * vocab_size)]
+    corpus = [" ".join(words[i:i + 64]) for i in range(0, len(words), 64)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                                        initial_alphabet=alphabet, show_progress=False))
+    if tok.get_vocab_size() != vocab_size:
+        raise RuntimeError(f"the tokenizer trainer stopped at {tok.get_vocab_size()} tokens, not {vocab_size}")
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                            bos_token="<bos>").save_pretrained(path)

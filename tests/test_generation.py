@@ -127,7 +127,9 @@ def test_quantized_generation_is_exact_against_its_reference(tmp_path):
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
-    _model("granitemoe").save_pretrained(root / "hf")
+    model = _model("granitemoe")
+    model.generation_config.update(do_sample=True, temperature=0.7, top_p=0.9, top_k=20)
+    model.save_pretrained(root / "hf")
     moec.compile(source=str(root / "hf"), out=str(root / "out"))
     return root / "out"
 
@@ -137,6 +139,10 @@ def test_tokenizer_and_generation_files_travel(artifact):
     assert "generation_config.json" in report["generation"]["tokenizer_files"]
     assert (artifact / "generation_config.json").exists() and (artifact / "genai_config.json").exists()
     assert {"genai_config.json", "generation_config.json"} <= set(report["files"])
+    # the source's sampling settings are the runtime's defaults (verification itself is greedy)
+    search = json.loads((artifact / "genai_config.json").read_text())["search"]
+    assert (search["do_sample"], search["temperature"], search["top_p"], search["top_k"]) == (True, 0.7, 0.9, 20)
+    assert search["repetition_penalty"] == 1.0 and search["past_present_share_buffer"] is False
 
 
 def _moec(*args):
@@ -220,3 +226,16 @@ def test_demo_compiles_as_a_decoder_when_asked(tmp_path):
     report = moec.compile(out=str(tmp_path / "o"), extra={"task": "text-generation"}).report
     assert report["numerics"]["generation"]["passed"]
     assert report["memory"]["profiles"]["max"]["dims"]["seq"] >= 1
+
+
+def test_a_model_without_a_plain_kv_cache_is_refused():
+    """A hybrid (Mamba + attention) model keeps a recurrent state, not [batch, kv_heads, seq, head_dim]."""
+    import transformers
+
+    cfg = transformers.GraniteMoeHybridConfig(
+        vocab_size=128, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=40, num_local_experts=4, num_experts_per_tok=2, layer_types=["mamba", "attention"],
+        mamba_n_heads=4, mamba_d_head=24, mamba_d_state=16, shared_intermediate_size=40)
+    model = transformers.GraniteMoeHybridForCausalLM(cfg).eval()
+    with pytest.raises(SourceError, match="GraniteMoeHybridForCausalLM cannot run with a KV cache.*--task logits"):
+        decoder_source(model, "hybrid")

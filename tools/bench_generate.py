@@ -1,6 +1,6 @@
 """Benchmark: greedy text generation, side by side in one run.
 
-Two real families at real shapes with random weights (real transformers classes, a WordLevel tokenizer
+Two real families at real shapes with random weights (real transformers classes, a byte-level BPE tokenizer
 made here, nothing downloaded):
   gpt_oss   GPT-OSS-shaped, ~0.9B: H 1024, I 1024, 32 experts, top-4, 8 layers, vocab 32000
   qwen3_moe Qwen3-MoE-shaped, ~0.39B: H 1024, I 384, 32 experts, top-4, 8 layers, vocab 32000
@@ -58,8 +58,8 @@ def make_checkpoint(family: str, path: str) -> dict:
     """A Hugging Face directory (fp32 safetensors, tokenizer) of the family at its shape; returns facts the
     bandwidth floor needs."""
     import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+
+    from moec.zoo import save_byte_level_tokenizer
 
     cfg_cls, model_cls, kw = SHAPES[family]
     cfg = getattr(transformers, cfg_cls)(**kw, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=2,
@@ -71,11 +71,7 @@ def make_checkpoint(family: str, path: str) -> dict:
             p.normal_(0.0, 0.02)
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = EOS, PAD
     model.save_pretrained(path)
-    vocab = {f"t{i}": i for i in range(cfg.vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t3"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1", pad_token="t0", bos_token="t2",
-                            unk_token="t3").save_pretrained(path)
+    save_byte_level_tokenizer(path, cfg.vocab_size)
     experts = [n for n, _ in model.named_parameters() if ".experts." in n]
     expert_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if n in experts)
     total = sum(p.numel() * 4 for p in model.parameters())

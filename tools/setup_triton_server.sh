@@ -13,6 +13,9 @@ if [ ! -x "$VENV/bin/tritonserver-ready" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q "nvidia-pytriton==0.7.0" "onnxruntime>=1.23" "numpy<2"
 fi
+# onnxruntime-genai serves text-generation artifacts (the generate extension); added after the first
+# release of this script, so installed outside the marker's guard (a no-op when present)
+"$VENV/bin/python" -c "import onnxruntime_genai" 2>/dev/null || "$VENV/bin/python" -m pip install -q "onnxruntime-genai>=0.18"
 SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 TS="$SITE/pytriton/tritonserver"
 PYVER=$("$VENV/bin/python" -c "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')")

@@ -29,6 +29,7 @@ from torch import nn
 from moec import targets, validate
 from moec.errors import DiskFullError, FusionRequiredError, MoecError, OutputExistsError, VerificationError
 from moec.export_onnx import Captured, capture, save_onnx, to_onnx, weight_bytes
+from moec.simplify_graph import simplify_graph
 from moec.fsutil import disk_error, make_workdir, release_workdir, remove_stale_workdirs, swap_into_place
 from moec.golden import Probe, weights_sha256, write_golden
 from moec.numerics import compare_tensors
@@ -167,8 +168,7 @@ def compile(
     transformed = stage("passes", "running passes: " + (", ".join(names) or "none"), transform,
                         loaded, reference, passes, options, target, fold_records)
     captured = stage("capture", "capturing with torch.export", capture_model, transformed, loaded)
-    program = stage("onnx_export", "converting to ONNX", to_onnx, captured, loaded.src.input_names,
-                    loaded.src.output_names, loaded.src.dynamic_shapes, target.translations())
+    program, simplified = stage("onnx_export", "converting to ONNX", export_graph, captured, loaded, target, options)
     del captured
     with _workdir(options.out, options.log) as tmp:
         model_path = os.path.join(tmp, "model.onnx")
@@ -198,6 +198,7 @@ def compile(
             "target": target.name,
             "capture": {"method": "torch.export (non-strict)", "notes": loaded.notes},
             "passes": [r.to_dict() for r in fold_records + transformed.records],
+            "graph": None if simplified is None else simplified.to_dict(),
             "moe_layers": transformed.layers,
             "quantization": transformed.quant,
             "pruning": transformed.pruning,
@@ -398,6 +399,9 @@ def outputs_on(module: nn.Module, inputs: list[tuple]) -> list[list[torch.Tensor
         return [[o.detach().clone() for o in flatten_outputs(module(*a))] for a in inputs]
 
 
+SIMPLIFY_GRAPH = "simplify_graph"  # the ONNX-side pass after export (moec/simplify_graph.py)
+
+
 def build_passes(options: CompileOptions, target: Target) -> list[Pass]:
     """fuse_moe, quantize_experts with --quant, then the target's lowering (--no-pass applies later)."""
     from moec.passes.fold_weight_qdq import FoldWeightQDQ
@@ -419,11 +423,11 @@ def build_passes(options: CompileOptions, target: Target) -> list[Pass]:
 
             passes.append(QuantizeExperts())
         passes.extend(target.lowering_passes(options))
-    known = {p.name for p in passes} | {FoldWeightQDQ.name}
+    known = {p.name for p in passes} | {FoldWeightQDQ.name, SIMPLIFY_GRAPH}
     unknown = set(options.disabled_passes) - known
     if unknown:
         raise MoecError(f"--no-pass: unknown pass {', '.join(sorted(unknown))}; passes are "
-                        f"{', '.join([FoldWeightQDQ.name] + [p.name for p in passes])}.")
+                        f"{', '.join([FoldWeightQDQ.name] + [p.name for p in passes] + [SIMPLIFY_GRAPH])}.")
     return passes
 
 
@@ -469,6 +473,17 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
     return Transformed(module, records, layers, quant, exact if exact_name else [],
                        f"the {exact_name} reference" if exact_name else "", pruning, routing,
                        exact_generation if exact_name and exact_generation else None)
+
+
+def export_graph(captured: Captured, loaded: Loaded, target: Target, options: CompileOptions):
+    """torch.onnx's program, then simplify_graph on it (unless --no-pass simplify_graph)."""
+    program = to_onnx(captured, loaded.src.input_names, loaded.src.output_names, loaded.src.dynamic_shapes,
+                      target.translations())
+    if SIMPLIFY_GRAPH in options.disabled_passes:
+        return program, None
+    simplified = simplify_graph(program.model)
+    options.log(f"pass {SIMPLIFY_GRAPH}: {simplified.nodes_before} -> {simplified.nodes_after} nodes")
+    return program, simplified
 
 
 def refuse_without_fused_layers(module: nn.Module, options: CompileOptions) -> None:

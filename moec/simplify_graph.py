@@ -1,0 +1,46 @@
+"""simplify_graph: fold the exported graph's shape arithmetic before the artifact is saved.
+
+Matches: the whole ONNX model torch.onnx exported, after every moec pass has run on the torch side.
+Produces: the same model through onnxscript's optimizer: constant subgraphs folded (above all the
+  Shape/Gather/Concat/Reshape chains torch.onnx emits for symbolic sizes, and no-op Cast, Identity
+  and CastLike nodes), unused nodes and functions removed, functions inlined. Folding is bounded
+  (inputs of at most 8192 elements, outputs of at most 256K), so no weight is ever copied or
+  re-materialised. Returns the node counts before and after, for the report. Every runtime pays a
+  fixed cost per node on each call; a decode step of a small model is mostly that cost, so this is
+  what brings moec's decoder graphs near the hand-written ones (tools/bench_generate.py).
+Refuses: nothing. Ops the optimizer does not know (moec's com.microsoft and TensorRT plugin nodes)
+  pass through unchanged. The saved model is verified against eager PyTorch as always.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+
+@dataclass(frozen=True)
+class Simplified:
+    nodes_before: int
+    nodes_after: int
+    by_op_before: dict[str, int]
+    by_op_after: dict[str, int]
+
+    def to_dict(self) -> dict:
+        return {"nodes_before": self.nodes_before, "nodes_after": self.nodes_after,
+                "by_op_before": self.by_op_before, "by_op_after": self.by_op_after}
+
+
+def op_counts(model: ir.Model) -> Counter:
+    return Counter(node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+def simplify_graph(model: ir.Model) -> Simplified:
+    """Optimise `model` in place; the counts of nodes before and after."""
+    import onnxscript.optimizer
+
+    before = op_counts(model)
+    onnxscript.optimizer.optimize_ir(model)
+    after = op_counts(model)
+    return Simplified(sum(before.values()), sum(after.values()), dict(before.most_common()), dict(after.most_common()))

@@ -1,0 +1,69 @@
+"""simplify_graph: fewer nodes, the same numbers bit for bit, no weight copied, custom ops untouched."""
+
+import os
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import moec
+from moec import zoo
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("simplify")
+    zoo.build_hf_model("gpt_oss", eos_token_id=1, pad_token_id=0).save_pretrained(root / "hf")
+    on = moec.compile(source=str(root / "hf"), out=str(root / "on"))
+    off = moec.compile(source=str(root / "hf"), out=str(root / "off"), disabled_passes=["simplify_graph"])
+    return on, off
+
+
+def _graph(result):
+    return onnx.load(os.path.join(result.out_dir, "model.onnx"))
+
+
+def test_the_decoder_graph_loses_its_shape_arithmetic(pair):
+    on, off = pair
+    graph = on.report["graph"]
+    assert off.report["graph"] is None
+    kept, plain = Counter(n.op_type for n in _graph(on).graph.node), Counter(n.op_type for n in _graph(off).graph.node)
+    assert graph["nodes_after"] == sum(kept.values()) and graph["nodes_before"] >= sum(plain.values())
+    assert sum(kept.values()) < 0.6 * sum(plain.values()), (kept, plain)
+    assert kept["Reshape"] < plain["Reshape"] and kept["Constant"] < plain["Constant"]
+    # the fused experts are moec's, not the optimizer's: the same ONNX Runtime MoE nodes either way
+    moe = lambda g: sorted(n.name for n in g.graph.node if n.domain == "com.microsoft")  # noqa: E731
+    assert moe(_graph(on)) == moe(_graph(off)) and moe(_graph(on))
+
+
+def test_no_weight_is_copied(pair):
+    on, off = pair
+
+    def weights(g):
+        return sorted((i.name, onnx.numpy_helper.to_array(i).tobytes()) for i in g.graph.initializer
+                      if np.prod(i.dims) > 8192)
+
+    assert weights(_graph(on)) == weights(_graph(off))
+
+
+def test_outputs_are_bit_identical(pair):
+    on, off = pair
+    a = ort.InferenceSession(os.path.join(on.out_dir, "model.onnx"))
+    b = ort.InferenceSession(os.path.join(off.out_dir, "model.onnx"))
+    rng = np.random.default_rng(0)
+    for batch, past, seq in [(1, 0, 5), (2, 7, 1), (3, 300, 2)]:  # prefill, decode, past the sliding window
+        sizes = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
+        feeds = {"input_ids": rng.integers(0, 128, (batch, seq)), "attention_mask": np.ones((batch, past + seq)),
+                 "position_ids": np.tile(np.arange(past, past + seq), (batch, 1))}
+        feeds = {k: v.astype(np.int64) for k, v in feeds.items()}
+        for i in a.get_inputs()[3:]:
+            feeds[i.name] = rng.standard_normal([sizes.get(d, d) for d in i.shape]).astype(np.float32)
+        for x, y in zip(a.run(None, feeds), b.run(None, feeds)):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_unknown_pass_names_list_it(tmp_path):
+    with pytest.raises(moec.MoecError, match="passes are .*simplify_graph"):
+        moec.compile(out=str(tmp_path / "o"), disabled_passes=["simplify_graphs"])

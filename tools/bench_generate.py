@@ -10,6 +10,9 @@ Systems (same greedy tokens checked across all; prompt 32, 48 new tokens, batch 
   genai-builder onnxruntime-genai's model builder (fp32), where it supports the family (GPT-OSS)
   moec         `moec compile` (fp32) run by onnxruntime-genai
   moec-int4    `moec compile --quant int4` run by onnxruntime-genai
+  optimum      Optimum's ONNX export with past, run by its ORTModelForCausalLM (fp32; every expert on every
+               token), in its own venv (tools/setup_optimum.sh: optimum-onnx pins transformers 4.x);
+               skipped when that venv is absent, and for families its export refuses
 Prefill and decode tokens/s are reported separately. The batch-1 decode step is also compared with its
 memory-bandwidth floor: the bytes the step must read (every non-expert weight, the top-k experts of each
 layer, the KV cache) over the copy bandwidth measured in the same run (STREAM convention: bytes read +
@@ -46,6 +49,8 @@ SHAPES = {
         max_position_embeddings=4096, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)),
 }
 BUILDER_FAMILIES = {"gpt_oss"}  # the MoE families onnxruntime-genai's builder supports, of these two
+OPTIMUM_PYTHON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-optimum", "bin",
+                              "python")
 PROMPT, THREADS = 32, 2
 EOS, PAD = 1, 0
 
@@ -198,6 +203,9 @@ def bench_family(family: str, work: str, new: int, bandwidth: float) -> dict:
         out = os.path.join(work, f"{family}-builder")
         systems["genai-builder"] = {"dir": out, "compile_s": build_genai(hf, out), "expert_bytes": facts["expert_bytes"]}
     rows = []
+    optimum_s = 0.0
+    if not os.path.exists(OPTIMUM_PYTHON):
+        log("  optimum: skipped (run tools/setup_optimum.sh for its venv)")
     for batch in (1, 4):
         ids = prompts(batch, SHAPES[family][2]["vocab_size"])
         log(f"[{family}] batch {batch}: transformers eager")
@@ -207,6 +215,16 @@ def bench_family(family: str, work: str, new: int, bandwidth: float) -> dict:
             log(f"[{family}] batch {batch}: {name}")
             toks, prefill, decode = run_genai(s["dir"], ids, new, SHAPES[family][2].get("sliding_window") or 0)
             results[name] = (toks, prefill, decode, s["expert_bytes"])
+        if os.path.exists(OPTIMUM_PYTHON) and family not in optimum_unsupported:
+            log(f"[{family}] batch {batch}: optimum (exporting once, then Optimum's ORTModelForCausalLM)")
+            try:
+                toks, prefill, decode, export_s = run_optimum(hf, os.path.join(work, f"{family}-optimum"), ids, new)
+                # every expert runs on every token in Optimum's export: it reads all expert bytes
+                results["optimum"] = (toks, prefill, decode, facts["expert_bytes"] * facts["experts"] / facts["top_k"])
+                optimum_s = optimum_s or export_s
+            except RuntimeError as exc:
+                optimum_unsupported[family] = str(exc)[-300:]
+                log(f"  optimum cannot export {family}: {optimum_unsupported[family]}")
         for name, (toks, prefill, decode, ebytes) in results.items():
             step_ms = 1e3 * decode / (new - 1)
             row = {"family": family, "batch": batch, "system": name, "prefill_tok_s": batch * PROMPT / prefill,
@@ -220,7 +238,27 @@ def bench_family(family: str, work: str, new: int, bandwidth: float) -> dict:
             log(f"  {name:14s} prefill {row['prefill_tok_s']:8.1f} tok/s  decode {row['decode_tok_s']:7.2f} tok/s"
                 + (f"  step/floor {row['vs_floor']:.2f}" if "vs_floor" in row else "")
                 + ("" if row["same_tokens_as_eager"] else f"  tokens equal {row['tokens_equal_fraction']:.0%}"))
-    return {"facts": facts, "compile_s": {k: v["compile_s"] for k, v in systems.items()}, "rows": rows}
+    compile_s = {k: v["compile_s"] for k, v in systems.items()}
+    if optimum_s:
+        compile_s["optimum"] = optimum_s
+    return {"facts": facts, "compile_s": compile_s, "rows": rows,
+            "optimum_unsupported": optimum_unsupported.get(family)}
+
+
+optimum_unsupported: dict[str, str] = {}
+
+
+def run_optimum(hf: str, out: str, ids: np.ndarray, new: int) -> tuple[list, float, float, float]:
+    """Optimum's export and runtime, in its own venv (tools/optimum_generate.py)."""
+    ids_path = out.rstrip("/") + "-ids.npy"
+    np.save(ids_path, ids)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "optimum_generate.py")
+    r = subprocess.run([OPTIMUM_PYTHON, script, hf, out, ids_path, str(new), str(THREADS)], capture_output=True,
+                       text=True, env={**os.environ, "OMP_WAIT_POLICY": "passive"})
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr.strip() or r.stdout.strip())
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    return res["tokens"], res["prefill_s"], res["decode_s"], res["export_s"]
 
 
 def table(results: dict) -> str:

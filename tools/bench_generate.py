@@ -10,8 +10,8 @@ Systems (same greedy tokens checked across all; prompt 32, 48 new tokens, batch 
   genai-builder onnxruntime-genai's model builder (fp32), where it supports the family (GPT-OSS)
   moec         `moec compile` (fp32) run by onnxruntime-genai
   moec-int4    `moec compile --quant int4` run by onnxruntime-genai
-  optimum      Optimum's ONNX export with past, run by its ORTModelForCausalLM (fp32; every expert on every
-               token), in its own venv (tools/setup_optimum.sh: optimum-onnx pins transformers 4.x);
+  optimum      Optimum's ONNX export with past, run by its ORTModelForCausalLM (fp32; GPT-OSS's export runs
+               every expert on every token, Qwen3-MoE's the routed ones), in its own venv (tools/setup_optimum.sh: optimum-onnx pins transformers 4.x);
                skipped when that venv is absent, and for families its export refuses
 Prefill and decode tokens/s are reported separately. The batch-1 decode step is also compared with its
 memory-bandwidth floor: the bytes the step must read (every non-expert weight, the top-k experts of each
@@ -49,6 +49,7 @@ SHAPES = {
         max_position_embeddings=4096, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)),
 }
 BUILDER_FAMILIES = {"gpt_oss"}  # the MoE families onnxruntime-genai's builder supports, of these two
+OPTIMUM_ALL_EXPERTS = {"gpt_oss"}  # families whose Optimum export runs every expert on every token
 OPTIMUM_PYTHON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-optimum", "bin",
                               "python")
 PROMPT, THREADS = 32, 2
@@ -219,8 +220,11 @@ def bench_family(family: str, work: str, new: int, bandwidth: float) -> dict:
             log(f"[{family}] batch {batch}: optimum (exporting once, then Optimum's ORTModelForCausalLM)")
             try:
                 toks, prefill, decode, export_s = run_optimum(hf, os.path.join(work, f"{family}-optimum"), ids, new)
-                # every expert runs on every token in Optimum's export: it reads all expert bytes
-                results["optimum"] = (toks, prefill, decode, facts["expert_bytes"] * facts["experts"] / facts["top_k"])
+                # transformers 4.x's GPT-OSS experts compute every expert for every token (the export reads them
+                # all); its Qwen3-MoE loop runs only the experts tokens were routed to
+                dense = family in OPTIMUM_ALL_EXPERTS
+                results["optimum"] = (toks, prefill, decode,
+                                      facts["expert_bytes"] * (facts["experts"] / facts["top_k"] if dense else 1))
                 optimum_s = optimum_s or export_s
             except RuntimeError as exc:
                 optimum_unsupported[family] = str(exc)[-300:]

@@ -8,6 +8,8 @@ Produces: the same model through onnxscript's optimizer: constant subgraphs fold
   re-materialised. Returns the node counts before and after, for the report. Every runtime pays a
   fixed cost per node on each call; a decode step of a small model is mostly that cost, so this is
   what brings moec's decoder graphs near the hand-written ones (tools/bench_generate.py).
+  Values the folding makes stay in the graph as Constant nodes, not initializers, so that external data
+  holds the model's weights only (a graph-only copy, as the memory planner reads, keeps its shapes).
 Refuses: nothing. Ops the optimizer does not know (moec's com.microsoft and TensorRT plugin nodes)
   pass through unchanged. The saved model is verified against eager PyTorch as always.
 """
@@ -22,6 +24,8 @@ import onnx_ir as ir
 
 @dataclass(frozen=True)
 class Simplified:
+    """nodes_*: nodes a runtime executes (not Constant); by_op_*: every node by op type."""
+
     nodes_before: int
     nodes_after: int
     by_op_before: dict[str, int]
@@ -41,6 +45,27 @@ def simplify_graph(model: ir.Model) -> Simplified:
     import onnxscript.optimizer
 
     before = op_counts(model)
+    weights = set(model.graph.initializers)
     onnxscript.optimizer.optimize_ir(model)
+    _folded_to_constants(model, weights)
     after = op_counts(model)
-    return Simplified(sum(before.values()), sum(after.values()), dict(before.most_common()), dict(after.most_common()))
+    return Simplified(_executed(before), _executed(after), dict(before.most_common()), dict(after.most_common()))
+
+
+def _executed(counts: Counter) -> int:
+    """Nodes a runtime executes: ONNX Runtime turns Constant nodes into initializers when it loads a model."""
+    return sum(counts.values()) - counts.get("Constant", 0)
+
+
+def _folded_to_constants(model: ir.Model, weights: set[str]) -> None:
+    """Initializers the optimizer made (not among `weights`) become Constant nodes at the graph's start."""
+    graph = model.graph
+    for name in [n for n in graph.initializers if n not in weights]:
+        value = graph.initializers.pop(name)
+        node = ir.node("Constant", inputs=[], attributes={"value": value.const_value}, name=f"folded/{name}")
+        out = node.outputs[0]
+        out.name, out.shape, out.type = name, value.shape, value.type
+        ir.convenience.replace_all_uses_with(value, out)
+        if value in graph.outputs:  # a graph output folded to a constant keeps its name
+            graph.outputs[graph.outputs.index(value)] = out
+        graph.insert_before(graph[0], node) if len(graph) else graph.append(node)

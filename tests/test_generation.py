@@ -239,3 +239,14 @@ def test_a_model_without_a_plain_kv_cache_is_refused():
     model = transformers.GraniteMoeHybridForCausalLM(cfg).eval()
     with pytest.raises(SourceError, match="GraniteMoeHybridForCausalLM cannot run with a KV cache.*--task logits"):
         decoder_source(model, "hybrid")
+
+
+def test_without_onnxruntime_genai_the_report_says_ort_verified_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(greedy, "genai_available", lambda: False)
+    _model("granitemoe").save_pretrained(tmp_path / "hf")
+    report = moec.compile(source=str(tmp_path / "hf"), out=str(tmp_path / "out")).report
+    gen = report["numerics"]["generation"]
+    assert gen["passed"] and gen["genai"] == "onnxruntime-genai is not installed: verified with ONNX Runtime directly"
+    assert [c["runner"] for c in gen["checks"]] == ["onnxruntime"]
+    # the artifact still carries genai_config.json for a machine that has genai
+    assert (tmp_path / "out" / "genai_config.json").exists()

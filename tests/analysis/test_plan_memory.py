@@ -99,7 +99,9 @@ def test_real_models_pack_within_ten_percent_of_the_bound(family, tmp_path):
                                                                           extra={"max_shape": {"seq": 128}}))
     mem = result.report["memory"]
     for name, p in mem["profiles"].items():
-        assert p["arena_bytes"] <= 1.10 * p["lower_bound_bytes"], (name, p)
+        # at the tiny probe profiles (a few KiB of activations) a few 64-byte slots are already 10%
+        assert p["arena_bytes"] <= max(1.10 * p["lower_bound_bytes"], p["lower_bound_bytes"] + 4096), (name, p)
+    assert mem["profiles"]["max"]["arena_bytes"] <= 1.01 * mem["profiles"]["max"]["lower_bound_bytes"]
     top = mem["profiles"]["max"]["largest_tensors"][0]
     assert "seq**2" in top["size"]  # attention scores dominate at long sequences
     assert mem["profiles"]["max"]["workspace_bytes"] > 0  # the MoE kernels' scratch is counted

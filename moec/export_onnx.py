@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
@@ -32,36 +32,79 @@ OPSET = 18
 class Captured:
     program: torch.export.ExportedProgram
     strict: bool
+    notes: list[str] = field(default_factory=list)
 
 
 def capture(module: nn.Module, args: tuple, dynamic_shapes: Any) -> Captured:
-    """torch.export, non-strict (HF models rely on Python features strict mode rejects)."""
+    """torch.export, non-strict (HF models rely on Python features strict mode rejects).
+
+    A model whose guards on a named dynamic dim torch.export cannot prove over the dim's whole range
+    ("Constraints violated", e.g. chunked linear attention padding seq to a multiple of 64) is captured
+    again with the same ranges as Dim.DYNAMIC hints, which keep those guards as run-time checks; the
+    dims keep their names, the artifact is verified at a second shape as always, and a note says so."""
     dynamic_shapes = _for_signature(module, dynamic_shapes)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
-        return Captured(ep, strict=False)
+        return Captured(_export(module, args, dynamic_shapes), strict=False)
     except Exception as exc:
-        msg = str(exc).strip().splitlines()
-        head = " ".join(msg[:6])[:800]
-        where = failing_module(module, exc)
-        text = str(exc)
-        if "data-dependent" in text or "DataDependent" in type(exc).__name__:
-            why = ("its control flow or shapes depend on tensor values (e.g. a loop over the experts that received "
-                   "tokens, or slices of data-dependent size); moec can capture such a MoE layer only once it is "
-                   "fused, so see the report's moe_layers for why this one was not, or rewrite it with fixed-size "
-                   "ops (masks, einsum)")
-        elif "Constraints violated" in text:
-            why = ("the model specializes a dimension given as dynamic; compile with --static (or give narrower "
-                   "dynamic_shapes)")
-        else:
-            why = ("common causes: data-dependent Python control flow in a layer moec did not fuse, or dynamic "
-                   "dimensions the model specializes (try --static)")
-        raise CaptureError(
-            f"torch.export could not capture the model{where}: {type(exc).__name__}: {head}. This happens because "
-            f"{why}."
-        ) from exc
+        first = exc
+        hinted = _as_hints(dynamic_shapes) if "Constraints violated" in str(first) else None
+        if hinted is not None:
+            try:
+                note = ("torch.export could not prove the model's guards on its dynamic dims over their whole "
+                        "range; captured with Dim.DYNAMIC hints of the same ranges (the guards are run-time "
+                        "checks): " + " ".join(str(first).split())[:300])
+                return Captured(_export(module, args, hinted), strict=False, notes=[note])
+            except Exception:  # report the first failure: it names the dim and the guard
+                pass
+        raise _capture_error(module, first) from first
+
+
+def _capture_error(module: nn.Module, exc: BaseException) -> CaptureError:
+    """What stopped torch.export, where (the innermost module running), and the likely cause."""
+    msg = str(exc).strip().splitlines()
+    head = " ".join(msg[:6])[:800]
+    where = failing_module(module, exc)
+    text = str(exc)
+    if "data-dependent" in text or "DataDependent" in type(exc).__name__:
+        why = ("its control flow or shapes depend on tensor values (e.g. a loop over the experts that received "
+               "tokens, or slices of data-dependent size); moec can capture such a MoE layer only once it is "
+               "fused, so see the report's moe_layers for why this one was not, or rewrite it with fixed-size "
+               "ops (masks, einsum)")
+    elif "Constraints violated" in text:
+        why = ("the model specializes a dimension given as dynamic; compile with --static (or give narrower "
+               "dynamic_shapes)")
+    else:
+        why = ("common causes: data-dependent Python control flow in a layer moec did not fuse, or dynamic "
+               "dimensions the model specializes (try --static)")
+    return CaptureError(
+        f"torch.export could not capture the model{where}: {type(exc).__name__}: {head}. This happens because "
+        f"{why}."
+    )
+
+
+def _export(module: nn.Module, args: tuple, dynamic_shapes: Any) -> torch.export.ExportedProgram:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def _as_hints(spec: Any) -> Any:
+    """The same dynamic_shapes with every named Dim replaced by Dim.DYNAMIC of its range; None if none."""
+    found = []
+
+    def walk(x):
+        if isinstance(x, torch.export.dynamic_shapes.Dim):
+            found.append(x)
+            lo, hi = x.min, x.max
+            return torch.export.Dim.DYNAMIC(min=lo, max=hi)
+        if isinstance(x, dict):
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(walk(v) for v in x)
+        return x
+
+    out = walk(spec)
+    return out if found else None
 
 
 def failing_module(root: nn.Module, exc: BaseException) -> str:

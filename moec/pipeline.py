@@ -169,6 +169,7 @@ def compile(
                         loaded, reference, passes, options, target, fold_records)
     captured = stage("capture", "capturing with torch.export", capture_model, transformed, loaded)
     program, simplified = stage("onnx_export", "converting to ONNX", export_graph, captured, loaded, target, options)
+    capture_notes = captured.notes
     del captured
     with _workdir(options.out, options.log) as tmp:
         model_path = os.path.join(tmp, "model.onnx")
@@ -196,7 +197,7 @@ def compile(
             "source": source or "python-module",
             "model": loaded.identity,
             "target": target.name,
-            "capture": {"method": "torch.export (non-strict)", "notes": loaded.notes},
+            "capture": {"method": "torch.export (non-strict)", "notes": loaded.notes + capture_notes},
             "passes": [r.to_dict() for r in fold_records + transformed.records],
             "graph": None if simplified is None else simplified.to_dict(),
             "moe_layers": transformed.layers,

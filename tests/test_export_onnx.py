@@ -67,3 +67,36 @@ def test_a_specialized_dynamic_dim_suggests_static():
     dyn = ({0: torch.export.Dim("batch", min=1, max=8), 1: torch.export.Dim("seq", min=2, max=64)},)
     with pytest.raises(CaptureError, match=r"specializes a dimension given as dynamic; compile with --static"):
         capture(FixedSeq(), (torch.randn(2, 6),), dyn)
+
+
+class ChunkedScan(nn.Module):
+    """Pads seq to a multiple of 4 and scans each chunk, as chunked linear attention (Qwen3-Next, MiniMax,
+    Kimi-Linear) does: correct at every seq, but torch.export can't prove its guard over the range."""
+
+    def forward(self, x):
+        s = x.shape[1]
+        y = nn.functional.pad(x, (0, 0, 0, (4 - s % 4) % 4))
+        n = y.shape[1] // 4
+        if n == y.shape[1]:
+            return x
+        return y.view(x.shape[0], n, 4, -1).cumsum(2).reshape(x.shape[0], n * 4, -1)[:, :s] * 2
+
+
+def test_guards_torch_export_cannot_prove_are_captured_as_runtime_checks():
+    import numpy as np
+    import onnxruntime as ort
+
+    from moec.export_onnx import to_onnx
+
+    dyn = ({0: torch.export.Dim("batch", min=1, max=8), 1: torch.export.Dim("seq", min=2, max=64)},)
+    with pytest.raises(Exception, match="Constraints violated"):  # what a plain named-Dim export says
+        torch.export.export(ChunkedScan(), (torch.randn(2, 6, 8),), dynamic_shapes=dyn, strict=False)
+    captured = capture(ChunkedScan(), (torch.randn(2, 6, 8),), dyn)
+    assert len(captured.notes) == 1 and "Dim.DYNAMIC" in captured.notes[0] and "seq" in captured.notes[0]
+    program = to_onnx(captured, ["x"], ["y"], dyn)
+    assert [str(d) for d in program.model.graph.inputs[0].shape.dims][:2] == ["batch", "seq"]
+    sess = ort.InferenceSession(program.model_proto.SerializeToString())
+    for shape in [(3, 9, 8), (1, 2, 8), (2, 64, 8)]:  # seq not a multiple of 4, the range's ends
+        x = torch.randn(*shape)
+        np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], ChunkedScan()(x).numpy(), rtol=1e-6,
+                                   atol=1e-6)

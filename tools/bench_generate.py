@@ -118,17 +118,24 @@ def run_eager(path: str, ids: np.ndarray, new: int) -> tuple[list, float, float]
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        result = time_generate(model, ids, new)
+    del model
+    return result
+
+
+def time_generate(model, ids: np.ndarray, new: int) -> tuple[list, float, float]:
+    """(new tokens, prefill s, decode s) of a transformers-style `generate` (transformers eager, Optimum's
+    ORTModelForCausalLM): prefill = one new token, decode = the rest, after a warm-up."""
     x = torch.from_numpy(ids)
     kw = dict(do_sample=False, pad_token_id=PAD, attention_mask=torch.ones_like(x))
-    with torch.no_grad():
-        model.generate(x, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
-        t = time.perf_counter()
-        model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
-        prefill = time.perf_counter() - t
-        t = time.perf_counter()
-        out = model.generate(x, max_new_tokens=new, min_new_tokens=new, **kw)
-        total = time.perf_counter() - t
-    del model
+    model.generate(x, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+    t = time.perf_counter()
+    model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
+    prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    out = model.generate(x, max_new_tokens=new, min_new_tokens=new, **kw)
+    total = time.perf_counter() - t
     return out[:, ids.shape[1]:].tolist(), prefill, max(total - prefill, 1e-9)
 
 

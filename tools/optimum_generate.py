@@ -16,7 +16,9 @@ import time
 
 import numpy as np
 import onnxruntime as ort
-import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_generate import time_generate  # noqa: E402  (numpy and torch only: both venvs have them)
 
 
 def as_transformers4(hf: str, out: str) -> str:
@@ -56,17 +58,8 @@ def main() -> int:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     model = ORTModelForCausalLM.from_pretrained(out, session_options=so, provider="CPUExecutionProvider")
-    x = torch.from_numpy(np.load(ids_path))
-    kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(x))
-    model.generate(x, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
-    t = time.perf_counter()
-    model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
-    prefill = time.perf_counter() - t
-    t = time.perf_counter()
-    tokens = model.generate(x, max_new_tokens=new, min_new_tokens=new, **kw)
-    total = time.perf_counter() - t
-    print(json.dumps({"tokens": tokens[:, x.shape[1]:].tolist(), "prefill_s": prefill,
-                      "decode_s": max(total - prefill, 1e-9), "export_s": export_s}))
+    tokens, prefill, decode = time_generate(model, np.load(ids_path), new)
+    print(json.dumps({"tokens": tokens, "prefill_s": prefill, "decode_s": decode, "export_s": export_s}))
     return 0
 
 

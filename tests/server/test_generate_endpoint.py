@@ -102,3 +102,45 @@ def test_bad_requests_get_the_reason(served, triton):
     with pytest.raises(urllib.error.HTTPError) as err:
         _post(server.http_url, "/v2/models/llm/generate", {"input_ids": [1] * 250, "max_tokens": 16})
     assert "need 266 positions; the model has 256" in err.value.read().decode()
+
+
+# sliding windows shorter than the runs (GPT-OSS's sinks too), plain GQA, and Granite's scalings
+OTHER_FAMILIES = {"mixtral": dict(sliding_window=8),
+                  "gpt_oss": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+                  "olmoe": {}, "granitemoe": {}}
+
+
+@pytest.fixture(scope="module")
+def families_repo(tmp_path_factory):
+    """One repository serving a generation model per family, compiled without tokenizers (ids only)."""
+    root = tmp_path_factory.mktemp("families")
+    models = {}
+    for family, overrides in OTHER_FAMILIES.items():
+        model = zoo.build_hf_model(family, eos_token_id=1, pad_token_id=0, **overrides)
+        model.generation_config.eos_token_id, model.generation_config.pad_token_id = 1, 0
+        model.save_pretrained(root / family)
+        compile(source=str(root / family), options=CompileOptions(
+            out=str(root / f"{family}-out"), triton_repo=str(root / "repo"), model_name=family))
+        models[family] = model
+    return root / "repo", models
+
+
+def test_every_family_generates_like_transformers_through_the_server(families_repo, triton):
+    import urllib.error
+
+    repo, models = families_repo
+    server = triton(str(repo))
+    for family, model in models.items():
+        server.wait_model_ready(family)
+        compared = 0
+        for prompt in ([5, 9, 17, 33, 2, 77], [100, 3, 64, 7, 8, 9, 10, 11, 12, 13, 14]):
+            want = _hf_tokens(model, prompt, 32)
+            compared += len(want)
+            got = json.loads(_post(server.http_url, f"/v2/models/{family}/generate",
+                                   {"input_ids": prompt, "max_tokens": 32}))
+            assert got["output_ids"] == want, (family, prompt)
+            assert "text_output" not in got  # no tokenizer in the source: ids only
+        assert compared >= 20, (family, compared)  # past the sliding window of 8, not stopped at once
+    with pytest.raises(urllib.error.HTTPError) as err:
+        _post(server.http_url, "/v2/models/mixtral/generate", {"text_input": "hello", "max_tokens": 4})
+    assert "has no tokenizer" in err.value.read().decode()

@@ -45,8 +45,7 @@ def capture(module: nn.Module, args: tuple, dynamic_shapes: Any) -> Captured:
     dynamic_shapes = _for_signature(module, dynamic_shapes)
     try:
         return Captured(_export(module, args, dynamic_shapes), strict=False)
-    except Exception as exc:
-        first = exc
+    except Exception as first:
         hinted = _as_hints(dynamic_shapes) if "Constraints violated" in str(first) else None
         if hinted is not None:
             try:
@@ -95,8 +94,7 @@ def _as_hints(spec: Any) -> Any:
     def walk(x):
         if isinstance(x, torch.export.dynamic_shapes.Dim):
             found.append(x)
-            lo, hi = x.min, x.max
-            return torch.export.Dim.DYNAMIC(min=lo, max=hi)
+            return torch.export.Dim.DYNAMIC(min=x.min, max=x.max)
         if isinstance(x, dict):
             return {k: walk(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):

@@ -279,9 +279,10 @@ def genai_generate(artifact_dir: str, prompts: Sequence[Sequence[int]], new_toke
 
 
 def genai_comparable(tokens: Sequence[int], eos_ids: Sequence[int], pad_id: int) -> list[int]:
-    """The prefix of a fixed-length greedy run that onnxruntime-genai reproduces: it stops at an
-    end-of-sequence token, and neither that token nor a generated pad token is in its sequences (measured
-    with 0.18), so comparison ends before the first of either."""
+    """The prefix of a fixed-length greedy run that onnxruntime-genai surely reproduces: it stops at an
+    end-of-sequence token and leaves it out of its sequences; a generated pad token stays in when the
+    model has an end-of-sequence id but ends the run when it has none (measured with 0.18). Comparison
+    ends before the first of either (pass pad_id=-1 where the model is known to have one)."""
     out = []
     for t in map(int, tokens):
         if t == pad_id or t in eos_ids:

@@ -6,8 +6,8 @@ Produces: the same model through onnxscript's optimizer: constant subgraphs fold
   and CastLike nodes), unused nodes and functions removed, functions inlined. Folding is bounded
   (inputs of at most 8192 elements, outputs of at most 256K), so no weight is ever copied or
   re-materialised. Returns the node counts before and after, for the report. Every runtime pays a
-  fixed cost per node on each call; a decode step of a small model is mostly that cost, so this is
-  what brings moec's decoder graphs near the hand-written ones (tools/bench_generate.py).
+  fixed cost per node on each call, and a small model's decode step pays it hundreds of times
+  (GPT-OSS-shaped decoder: 1,167 nodes that run before, 651 after).
   Values the folding makes stay in the graph as Constant nodes, not initializers, so that external data
   holds the model's weights only (a graph-only copy, as the memory planner reads, keeps its shapes).
 Refuses: nothing. Ops the optimizer does not know (moec's com.microsoft and TensorRT plugin nodes)
@@ -68,4 +68,7 @@ def _folded_to_constants(model: ir.Model, weights: set[str]) -> None:
         ir.convenience.replace_all_uses_with(value, out)
         if value in graph.outputs:  # a graph output folded to a constant keeps its name
             graph.outputs[graph.outputs.index(value)] = out
-        graph.insert_before(graph[0], node) if len(graph) else graph.append(node)
+        if len(graph):
+            graph.insert_before(graph[0], node)
+        else:
+            graph.append(node)

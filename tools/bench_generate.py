@@ -11,8 +11,9 @@ Systems (same greedy tokens checked across all; prompt 32, 48 new tokens, batch 
   moec         `moec compile` (fp32) run by onnxruntime-genai
   moec-int4    `moec compile --quant int4` run by onnxruntime-genai
   optimum      Optimum's ONNX export with past, run by its ORTModelForCausalLM (fp32; GPT-OSS's export runs
-               every expert on every token, Qwen3-MoE's the routed ones), in its own venv (tools/setup_optimum.sh: optimum-onnx pins transformers 4.x);
-               skipped when that venv is absent, and for families its export refuses
+               every expert on every token, Qwen3-MoE's the routed ones), in its own venv
+               (tools/setup_optimum.sh: optimum-onnx pins transformers 4.x); skipped when that venv is
+               absent, and for families its export refuses
 Prefill and decode tokens/s are reported separately. The batch-1 decode step is also compared with its
 memory-bandwidth floor: the bytes the step must read (every non-expert weight, the top-k experts of each
 layer, the KV cache) over the copy bandwidth measured in the same run (STREAM convention: bytes read +
@@ -211,7 +212,7 @@ def bench_family(family: str, work: str, new: int, bandwidth: float) -> dict:
         out = os.path.join(work, f"{family}-builder")
         systems["genai-builder"] = {"dir": out, "compile_s": build_genai(hf, out), "expert_bytes": facts["expert_bytes"]}
     rows = []
-    optimum_s = 0.0
+    optimum_s, optimum_refused = 0.0, None
     if not os.path.exists(OPTIMUM_PYTHON):
         log("  optimum: skipped (run tools/setup_optimum.sh for its venv)")
     for batch in (1, 4):
@@ -223,7 +224,7 @@ def bench_family(family: str, work: str, new: int, bandwidth: float) -> dict:
             log(f"[{family}] batch {batch}: {name}")
             toks, prefill, decode = run_genai(s["dir"], ids, new, SHAPES[family][2].get("sliding_window") or 0)
             results[name] = (toks, prefill, decode, s["expert_bytes"])
-        if os.path.exists(OPTIMUM_PYTHON) and family not in optimum_unsupported:
+        if os.path.exists(OPTIMUM_PYTHON) and optimum_refused is None:
             log(f"[{family}] batch {batch}: optimum (exporting once, then Optimum's ORTModelForCausalLM)")
             try:
                 toks, prefill, decode, export_s = run_optimum(hf, os.path.join(work, f"{family}-optimum"), ids, new)
@@ -234,8 +235,8 @@ def bench_family(family: str, work: str, new: int, bandwidth: float) -> dict:
                                       facts["expert_bytes"] * (facts["experts"] / facts["top_k"] if dense else 1))
                 optimum_s = optimum_s or export_s
             except RuntimeError as exc:
-                optimum_unsupported[family] = str(exc)[-300:]
-                log(f"  optimum cannot export {family}: {optimum_unsupported[family]}")
+                optimum_refused = str(exc)[-300:]
+                log(f"  optimum cannot export {family}: {optimum_refused}")
         for name, (toks, prefill, decode, ebytes) in results.items():
             step_ms = 1e3 * decode / (new - 1)
             row = {"family": family, "batch": batch, "system": name, "prefill_tok_s": batch * PROMPT / prefill,
@@ -253,10 +254,7 @@ def bench_family(family: str, work: str, new: int, bandwidth: float) -> dict:
     if optimum_s:
         compile_s["optimum"] = optimum_s
     return {"facts": facts, "compile_s": compile_s, "rows": rows,
-            "optimum_unsupported": optimum_unsupported.get(family)}
-
-
-optimum_unsupported: dict[str, str] = {}
+            "optimum_unsupported": optimum_refused}
 
 
 def run_optimum(hf: str, out: str, ids: np.ndarray, new: int) -> tuple[list, float, float, float]:

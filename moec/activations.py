@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu", "identity", "swiglu")
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu", "identity", "swiglu", "relu2")  # append only: kernel ids
 GATED_ONLY = ("swiglu",)  # defined on (gate, up) pairs only
 PLAIN_ACTIVATIONS = tuple(a for a in ACTIVATIONS if a not in GATED_ONLY)
 
@@ -28,6 +28,8 @@ def apply_activation(u, activation: str):
         return F.relu(u)
     if activation == "identity":
         return u
+    if activation == "relu2":  # squared ReLU (Nemotron-H)
+        return F.relu(u).square()
     raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 
 

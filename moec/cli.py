@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tensorrt-aot", action="store_true",
                    help="mark the experts plugin nodes for TensorRT's AOT implementation (one embedded kernel; "
                         "engines run without Python)")
-    c.add_argument("--quant", choices=["int8", "int4"],
+    c.add_argument("--quant", choices=["int8", "int4", "int2"],
                    help="quantize expert weights (ONNX Runtime QMoE, or the TensorRT plugin's packed variant)")
     c.add_argument("--quant-dense", action="store_true",
                    help="also quantize the other Linear layers (ONNX Runtime MatMulNBits; routers stay fp32)")
@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     r.add_argument("--force", action="store_true")
     r.add_argument("--seq-len", type=int, default=13, help="sequence length of the second probe")
-    r.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "int4"],
+    r.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "int4", "int2"],
                    help="precision of the artifacts this golden checks (sets the default tolerance)")
     r.set_defaults(func=cmd_golden_record)
     return p

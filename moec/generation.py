@@ -150,9 +150,10 @@ class DecoderSource(LoadedSource):
             ranges["total"] = (1, *ranges["total"][1:])
         return ranges
 
-    def verification_inputs(self, other_seq: Optional[int]) -> list[tuple]:
+    def verification_inputs(self, other_seq: Optional[int], seed: int = 100) -> list[tuple]:
         """A prefill with a cached prefix (batch 2, left padding) and a one-token decode step (batch 3)."""
-        return [self.make_inputs(seed=100), self.step_inputs(101, 3, 1, int(self.example_args[3].shape[2]) + 4, 3)]
+        return [self.make_inputs(seed=seed),
+                self.step_inputs(seed + 1, 3, 1, int(self.example_args[3].shape[2]) + 4, 3)]
 
 
 def decoder_source(model: nn.Module, identity: str, source_dir: Optional[str] = None, batch: int = 2, seq: int = 5,

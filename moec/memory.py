@@ -64,7 +64,7 @@ def fit_check(plan: MemoryPlan, budget: int, profile: str = "max", quantizable_b
         return FitResult(True, p.total_bytes, budget, [])
     tips = []
     if quantizable_bytes:
-        for name, ratio in (("int8", 0.26), ("int4", 0.14)):  # codes + per-row/block scales
+        for name, ratio in (("int8", 0.26), ("int4", 0.14), ("int2", 0.08)):  # codes + per-row/block scales
             saved = quantizable_bytes * (1 - ratio)
             if p.total_bytes - saved <= budget:
                 tips.append(f"--quant {name} (expert weights {human(quantizable_bytes)} -> "

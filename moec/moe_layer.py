@@ -64,6 +64,7 @@ class LayerSpec:
     shared: bool = False
     shared_gate: bool = False
     output: OutputSpec = field(default_factory=OutputSpec)
+    post_norm: bool = False  # a norm the module applies to its output (A.X-K1's post_mlp_layernorm)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -114,6 +115,7 @@ class FusedMoE(nn.Module):
         shared_gate: Optional[nn.Module] = None,
         router: Optional[nn.Module] = None,
         quantized: Optional[QuantizedExperts] = None,
+        post_norm: Optional[nn.Module] = None,
     ):
         super().__init__()
         self.spec = spec
@@ -131,6 +133,7 @@ class FusedMoE(nn.Module):
         self.b_down = _param(b_down)
         self.shared = shared
         self.shared_gate = shared_gate
+        self.post_norm = post_norm  # kept as the model wrote it
 
     def routing(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         r = self.spec.route
@@ -173,7 +176,11 @@ class FusedMoE(nn.Module):
         return self.finish(hidden, out, ids, weights, logits)
 
     def finish(self, hidden, out, ids, weights, logits):
+        """The module's own output from the combined expert output `out` [T, H]: its post-norm, its shape,
+        and the extra items it returned."""
         o = self.spec.output
+        if self.post_norm is not None:
+            out = self.post_norm(out)
         if not o.flatten:
             out = out.reshape(hidden.shape)
         if not o.aux:
@@ -200,7 +207,7 @@ class LoweredMoE(nn.Module):
     def __init__(self, fused: FusedMoE, keep_experts: bool = False):
         super().__init__()
         self.spec = fused.spec
-        names = ["router", "router_weight", "router_bias", "shared", "shared_gate"]
+        names = ["router", "router_weight", "router_bias", "shared", "shared_gate", "post_norm"]
         if keep_experts:
             names += ["w_gate_up", "w_down", "b_gate_up", "b_down"]
         for name in names:

@@ -52,6 +52,12 @@ def simplify_graph(model: ir.Model) -> Simplified:
     return Simplified(_executed(before), _executed(after), dict(before.most_common()), dict(after.most_common()))
 
 
+def counted(model: ir.Model, when: str) -> dict:
+    """The report's `nodes_<when>` and `by_op_<when>` entries for `model` as it is now."""
+    counts = op_counts(model)
+    return {f"nodes_{when}": _executed(counts), f"by_op_{when}": dict(counts.most_common())}
+
+
 def _executed(counts: Counter) -> int:
     """Nodes a runtime executes: ONNX Runtime turns Constant nodes into initializers when it loads a model."""
     return sum(counts.values()) - counts.get("Constant", 0)

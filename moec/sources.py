@@ -48,17 +48,17 @@ class LoadedSource:
             out.append(random_like(a, shape, gen, int(kind.split(":")[1]) if kind.startswith("tokens:") else None))
         return tuple(out)
 
-    def verification_inputs(self, other_seq: Optional[int] = None) -> list[tuple]:
+    def verification_inputs(self, other_seq: Optional[int] = None, seed: int = 100) -> list[tuple]:
         """The example's shape, and another sequence length (`other_seq`, else a derived one) at batch 1 —
-        or, with a dynamic batch alone, another batch size."""
-        inputs = [self.make_inputs(seed=100)]
+        or, with a dynamic batch alone, another batch size. Drawn from seeds `seed` and `seed` + 1."""
+        inputs = [self.make_inputs(seed=seed)]
         dynamic_seq = bool(self.example_args) and self._is_dynamic(0, 1)
         if dynamic_seq:
             seq = int(self.example_args[0].shape[1])
             other = other_seq or (seq + 5 if seq < 64 else max(2, seq // 2))
-            inputs.append(self.make_inputs(seed=101, seq_len=other, batch=1 if self._is_dynamic(0, 0) else None))
+            inputs.append(self.make_inputs(seed=seed + 1, seq_len=other, batch=1 if self._is_dynamic(0, 0) else None))
         elif self.example_args and self._is_dynamic(0, 0):
-            inputs.append(self.make_inputs(seed=101, batch=int(self.example_args[0].shape[0]) + 1))
+            inputs.append(self.make_inputs(seed=seed + 1, batch=int(self.example_args[0].shape[0]) + 1))
         return inputs
 
     def dim_ranges(self) -> dict[str, tuple[int, Optional[int], int]]:

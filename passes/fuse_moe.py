@@ -6,7 +6,8 @@ Matches: a submodule that owns
     the module itself; ``[E, 2I, H]``/``[E, H, 2I]`` in-projections, ``[E, H, I]``/
     ``[E, I, H]`` out-projections, optional ``[E, n]`` biases, gate/up concatenated or
     interleaved), or an ``nn.ModuleList`` of E MLPs of 2 or 3 linear layers;
-  - optionally one dense shared-expert child and a ``[1, H]`` sigmoid shared gate.
+  - optionally one dense shared-expert child and a ``[1, H]`` sigmoid shared gate, and one child
+    whose parameters are all ``[H]`` vectors, a norm on the output (A.X-K1), kept as written.
   Which module does what is decided by parameter shapes, never by class names.
   Attribute values (``top_k``, ``norm_topk_prob``, ``routed_scaling_factor``, ``act_fn``
   ...) only order the candidate semantics to try.
@@ -84,6 +85,7 @@ class Anatomy:
     shared: Optional[nn.Module] = None
     shared_gate: Optional[nn.Module] = None
     hints: dict[str, Any] = field(default_factory=dict)
+    post_norm: Optional[nn.Module] = None  # a child whose parameters are all [H] vectors: a norm
 
 
 class FuseMoE(Pass):
@@ -231,7 +233,7 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
     if next(readings(), None) is None:
         return "expert weights found, but no reading of their shapes maps hidden -> intermediate -> hidden"
 
-    shared, shared_gate, extra = None, None, []
+    shared, shared_gate, post_norm, extra = None, None, None, []
     for name, child in children.items():
         if name in expert_names or name == router_name:
             continue
@@ -240,6 +242,8 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
             continue
         if len(params) == 1 and params[0].dim() == 2 and tuple(params[0].shape) == (1, hidden):
             shared_gate = child
+        elif post_norm is None and len(params) <= 2 and all(tuple(p.shape) == (hidden,) for p in params):
+            post_norm = child  # only [H] vectors: a norm's scale (and shift); tried on the output below
         elif shared is None:
             shared = child
         else:
@@ -266,7 +270,7 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
                 activation_hints.append(c)
     return Anatomy(
         num_experts, hidden, router, router_name, router_weight, router_biases, readings, experts_name,
-        activation_hints, shared, shared_gate, hints,
+        activation_hints, shared, shared_gate, hints, post_norm,
     )
 
 
@@ -443,9 +447,11 @@ def _activation_candidates(anatomy: Anatomy, gated: bool) -> list[tuple[str, flo
     """(activation, alpha, beta, limit) tuples, hinted ones first."""
     h = anatomy.hints
     out: list[tuple[str, float, float, float]] = []
-    if gated and h.get("alpha") is not None:
+    if gated and h.get("alpha") is not None:  # GPT-OSS: gate * sigmoid(alpha * gate) * (up + 1), clamped
         limit = h["limit"] if h.get("limit") is not None else math.inf
         out.append(("swiglu", h["alpha"], 1.0, limit))
+    elif gated and h.get("limit") is not None:  # HY-V4: silu(gate) * up with the same clamps
+        out.append(("swiglu", 1.0, 0.0, h["limit"]))
     grid = torch.linspace(-6, 6, 241)
     names = list(PLAIN_ACTIVATIONS)
     hinted = []
@@ -490,6 +496,8 @@ def _route_candidates(anatomy: Anatomy) -> list[tuple[Optional[RouteSpec], Optio
                         for select_on in ("scores", "logits"):
                             spec = RouteSpec(scoring, k, renorm, ng, tg, scale, sb is not None, select_on)
                             out.append((spec, rb, sb))
+    if scale != 1.0:  # the hint may belong to the block, past the router (then match_layer scales the pin)
+        out += [(replace(spec, scale=1.0), rb, sb) for spec, rb, sb in out]
     if anatomy.router is not None:
         out.append((None, None, None))
     return out
@@ -586,6 +594,11 @@ def match_layer(path: str, original: nn.Module, anatomy: Anatomy, x: torch.Tenso
             tried += 1
             if _route_reproduces(route, rb, sb, anatomy, probes, decisions):
                 pinned = [(route, rb, sb)]
+                # a scaling factor the block applies to the routed output, past its router (MiniMax-M3)
+                block_scale = next((float(v) for v in (getattr(original, n, None) for n in _SCALE_ATTRS)
+                                    if isinstance(v, (int, float)) and not isinstance(v, bool)), 1.0)
+                if block_scale != 1.0:
+                    pinned.append((replace(route, scale=route.scale * block_scale), rb, sb))
                 break
         keep_router = [(None, None, None)] if "ids" in decisions[0] else []
         routes = pinned + keep_router
@@ -605,11 +618,12 @@ def match_layer(path: str, original: nn.Module, anatomy: Anatomy, x: torch.Tenso
                     tried += 1
                     if tried > MAX_CANDIDATES:
                         return _no_match(path, tried - 1, best), None
-                    spec = LayerSpec(route, xs, shared is not None, gate is not None, OutputSpec(flatten))
+                    spec = LayerSpec(route, xs, shared is not None, gate is not None, OutputSpec(flatten),
+                                     anatomy.post_norm is not None)
                     fused = FusedMoE(
                         spec, anatomy.router_weight if route is not None else None, rb, sb,
                         reading.w_gate_up, reading.w_down, reading.b_gate_up, reading.b_down,
-                        shared, gate, anatomy.router if route is None else None,
+                        shared, gate, anatomy.router if route is None else None, post_norm=anatomy.post_norm,
                     )
                     err, aux = _check(fused, probes, expected, n_aux)
                     best = min(best, err)
@@ -638,7 +652,7 @@ def _check(fused: FusedMoE, probes, expected, n_aux: int) -> tuple[float, Option
             except Exception:
                 return math.inf, None
             main = exp[0] if isinstance(exp, (tuple, list)) else exp
-            got = out if fused.spec.output.flatten else out.reshape(p.shape)
+            got = fused.finish(p, out, ids, weights, logits)  # post-norm and shape; no aux items yet
             err = compare_tensors(main, got).rel_l2
             worst = max(worst, err)
             if worst > MATCH_TOL:

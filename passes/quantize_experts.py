@@ -1,6 +1,6 @@
 """quantize_experts: round-to-nearest weight-only quantization of every fused layer's expert weights.
 
-Matches: every `FusedMoE` (after fuse_moe), when the compile asks for ``--quant int8|int4``.
+Matches: every `FusedMoE` (after fuse_moe), when the compile asks for ``--quant int8|int4|int2``.
 Produces: the same FusedMoE computing with the *dequantized* weights (so the graph stays runnable
   and is the exact reference for the quantized artifact), plus the quantized codes in the layer's
   declared ``FusedMoE.quantized`` for the lowering; per layer, the error against full precision on the layer's
@@ -28,7 +28,7 @@ from moec.quant import QuantError, QuantSpec, dequantize, pack, quantize
 
 
 def spec_from_options(options: dict) -> QuantSpec:
-    bits = {"int8": 8, "int4": 4}[options["quant"]]
+    bits = {"int8": 8, "int4": 4, "int2": 2}[options["quant"]]
     return QuantSpec(bits, options.get("block_size"), not options.get("asymmetric", False))
 
 

@@ -249,7 +249,10 @@ def _activate(g, ACT: tl.constexpr):
         return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
     elif ACT == 3:
         return tl.maximum(g, 0.0)
-    else:
+    elif ACT == 6:
+        r = tl.maximum(g, 0.0)
+        return r * r
+    else:  # 4: identity (5, the clamped SwiGLU, is applied by the caller)
         return g
 
 

@@ -28,7 +28,7 @@ def _graph(result):
 def test_the_decoder_graph_loses_its_shape_arithmetic(pair):
     on, off = pair
     graph = on.report["graph"]
-    assert off.report["graph"] is None
+    assert "nodes_after" not in off.report["graph"]  # rewrite_rsqrt alone ran
     kept, plain = Counter(n.op_type for n in _graph(on).graph.node), Counter(n.op_type for n in _graph(off).graph.node)
     run_kept, run_plain = (sum(c.values()) - c["Constant"] for c in (kept, plain))  # Constants never run
     assert graph["nodes_after"] == run_kept and graph["nodes_before"] >= run_plain

@@ -2,7 +2,8 @@
 
 Variants in one process, 2 threads: transformers eager fp32, moec fp32 (MoE), int8 per-row,
 int8 block 32 (ORT quantizes activations there), int4 block 32 and 128 (QMoE), and int4 with
-accuracy_level 4 (int8 activations). For each: median ms,
+accuracy_level 4 (int8 activations), int2 per row and block 16 (exact) and block 32 / 128 (ORT's LUT
+GEMM, which quantizes activations). For each: median ms,
 the ratio to the bandwidth floor for *that precision's* bytes (packed codes + scales of the distinct
 experts the tokens touch / measured copy bandwidth), and the error against fp32.
 
@@ -38,6 +39,10 @@ VARIANTS = {  # name -> quant options (None: fp32 MoE)
     "int4_b128": {"quant": "int4", "block_size": 128},
     "int4_b32_acc4": {"quant": "int4", "block_size": 32, "accuracy_level": 4},
     "int4_b128_acc4": {"quant": "int4", "block_size": 128, "accuracy_level": 4},
+    "int2": {"quant": "int2"},  # per row: ORT dequantizes (exact)
+    "int2_b16": {"quant": "int2", "block_size": 16},  # exact too
+    "int2_b32": {"quant": "int2", "block_size": 32},  # ORT's LUT GEMM (quantizes activations)
+    "int2_b128": {"quant": "int2", "block_size": 128},
 }
 
 
@@ -45,7 +50,7 @@ def bytes_per_expert(options) -> float:
     weights = 3 * H * I
     if options is None:
         return weights * 4.0
-    bits = 8 if options["quant"] == "int8" else 4
+    bits = int(options["quant"][3:])
     block = options.get("block_size")
     scales = 3 * H * I / block * 4 if block else (2 * I + H) * 4
     return weights * bits / 8 + scales

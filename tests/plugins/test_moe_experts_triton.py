@@ -51,6 +51,15 @@ def test_kernels_match_reference_fp32(tokens, hidden, inter, experts, k, act, ga
     assert compare_tensors(_ref(*case, act, gated), got).rel_l2 < 1e-4
 
 
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("cfg", PATHS)
+def test_squared_relu_has_its_own_kernel_branch(gated, cfg):  # Nemotron-H; not the identity fallthrough
+    case = _case(5, 64, 48, 8, 2, gated, bias=True, dtype=torch.float32)
+    got = moe_experts_triton(*case, activation="relu2", gated=gated, config=cfg)
+    assert compare_tensors(_ref(*case, "relu2", gated), got).rel_l2 < 1e-4
+    assert compare_tensors(_ref(*case, "identity", gated), got).rel_l2 > 0.1
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_decode_top3_masks_the_padded_slot_with_quantized_weights_and_biases(bits):
     """k=3: the down kernel loads 4 slot rows at once (a power of two); the 4th must add nothing."""

@@ -21,6 +21,14 @@ class TensorRTTarget(Target):
     description = "ONNX for TensorRT with moec's experts plugin (engine built where TensorRT and a GPU exist)"
     own_options = {"tensorrt_aot": "asks for the TensorRT plugin's AOT implementation"}
 
+    def check_options(self, options) -> None:
+        from moec.errors import MoecError
+
+        if options.extra.get("quant") == "int2":  # plugins/: the kernels unpack 4- and 8-bit codes only
+            raise MoecError("--quant int2: the tensorrt target's experts plugin dequantizes 4- and 8-bit codes; "
+                            "use --quant int4|int8 here, or --target onnxruntime (QMoE runs 2-bit experts). "
+                            "Nothing was written.")
+
     def lowering_passes(self, options) -> Sequence:
         from moec.targets.tensorrt.lower_moe_tensorrt import LowerMoEForTensorRT
 

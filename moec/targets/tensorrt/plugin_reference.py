@@ -46,6 +46,9 @@ def _activation(b: _Builder, u: str, activation: str) -> str:
         return b.op("Mul", [u, b.op("Sigmoid", [u])])
     if activation == "relu":
         return b.op("Relu", [u])
+    if activation == "relu2":
+        r = b.op("Relu", [u])
+        return b.op("Mul", [r, r])
     if activation == "identity":
         return u
     if activation == "gelu":  # erf form

@@ -165,3 +165,13 @@ def test_aot_refuses_int4_groups_the_kernel_cannot_run(tmp_path):
     with pytest.raises(MoecError, match="multiples of 32"):
         compile(model, args, dyn, options=CompileOptions(out=str(tmp_path / "q"), target="tensorrt", extra=extra))
     assert not os.path.exists(tmp_path / "q")
+
+
+def test_int2_is_refused_before_any_work(tmp_path):
+    from moec.errors import MoecError
+
+    model, args, dyn = _quant_model()
+    with pytest.raises(MoecError, match="int2.*4- and 8-bit.*--target onnxruntime"):
+        compile(model, args, dyn, options=CompileOptions(out=str(tmp_path / "q"), target="tensorrt",
+                                                         extra=dict(quant="int2")))
+    assert not os.path.exists(tmp_path / "q")

@@ -1,0 +1,66 @@
+"""How close an eager forward pass's routing came to a tie, so verification avoids inputs that sit on one.
+
+An MoE layer picks its experts with a top-k. Two runtimes that agree to fp32 rounding (ONNX Runtime's
+kernels against PyTorch's move router scores by about 1e-7 relative) still pick different experts
+when the k-th and (k+1)-th scores of a token are that close, and the outputs then differ by far more
+than any tolerance that means something (measured: 6e-3 relative L2 on a GPT-OSS-shaped decoder whose
+norms were rewritten, on one token of ten, both graphs correct). Such an input tests luck, not the
+artifact; verification draws another one instead (moec.pipeline.eager_reference).
+
+`watch_route_margins` observes every ``torch.topk`` / ``Tensor.topk`` the module calls (that is how
+transformers' MoE layers route, including DeepSeek's group-limited routing) and keeps the smallest
+relative margin: ``(k-th - (k+1)-th) / max |score|`` of a row, over all rows. Routers that select with
+``argmax`` are not watched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+# Margins below this are within reach of fp32 rounding differences between runtimes (~1e-7-1e-6).
+MIN_MARGIN = 1e-5
+
+
+@dataclass
+class RouteMargins:
+    smallest: float = math.inf  # relative; inf: no top-k selected anything (or no top-k ran)
+    selections: int = 0  # rows whose top-k was observed
+
+    @property
+    def well_conditioned(self) -> bool:
+        return self.smallest >= MIN_MARGIN
+
+
+class watch_route_margins(TorchFunctionMode):
+    """``with watch_route_margins() as m: module(*args)`` -> ``m.margins``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.margins = RouteMargins()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.topk or func is torch.Tensor.topk:
+            self._observe(*args, **kwargs)  # the mode is off inside its own handler
+        return out
+
+    def _observe(self, scores: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True,
+                 **_) -> None:
+        if not isinstance(scores, torch.Tensor) or scores.numel() == 0 or k >= scores.shape[dim] or k < 1:
+            return  # every entry is selected: no boundary to be near
+        v = scores.detach().float()
+        v = v if largest else -v
+        top = v.topk(k + 1, dim=dim).values
+        kth, next_ = top.select(dim, k - 1), top.select(dim, k)
+        finite = torch.isfinite(kth) & torch.isfinite(next_)
+        if not bool(finite.any()):
+            return
+        scale = v.masked_fill(~torch.isfinite(v), 0).abs().amax(dim=dim).clamp_min(torch.finfo(torch.float32).tiny)
+        rel = ((kth - next_) / scale)[finite]
+        self.margins.smallest = min(self.margins.smallest, float(rel.min()))
+        self.margins.selections += int(rel.numel())

@@ -47,7 +47,7 @@ MAX_CANDIDATES = 2000
 
 _TOPK_ATTRS = ("top_k", "num_experts_per_tok", "topk", "k", "num_selected", "experts_per_token")
 _RENORM_ATTRS = ("norm_topk_prob", "renormalize", "normalize")
-_SCALE_ATTRS = ("routed_scaling_factor", "scaling_factor", "route_scale")
+_SCALE_ATTRS = ("routed_scaling_factor", "router_scaling_factor", "scaling_factor", "route_scale")
 _NGROUP_ATTRS = ("n_group", "num_group", "num_groups", "n_groups")
 _TOPKGROUP_ATTRS = ("topk_group", "topk_groups")
 _ACT_ATTRS = ("act_fn", "activation_fn", "act", "activation")

@@ -56,18 +56,13 @@ def test_every_norm_becomes_one_onnx_runtime_kernel(pair, tmp_path):
     assert on.report["graph"]["nodes_after"] == sum(_ops(_path(on)).values()) - _ops(_path(on))["Constant"]
 
 
-def test_outputs_move_by_rounding_only(pair):
+def test_outputs_move_by_rounding_only(pair, decoder_feeds):
     on, off = pair
     assert on.report["numerics"]["passed"] and on.report["numerics"]["route_margins"]["well_conditioned"]
     a, b = (ort.InferenceSession(_path(r), providers=["CPUExecutionProvider"]) for r in pair)
     rng = np.random.default_rng(0)
     for batch, past, seq in [(1, 0, 6), (2, 9, 1)]:  # prefill, decode
-        sizes = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
-        feeds = {"input_ids": rng.integers(0, 128, (batch, seq)), "attention_mask": np.ones((batch, past + seq)),
-                 "position_ids": np.tile(np.arange(past, past + seq), (batch, 1))}
-        feeds = {k: v.astype(np.int64) for k, v in feeds.items()}
-        for i in a.get_inputs()[3:]:
-            feeds[i.name] = rng.standard_normal([sizes.get(d, d) for d in i.shape]).astype(np.float32)
+        feeds = decoder_feeds(a, batch, past, seq, rng)
         for x, y in zip(a.run(None, feeds), b.run(None, feeds)):
             err = np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30)
             assert err < 1e-6, err

@@ -49,18 +49,13 @@ def test_no_weight_is_copied(pair):
     assert weights(_graph(on)) == weights(_graph(off))
 
 
-def test_outputs_are_bit_identical(pair):
+def test_outputs_are_bit_identical(pair, decoder_feeds):
     on, off = pair
     a = ort.InferenceSession(os.path.join(on.out_dir, "model.onnx"))
     b = ort.InferenceSession(os.path.join(off.out_dir, "model.onnx"))
     rng = np.random.default_rng(0)
     for batch, past, seq in [(1, 0, 5), (2, 7, 1), (3, 300, 2)]:  # prefill, decode, past the sliding window
-        sizes = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
-        feeds = {"input_ids": rng.integers(0, 128, (batch, seq)), "attention_mask": np.ones((batch, past + seq)),
-                 "position_ids": np.tile(np.arange(past, past + seq), (batch, 1))}
-        feeds = {k: v.astype(np.int64) for k, v in feeds.items()}
-        for i in a.get_inputs()[3:]:
-            feeds[i.name] = rng.standard_normal([sizes.get(d, d) for d in i.shape]).astype(np.float32)
+        feeds = decoder_feeds(a, batch, past, seq, rng)
         for x, y in zip(a.run(None, feeds), b.run(None, feeds)):
             np.testing.assert_array_equal(x, y)
 

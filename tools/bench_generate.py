@@ -9,7 +9,10 @@ Systems (same greedy tokens checked across all; prompt 32, 48 new tokens, batch 
   eager        transformers `generate` (fp32)
   genai-builder onnxruntime-genai's model builder (fp32), where it supports the family (GPT-OSS)
   moec         `moec compile` (fp32) run by onnxruntime-genai
-  moec-int4    `moec compile --quant int4` run by onnxruntime-genai
+  moec-int4    `moec compile --quant int4 --block-size 32` run by onnxruntime-genai (fp32 activations: exact
+               against the dequantized model)
+  moec-int4-acc4 the same with `--accuracy-level 4`: ONNX Runtime quantizes the experts' activations to int8
+               (what the genai builder's int4 does on CPU); verified against the dequantized model at 3e-2
   optimum      Optimum's ONNX export with past, run by its ORTModelForCausalLM (fp32; GPT-OSS's export runs
                every expert on every token, Qwen3-MoE's the routed ones), in its own venv
                (tools/setup_optimum.sh: optimum-onnx pins transformers 4.x); skipped when that venv is
@@ -207,6 +210,11 @@ def bench_family(family: str, work: str, new: int, bandwidth: float) -> dict:
     rep4 = compile_moec(hf, os.path.join(work, f"{family}-moec-int4"), "--quant", "int4", "--block-size", "32")
     systems["moec-int4"] = {"dir": os.path.join(work, f"{family}-moec-int4"), "compile_s": rep4["_compile_s"],
                             "expert_bytes": rep4["quantization"]["weight_bytes_quantized"]}
+    log(f"[{family}] moec compile --quant int4 --accuracy-level 4")
+    out = os.path.join(work, f"{family}-moec-int4-acc4")
+    rep4a = compile_moec(hf, out, "--quant", "int4", "--block-size", "32", "--accuracy-level", "4")
+    systems["moec-int4-acc4"] = {"dir": out, "compile_s": rep4a["_compile_s"],
+                                 "expert_bytes": rep4a["quantization"]["weight_bytes_quantized"]}
     if family in BUILDER_FAMILIES:
         log(f"[{family}] onnxruntime-genai builder (fp32)")
         out = os.path.join(work, f"{family}-builder")

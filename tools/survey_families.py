@@ -10,6 +10,7 @@ crashes or hangs costs only itself), then:
 
     OMP_WAIT_POLICY=passive .venv/bin/python tools/survey_families.py [--families a b ...] [--fuse-only]
         [--jobs 2] [--timeout 300] [--json out.json] [--markdown out.md]
+    ... --families a b --update tools/results/survey_families.json   # rerun a few, keep the other rows
 """
 
 from __future__ import annotations
@@ -80,13 +81,24 @@ def tiny_config(model_type: str):
         overrides["layer_types"] = defaults["layer_types"][: overrides.get("num_hidden_layers", 2)]
     for key in ("mlp_layer_types", "moe_layer_types"):
         if isinstance(defaults.get(key), list):
-            overrides[key] = defaults[key][: overrides.get("num_hidden_layers", 2)]
+            overrides[key] = keep_each_kind(defaults[key], overrides.get("num_hidden_layers", 2))
     try:
         return cls(**overrides)
     except Exception as exc:  # some configs insist on plain multi-head attention
         if "num_key_value_heads" not in str(exc):
             raise
         return cls(**{**overrides, "num_key_value_heads": overrides.get("num_attention_heads", 4)})
+
+
+def keep_each_kind(values: list, n: int) -> list:
+    """A per-layer list cut to n layers that still holds each kind of layer the full list has, in order of first
+    appearance (DeepSeek-V3.2's ["dense"] * 3 + ["sparse"] * 58 at 2 layers is ["dense", "sparse"], not
+    all dense), when n allows."""
+    head = values[:n]
+    kinds = list(dict.fromkeys(values))
+    if set(head) == set(kinds) or len(kinds) > n:
+        return head
+    return (kinds + [values[-1]] * n)[:n]
 
 
 def run_one(model_type: str, fuse_only: bool) -> dict:
@@ -206,6 +218,16 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def summarize(rows: list[dict], fuse_only: bool) -> dict:
+    built = [r for r in rows if r.get("stage") not in ("build", "timeout", "crash", "fuse")]
+    summary = {"families": len(rows), "built": len(built), "with_moe_layers": sum(r.get("layers", 0) > 0 for r in built),
+               "all_layers_fused": sum(r.get("layers", 0) > 0 and r["fused"] == r["layers"] for r in built)}
+    if not fuse_only:
+        summary.update(compiled=sum(r.get("stage") == "compiled" for r in built),
+                       fused_exactly=sum(exact(r) for r in rows))
+    return summary
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", nargs="+")
@@ -214,19 +236,23 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--json")
     ap.add_argument("--markdown")
+    ap.add_argument("--update", metavar="JSON",
+                    help="rerun only --families and replace their rows in this earlier full run's JSON (rewritten)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(args.one, args.fuse_only)))
         return 0
+    if args.update and (not args.families or args.fuse_only):
+        ap.error("--update reruns the families named by --families, compiled (not --fuse-only)")
     families = args.families or moe_families()
     rows = survey(families, args.fuse_only, args.jobs, args.timeout, log=lambda m: print(m, file=sys.stderr))
-    built = [r for r in rows if r.get("stage") not in ("build", "timeout", "crash", "fuse")]
-    summary = {"families": len(rows), "built": len(built), "with_moe_layers": sum(r.get("layers", 0) > 0 for r in built),
-               "all_layers_fused": sum(r.get("layers", 0) > 0 and r["fused"] == r["layers"] for r in built)}
-    if not args.fuse_only:
-        summary.update(compiled=sum(r.get("stage") == "compiled" for r in built),
-                       fused_exactly=sum(exact(r) for r in rows))
+    if args.update:
+        with open(args.update) as f:
+            fresh = {r["family"]: r for r in rows}
+            rows = [fresh.pop(r["family"], r) for r in json.load(f)["rows"]] + list(fresh.values())
+        args.json = args.json or args.update
+    summary = summarize(rows, args.fuse_only)
     print(markdown(rows))
     print("\n" + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in summary.items()))
     if args.json:

@@ -113,6 +113,7 @@ class Transformed:
     pruning: Optional[dict] = None  # the report's pruning
     routing: Optional[list] = None  # the report's routing statistics (with --calibration)
     exact_generation: Optional[list] = None  # a decoder's greedy runs after the last pass changing numerics
+    exact_margins: Optional[dict] = None  # how near a routing tie `exact` came on the verification inputs
 
 
 @dataclass
@@ -211,7 +212,8 @@ def compile(
             "generation": generation,
             "calibration": None if loaded.calibration is None else {
                 "data": loaded.calibration.description, "tokens": loaded.calibration.tokens},
-            "numerics": dict(verified.numerics, route_margins=reference.route_margins),
+            "numerics": dict(verified.numerics, route_margins=dict(reference.route_margins or {},
+                                                                   exact_reference=transformed.exact_margins)),
             "weights_bytes": onnx_weight_bytes,
             "files": sorted(os.path.relpath(f, tmp) for f in files) + ["golden/"],
             "versions": versions(),
@@ -401,10 +403,14 @@ def eager_reference(loaded: Loaded, options: CompileOptions) -> Reference:
         options.log(f"verification inputs of seed {seed}: a routing top-k margin of {margins.smallest:.2g} "
                     "(relative) is within rounding of a tie; drawing others")
     margins, seed, inputs, eager = best
-    conditioning = {"seed": seed, "draws": draw, "well_conditioned": margins.well_conditioned,
-                    "smallest_relative": None if math.isinf(margins.smallest) else margins.smallest,
-                    "selections": margins.selections, "min_margin": MIN_MARGIN}
+    conditioning = {"seed": seed, "draws": draw, **margins_entry(margins)}
     return Reference(inputs, eager, greedy_runs(src.module, loaded.generation), conditioning)
+
+
+def margins_entry(margins) -> dict:
+    """The report's view of a moec.route_margins.RouteMargins."""
+    return {"well_conditioned": margins.well_conditioned, "selections": margins.selections, "min_margin": MIN_MARGIN,
+            "smallest_relative": None if math.isinf(margins.smallest) else margins.smallest}
 
 
 GENERATION_STEPS = 8  # new tokens a compile checks per prompt (`moec verify` replays the same)
@@ -469,6 +475,7 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
                          None)
     exact: list = []
     exact_generation: list = []
+    exact_margins: dict = {}
     pruned: list = []  # the pruned full-precision model's outputs: what quantization's own error is against
 
     def after_pass(p: Pass, module: nn.Module) -> None:
@@ -477,7 +484,9 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
         if EXPERTS_PRUNED in p.ensures and p is not last_numerics:
             pruned[:] = outputs_on(module, reference.inputs)
         if p is last_numerics:  # the exact reference for the quantized / pruned artifact
-            exact[:] = outputs_on(module, reference.inputs)
+            with watch_route_margins() as watch:
+                exact[:] = outputs_on(module, reference.inputs)
+            exact_margins.update(margins_entry(watch.margins))
             exact_generation[:] = greedy_runs(module, loaded.generation) or []
 
     active = [p for p in passes if p.name not in options.disabled_passes]
@@ -499,7 +508,8 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
         raise FusionRequiredError("--require-fusion: MoE layers left unfused: " + "; ".join(bad))
     return Transformed(module, records, layers, quant, exact if exact_name else [],
                        f"the {exact_name} reference" if exact_name else "", pruning, routing,
-                       exact_generation if exact_name and exact_generation else None)
+                       exact_generation if exact_name and exact_generation else None,
+                       exact_margins if exact_name and exact_margins else None)
 
 
 def export_graph(captured: Captured, loaded: Loaded, target: Target, options: CompileOptions):

@@ -36,7 +36,7 @@ def rewrite_rsqrt(model: ir.Model) -> int:
         if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or mul.graph is not graph:
             continue
         old = mul.outputs[0]
-        div = ir.node("Div", inputs=[mul.inputs[1 - index], sqrt.outputs[0]], name=f"{mul.name}/div")
+        div = ir.node("Div", inputs=[mul.inputs[1 - index], sqrt.outputs[0]], name=f"{mul.name or node.name}/div")
         new = div.outputs[0]
         graph.insert_before(mul, div)
         old.replace_all_uses_with(new, replace_graph_outputs=True)

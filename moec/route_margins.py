@@ -8,9 +8,11 @@ norms were rewritten, on one token of ten, both graphs correct). Such an input t
 artifact; verification draws another one instead (moec.pipeline.eager_reference).
 
 `watch_route_margins` observes every ``torch.topk`` / ``Tensor.topk`` the module calls (that is how
-transformers' MoE layers route, including DeepSeek's group-limited routing) and keeps the smallest
-relative margin: ``(k-th - (k+1)-th) / max |score|`` of a row, over all rows. Routers that select with
-``argmax`` are not watched.
+transformers' MoE layers route, including DeepSeek's group-limited routing; a fused layer's
+``moec.route`` op runs its Python implementation under the watch) and keeps the smallest
+relative margin: ``(k-th - (k+1)-th) / max |score|`` of a row, over all rows; masked entries (-inf, or
+a dtype's lowest value added as a mask) are left out, and integer top-ks are not watched. Routers that
+select with ``argmax`` are not watched either.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from moec.ops import route_reference  # also registers torch.ops.moec.route, which the watch recognises
 
 # Margins below this are within reach of fp32 rounding differences between runtimes (~1e-7-1e-6).
 MIN_MARGIN = 1e-5
@@ -44,23 +48,32 @@ class watch_route_margins(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.ops.moec.route or func is torch.ops.moec.route.default:
+            # a fused layer's routing (the quantized / pruned reference): its implementation, watched
+            with self:
+                return route_reference(*args, **kwargs)
         out = func(*args, **kwargs)
         if func is torch.topk or func is torch.Tensor.topk:
             self._observe(*args, **kwargs)  # the mode is off inside its own handler
         return out
 
-    def _observe(self, scores: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True,
-                 **_) -> None:
-        if not isinstance(scores, torch.Tensor) or scores.numel() == 0 or k >= scores.shape[dim] or k < 1:
+    def _observe(self, scores: torch.Tensor = None, k: int = 1, dim: int = -1, largest: bool = True,
+                 sorted: bool = True, input: torch.Tensor = None, **_) -> None:
+        scores = scores if scores is not None else input  # torch.topk(input=..., k=...)
+        if not isinstance(scores, torch.Tensor) or not scores.is_floating_point() or scores.numel() == 0:
+            return  # integer scores tie by construction; they are not router scores
+        if k < 1 or k >= scores.shape[dim]:
             return  # every entry is selected: no boundary to be near
         v = scores.detach().float()
         v = v if largest else -v
-        top = v.topk(k + 1, dim=dim).values
+        # masked entries (-inf, or a dtype's lowest value added as a mask) are not candidates
+        masked = ~torch.isfinite(v) | (v.abs() >= torch.finfo(torch.float32).max / 2)
+        top = v.masked_fill(masked, -math.inf).topk(k + 1, dim=dim).values
         kth, next_ = top.select(dim, k - 1), top.select(dim, k)
         finite = torch.isfinite(kth) & torch.isfinite(next_)
         if not bool(finite.any()):
             return
-        scale = v.masked_fill(~torch.isfinite(v), 0).abs().amax(dim=dim).clamp_min(torch.finfo(torch.float32).tiny)
+        scale = v.masked_fill(masked, 0).abs().amax(dim=dim).clamp_min(torch.finfo(torch.float32).tiny)
         rel = ((kth - next_) / scale)[finite]
         self.margins.smallest = min(self.margins.smallest, float(rel.min()))
         self.margins.selections += int(rel.numel())

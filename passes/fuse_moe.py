@@ -43,6 +43,7 @@ from moec.passes.outcomes import FusionOutcome
 from moec.quant import QuantizedWeight, WeightCodes
 
 MATCH_TOL = 1e-5
+HINTED_ONLY = ("relu2",)  # activations tried only when an act_fn of the layer computes them
 MAX_CANDIDATES = 2000
 
 _TOPK_ATTRS = ("top_k", "num_experts_per_tok", "topk", "k", "num_selected", "experts_per_token")
@@ -243,7 +244,7 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
         if len(params) == 1 and params[0].dim() == 2 and tuple(params[0].shape) == (1, hidden):
             shared_gate = child
         elif post_norm is None and len(params) <= 2 and all(tuple(p.shape) == (hidden,) for p in params):
-            post_norm = child  # only [H] vectors: a norm's scale (and shift); tried on the output below
+            post_norm = child  # only [H] vectors: a norm's scale (and shift), applied to the output
         elif shared is None:
             shared = child
         else:
@@ -464,7 +465,8 @@ def _activation_candidates(anatomy: Anatomy, gated: bool) -> list[tuple[str, flo
         for n in names:
             if isinstance(y, torch.Tensor) and torch.allclose(y, apply_activation(grid, n), atol=1e-6):
                 hinted.append(n)
-    for n in hinted + [n for n in names if n not in hinted]:
+    # rare activations are tried only when the layer names them: each unhinted one multiplies the search
+    for n in hinted + [n for n in names if n not in hinted and n not in HINTED_ONLY]:
         out.append((n, 1.0, 0.0, math.inf))
     return out
 

@@ -44,7 +44,7 @@ def _ort_ops(path, tmp_path):
 def test_every_norm_becomes_one_onnx_runtime_kernel(pair, tmp_path):
     on, off = pair
     norms = _ops(_path(off))["Reciprocal"]
-    # Qwen3-MoE: two norms per decoder layer, q_norm and k_norm, and the final norm
+    # Qwen3-MoE: four norms per decoder layer (input, post-attention, q_norm, k_norm) and the final norm
     assert norms == 4 * on.report["moe_layers"]["fused"] + 1, norms
     assert on.report["graph"]["rsqrt_as_division"] == norms
     assert "rsqrt_as_division" not in off.report["graph"]

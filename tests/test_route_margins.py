@@ -72,3 +72,17 @@ def test_when_every_draw_ties_the_best_is_kept_and_flagged():
     m = ref.route_margins
     assert m["draws"] == len(VERIFY_SEEDS) and not m["well_conditioned"] and m["smallest_relative"] == 0.0
     assert m["seed"] == VERIFY_SEEDS[0]
+
+
+def test_fused_routing_and_masked_scores_are_watched():
+    from moec import ops  # noqa: F401  (torch.ops.moec.route)
+
+    with watch_route_margins() as watch:  # a fused layer's routing op: its top-k is seen
+        torch.ops.moec.route(torch.tensor([[3.0, 2.0, 1.0, 0.0]]), None, "softmax", 1, True, 1, 1, 1.0, True)
+    assert watch.margins.selections == 1 and math.isclose(watch.margins.smallest, 1 / 3, rel_tol=1e-6)
+
+    lowest = torch.finfo(torch.float32).min  # a mask added as the dtype's lowest value, not -inf
+    with watch_route_margins() as watch:
+        torch.topk(input=torch.tensor([[1.0, 0.5, lowest, lowest]]), k=2)
+        torch.topk(torch.tensor([[3, 3, 1]]), 1)  # integer scores: not routing
+    assert watch.margins.selections == 0

@@ -168,3 +168,60 @@ def test_layer_never_executed_is_reported():
 
     _, records = PassManager([FuseMoE()]).run(Skips(), PassContext(probes=[(torch.randn(2, 3, 8),)]))
     assert records[0].details["layers"][0]["reason"] == "not executed by the example inputs"
+
+
+class PostNormMoE(nn.Module):
+    """A router that returns its decision, squared-ReLU experts, a routed scale the block applies past the
+    router (MiniMax-M3), a shared expert, and a norm on the block's output (A.X-K1)."""
+
+    def __init__(self, hidden=16, inter=8, experts=4):
+        super().__init__()
+        self.router = Router(hidden, experts)
+        self.w_in = nn.Parameter(torch.randn(experts, inter, hidden) * 0.3)
+        self.w_out = nn.Parameter(torch.randn(experts, hidden, inter) * 0.3)
+        self.routed_scaling_factor = 2.5
+        self.act_fn = SquaredReLU()  # squared ReLU is tried only when the layer names it
+        self.shared = nn.Linear(hidden, hidden, bias=False)  # makes the scale visible through the norm
+        self.post_norm = nn.RMSNorm(hidden, eps=1e-6)
+        with torch.no_grad():
+            self.post_norm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        ids, w = self.router(flat)
+        h = self.act_fn(torch.einsum("th,eih->tei", flat, self.w_in))
+        y = torch.einsum("tei,ehi->teh", h, self.w_out)
+        routed = (y.gather(1, ids[..., None].expand(-1, -1, y.shape[-1])) * w[..., None]).sum(1)
+        return self.post_norm(routed * self.routed_scaling_factor + self.shared(flat)).reshape(x.shape)
+
+
+class SquaredReLU(nn.Module):
+    def forward(self, x):
+        return torch.relu(x).square()
+
+
+class Router(nn.Module):
+    def __init__(self, hidden, experts, top_k=2):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, hidden) * 0.5)
+        self.top_k = top_k
+
+    def forward(self, flat):
+        probs = torch.softmax(flat @ self.weight.T, dim=-1)
+        w, ids = probs.topk(self.top_k, dim=-1)
+        return ids, w / w.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_post_norm_block_scale_and_squared_relu(target, tmp_path):
+    from moec.pipeline import CompileOptions, compile
+
+    torch.manual_seed(0)
+    dyn = ({0: torch.export.Dim("batch", min=1, max=8), 1: torch.export.Dim("seq", min=2, max=32)},)
+    res = compile(nn.Sequential(PostNormMoE()).eval(), (torch.randn(2, 5, 16),), dyn,
+                  options=CompileOptions(out=str(tmp_path / "a"), target=target))
+    layer = res.report["moe_layers"]["layers"][0]
+    assert layer["fused"] and layer["spec"]["post_norm"], layer
+    assert layer["spec"]["route"]["scale"] == 2.5 and layer["spec"]["experts"]["activation"] == "relu2"
+    assert res.report["numerics"]["passed"]
+    assert max(i["rel_l2"] for i in res.report["numerics"]["inputs"]) < 1e-5

@@ -46,14 +46,15 @@ class OnnxRuntimeTarget(Target):
         return (ExpertNode("com.microsoft", "MoE", 2, "k"), ExpertNode("com.microsoft", "QMoE", 2, "k"))
 
     def quantizes_activations(self, options) -> bool:
-        # ORT's block-wise int8 experts have no fp32 kernel, its 2-bit experts in blocks of 32 or more
-        # run on its LUT GEMM (measured: 1-2% relative L2 against the dequantized weights; per row and
-        # block 16 are exact), and accuracy_level 4 asks for int8 activations: then ORT quantizes
-        # activations too, beyond what the dequantized reference models.
+        # ORT's block-wise int8 experts have no fp32 kernel, its 2-bit weights in blocks of 32 or more
+        # (QMoE and MatMulNBits) run on its LUT GEMM (measured: 0.3-2% relative L2 against the dequantized
+        # weights; per row and block 16 are exact), and accuracy_level 4 asks for int8 activations: then
+        # ORT quantizes activations too, beyond what the dequantized reference models.
         x = options.extra
         block = x.get("block_size")
+        dense_block = (block or 32) if x.get("quant_dense") else None  # quantize_dense.dense_spec
         return bool(x.get("quant")) and ((x["quant"] == "int8" and block is not None)
-                                         or (x["quant"] == "int2" and block is not None and block >= 32)
+                                         or (x["quant"] == "int2" and max(block or 0, dense_block or 0) >= 32)
                                          or x.get("accuracy_level") == 4)
 
 

@@ -97,9 +97,13 @@ class TrtMoE(LoweredMoE):
 
 
 def check_quant_groups(path: str, layer: TrtMoE, aot: bool) -> None:
-    """The plugin kernels dequantize one scale per tile: groups must hold whole 16-column tiles."""
+    """The plugin kernels unpack 4- and 8-bit codes and dequantize one scale per tile: groups must hold
+    whole 16-column tiles."""
     if not layer.quant_bits:
         return
+    if layer.quant_bits not in (4, 8):  # e.g. a packed 2-bit checkpoint (--quant int2 is refused up front)
+        raise MoecError(f"{path}: {layer.quant_bits}-bit expert codes; the TensorRT plugin's kernels unpack 4- and "
+                        "8-bit codes. Use --target onnxruntime (QMoE runs 2-bit experts). Nothing was written.")
     for name, group in zip(("w_gate_up", "w_down"), layer.groups):
         if group % 16:
             raise MoecError(f"{path}.{name}: quantization groups of {group} columns; the TensorRT plugin's kernels "

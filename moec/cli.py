@@ -154,19 +154,30 @@ def cmd_golden_record(args: argparse.Namespace) -> int:
     from moec.passes.base import flatten_outputs
     from moec.sources import load_source
 
+    from moec.route_margins import conditioned_draw
+
     src = load_source(args.source)
-    probes = []
-    inputs = [src.make_inputs(seed=100)]
-    if src._is_dynamic(0, 1) if src.example_args else False:
-        inputs.append(src.make_inputs(seed=101, seq_len=args.seq_len, batch=1 if src._is_dynamic(0, 0) else None))
+
+    def make_inputs(seed: int) -> list:
+        inputs = [src.make_inputs(seed=seed)]
+        if src._is_dynamic(0, 1) if src.example_args else False:
+            inputs.append(src.make_inputs(seed=seed + 1, seq_len=args.seq_len,
+                                          batch=1 if src._is_dynamic(0, 0) else None))
+        return inputs
+
+    def run(inputs: list) -> list:
+        with torch.no_grad():
+            return [flatten_outputs(src.module(*a)) for a in inputs]
+
+    # inputs whose routing sits on a tie would make the golden depend on rounding: drawn again (moec.route_margins)
+    draw = conditioned_draw(make_inputs, run, lambda m: print(f"golden {m}", file=sys.stderr))
     names = src.input_names or [f"input_{i}" for i in range(len(src.example_args))]
     out_names = src.output_names
-    with torch.no_grad():
-        for i, args_ in enumerate(inputs):
-            outs = flatten_outputs(src.module(*args_))
-            onames = out_names if len(out_names) == len(outs) else [f"output_{j}" for j in range(len(outs))]
-            probes.append(golden.Probe(f"probe{i}", {n: a.numpy() for n, a in zip(names, args_)},
-                                       {n: o.detach().numpy() for n, o in zip(onames, outs)}))
+    probes = []
+    for i, (args_, outs) in enumerate(zip(draw.inputs, draw.outputs)):
+        onames = out_names if len(out_names) == len(outs) else [f"output_{j}" for j in range(len(outs))]
+        probes.append(golden.Probe(f"probe{i}", {n: a.numpy() for n, a in zip(names, args_)},
+                                   {n: o.detach().numpy() for n, o in zip(onames, outs)}))
     model = {"source": args.source or "builtin:mixtral-demo", "identity": src.identity,
              "weights_sha256": golden.weights_sha256(src.module)}
     path = golden.record(args.out, probes, model=model, force=args.force, precision=args.precision,

@@ -37,7 +37,7 @@ from moec.passes.base import Pass, PassContext, PassManager, PassRecord, flatten
 from moec.passes.conditions import EXPERTS_PRUNED, MOE_FUSED, ROUTING_MEASURED
 from moec.report import FP32_REL_L2, layer_summary, moec_version, pruning_summary, quantization_summary, versions
 from moec.rewrite_rsqrt import NAME as REWRITE_RSQRT, rewrite_rsqrt
-from moec.route_margins import MIN_MARGIN, watch_route_margins
+from moec.route_margins import MIN_MARGIN, conditioned_draw, watch_route_margins
 from moec.simplify_graph import counted, simplify_graph
 from moec.sources import LoadedSource, load_source
 from moec.targets.base import ArtifactContext, Target
@@ -380,9 +380,6 @@ def fold(loaded: Loaded, options: CompileOptions) -> Folded:
     return Folded(records, src.prequantized)
 
 
-VERIFY_SEEDS = (100, 200, 300, 400)  # verification draws, in order; see eager_reference
-
-
 def eager_reference(loaded: Loaded, options: CompileOptions) -> Reference:
     """Verification inputs (the example's shape and another batch / sequence length) and the eager outputs.
 
@@ -390,21 +387,10 @@ def eager_reference(loaded: Loaded, options: CompileOptions) -> Reference:
     test luck, not the artifact: the next seed's draw replaces it. After the last seed the best-conditioned
     draw is kept; the report's numerics.route_margins says which draw ran and its smallest margin."""
     src = loaded.src
-    best = None
-    for draw, seed in enumerate(VERIFY_SEEDS, 1):
-        inputs = src.verification_inputs(options.verify_seq_len, seed=seed)
-        with watch_route_margins() as watch:
-            eager = outputs_on(src.module, inputs)
-        margins = watch.margins
-        if best is None or margins.smallest > best[0].smallest:
-            best = (margins, seed, inputs, eager)
-        if margins.well_conditioned:
-            break
-        options.log(f"verification inputs of seed {seed}: a routing top-k margin of {margins.smallest:.2g} "
-                    "(relative) is within rounding of a tie; drawing others")
-    margins, seed, inputs, eager = best
-    conditioning = {"seed": seed, "draws": draw, **margins_entry(margins)}
-    return Reference(inputs, eager, greedy_runs(src.module, loaded.generation), conditioning)
+    draw = conditioned_draw(lambda seed: src.verification_inputs(options.verify_seq_len, seed=seed),
+                            lambda inputs: outputs_on(src.module, inputs), lambda m: options.log("verification " + m))
+    conditioning = {"seed": draw.seed, "draws": draw.draws, **margins_entry(draw.margins)}
+    return Reference(draw.inputs, draw.outputs, greedy_runs(src.module, loaded.generation), conditioning)
 
 
 def margins_entry(margins) -> dict:

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from moec import zoo
-from moec.pipeline import VERIFY_SEEDS, CompileOptions, Loaded, eager_reference
-from moec.route_margins import MIN_MARGIN, watch_route_margins
+from moec.pipeline import CompileOptions, Loaded, eager_reference
+from moec.route_margins import MIN_MARGIN, VERIFY_SEEDS, watch_route_margins
 from moec.sources import LoadedSource
 
 
@@ -86,3 +86,41 @@ def test_fused_routing_and_masked_scores_are_watched():
         torch.topk(input=torch.tensor([[1.0, 0.5, lowest, lowest]]), k=2)
         torch.topk(torch.tensor([[3, 3, 1]]), 1)  # integer scores: not routing
     assert watch.margins.selections == 0
+
+
+FACTORY = '''
+import torch
+from moec.sources import LoadedSource
+
+
+class TiedFirst(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        scores = x[..., :4].sort(-1, descending=True).values.clone()
+        if self.calls == 0:
+            scores[..., 2] = scores[..., 1]
+        self.calls += 1
+        return x * torch.topk(scores, 2).values.sum(-1, keepdim=True)
+
+
+def factory():
+    return LoadedSource(TiedFirst().eval(), (torch.randn(2, 5, 8),), ({0: torch.export.Dim("batch", max=8)},), "tied")
+'''
+
+
+def test_golden_record_redraws_inputs_on_a_tie(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    from moec.cli import main
+
+    (tmp_path / "tied_source.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["golden", "record", "tied_source:factory", "--out", str(tmp_path / "g")]) == 0
+    assert f"seed {VERIFY_SEEDS[0]}" in capsys.readouterr().err
+    fresh = LoadedSource(nn.Identity(), (torch.randn(2, 5, 8),), ({0: torch.export.Dim("batch", max=8)},))
+    want = fresh.make_inputs(seed=VERIFY_SEEDS[1])[0].numpy()
+    got = [np.load(p) for p in (tmp_path / "g").glob("probe0*input*.npy")]
+    assert len(got) == 1 and np.array_equal(got[0], want), sorted(p.name for p in (tmp_path / "g").iterdir())

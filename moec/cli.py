@@ -152,9 +152,8 @@ def cmd_golden_record(args: argparse.Namespace) -> int:
     from moec import golden
     from moec.report import versions
     from moec.passes.base import flatten_outputs
-    from moec.sources import load_source
-
     from moec.route_margins import conditioned_draw
+    from moec.sources import load_source
 
     src = load_source(args.source)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 import shutil
 import time
@@ -37,7 +36,7 @@ from moec.passes.base import Pass, PassContext, PassManager, PassRecord, flatten
 from moec.passes.conditions import EXPERTS_PRUNED, MOE_FUSED, ROUTING_MEASURED
 from moec.report import FP32_REL_L2, layer_summary, moec_version, pruning_summary, quantization_summary, versions
 from moec.rewrite_rsqrt import NAME as REWRITE_RSQRT, rewrite_rsqrt
-from moec.route_margins import MIN_MARGIN, conditioned_draw, watch_route_margins
+from moec.route_margins import conditioned_draw, watch_route_margins
 from moec.simplify_graph import counted, simplify_graph
 from moec.sources import LoadedSource, load_source
 from moec.targets.base import ArtifactContext, Target
@@ -389,14 +388,8 @@ def eager_reference(loaded: Loaded, options: CompileOptions) -> Reference:
     src = loaded.src
     draw = conditioned_draw(lambda seed: src.verification_inputs(options.verify_seq_len, seed=seed),
                             lambda inputs: outputs_on(src.module, inputs), lambda m: options.log("verification " + m))
-    conditioning = {"seed": draw.seed, "draws": draw.draws, **margins_entry(draw.margins)}
+    conditioning = {"seed": draw.seed, "draws": draw.draws, **draw.margins.to_dict()}
     return Reference(draw.inputs, draw.outputs, greedy_runs(src.module, loaded.generation), conditioning)
-
-
-def margins_entry(margins) -> dict:
-    """The report's view of a moec.route_margins.RouteMargins."""
-    return {"well_conditioned": margins.well_conditioned, "selections": margins.selections, "min_margin": MIN_MARGIN,
-            "smallest_relative": None if math.isinf(margins.smallest) else margins.smallest}
 
 
 GENERATION_STEPS = 8  # new tokens a compile checks per prompt (`moec verify` replays the same)
@@ -442,11 +435,10 @@ def build_passes(options: CompileOptions, target: Target) -> list[Pass]:
 
             passes.append(QuantizeExperts())
         passes.extend(target.lowering_passes(options))
-    known = {p.name for p in passes} | {FoldWeightQDQ.name, SIMPLIFY_GRAPH, REWRITE_RSQRT}
-    unknown = set(options.disabled_passes) - known
+    names = [FoldWeightQDQ.name] + [p.name for p in passes] + [SIMPLIFY_GRAPH, REWRITE_RSQRT]
+    unknown = set(options.disabled_passes) - set(names)
     if unknown:
-        raise MoecError(f"--no-pass: unknown pass {', '.join(sorted(unknown))}; passes are "
-                        f"{', '.join([FoldWeightQDQ.name] + [p.name for p in passes] + [SIMPLIFY_GRAPH, REWRITE_RSQRT])}.")
+        raise MoecError(f"--no-pass: unknown pass {', '.join(sorted(unknown))}; passes are {', '.join(names)}.")
     return passes
 
 
@@ -472,7 +464,7 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
         if p is last_numerics:  # the exact reference for the quantized / pruned artifact
             with watch_route_margins() as watch:
                 exact[:] = outputs_on(module, reference.inputs)
-            exact_margins.update(margins_entry(watch.margins))
+            exact_margins.update(watch.margins.to_dict())
             exact_generation[:] = greedy_runs(module, loaded.generation) or []
 
     active = [p for p in passes if p.name not in options.disabled_passes]

@@ -147,9 +147,9 @@ def _clip_ratios(blocks: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 def _round(blocks: torch.Tensor, spec: QuantSpec, ratio):
-    """(codes, scales, zero points or None) rounding `blocks` [E, N, G, B] to nearest, the range clipped to
-    `ratio` (a number, or one per block [E, N, G]) of its extent (1.0: symmetric, the largest magnitude maps to +-(zp - 1) steps; asymmetric,
-    [min, max] including 0 spans the codes)."""
+    """(codes, scales, zero points or None) rounding `blocks` [E, N, G, B] to nearest, the range clipped
+    to `ratio` (a number, or one per block [E, N, G]) of its extent. At 1.0: symmetric, the largest
+    magnitude maps to +-(zp - 1) steps; asymmetric, [min, max] including 0 spans the codes."""
     if spec.symmetric:
         zp_value = 1 << (spec.bits - 1)
         scales = blocks.abs().amax(dim=-1) * ratio / (zp_value - 1)
@@ -166,16 +166,19 @@ def _round(blocks: torch.Tensor, spec: QuantSpec, ratio):
 
 
 def _squared_error(blocks, codes, scales, zps, spec: QuantSpec) -> torch.Tensor:
-    zp = zps if zps is not None else torch.full_like(scales, float(1 << (spec.bits - 1)))
-    return ((codes - zp.unsqueeze(-1)) * scales.unsqueeze(-1) - blocks).square().sum(dim=-1)
+    return (_dequantize_blocks(codes, scales, zps, spec.bits) - blocks).square().sum(dim=-1)
+
+
+def _dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, zps: Optional[torch.Tensor], bits: int):
+    """(code - zero point) * scale for codes [..., G, B] with scales and zero points [..., G] (None: 2^(bits-1))."""
+    zp = zps.float() if zps is not None else torch.full_like(scales, float(1 << (bits - 1)))
+    return (codes.float() - zp.unsqueeze(-1)) * scales.unsqueeze(-1)
 
 
 def dequantize(q: QuantizedWeight) -> torch.Tensor:
     e, n, k = q.shape
     g = q.scales.shape[-1]
-    zp = q.zero_points if q.zero_points is not None else torch.full_like(q.scales, 1 << (q.spec.bits - 1))
-    blocks = q.codes.reshape(e, n, g, k // g).float()
-    return ((blocks - zp.float().unsqueeze(-1)) * q.scales.unsqueeze(-1)).reshape(e, n, k)
+    return _dequantize_blocks(q.codes.reshape(e, n, g, k // g), q.scales, q.zero_points, q.spec.bits).reshape(e, n, k)
 
 
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:

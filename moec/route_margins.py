@@ -40,6 +40,11 @@ class RouteMargins:
     def well_conditioned(self) -> bool:
         return self.smallest >= MIN_MARGIN
 
+    def to_dict(self) -> dict:
+        """The report's view (numerics.route_margins)."""
+        return {"well_conditioned": self.well_conditioned, "selections": self.selections, "min_margin": MIN_MARGIN,
+                "smallest_relative": None if math.isinf(self.smallest) else self.smallest}
+
 
 class watch_route_margins(TorchFunctionMode):
     """``with watch_route_margins() as m: module(*args)`` -> ``m.margins``."""

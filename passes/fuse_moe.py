@@ -597,8 +597,7 @@ def match_layer(path: str, original: nn.Module, anatomy: Anatomy, x: torch.Tenso
             if _route_reproduces(route, rb, sb, anatomy, probes, decisions):
                 pinned = [(route, rb, sb)]
                 # a scaling factor the block applies to the routed output, past its router (MiniMax-M3)
-                block_scale = next((float(v) for v in (getattr(original, n, None) for n in _SCALE_ATTRS)
-                                    if isinstance(v, (int, float)) and not isinstance(v, bool)), 1.0)
+                block_scale = _collect_hints([original])["scale"] or 1.0
                 if block_scale != 1.0:
                     pinned.append((replace(route, scale=route.scale * block_scale), rb, sb))
                 break

@@ -51,11 +51,16 @@ class OnnxRuntimeTarget(Target):
         # weights; per row and block 16 are exact), and accuracy_level 4 asks for int8 activations: then
         # ORT quantizes activations too, beyond what the dequantized reference models.
         x = options.extra
+        if not x.get("quant"):
+            return False
         block = x.get("block_size")
-        dense_block = (block or 32) if x.get("quant_dense") else None  # quantize_dense.dense_spec
-        return bool(x.get("quant")) and ((x["quant"] == "int8" and block is not None)
-                                         or (x["quant"] == "int2" and max(block or 0, dense_block or 0) >= 32)
-                                         or x.get("accuracy_level") == 4)
+        if x["quant"] == "int2":
+            from moec.targets.onnxruntime.quantize_dense import dense_spec
+
+            blocks = [block or 0] + ([dense_spec(x).block_size] if x.get("quant_dense") else [])
+            if max(blocks) >= 32:
+                return True
+        return (x["quant"] == "int8" and block is not None) or x.get("accuracy_level") == 4
 
 
 TARGET = OnnxRuntimeTarget()

@@ -23,9 +23,11 @@ class TensorRTTarget(Target):
 
     def check_options(self, options) -> None:
         from moec.errors import MoecError
+        from moec.targets.tensorrt.lower_moe_tensorrt import PLUGIN_BITS
 
-        if options.extra.get("quant") == "int2":  # plugins/: the kernels unpack 4- and 8-bit codes only
-            raise MoecError("--quant int2: the tensorrt target's experts plugin dequantizes 4- and 8-bit codes; "
+        quant = options.extra.get("quant")
+        if quant and int(quant[3:]) not in PLUGIN_BITS:
+            raise MoecError(f"--quant {quant}: the tensorrt target's experts plugin dequantizes 4- and 8-bit codes; "
                             "use --quant int4|int8 here, or --target onnxruntime (QMoE runs 2-bit experts). "
                             "Nothing was written.")
 

@@ -96,12 +96,15 @@ class TrtMoE(LoweredMoE):
         return self.finish(hidden, out, ids, weights, logits)
 
 
+PLUGIN_BITS = (4, 8)  # the code widths the plugin's kernels unpack (plugins/)
+
+
 def check_quant_groups(path: str, layer: TrtMoE, aot: bool) -> None:
     """The plugin kernels unpack 4- and 8-bit codes and dequantize one scale per tile: groups must hold
     whole 16-column tiles."""
     if not layer.quant_bits:
         return
-    if layer.quant_bits not in (4, 8):  # e.g. a packed 2-bit checkpoint (--quant int2 is refused up front)
+    if layer.quant_bits not in PLUGIN_BITS:  # e.g. a packed 2-bit checkpoint (--quant int2 is refused up front)
         raise MoecError(f"{path}: {layer.quant_bits}-bit expert codes; the TensorRT plugin's kernels unpack 4- and "
                         "8-bit codes. Use --target onnxruntime (QMoE runs 2-bit experts). Nothing was written.")
     for name, group in zip(("w_gate_up", "w_down"), layer.groups):

@@ -204,6 +204,20 @@ def parse_dims(text: str) -> dict[str, int]:
         raise MoecError(f"--max-shape '{text}': expected NAME=INT pairs separated by commas, e.g. batch=8,seq=2048")
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from moec.memory import parse_size
+    from moec.plan_model import format_plan, plan_model
+
+    budget = parse_size(args.device_memory) if args.device_memory else None
+    max_shape = parse_dims(args.max_shape) if args.max_shape else None
+    plan = plan_model(args.source, args.task, max_shape, budget, _progress(args.quiet))
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=1))
+    else:
+        print(format_plan(plan))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     import onnx
 
@@ -369,6 +383,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep every MoE layer on moec's experts plugin (default: TensorRT's IMoELayer where the "
                         "GPU (SM100/103/110), TensorRT (>= 10.16) and the layer allow it)")
     b.set_defaults(func=cmd_build_engine)
+
+    pl = sub.add_parser("plan", help="a model's structure from its config.json alone: MoE layers, memory plan, "
+                                     "weight bytes per precision, devices needed")
+    pl.add_argument("source", help="a Hugging Face config.json, or a directory holding one (no weights needed)")
+    pl.add_argument("--task", choices=["text-generation", "logits"],
+                    help="the graph to plan (default: text-generation, as compile makes for a causal LM)")
+    pl.add_argument("--max-shape", help="max profile for dynamic dims, e.g. batch=1,seq=4096,past=4096")
+    pl.add_argument("--device-memory", help="place the model on devices of this size, e.g. 80GiB")
+    pl.add_argument("--json", action="store_true", help="the plan as JSON on stdout")
+    pl.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    pl.set_defaults(func=cmd_plan)
 
     i = sub.add_parser("inspect", help="show what a compiled artifact is made of")
     i.add_argument("dir")

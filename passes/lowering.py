@@ -48,8 +48,8 @@ def route_outside(layer, flat):
 def dense_experts(flat, ids, weights, w_gate_up, w_down, b_gate_up, b_down, spec: LayerSpec) -> torch.Tensor:
     x = spec.experts
     tokens, num_experts = flat.shape[0], w_gate_up.shape[0]
-    dense_w = torch.zeros(tokens, num_experts, dtype=flat.dtype).scatter(1, ids, weights.to(flat.dtype))
-    selected = torch.zeros(tokens, num_experts, dtype=flat.dtype).scatter(1, ids, torch.ones_like(weights, dtype=flat.dtype))
+    dense_w = torch.zeros(tokens, num_experts, dtype=flat.dtype, device=flat.device).scatter(1, ids, weights.to(flat.dtype))
+    selected = torch.zeros(tokens, num_experts, dtype=flat.dtype, device=flat.device).scatter(1, ids, torch.ones_like(weights, dtype=flat.dtype))
     per_expert_w = dense_w.transpose(0, 1).unsqueeze(-1)  # [E, T, 1]
     inputs = flat.unsqueeze(0).expand(num_experts, -1, -1)
     if x.weight_on_input:
@@ -96,6 +96,6 @@ def lower_each(module: nn.Module, lower: Lower, dense_label: str = "dense ONNX o
 def kept_router_top_k(fused: FusedMoE) -> int:
     """How many experts a kept router picks per token (the width of its ids output)."""
     with torch.no_grad():
-        probe = torch.zeros(1, fused.spec.experts.hidden, dtype=fused.w_down.dtype)
+        probe = torch.zeros(1, fused.spec.experts.hidden, dtype=fused.w_down.dtype, device=fused.w_down.device)
         ids, _ = pick_router_outputs(fused.router(probe))
     return int(ids.shape[-1])

@@ -52,11 +52,3 @@ def test_a_chunked_linear_attention_family_compiles():
         torch.set_num_threads(threads)
     assert row["stage"] == "compiled", row
     assert row["fused"] == row["layers"] > 0 and row["rel_l2"] < 1e-4 and len(row["shapes"]) == 2, row
-
-
-def test_shrunk_layer_lists_keep_each_kind_of_layer():
-    keep = survey_families.keep_each_kind
-    assert keep(["dense"] * 3 + ["sparse"] * 58, 2) == ["dense", "sparse"]  # DeepSeek-V3.2 was all dense
-    assert keep(["sparse", "dense", "sparse"], 2) == ["sparse", "dense"]
-    assert keep(["a", "b", "c"], 2) == ["a", "b"]  # more kinds than layers: the head
-    assert keep(["dense"] * 4, 2) == ["dense", "dense"]

@@ -1,7 +1,8 @@
-"""Benchmark: `moec compile` on real-sized MoE checkpoints (real configs, random bf16 weights).
+"""Benchmark: `moec compile` on real-sized MoE checkpoints (real configs, random bf16 weights), and `moec plan`
+on the configs of models too big to hold (Kimi-K2, DeepSeek-V3).
 
     OMP_WAIT_POLICY=passive .venv/bin/python tools/bench_compile_scale.py [--models granite-1b granite-3b]
-        [--workdir DIR] [--keep]
+        [--plans kimi-k2 deepseek-v3] [--workdir DIR] [--keep]
 
 For each model: writes a Hugging Face checkpoint with `save_pretrained` (bf16 safetensors, random
 weights from the real config; reused when DIR already has it), then runs `moec compile DIR` in a child
@@ -9,6 +10,11 @@ process and reports wall time, peak resident memory over the child's baseline (a
 only imported torch, transformers, onnx and onnxruntime), the artifact's bytes and whether it verified,
 side by side in one run. A compile the kernel kills for memory is reported as such, with the peak it
 reached. Needs disk: about 2x the checkpoint's bf16 bytes plus the fp32 artifact.
+
+For each plan: writes the model's config.json (as published: Kimi-K2's model_type "kimi_k2" with remote-code
+auto_map, both with their fp8 quantization_config) and runs `moec plan DIR --max-shape batch=1,seq=4096,past=4096
+--device-memory 80GiB --json` in a child process: wall time, peak resident memory over the same baseline,
+and what the plan found.
 """
 
 from __future__ import annotations
@@ -32,6 +38,27 @@ MODELS = {
                        num_attention_heads=24, num_key_value_heads=8, num_local_experts=40, num_experts_per_tok=8,
                        vocab_size=49155, tie_word_embeddings=True, embedding_multiplier=12.0, logits_scaling=6.0,
                        residual_multiplier=0.22, attention_multiplier=0.015625, max_position_embeddings=4096),
+}
+
+# config.json as the model repositories publish them (the keys moec reads; the rest are defaults)
+_DEEPSEEK = dict(architectures=["DeepseekV3ForCausalLM"], hidden_size=7168, intermediate_size=18432,
+                 moe_intermediate_size=2048, num_hidden_layers=61, n_shared_experts=1, kv_lora_rank=512,
+                 q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, topk_method="noaux_tc",
+                 num_experts_per_tok=8, moe_layer_freq=1, norm_topk_prob=True, scoring_func="sigmoid", hidden_act="silu",
+                 rms_norm_eps=1e-06, tie_word_embeddings=False, torch_dtype="bfloat16", attention_bias=False,
+                 quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                      "weight_block_size": [128, 128]})
+PLANS = {
+    "deepseek-v3": dict(_DEEPSEEK, model_type="deepseek_v3", vocab_size=129280, num_attention_heads=128,
+                        num_key_value_heads=128, n_routed_experts=256, routed_scaling_factor=2.5, n_group=8,
+                        topk_group=4, first_k_dense_replace=3, max_position_embeddings=163840, rope_theta=10000,
+                        bos_token_id=0, eos_token_id=1),
+    "kimi-k2": dict(_DEEPSEEK, model_type="kimi_k2", vocab_size=163840, num_attention_heads=64, num_key_value_heads=64,
+                    n_routed_experts=384, routed_scaling_factor=2.827, n_group=1, topk_group=1,
+                    first_k_dense_replace=1, max_position_embeddings=131072, rope_theta=50000.0,
+                    bos_token_id=163584, eos_token_id=163585,
+                    auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                              "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}),
 }
 
 WRITE = r"""
@@ -60,6 +87,16 @@ with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 from moec.cli import main
 t = time.perf_counter()
+if sys.argv[2] == "--plan":
+    import contextlib, io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["plan", sys.argv[1], "--max-shape", "batch=1,seq=4096,past=4096", "--device-memory", "80GiB",
+                   "--json", "--quiet"])
+    plan = json.loads(buf.getvalue()) if rc == 0 else None
+    print(json.dumps({"rc": rc, "base_kb": base, "peak_kb": status("VmHWM"), "seconds": time.perf_counter() - t,
+                      "plan": plan}))
+    sys.exit(0)
 rc = main(["compile", sys.argv[1], "--out", sys.argv[2], "--quiet"])
 print(json.dumps({"rc": rc, "base_kb": base, "peak_kb": status("VmHWM"), "seconds": time.perf_counter() - t}))
 """
@@ -106,17 +143,45 @@ def run_model(name: str, workdir: str, keep: bool) -> dict:
     return row
 
 
+def run_plan(name: str, workdir: str) -> dict:
+    d = os.path.join(workdir, name + ".config")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(PLANS[name], f, indent=1)
+    print(f"[{name}] moec plan", file=sys.stderr, flush=True)
+    env = dict(os.environ, OMP_WAIT_POLICY="passive", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", CHILD, d, "--plan"], capture_output=True, text=True, env=env)
+    row = {"model": name, "kind": "plan", "seconds": time.perf_counter() - t}
+    if out.returncode != 0:
+        return {**row, "status": f"exit {out.returncode}", "error": out.stderr.strip().splitlines()[-1:]}
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    row.update(status="planned" if r["rc"] == 0 else f"exit {r['rc']}", peak_over_base_kb=r["peak_kb"] - r["base_kb"],
+               peak_kb=r["peak_kb"])
+    if r["plan"]:
+        p = r["plan"]
+        top = p["memory_plan"]["profiles"]["max"]
+        row.update(parameters=p["parameters"], moe_layers=p["moe_layers"]["found"], fused=p["moe_layers"]["fused"],
+                   stages_s=p["seconds"], arena_bytes=top["arena_bytes"],
+                   devices={x["precision"]: x["devices"] for x in p["placement"]},
+                   weights={w["precision"]: w["total_bytes"] for w in p["weights"]})
+    return row
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["granite-1b"], choices=list(MODELS))
+    ap.add_argument("--models", nargs="*", default=["granite-1b"], choices=list(MODELS))
+    ap.add_argument("--plans", nargs="*", default=[], choices=list(PLANS),
+                    help="also run `moec plan` on these published configs")
     ap.add_argument("--workdir", default=None, help="where checkpoints and artifacts go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the artifacts")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="moec-scale-")
     rows = [run_model(m, workdir, args.keep) for m in args.models]
+    plans = [run_plan(m, workdir) for m in args.plans]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + plans, indent=2))
         return 0
     print(f"{'model':<12} {'ckpt GiB':>9} {'status':<16} {'wall s':>7} {'peak over base GiB':>19} {'artifact GiB':>13}")
     for r in rows:
@@ -125,6 +190,16 @@ def main(argv=None) -> int:
               f"{peak:19.2f} {r.get('artifact_bytes', 0) / 2**30:13.2f}")
         if r.get("timings_s"):
             print("  stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in r["timings_s"].items()))
+    if plans:
+        print(f"\n{'moec plan':<12} {'params B':>9} {'status':<9} {'wall s':>7} {'peak RSS GiB':>13} "
+              f"{'over base GiB':>14} {'MoE fused':>10}  devices of 80 GiB (fp32/bf16/int8/int4/int2)")
+    for r in plans:
+        devices = "/".join(str(v) for v in r.get("devices", {}).values())
+        print(f"{r['model']:<12} {r.get('parameters', 0) / 1e9:9.1f} {r['status']:<9} {r['seconds']:7.1f} "
+              f"{r.get('peak_kb', 0) / 2**20:13.2f} {r.get('peak_over_base_kb', 0) / 2**20:14.2f} "
+              f"{r.get('fused', 0):>4}/{r.get('moe_layers', 0):<5}  {devices}")
+        if r.get("stages_s"):
+            print("  stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["stages_s"].items()))
     return 0
 
 

@@ -24,6 +24,9 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from moec.miniature import WIDTHS, keep_each_kind  # noqa: E402
+
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,17 +34,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok",
                "moe_topk", "moe_k")
 
-# config key -> tiny value, applied where the default config has the key
+# widths from moec.miniature (the plan's miniatures); the survey also shrinks experts, top-k and layers
 TINY = {
-    "vocab_size": 256, "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
-    "shared_expert_intermediate_size": 48, "expert_intermediate_size": 32, "ffn_hidden_size": 96,
-    "num_hidden_layers": 2, "num_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "head_dim": 16, "max_position_embeddings": 256, "num_experts": 8, "num_local_experts": 8,
+    **WIDTHS, "num_hidden_layers": 2, "num_layers": 2, "num_experts": 8, "num_local_experts": 8,
     "n_routed_experts": 8, "moe_num_experts": 8, "num_experts_per_tok": 2, "moe_topk": 2, "moe_k": 2,
     "n_group": 2, "topk_group": 1, "first_k_dense_replace": 0, "moe_layer_start_index": 0,
-    "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
-    "decoder_sparse_step": 1, "mlp_only_layers": [], "sliding_window": 64, "linear_num_key_heads": 2,
-    "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+    "decoder_sparse_step": 1, "mlp_only_layers": [],
 }
 
 
@@ -88,17 +86,6 @@ def tiny_config(model_type: str):
         if "num_key_value_heads" not in str(exc):
             raise
         return cls(**{**overrides, "num_key_value_heads": overrides.get("num_attention_heads", 4)})
-
-
-def keep_each_kind(values: list, n: int) -> list:
-    """A per-layer list cut to n layers that still holds each kind of layer the full list has, in order of first
-    appearance (DeepSeek-V3.2's ["dense"] * 3 + ["sparse"] * 58 at 2 layers is ["dense", "sparse"], not
-    all dense), when n allows."""
-    head = values[:n]
-    kinds = list(dict.fromkeys(values))
-    if set(head) == set(kinds) or len(kinds) > n:
-        return head
-    return (kinds + [values[-1]] * n)[:n]
 
 
 def run_one(model_type: str, fuse_only: bool) -> dict:
@@ -265,5 +252,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())

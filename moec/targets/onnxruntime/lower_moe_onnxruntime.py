@@ -121,7 +121,7 @@ class OrtMoE(LoweredMoE):
         w = weights.float()
         if not self.plan.slack:
             w = w / self.plan.fold  # MoE renormalizes; the scale lives in fc2
-        pseudo = torch.full((flat.shape[0], self.fc1.shape[0]), float("-inf"), dtype=torch.float32)
+        pseudo = torch.full((flat.shape[0], self.fc1.shape[0]), float("-inf"), dtype=torch.float32, device=flat.device)
         pseudo = pseudo.scatter(1, ids, torch.log(w))
         if self.plan.slack:
             remaining = (self.plan.slack - w.sum(dim=-1, keepdim=True)).clamp(min=0.0)

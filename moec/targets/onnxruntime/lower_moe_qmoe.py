@@ -57,8 +57,8 @@ class OrtQMoE(LoweredMoE):
         flat = hidden.reshape(-1, self.spec.experts.hidden)
         ids, weights, logits = route_outside(self, flat)
         tokens, experts = flat.shape[0], self.fc1.shape[0]
-        mask = torch.zeros(tokens, experts, dtype=flat.dtype).scatter(1, ids, torch.ones_like(weights, dtype=flat.dtype))
-        dense = torch.zeros(tokens, experts, dtype=flat.dtype).scatter(1, ids, weights.to(flat.dtype))
+        mask = torch.zeros(tokens, experts, dtype=flat.dtype, device=flat.device).scatter(1, ids, torch.ones_like(weights, dtype=flat.dtype))
+        dense = torch.zeros(tokens, experts, dtype=flat.dtype, device=flat.device).scatter(1, ids, weights.to(flat.dtype))
         out = torch.ops.moec.ort_qmoe(
             flat, mask, dense, self.fc1, self.fc1_scales, self.fc1_bias, self.fc2, self.fc2_scales, self.fc2_bias,
             self.fc1_zero_points, self.fc2_zero_points, self.top_k, *self.act, self.bits, self.block_size,

@@ -1,0 +1,299 @@
+"""`moec plan SOURCE`: a model's structure from its config.json alone — no weights read, none allocated.
+
+1. Recognise on a miniature (moec.miniature): the same transformers class with tiny widths and the routing
+   kept, built with random weights and run through fuse_moe's translation validation; each MoE layer's
+   kind (its class and parameter names, expert indices folded) gets the miniature's outcome.
+2. Build the real-sized model on the meta device, replace every layer of a recognised kind by a FusedMoE of
+   the real sizes (shapes only: on meta there is nothing to validate, the miniature was), lower it for
+   ONNX Runtime as `moec compile` does, and capture it with torch.export — the artifact's task, dynamic dims
+   and all.
+3. Plan activation memory from the captured graph's symbolic shapes (moec.analysis.plan_exported), count
+   the weights at each precision, and place them on devices of --device-memory (moec.placement).
+The real model is never materialised: a config of a trillion parameters costs what its graph costs.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from moec.analysis.plan_memory import MemoryPlan
+from moec.errors import MoecError, SourceError
+from moec.miniature import HFConfig, miniature, read_config
+from moec.moe_layer import FusedMoE, LayerSpec
+from moec.placement import ExpertMatrix, MoELayerWeights, Placement, WeightBytes, place, weight_bytes
+
+
+@dataclass
+class PlannedLayer:
+    path: str
+    kind: str  # the miniature layer whose outcome it takes
+    fused: bool
+    reason: str = ""
+    spec: Optional[LayerSpec] = None
+    lowered_to: str = ""
+
+    def to_dict(self) -> dict:
+        d = {"path": self.path, "kind": self.kind, "fused": self.fused, "lowered_to": self.lowered_to}
+        if self.reason:
+            d["reason"] = self.reason
+        if self.spec is not None:
+            d["spec"] = self.spec.to_dict()
+        return d
+
+
+@dataclass
+class ModelPlan:
+    source: str
+    model_class: str
+    task: str
+    parameters: int
+    layers: list[PlannedLayer]
+    memory: MemoryPlan
+    weights: list[WeightBytes]
+    placements: list[Placement] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def expert_parameters(self) -> int:
+        fp32 = next(w for w in self.weights if w.precision == "fp32")
+        return fp32.experts // 4
+
+    def to_dict(self) -> dict:
+        fused = [l for l in self.layers if l.fused]
+        return {
+            "source": self.source, "model_class": self.model_class, "task": self.task,
+            "parameters": self.parameters, "expert_parameters": self.expert_parameters,
+            "moe_layers": {"found": len(self.layers), "fused": len(fused),
+                           "layers": [l.to_dict() for l in self.layers]},
+            "weights": [{"precision": w.precision, "experts_bytes": w.experts, "other_bytes": w.other,
+                         "total_bytes": w.total} for w in self.weights],
+            "memory_plan": self.memory.to_dict(),
+            "placement": [p.to_dict() for p in self.placements],
+            "notes": self.notes, "seconds": self.seconds,
+        }
+
+
+def layer_kind(mod: nn.Module) -> tuple:
+    """What makes two MoE layers the same kind: their class and parameter names, expert indices folded."""
+    names = [n for n, _ in mod.named_parameters()] + [n for n, _ in mod.named_buffers()]
+    return type(mod).__qualname__, tuple(sorted({re.sub(r"(^|\.)\d+(?=\.|$)", r"\1#", n) for n in names}))
+
+
+@dataclass
+class MiniatureOutcome:
+    path: str
+    fused: bool
+    reason: str
+    fused_module: Optional[FusedMoE]
+    tensor_index: Optional[int] = None  # CalledLike's argument, when the layer took size arguments
+
+
+def recognise_miniature(hf: HFConfig, log: Callable[[str], None]) -> dict[tuple, MiniatureOutcome]:
+    """Each MoE layer kind of the miniature -> what fuse_moe made of it."""
+    from moec.demo import randomize_
+    from moec.passes.base import PassContext, PassManager
+    from moec.passes.fuse_moe import CalledLike, FuseMoE, find_candidates
+    from moec.sources import causal_lm_source
+
+    try:
+        torch.manual_seed(0)
+        model = hf.model_class(miniature(hf.config)).eval()
+    except Exception as exc:
+        raise SourceError(f"'{hf.path}': its miniature ({hf.model_class.__name__} with tiny widths) does not build: "
+                          f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    randomize_(model, 0)
+    kinds = {path: layer_kind(model.get_submodule(path)) for path, _ in find_candidates(model)}
+    src = causal_lm_source(model, "miniature")
+    ctx = PassContext(probes=[src.example_args, src.make_inputs(7, seq_len=5, batch=1)], log=log)
+    try:
+        module, records = PassManager([FuseMoE()], validate=True).run(src.module, ctx)
+    except MoecError:
+        raise
+    except Exception as exc:  # the model itself can't run with this config (a key it needs is null ...)
+        raise SourceError(f"'{hf.path}': its miniature ({hf.model_class.__name__} with tiny widths) does not run: "
+                          f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    out: dict[tuple, MiniatureOutcome] = {}
+    for o in records[0].layers:
+        path = o.path[len("model."):] if o.path.startswith("model.") and o.path[len("model."):] in kinds else o.path
+        kind = kinds.get(path)
+        if kind is None or kind in out:
+            continue
+        m = module.get_submodule(o.path) if o.fused else None
+        index = m.tensor_index if isinstance(m, CalledLike) else None
+        fused = m.fused if isinstance(m, CalledLike) else m
+        out[kind] = MiniatureOutcome(path, o.fused, o.reason, fused, index)
+    return out
+
+
+def fuse_on_meta(full: nn.Module, kinds: dict[tuple, MiniatureOutcome]) -> tuple[list[PlannedLayer], list[MoELayerWeights]]:
+    """Replace each layer of a recognised kind by a FusedMoE of its own sizes, on the meta device."""
+    from moec.passes.fuse_moe import CalledLike, find_candidates
+    from moec.passes.layers import LayerCall, set_submodule
+
+    planned, weights = [], []
+    for path, anatomy in find_candidates(full):
+        kind = layer_kind(full.get_submodule(path))
+        mini = kinds.get(kind)
+        if isinstance(anatomy, str) or mini is None or not mini.fused:
+            why = anatomy if isinstance(anatomy, str) else (
+                mini.reason if mini is not None else "no layer of this kind in the miniature (its config shrinks it "
+                                                     "away); planned as written")
+            planned.append(PlannedLayer(path, mini.path if mini else "", False, why))
+            continue
+        f = mini.fused_module
+        e, h = anatomy.num_experts, anatomy.hidden
+        i = int(next(iter(anatomy.expert_readings())).w_down.shape[2])
+        rows = 2 * i if f.spec.experts.gated else i
+        spec = LayerSpec(f.spec.route, type(f.spec.experts)(**{**f.spec.experts.__dict__, "num_experts": e,
+                                                                 "hidden": h, "intermediate": i}),
+                         f.spec.shared, f.spec.shared_gate, f.spec.output, f.spec.post_norm)
+
+        def empty(*shape, like=None):
+            return None if like is None else torch.empty(*shape, device="meta")
+
+        fused = FusedMoE(
+            spec, empty(e, h, like=f.router_weight), empty(e, like=f.router_bias), empty(e, like=f.selection_bias),
+            torch.empty(e, rows, h, device="meta"), torch.empty(e, h, i, device="meta"),
+            empty(e, rows, like=f.b_gate_up), empty(e, h, like=f.b_down),
+            anatomy.shared if f.shared is not None else None, anatomy.shared_gate if f.shared_gate is not None else None,
+            anatomy.router if f.spec.route is None else None, post_norm=anatomy.post_norm if f.post_norm is not None else None,
+        )
+        replacement = fused if mini.tensor_index is None else CalledLike(fused, LayerCall(mini.tensor_index))
+        set_submodule(full, path, replacement)
+        planned.append(PlannedLayer(path, mini.path, True, spec=spec))
+        weights.append(MoELayerWeights(path, e, (ExpertMatrix(e, rows, h), ExpertMatrix(e, h, i))))
+    return planned, weights
+
+
+def plan_model(source: str, task: Optional[str] = None, max_shape: Optional[dict[str, int]] = None,
+               device_memory: Optional[int] = None, log: Callable[[str], None] = lambda msg: None) -> ModelPlan:
+    """`task`: "text-generation" (the default, as `moec compile` makes for a causal LM) or "logits"."""
+    from moec.analysis.plan_exported import plan_exported
+    from moec.export_onnx import capture
+    from moec.memory import profiles_for
+    from moec.passes.base import PassContext
+    from moec.pipeline import make_unfused_experts_exportable
+    from moec.targets.onnxruntime.lower_moe_onnxruntime import LowerMoEForOnnxRuntime
+
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    hf = read_config(source)
+    notes = list(hf.notes)
+    log(f"recognising MoE layers on a miniature {hf.model_class.__name__}")
+    kinds = recognise_miniature(hf, lambda msg: None)
+    seconds["recognise"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    log("building the real-sized model on the meta device")
+    with torch.device("meta"):
+        full = hf.model_class(hf.config).eval()
+    parameters = sum(p.numel() for p in full.parameters())
+    planned, moe_weights = fuse_on_meta(full, kinds)
+    lowered = LowerMoEForOnnxRuntime()(full, PassContext(probes=[]))
+    by_path = {o.path: o for o in lowered.layers}
+    for layer in planned:
+        o = by_path.get(layer.path)
+        if o is not None:
+            layer.lowered_to = o.lowered_to + (f" ({o.reason})" if o.reason else "")
+    switched = make_unfused_experts_exportable(full, {})
+    if any(not l.fused for l in planned) or not planned:
+        notes += switched
+    src, task = _as_task(full, task, notes)
+    seconds["build"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    log(f"capturing the {task} graph with torch.export (shapes only)")
+    args = tuple(a.to("meta") for a in src.example_args)
+    program = capture(src.module, args, src.dynamic_shapes).program
+    seconds["capture"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    log("planning activation memory")
+    ranges = src.dim_ranges()
+    profiles = profiles_for({d: (lo, hi) for d, (lo, hi, _) in ranges.items()},
+                            {d: ex for d, (_, _, ex) in ranges.items()}, max_shape)
+    for dim, parts in src.derived_dims.items():
+        for p in profiles.values():
+            if dim in p and all(d in p for d in parts):
+                p[dim] = sum(p[d] for d in parts)
+    names = {i: {axis: getattr(src.dim_spec(i, axis), "__name__", f"d{axis}") for axis in range(a.dim())
+                 if src.dim_spec(i, axis) is not None} for i, a in enumerate(src.example_args)}
+    memory = plan_exported(program, names, profiles, src.derived_dims)
+    seconds["plan"] = time.perf_counter() - t
+
+    expert_params = sum(m.experts * m.rows * m.cols for l in moe_weights for m in l.matrices)
+    weights = weight_bytes(moe_weights, parameters - expert_params)
+    placements = []
+    if device_memory is not None:
+        top = memory.profiles["max"]
+        placements = [place(w, moe_weights, top.arena_bytes + top.workspace_bytes, device_memory) for w in weights]
+    return ModelPlan(source, hf.model_class.__name__, task, parameters, planned, memory, weights, placements,
+                     notes, {k: round(v, 2) for k, v in seconds.items()})
+
+
+def _as_task(model: nn.Module, task: Optional[str], notes: list[str]):
+    from moec.generation import decoder_source
+    from moec.sources import causal_lm_source
+
+    if task in (None, "text-generation"):
+        try:
+            return decoder_source(model, "plan"), "text-generation"
+        except SourceError as exc:
+            if task is not None:
+                raise
+            notes.append(f"planned as --task logits: {exc}")
+    return causal_lm_source(model, "plan", example=torch.zeros(2, 8, dtype=torch.long)), "logits"
+
+
+def format_plan(plan: ModelPlan) -> str:
+    """The plan for people: layers grouped by kind, weights per precision, the memory table, placements."""
+    from moec.memory import format_table, human
+
+    lines = [f"{plan.model_class} from {plan.source}: {plan.parameters / 1e9:.2f}B parameters, "
+             f"{plan.expert_parameters / 1e9:.2f}B in routed experts; task {plan.task}"]
+    fused = [l for l in plan.layers if l.fused]
+    lines.append(f"MoE layers: {len(plan.layers)} found, {len(fused)} fused")
+    groups: dict[tuple, list[PlannedLayer]] = {}
+    for l in plan.layers:
+        groups.setdefault((l.kind, l.fused, l.reason, l.lowered_to, str(l.spec)), []).append(l)
+    for (_, ok, reason, lowered, _), members in groups.items():
+        first = members[0]
+        where = first.path if len(members) == 1 else f"{first.path} .. {members[-1].path} ({len(members)} layers)"
+        if not ok:
+            lines.append(f"  {where}: not fused: {reason}")
+            continue
+        x, r = first.spec.experts, first.spec.route
+        route = "kept router" if r is None else (
+            f"{r.scoring} top-{r.top_k}" + (f", {r.topk_group} of {r.n_group} groups" if r.n_group > 1 else "")
+            + (", selection bias" if r.has_selection_bias else "") + (f", scale {r.scale:g}" if r.scale != 1 else ""))
+        shared = " + shared expert" if first.spec.shared else ""
+        lines.append(f"  {where}: {x.num_experts} experts {x.hidden}x{x.intermediate} {x.activation}, {route}"
+                     f"{shared} -> {lowered}")
+    lines += ["", f"{'weights':<9} {'experts':>12} {'other':>12} {'total':>12}"]
+    for w in plan.weights:
+        lines.append(f"{w.precision:<9} {human(w.experts):>12} {human(w.other):>12} {human(w.total):>12}")
+    lines.append("(intN: routed experts packed with one fp32 scale per row; other weights at bf16 beside "
+                 "bf16/intN experts)")
+    lines += ["", "activation memory (fp32 activations; weights as captured, fp32):", format_table(plan.memory)]
+    if plan.placements:
+        top = plan.memory.profiles["max"]
+        lines += ["", f"placement on devices of {human(plan.placements[0].device_memory)} (each holds the other "
+                      f"weights and {human(top.arena_bytes + top.workspace_bytes)} of activations and workspace at "
+                      "max; routed experts split in contiguous ranges, the same on every MoE layer):"]
+        for p in plan.placements:
+            if p.devices is None:
+                lines.append(f"  {p.precision:<5} does not fit: {p.why}")
+                continue
+            ranges = ", ".join(f"{s.first_expert}-{s.last_expert}" for s in p.shares)
+            lines.append(f"  {p.precision:<5} {p.devices} device(s), at most {human(max(s.bytes for s in p.shares))} "
+                         f"each; experts {ranges}")
+    if plan.notes:
+        lines += ["", "notes:"] + [f"  {n}" for n in plan.notes]
+    return "\n".join(lines)

@@ -351,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(on the calibration data); with --prune-experts auto, the budget pruning fills")
     c.add_argument("--calibration", metavar="FILE|random:N",
                    help="calibration data: token ids as .npy [N, S] or .jsonl (one list per line), or random:N; "
-                        "measures each MoE layer's routing (report 'routing', moec inspect --routing)")
+                        "measures each MoE layer's routing (report 'routing', moec inspect --routing); with --quant, "
+                        "the expert codes come from GPTQ on the tokens each expert receives")
     c.add_argument("--prune-experts", metavar="FRACTION|auto",
                    help="remove this fraction of every MoE layer's experts, lowest ranked first (needs "
                         "--calibration); auto: as many as --accuracy-budget allows, per layer")

@@ -62,11 +62,14 @@ class QuantizationOutcome(LayerOutcome):
     rel_l2_vs_fp32: Optional[float] = None
     cosine_vs_fp32: Optional[float] = None
     experts: bool = True  # False: a dense Linear (--quant-dense)
+    method: str = ""  # how the codes were chosen: round-to-nearest, gptq, the checkpoint's
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {"path": self.path, "quantization": self.quantization,
                              "weight_bytes_fp32": self.weight_bytes_fp32,
                              "weight_bytes_quantized": self.weight_bytes_quantized}
+        if self.method:
+            d["method"] = self.method
         if self.rel_l2_vs_fp32 is not None:
             d.update(rel_l2_vs_fp32=self.rel_l2_vs_fp32, cosine_vs_fp32=self.cosine_vs_fp32)
         return d

@@ -1,10 +1,13 @@
-"""quantize_experts: round-to-nearest weight-only quantization of every fused layer's expert weights.
+"""quantize_experts: weight-only quantization of every fused layer's expert weights.
 
 Matches: every `FusedMoE` (after fuse_moe), when the compile asks for ``--quant int8|int4|int2``.
 Produces: the same FusedMoE computing with the *dequantized* weights (so the graph stays runnable
   and is the exact reference for the quantized artifact), plus the quantized codes in the layer's
   declared ``FusedMoE.quantized`` for the lowering; per layer, the error against full precision on the layer's
-  real inputs (relative L2, cosine) and the expert weight bytes before and after.
+  real inputs (relative L2, cosine), the expert weight bytes before and after, and the method.
+  Codes come from round-to-nearest, or with ``--calibration`` from GPTQ (moec/gptq.py) on the tokens the
+  calibration data routes to each expert, per matrix where it beats round-to-nearest on held-out tokens;
+  an expert that saw fewer than gptq.MIN_TOKENS of them is rounded to nearest. The outcome says which.
 Folds: fused layers that already hold their checkpoint's codes (packed checkpoints, moec/checkpoint.py;
   PT2E-style Q/DQ Linears, fold_weight_qdq.py; fuse_moe stacks them) are not re-quantized; their codes
   go to the artifact unchanged.
@@ -16,12 +19,14 @@ and ``--accuracy-budget`` bounds it.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from moec.moe_layer import QuantizedExperts
 from moec.numerics import compare_tensors
 from moec.passes.base import Pass, PassContext, PassResult, flatten_outputs
 from moec.passes.conditions import EXPERTS_QUANTIZED, MOE_FUSED
+from moec.gptq import quantize_layer
 from moec.passes.layers import capture_inputs, iter_fused
 from moec.passes.outcomes import QuantizationOutcome
 from moec.quant import QuantError, QuantSpec, dequantize, pack, quantize
@@ -52,6 +57,8 @@ class QuantizeExperts(Pass):
         spec = spec_from_options(ctx.options)
         paths = [p for p, _ in iter_fused(module)]
         inputs = capture_inputs(module, paths, ctx.probes[0])
+        calibrated = bool(ctx.calibration) and not ctx.options.get("prequantized")
+        calibration = calibration_inputs(module, paths, ctx.calibration) if calibrated else {}
         layers = []
         for path in paths:
             fused = module.get_submodule(path)
@@ -65,9 +72,15 @@ class QuantizeExperts(Pass):
                         "not in moec's canonical layout ([E, 2I, H] gate|up, [E, H, I]), or only some experts "
                         "carry codes; folding them would re-quantize. Not supported yet.")
                 q_gate_up, q_down = fused.quantized.gate_up, fused.quantized.down
+                method = "the checkpoint's codes"
+            elif path in calibration:
+                ctx.log(f"  GPTQ {path} ({calibration[path].shape[0]} calibration tokens)")
+                q_gate_up, q_down, choice = quantize_layer(fused, calibration[path], spec, path)
+                method = choice.describe()
             else:
                 q_gate_up = quantize(fused.w_gate_up, spec, f"{path}.w_gate_up")
                 q_down = quantize(fused.w_down, spec, f"{path}.w_down")
+                method = "round-to-nearest"
             fp_bytes = fused.w_gate_up.numel() * 4 + fused.w_down.numel() * 4
             with_dq = [dequantize(q_gate_up), dequantize(q_down)]
             fused.w_gate_up = nn.Parameter(with_dq[0], requires_grad=False)
@@ -76,5 +89,15 @@ class QuantizeExperts(Pass):
             s = None if before is None else compare_tensors(before, _hidden_out(fused(x)))
             layers.append(QuantizationOutcome(
                 path, spec.name, fp_bytes, packed_bytes(q_gate_up) + packed_bytes(q_down),
-                None if s is None else s.rel_l2, None if s is None else s.cosine))
+                None if s is None else s.rel_l2, None if s is None else s.cosine, method=method))
         return PassResult(module, bool(layers), {"spec": spec.name}, layers)
+
+
+def calibration_inputs(module: nn.Module, paths: list[str], batches) -> dict:
+    """Each fused layer's hidden-state inputs [T, H] over every calibration batch (the full-precision model's)."""
+    seen: dict[str, list] = {}
+    for batch in batches:
+        for path, captured in capture_inputs(module, paths, batch).items():
+            if not isinstance(captured, str):
+                seen.setdefault(path, []).append(captured[1].reshape(-1, captured[1].shape[-1]))
+    return {path: torch.cat(xs) for path, xs in seen.items()}

@@ -1,0 +1,57 @@
+"""moec.gptq: GPTQ on moec's grid — what it reduces, where it equals round-to-nearest, what it reports."""
+
+import pytest
+import torch
+
+from moec.gptq import MIN_TOKENS, gptq_quantize, quantize_layer, second_moments
+from moec.quant import QuantSpec, dequantize, pack, quantize
+
+SPECS = [QuantSpec(4, 32), QuantSpec(4, 128), QuantSpec(4, None, symmetric=False), QuantSpec(2, None),
+         QuantSpec(2, 16), QuantSpec(8, None)]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_independent_inputs_give_round_to_nearest_codes(spec):
+    """With a diagonal H no column's error has anywhere to go: the codes and scales are round-to-nearest's."""
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    h = torch.diag(torch.rand(256, generator=torch.Generator().manual_seed(1)) + 0.5).double()
+    got, want = gptq_quantize(w, h, spec, "w"), quantize(w.unsqueeze(0), spec, "w")
+    assert torch.equal(got.codes, want.codes) and torch.allclose(got.scales, want.scales, rtol=0, atol=0)
+    assert (got.zero_points is None) == spec.symmetric
+    pack(got)  # the same layout QMoE takes
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_correlated_inputs_halve_the_output_error_on_held_out_tokens(spec):
+    """Inputs of low effective rank (as a real model's hidden states are): fitted on 1024 tokens, measured on
+    1024 others, GPTQ's output error is under half round-to-nearest's (measured 0.25-0.37x)."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(128, 256, generator=g)
+    x = torch.randn(2048, 32, generator=g) @ torch.randn(32, 256, generator=g) + 0.1 * torch.randn(2048, 256, generator=g)
+    fit, held = x[:1024], x[1024:]
+    ref = held @ w.T
+
+    def err(q):
+        return float((held @ dequantize(q)[0].T - ref).norm() / ref.norm())
+
+    solved = gptq_quantize(w, second_moments(fit), spec, "w")
+    assert int(solved.codes.min()) >= 0 and int(solved.codes.max()) <= spec.qmax
+    assert err(solved) < 0.5 * err(quantize(w.unsqueeze(0), spec, "w"))
+
+
+def test_a_layer_reports_what_it_chose_and_experts_with_too_few_tokens():
+    from moec.moe_layer import ExpertsSpec, FusedMoE, LayerSpec, RouteSpec
+
+    torch.manual_seed(0)
+    e, h, i = 4, 64, 32
+    router = torch.zeros(e, h)
+    router[0, 0] = router[1, 1] = router[2, 2] = 1.0  # token t goes to expert t % 3; expert 3 gets none
+    spec = LayerSpec(RouteSpec("softmax", 1, False), ExpertsSpec(e, h, i, "silu", True))
+    fused = FusedMoE(spec, router, None, None, torch.randn(e, 2 * i, h), torch.randn(e, h, i), None, None)
+    x = torch.randn(400, h)
+    x[torch.arange(400), torch.arange(400) % 3] = 20.0
+    gu, down, choice = quantize_layer(fused, x, QuantSpec(4, 32), "layer")
+    assert choice.few_tokens == [3] and choice.gptq + choice.nearest == 2 * 3
+    assert gu.codes.shape == (e, 2 * i, h) and down.codes.shape == (e, h, i) and down.scales.shape == (e, h, 1)
+    assert torch.equal(gu.codes[3:], quantize(fused.w_gate_up[3:].detach(), QuantSpec(4, 32), "x").codes)
+    assert f"fewer than {MIN_TOKENS}" in choice.describe()

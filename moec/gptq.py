@@ -22,7 +22,12 @@ from moec.quant import QuantError, QuantizedWeight, QuantSpec, quantize
 
 DAMP = 0.01  # of the mean diagonal, added to H: keeps the Cholesky factor defined for rank-deficient inputs
 COLUMN_BLOCK = 128  # columns updated lazily together (a multiple of every QMoE block size)
-MIN_TOKENS = 32  # an expert that saw fewer calibration tokens is rounded to nearest (too few to estimate H)
+MIN_TOKENS = 32  # an expert that saw fewer calibration tokens is rounded to nearest (too few to estimate H) ...
+
+
+def min_tokens(hidden: int, intermediate: int) -> int:
+    """... and at least an eighth of its widest input: H is K x K, and its estimate needs tokens to match."""
+    return max(MIN_TOKENS, max(hidden, intermediate) // 8)
 
 
 def second_moments(x: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -42,17 +47,22 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     if k % group:
         raise QuantError(f"{name}: block size {group} does not divide its input dimension {k}; "
                          f"choose a block size that divides {k}.")
+    if not bool(torch.isfinite(hessian).all()):
+        raise QuantError(f"{name}: the calibration inputs' second moments are not finite (NaN/inf activations on "
+                         "the calibration data); nothing was written.")
+    device = weight.device
     w = weight.detach().float().clone()
-    h = hessian.detach().double().clone()
-    dead = torch.diag(h) == 0  # inputs never seen: their weights can't matter, and H would be singular
+    h = hessian.detach().to(device, torch.float64).clone()
+    # Inputs the calibration never exercised: no error is spread onto their weights (H's row stays unit), so they
+    # round to nearest; zeroing them, as GPTQ's reference code does, would drop weights a few tokens didn't show.
+    dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += DAMP * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
+    h += DAMP * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype, device=device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
 
-    codes = torch.zeros(n, k, dtype=torch.int32)
-    scales = torch.zeros(n, k // group)
-    zps = None if spec.symmetric else torch.zeros(n, k // group, dtype=torch.int32)
+    codes = torch.zeros(n, k, dtype=torch.int32, device=device)
+    scales = torch.zeros(n, k // group, device=device)
+    zps = None if spec.symmetric else torch.zeros(n, k // group, dtype=torch.int32, device=device)
     if spec.block_size is None:  # one scale per row, from the rows as they are
         grid = quantize(w.unsqueeze(0), spec, name)
         scales[:, 0] = grid.scales[0, :, 0]
@@ -104,14 +114,15 @@ class LayerChoice:
 
     gptq: int = 0  # matrices GPTQ rounded
     nearest: int = 0  # matrices where round-to-nearest was closer on the held-out tokens
-    few_tokens: list[int] = field(default_factory=list)  # experts with < MIN_TOKENS tokens (rounded to nearest)
+    few_tokens: list[int] = field(default_factory=list)  # experts with < min_tokens tokens (rounded to nearest)
+    needed: int = MIN_TOKENS
 
     def describe(self) -> str:
         text = f"gptq on {self.gptq} of {self.gptq + self.nearest + 2 * len(self.few_tokens)} expert matrices"
         if self.nearest:
             text += f"; round-to-nearest on {self.nearest} where it was closer on held-out calibration tokens"
         if self.few_tokens:
-            text += f"; {len(self.few_tokens)} expert(s) saw fewer than {MIN_TOKENS} tokens: round-to-nearest"
+            text += f"; {len(self.few_tokens)} expert(s) saw fewer than {self.needed} tokens: round-to-nearest"
         return text
 
 
@@ -135,8 +146,10 @@ def _better(weight: torch.Tensor, fit: torch.Tensor, held: torch.Tensor, fit_w, 
 def quantize_layer(fused, x: torch.Tensor, spec: QuantSpec, name: str) -> tuple[QuantizedWeight, QuantizedWeight,
                                                                               LayerChoice]:
     """A FusedMoE's experts calibrated on its inputs x [T, H]: every 5th token an expert receives is held out
-    to choose, per matrix, between GPTQ (fitted on the others) and round-to-nearest."""
-    choice = LayerChoice()
+    to choose, per matrix, between GPTQ (fitted on the others) and round-to-nearest; experts with fewer than
+    min_tokens(H, I) tokens are rounded to nearest."""
+    x_spec = fused.spec.experts
+    choice = LayerChoice(needed=min_tokens(x_spec.hidden, x_spec.intermediate))
     with torch.no_grad():
         flat = x.reshape(-1, fused.spec.experts.hidden).float()
         ids, weights, _ = fused.routing(flat)
@@ -145,7 +158,7 @@ def quantize_layer(fused, x: torch.Tensor, spec: QuantSpec, name: str) -> tuple[
         for e in range(fused.spec.experts.num_experts):
             rows, slot = (ids == e).nonzero(as_tuple=True)
             w_gu, w_down = fused.w_gate_up[e], fused.w_down[e]
-            if rows.numel() < MIN_TOKENS:
+            if rows.numel() < choice.needed:
                 choice.few_tokens.append(e)
                 parts_gu.append(quantize(w_gu.unsqueeze(0), spec, f"{name}.w_gate_up[{e}]"))
                 parts_down.append(quantize(w_down.unsqueeze(0), spec, f"{name}.w_down[{e}]"))
@@ -154,7 +167,7 @@ def quantize_layer(fused, x: torch.Tensor, spec: QuantSpec, name: str) -> tuple[
             xin = xe * we.unsqueeze(-1) if on_input else xe
             out_w = None if on_input else we  # the expert's output is scaled by its routing weight
             h = expert_activations(fused, xin, e)
-            held = torch.zeros(rows.numel(), dtype=torch.bool)
+            held = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
             held[::5] = True
 
             def split(t):

@@ -23,10 +23,11 @@ WIDTHS = {
     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
     "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
     "sliding_window": 64, "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
-    "linear_value_head_dim": 16,
+    "linear_value_head_dim": 16, "kv_n_heads": 2,
 }
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k", "experts_per_token")
+MINIATURE_MAX_PARAMETERS = 20_000_000  # past this, a config's widths hide under keys moec doesn't know
+TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k", "experts_per_token", "moe_top_k")
 GROUP_KEYS = ("n_group", "num_expert_group", "n_groups")
 TOPK_GROUP_KEYS = ("topk_group", "topk_groups")
 MINIATURE_LAYERS = 4
@@ -80,8 +81,10 @@ def read_config(source: str) -> HFConfig:
     body = {k: v for k, v in raw.items() if k not in ("auto_map", "model_type")}
     if "quantization_config" in body:
         q = body.pop("quantization_config")
-        notes.append(f"the checkpoint's quantization_config ({q.get('quant_method', '?')}) is ignored: the plan "
-                     "counts weights at the precisions it lists")
+        if q:
+            method = q.get("quant_method", "?") if isinstance(q, dict) else type(q).__name__
+            notes.append(f"the checkpoint's quantization_config ({method}) is ignored: the plan counts weights at "
+                         "the precisions it lists")
     try:
         config = config_cls(**body)
     except Exception as exc:
@@ -157,28 +160,50 @@ def keep_each_kind(values: list, n: int) -> list:
 def miniature(config, layers: int = MINIATURE_LAYERS):
     """The same config class with tiny widths, at most `layers` layers (each kind kept) and just enough experts
     for the routing to stay what it is: at least 8, twice top-k, and within each expert group twice the
-    top-k share of the groups selected."""
+    top-k share of the groups selected. Keys are found under their family's own names (attribute_map:
+    DBRX's d_model) and one level down in sub-configs (DBRX's ffn_config, a multimodal model's text_config)."""
     d = config.to_dict()
     base = explicit_keys(config)
-    over = {k: v for k, v in WIDTHS.items() if k in d and d[k] is not None}
+    aliases = dict(getattr(config, "attribute_map", {}) or {})
+    over = _shrink(d, base, aliases, layers)
+    for key, value in d.items():
+        if isinstance(value, dict) and key not in ("id2label", "label2id"):
+            sub = _shrink(value, value, {}, layers)
+            if sub:
+                over[key] = {**value, **sub}
+    try:
+        return type(config)(**{**base, **over})
+    except Exception as exc:  # some configs insist on plain multi-head attention
+        if "num_key_value_heads" not in str(exc):
+            raise
+        return type(config)(**{**base, **over, "num_key_value_heads": over.get("num_attention_heads", 4)})
+
+
+def _shrink(d: dict, explicit: dict, aliases: dict, layers: int) -> dict:
+    """The overrides that make one (flat) config dict a miniature."""
+    def name(key):
+        return aliases.get(key, key)
+
+    over = {name(k): v for k, v in WIDTHS.items() if d.get(name(k)) is not None}
     if "qk_rope_head_dim" in d:  # multi-head latent attention: head_dim is the rope part, and
         over["head_dim"] = WIDTHS["qk_rope_head_dim"]  # every head has its own keys and values
-        over["num_key_value_heads"] = WIDTHS["num_attention_heads"]
+        over[name("num_key_value_heads")] = WIDTHS["num_attention_heads"]
     for i, key in enumerate(("pad_token_id", "bos_token_id", "eos_token_id")):
         if isinstance(d.get(key), int) and d[key] >= WIDTHS["vocab_size"]:
             over[key] = i
-    full_layers = int(d.get("num_hidden_layers") or layers)
-    n = min(full_layers, layers)
-    over["num_hidden_layers"] = n
-    for key in ("first_k_dense_replace", "moe_layer_start_index"):  # dense layers first: keep one
-        if isinstance(d.get(key), int) and d[key] > 0:
-            over[key] = min(d[key], 1)
-    if isinstance(d.get("moe_layer_end_index"), int) and d["moe_layer_end_index"] >= n:
-        over["moe_layer_end_index"] = n - 1
-    for key, value in base.items():  # per-layer lists and layer indices, wherever a family keeps them
-        how = _layer_keyed(key, value, full_layers) if key not in over else ""
-        if how:
-            over[key] = _shrink_layers(value, how, n)
+    full_layers = d.get(name("num_hidden_layers"))
+    if isinstance(full_layers, int) and full_layers > 0:  # no layer count, no per-layer lists to cut
+        n = min(full_layers, layers)
+        over[name("num_hidden_layers")] = n
+        for key in ("first_k_dense_replace", "moe_layer_start_index"):  # dense layers first: keep one
+            if isinstance(d.get(key), int) and d[key] > 0:
+                over[key] = min(d[key], 1)
+        if isinstance(d.get("moe_layer_end_index"), int) and d["moe_layer_end_index"] >= n:
+            over["moe_layer_end_index"] = n - 1
+        for key, value in explicit.items():  # per-layer lists and layer indices, wherever a family keeps them
+            how = _layer_keyed(key, value, full_layers) if key not in over else ""
+            if how:
+                over[key] = _shrink_layers(value, how, n)
     k = max([int(d[key]) for key in TOP_K_KEYS if isinstance(d.get(key), int)] or [1])
     groups = max([int(d[key]) for key in GROUP_KEYS if isinstance(d.get(key), int)] or [1])
     topk_group = max([int(d[key]) for key in TOPK_GROUP_KEYS if isinstance(d.get(key), int)] or [1])
@@ -188,9 +213,4 @@ def miniature(config, layers: int = MINIATURE_LAYERS):
             want = max(8, 2 * k, groups * per_group)
             want = -(-want // groups) * groups
             over[key] = min(d[key], want)
-    try:
-        return type(config)(**{**base, **over})
-    except Exception as exc:  # some configs insist on plain multi-head attention
-        if "num_key_value_heads" not in str(exc):
-            raise
-        return type(config)(**{**base, **over, "num_key_value_heads": over.get("num_attention_heads", 4)})
+    return over

@@ -85,19 +85,35 @@ class Placement:
 def place(weights: WeightBytes, layers: list[MoELayerWeights], per_device_fixed: int, device_memory: int) -> Placement:
     """The fewest devices of `device_memory` bytes that hold the model: `per_device_fixed` (activations and
     workspace) and the non-expert weights on each, the experts split evenly (contiguous ranges)."""
+    from moec.memory import human
+
+    p = weights.precision
     replicated = weights.other + per_device_fixed
-    most = max((l.experts for l in layers), default=1)
     if replicated > device_memory:
-        return Placement(weights.precision, device_memory, None, why=(
-            f"each device needs {replicated} bytes before any expert (non-expert weights {weights.other}, "
-            f"activations and workspace {per_device_fixed}): more than {device_memory}"))
+        return Placement(p, device_memory, None, why=(
+            f"each device needs {human(replicated)} before any expert (non-expert weights {human(weights.other)}, "
+            f"activations and workspace {human(per_device_fixed)}): more than {human(device_memory)}"))
+    if not layers:
+        return Placement(p, device_memory, 1, (DeviceShare(0, 0, -1, replicated),))
+    most = max(l.experts for l in layers)
+
+    def bound(n: int, rounding) -> int:  # every device holds floor(E / n) .. ceil(E / n) experts of each layer
+        return replicated + sum(l.bytes_at(p, rounding(l.experts, n)) for l in layers)
+
+    def floor(e, n):
+        return e // n
+
+    def ceil(e, n):
+        return -(-e // n)
+
     for n in range(1, most + 1):
-        shares = _split(layers, n, weights.precision, replicated)
-        if max(s.bytes for s in shares) <= device_memory:
-            return Placement(weights.precision, device_memory, n, tuple(shares))
-    return Placement(weights.precision, device_memory, None, why=(
-        f"even one expert of each layer per device ({most} devices) needs "
-        f"{max(s.bytes for s in _split(layers, most, weights.precision, replicated))} bytes"))
+        if bound(n, floor) > device_memory:  # even the emptiest split would not fit
+            continue
+        shares = _split(layers, n, p, replicated)  # exact only where the bounds disagree (layers of unequal E)
+        if bound(n, ceil) <= device_memory or max(s.bytes for s in shares) <= device_memory:
+            return Placement(p, device_memory, n, tuple(shares))
+    return Placement(p, device_memory, None, why=(
+        f"even one expert of each layer per device ({most} devices) needs {human(bound(most, ceil))}"))
 
 
 def _split(layers: list[MoELayerWeights], n: int, precision: str, replicated: int) -> list[DeviceShare]:

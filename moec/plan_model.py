@@ -24,7 +24,7 @@ from torch import nn
 
 from moec.analysis.plan_memory import MemoryPlan
 from moec.errors import MoecError, SourceError
-from moec.miniature import HFConfig, miniature, read_config
+from moec.miniature import MINIATURE_MAX_PARAMETERS, HFConfig, miniature, read_config
 from moec.moe_layer import FusedMoE, LayerSpec
 from moec.placement import ExpertMatrix, MoELayerWeights, Placement, WeightBytes, place, weight_bytes
 
@@ -103,11 +103,19 @@ def recognise_miniature(hf: HFConfig, log: Callable[[str], None]) -> dict[tuple,
     from moec.sources import causal_lm_source
 
     try:
-        torch.manual_seed(0)
-        model = hf.model_class(miniature(hf.config)).eval()
+        mini = miniature(hf.config)
+        with torch.device("meta"):  # its size first: a miniature must not cost what the model does
+            size = sum(p.numel() for p in hf.model_class(mini).parameters())
     except Exception as exc:
         raise SourceError(f"'{hf.path}': its miniature ({hf.model_class.__name__} with tiny widths) does not build: "
                           f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    if size > MINIATURE_MAX_PARAMETERS:
+        raise SourceError(f"'{hf.path}': moec cannot shrink this {hf.model_class.__name__} config to a miniature (it "
+                          f"would still have {size / 1e6:.0f}M parameters: its widths or expert counts sit under keys "
+                          "moec.miniature does not know); recognition would need the real-sized model, so nothing "
+                          "was planned.")
+    torch.manual_seed(0)
+    model = hf.model_class(mini).eval()
     randomize_(model, 0)
     kinds = {path: layer_kind(model.get_submodule(path)) for path, _ in find_candidates(model)}
     src = causal_lm_source(model, "miniature")
@@ -230,10 +238,16 @@ def plan_model(source: str, task: Optional[str] = None, max_shape: Optional[dict
 
     expert_params = sum(m.experts * m.rows * m.cols for l in moe_weights for m in l.matrices)
     weights = weight_bytes(moe_weights, parameters - expert_params)
+    unfused = [l.path for l in planned if not l.fused]
+    if unfused:
+        notes.append(f"{len(unfused)} MoE layer(s) not fused (e.g. {unfused[0]}): their experts are counted with the "
+                     "other weights, at the other weights' precision, and placed on every device")
     placements = []
     if device_memory is not None:
+        t = time.perf_counter()
         top = memory.profiles["max"]
         placements = [place(w, moe_weights, top.arena_bytes + top.workspace_bytes, device_memory) for w in weights]
+        seconds["place"] = time.perf_counter() - t
     return ModelPlan(source, hf.model_class.__name__, task, parameters, planned, memory, weights, placements,
                      notes, {k: round(v, 2) for k, v in seconds.items()})
 
@@ -291,9 +305,9 @@ def format_plan(plan: ModelPlan) -> str:
             if p.devices is None:
                 lines.append(f"  {p.precision:<5} does not fit: {p.why}")
                 continue
-            ranges = ", ".join(f"{s.first_expert}-{s.last_expert}" for s in p.shares)
+            ranges = ", ".join(f"{s.first_expert}-{s.last_expert}" for s in p.shares if s.last_expert >= s.first_expert)
             lines.append(f"  {p.precision:<5} {p.devices} device(s), at most {human(max(s.bytes for s in p.shares))} "
-                         f"each; experts {ranges}")
+                         f"each" + (f"; experts {ranges}" if ranges else "; no routed experts to split"))
     if plan.notes:
         lines += ["", "notes:"] + [f"  {n}" for n in plan.notes]
     return "\n".join(lines)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moec.gptq import MIN_TOKENS, gptq_quantize, quantize_layer, second_moments
+from moec.gptq import MIN_TOKENS, gptq_quantize, min_tokens, quantize_layer, second_moments
 from moec.quant import QuantSpec, dequantize, pack, quantize
 
 SPECS = [QuantSpec(4, 32), QuantSpec(4, 128), QuantSpec(4, None, symmetric=False), QuantSpec(2, None),
@@ -54,4 +54,23 @@ def test_a_layer_reports_what_it_chose_and_experts_with_too_few_tokens():
     assert choice.few_tokens == [3] and choice.gptq + choice.nearest == 2 * 3
     assert gu.codes.shape == (e, 2 * i, h) and down.codes.shape == (e, h, i) and down.scales.shape == (e, h, 1)
     assert torch.equal(gu.codes[3:], quantize(fused.w_gate_up[3:].detach(), QuantSpec(4, 32), "x").codes)
-    assert f"fewer than {MIN_TOKENS}" in choice.describe()
+    assert choice.needed == min_tokens(h, i) == MIN_TOKENS and f"fewer than {MIN_TOKENS}" in choice.describe()
+
+
+def test_inputs_never_seen_keep_their_weights_rounded_to_nearest():
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(500, 64, generator=torch.Generator().manual_seed(4))
+    x[:, 10] = 0.0  # an input that never fired in calibration
+    got = gptq_quantize(w, second_moments(x), QuantSpec(4, 32), "w")
+    want = quantize(w.unsqueeze(0), QuantSpec(4, 32), "w")
+    assert torch.equal(dequantize(got)[0, :, 10], dequantize(want)[0, :, 10])  # not zeroed
+    assert dequantize(got)[0, :, 10].abs().sum() > 0
+
+
+def test_non_finite_calibration_is_named():
+    from moec.quant import QuantError
+
+    h = torch.eye(8, dtype=torch.float64)
+    h[0, 0] = float("nan")
+    with pytest.raises(QuantError, match="layer.w_down"):
+        gptq_quantize(torch.randn(4, 8), h, QuantSpec(4, None), "layer.w_down")

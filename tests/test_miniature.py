@@ -95,3 +95,15 @@ def test_per_layer_lists_group_keys_and_special_floats(tmp_path):
     # transformers writes infinities as {"__float__": "Infinity"}
     d = _write(tmp_path / "f", {**DEEPSEEK, "custom_limit": [0.0, {"__float__": "Infinity"}]})
     assert read_config(d).config.custom_limit == [0.0, float("inf")]
+
+
+def test_aliased_and_nested_keys_are_shrunk_too():
+    """DBRX keeps its width under d_model (attribute_map) and its experts in a nested ffn_config."""
+    from transformers import DbrxConfig
+
+    cfg = DbrxConfig(d_model=6144, n_layers=40, n_heads=48, attn_config={"kv_n_heads": 8},
+                     ffn_config={"ffn_hidden_size": 10752, "moe_num_experts": 16, "moe_top_k": 4, "hidden_size": 6144})
+    mini = miniature(cfg)
+    assert (mini.d_model, mini.n_layers, mini.n_heads, mini.attn_config.kv_n_heads) == (64, 4, 4, 2)
+    f = mini.ffn_config
+    assert (f.hidden_size, f.ffn_hidden_size, f.moe_num_experts, f.moe_top_k) == (64, 96, 8, 4)

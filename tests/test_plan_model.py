@@ -105,3 +105,13 @@ def test_cli_names_a_missing_config(tmp_path):
     out = subprocess.run([sys.executable, "-m", "moec.cli", "plan", str(tmp_path / "nowhere")], capture_output=True,
                          text=True, env=ENV)
     assert out.returncode == 3 and "nowhere" in out.stderr and "config.json" in out.stderr
+
+
+def test_a_config_moec_cannot_shrink_is_refused_not_materialised(tmp_path, monkeypatch):
+    import moec.plan_model as plan_mod
+    from moec.errors import SourceError
+
+    d = _config_dir(tmp_path, "qwen3_moe")
+    monkeypatch.setattr(plan_mod, "MINIATURE_MAX_PARAMETERS", 1000)  # as if its widths hid under unknown keys
+    with pytest.raises(SourceError, match="cannot shrink this Qwen3MoeForCausalLM config"):
+        plan_model(d)

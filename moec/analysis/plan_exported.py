@@ -14,9 +14,10 @@ Produces: a plan_memory.MemoryPlan, the same structure (and packing, tables and 
   and one fc2 row per routed token-slot, fp32).
   It plans the graph torch.export captured, which the ONNX graph follows op for op except where the
   converter decomposes or folds (tests bound the difference on the zoo).
-Refuses (MemoryPlanError): a dynamic dim with no value in a profile, and sizes that are not polynomials of
-  degree <= 3 in the dims. Sizes that depend on data (an unfused layer's token selection) are left out,
-  with a note.
+Refuses (MemoryPlanError): a dynamic dim with no value in a profile. Sizes that are no polynomial of
+  degree <= 3 in the dims over the profiles (checked against the exact expression at every profile) are
+  planned from their exact expression; sizes that depend on data (an unfused layer's token selection) are
+  left out. Both with a note.
 """
 
 from __future__ import annotations
@@ -60,16 +61,23 @@ def plan_exported(ep: "torch.export.ExportedProgram", dim_names: dict[int, dict[
         if missing:
             raise MemoryPlanError(f"profile '{pname}' gives no value for dynamic dim(s) {', '.join(missing)}; "
                                   "every dynamic dim needs a bounded value in every profile.")
-    syms = {d: sympy.Symbol(d, positive=True, integer=True) for d in set(symbol_dims.values())}
+    syms = {d: sympy.Symbol(d, positive=True, integer=True) for d in set(symbol_dims.values()) | set(dims)}
+    for d, parts in derived.items():
+        missing = [p for p in parts if p not in syms] if d in symbol_dims.values() else []
+        if missing:
+            raise MemoryPlanError(f"dim '{d}' is the sum of {', '.join(parts)}, but {', '.join(missing)} is no "
+                                  "input's dim; the plan can't express it.")
     subs = {s: (sum((syms[p] for p in derived[d]), sympy.Integer(0)) if d in derived else syms[d])
             for s, d in symbol_dims.items()}
     basis = _basis(dims)
     rng = np.random.default_rng(0)
     points = [{d: int(v) for d, v in zip(dims, rng.integers(2, 17, size=len(dims)))} for _ in range(len(basis) + 2)]
-    fitted: dict[sympy.Expr, np.ndarray] = {}
+    fitted: dict[sympy.Expr, tuple[Optional[np.ndarray], sympy.Expr]] = {}
     unbacked: list[str] = []  # tensors whose size depends on data (an unfused layer's nonzero), not on dims
+    inexact: list[str] = []  # sizes that are no polynomial (chunk padding's Mod): kept as exact expressions
 
-    def coef_of(expr: sympy.Expr, what: str) -> Optional[np.ndarray]:
+    def coef_of(expr: sympy.Expr, what: str) -> Optional[tuple[Optional[np.ndarray], sympy.Expr]]:
+        """(integer coefficients on `basis`, or None when the size is no polynomial; its exact expression)."""
         if expr not in fitted:
             e = sympy.sympify(expr).xreplace(subs)
             if not e.free_symbols <= set(syms.values()):
@@ -77,9 +85,17 @@ def plan_exported(ep: "torch.export.ExportedProgram", dim_names: dict[int, dict[
                 return None
             samples = [(p, int(e.subs({syms[d]: v for d, v in p.items()}))) for p in points]
             coef = _fit_coef(samples, basis)
+            # the fit is checked against the exact size at every profile too: a Min/Max/Mod (a sliding
+            # window, chunk padding) that looks polynomial at the small probe points may not be at 4096
+            for p in profiles.values():
+                at = {d: int(p[d]) for d in dims}
+                exact = int(e.subs({syms[d]: v for d, v in at.items()}))
+                if coef is not None and exact != int(sum(int(c) * int(np.prod([at[t] for t in term]))
+                                                         for c, term in zip(coef, basis))):
+                    coef = None
             if coef is None:
-                raise MemoryPlanError(f"size of {what} ({e}) is not a polynomial of degree <= 3 in {dims}.")
-            fitted[expr] = coef
+                inexact.append(what)
+            fitted[expr] = (coef, e if coef is None else _expr(coef, dims, basis))
         return fitted[expr]
 
     base: dict[str, str] = {}  # alias -> owning tensor
@@ -87,7 +103,7 @@ def plan_exported(ep: "torch.export.ExportedProgram", dim_names: dict[int, dict[
     last: dict[str, int] = {}
     producer: dict[str, str] = {}
     sizes: dict[str, np.ndarray] = {}
-    per_node_ws: list[np.ndarray] = []
+    per_node_ws: list[tuple] = []
     nodes = [n for n in graph.nodes if n.op in ("call_function", "output")]
     for i, n in enumerate(nodes):
         for inp in n.all_input_nodes:
@@ -132,8 +148,8 @@ def plan_exported(ep: "torch.export.ExportedProgram", dim_names: dict[int, dict[
         coef = None if ws is None else coef_of(ws, f"{n.name}'s workspace")
         if coef is not None:
             per_node_ws.append(coef)
-    tensors = [TensorLife(t, producer[t], _expr(sizes[t], dims, basis), born[t], last[t], sizes[t], tuple(basis))
-               for t in sizes]
+    tensors = [TensorLife(t, producer[t], sizes[t][1], born[t], last[t], sizes[t][0],
+                          tuple(basis) if sizes[t][0] is not None else ()) for t in sizes]
 
     weights: dict[str, int] = {}
     for name in weights_names:
@@ -141,8 +157,11 @@ def plan_exported(ep: "torch.export.ExportedProgram", dim_names: dict[int, dict[
         if isinstance(val, torch.Tensor):
             key = str(val.dtype).replace("torch.", "")
             weights[key] = weights.get(key, 0) + val.numel() * val.element_size()
-    workspace = sympy.Max(*[_expr(c, dims, basis) for c in per_node_ws]) if per_node_ws else sympy.Integer(0)
+    workspace = sympy.Max(*[e for _, e in per_node_ws]) if per_node_ws else sympy.Integer(0)
     notes = ["planned from the torch.export graph's symbolic shapes (no weights, no ONNX Runtime)"]
+    if inexact:
+        notes.append(f"{len(inexact)} size(s) are no polynomial of the dims (e.g. '{inexact[0]}', padding to a chunk): "
+                     "planned from their exact expressions")
     if unbacked:
         notes.append(f"{len(unbacked)} tensor(s) whose size depends on the data, not on the dims (e.g. "
                      f"'{unbacked[0]}', an unfused layer's token selection), are left out of the plan")

@@ -64,3 +64,21 @@ def test_agrees_with_the_onnx_planner_on_compiled_decoders(family, tmp_path):
     assert fx.workspace_bytes == onnx_plan["workspace_bytes"]
     assert max(fx.sizes.values()) == onnx_plan["largest_tensors"][0]["bytes"]
     assert 0.85 <= fx.arena_bytes / onnx_plan["arena_bytes"] <= 1.15, (fx.arena_bytes, onnx_plan["arena_bytes"])
+
+
+class ChunkPad(nn.Module):
+    """Pads seq to a multiple of 64, as chunked linear attention does: the size is no polynomial of seq."""
+
+    def forward(self, x):
+        pad = (64 - x.shape[1] % 64) % 64
+        return torch.nn.functional.pad(x, (0, 0, 0, pad)) * 2.0
+
+
+def test_sizes_that_are_no_polynomial_are_planned_exactly():
+    x = torch.randn(2, 5, 8)
+    ep = torch.export.export(ChunkPad(), (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=8),
+                                                                1: torch.export.Dim("seq", max=4096)},), strict=False)
+    plan = plan_exported(ep, {0: {0: "batch", 1: "seq"}}, {"max": {"batch": 3, "seq": 100}})
+    top = plan.profiles["max"]
+    assert max(top.sizes.values()) == 3 * 128 * 8 * 4  # 100 padded to 128, not a polynomial's extrapolation
+    assert any("no polynomial" in n for n in plan.notes)

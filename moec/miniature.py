@@ -13,6 +13,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 from moec.errors import SourceError
 
@@ -179,18 +180,32 @@ def miniature(config, layers: int = MINIATURE_LAYERS):
         return type(config)(**{**base, **over, "num_key_value_heads": over.get("num_attention_heads", 4)})
 
 
+def width_overrides(d: dict, widths: dict = WIDTHS, aliases: Optional[dict] = None,
+                    include_none: bool = False) -> dict:
+    """`widths` applied where the config dict `d` has the key (under its alias; with `include_none`, also where
+    its value is None), kept consistent: multi-head latent attention's head_dim is its rope part with one
+    key/value head per head, and special token ids stay inside the tiny vocabulary."""
+    aliases = aliases or {}
+
+    def name(key):
+        return aliases.get(key, key)
+
+    over = {name(k): v for k, v in widths.items() if name(k) in d and (include_none or d[name(k)] is not None)}
+    if "qk_rope_head_dim" in d:
+        over["head_dim"] = widths["qk_rope_head_dim"]
+        over[name("num_key_value_heads")] = widths["num_attention_heads"]
+    for i, key in enumerate(("pad_token_id", "bos_token_id", "eos_token_id")):
+        if isinstance(d.get(key), int) and d[key] >= widths["vocab_size"]:
+            over[key] = i
+    return over
+
+
 def _shrink(d: dict, explicit: dict, aliases: dict, layers: int) -> dict:
     """The overrides that make one (flat) config dict a miniature."""
     def name(key):
         return aliases.get(key, key)
 
-    over = {name(k): v for k, v in WIDTHS.items() if d.get(name(k)) is not None}
-    if "qk_rope_head_dim" in d:  # multi-head latent attention: head_dim is the rope part, and
-        over["head_dim"] = WIDTHS["qk_rope_head_dim"]  # every head has its own keys and values
-        over[name("num_key_value_heads")] = WIDTHS["num_attention_heads"]
-    for i, key in enumerate(("pad_token_id", "bos_token_id", "eos_token_id")):
-        if isinstance(d.get(key), int) and d[key] >= WIDTHS["vocab_size"]:
-            over[key] = i
+    over = width_overrides(d, WIDTHS, aliases)
     full_layers = d.get(name("num_hidden_layers"))
     if isinstance(full_layers, int) and full_layers > 0:  # no layer count, no per-layer lists to cut
         n = min(full_layers, layers)

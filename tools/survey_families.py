@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from moec.miniature import WIDTHS, keep_each_kind  # noqa: E402
+from moec.miniature import WIDTHS, keep_each_kind, width_overrides  # noqa: E402
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -68,13 +68,7 @@ def tiny_config(model_type: str):
 
     cls = getattr(transformers, CONFIG_MAPPING_NAMES[model_type])
     defaults = cls().to_dict()
-    overrides = {k: v for k, v in TINY.items() if k in defaults}
-    if "qk_rope_head_dim" in defaults:  # multi-head latent attention: head_dim is the rope part, and
-        overrides["head_dim"] = TINY["qk_rope_head_dim"]  # every head has its own keys and values
-        overrides["num_key_value_heads"] = TINY["num_attention_heads"]
-    for i, key in enumerate(("pad_token_id", "bos_token_id", "eos_token_id")):
-        if isinstance(defaults.get(key), int) and defaults[key] >= TINY["vocab_size"]:
-            overrides[key] = i
+    overrides = width_overrides(defaults, TINY, include_none=True)
     if isinstance(defaults.get("layer_types"), list):  # per-layer lists must match the layer count
         overrides["layer_types"] = defaults["layer_types"][: overrides.get("num_hidden_layers", 2)]
     for key in ("mlp_layer_types", "moe_layer_types"):

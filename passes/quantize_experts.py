@@ -12,7 +12,8 @@ Folds: fused layers that already hold their checkpoint's codes (packed checkpoin
   PT2E-style Q/DQ Linears, fold_weight_qdq.py; fuse_moe stacks them) are not re-quantized; their codes
   go to the artifact unchanged.
 Refuses (QuantError, before anything is written): a block size that doesn't divide the hidden or
-  intermediate size, non-finite weights (naming the tensor), bits QMoE can't run.
+  intermediate size, non-finite weights (naming the tensor), bits QMoE can't run; (CalibrationError) calibration
+  data with fewer tokens reaching a layer than it has experts.
 This pass changes numerics on purpose: the pass manager records its error instead of failing it,
 and ``--accuracy-budget`` bounds it.
 """
@@ -74,7 +75,15 @@ class QuantizeExperts(Pass):
                 q_gate_up, q_down = fused.quantized.gate_up, fused.quantized.down
                 method = "the checkpoint's codes"
             elif path in calibration:
-                ctx.log(f"  GPTQ {path} ({calibration[path].shape[0]} calibration tokens)")
+                tokens, experts = calibration[path].shape[0], fused.spec.experts.num_experts
+                if tokens < experts:
+                    from moec.calibration import CalibrationError
+
+                    raise CalibrationError(
+                        f"--calibration {ctx.options.get('calibration')}: {tokens} calibration tokens reach {path}, "
+                        f"fewer than its {experts} experts; calibrated quantization needs data that reaches every "
+                        "expert (more or longer sequences). Nothing was written.")
+                ctx.log(f"  GPTQ {path} ({tokens} calibration tokens)")
                 q_gate_up, q_down, choice = quantize_layer(fused, calibration[path], spec, path)
                 method = choice.describe()
             else:

@@ -124,3 +124,11 @@ def test_calibrated_quantization_runs_gptq_and_stays_exact(tmp_path):
     assert max(i["rel_l2"] for i in r["numerics"]["vs_dequantized_reference"]["inputs"]) < 1e-5
     plain = _compile(str(tmp_path / "b"), quant="int4", block_size=32).report["quantization"]["layers"][0]
     assert plain["method"] == "round-to-nearest"
+
+
+def test_calibration_with_fewer_tokens_than_experts_is_refused(tmp_path):
+    from moec.calibration import CalibrationError
+
+    with pytest.raises(CalibrationError, match=r"random:1: 5 calibration tokens reach moe, fewer than its 8 experts"):
+        _compile(str(tmp_path / "a"), quant="int4", calibration="random:1")
+    assert not os.path.exists(tmp_path / "a")

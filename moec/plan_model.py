@@ -189,6 +189,7 @@ def plan_model(source: str, task: Optional[str] = None, max_shape: Optional[dict
     from moec.passes.base import PassContext
     from moec.pipeline import make_unfused_experts_exportable
     from moec.targets.onnxruntime.lower_moe_onnxruntime import LowerMoEForOnnxRuntime
+    from moec.validate import check_max_shape
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -225,6 +226,7 @@ def plan_model(source: str, task: Optional[str] = None, max_shape: Optional[dict
     t = time.perf_counter()
     log("planning activation memory")
     ranges = src.dim_ranges()
+    check_max_shape(max_shape, ranges)  # a dim the model doesn't have, a size outside its range: named, as compile does
     profiles = profiles_for({d: (lo, hi) for d, (lo, hi, _) in ranges.items()},
                             {d: ex for d, (_, _, ex) in ranges.items()}, max_shape)
     for dim, parts in src.derived_dims.items():
@@ -270,8 +272,11 @@ def format_plan(plan: ModelPlan) -> str:
     """The plan for people: layers grouped by kind, weights per precision, the memory table, placements."""
     from moec.memory import format_table, human
 
-    lines = [f"{plan.model_class} from {plan.source}: {plan.parameters / 1e9:.2f}B parameters, "
-             f"{plan.expert_parameters / 1e9:.2f}B in routed experts; task {plan.task}"]
+    def count(n: int) -> str:
+        return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+    lines = [f"{plan.model_class} from {plan.source}: {count(plan.parameters)} parameters, "
+             f"{count(plan.expert_parameters)} in routed experts; task {plan.task}"]
     fused = [l for l in plan.layers if l.fused]
     lines.append(f"MoE layers: {len(plan.layers)} found, {len(fused)} fused")
     groups: dict[tuple, list[PlannedLayer]] = {}

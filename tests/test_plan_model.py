@@ -115,3 +115,12 @@ def test_a_config_moec_cannot_shrink_is_refused_not_materialised(tmp_path, monke
     monkeypatch.setattr(plan_mod, "MINIATURE_MAX_PARAMETERS", 1000)  # as if its widths hid under unknown keys
     with pytest.raises(SourceError, match="cannot shrink this Qwen3MoeForCausalLM config"):
         plan_model(d)
+
+
+def test_max_shape_naming_a_dim_the_model_lacks_is_refused(tmp_path):
+    from moec.errors import MoecError
+
+    d = _config_dir(tmp_path, "qwen3_moe")
+    with pytest.raises(MoecError, match=r"bogus") as err:
+        plan_model(d, task="logits", max_shape={"bogus": 3})
+    assert err.value.exit_code == 2 and "seq" in str(err.value)

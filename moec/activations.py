@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 
-ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu", "identity", "swiglu", "relu2")  # append only: kernel ids
-GATED_ONLY = ("swiglu",)  # defined on (gate, up) pairs only
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu", "identity", "swiglu", "relu2",
+               "swiglu_softcap")  # append only: kernel ids
+GATED_ONLY = ("swiglu", "swiglu_softcap")  # defined on (gate, up) pairs only
 PLAIN_ACTIVATIONS = tuple(a for a in ACTIVATIONS if a not in GATED_ONLY)
 
 
@@ -34,13 +35,17 @@ def apply_activation(u, activation: str):
 
 
 def gated_activation(gate, up, activation: str, alpha: float, beta: float, limit: float):
-    """act(gate) * up, with the clamped 'swiglu' variant (GPT-OSS) when activation == 'swiglu'.
+    """act(gate) * up, or a gated form of its own, which reads (alpha, beta, limit) as documented here:
 
     swiglu: gate = min(gate, limit); up = clamp(up, -limit, limit);
-            out = gate * sigmoid(alpha * gate) * (up + beta). limit = inf disables the clamp.
+            out = gate * sigmoid(alpha * gate) * (up + beta). limit = inf disables the clamp (GPT-OSS).
+    swiglu_softcap: out = softcap(gate, alpha) * sigmoid(gate) * softcap(up, limit), softcap(x, c) =
+            c * tanh(x / c): the sigmoid sees the raw gate, the caps bound the linear factors (Inkling 2).
     """
     import torch
 
+    if activation == "swiglu_softcap":
+        return alpha * torch.tanh(gate / alpha) * torch.sigmoid(gate) * (limit * torch.tanh(up / limit))
     if activation == "swiglu":
         if math.isfinite(limit):
             gate = gate.clamp(max=limit)

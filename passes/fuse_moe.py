@@ -453,6 +453,10 @@ def _activation_candidates(anatomy: Anatomy, gated: bool) -> list[tuple[str, flo
         out.append(("swiglu", h["alpha"], 1.0, limit))
     elif gated and h.get("limit") is not None:  # HY-V4: silu(gate) * up with the same clamps
         out.append(("swiglu", 1.0, 0.0, h["limit"]))
+    for f in anatomy.activation_hints if gated else []:  # Inkling 2: tanh caps on the gate and up factors
+        caps = [getattr(getattr(f, name, None), "softcap", None) for name in ("gate_softcap", "up_softcap")]
+        if all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in caps):
+            out.append(("swiglu_softcap", float(caps[0]), 0.0, float(caps[1])))
     grid = torch.linspace(-6, 6, 241)
     names = list(PLAIN_ACTIVATIONS)
     hinted = []

@@ -259,7 +259,8 @@ def _activate(g, ACT: tl.constexpr):
 @triton.jit
 def _gate_up_epilogue(acc_g, acc_u, b_ptr, bias_base, I, cols, col_ok, alpha, beta, limit,
                       GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr):
-    """Gate/up biases, then the activation: act(gate) * up, GPT-OSS's clamped SwiGLU, or act(u)."""
+    """Gate/up biases, then the activation: act(gate) * up, GPT-OSS's clamped SwiGLU, Inkling 2's softcapped
+    SwiGLU, or act(u)."""
     if HAS_BIAS:
         acc_g += tl.load(b_ptr + bias_base + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if GATED:
@@ -272,6 +273,10 @@ def _gate_up_epilogue(acc_g, acc_u, b_ptr, bias_base, I, cols, col_ok, alpha, be
                 g = tl.minimum(g, limit)
                 u = tl.minimum(tl.maximum(u, -limit), limit)
             h = g * tl.sigmoid(alpha * g) * (u + beta)
+        elif ACT == 7:  # softcapped SwiGLU (Inkling 2): alpha, limit are the gate and up caps; tanh(x) = 2 sigmoid(2x) - 1
+            g_cap = alpha * (2.0 * tl.sigmoid(2.0 * acc_g / alpha) - 1.0)
+            u_cap = limit * (2.0 * tl.sigmoid(2.0 * acc_u / limit) - 1.0)
+            h = g_cap * tl.sigmoid(acc_g) * u_cap
         else:
             h = _activate(acc_g, ACT) * acc_u
     else:

@@ -14,14 +14,15 @@ import survey_families  # noqa: E402
 # families the full survey fuses exactly (every MoE layer, one fused op each, artifact within 1e-4)
 SUBSET = ["afmoe", "aria_text", "axk1", "axk2", "cohere2_moe", "deepseek_v3", "deepseek_v32", "dots3_note_text",
           "ernie4_5_moe", "glm_moe_dsa", "hy_v3",
-          "exaone_moe", "flex_olmo", "flint", "glm4_moe", "glm4_moe_lite", "gpt_oss", "granitemoe", "granitemoe_swa",
+          "exaone_moe", "flex_olmo", "flint", "glm4_moe", "glm4_moe_lite", "gpt_oss", "granitemoe", "granitemoe_swa", "inkling2_text",
           "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "hy_v4", "kimi_linear", "kolibri1", "laguna",
           "lara_mini", "mellum", "mimo_v2_flash", "minicpm5_moe", "minimax", "minimax_m2", "minimax_m3_vl_text",
           "mixtral", "nemotron_h", "olmoe", "param2moe", "phimoe", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe",
           "qwen3_next", "qwen4_exp_text", "sarvam_mla", "sarvam_moe", "solar_open"]
 # axk1: a norm on the block's output; hy_v4: SwiGLU clamped without GPT-OSS's alpha and +1; minimax_m3_vl_text:
 # routed scaling applied by the block past its router; nemotron_h: squared-ReLU experts (dense fallback on ORT);
-# hy_v3: `router_scaling_factor`; deepseek_v32, glm_moe_dsa: the shrunk config now keeps a MoE layer
+# hy_v3: `router_scaling_factor`; deepseek_v32, glm_moe_dsa: the shrunk config now keeps a MoE layer;
+# inkling2_text: tanh-softcapped SwiGLU (dense fallback on ORT)
 
 
 def test_the_registry_has_the_moe_families():

@@ -225,3 +225,54 @@ def test_post_norm_block_scale_and_squared_relu(target, tmp_path):
     assert layer["spec"]["route"]["scale"] == 2.5 and layer["spec"]["experts"]["activation"] == "relu2"
     assert res.report["numerics"]["passed"]
     assert max(i["rel_l2"] for i in res.report["numerics"]["inputs"]) < 1e-5
+
+
+class Softcap(nn.Module):
+    def __init__(self, softcap):
+        super().__init__()
+        self.softcap = softcap
+
+    def forward(self, x):
+        return torch.tanh(x / self.softcap) * self.softcap
+
+
+class SoftcappedSwiGLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_softcap, self.up_softcap = Softcap(0.8), Softcap(0.6)
+
+    def forward(self, gate, up):
+        return self.gate_softcap(gate) * torch.sigmoid(gate) * self.up_softcap(up)
+
+
+class SoftcappedMoE(nn.Module):
+    """Inkling 2's expert activation: the sigmoid sees the raw gate, tanh caps bound the gate and up factors."""
+
+    def __init__(self, hidden=16, inter=8, experts=4):
+        super().__init__()
+        self.router = Router(hidden, experts)
+        self.gate_up = nn.Parameter(torch.randn(experts, 2 * inter, hidden) * 0.5)
+        self.down = nn.Parameter(torch.randn(experts, hidden, inter) * 0.3)
+        self.act_fn = SoftcappedSwiGLU()
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        ids, w = self.router(flat)
+        gate, up = torch.einsum("th,eih->tei", flat, self.gate_up).chunk(2, dim=-1)
+        y = torch.einsum("tei,ehi->teh", self.act_fn(gate, up), self.down)
+        return (y.gather(1, ids[..., None].expand(-1, -1, y.shape[-1])) * w[..., None]).sum(1).reshape(x.shape)
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_softcapped_swiglu(target, tmp_path):
+    from moec.pipeline import CompileOptions, compile
+
+    torch.manual_seed(0)
+    dyn = ({0: torch.export.Dim("batch", min=1, max=8), 1: torch.export.Dim("seq", min=2, max=32)},)
+    res = compile(nn.Sequential(SoftcappedMoE()).eval(), (torch.randn(2, 5, 16) * 3,), dyn,
+                  options=CompileOptions(out=str(tmp_path / "a"), target=target))
+    layer = res.report["moe_layers"]["layers"][0]
+    x = layer["spec"]["experts"]
+    assert layer["fused"] and (x["activation"], x["alpha"], x["limit"]) == ("swiglu_softcap", 0.8, 0.6), layer
+    assert res.report["numerics"]["passed"]
+    assert max(i["rel_l2"] for i in res.report["numerics"]["inputs"]) < 1e-5

@@ -359,3 +359,12 @@ def test_alignment_zero_fills_the_output_buffer(one_program, monkeypatch):
     buf = torch.full((3, mod.ZERO_BLOCK + 5), 7.0).to(DEVICE)  # spans two zeroing programs
     align_by_expert(ids, 4, 16, zero=buf)
     assert not buf.any()
+
+
+@pytest.mark.parametrize("cfg", PATHS)
+def test_softcapped_swiglu_has_its_own_kernel_branch(cfg):  # Inkling 2: caps on the gate and up factors
+    case = _case(5, 64, 48, 8, 2, True, bias=True, dtype=torch.float32)
+    got = moe_experts_triton(*case, activation="swiglu_softcap", gated=True, alpha=0.5, limit=0.3, config=cfg)
+    want = _ref(*case, "swiglu_softcap", True, alpha=0.5, limit=0.3)
+    assert compare_tensors(want, got).rel_l2 < 1e-4
+    assert compare_tensors(_ref(*case, "silu", True), got).rel_l2 > 0.1  # the caps bite at these sizes

@@ -122,6 +122,12 @@ def _reference_subgraph(node: onnx.NodeProto, prefix: str) -> _Builder:
                 up = b.op("Max", [b.op("Min", [up, b.const(limit)]), b.const(-limit)])
             sig = b.op("Sigmoid", [b.op("Mul", [gate, b.const(attrs["alpha"])])])
             h = b.op("Mul", [b.op("Mul", [gate, sig]), b.op("Add", [up, b.const(attrs["beta"])])])
+        elif act == "swiglu_softcap":
+            def softcap(t, cap):
+                return b.op("Mul", [b.op("Tanh", [b.op("Div", [t, b.const(cap)])]), b.const(cap)])
+
+            h = b.op("Mul", [b.op("Mul", [softcap(gate, attrs["alpha"]), b.op("Sigmoid", [gate])]),
+                             softcap(up, attrs["limit"])])
         else:
             h = b.op("Mul", [_activation(b, gate, act), up])
     else:

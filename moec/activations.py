@@ -52,3 +52,12 @@ def gated_activation(gate, up, activation: str, alpha: float, beta: float, limit
             up = up.clamp(min=-limit, max=limit)
         return gate * torch.sigmoid(alpha * gate) * (up + beta)
     return apply_activation(gate, activation) * up
+
+
+def activate(u, activation: str, gated: bool, alpha: float, beta: float, limit: float):
+    """The experts' hidden activations from their fc1 output: u [..., 2I] (gate columns, then up) when `gated`,
+    else u [..., I]."""
+    if gated:
+        gate, up = u.chunk(2, dim=-1)
+        return gated_activation(gate, up, activation, alpha, beta, limit)
+    return apply_activation(u, activation)

@@ -96,16 +96,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
 def expert_activations(fused, x: torch.Tensor, expert: int) -> torch.Tensor:
     """The input of expert `expert`'s down projection for its (possibly routing-scaled) inputs x [T, H]:
     act(x W_gate_up^T + b)."""
-    from moec.activations import apply_activation, gated_activation
+    from moec.activations import activate
 
     spec = fused.spec.experts
     u = x @ fused.w_gate_up[expert].T
     if fused.b_gate_up is not None:
         u = u + fused.b_gate_up[expert]
-    if spec.gated:
-        gate, up = u.chunk(2, dim=-1)
-        return gated_activation(gate, up, spec.activation, spec.alpha, spec.beta, spec.limit)
-    return apply_activation(u, spec.activation)
+    return activate(u, spec.activation, spec.gated, spec.alpha, spec.beta, spec.limit)
 
 
 @dataclass

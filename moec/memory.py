@@ -46,6 +46,19 @@ def profiles_for(dynamic: dict[str, tuple[int, Optional[int]]], opt: dict[str, i
             "max": maxes}
 
 
+def source_profiles(dim_ranges: dict[str, tuple[int, Optional[int], int]], max_shape: Optional[dict[str, int]] = None,
+                    derived: Optional[dict[str, tuple[str, ...]]] = None) -> dict[str, dict[str, int]]:
+    """min/opt/max from a source's dim_ranges ((min, max, example) per dim; the example is opt), with --max-shape
+    and each derived dim (a decoder's total = past + seq) set to the sum of its parts in every profile."""
+    profiles = profiles_for({d: (lo, hi) for d, (lo, hi, _) in dim_ranges.items()},
+                            {d: ex for d, (_, _, ex) in dim_ranges.items()}, max_shape)
+    for dim, parts in (derived or {}).items():
+        for p in profiles.values():
+            if dim in p and all(d in p for d in parts):
+                p[dim] = sum(p[d] for d in parts)
+    return profiles
+
+
 @dataclass
 class FitResult:
     fits: bool

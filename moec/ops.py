@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from moec.activations import apply_activation, gated_activation
+from moec.activations import activate
 
 # ----------------------------------------------------------------------------- route
 
@@ -125,11 +125,7 @@ def experts_reference(
         if weight_on_input:
             x = x * w
         u = F.linear(x, w_gate_up[e].float(), None if b_gate_up is None else b_gate_up[e].float())
-        if gated:
-            gate, up = u.chunk(2, dim=-1)
-            h = gated_activation(gate, up, activation, alpha, beta, limit)
-        else:
-            h = apply_activation(u, activation)
+        h = activate(u, activation, gated, alpha, beta, limit)
         y = F.linear(h, w_down[e].float(), None if b_down is None else b_down[e].float())
         if not weight_on_input:
             y = y * w

@@ -629,17 +629,11 @@ def plan_artifact_memory(model_path: str, dim_ranges: dict, options: CompileOpti
 
     from moec.analysis.plan_memory import PlanHooks, plan_memory
     from moec.errors import DeviceMemoryError
-    from moec.memory import fit_check, human, parse_size, profiles_for
+    from moec.memory import fit_check, human, parse_size, source_profiles
 
     budget = parse_size(options.extra["device_memory"]) if options.extra.get("device_memory") else None
     derived_dims = derived_dims or {}
-    ranges = {d: (lo, hi) for d, (lo, hi, _) in dim_ranges.items()}
-    opt = {d: ex for d, (_, _, ex) in dim_ranges.items()}
-    profiles = profiles_for(ranges, opt, options.extra.get("max_shape"))
-    for dim, parts in derived_dims.items():  # e.g. a decoder's total = past + seq, in every profile
-        for p in profiles.values():
-            if dim in p and all(d in p for d in parts):
-                p[dim] = sum(p[d] for d in parts)
+    profiles = source_profiles(dim_ranges, options.extra.get("max_shape"), derived_dims)
     plan = plan_memory(onnx.load(model_path, load_external_data=False), profiles, hooks=PlanHooks.of(target),
                        base_dir=os.path.dirname(model_path), derived=derived_dims)
     out = plan.to_dict()

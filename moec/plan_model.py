@@ -184,8 +184,8 @@ def plan_model(source: str, task: Optional[str] = None, max_shape: Optional[dict
                device_memory: Optional[int] = None, log: Callable[[str], None] = lambda msg: None) -> ModelPlan:
     """`task`: "text-generation" (the default, as `moec compile` makes for a causal LM) or "logits"."""
     from moec.analysis.plan_exported import plan_exported
-    from moec.export_onnx import capture
-    from moec.memory import profiles_for
+    from moec.export_onnx import capture, dim_names
+    from moec.memory import source_profiles
     from moec.passes.base import PassContext
     from moec.pipeline import make_unfused_experts_exportable
     from moec.targets.onnxruntime.lower_moe_onnxruntime import LowerMoEForOnnxRuntime
@@ -227,15 +227,8 @@ def plan_model(source: str, task: Optional[str] = None, max_shape: Optional[dict
     log("planning activation memory")
     ranges = src.dim_ranges()
     check_max_shape(max_shape, ranges)  # a dim the model doesn't have, a size outside its range: named, as compile does
-    profiles = profiles_for({d: (lo, hi) for d, (lo, hi, _) in ranges.items()},
-                            {d: ex for d, (_, _, ex) in ranges.items()}, max_shape)
-    for dim, parts in src.derived_dims.items():
-        for p in profiles.values():
-            if dim in p and all(d in p for d in parts):
-                p[dim] = sum(p[d] for d in parts)
-    names = {i: {axis: getattr(src.dim_spec(i, axis), "__name__", f"d{axis}") for axis in range(a.dim())
-                 if src.dim_spec(i, axis) is not None} for i, a in enumerate(src.example_args)}
-    memory = plan_exported(program, names, profiles, src.derived_dims)
+    profiles = source_profiles(ranges, max_shape, src.derived_dims)
+    memory = plan_exported(program, dim_names(program, src.dynamic_shapes), profiles, src.derived_dims)
     seconds["plan"] = time.perf_counter() - t
 
     expert_params = sum(m.experts * m.rows * m.cols for l in moe_weights for m in l.matrices)
@@ -255,17 +248,18 @@ def plan_model(source: str, task: Optional[str] = None, max_shape: Optional[dict
 
 
 def _as_task(model: nn.Module, task: Optional[str], notes: list[str]):
-    from moec.generation import decoder_source
-    from moec.sources import causal_lm_source
+    """The graph compile would make (sources.as_task); without --task, a model that can't run with a KV cache
+    is planned as logits, with a note."""
+    from moec.sources import as_task
 
-    if task in (None, "text-generation"):
-        try:
-            return decoder_source(model, "plan"), "text-generation"
-        except SourceError as exc:
-            if task is not None:
-                raise
-            notes.append(f"planned as --task logits: {exc}")
-    return causal_lm_source(model, "plan", example=torch.zeros(2, 8, dtype=torch.long)), "logits"
+    example = torch.zeros(2, 8, dtype=torch.long)
+    try:
+        return as_task(model, "plan", task, "the plan", example), task or "text-generation"
+    except SourceError as exc:
+        if task is not None:
+            raise
+        notes.append(f"planned as --task logits: {exc}")
+    return as_task(model, "plan", "logits", "the plan", example), "logits"
 
 
 def format_plan(plan: ModelPlan) -> str:

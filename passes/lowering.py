@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moec.activations import apply_activation, gated_activation
+from moec.activations import activate
 from moec.moe_layer import FusedMoE, LayerSpec, LoweredMoE, pick_router_outputs
 from moec.ops import route_reference
 from moec.passes.layers import iter_fused, set_submodule
@@ -57,11 +57,7 @@ def dense_experts(flat, ids, weights, w_gate_up, w_down, b_gate_up, b_down, spec
     u = torch.bmm(inputs, w_gate_up.transpose(1, 2))
     if b_gate_up is not None:
         u = u + b_gate_up.unsqueeze(1)
-    if x.gated:
-        gate, up = u.chunk(2, dim=-1)
-        h = gated_activation(gate, up, x.activation, x.alpha, x.beta, x.limit)
-    else:
-        h = apply_activation(u, x.activation)
+    h = activate(u, x.activation, x.gated, x.alpha, x.beta, x.limit)
     y = torch.bmm(h, w_down.transpose(1, 2))
     if b_down is not None:
         y = y + b_down.unsqueeze(1)

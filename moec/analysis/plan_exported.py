@@ -4,8 +4,8 @@ An analysis (rewrites nothing) for `moec plan`, where the model exists only on t
 of an ExportedProgram carries a FakeTensor whose sizes are sympy expressions of the input dims, so sizes
 need no probe runs, and planning costs memory for the graph, not for the model.
 
-Matches: an ExportedProgram whose user inputs have named dynamic dims (`dim_names`: input index -> axis ->
-  name); ops that produce tensors or tuples of them.
+Matches: an ExportedProgram whose user inputs have named dynamic dims (`dim_names`: torch symbol -> name, as
+  moec.export_onnx.dim_names reads them); ops that produce tensors or tuples of them.
 Produces: a plan_memory.MemoryPlan, the same structure (and packing, tables and fit checks) as the ONNX
   planner's: each tensor's size fitted exactly on the monomials of the dims up to degree 3; liveness over
   the node order; view-like ops (view, reshape, (un)squeeze, flatten, alias) alias their input as ONNX
@@ -36,39 +36,31 @@ VIEW_OPS = {"view", "_unsafe_view", "reshape", "unsqueeze", "squeeze", "flatten"
 EXPERT_OPS = {"moec::experts": (0, ("shape", 1), 3), "moec::ort_moe": (0, ("arg", 6), 2)}
 
 
-def plan_exported(ep: "torch.export.ExportedProgram", dim_names: dict[int, dict[int, str]],
+def plan_exported(ep: "torch.export.ExportedProgram", dim_names: dict[str, str],
                   profiles: dict[str, dict[str, int]], derived: Optional[dict[str, tuple[str, ...]]] = None,
                   alignment: int = 64) -> MemoryPlan:
     derived = derived or {}
     graph = ep.graph
     sig = ep.graph_signature
-    user_inputs = list(sig.user_inputs)
     weights_names = set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers) | set(
         getattr(sig, "inputs_to_lifted_tensor_constants", {}))
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
 
-    # input symbols -> dim names; a derived dim (total = past + seq) is written in terms of its parts
-    symbol_dims: dict[sympy.Symbol, str] = {}
-    for i, name in enumerate(user_inputs):
-        val = placeholders[name].meta.get("val")
-        for axis, dim in (dim_names.get(i) or {}).items():
-            size = val.shape[axis] if isinstance(val, torch.Tensor) else None
-            if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
-                symbol_dims.setdefault(size.node.expr, dim)
-    dims = sorted({d for d in symbol_dims.values() if d not in derived})
+    # a derived dim (total = past + seq) is written in terms of its parts
+    dims = sorted({d for d in dim_names.values() if d not in derived})
     for pname, p in profiles.items():
         missing = [d for d in dims if d not in p]
         if missing:
             raise MemoryPlanError(f"profile '{pname}' gives no value for dynamic dim(s) {', '.join(missing)}; "
                                   "every dynamic dim needs a bounded value in every profile.")
-    syms = {d: sympy.Symbol(d, positive=True, integer=True) for d in set(symbol_dims.values()) | set(dims)}
+    syms = {d: sympy.Symbol(d, positive=True, integer=True) for d in set(dim_names.values()) | set(dims)}
     for d, parts in derived.items():
-        missing = [p for p in parts if p not in syms] if d in symbol_dims.values() else []
+        missing = [p for p in parts if p not in syms] if d in dim_names.values() else []
         if missing:
             raise MemoryPlanError(f"dim '{d}' is the sum of {', '.join(parts)}, but {', '.join(missing)} is no "
                                   "input's dim; the plan can't express it.")
-    subs = {s: (sum((syms[p] for p in derived[d]), sympy.Integer(0)) if d in derived else syms[d])
-            for s, d in symbol_dims.items()}
+    by_name = {s: (sum((syms[p] for p in derived[d]), sympy.Integer(0)) if d in derived else syms[d])
+               for s, d in dim_names.items()}
     basis = _basis(dims)
     rng = np.random.default_rng(0)
     points = [{d: int(v) for d, v in zip(dims, rng.integers(2, 17, size=len(dims)))} for _ in range(len(basis) + 2)]
@@ -79,7 +71,8 @@ def plan_exported(ep: "torch.export.ExportedProgram", dim_names: dict[int, dict[
     def coef_of(expr: sympy.Expr, what: str) -> Optional[tuple[Optional[np.ndarray], sympy.Expr]]:
         """(integer coefficients on `basis`, or None when the size is no polynomial; its exact expression)."""
         if expr not in fitted:
-            e = sympy.sympify(expr).xreplace(subs)
+            e = sympy.sympify(expr)
+            e = e.xreplace({s: by_name[str(s)] for s in e.free_symbols if str(s) in by_name})
             if not e.free_symbols <= set(syms.values()):
                 unbacked.append(what)
                 return None

@@ -9,6 +9,7 @@ from torch import nn
 
 from moec.analysis.plan_exported import plan_exported
 from moec.analysis.plan_memory import MemoryPlanError, check_no_overlap
+from moec.export_onnx import dim_names
 
 
 class MLP(nn.Module):
@@ -26,7 +27,7 @@ def test_exact_sizes_liveness_and_aliasing_on_meta():
         m, x = MLP(), torch.empty(2, 5, 8)
     b, s = torch.export.Dim("batch", max=64), torch.export.Dim("seq", max=512)
     ep = torch.export.export(m, (x,), dynamic_shapes=({0: b, 1: s},), strict=False)
-    plan = plan_exported(ep, {0: {0: "batch", 1: "seq"}}, {"max": {"batch": 4, "seq": 100}})
+    plan = plan_exported(ep, dim_names(ep, ({0: b, 1: s},)), {"max": {"batch": 4, "seq": 100}})
     batch, seq = sympy.symbols("batch seq", positive=True, integer=True)
     sizes = sorted((sympy.expand(t.size) for t in plan.tensors), key=str)
     # up's output, relu's output, down's output: no tensor for the reshapes
@@ -39,9 +40,10 @@ def test_exact_sizes_liveness_and_aliasing_on_meta():
 
 def test_unbounded_profile_is_refused():
     m, x = MLP(), torch.randn(2, 5, 8)
-    ep = torch.export.export(m, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=False)
+    ds = ({0: torch.export.Dim("batch")},)
+    ep = torch.export.export(m, (x,), dynamic_shapes=ds, strict=False)
     with pytest.raises(MemoryPlanError, match="batch"):
-        plan_exported(ep, {0: {0: "batch"}}, {"max": {}})
+        plan_exported(ep, dim_names(ep, ds), {"max": {}})
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
@@ -76,9 +78,9 @@ class ChunkPad(nn.Module):
 
 def test_sizes_that_are_no_polynomial_are_planned_exactly():
     x = torch.randn(2, 5, 8)
-    ep = torch.export.export(ChunkPad(), (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=8),
-                                                                1: torch.export.Dim("seq", max=4096)},), strict=False)
-    plan = plan_exported(ep, {0: {0: "batch", 1: "seq"}}, {"max": {"batch": 3, "seq": 100}})
+    ds = ({0: torch.export.Dim("batch", max=8), 1: torch.export.Dim("seq", max=4096)},)
+    ep = torch.export.export(ChunkPad(), (x,), dynamic_shapes=ds, strict=False)
+    plan = plan_exported(ep, dim_names(ep, ds), {"max": {"batch": 3, "seq": 100}})
     top = plan.profiles["max"]
     assert max(top.sizes.values()) == 3 * 128 * 8 * 4  # 100 padded to 128, not a polynomial's extrapolation
     assert any("no polynomial" in n for n in plan.notes)

@@ -59,7 +59,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size, instances=1 if args.instances is None else args.instances, log=_progress(args.quiet), extra=extra,
         keep_failed=args.keep_failed, tolerance=args.tolerance, instances_given=args.instances is not None,
     )
-    result = compile(source=args.source, options=opts)
+    from moec.compile_out_of_core import compile_out_of_core, summary_lines, wants_out_of_core
+
+    if wants_out_of_core(args.source, args.out_of_core, opts.log):
+        result = compile_out_of_core(args.source, opts)
+    else:
+        result = compile(source=args.source, options=opts)
     r = result.report
     layers = r["moe_layers"]
     worst = max(r["numerics"]["inputs"], key=lambda x: x["rel_l2"])
@@ -86,6 +91,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         serving = (r.get("triton") or {}).get("serving")
         print(f"Triton model: {result.triton_model_dir}" + (f" — {serving}" if serving else ""))
     for line in targets.get(r["target"]).summary(r, result.out_dir):
+        print(line)
+    for line in summary_lines(r) if r.get("out_of_core") else []:
         print(line)
     p = r.get("pruning")
     if p:
@@ -328,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for causal LMs: text-generation (a decoder with a KV cache that onnxruntime-genai loads, "
                         "with genai_config.json; the default for Hugging Face directories and transformers "
                         "factories) or logits (input_ids -> logits, no cache; the default for the built-in demo)")
+    c.add_argument("--out-of-core", choices=["auto", "on", "off"], default="auto",
+                   help="stream a Hugging Face safetensors checkpoint a layer at a time: bounded memory whatever the "
+                        "model's size (auto: when its fp32 weights would take over 30%% of available memory)")
     c.add_argument("--no-validate", action="store_true", help="skip per-pass translation validation")
     c.add_argument("--no-fusion", action="store_true", help="compile without MoE fusion (reference export)")
     c.add_argument("--require-fusion", action="store_true", help="fail if any MoE layer stays unfused")

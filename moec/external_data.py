@@ -14,7 +14,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 INLINE_BELOW = 1024
 ALIGN = 4096  # offsets aligned for memory mapping
@@ -58,35 +58,69 @@ def save_sharded(model, path: str, shard_bytes: int = DEFAULT_SHARD_BYTES,
                  log: Callable[[str], None] = lambda msg: None) -> list[str]:
     """Save the onnx_ir `model` to `path` with its weights in shards beside it; returns the files written,
     model first. The model's initializers are re-pointed at the files (it is not used afterwards)."""
+
+    def in_memory(key: str, values: list) -> Iterator[tuple]:
+        for v in values:
+            yield v, v.const_value.tobytes()
+
+    return write_streamed(model, path, in_memory, shard_bytes, log)
+
+
+def write_streamed(model, path: str, fill: Callable[[str, list], Iterator[tuple]],
+                   shard_bytes: int = DEFAULT_SHARD_BYTES, log: Callable[[str], None] = lambda msg: None) -> list[str]:
+    """Save `model` to `path`, its initializers' bytes coming from `fill(layer key, values)`, one layer group at
+    a time: fill yields (value, bytes) for every value of the group, in any order, and may build them only
+    then (an out-of-core compile reads the layer from its checkpoint). The initializers need only a shape and a
+    dtype beforehand (meta tensors will do); afterwards each points at its file, or holds its bytes inline when
+    it is small. Returns the files written, model first."""
+    import numpy as np
     import onnx_ir as ir
 
     directory = os.path.dirname(os.path.abspath(path))
     stem = os.path.basename(path)
-    big = [v for v in model.graph.initializers.values()
-           if v.const_value is not None and _nbytes(v) >= INLINE_BELOW]
+    values = [v for v in model.graph.initializers.values() if v.const_value is not None]
+    big = [v for v in values if _nbytes(v) >= INLINE_BELOW]
+    small = {v.name for v in values if _nbytes(v) < INLINE_BELOW}
     shards = plan_shards(big, shard_bytes, stem)
+    groups: dict[str, list] = {}
+    for v in values:
+        groups.setdefault(layer_key(v.name), []).append(v)
+    shard_of = {v.name: s for s in shards for v in s.tensors}
+    handles: dict[str, Any] = {}
     files = []
     total, done, start = sum(s.bytes for s in shards), 0, time.perf_counter()
-    for i, shard in enumerate(shards):
-        target = os.path.join(directory, shard.file)
-        with open(target, "wb") as f:
-            for v in shard.tensors:
+    try:
+        for n, (key, members) in enumerate(groups.items()):
+            for v, data in fill(key, members):
+                t = v.const_value
+                if len(data) != _nbytes(v):
+                    raise ValueError(f"initializer {v.name}: {len(data)} bytes produced, its shape {list(t.shape)} "
+                                     f"and dtype {t.dtype} need {_nbytes(v)}")
+                if v.name in small:
+                    array = np.frombuffer(bytes(data), dtype=t.dtype.numpy()).reshape(t.shape.numpy())
+                    v.const_value = ir.Tensor(array, name=v.name)
+                    continue
+                shard = shard_of[v.name]
+                f = handles.get(shard.file)
+                if f is None:
+                    f = handles[shard.file] = open(os.path.join(directory, shard.file), "wb")
+                    files.append(os.path.join(directory, shard.file))
                 pad = (-f.tell()) % ALIGN
                 if pad:
                     f.write(b"\0" * pad)
                 offset = f.tell()
-                t = v.const_value
-                data = t.tobytes()
                 f.write(data)
                 v.const_value = ir.ExternalTensor(shard.file, offset, len(data), t.dtype, shape=t.shape,
                                                   name=v.name, base_dir=directory)
+                done += len(data)
                 del data
-        files.append(target)
-        done += shard.bytes
-        elapsed = time.perf_counter() - start
-        eta = elapsed / done * (total - done) if done else 0.0
-        log(f"  weights {i + 1}/{len(shards)} {shard.file}: {done / 2**30:.2f} of {total / 2**30:.2f} GiB written, "
-            f"ETA {eta:.0f} s")
+            elapsed = time.perf_counter() - start
+            eta = elapsed / done * (total - done) if done else 0.0
+            log(f"  weights {key or 'embeddings/head'} ({n + 1}/{len(groups)}): {done / 2**30:.2f} of "
+                f"{total / 2**30:.2f} GiB written, ETA {eta:.0f} s")
+    finally:
+        for f in handles.values():
+            f.close()
     ir.save(model, path)
     return [path] + files
 

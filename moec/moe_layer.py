@@ -212,7 +212,8 @@ class LoweredMoE(nn.Module):
             names += ["w_gate_up", "w_down", "b_gate_up", "b_down"]
         for name in names:
             setattr(self, name, getattr(fused, name))
-        self.selection_bias = fused.selection_bias
+        # a buffer, not a plain attribute: named in state dicts (an out-of-core compile looks tensors up by name)
+        self.register_buffer("selection_bias", fused.selection_bias)
 
     def shared_output(self, flat: torch.Tensor) -> Optional[torch.Tensor]:
         return FusedMoE.shared_output(self, flat)

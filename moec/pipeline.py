@@ -88,6 +88,7 @@ class Loaded:
     calibration: Any = None  # moec.calibration.Calibration with --calibration
     derived_dims: dict = field(default_factory=dict)  # LoadedSource.derived_dims (kept: the source is freed)
     generation: Any = None  # moec.generation.GenerationInfo of a KV-cache decoder (--task text-generation)
+    quant_format: str = ""  # LoadedSource.quant_format: the checkpoint format pre-quantized codes came in
 
 
 @dataclass
@@ -129,13 +130,13 @@ class Verified:
 class _Stages:
     """Runs the stages in order: a progress line each, and their wall times for the report."""
 
-    def __init__(self, log: Callable[[str], None]):
-        self.log, self.timings, self.index = log, {}, 0
+    def __init__(self, log: Callable[[str], None], stages: Sequence[str] = STAGES):
+        self.log, self.timings, self.index, self.stages = log, {}, 0, stages
 
     def __call__(self, name: str, what: str, fn: Callable, *args, **kwargs):
-        assert name in STAGES, name
+        assert name in self.stages, name
         self.index += 1
-        self.log(f"[{self.index}/{len(STAGES)}] {name}: {what}")
+        self.log(f"[{self.index}/{len(self.stages)}] {name}: {what}")
         t = time.perf_counter()
         try:
             return fn(*args, **kwargs)
@@ -205,7 +206,8 @@ def compile(
             "passes": [r.to_dict() for r in fold_records + transformed.records],
             "graph": graph,
             "moe_layers": transformed.layers,
-            "quantization": transformed.quant,
+            "quantization": transformed.quant if transformed.quant is None or not loaded.quant_format else dict(
+                transformed.quant, checkpoint_format=loaded.quant_format),
             "pruning": transformed.pruning,
             "routing": transformed.routing,
             "generation": generation,
@@ -337,7 +339,7 @@ def load(module: Optional[nn.Module], example_args: Optional[tuple], dynamic_sha
         src = load_source(source, static=static, task=task)
     identity = {"source": source or src.identity, "identity": src.identity, "weights_sha256": weights_sha256(src.module)}
     return Loaded(src, source, identity, list(src.notes), src.dim_ranges(), derived_dims=dict(src.derived_dims),
-                  generation=getattr(src, "info", None))
+                  generation=getattr(src, "info", None), quant_format=src.quant_format)
 
 
 def check_loaded(loaded: Loaded, options: CompileOptions) -> None:

@@ -122,6 +122,31 @@ def quantize(weight: torch.Tensor, spec: QuantSpec, name: str) -> QuantizedWeigh
     return QuantizedWeight(codes.reshape(e, n, k).to(torch.int32), scales.float(), zps, spec)
 
 
+def quantized_shape(weight: torch.Tensor, spec: QuantSpec, name: str) -> QuantizedWeight:
+    """What `quantize` would return, as meta tensors: an out-of-core compile's graph is captured from shapes
+    before any weight is read (its codes are computed a layer at a time, afterwards)."""
+    e, n, k = weight.shape
+    g = _groups(k, spec, name)
+
+    def meta(*shape, dtype=torch.int32):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    return QuantizedWeight(meta(e, n, k), meta(e, n, g, dtype=torch.float32),
+                           None if spec.symmetric else meta(e, n, g), spec)
+
+
+def packed_shapes(q: QuantizedWeight) -> tuple[tuple, tuple, Optional[tuple]]:
+    """The shapes `pack(q)` gives its weight, scales and zero points (uint8, float32, uint8), from shapes alone."""
+    e, n, k = q.shape
+    per = 8 // q.spec.bits
+    g = q.scales.shape[-1]
+    scales = (e, n) if q.spec.block_size is None else (e, n, g)
+    zps = None
+    if q.zero_points is not None:
+        zps = (e, -(-n // per)) if q.spec.block_size is None else (e, n, -(-g // per))
+    return (e, n, -(-k // per)), scales, zps
+
+
 # At 2 bits the largest magnitude is a poor scale: a block of Gaussian weights then rounds most of its values
 # to zero (measured: a SwiGLU layer's output 1.05-1.3 relative L2 from fp32). Shrinking the range by one of
 # these ratios (values beyond it clamp to the end codes) is searched per block for the least squared error.

@@ -16,6 +16,7 @@ Refuses: nothing. Ops the optimizer does not know (moec's com.microsoft and Tens
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
 
@@ -40,13 +41,27 @@ def op_counts(model: ir.Model) -> Counter:
     return Counter(node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph))
 
 
-def simplify_graph(model: ir.Model) -> Simplified:
-    """Optimise `model` in place; the counts of nodes before and after."""
+def simplify_graph(model: ir.Model, weights_known: bool = True) -> Simplified:
+    """Optimise `model` in place; the counts of nodes before and after. `weights_known=False`: the
+    initializers are shapes only (an out-of-core compile's meta tensors); folding treats them as inputs."""
     import onnxscript.optimizer
 
     before = op_counts(model)
     weights = set(model.graph.initializers)
-    onnxscript.optimizer.optimize_ir(model)
+    hidden = {}
+    dedup = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
+    level = dedup.level
+    if not weights_known:
+        dedup.setLevel(logging.ERROR)  # it would warn about every hidden weight
+        for name, v in model.graph.initializers.items():
+            hidden[name], v.const_value = v.const_value, None
+    try:
+        onnxscript.optimizer.optimize_ir(model)
+    finally:
+        dedup.setLevel(level)
+        for name, value in hidden.items():
+            if name in model.graph.initializers:
+                model.graph.initializers[name].const_value = value
     _folded_to_constants(model, weights)
     after = op_counts(model)
     return Simplified(_executed(before), _executed(after), dict(before.most_common()), dict(after.most_common()))

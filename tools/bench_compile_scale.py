@@ -1,15 +1,18 @@
 """Benchmark: `moec compile` on real-sized MoE checkpoints (real configs, random bf16 weights), and `moec plan`
 on the configs of models too big to hold (Kimi-K2, DeepSeek-V3).
 
-    OMP_WAIT_POLICY=passive .venv/bin/python tools/bench_compile_scale.py [--models granite-1b granite-3b]
-        [--plans kimi-k2 deepseek-v3] [--workdir DIR] [--keep]
+    OMP_WAIT_POLICY=passive .venv/bin/python tools/bench_compile_scale.py [--models granite-1b granite-3b olmoe-7b]
+        [--modes on off] [--plans kimi-k2 deepseek-v3] [--workdir DIR] [--keep]
 
-For each model: writes a Hugging Face checkpoint with `save_pretrained` (bf16 safetensors, random
-weights from the real config; reused when DIR already has it), then runs `moec compile DIR` in a child
-process and reports wall time, peak resident memory over the child's baseline (a process that has
-only imported torch, transformers, onnx and onnxruntime), the artifact's bytes and whether it verified,
-side by side in one run. A compile the kernel kills for memory is reported as such, with the peak it
-reached. Needs disk: about 2x the checkpoint's bf16 bytes plus the fp32 artifact.
+For each model: writes a Hugging Face checkpoint (bf16 safetensors, random N(0, 0.02) weights from the real
+config, one shard per layer in the family's on-disk layout, written a layer at a time; reused when DIR
+already has it), then runs `moec compile DIR --task logits [the model's flags: olmoe-7b is --quant int4]`
+in a child process, out of core (--modes on, streamed) and/or in memory (off), and reports wall time, peak
+resident memory over the child's baseline (a process that has only imported torch, transformers, onnx and
+onnxruntime), the bound the out-of-core compile is held to (2x the artifact's largest decoder layer + 1.5
+GiB), the artifact's bytes and its verification (worst layer and logits relative L2), side by side in one
+run. A compile the kernel kills for memory is reported as such, with the peak it reached. Needs disk: the
+checkpoint plus the artifact.
 
 For each plan: writes the model's config.json (as published: Kimi-K2's model_type "kimi_k2" with remote-code
 auto_map, both with their fp8 quantization_config) and runs `moec plan DIR --max-shape batch=1,seq=4096,past=4096
@@ -38,6 +41,10 @@ MODELS = {
                        num_attention_heads=24, num_key_value_heads=8, num_local_experts=40, num_experts_per_tok=8,
                        vocab_size=49155, tie_word_embeddings=True, embedding_multiplier=12.0, logits_scaling=6.0,
                        residual_multiplier=0.22, attention_multiplier=0.015625, max_position_embeddings=4096),
+    "olmoe-7b": dict(family="olmoe", hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+                     num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+                     vocab_size=50304, max_position_embeddings=4096, norm_topk_prob=False, tie_word_embeddings=False,
+                     flags=["--quant", "int4"]),
 }
 
 # config.json as the model repositories publish them (the keys moec reads; the rest are defaults)
@@ -62,19 +69,39 @@ PLANS = {
 }
 
 WRITE = r"""
-import json, sys, torch
-from transformers import AutoConfig, AutoModelForCausalLM
-spec = json.loads(sys.argv[2])
+import json, os, sys, torch
+from safetensors.torch import save_file
+from transformers import AutoConfig
+from transformers.core_model_loading import revert_weight_conversion
+from moec.external_data import layer_key
+from moec.lazy_checkpoint import LazyCheckpoint, decoder_layers
+# One layer at a time, in the checkpoint's own on-disk layout (transformers' conversion reverted: per-expert
+# tensors where the family stores them so), so that writing a model never holds more than a layer either.
+path, spec = sys.argv[1], json.loads(sys.argv[2])
 family = spec.pop("family")
+spec.pop("flags", None)
 config = AutoConfig.for_model(family, **spec)
-torch.manual_seed(0)
-with torch.device("cpu"):
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-with torch.no_grad():
-    for p in model.parameters():
-        p.normal_(0.0, 0.02)
-model.save_pretrained(sys.argv[1], safe_serialization=True)
-print(json.dumps({"params": sum(p.numel() for p in model.parameters())}))
+os.makedirs(path, exist_ok=True)
+config.save_pretrained(path)
+model = LazyCheckpoint.skeleton(None, config)
+names = [n for n, _ in model.named_parameters()]  # tied parameters once
+groups = {}
+for n in names:
+    groups.setdefault(layer_key(n), []).append(n)
+params = dict(model.named_parameters())
+gen = torch.Generator().manual_seed(0)
+weight_map, files, total = {}, list(groups), 0
+for i, key in enumerate(files):
+    state = {n: (torch.randn(params[n].shape, generator=gen) * 0.02).to(torch.bfloat16) for n in groups[key]}
+    total += sum(t.numel() for t in state.values())
+    state = {k: v.contiguous() for k, v in revert_weight_conversion(model, state).items()}
+    file = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+    save_file(state, os.path.join(path, file), metadata={"format": "pt"})
+    weight_map.update({k: file for k in state})
+    print(f"  wrote {key or 'embeddings/head'} ({i + 1}/{len(files)})", file=sys.stderr, flush=True)
+with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {"total_size": total * 2}, "weight_map": weight_map}, f, indent=1)
+print(json.dumps({"params": total}))
 """
 
 CHILD = r"""
@@ -97,7 +124,8 @@ if sys.argv[2] == "--plan":
     print(json.dumps({"rc": rc, "base_kb": base, "peak_kb": status("VmHWM"), "seconds": time.perf_counter() - t,
                       "plan": plan}))
     sys.exit(0)
-rc = main(["compile", sys.argv[1], "--out", sys.argv[2], "--quiet"])
+rc = main(["compile", sys.argv[1], "--out", sys.argv[2], "--quiet", "--task", "logits", "--out-of-core", sys.argv[3]]
+          + json.loads(sys.argv[4]))
 print(json.dumps({"rc": rc, "base_kb": base, "peak_kb": status("VmHWM"), "seconds": time.perf_counter() - t}))
 """
 
@@ -106,16 +134,35 @@ def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
-def run_model(name: str, workdir: str, keep: bool) -> dict:
+def largest_layer_bytes(model_path: str) -> int:
+    """The artifact's largest decoder layer, in bytes of weights (external data lengths and inline tensors)."""
+    import onnx
+
+    from moec.external_data import layer_key
+
+    model = onnx.load(model_path, load_external_data=False)
+    per: dict[str, int] = {}
+    for t in model.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        n = int(ext["length"]) if "length" in ext else len(t.raw_data)
+        key = layer_key(t.name)
+        if key:
+            per[key] = per.get(key, 0) + n
+    return max(per.values(), default=0)
+
+
+def run_model(name: str, workdir: str, keep: bool, mode: str) -> dict:
     ckpt, out = os.path.join(workdir, name), os.path.join(workdir, name + ".artifact")
     if not os.path.isfile(os.path.join(ckpt, "config.json")):
         print(f"[{name}] writing the checkpoint", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-c", WRITE, ckpt, json.dumps(MODELS[name])], check=True)
     shutil.rmtree(out, ignore_errors=True)
-    print(f"[{name}] compiling ({_dir_bytes(ckpt) / 2**30:.2f} GiB checkpoint)", file=sys.stderr, flush=True)
+    print(f"[{name}] compiling ({_dir_bytes(ckpt) / 2**30:.2f} GiB checkpoint), out of core {mode}", file=sys.stderr,
+          flush=True)
     env = dict(os.environ, OMP_WAIT_POLICY="passive", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, ckpt, out], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    flags = MODELS[name].get("flags", [])
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, ckpt, out, mode, json.dumps(flags)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     peak_seen = 0
     while proc.poll() is None:  # the child's own report is lost if the kernel kills it: watch from here too
@@ -126,7 +173,7 @@ def run_model(name: str, workdir: str, keep: bool) -> dict:
             pass
         time.sleep(0.5)
     stdout, stderr = proc.communicate()
-    row = {"model": name, "checkpoint_bytes": _dir_bytes(ckpt), "seconds": time.perf_counter() - t}
+    row = {"model": name, "out_of_core": mode, "flags": " ".join(flags), "checkpoint_bytes": _dir_bytes(ckpt), "seconds": time.perf_counter() - t}
     if proc.returncode != 0 and not stdout.strip():
         row.update(status=f"killed (signal {-proc.returncode})" if proc.returncode < 0 else f"exit {proc.returncode}",
                    peak_kb=peak_seen, error=stderr.strip().splitlines()[-1:] if stderr.strip() else [])
@@ -138,6 +185,10 @@ def run_model(name: str, workdir: str, keep: bool) -> dict:
             with open(os.path.join(out, "report.json")) as f:
                 report = json.load(f)
             row["timings_s"] = report["timings_s"]
+            layer = largest_layer_bytes(os.path.join(out, "model.onnx"))
+            row.update(largest_layer_bytes=layer, bound_bytes=2 * layer + int(1.5 * 2**30),
+                       worst_layer_rel_l2=max((l["rel_l2"] for l in report["numerics"].get("layers", [])), default=None),
+                       logits_rel_l2=report["numerics"]["inputs"][0]["rel_l2"])
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
     return row
@@ -171,6 +222,8 @@ def run_plan(name: str, workdir: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=["granite-1b"], choices=list(MODELS))
+    ap.add_argument("--modes", nargs="*", default=["on"], choices=["on", "off"],
+                    help="compile out of core (on, streamed) and/or in memory (off), side by side")
     ap.add_argument("--plans", nargs="*", default=[], choices=list(PLANS),
                     help="also run `moec plan` on these published configs")
     ap.add_argument("--workdir", default=None, help="where checkpoints and artifacts go (default: a temp dir)")
@@ -178,16 +231,20 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="moec-scale-")
-    rows = [run_model(m, workdir, args.keep) for m in args.models]
+    rows = [run_model(m, workdir, args.keep, mode) for m in args.models for mode in args.modes]
     plans = [run_plan(m, workdir) for m in args.plans]
     if args.json:
         print(json.dumps(rows + plans, indent=2))
         return 0
-    print(f"{'model':<12} {'ckpt GiB':>9} {'status':<16} {'wall s':>7} {'peak over base GiB':>19} {'artifact GiB':>13}")
+    print(f"{'model':<12} {'streamed':<8} {'ckpt GiB':>9} {'status':<16} {'wall s':>7} {'peak over base GiB':>19} "
+          f"{'bound GiB':>10} {'artifact GiB':>13} {'worst layer':>12} {'logits':>9}")
     for r in rows:
         peak = r.get("peak_over_base_kb", r.get("peak_kb", 0)) / 2**20
-        print(f"{r['model']:<12} {r['checkpoint_bytes'] / 2**30:9.2f} {r['status']:<16} {r['seconds']:7.0f} "
-              f"{peak:19.2f} {r.get('artifact_bytes', 0) / 2**30:13.2f}")
+        layer = f"{r['worst_layer_rel_l2']:.1e}" if r.get("worst_layer_rel_l2") is not None else "-"
+        logits = f"{r['logits_rel_l2']:.1e}" if r.get("logits_rel_l2") is not None else "-"
+        print(f"{r['model']:<12} {r['out_of_core']:<8} {r['checkpoint_bytes'] / 2**30:9.2f} {r['status']:<16} "
+              f"{r['seconds']:7.0f} {peak:19.2f} {r.get('bound_bytes', 0) / 2**30:10.2f} "
+              f"{r.get('artifact_bytes', 0) / 2**30:13.2f} {layer:>12} {logits:>9}")
         if r.get("timings_s"):
             print("  stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in r["timings_s"].items()))
     if plans:

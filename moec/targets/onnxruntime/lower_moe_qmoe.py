@@ -20,7 +20,7 @@ from moec.ops import interleave_gate_up
 from moec.passes.base import Pass, PassContext, PassResult
 from moec.passes.conditions import EXPERTS_LOWERED, EXPERTS_QUANTIZED
 from moec.passes.lowering import lower_each, route_outside
-from moec.quant import QuantizedWeight, pack
+from moec.quant import QuantizedWeight, pack, packed_shapes
 from moec.targets.onnxruntime import ops  # noqa: F401  (registers torch.ops.moec.ort_qmoe)
 from moec.targets.onnxruntime.lower_moe_onnxruntime import plan_layer
 
@@ -31,6 +31,13 @@ def _interleave_rows(q: QuantizedWeight) -> QuantizedWeight:
 
 
 def _buffers(module: nn.Module, prefix: str, q: QuantizedWeight) -> None:
+    if q.codes.is_meta:  # an out-of-core compile's graph: the packed layout's shapes, no bytes
+        w, s, z = packed_shapes(q)
+        module.register_buffer(prefix, torch.empty(w, dtype=torch.uint8, device="meta"))
+        module.register_buffer(f"{prefix}_scales", torch.empty(s, dtype=torch.float32, device="meta"))
+        module.register_buffer(f"{prefix}_zero_points", None if z is None else torch.empty(z, dtype=torch.uint8,
+                                                                                               device="meta"))
+        return
     p = pack(q)
     module.register_buffer(f"{prefix}", torch.from_numpy(p.weight))
     module.register_buffer(f"{prefix}_scales", torch.from_numpy(p.scales))

@@ -1,0 +1,418 @@
+"""`moec compile DIR` for checkpoints larger than memory: the graph from shapes, the weights streamed a layer at a time.
+
+    load -> recognise -> capture -> onnx_export -> plan -> stream_weights -> verify -> package
+
+1. recognise: MoE layers are recognised on a miniature of the config (moec.plan_model, as `moec plan` does).
+2. capture / onnx_export: the real-sized model is built on the meta device, every recognised layer replaced by
+   a FusedMoE of its sizes and lowered for ONNX Runtime, captured by torch.export and converted by torch.onnx:
+   the ONNX graph's initializers are shapes and dtypes only. The memory plan comes from the captured graph's
+   symbolic shapes (moec.analysis.plan_exported), never from weights.
+3. stream_weights: per layer group (embeddings and head, then each decoder layer) the checkpoint's tensors are
+   read (moec.lazy_checkpoint, through transformers' own checkpoint conversion), every MoE layer in the group is
+   fused again at real size with translation validation against the original layer on the real weights (the
+   same reading the miniature chose, or the compile stops naming the layer), lowered, and its tensors written
+   to external data (moec.external_data.write_streamed, shards of --shard-size, a layer never split); then the
+   group's weights are dropped.
+4. verify: layer by layer (moec.verify_layers): the eager model runs with one decoder layer materialised at a
+   time, the artifact runs segment by segment (moec.segmented_run); every layer's output and the logits are
+   compared, and the goldens are the artifact's outputs on that input.
+Peak memory is the largest layer group a few times over plus the graph, whatever the model's size.
+The artifact is the in-memory compile's (the KV-cache decoder unless --task logits; --quant codes byte for byte;
+--triton-repo through the same packaging stage). Refuses what it does not stream yet (calibration, pruning, dense
+quantization, --device-memory, --static, TensorRT, pre-quantized checkpoints): named, exit 2, with the in-memory
+compile as the way to get it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from moec.errors import MoecError, PassValidationError, VerificationError
+from moec.lazy_checkpoint import LazyCheckpoint, release
+from moec.pipeline import CompileOptions, CompileResult, _Stages, _workdir
+
+STAGES = ("load", "recognise", "capture", "onnx_export", "plan", "stream_weights", "verify", "package")
+WRAPPER = "model."  # CausalLMLogits keeps the transformers model as `.model`: its names in the graph start so
+# Options the streamed compile does not take yet, with what they are.
+UNSTREAMED = {"prune_experts": "--prune-experts", "calibration": "--calibration", "quant_dense": "--quant-dense",
+              "accuracy_budget": "--accuracy-budget", "device_memory": "--device-memory", "static": "--static",
+              "tensorrt_aot": "--tensorrt-aot"}
+AUTO_FRACTION = 0.3  # auto: stream when the checkpoint's fp32 bytes exceed this share of available memory
+
+
+def wants_out_of_core(source: Optional[str], mode: str, log: Callable[[str], None] = lambda msg: None) -> bool:
+    """--out-of-core on|off|auto: auto streams a safetensors checkpoint whose fp32 weights would take more than
+    AUTO_FRACTION of the memory available now (the in-memory compile holds them about 1.5 times)."""
+    if mode == "off" or source is None or not os.path.isdir(source):
+        return False
+    if mode == "on":
+        return True
+    from moec.checkpoint import is_packed
+    from moec.compressed_tensors_checkpoint import is_compressed_tensors
+
+    if is_packed(source) or is_compressed_tensors(source) or not os.path.isfile(os.path.join(source, "config.json")):
+        return False
+    try:
+        numel = LazyCheckpoint(source).numel
+    except MoecError:
+        return False  # the in-memory loader names what is wrong with it
+    available = _available_memory()
+    if available is None or numel * 4 <= AUTO_FRACTION * available:
+        return False
+    log(f"the checkpoint in '{source}' has {numel / 1e9:.2f}B parameters ({numel * 4 / 2**30:.1f} GiB at fp32) and "
+        f"{available / 2**30:.1f} GiB of memory are available: compiling out of core (--out-of-core off to load it "
+        "whole)")
+    return True
+
+
+def _available_memory() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_streamable(options: CompileOptions) -> None:
+    asked = [flag for key, flag in UNSTREAMED.items() if options.extra.get(key) not in (None, False)]
+    if options.target != "onnxruntime":
+        asked.append(f"--target {options.target}")
+    if not options.fuse:
+        asked.append("--no-fusion")
+    if options.disabled_passes:
+        asked.append("--no-pass")
+    if asked:
+        raise MoecError(f"{', '.join(asked)}: not available in an out-of-core compile yet (it streams text-generation "
+                        "and logits artifacts for ONNX Runtime, fp32 or with --quant experts). Compile in memory with --out-of-core off, on a machine that "
+                        "holds the model about 1.5 times at fp32. Nothing was written.")
+
+
+def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
+    from moec.analysis.plan_exported import plan_exported
+    from moec.export_onnx import capture, dim_names, to_onnx
+    from moec.memory import source_profiles
+    from moec.miniature import read_config
+    from moec.plan_model import fuse_on_meta, recognise_miniature
+    from moec.rewrite_rsqrt import rewrite_rsqrt
+    from moec.simplify_graph import simplify_graph
+    from moec.sources import as_task
+    from moec.targets import get
+    from moec.moe_layer import QuantizedExperts
+    from moec.passes.base import PassContext
+    from moec.passes.layers import iter_fused
+    from moec.passes.quantize_experts import spec_from_options
+    from moec.pipeline import make_unfused_experts_exportable
+    from moec.quant import quantized_shape
+    from moec.validate import check_max_shape
+
+    t0 = time.perf_counter()
+    check_streamable(options)
+    from moec.compressed_tensors_checkpoint import is_compressed_tensors
+
+    if is_compressed_tensors(source):
+        raise MoecError(f"'{source}' is a compressed-tensors checkpoint: an out-of-core compile does not fold "
+                        "pre-quantized checkpoints yet; compile it with --out-of-core off. Nothing was written.")
+    stage = _Stages(options.log, STAGES)
+    ck = stage("load", f"indexing the checkpoint in {source} (headers only)", LazyCheckpoint, source)
+    hf = read_config(source)
+    options.log(f"  {ck.numel / 1e9:.2f}B parameters, {ck.nbytes / 2**30:.2f} GiB stored, "
+                f"{len(ck.layer_groups())} layer groups")
+    kinds = stage("recognise", f"recognising MoE layers on a miniature {hf.model_class.__name__}",
+                  recognise_miniature, hf, lambda msg: None)
+
+    spec = spec_from_options(options.extra) if options.extra.get("quant") else None
+    target = get("onnxruntime")
+    lowering = target.lowering_passes(options)
+
+    def build_graph_model():
+        graph_model = ck.skeleton(hf.config).to("meta")
+        planned, _ = fuse_on_meta(graph_model, kinds)
+        if spec is not None:
+            if not any(p.fused for p in planned):
+                from moec.pipeline import refuse_without_fused_layers
+
+                refuse_without_fused_layers(graph_model, options)
+            for path, fused in iter_fused(graph_model):
+                fused.quantized = QuantizedExperts(quantized_shape(fused.w_gate_up, spec, f"{path}.w_gate_up"),
+                                                   quantized_shape(fused.w_down, spec, f"{path}.w_down"))
+        lowered = [o for p in lowering for o in p(graph_model, PassContext(probes=[], options=options.extra)).layers]
+        notes = make_unfused_experts_exportable(graph_model, {})
+        src = as_task(graph_model, f"hf:{os.path.abspath(source)}", options.extra.get("task"), f"'{source}'",
+                      source_dir=source)
+        return planned, lowered, notes, src, capture(src.module, tuple(a.to("meta") for a in src.example_args),
+                                                     src.dynamic_shapes)
+
+    planned, lowered, notes, src, captured = stage("capture", "capturing the real-sized graph on the meta device",
+                                                   build_graph_model)
+    notes = list(src.notes) + notes
+    program = stage("onnx_export", "converting to ONNX (no weight bytes)", to_onnx, captured, src.input_names,
+                    src.output_names, src.dynamic_shapes, target.translations())
+    graph = simplify_graph(program.model, weights_known=False).to_dict()
+    graph["rsqrt_as_division"] = rewrite_rsqrt(program.model)
+    ranges = src.dim_ranges()
+    check_max_shape(options.extra.get("max_shape"), ranges)
+    memory = stage("plan", "planning activation memory from the captured shapes", plan_exported, captured.program,
+                   dim_names(captured.program, src.dynamic_shapes),
+                   source_profiles(ranges, options.extra.get("max_shape"), src.derived_dims), src.derived_dims)
+    del captured
+    layers = _layer_report(planned, lowered)
+    weights_model = ck.skeleton(hf.config)
+    streamer = LayerStreamer(ck, weights_model, planned, kinds, spec, lowering, options.extra, options.log)
+
+    with _workdir(options.out, options.log) as tmp:
+        from moec.external_data import DEFAULT_SHARD_BYTES, write_streamed
+
+        model_path = os.path.join(tmp, "model.onnx")
+        files = stage("stream_weights", "streaming the weights, one layer at a time", write_streamed, program.model,
+                      model_path, streamer.fill, options.extra.get("shard_size") or DEFAULT_SHARD_BYTES, options.log)
+        weights_bytes = sum(os.path.getsize(f) for f in files[1:])
+        generation = None
+        if getattr(src, "info", None) is not None:
+            from moec.generation import write_generation_files
+
+            generation = write_generation_files(tmp, src.info)
+            files += [os.path.join(tmp, f) for f in ["genai_config.json"] * generation["genai_config"]
+                      + generation["tokenizer_files"]]
+        del program, weights_model
+
+        from moec.verify_layers import verify_layer_by_layer
+
+        quant = None
+        if spec is not None:
+            tolerance = 3e-2 if target.quantizes_activations(options) else options.tolerance
+            prepare = streamer.prepare
+        else:
+            tolerance, prepare = options.tolerance, None
+        verified = stage("verify", "verifying layer by layer (eager and ONNX Runtime, one layer in memory)",
+                         verify_layer_by_layer, model_path, ck, tolerance, src.verification_inputs(options.verify_seq_len),
+                         src.input_names, src.output_names, wrapper_of(src.module), options.log, prepare)
+        if spec is not None:
+            quant = quantization_report(streamer.quantized, spec, verified, tolerance)
+        report = {
+            "source": source, "target": "onnxruntime", "out_of_core": True,
+            "model": {"source": source, "identity": f"hf:{os.path.abspath(source)}",
+                      "checkpoint_headers_sha256": headers_sha256(ck)},
+            "capture": {"method": "torch.export (non-strict) on the meta device", "notes": notes},
+            "graph": graph, "moe_layers": layers, "quantization": quant, "generation": generation,
+            "numerics": verified.numerics(tolerance),
+            "weights_bytes": weights_bytes,
+            "checkpoint": {"parameters": ck.numel, "stored_bytes": ck.nbytes, "files": len(set(ck.files.values()))},
+            "memory": memory.to_dict(),
+            "files": sorted(os.path.relpath(f, tmp) for f in files) + ["golden/"],
+        }
+        from moec.report import moec_version, versions
+
+        report.update(moec_version=moec_version(), versions=versions())
+        if not report["numerics"]["passed"]:
+            first = verified.first_failing(tolerance)
+            report["numerics"]["first_failing_layer"] = first.layer if first else None
+            if not options.keep_failed:
+                raise VerificationError(verified.failure(tolerance) + " Nothing was written; rerun with --keep-failed "
+                                        "to inspect the artifact.")
+        else:
+            from moec.golden import Probe, write_golden
+
+            write_golden(os.path.join(tmp, "golden"),
+                         [Probe(f"probe{i}", p.feeds, p.outputs) for i, p in enumerate(verified.probes)],
+                         model=report["model"], precision=f"int{spec.bits}" if spec else "fp32", tolerance=tolerance,
+                         versions=versions())
+        from moec.pipeline import package
+        from moec.targets.base import ArtifactContext
+
+        artifact = ArtifactContext(tmp, model_path, files, report, options, [], options.log)
+        triton_dir = stage("package", "writing the artifact", package, artifact, target, stage.timings, t0)
+    return CompileResult(os.path.abspath(options.out), report, triton_dir)
+
+
+def wrapper_of(graph_module: nn.Module) -> Callable[[nn.Module], nn.Module]:
+    """How the captured graph wrapped the transformers model (logits, or the KV-cache decoder), to wrap another."""
+    from moec.generation import CausalLMDecoder
+    from moec.sources import CausalLMLogits
+
+    if isinstance(graph_module, CausalLMDecoder):
+        return lambda model: CausalLMDecoder(model, graph_module.layers).eval()
+    return lambda model: CausalLMLogits(model).eval()
+
+
+def quantization_report(layers: list[dict], spec, verified, tolerance: float) -> dict:
+    """The report's quantization entry, in the in-memory compile's terms (the CLI prints both alike)."""
+    return {"spec": spec.name, "precision": f"int{spec.bits}", "method": "round-to-nearest", "layers": layers,
+            "weight_bytes_fp32": sum(l["weight_bytes_fp32"] for l in layers),
+            "weight_bytes_quantized": sum(l["weight_bytes_quantized"] for l in layers),
+            "logits_vs_fp32": verified.vs_fp32, "tolerance_vs_dequantized": tolerance,
+            "reference": "the dequantized model (each layer's experts quantized and dequantized), layer by layer"}
+
+
+def _layer_report(planned, lowered) -> dict:
+    by_path = {o.path: o for o in lowered}
+    layers = []
+    for p in planned:
+        entry = {"path": p.path, "fused": p.fused}
+        if p.reason:
+            entry["reason"] = p.reason
+        if p.spec is not None:
+            entry["spec"] = p.spec.to_dict()
+        o = by_path.get(p.path)
+        if o is not None:
+            entry["lowered_to"] = o.lowered_to
+            if o.reason:
+                entry["lowering_note"] = o.reason
+        layers.append(entry)
+    return {"fused": sum(l["fused"] for l in layers), "unfused": sum(not l["fused"] for l in layers),
+            "layers": layers, "note": "" if layers else "no MoE layer found; compiled as a dense model"}
+
+
+def headers_sha256(ck: LazyCheckpoint) -> str:
+    """The checkpoint's identity without reading its weights: tensor names, files and sizes."""
+    h = hashlib.sha256()
+    for name in sorted(ck.files):
+        h.update(f"{name}\0{os.path.basename(ck.files[name])}\0".encode())
+    for file in sorted(set(ck.files.values())):
+        h.update(f"{os.path.basename(file)}:{os.path.getsize(file)}\n".encode())
+    return h.hexdigest()
+
+
+class LayerStreamer:
+    """write_streamed's `fill`: a layer group's artifact tensors, made from the checkpoint when they are asked for;
+    and `prepare`, the same group as the exact reference (fused, and with --quant dequantized) for verification."""
+
+    def __init__(self, ck: LazyCheckpoint, model: nn.Module, planned: list, kinds: dict, spec, lowering: list,
+                 extra: dict, log: Callable[[str], None]):
+        self.ck, self.model, self.planned, self.kinds, self.log = ck, model, planned, kinds, log
+        self.spec, self.lowering, self.extra = spec, lowering, extra
+        self.fused_paths = [p.path for p in planned if p.fused]
+        self.quantized: list[dict] = []  # per layer: its quantization error on probe inputs, bytes before/after
+
+    def prepare(self, model: nn.Module, key: str, record: bool = False) -> None:
+        """Read the group into `model`, fuse its MoE layers on their real weights and, with --quant, quantize their
+        experts (the FusedMoE then computes with the dequantized weights: the artifact's exact reference)."""
+        self.ck.materialise(model, key)
+        if not key and hasattr(model, "tie_weights"):
+            model.tie_weights()
+        for path in self.fused_paths:
+            if _group_of(path) == key:
+                fused = self.fuse_real(model, path, record)
+                if self.spec is not None:
+                    self.quantize(path, fused, record)
+
+    def fill(self, key: str, values: list) -> Iterator[tuple]:
+        import numpy as np
+
+        from moec.passes.base import PassContext
+
+        self.prepare(self.model, key, record=True)
+        if key:
+            layer = self.model.get_submodule(_layer_path(self.model, key))
+            for p in self.lowering:
+                p(layer, PassContext(probes=[], options=self.extra))
+        tensors = dict(self.model.named_parameters(remove_duplicate=False))
+        tensors.update(self.model.named_buffers(remove_duplicate=False))
+        try:
+            for v in values:
+                name = v.name[len(WRAPPER):] if v.name.startswith(WRAPPER) else v.name
+                t = tensors.get(name)
+                if t is None or t.is_meta:
+                    raise MoecError(f"out-of-core compile: the graph's initializer '{v.name}' has no tensor in "
+                                    f"{key or 'the embeddings and head'} after streaming (a module the graph reads "
+                                    "outside its layer); compile with --out-of-core off.")
+                want = tuple(v.const_value.shape.numpy())
+                if tuple(t.shape) != want:
+                    raise MoecError(f"out-of-core compile: '{v.name}' is {tuple(t.shape)} from the checkpoint, the "
+                                    f"graph captured {want}.")
+                array = t.detach().contiguous().numpy().astype(v.const_value.dtype.numpy(), copy=False)
+                yield v, np.ascontiguousarray(array).tobytes()
+        finally:
+            if key:
+                release(self.model.get_submodule(_layer_path(self.model, key)))
+            else:
+                release(self.model)
+
+    def fuse_real(self, model: nn.Module, path: str, record: bool = True):
+        """Fuse one MoE layer on its real weights, as the miniature taught: same spec, or an error naming it."""
+        from moec.passes.fuse_moe import CalledLike, analyze, match_layer
+        from moec.passes.layers import LayerCall, set_submodule
+        from moec.plan_model import layer_kind
+
+        sub = model.get_submodule(path)
+        mini = self.kinds[layer_kind(sub)]
+        anatomy = analyze(sub)
+        planned = next(p for p in self.planned if p.path == path)
+        outcome, fused = match_layer(path, sub, anatomy, self.probe(planned), LayerCall(mini.tensor_index or 0))
+        if fused is None:
+            raise PassValidationError(f"{path}: fused on the miniature, but on its real weights {outcome.reason}; "
+                                      "compile with --out-of-core off to see the whole model's fusion report.")
+        if fused.spec != planned.spec:
+            raise PassValidationError(f"{path}: on its real weights the layer fuses as {fused.spec}, the miniature "
+                                      f"(whose graph was captured) as {planned.spec}; compile with --out-of-core off.")
+        call = LayerCall(mini.tensor_index) if mini.tensor_index is not None else None
+        set_submodule(model, path, fused if call is None else CalledLike(fused, call))
+        if record:
+            self.log(f"  {path}: fused on its real weights (validated, {outcome.candidates_tried} readings tried)")
+        return fused
+
+    @staticmethod
+    def probe(planned) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        return torch.randn(1, 16, planned.spec.experts.hidden, generator=gen)
+
+    def quantize(self, path: str, fused, record: bool) -> None:
+        """Round-to-nearest codes for the experts, as quantize_experts makes them without calibration."""
+        from moec.moe_layer import QuantizedExperts
+        from moec.passes.quantize_experts import packed_bytes
+        from moec.quant import dequantize, quantize
+
+        x = self.probe(next(p for p in self.planned if p.path == path)).reshape(-1, fused.spec.experts.hidden)
+        with torch.no_grad():
+            before = fused(x)
+        before = before[0] if isinstance(before, (tuple, list)) else before
+        q1 = quantize(fused.w_gate_up, self.spec, f"{path}.w_gate_up")
+        q2 = quantize(fused.w_down, self.spec, f"{path}.w_down")
+        fp_bytes = (fused.w_gate_up.numel() + fused.w_down.numel()) * 4
+        fused.w_gate_up = nn.Parameter(dequantize(q1), requires_grad=False)
+        fused.w_down = nn.Parameter(dequantize(q2), requires_grad=False)
+        fused.quantized = QuantizedExperts(q1, q2)
+        if record:
+            from moec.numerics import compare_tensors
+
+            with torch.no_grad():
+                after = fused(x)
+            after = after[0] if isinstance(after, (tuple, list)) else after
+            c = compare_tensors(before, after)
+            self.quantized.append({"path": path, "spec": self.spec.name, "weight_bytes_fp32": fp_bytes,
+                                   "weight_bytes_quantized": packed_bytes(q1) + packed_bytes(q2),
+                                   "rel_l2": c.rel_l2, "cosine": c.cosine, "method": "round-to-nearest"})
+
+
+def _group_of(path: str) -> str:
+    from moec.external_data import layer_key
+
+    return layer_key(path + ".")
+
+
+def _layer_path(model: nn.Module, key: str) -> str:
+    from moec.lazy_checkpoint import decoder_layers
+
+    name, _ = decoder_layers(model)
+    return f"{name}.{key.split('.')[1]}"
+
+
+def summary_lines(report: dict) -> list[str]:
+    n = report["numerics"]
+    worst = max(n["layers"], key=lambda l: l["rel_l2"]) if n.get("layers") else None
+    lines = [f"out of core: {report['checkpoint']['parameters'] / 1e9:.3f}B parameters streamed a layer at a time; "
+             f"{report['weights_bytes'] / 2**30:.2f} GiB of weights in "
+             f"{sum(f.endswith('.data') for f in report['files'])} file(s)"]
+    if worst is not None:
+        lines.append(f"verified layer by layer: worst layer {worst['layer']} relative L2 {worst['rel_l2']:.2e}")
+    return lines
+
+

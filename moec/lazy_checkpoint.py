@@ -1,0 +1,197 @@
+"""A Hugging Face checkpoint read one decoder layer at a time, into a model that otherwise stays on the meta device.
+
+`LazyCheckpoint(path)` indexes the safetensors headers (moec.safetensors_check: truncated files, missing shards
+named before anything is read) and groups the checkpoint's tensors by decoder layer (`layers.<N>.` in the name;
+everything else is the group ""). `skeleton()` builds the transformers model with every parameter on the meta
+device and the buffers real (rotary frequencies are not in a checkpoint, and they are small). `materialise(model,
+group)` reads only that group's tensors, memory-mapped, and loads them through transformers' own checkpoint
+conversion (per-expert `experts.N.gate_proj.weight` -> stacked `gate_up_proj`, renamings), converting each tensor
+to `dtype` on its own: a bf16 checkpoint is never upcast as a whole. `release(module)` returns a layer's
+parameters to the meta device. Refuses, naming the file and the tensor: a tensor whose shape disagrees with the
+config, a tensor the model lacks, a parameter the group needs that the checkpoint lacks, unreadable data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from moec.errors import SourceError
+from moec.external_data import layer_key
+from moec.safetensors_check import checkpoint_files, read_header
+
+_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+          "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass
+class LazyCheckpoint:
+    path: str
+    files: dict[str, str] = field(default_factory=dict)  # tensor -> file
+    groups: dict[str, list[str]] = field(default_factory=dict)  # layer key -> tensors, checkpoint order
+    nbytes: int = 0  # as stored
+    numel: int = 0
+
+    def __post_init__(self) -> None:
+        for name in checkpoint_files(self.path):
+            file = os.path.join(self.path, name)
+            for tensor, meta in read_header(file).items():
+                self.files[tensor] = file
+                self.groups.setdefault(layer_key(tensor), []).append(tensor)
+                n = 1
+                for d in meta["shape"]:
+                    n *= int(d)
+                self.numel += n
+                self.nbytes += n * _BYTES.get(meta["dtype"], 4)
+        if not self.files:
+            raise SourceError(f"'{self.path}' holds no safetensors weights; out-of-core compiles read safetensors "
+                              "checkpoints (model.safetensors, or shards with model.safetensors.index.json).")
+
+    def config(self):
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(self.path, local_files_only=True)
+        except Exception as exc:
+            raise SourceError(f"'{self.path}/config.json' does not load: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+    def skeleton(self, config=None) -> nn.Module:
+        """The causal LM of the config: parameters on the meta device, buffers real and small."""
+        from transformers import AutoModelForCausalLM
+
+        config = config or self.config()
+        try:
+            with parameters_on_meta():
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        except Exception as exc:
+            raise SourceError(f"'{self.path}': the model of its config.json does not build: {type(exc).__name__}: "
+                              f"{str(exc)[:300]}") from exc
+        return model.eval()
+
+    def layer_groups(self) -> list[str]:
+        """"" first, then the decoder layers in numeric order."""
+        layers = sorted((k for k in self.groups if k), key=lambda k: int(k.split(".")[1]))
+        return [""] + layers if "" in self.groups else layers
+
+    def materialise(self, model: nn.Module, group: str, dtype: torch.dtype = torch.float32) -> None:
+        """Load the checkpoint's tensors of `group` into `model` (converted as transformers loads them)."""
+        from safetensors import safe_open
+
+        names = self.groups.get(group, [])
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.files[n], []).append(n)
+        with contextlib.ExitStack() as stack:
+            state = {}
+            for file, tensors in by_file.items():
+                try:
+                    f = stack.enter_context(safe_open(file, "pt"))
+                    for n in tensors:
+                        state[n] = f.get_slice(n)  # read when transformers converts it, one tensor at a time
+                except Exception as exc:
+                    raise SourceError(f"'{file}': cannot read tensor data ({type(exc).__name__}: {exc}).") from exc
+            try:
+                info = load_converted(model, state, dtype)
+            except Exception as exc:
+                raise SourceError(f"'{self.path}': loading the tensors of {group or 'the embeddings and head'} failed: "
+                                  f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+        self._check(model, group, info)
+
+    def _check(self, model: nn.Module, group: str, info) -> None:
+        mismatched = sorted(info.mismatched_keys or [])
+        if mismatched:
+            key = mismatched[0][0] if isinstance(mismatched[0], tuple) else mismatched[0]
+            raise SourceError(f"'{self._file_of(key)}': tensor '{key}' has a shape that disagrees with config.json "
+                              f"({len(mismatched)} such tensors). Nothing was written.")
+        unexpected = sorted(info.unexpected_keys or [])
+        if unexpected:
+            raise SourceError(f"'{self._file_of(unexpected[0])}': tensor '{unexpected[0]}' is not a tensor of the "
+                              f"model in config.json ({len(unexpected)} such tensors); it is not this config's "
+                              "checkpoint. Nothing was written.")
+        errors = info.conversion_errors or {}
+        if errors:
+            key, why = next(iter(errors.items()))
+            raise SourceError(f"'{self.path}': converting tensor '{key}' failed: {str(why)[:300]}. Nothing was written.")
+        still = [n for n, p in _named_tensors(model) if p.is_meta and layer_key(n) == group and n not in _LOOSE(model)]
+        if still:
+            raise SourceError(f"the checkpoint in '{self.path}' lacks '{still[0]}' ({len(still)} tensor(s) of "
+                              f"{group or 'the embeddings and head'} missing); transformers would initialize them "
+                              "randomly. Nothing was written.")
+
+    def _file_of(self, key: str) -> str:
+        if key in self.files:
+            return self.files[key]
+        hits = [f for n, f in self.files.items() if n.endswith(key) or key.endswith(n)]
+        return hits[0] if hits else self.path
+
+
+def load_converted(model: nn.Module, state: dict, dtype: torch.dtype = torch.float32):
+    """Load `state` (checkpoint names and layout: tensors or safetensors slices) into `model` through transformers'
+    own checkpoint conversion, as from_pretrained would; returns transformers' loading info."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+    from transformers.utils import logging as hf_logging
+
+    config = LoadStateDictConfig(dtype=dtype, weight_mapping=get_model_conversion_mapping(model), device_map={"": "cpu"})
+    os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")  # one tensor in flight: memory stays bounded
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per layer would bury moec's own progress
+    try:
+        info, _ = convert_and_load_state_dict_in_model(model, state, config)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    return info
+
+
+def _LOOSE(model: nn.Module) -> set[str]:
+    """Parameters tied to another (an lm_head tied to the embeddings): filled by tie_weights, not the checkpoint."""
+    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
+    return set(tied) if isinstance(tied, (dict, list, set, tuple)) else set()
+
+
+def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+
+
+def release(module: nn.Module) -> None:
+    """Drop a module's parameters (back to the meta device); its real buffers stay."""
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and not p.is_meta:
+                m._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Build modules with their parameters on the meta device and their buffers real (accelerate's
+    init_empty_weights without its dependency). Parameters are allocated empty first, never written."""
+    original = nn.Module.register_parameter
+
+    def register(self, name, param):
+        original(self, name, param)
+        if param is not None and not param.is_meta:
+            self._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder layers (`...layers`), whose children the checkpoint's tensors are grouped by
+    (external_data.layer_key reads the same `layers.<N>.` in their names)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and name.split(".")[-1] in ("layers", "layer") and len(mod):
+            return name, mod
+    raise SourceError(f"{type(model).__name__} has no ModuleList of decoder layers ('layers'); out-of-core compiles "
+                      "stream a decoder one layer at a time.")

@@ -1,0 +1,157 @@
+"""Verify an artifact against its checkpoint layer by layer, holding one decoder layer's weights at a time.
+
+Eager side: the checkpoint's model with parameters on the meta device, wrapped as the artifact's graph was
+(logits, or the KV-cache decoder); a hook materialises each decoder layer from the checkpoint just before it
+runs, records its output hidden states and drops its weights after. Artifact side: moec.segmented_run executes
+the artifact segment by segment. Per probe input, each decoder layer's output is compared with the hidden
+states the artifact's segment of that layer hands on (the value of the same shape), and every output of the
+graph (logits, and a decoder's present keys and values) with the eager one. A layer whose error exceeds the
+tolerance is named; the first such layer is where the artifact went wrong, the ones after it inherit its error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from moec.lazy_checkpoint import LazyCheckpoint, decoder_layers, release
+from moec.numerics import compare_tensors
+
+Prepare = Callable[[nn.Module, str], None]  # (model, layer group): read the group's weights into the model
+Wrap = Callable[[nn.Module], nn.Module]  # the transformers model -> the module whose graph the artifact is
+
+
+@dataclass
+class LayerError:
+    layer: str
+    rel_l2: float
+    max_abs: float
+
+
+@dataclass
+class ProbeResult:
+    name: str
+    feeds: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]  # the artifact's
+    rel_l2: float  # the worst of the graph's outputs
+    max_abs: float
+    worst_output: str
+    layers: list[LayerError] = field(default_factory=list)
+    vs_fp32: Optional[dict] = None  # with `prepare` (e.g. quantized experts): the first output against full precision
+
+
+@dataclass
+class LayerVerification:
+    probes: list[ProbeResult]
+    against: str = "eager PyTorch"
+
+    @property
+    def layers(self) -> list[LayerError]:
+        """Per decoder layer, its worst error over the probes."""
+        worst: dict[str, LayerError] = {}
+        for p in self.probes:
+            for l in p.layers:
+                if l.layer not in worst or l.rel_l2 > worst[l.layer].rel_l2:
+                    worst[l.layer] = l
+        return list(worst.values())
+
+    @property
+    def vs_fp32(self) -> Optional[dict]:
+        rows = [p.vs_fp32 for p in self.probes if p.vs_fp32 is not None]
+        return max(rows, key=lambda r: r["rel_l2"]) if rows else None
+
+    def first_failing(self, tolerance: float) -> Optional[LayerError]:
+        return next((l for l in self.layers if l.rel_l2 > tolerance), None)
+
+    def passed(self, tolerance: float) -> bool:
+        return all(p.rel_l2 <= tolerance for p in self.probes) and self.first_failing(tolerance) is None
+
+    def numerics(self, tolerance: float) -> dict:
+        return {
+            "verification": "layer by layer: eager PyTorch with one decoder layer materialised at a time against "
+                            "ONNX Runtime running the artifact one segment (layer) at a time",
+            "against": self.against, "tolerance_rel_l2": tolerance, "passed": self.passed(tolerance),
+            "inputs": [{"input": p.name, "rel_l2": p.rel_l2, "max_abs": p.max_abs, "output": p.worst_output,
+                        "passed": p.rel_l2 <= tolerance} for p in self.probes],
+            "layers": [{"layer": l.layer, "rel_l2": l.rel_l2, "max_abs": l.max_abs} for l in self.layers],
+        }
+
+    def failure(self, tolerance: float) -> str:
+        bad = self.first_failing(tolerance)
+        worst = max(self.probes, key=lambda p: p.rel_l2)
+        where = (f"; it starts at {bad.layer} (relative L2 {bad.rel_l2:.3g} on that layer's output)" if bad else
+                 "; every layer's output is within tolerance, so the difference is after the last layer")
+        return (f"ONNX Runtime output differs from {self.against}: {worst.worst_output} relative L2 "
+                f"{worst.rel_l2:.3g} on {worst.name} (tolerance {tolerance:g}){where}.")
+
+
+def verify_layer_by_layer(model_path: str, ck: LazyCheckpoint, tolerance: float, inputs: list[tuple],
+                          input_names: list[str], output_names: list[str], wrap: Wrap,
+                          log: Callable[[str], None] = lambda msg: None,
+                          prepare: Optional[Prepare] = None) -> LayerVerification:
+    """`prepare(model, group)` reads a layer group as the exact reference (e.g. with quantized experts,
+    dequantized); without it the checkpoint's own layers are the reference."""
+    from moec.segmented_run import run_segmented
+
+    probes = []
+    for i, args in enumerate(inputs):
+        name = f"probe{i} ({', '.join(f'{n} {tuple(a.shape)}' for n, a in zip(input_names, args) if a.dim() <= 2)})"
+        eager_layers, eager = eager_by_layer(wrap(ck.skeleton()), args, prepare or ck.materialise, log)
+        fp32 = eager_by_layer(wrap(ck.skeleton()), args, ck.materialise, lambda m: None)[1] if prepare else None
+        feeds = {n: a.numpy() for n, a in zip(input_names, args)}
+        run = run_segmented(model_path, feeds, log)
+        errors = {n: compare_tensors(e, torch.from_numpy(run.outputs[n])) for n, e in zip(output_names, eager)}
+        worst = max(errors, key=lambda n: errors[n].rel_l2)
+        layers = []
+        for key, expected in eager_layers.items():
+            handed = [v for s, produced in run.handed_on if s.name == key for v in produced.values()
+                      if tuple(v.shape) == tuple(expected.shape)]
+            if not handed:
+                raise ValueError(f"the artifact's segment for {key} hands on no tensor of shape {tuple(expected.shape)}")
+            best = min((compare_tensors(expected, torch.from_numpy(v)) for v in handed), key=lambda e: e.rel_l2)
+            layers.append(LayerError(key, float(best.rel_l2), float(best.max_abs)))
+        vs_fp32 = None
+        if fp32 is not None:
+            c = compare_tensors(fp32[0], torch.from_numpy(run.outputs[output_names[0]]))
+            vs_fp32 = {"rel_l2": float(c.rel_l2), "cosine": float(c.cosine), "max_abs": float(c.max_abs)}
+        probes.append(ProbeResult(name, feeds, {n: run.outputs[n] for n in output_names},
+                                  float(errors[worst].rel_l2), float(errors[worst].max_abs), worst, layers, vs_fp32))
+    return LayerVerification(probes, "the dequantized reference" if prepare else "eager PyTorch")
+
+
+def eager_by_layer(module: nn.Module, args: tuple, prepare: Prepare, log: Callable[[str], None]):
+    """Each decoder layer's output hidden states and the module's outputs (a tuple), one layer's weights in memory
+    at a time. `module` wraps the transformers model as `.model`."""
+    model = module.model
+    prepare(model, "")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    _, layers = decoder_layers(model)
+    outputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for i, layer in enumerate(layers):
+        key = f"layers.{i}"
+
+        def before(mod, a, key=key):
+            prepare(model, key)
+
+        def after(mod, a, out, key=key):
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+            outputs[key] = hidden.detach().clone()
+            release(mod)
+            log(f"  eager {key}")
+
+        handles += [layer.register_forward_pre_hook(before), layer.register_forward_hook(after)]
+    try:
+        with torch.no_grad():
+            result = module(*args)
+    finally:
+        for h in handles:
+            h.remove()
+        release(model)
+    result = tuple(result) if isinstance(result, (tuple, list)) else (result,)
+    return outputs, tuple(t.detach() for t in result)

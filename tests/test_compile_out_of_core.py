@@ -1,0 +1,273 @@
+"""Out-of-core compile: bf16 checkpoints streamed a layer at a time into an fp32 artifact, verified layer by layer.
+
+The properties asserted are the streaming ones: no weight bytes inside model.onnx, every tensor converted
+exactly, shards as asked, one decoder layer resident at a time, a corrupted layer named, nothing left behind
+by a failure. Numerics: ONNX Runtime over the whole artifact against transformers' own fp32 load.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from moec import zoo
+from moec.cli import main
+from moec.compile_out_of_core import wants_out_of_core
+from moec.external_data import INLINE_BELOW, layer_key
+from moec.lazy_checkpoint import LazyCheckpoint, decoder_layers
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """bf16 checkpoints as `save_pretrained` writes them: per-expert tensors on disk, stacked in the module."""
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for family in ("qwen3_moe", "deepseek_v3"):
+        path = str(root / family)
+        zoo.build_hf_model(family).to(torch.bfloat16).save_pretrained(path, max_shard_size="100KB")
+        out[family] = path
+    return out
+
+
+def _compile(source, out, *extra):
+    return main(["compile", source, "--out", out, "--out-of-core", "on", "--task", "logits", "--quiet", *extra])
+
+
+def _eager_fp32(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def compiled(checkpoints, tmp_path_factory):
+    out = {}
+    for family, path in checkpoints.items():
+        d = str(tmp_path_factory.mktemp("art") / family)
+        assert _compile(path, d, "--shard-size", "150KB") == 0
+        out[family] = d
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_the_streamed_artifact_matches_transformers_fp32_load(family, checkpoints, compiled):
+    model = _eager_fp32(checkpoints[family])
+    session = ort.InferenceSession(os.path.join(compiled[family], "model.onnx"))
+    ids = torch.randint(0, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits.numpy()
+    got = session.run(None, {"input_ids": ids.numpy()})[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+    report = json.load(open(os.path.join(compiled[family], "report.json")))
+    assert report["out_of_core"] and report["numerics"]["passed"]
+    assert report["moe_layers"]["fused"] == len(report["moe_layers"]["layers"]) >= 2
+    assert [l["layer"] for l in report["numerics"]["layers"]] == [
+        f"layers.{i}" for i in range(model.config.num_hidden_layers)]
+    assert all(l["rel_l2"] < 1e-5 for l in report["numerics"]["layers"])
+
+
+def test_the_graph_holds_no_weight_bytes_and_shards_never_split_a_layer(compiled):
+    d = compiled["qwen3_moe"]
+    model = onnx.load(os.path.join(d, "model.onnx"), load_external_data=False)
+    files_of: dict[str, set] = {}
+    for t in model.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        if not ext:
+            assert len(t.raw_data) < INLINE_BELOW, t.name  # only scalars and small vectors stay inline
+            continue
+        files_of.setdefault(layer_key(t.name), set()).add(ext["location"])
+    assert all(len(files) == 1 for key, files in files_of.items() if key), files_of
+    shards = sorted({f for files in files_of.values() for f in files})
+    assert len(shards) > 1
+    for f in shards:  # 150KB asked; a single layer larger than that gets a file of its own
+        assert os.path.getsize(os.path.join(d, f)) <= max(150 * 1024, max(
+            sum(int({e.key: e.value for e in t.external_data}["length"]) + 4096 for t in model.graph.initializer
+                if t.external_data and {e.key: e.value for e in t.external_data}["location"] == f), 0))
+
+
+def test_bf16_tensors_are_converted_to_fp32_exactly(checkpoints, compiled):
+    from onnx.numpy_helper import to_array
+    from safetensors import safe_open
+
+    d = compiled["qwen3_moe"]
+    model = onnx.load(os.path.join(d, "model.onnx"))  # external data read
+    arrays = {t.name: to_array(t) for t in model.graph.initializer}
+    ck = LazyCheckpoint(checkpoints["qwen3_moe"])
+    checked = 0
+    for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "model.norm.weight"):
+        with safe_open(ck.files[name], "pt") as f:
+            want = f.get_tensor(name)
+        assert want.dtype == torch.bfloat16
+        got = arrays["model." + name]
+        assert got.dtype == np.float32 and np.array_equal(got, want.float().numpy())
+        checked += 1
+    assert checked == 3
+
+
+def test_one_decoder_layer_is_resident_at_a_time(checkpoints, tmp_path, monkeypatch):
+    """Before any layer is read, every other decoder layer's weights have been dropped again."""
+    seen = []
+    original = LazyCheckpoint.materialise
+
+    def watched(self, model, group, dtype=torch.float32):
+        _, layers = decoder_layers(model)
+        resident = [i for i, layer in enumerate(layers) if any(not p.is_meta for p in layer.parameters())]
+        seen.append((group, resident))
+        return original(self, model, group, dtype)
+
+    monkeypatch.setattr(LazyCheckpoint, "materialise", watched)
+    assert _compile(checkpoints["qwen3_moe"], str(tmp_path / "a")) == 0
+    layer_loads = [r for g, r in seen if g]
+    assert len(layer_loads) >= 4  # two layers written, two verified
+    assert all(r == [] for r in layer_loads), seen
+
+
+def test_layer_by_layer_verification_names_a_corrupted_layer(checkpoints, compiled, tmp_path):
+    from moec.verify_layers import verify_layer_by_layer
+
+    d = str(tmp_path / "copy")
+    shutil.copytree(compiled["qwen3_moe"], d)
+    model = onnx.load(os.path.join(d, "model.onnx"), load_external_data=False)
+    target = next(t for t in model.graph.initializer if t.name == "model.model.layers.1.mlp.fc1")
+    ext = {e.key: e.value for e in target.external_data}
+    with open(os.path.join(d, ext["location"]), "r+b") as f:
+        f.seek(int(ext["offset"]))
+        f.write(np.random.default_rng(0).standard_normal(int(ext["length"]) // 4).astype(np.float32).tobytes())
+    from moec.sources import CausalLMLogits
+
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    result = verify_layer_by_layer(os.path.join(d, "model.onnx"), LazyCheckpoint(checkpoints["qwen3_moe"]), 1e-4,
+                                   [(ids,)], ["input_ids"], ["logits"], CausalLMLogits)
+    assert result.layers[0].rel_l2 < 1e-5
+    assert result.first_failing(1e-4).layer == "layers.1"
+    assert not result.numerics(1e-4)["passed"]
+    assert "starts at layers.1" in result.failure(1e-4)
+
+
+def test_an_interrupt_while_streaming_leaves_nothing_behind(checkpoints, tmp_path, monkeypatch, capsys):
+    from moec import compile_out_of_core
+
+    calls = []
+
+    def fail_second(self, key, values):
+        calls.append(key)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as Ctrl-C would, mid-stream
+        yield from original(self, key, values)
+
+    original = compile_out_of_core.LayerStreamer.fill
+    monkeypatch.setattr(compile_out_of_core.LayerStreamer, "fill", fail_second)
+    out = tmp_path / "out"
+    assert _compile(checkpoints["qwen3_moe"], str(out)) == 130
+    assert "interrupted; nothing was written" in capsys.readouterr().err
+    assert calls == ["", "layers.0"]
+    assert not out.exists()
+    assert os.listdir(tmp_path) == []  # the temporary directory went too
+
+
+def test_a_tensor_whose_shape_disagrees_is_named_and_nothing_written(checkpoints, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "bad"
+    shutil.copytree(checkpoints["qwen3_moe"], src)
+    ck = LazyCheckpoint(str(src))
+    name = "model.layers.1.self_attn.o_proj.weight"
+    tensors = load_file(ck.files[name])
+    tensors[name] = tensors[name][:, :-1].contiguous()
+    save_file(tensors, ck.files[name], metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert _compile(str(src), str(out)) == 3
+    err = capsys.readouterr().err
+    assert "o_proj.weight" in err and os.path.basename(ck.files[name]) in err
+    assert not out.exists()
+
+
+def test_a_truncated_shard_is_named(checkpoints, tmp_path, capsys):
+    src = tmp_path / "trunc"
+    shutil.copytree(checkpoints["qwen3_moe"], src)
+    shard = LazyCheckpoint(str(src)).files["model.layers.1.mlp.gate.weight"]
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 100)
+    assert _compile(str(src), str(tmp_path / "out")) == 3
+    assert os.path.basename(shard) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_options_it_does_not_stream_are_refused_by_name(checkpoints, tmp_path, capsys):
+    assert _compile(checkpoints["qwen3_moe"], str(tmp_path / "out"), "--quant", "int4", "--calibration",
+                    "random:4") == 2
+    assert "--calibration" in capsys.readouterr().err
+    assert _compile(checkpoints["qwen3_moe"], str(tmp_path / "out"), "--target", "tensorrt") == 2
+    assert "--target tensorrt" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_a_task_it_streams_the_kv_cache_decoder(checkpoints, tmp_path):
+    """The same decoder an in-memory compile makes: same inputs and outputs, same values on a prefill with a
+    cached prefix and left padding, genai_config.json beside it."""
+    streamed, whole = tmp_path / "streamed", tmp_path / "whole"
+    assert main(["compile", checkpoints["deepseek_v3"], "--out", str(streamed), "--out-of-core", "on", "--quiet"]) == 0
+    assert main(["compile", checkpoints["deepseek_v3"], "--out", str(whole), "--out-of-core", "off", "--quiet"]) == 0
+    a = ort.InferenceSession(str(streamed / "model.onnx"))
+    b = ort.InferenceSession(str(whole / "model.onnx"))
+    assert [i.name for i in a.get_inputs()] == [i.name for i in b.get_inputs()]
+    assert [o.name for o in a.get_outputs()] == [o.name for o in b.get_outputs()]
+    assert "past_key_values.0.key" in [i.name for i in a.get_inputs()]
+    report = json.load(open(streamed / "report.json"))
+    assert report["numerics"]["passed"] and len(report["numerics"]["inputs"]) == 2  # prefill and a decode step
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in a.get_inputs():
+        shape = [{"batch": 2, "seq": 3, "past": 4, "total": 7}.get(d, d) for d in i.shape]
+        feeds[i.name] = (rng.integers(0, 128, shape) if i.name == "input_ids" else np.ones(shape) if
+                         i.name == "attention_mask" else np.tile(np.arange(4, 7), (2, 1)) if i.name == "position_ids"
+                         else rng.standard_normal(shape)).astype(np.int64 if "float" not in i.type else np.float32)
+    for x, y in zip(a.run(None, feeds), b.run(None, feeds)):
+        assert x.shape == y.shape and np.linalg.norm(x - y) / np.linalg.norm(y) < 1e-5
+
+
+def test_auto_streams_only_what_would_not_fit(checkpoints, monkeypatch):
+    from moec import compile_out_of_core
+
+    path = checkpoints["qwen3_moe"]
+    fp32 = LazyCheckpoint(path).numel * 4
+    monkeypatch.setattr(compile_out_of_core, "_available_memory", lambda: fp32)  # 100% of what is free
+    assert wants_out_of_core(path, "auto")
+    monkeypatch.setattr(compile_out_of_core, "_available_memory", lambda: fp32 * 100)
+    assert not wants_out_of_core(path, "auto")
+    assert wants_out_of_core(path, "on") and not wants_out_of_core(path, "off")
+    assert not wants_out_of_core("moec.zoo:qwen3_moe", "auto")  # a factory is a module already in memory
+
+
+@pytest.mark.parametrize("quant", [["int4"], ["int8", "--asymmetric"]])
+def test_quantized_experts_stream_the_codes_the_in_memory_compile_makes(quant, checkpoints, tmp_path):
+    from onnx.numpy_helper import to_array
+
+    streamed, whole = str(tmp_path / "streamed"), str(tmp_path / "whole")
+    assert _compile(checkpoints["qwen3_moe"], streamed, "--quant", *quant) == 0
+    assert main(["compile", checkpoints["qwen3_moe"], "--out", whole, "--out-of-core", "off", "--task", "logits",
+                 "--quiet", "--quant", *quant]) == 0
+    a = {t.name: to_array(t, base_dir=streamed) for t in onnx.load(os.path.join(streamed, "model.onnx")).graph.initializer}
+    b = {t.name: to_array(t) for t in onnx.load(os.path.join(whole, "model.onnx")).graph.initializer}
+    codes = [n for n in a if n.endswith(("mlp.fc1", "mlp.fc2", "fc1_scales", "fc2_scales", "fc1_zero_points"))]
+    assert len(codes) >= 8 and all(a[n].dtype == b[n].dtype and np.array_equal(a[n], b[n]) for n in codes), codes
+    report = json.load(open(os.path.join(streamed, "report.json")))
+    q = report["quantization"]
+    assert q["weight_bytes_quantized"] < q["weight_bytes_fp32"] and len(q["layers"]) == 2
+    assert report["numerics"]["passed"] and report["numerics"]["against"] == "the dequantized reference"
+    assert report["numerics"]["inputs"][0]["rel_l2"] < 1e-5  # exact against the dequantized layers
+    assert q["logits_vs_fp32"]["rel_l2"] > 1e-4  # and quantization did move the logits from full precision
+
+
+def test_a_triton_repository_entry_is_written_as_for_any_artifact(checkpoints, tmp_path):
+    repo = tmp_path / "repo"
+    assert _compile(checkpoints["qwen3_moe"], str(tmp_path / "out"), "--triton-repo", str(repo), "--model-name",
+                    "big") == 0
+    assert (repo / "big" / "config.pbtxt").is_file() and (repo / "big" / "1" / "model.onnx").is_file()
+    report = json.load(open(tmp_path / "out" / "report.json"))
+    assert report["triton"]["model_dir"] == str(repo / "big")

@@ -32,6 +32,7 @@ class LoadedSource:
     input_kinds: list[str] = field(default_factory=list)  # "tokens:<vocab>", "int" (vocabulary unknown) or "float"
     prequantized: Any = None  # the QuantSpec of a packed checkpoint's expert weights, if any
     weight_codes: WeightCodes = field(default_factory=WeightCodes)  # and their codes, by weight tensor
+    quant_format: str = ""  # the checkpoint format the codes came in ("moec-packed/1", compressed-tensors ...)
     derived_dims: dict[str, tuple[str, ...]] = field(default_factory=dict)  # dim -> the dims it is the sum of
 
     def make_inputs(self, seed: int, seq_len: Optional[int] = None, batch: Optional[int] = None) -> tuple:
@@ -362,10 +363,23 @@ def load_hf_dir(path: str, task: Optional[str] = None) -> LoadedSource:
     from moec.checkpoint import is_packed, load_packed
 
     if is_packed(path):
+        from moec.checkpoint import FORMAT
+
         model, spec, codes = load_packed(path)
         src = as_task(model, f"hf-packed:{os.path.abspath(path)}", task, f"'{path}'", source_dir=path)
-        src.prequantized, src.weight_codes = spec, codes
+        src.prequantized, src.weight_codes, src.quant_format = spec, codes, FORMAT
         src.notes.append(f"packed expert weights ({spec.name}) folded without re-quantizing")
+        return src
+    from moec.compressed_tensors_checkpoint import is_compressed_tensors
+
+    if is_compressed_tensors(path):
+        from moec.compressed_tensors_checkpoint import FORMAT, load_compressed_tensors
+
+        model, spec, codes, notes = load_compressed_tensors(path)
+        src = as_task(model, f"hf-compressed-tensors:{os.path.abspath(path)}", task, f"'{path}'", source_dir=path)
+        if spec is not None:
+            src.prequantized, src.weight_codes, src.quant_format = spec, codes, FORMAT
+        src.notes += notes
         return src
 
     from moec.safetensors_check import checkpoint_files

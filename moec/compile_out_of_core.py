@@ -33,9 +33,9 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from moec.errors import MoecError, PassValidationError, VerificationError
+from moec.errors import FusionRequiredError, MoecError, PassValidationError, VerificationError
 from moec.lazy_checkpoint import LazyCheckpoint, release
-from moec.pipeline import CompileOptions, CompileResult, _Stages, _workdir
+from moec.pipeline import CompileOptions, CompileResult, _Stages, _workdir, check_options, check_quantization
 
 STAGES = ("load", "recognise", "capture", "onnx_export", "plan", "stream_weights", "verify", "package")
 WRAPPER = "model."  # CausalLMLogits keeps the transformers model as `.model`: its names in the graph start so
@@ -54,9 +54,9 @@ def wants_out_of_core(source: Optional[str], mode: str, log: Callable[[str], Non
     if mode == "on":
         return True
     from moec.checkpoint import is_packed
-    from moec.compressed_tensors_checkpoint import is_compressed_tensors
+    from moec.fold_checkpoint import quant_method
 
-    if is_packed(source) or is_compressed_tensors(source) or not os.path.isfile(os.path.join(source, "config.json")):
+    if is_packed(source) or quant_method(source) is not None or not os.path.isfile(os.path.join(source, "config.json")):
         return False
     try:
         numel = LazyCheckpoint(source).numel
@@ -72,14 +72,26 @@ def wants_out_of_core(source: Optional[str], mode: str, log: Callable[[str], Non
 
 
 def _available_memory() -> Optional[int]:
+    """MemAvailable, or less when a cgroup (a container) limits this process to less."""
+    available = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            room = int(limit) - used
+            available = room if available is None else min(available, room)
+    except (OSError, ValueError):
+        pass
+    return available
 
 
 def check_streamable(options: CompileOptions) -> None:
@@ -115,22 +127,21 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     from moec.validate import check_max_shape
 
     t0 = time.perf_counter()
+    target = get("onnxruntime")
+    check_options(options, target)  # destinations, Triton versions, values: before any work
+    check_quantization(options, False)
     check_streamable(options)
-    from moec.compressed_tensors_checkpoint import is_compressed_tensors
-
-    if is_compressed_tensors(source):
-        raise MoecError(f"'{source}' is a compressed-tensors checkpoint: an out-of-core compile does not fold "
-                        "pre-quantized checkpoints yet; compile it with --out-of-core off. Nothing was written.")
+    refuse_quantized_checkpoint(source)
     stage = _Stages(options.log, STAGES)
     ck = stage("load", f"indexing the checkpoint in {source} (headers only)", LazyCheckpoint, source)
     hf = read_config(source)
+    ck.model_config = hf.config  # read_config's reading (unknown model_type through `architectures` ...) everywhere
     options.log(f"  {ck.numel / 1e9:.2f}B parameters, {ck.nbytes / 2**30:.2f} GiB stored, "
                 f"{len(ck.layer_groups())} layer groups")
     kinds = stage("recognise", f"recognising MoE layers on a miniature {hf.model_class.__name__}",
                   recognise_miniature, hf, lambda msg: None)
 
     spec = spec_from_options(options.extra) if options.extra.get("quant") else None
-    target = get("onnxruntime")
     lowering = target.lowering_passes(options)
 
     def build_graph_model():
@@ -165,6 +176,9 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
                    source_profiles(ranges, options.extra.get("max_shape"), src.derived_dims), src.derived_dims)
     del captured
     layers = _layer_report(planned, lowered)
+    if options.require_fusion and layers["unfused"]:
+        bad = [f"{l['path']}: {l.get('reason', '')}" for l in layers["layers"] if not l["fused"]]
+        raise FusionRequiredError("--require-fusion: MoE layers left unfused: " + "; ".join(bad))
     weights_model = ck.skeleton(hf.config)
     streamer = LayerStreamer(ck, weights_model, planned, kinds, spec, lowering, options.extra, options.log)
 
@@ -215,9 +229,7 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         if not report["numerics"]["passed"]:
             first = verified.first_failing(tolerance)
             report["numerics"]["first_failing_layer"] = first.layer if first else None
-            if not options.keep_failed:
-                raise VerificationError(verified.failure(tolerance) + " Nothing was written; rerun with --keep-failed "
-                                        "to inspect the artifact.")
+            raise VerificationError(verified.failure(tolerance) + " " + keep_failed(tmp, options, report))
         else:
             from moec.golden import Probe, write_golden
 
@@ -231,6 +243,36 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         artifact = ArtifactContext(tmp, model_path, files, report, options, [], options.log)
         triton_dir = stage("package", "writing the artifact", package, artifact, target, stage.timings, t0)
     return CompileResult(os.path.abspath(options.out), report, triton_dir)
+
+
+def refuse_quantized_checkpoint(source: str) -> None:
+    """A checkpoint whose weights are not plain floats (moec-packed, compressed-tensors, GPTQ, AWQ, fp8 ...) is
+    named before any work: streaming it as floats would fail at its first layer with a confusing message."""
+    from moec.checkpoint import is_packed
+
+    from moec.fold_checkpoint import quantization_config
+
+    qc = quantization_config(source)
+    what = "a moec-packed" if is_packed(source) else (
+        f"a {qc.get('quant_method', 'quantized')}" if isinstance(qc, dict) and qc else None)
+    if what:
+        raise MoecError(f"'{source}' is {what} checkpoint: an out-of-core compile streams float weights and does not "
+                        "fold pre-quantized ones yet; compile it with --out-of-core off. Nothing was written.")
+
+
+def keep_failed(tmp: str, options: CompileOptions, report: dict) -> str:
+    """With --keep-failed, the failing artifact and its report move to OUT.failed; the sentence saying where."""
+    if not options.keep_failed:
+        return "Nothing was written; rerun with --keep-failed to inspect the artifact."
+    import shutil
+
+    from moec.pipeline import _write_json
+
+    _write_json(os.path.join(tmp, "report.json"), report)
+    kept = os.path.abspath(options.out) + ".failed"
+    shutil.rmtree(kept, ignore_errors=True)
+    os.rename(tmp, kept)
+    return f"The failing artifact and its report are in {kept}."
 
 
 def wrapper_of(graph_module: nn.Module) -> Callable[[nn.Module], nn.Module]:
@@ -331,8 +373,8 @@ class LayerStreamer:
                 array = t.detach().contiguous().numpy().astype(v.const_value.dtype.numpy(), copy=False)
                 yield v, np.ascontiguousarray(array).tobytes()
         finally:
-            if key:
-                release(self.model.get_submodule(_layer_path(self.model, key)))
+            if key:  # its lowered modules' buffers (packed codes) go too: nothing of a written layer stays
+                release(self.model.get_submodule(_layer_path(self.model, key)), buffers=True)
             else:
                 release(self.model)
 
@@ -364,32 +406,33 @@ class LayerStreamer:
         gen = torch.Generator().manual_seed(0)
         return torch.randn(1, 16, planned.spec.experts.hidden, generator=gen)
 
+    @torch.no_grad()
     def quantize(self, path: str, fused, record: bool) -> None:
-        """Round-to-nearest codes for the experts, as quantize_experts makes them without calibration."""
+        """Round-to-nearest codes for the experts, as quantize_experts makes them without calibration; the layer then
+        computes with the dequantized weights. `record`: keep the codes for the lowering, and the layer's error."""
         from moec.moe_layer import QuantizedExperts
+        from moec.numerics import compare_tensors
         from moec.passes.quantize_experts import packed_bytes
         from moec.quant import dequantize, quantize
 
         x = self.probe(next(p for p in self.planned if p.path == path)).reshape(-1, fused.spec.experts.hidden)
-        with torch.no_grad():
-            before = fused(x)
-        before = before[0] if isinstance(before, (tuple, list)) else before
+        before = _first(fused(x)) if record else None
         q1 = quantize(fused.w_gate_up, self.spec, f"{path}.w_gate_up")
         q2 = quantize(fused.w_down, self.spec, f"{path}.w_down")
         fp_bytes = (fused.w_gate_up.numel() + fused.w_down.numel()) * 4
         fused.w_gate_up = nn.Parameter(dequantize(q1), requires_grad=False)
         fused.w_down = nn.Parameter(dequantize(q2), requires_grad=False)
+        if not record:  # the exact reference needs the dequantized weights only; the codes would outlive the layer
+            return
         fused.quantized = QuantizedExperts(q1, q2)
-        if record:
-            from moec.numerics import compare_tensors
+        c = compare_tensors(before, _first(fused(x)))
+        self.quantized.append({"path": path, "spec": self.spec.name, "weight_bytes_fp32": fp_bytes,
+                               "weight_bytes_quantized": packed_bytes(q1) + packed_bytes(q2),
+                               "rel_l2": c.rel_l2, "cosine": c.cosine, "method": "round-to-nearest"})
 
-            with torch.no_grad():
-                after = fused(x)
-            after = after[0] if isinstance(after, (tuple, list)) else after
-            c = compare_tensors(before, after)
-            self.quantized.append({"path": path, "spec": self.spec.name, "weight_bytes_fp32": fp_bytes,
-                                   "weight_bytes_quantized": packed_bytes(q1) + packed_bytes(q2),
-                                   "rel_l2": c.rel_l2, "cosine": c.cosine, "method": "round-to-nearest"})
+
+def _first(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _group_of(path: str) -> str:

@@ -102,9 +102,13 @@ def write_streamed(model, path: str, fill: Callable[[str, list], Iterator[tuple]
                     continue
                 shard = shard_of[v.name]
                 f = handles.get(shard.file)
-                if f is None:
+                if f is None:  # groups come in shard order: the previous shard is complete, close it
+                    for done_file in handles.values():
+                        done_file.close()
                     f = handles[shard.file] = open(os.path.join(directory, shard.file), "wb")
                     files.append(os.path.join(directory, shard.file))
+                elif f.closed:
+                    raise ValueError(f"initializer {v.name}: its shard {shard.file} was already complete")
                 pad = (-f.tell()) % ALIGN
                 if pad:
                     f.write(b"\0" * pad)

@@ -14,24 +14,25 @@ config, a tensor the model lacks, a parameter the group needs that the checkpoin
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from moec.errors import SourceError
 from moec.external_data import layer_key
 from moec.safetensors_check import checkpoint_files, read_header
 
-_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-          "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 @dataclass
 class LazyCheckpoint:
     path: str
+    model_config: Any = None  # the transformers config to build (default: config.json through AutoConfig)
     files: dict[str, str] = field(default_factory=dict)  # tensor -> file
     groups: dict[str, list[str]] = field(default_factory=dict)  # layer key -> tensors, checkpoint order
     nbytes: int = 0  # as stored
@@ -47,7 +48,7 @@ class LazyCheckpoint:
                 for d in meta["shape"]:
                     n *= int(d)
                 self.numel += n
-                self.nbytes += n * _BYTES.get(meta["dtype"], 4)
+                self.nbytes += int(meta["data_offsets"][1]) - int(meta["data_offsets"][0])
         if not self.files:
             raise SourceError(f"'{self.path}' holds no safetensors weights; out-of-core compiles read safetensors "
                               "checkpoints (model.safetensors, or shards with model.safetensors.index.json).")
@@ -55,6 +56,8 @@ class LazyCheckpoint:
     def config(self):
         from transformers import AutoConfig
 
+        if self.model_config is not None:
+            return self.model_config
         try:
             return AutoConfig.from_pretrained(self.path, local_files_only=True)
         except Exception as exc:
@@ -151,8 +154,11 @@ def load_converted(model: nn.Module, state: dict, dtype: torch.dtype = torch.flo
 
 
 def _LOOSE(model: nn.Module) -> set[str]:
-    """Parameters tied to another (an lm_head tied to the embeddings): filled by tie_weights, not the checkpoint."""
-    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
+    """Parameters tied to another (an lm_head tied to the embeddings): filled by tie_weights, not the checkpoint.
+    The instance's own map when it has one (empty when the config does not tie), else the class's list."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if tied is None:
+        tied = getattr(model, "_tied_weights_keys", None) or {}
     return set(tied) if isinstance(tied, (dict, list, set, tuple)) else set()
 
 
@@ -161,18 +167,48 @@ def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     yield from model.named_buffers(remove_duplicate=False)
 
 
-def release(module: nn.Module) -> None:
-    """Drop a module's parameters (back to the meta device); its real buffers stay."""
+def release(module: nn.Module, buffers: bool = False) -> None:
+    """Drop a module's parameters (back to the meta device); with `buffers`, its buffers too (a decoder layer done
+    with: a lowering keeps packed codes as buffers). Otherwise its real buffers stay (rotary frequencies)."""
     for m in module.modules():
         for name, p in list(m._parameters.items()):
             if p is not None and not p.is_meta:
                 m._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        if buffers:
+            for name, b in list(m._buffers.items()):
+                if b is not None and not b.is_meta:
+                    m._buffers[name] = torch.empty_like(b, device="meta")
+
+
+META_FROM = 1 << 20  # elements: a factory call this large builds a weight, never a buffer worth computing
+
+
+class _LargeOnMeta(TorchFunctionMode):
+    """Tensor factories without a device build large tensors on the meta device: a trillion-parameter model's
+    stacked experts (45 GB a layer) can't even be allocated empty first."""
+
+    FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.rand, torch.randn, torch.full}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in self.FACTORIES and kwargs.get("device") is None:
+            shape = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else args
+            if func is torch.full:
+                shape = args[0]
+            try:
+                numel = math.prod(int(d) for d in shape)
+            except (TypeError, ValueError):
+                numel = 0
+            if numel >= META_FROM:
+                kwargs["device"] = "meta"
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
 def parameters_on_meta():
     """Build modules with their parameters on the meta device and their buffers real (accelerate's
-    init_empty_weights without its dependency). Parameters are allocated empty first, never written."""
+    init_empty_weights without its dependency): large factory calls go to meta directly, the rest of a
+    parameter is moved there once registered (it was allocated empty, never written)."""
     original = nn.Module.register_parameter
 
     def register(self, name, param):
@@ -182,7 +218,8 @@ def parameters_on_meta():
 
     nn.Module.register_parameter = register
     try:
-        yield
+        with _LargeOnMeta():
+            yield
     finally:
         nn.Module.register_parameter = original
 

@@ -20,8 +20,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from moec.external_data import layer_key
+
 _SCOPES = "pkg.torch.onnx.name_scopes"
-_LAYER = re.compile(r"(?:^|[._/'])layers?[._](\d+)(?=$|[._/'])")
 
 
 @dataclass
@@ -44,9 +45,9 @@ def node_key(node, previous: str) -> str:
     if scopes is None:
         return previous
     for scope in reversed(scope_list(scopes)):  # innermost first: a layer nested in another keeps its own index
-        m = _LAYER.search(scope)
-        if m:
-            return f"layers.{m.group(1)}"
+        key = layer_key(scope + ".")
+        if key:
+            return key
     return "other"
 
 

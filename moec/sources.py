@@ -370,15 +370,15 @@ def load_hf_dir(path: str, task: Optional[str] = None) -> LoadedSource:
         src.prequantized, src.weight_codes, src.quant_format = spec, codes, FORMAT
         src.notes.append(f"packed expert weights ({spec.name}) folded without re-quantizing")
         return src
-    from moec.compressed_tensors_checkpoint import is_compressed_tensors
+    from moec.fold_checkpoint import quant_method
 
-    if is_compressed_tensors(path):
-        from moec.compressed_tensors_checkpoint import FORMAT, load_compressed_tensors
+    if quant_method(path) is not None:  # compressed-tensors, GPTQ, AWQ: their codes folded, not re-quantized
+        from moec.fold_checkpoint import load_quantized_checkpoint
 
-        model, spec, codes, notes = load_compressed_tensors(path)
-        src = as_task(model, f"hf-compressed-tensors:{os.path.abspath(path)}", task, f"'{path}'", source_dir=path)
+        model, spec, codes, notes, fmt = load_quantized_checkpoint(path)
+        src = as_task(model, f"hf-quantized:{os.path.abspath(path)}", task, f"'{path}'", source_dir=path)
         if spec is not None:
-            src.prequantized, src.weight_codes, src.quant_format = spec, codes, FORMAT
+            src.prequantized, src.weight_codes, src.quant_format = spec, codes, fmt
         src.notes += notes
         return src
 

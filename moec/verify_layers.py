@@ -142,7 +142,7 @@ def eager_by_layer(module: nn.Module, args: tuple, prepare: Prepare, log: Callab
         def after(mod, a, out, key=key):
             hidden = out[0] if isinstance(out, (tuple, list)) else out
             outputs[key] = hidden.detach().clone()
-            release(mod)
+            release(mod, buffers=True)
             log(f"  eager {key}")
 
         handles += [layer.register_forward_pre_hook(before), layer.register_forward_hook(after)]

@@ -19,7 +19,8 @@ pytest.importorskip("compressed_tensors")
 
 from moec import zoo  # noqa: E402
 from moec.cli import main  # noqa: E402
-from moec.compressed_tensors_checkpoint import load_compressed_tensors, unpack_int32  # noqa: E402
+from moec.compressed_tensors_checkpoint import unpack_int32  # noqa: E402
+from moec.fold_checkpoint import load_quantized_checkpoint  # noqa: E402
 from moec.errors import MoecError  # noqa: E402
 
 INTERMEDIATE = 32  # the zoo's 24 is no multiple of 16: compressed-tensors can't pack a ragged group
@@ -155,7 +156,7 @@ def test_symmetric_checkpoints_match_transformers_own_load(checkpoints):
     from transformers import AutoModelForCausalLM
 
     path = checkpoints["int4-group16"]
-    ours, spec, codes, notes = load_compressed_tensors(path)
+    ours, spec, codes, notes, fmt = load_quantized_checkpoint(path)
     theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # dequantizes on load
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -163,6 +164,30 @@ def test_symmetric_checkpoints_match_transformers_own_load(checkpoints):
     assert torch.linalg.norm(a - b) / torch.linalg.norm(b) < 1e-5
     assert spec.bits == 4 and spec.block_size == 16 and spec.symmetric and len(codes) == 4  # 2 layers x 2 stacked
     assert any("dequantized to fp32" in n for n in notes)  # the attention Linears
+
+
+@pytest.mark.parametrize("scheme", ["int4-channel-asym", "int8-channel-asym"])
+def test_asymmetric_weights_equal_compressed_tensors_own_decompression(scheme, checkpoints):
+    """transformers can't load these; compressed-tensors' own decompressor is the independent reference."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    path = checkpoints[scheme]
+    cfg = json.load(open(os.path.join(path, "config.json")))["quantization_config"]
+    ct_scheme = QuantizationScheme.model_validate(cfg["config_groups"]["group_0"])
+    raw = _tensors(path)
+    model, spec, codes, notes, fmt = load_quantized_checkpoint(path)
+    params = dict(model.named_parameters())
+    assert not spec.symmetric
+    for prefix in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.o_proj"):
+        parts = {k[len(prefix) + 1:]: v for k, v in raw.items() if k.startswith(prefix + ".")}
+        theirs = PackedQuantizationCompressor.decompress(parts, ct_scheme)["weight"]
+        assert torch.equal(params[f"{prefix}.weight"], theirs.float()), prefix
+    stacked = params["model.layers.1.mlp.experts.down_proj"]
+    for e in (0, 5):
+        prefix = f"model.layers.1.mlp.experts.{e}.down_proj"
+        parts = {k[len(prefix) + 1:]: v for k, v in raw.items() if k.startswith(prefix + ".")}
+        assert torch.equal(stacked[e], PackedQuantizationCompressor.decompress(parts, ct_scheme)["weight"].float())
 
 
 def _edit_config(path, tmp_path, edit):
@@ -201,10 +226,10 @@ def test_act_order_groups_are_refused_by_tensor(checkpoints, tmp_path):
     tensors[f"{name}.weight_g_idx"] = torch.randperm(48) // 16  # columns permuted among groups
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(MoecError, match=f"{name}.weight_g_idx"):
-        load_compressed_tensors(path)
+        load_quantized_checkpoint(path)
 
 
 def test_an_out_of_core_compile_refuses_it_by_name(checkpoints, tmp_path, capsys):
     assert main(["compile", checkpoints["int4-group16"], "--out", str(tmp_path / "o"), "--task", "logits",
                  "--out-of-core", "on", "--quiet"]) == 2
-    assert "compressed-tensors" in capsys.readouterr().err
+    assert "compressed-tensors checkpoint" in capsys.readouterr().err

@@ -1,0 +1,202 @@
+"""Fold pre-quantized Hugging Face checkpoints (compressed-tensors, GPTQ, AWQ) into moec without re-quantizing.
+
+Each format has a reader of its own (moec/compressed_tensors_checkpoint.py, moec/gptq_checkpoint.py) that turns the
+checkpoint's packed tensors into `PackedLinear`s — unsigned codes, fp32 scales and zero points per group, in
+moec's [N, K] layout — and checks them against its quantization config. This module does what is common:
+Produces: the config's transformers model with every quantized weight dequantized exactly in fp32, as
+(code - zero point) * scale — the arithmetic ONNX Runtime's QMoE does — and, for the stacked expert parameters,
+the checkpoint's own codes, scales and zero points (moec.quant.WeightCodes; symmetric: zero point 2^(bits-1)).
+fuse_moe stacks them into the fused layers and the QMoE artifact carries them unchanged. The expert layout
+transformers' conversion gives (per-expert Linears on disk, stacked in the model) is followed by running the
+same conversion over the codes and the scales, and every expert tensor is checked to dequantize to exactly the
+weight the model got. Other quantized Linears (attention) stay dequantized fp32 weights, with a note.
+Refuses (QuantError): experts quantized with different schemes, a layout the codes can't follow, tensors the
+model of config.json lacks or does not have.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from moec.quant import QuantError, QuantizedWeight, QuantSpec, WeightCodes, dequantize
+
+
+@dataclass
+class PackedLinear:
+    """One quantized Linear of the checkpoint, unpacked: unsigned codes, fp32 scales and zero points per group."""
+
+    codes: torch.Tensor  # int32 [N, K], 0 .. 2^bits - 1
+    scales: torch.Tensor  # float32 [N, G]
+    zero_points: Optional[torch.Tensor]  # int32 [N, G], or None: symmetric (2^(bits-1))
+    spec: QuantSpec
+
+    def dequantized(self) -> torch.Tensor:
+        n, k = self.codes.shape
+        g = self.scales.shape[1]
+        zp = self.zero_points if self.zero_points is not None else torch.full_like(self.scales, 1 << (self.spec.bits - 1),
+                                                                                   dtype=torch.int32)
+        blocks = (self.codes.reshape(n, g, k // g) - zp[..., None]).float() * self.scales[..., None]
+        return blocks.reshape(n, k)
+
+
+def quantization_config(path: str) -> Optional[dict]:
+    """config.json's quantization_config, if it has one."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            qc = json.load(f).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return qc if isinstance(qc, dict) and qc else None
+
+
+def quant_method(path: str) -> Optional[str]:
+    """config.json's quantization_config.quant_method, when it names a format moec folds."""
+    method = (quantization_config(path) or {}).get("quant_method")
+    return method if method in READERS else None
+
+
+def read_tensors(path: str, parts: tuple[str, ...]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str], dict]:
+    """The checkpoint's tensors: per module prefix its quantization `parts` (and the file holding them), and the
+    plain tensors by name."""
+    from safetensors import safe_open
+
+    from moec.safetensors_check import checkpoint_files
+
+    raw: dict[str, dict[str, torch.Tensor]] = {}
+    where: dict[str, str] = {}
+    plain: dict[str, torch.Tensor] = {}
+    for fname in checkpoint_files(path):
+        file = os.path.join(path, fname)
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                prefix, _, part = key.rpartition(".")
+                if part in parts:
+                    raw.setdefault(prefix, {})[part] = f.get_tensor(key)
+                    where[prefix] = file
+                else:
+                    plain[key] = f.get_tensor(key)
+    return raw, where, plain
+
+
+def load_quantized_checkpoint(path: str):
+    """(model with exactly dequantized weights, the experts' QuantSpec or None, their codes, notes, format name)."""
+    method = quant_method(path)
+    reader = READERS[method]()
+    linears, plain, fmt = reader(path)
+    if not linears:
+        raise QuantError(f"'{path}': config.json says {fmt}, but no tensor of the checkpoint is quantized that way.")
+    model, spec, table, notes = fold(path, linears, plain, fmt)
+    return model, spec, table, notes, fmt
+
+
+def fold(path: str, linears: dict[str, PackedLinear], plain: dict[str, torch.Tensor], fmt: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moec.lazy_checkpoint import load_converted, parameters_on_meta
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # moec folds the codes itself; transformers' quantizer must not wrap layers
+
+    def build(state: dict) -> torch.nn.Module:
+        with parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        info = load_converted(model, state)
+        bad = sorted(info.unexpected_keys or []) + [k for k, *_ in (info.mismatched_keys or [])]
+        if bad:
+            raise QuantError(f"'{path}': tensor '{bad[0]}' does not fit the model of config.json ({len(bad)} such).")
+        return model
+
+    model = build({**plain, **{f"{p}.weight": l.dequantized() for p, l in linears.items()}})
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise QuantError(f"'{path}': the checkpoint lacks '{missing[0]}' ({len(missing)} parameters); transformers "
+                         "would initialize them randomly.")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    table, spec, notes = _expert_codes(path, model, linears, build, fmt)
+    names = {n for n, _ in model.named_parameters()}
+    dense = [p for p in linears if f"{p}.weight" in names]  # a Linear of its own in the model, not stacked
+    if dense:
+        notes.append(f"{len(dense)} other quantized Linear layers (e.g. {dense[0]}) dequantized to fp32 weights "
+                     "(--quant-dense re-quantizes them for MatMulNBits)")
+    return model.eval(), spec, table, notes
+
+
+def _expert_codes(path: str, model, linears: dict[str, PackedLinear], build,
+                  fmt: str) -> tuple[WeightCodes, Optional[QuantSpec], list]:
+    """Each stacked expert parameter's codes, scales and zero points: the checkpoint's, laid out as transformers
+    laid out the weights (the same conversion run over them, renamings included: Mixtral's block_sparse_moe.w1/w3
+    become mlp.experts.gate_up_proj), checked to dequantize to exactly the weight."""
+    schemes = sorted({l.spec for l in linears.values()}, key=lambda q: (q.bits, q.block_size or 0, q.symmetric))
+
+    def expanded(field):
+        out = {}
+        for p, l in linears.items():
+            if field == "scheme":  # which scheme each weight element came with, to follow it through the conversion
+                t = torch.full(l.codes.shape, float(schemes.index(l.spec)))
+            elif getattr(l, field) is None:
+                continue
+            else:
+                t = getattr(l, field).float()
+                if field != "codes":
+                    t = t.repeat_interleave(l.codes.shape[1] // t.shape[1], 1)
+            out[f"{p}.weight"] = t
+        return out
+
+    fields = ["codes", "scales", "scheme"] + (["zero_points"] if any(l.zero_points is not None for l in linears.values())
+                                              else [])
+    maps = {f: {n: p.detach() for n, p in build(expanded(f)).named_parameters()} for f in fields}
+    params = dict(model.named_parameters())
+    table, used = WeightCodes(), set()
+    for name, weight in params.items():
+        c = maps["codes"].get(name)
+        if weight.dim() != 3 or c is None or c.is_meta:
+            continue
+        ids = maps["scheme"][name].unique()
+        if len(ids) != 1:
+            raise QuantError(f"'{path}': the experts stacked into '{name}' are quantized with {len(ids)} different "
+                             "schemes; QMoE takes one per layer.")
+        spec = schemes[int(ids[0])]
+        step = spec.block_size or c.shape[-1]
+        zps = maps["zero_points"][name][..., ::step].round().to(torch.int32) if "zero_points" in maps else None
+        q = QuantizedWeight(c.round().to(torch.int32), maps["scales"][name][..., ::step].contiguous(),
+                            None if spec.symmetric else zps, spec)
+        if not torch.equal(dequantize(q), weight):
+            raise QuantError(f"'{path}': the codes of '{name}' do not dequantize to its weight once laid out as "
+                             "transformers lays out the experts (a transform moec can't follow the codes through); "
+                             "not folded.")
+        table.attach(weight, q)
+        used.add(spec)
+    if len(used) > 1:
+        raise QuantError(f"'{path}': experts are quantized with different schemes ({', '.join(q.name for q in used)}); "
+                         "one expert precision per model is supported.")
+    notes = [f"{fmt} expert weights ({next(iter(used)).name}) folded without re-quantizing"] if used else []
+    return table, (next(iter(used)) if used else None), notes
+
+
+def _compressed_tensors():
+    from moec.compressed_tensors_checkpoint import read
+
+    return read
+
+
+def _gptq():
+    from moec.gptq_checkpoint import read_gptq
+
+    return read_gptq
+
+
+def _awq():
+    from moec.gptq_checkpoint import read_awq
+
+    return read_awq
+
+
+# quant_method in config.json -> a factory of its reader: path -> (PackedLinears by module, plain tensors, format name)
+READERS: dict[str, Callable[[], Callable]] = {"compressed-tensors": _compressed_tensors, "gptq": _gptq, "awq": _awq}

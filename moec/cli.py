@@ -129,7 +129,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if not os.path.isdir(os.path.dirname(os.path.abspath(args.junit))):
             raise MoecError(f"--junit '{args.junit}': its directory does not exist.")
     result = verify(args.dir, args.golden, server=args.server, model_name=args.model_name, tolerance=args.tolerance,
-                    engine=args.engine)
+                    engine=args.engine, segmented=True if args.segmented else None)
     from moec.golden import format_table
 
     print(f"verifying with {result.runner}")
@@ -383,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--server", help="verify through a running Triton server at HOST:PORT (HTTP)")
     v.add_argument("--model-name", help="model name on the server (default: moe_model)")
     v.add_argument("--tolerance", type=float, help="override the golden manifest's relative-L2 tolerance")
+    where.add_argument("--segmented", action="store_true",
+                       help="run the artifact in ONNX Runtime one decoder layer at a time (the default for an "
+                            "out-of-core compile's artifact): one layer's weights in memory")
     where.add_argument("--engine", action="store_true",
                    help="run DIR/model.plan (the TensorRT engine; needs TensorRT and a GPU) instead of model.onnx")
     v.set_defaults(func=cmd_verify)

@@ -91,17 +91,58 @@ class OrtRunner:
     def check_inputs(self, feeds: dict[str, np.ndarray]) -> None:
         type_names = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int32)": "int32",
                       "tensor(float16)": "float16"}
-        if set(feeds) != set(self.inputs):
-            raise SignatureMismatchError(f"golden inputs {sorted(feeds)} != artifact inputs {sorted(self.inputs)}")
-        for name, arr in feeds.items():
-            meta = self.inputs[name]
-            if type_names.get(meta.type) != str(arr.dtype) or len(meta.shape) != arr.ndim:
-                raise SignatureMismatchError(
-                    f"golden input '{name}' is {arr.dtype} rank {arr.ndim}; the artifact expects {meta.type} "
-                    f"with shape {meta.shape}")
+        check_signature(feeds, {n: (type_names.get(i.type), len(i.shape), i.type, i.shape) for n, i in self.inputs.items()})
 
     def run(self, feeds):
         return dict(zip(self.outputs, self.session.run(None, feeds)))
+
+
+def check_signature(feeds: dict[str, np.ndarray], inputs: dict[str, tuple]) -> None:
+    """Golden inputs against the artifact's: name -> (numpy dtype name, rank, type and shape as the artifact says)."""
+    if set(feeds) != set(inputs):
+        raise SignatureMismatchError(f"golden inputs {sorted(feeds)} != artifact inputs {sorted(inputs)}")
+    for name, arr in feeds.items():
+        dtype, rank, kind, shape = inputs[name]
+        if dtype != str(arr.dtype) or rank != arr.ndim:
+            raise SignatureMismatchError(f"golden input '{name}' is {arr.dtype} rank {arr.ndim}; the artifact expects "
+                                         f"{kind} with shape {shape}")
+
+
+class SegmentedRunner:
+    """The artifact in ONNX Runtime one decoder layer at a time (moec.segmented_run): only one layer's weights
+    are loaded at once, so an out-of-core compile's artifact verifies on the machine that made it."""
+
+    def __init__(self, artifact_dir: str):
+        import onnx
+
+        self.path = os.path.join(artifact_dir, "model.onnx")
+        if not os.path.isfile(self.path):
+            raise ArtifactError(f"no model.onnx in '{artifact_dir}'; is it a moec artifact directory?")
+        graph = onnx.load(self.path, load_external_data=False).graph
+        self.inputs = {}
+        for i in graph.input:
+            t = i.type.tensor_type
+            dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+            self.inputs[i.name] = (str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))), len(dims),
+                                   onnx.TensorProto.DataType.Name(t.elem_type), dims)
+        self.name = "onnxruntime, one decoder layer at a time"
+
+    def check_inputs(self, feeds) -> None:
+        check_signature(feeds, self.inputs)
+
+    def run(self, feeds):
+        from moec.segmented_run import run_segmented
+
+        return run_segmented(self.path, feeds).outputs
+
+
+def out_of_core(artifact_dir: str) -> bool:
+    """The artifact says it was compiled out of core (its report), so it may not fit one session."""
+    try:
+        with open(os.path.join(artifact_dir, "report.json")) as f:
+            return bool(json.load(f).get("out_of_core"))
+    except (OSError, ValueError):
+        return False
 
 
 class TritonRunner:
@@ -194,13 +235,19 @@ class EngineRunner:
 
 
 def verify(artifact_dir: Optional[str], golden_dir: Optional[str] = None, *, server: Optional[str] = None,
-           model_name: Optional[str] = None, tolerance: Optional[float] = None, engine: bool = False) -> VerifyResult:
+           model_name: Optional[str] = None, tolerance: Optional[float] = None, engine: bool = False,
+           segmented: Optional[bool] = None) -> VerifyResult:
+    """`segmented`: run the artifact one decoder layer at a time (None: when it was compiled out of core)."""
     t = time.perf_counter()
     g = goldens.load(golden_dir or os.path.join(artifact_dir, "golden"))
     if server:
         runner = TritonRunner(server, model_name or "moe_model")
+    elif engine:
+        runner = EngineRunner(artifact_dir)
+    elif segmented or (segmented is None and out_of_core(artifact_dir)):
+        runner = SegmentedRunner(artifact_dir)
     else:
-        runner = EngineRunner(artifact_dir) if engine else OrtRunner.for_artifact(artifact_dir)
+        runner = OrtRunner.for_artifact(artifact_dir)
     tol = tolerance if tolerance is not None else g.tolerance
     if server and serves_generate(runner):  # the golden's greedy runs through the generate endpoint
         from moec import greedy

@@ -284,3 +284,18 @@ def test_what_can_be_refused_is_refused_before_any_work(checkpoints, tmp_path, c
     capsys.readouterr()
     assert _compile(str(fp8), str(tmp_path / "out")) == 2
     assert "is a fp8 checkpoint" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_moec_verify_replays_the_goldens_one_layer_at_a_time(compiled, tmp_path, capsys):
+    d = str(tmp_path / "copy")
+    shutil.copytree(compiled["deepseek_v3"], d)
+    capsys.readouterr()
+    assert main(["verify", d]) == 0
+    assert "one decoder layer at a time" in capsys.readouterr().out
+    model = onnx.load(os.path.join(d, "model.onnx"), load_external_data=False)
+    target = next(t for t in model.graph.initializer if t.name == "model.model.layers.2.mlp.fc2")
+    ext = {e.key: e.value for e in target.external_data}
+    with open(os.path.join(d, ext["location"]), "r+b") as f:  # a corrupted expert weight in the last layer
+        f.seek(int(ext["offset"]))
+        f.write(np.ones(int(ext["length"]) // 4, np.float32).tobytes())
+    assert main(["verify", d]) != 0

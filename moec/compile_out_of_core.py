@@ -86,6 +86,9 @@ def _available_memory() -> Optional[int]:
             limit = f.read().strip()
         with open("/sys/fs/cgroup/memory.current") as f:
             used = int(f.read().strip())
+        with open("/sys/fs/cgroup/memory.stat") as f:  # page cache the kernel drops under pressure is not "used"
+            stat = dict(line.split() for line in f if line.count(" ") == 1)
+        used -= int(stat.get("inactive_file", 0))
         if limit != "max":
             room = int(limit) - used
             available = room if available is None else min(available, room)

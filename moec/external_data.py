@@ -82,7 +82,8 @@ def write_streamed(model, path: str, fill: Callable[[str, list], Iterator[tuple]
     big = [v for v in values if _nbytes(v) >= INLINE_BELOW]
     small = {v.name for v in values if _nbytes(v) < INLINE_BELOW}
     shards = plan_shards(big, shard_bytes, stem)
-    groups: dict[str, list] = {}
+    # groups in the shards' order (plan_shards orders them among the large tensors), then groups of small ones only
+    groups: dict[str, list] = {key: [] for key in dict.fromkeys(layer_key(v.name) for v in big)}
     for v in values:
         groups.setdefault(layer_key(v.name), []).append(v)
     shard_of = {v.name: s for s in shards for v in s.tensors}

@@ -149,16 +149,18 @@ def _expert_codes(path: str, model, linears: dict[str, PackedLinear], build,
             out[f"{p}.weight"] = t
         return out
 
-    fields = ["codes", "scales", "scheme"] + (["zero_points"] if any(l.zero_points is not None for l in linears.values())
-                                              else [])
-    maps = {f: {n: p.detach() for n, p in build(expanded(f)).named_parameters()} for f in fields}
+    fields = ["codes", "scales"] + (["scheme"] if len(schemes) > 1 else []) + (
+        ["zero_points"] if any(l.zero_points is not None for l in linears.values()) else [])
+    maps = {}
+    for f in fields:  # one map model at a time, keeping only the stacked (3-D) parameters
+        maps[f] = {n: p.detach() for n, p in build(expanded(f)).named_parameters() if p.dim() == 3}
     params = dict(model.named_parameters())
     table, used = WeightCodes(), set()
     for name, weight in params.items():
         c = maps["codes"].get(name)
         if weight.dim() != 3 or c is None or c.is_meta:
             continue
-        ids = maps["scheme"][name].unique()
+        ids = maps["scheme"][name].unique() if "scheme" in maps else torch.zeros(1)
         if len(ids) != 1:
             raise QuantError(f"'{path}': the experts stacked into '{name}' are quantized with {len(ids)} different "
                              "schemes; QMoE takes one per layer.")
@@ -167,7 +169,11 @@ def _expert_codes(path: str, model, linears: dict[str, PackedLinear], build,
         zps = maps["zero_points"][name][..., ::step].round().to(torch.int32) if "zero_points" in maps else None
         q = QuantizedWeight(c.round().to(torch.int32), maps["scales"][name][..., ::step].contiguous(),
                             None if spec.symmetric else zps, spec)
-        if not torch.equal(dequantize(q), weight):
+        try:
+            same = torch.equal(dequantize(q), weight)
+        except RuntimeError:  # the layout put K elsewhere than last: the blocks don't even reshape
+            same = False
+        if not same:
             raise QuantError(f"'{path}': the codes of '{name}' do not dequantize to its weight once laid out as "
                              "transformers lays out the experts (a transform moec can't follow the codes through); "
                              "not folded.")

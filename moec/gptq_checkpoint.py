@@ -44,7 +44,12 @@ def read_gptq(path: str):
         raise QuantError(f"{path}/config.json quantization_config: {bits}-bit GPTQ; QMoE takes 2, 4 or 8 bits (3-bit "
                          "GPTQ packs codes across words).")
     gs = _group_size(path, qc)
-    v1 = qc.get("checkpoint_format", "gptq") == "gptq"
+    fmt = qc.get("checkpoint_format", "gptq")
+    if fmt not in ("gptq", "gptq_v2"):
+        raise QuantError(f"{path}/config.json quantization_config: checkpoint_format '{fmt}' (a kernel's repacked "
+                         "layout); moec reads GPTQ's own 'gptq' and 'gptq_v2' layouts.")
+    v1 = fmt == "gptq"
+    symmetric = bool(qc.get("sym", True))
     raw, where, plain = read_tensors(path, _PARTS)
     linears = {}
     for prefix, parts in raw.items():
@@ -72,7 +77,7 @@ def read_gptq(path: str):
                                  "(act-order, desc_act); QMoE's blocks are contiguous columns and each expert's "
                                  "permutation differs, so these codes can't be folded exactly. Re-quantize without "
                                  "desc_act, or compile with --quant to re-quantize.")
-        linears[prefix] = _linear(codes, scales, zeros.T.contiguous(), bits, gs)
+        linears[prefix] = _linear(codes, scales, zeros.T.contiguous(), bits, gs, symmetric, file, prefix)
     return linears, plain, GPTQ
 
 
@@ -96,7 +101,8 @@ def read_awq(path: str):
         scales = _scales(prefix, parts["scales"], g, n, file)
         if tuple(parts["qzeros"].shape) != (g, n // 8):
             _bad(prefix, "qzeros", parts["qzeros"], (g, n // 8), file)
-        linears[prefix] = _linear(codes, scales, _unpack_awq(parts["qzeros"]).T.contiguous(), 4, gs)
+        linears[prefix] = _linear(codes, scales, _unpack_awq(parts["qzeros"]).T.contiguous(), 4, gs, False, file,
+                                  prefix)
     return linears, plain, AWQ
 
 
@@ -109,8 +115,13 @@ def _unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     return out.reshape(words.shape[0], -1)
 
 
-def _linear(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, gs: int) -> PackedLinear:
-    symmetric = bool((zeros == (1 << (bits - 1))).all())
+def _linear(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, gs: int, symmetric: bool,
+            file: str, prefix: str) -> PackedLinear:
+    """The config says whether zero points are implicit (symmetric: 2^(bits-1)); an asymmetric checkpoint keeps
+    them all, even where they happen to be 2^(bits-1), so that every expert has one scheme."""
+    if symmetric and not bool((zeros == (1 << (bits - 1))).all()):
+        raise QuantError(f"'{file}': tensor '{prefix}.qzeros' holds zero points other than {1 << (bits - 1)}, but the "
+                         "config says sym; the quantization config and the tensors disagree.")
     return PackedLinear(codes, scales, None if symmetric else zeros.to(torch.int32),
                         QuantSpec(bits, None if gs == -1 else gs, symmetric))
 

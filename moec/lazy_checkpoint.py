@@ -191,10 +191,13 @@ class _LargeOnMeta(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        if func in self.FACTORIES and kwargs.get("device") is None:
-            shape = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else args
-            if func is torch.full:
-                shape = args[0]
+        if func in self.FACTORIES and kwargs.get("device") is None and "out" not in kwargs:
+            if "size" in kwargs:
+                shape = kwargs["size"]
+            elif func is torch.full or (len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size))):
+                shape = args[0] if args else ()
+            else:
+                shape = args
             try:
                 numel = math.prod(int(d) for d in shape)
             except (TypeError, ValueError):

@@ -119,6 +119,7 @@ class SegmentedRunner:
         if not os.path.isfile(self.path):
             raise ArtifactError(f"no model.onnx in '{artifact_dir}'; is it a moec artifact directory?")
         graph = onnx.load(self.path, load_external_data=False).graph
+        self.outputs = [o.name for o in graph.output]
         self.inputs = {}
         for i in graph.input:
             t = i.type.tensor_type

@@ -137,10 +137,12 @@ def test_act_order_is_refused_with_the_reason(tmp_path):
     (lambda q: q.update(bits=3), "3-bit GPTQ"),
     (lambda q: q.update(group_size=8), "group_size 8"),
     (lambda q: q.update(group_size=32), "need"),  # the tensors were written with groups of 16
+    (lambda q: q.update(checkpoint_format="marlin"), "checkpoint_format 'marlin'"),
+    (lambda q: q.update(sym=True), "config says sym"),  # the tensors are asymmetric
 ])
 def test_configs_that_disagree_or_cant_fold_are_named(edit, message, tmp_path, capsys):
     path = str(tmp_path / "ckpt")
-    write_checkpoint(path)
+    write_checkpoint(path, sym=False)
     cfg = json.load(open(os.path.join(path, "config.json")))
     edit(cfg["quantization_config"])
     json.dump(cfg, open(os.path.join(path, "config.json"), "w"))

@@ -107,8 +107,9 @@ def check_streamable(options: CompileOptions) -> None:
         asked.append("--no-pass")
     if asked:
         raise MoecError(f"{', '.join(asked)}: not available in an out-of-core compile yet (it streams text-generation "
-                        "and logits artifacts for ONNX Runtime, fp32 or with --quant experts). Compile in memory with --out-of-core off, on a machine that "
-                        "holds the model about 1.5 times at fp32. Nothing was written.")
+                        "and logits artifacts for ONNX Runtime, fp32 or with --quant experts). Compile in memory with "
+                        "--out-of-core off, on a machine that holds the model about 1.5 times at fp32. Nothing was "
+                        "written.")
 
 
 def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
@@ -116,17 +117,13 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     from moec.export_onnx import capture, dim_names, to_onnx
     from moec.memory import source_profiles
     from moec.miniature import read_config
-    from moec.plan_model import fuse_on_meta, recognise_miniature
+    from moec.plan_model import build_on_meta, recognise_miniature
     from moec.rewrite_rsqrt import rewrite_rsqrt
     from moec.simplify_graph import simplify_graph
     from moec.sources import as_task
     from moec.targets import get
-    from moec.moe_layer import QuantizedExperts
-    from moec.passes.base import PassContext
-    from moec.passes.layers import iter_fused
     from moec.passes.quantize_experts import spec_from_options
-    from moec.pipeline import make_unfused_experts_exportable
-    from moec.quant import quantized_shape
+    from moec.pipeline import refuse_without_fused_layers
     from moec.validate import check_max_shape
 
     t0 = time.perf_counter()
@@ -148,22 +145,13 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     lowering = target.lowering_passes(options)
 
     def build_graph_model():
-        graph_model = ck.skeleton(hf.config).to("meta")
-        planned, _ = fuse_on_meta(graph_model, kinds)
-        if spec is not None:
-            if not any(p.fused for p in planned):
-                from moec.pipeline import refuse_without_fused_layers
-
-                refuse_without_fused_layers(graph_model, options)
-            for path, fused in iter_fused(graph_model):
-                fused.quantized = QuantizedExperts(quantized_shape(fused.w_gate_up, spec, f"{path}.w_gate_up"),
-                                                   quantized_shape(fused.w_down, spec, f"{path}.w_down"))
-        lowered = [o for p in lowering for o in p(graph_model, PassContext(probes=[], options=options.extra)).layers]
-        notes = make_unfused_experts_exportable(graph_model, {})
-        src = as_task(graph_model, f"hf:{os.path.abspath(source)}", options.extra.get("task"), f"'{source}'",
+        meta = build_on_meta(hf, kinds, lowering, options.extra, spec)
+        if not any(p.fused for p in meta.planned):  # --quant with nothing fused: say so, as compile does
+            refuse_without_fused_layers(meta.model, options)
+        src = as_task(meta.model, f"hf:{os.path.abspath(source)}", options.extra.get("task"), f"'{source}'",
                       source_dir=source)
-        return planned, lowered, notes, src, capture(src.module, tuple(a.to("meta") for a in src.example_args),
-                                                     src.dynamic_shapes)
+        return meta.planned, meta.lowered, meta.notes, src, capture(
+            src.module, tuple(a.to("meta") for a in src.example_args), src.dynamic_shapes)
 
     planned, lowered, notes, src, captured = stage("capture", "capturing the real-sized graph on the meta device",
                                                    build_graph_model)
@@ -409,33 +397,20 @@ class LayerStreamer:
         gen = torch.Generator().manual_seed(0)
         return torch.randn(1, 16, planned.spec.experts.hidden, generator=gen)
 
-    @torch.no_grad()
     def quantize(self, path: str, fused, record: bool) -> None:
-        """Round-to-nearest codes for the experts, as quantize_experts makes them without calibration; the layer then
-        computes with the dequantized weights. `record`: keep the codes for the lowering, and the layer's error."""
-        from moec.moe_layer import QuantizedExperts
-        from moec.numerics import compare_tensors
-        from moec.passes.quantize_experts import packed_bytes
-        from moec.quant import dequantize, quantize
+        """Round-to-nearest codes for the experts, given to the layer as quantize_experts gives them without
+        calibration. `record`: keep the codes for the lowering, and the layer's error for the report."""
+        from moec.passes.quantize_experts import give_codes
+        from moec.quant import quantize
 
-        x = self.probe(next(p for p in self.planned if p.path == path)).reshape(-1, fused.spec.experts.hidden)
-        before = _first(fused(x)) if record else None
         q1 = quantize(fused.w_gate_up, self.spec, f"{path}.w_gate_up")
         q2 = quantize(fused.w_down, self.spec, f"{path}.w_down")
-        fp_bytes = (fused.w_gate_up.numel() + fused.w_down.numel()) * 4
-        fused.w_gate_up = nn.Parameter(dequantize(q1), requires_grad=False)
-        fused.w_down = nn.Parameter(dequantize(q2), requires_grad=False)
+        x = self.probe(next(p for p in self.planned if p.path == path)) if record else None
+        outcome = give_codes(path, fused, self.spec, q1, q2, x)
         if not record:  # the exact reference needs the dequantized weights only; the codes would outlive the layer
+            fused.quantized = None
             return
-        fused.quantized = QuantizedExperts(q1, q2)
-        c = compare_tensors(before, _first(fused(x)))
-        self.quantized.append({"path": path, "spec": self.spec.name, "weight_bytes_fp32": fp_bytes,
-                               "weight_bytes_quantized": packed_bytes(q1) + packed_bytes(q2),
-                               "rel_l2": c.rel_l2, "cosine": c.cosine, "method": "round-to-nearest"})
-
-
-def _first(out) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
+        self.quantized.append(outcome.to_dict())
 
 
 def _group_of(path: str) -> str:

@@ -180,14 +180,52 @@ def fuse_on_meta(full: nn.Module, kinds: dict[tuple, MiniatureOutcome]) -> tuple
     return planned, weights
 
 
+@dataclass
+class MetaModel:
+    """The real-sized model on the meta device as compile would lower it, and what was made of its MoE layers."""
+
+    model: nn.Module
+    parameters: int  # as written, before fusion
+    planned: list[PlannedLayer]
+    weights: list[MoELayerWeights]
+    lowered: list  # the lowering passes' outcomes (LoweringOutcome), one per fused layer
+    notes: list[str]  # the experts-implementation switch for layers left unfused
+
+
+def build_on_meta(hf: HFConfig, kinds: dict[tuple, MiniatureOutcome], lowering: list, options: Optional[dict] = None,
+                  spec=None) -> MetaModel:
+    """Build the config's model on the meta device, fuse every layer of a recognised kind (with a QuantSpec
+    `spec`, give it codes of the right shapes), run the target's `lowering` passes, and make unfused experts
+    exportable: the graph `moec plan` plans and an out-of-core compile captures."""
+    from moec.moe_layer import QuantizedExperts
+    from moec.passes.base import PassContext
+    from moec.passes.layers import iter_fused
+    from moec.pipeline import make_unfused_experts_exportable
+    from moec.quant import quantized_shape
+
+    with torch.device("meta"):
+        full = hf.model_class(hf.config).eval()
+    parameters = sum(p.numel() for p in full.parameters())
+    planned, weights = fuse_on_meta(full, kinds)
+    if spec is not None:
+        for path, fused in iter_fused(full):
+            fused.quantized = QuantizedExperts(quantized_shape(fused.w_gate_up, spec, f"{path}.w_gate_up"),
+                                               quantized_shape(fused.w_down, spec, f"{path}.w_down"))
+    lowered = [o for p in lowering for o in p(full, PassContext(probes=[], options=options or {})).layers]
+    by_path = {o.path: o for o in lowered}
+    for layer in planned:
+        o = by_path.get(layer.path)
+        if o is not None:
+            layer.lowered_to = o.lowered_to + (f" ({o.reason})" if o.reason else "")
+    return MetaModel(full, parameters, planned, weights, lowered, make_unfused_experts_exportable(full, {}))
+
+
 def plan_model(source: str, task: Optional[str] = None, max_shape: Optional[dict[str, int]] = None,
                device_memory: Optional[int] = None, log: Callable[[str], None] = lambda msg: None) -> ModelPlan:
     """`task`: "text-generation" (the default, as `moec compile` makes for a causal LM) or "logits"."""
     from moec.analysis.plan_exported import plan_exported
     from moec.export_onnx import capture, dim_names
     from moec.memory import source_profiles
-    from moec.passes.base import PassContext
-    from moec.pipeline import make_unfused_experts_exportable
     from moec.targets.onnxruntime.lower_moe_onnxruntime import LowerMoEForOnnxRuntime
     from moec.validate import check_max_shape
 
@@ -201,20 +239,11 @@ def plan_model(source: str, task: Optional[str] = None, max_shape: Optional[dict
 
     t = time.perf_counter()
     log("building the real-sized model on the meta device")
-    with torch.device("meta"):
-        full = hf.model_class(hf.config).eval()
-    parameters = sum(p.numel() for p in full.parameters())
-    planned, moe_weights = fuse_on_meta(full, kinds)
-    lowered = LowerMoEForOnnxRuntime()(full, PassContext(probes=[]))
-    by_path = {o.path: o for o in lowered.layers}
-    for layer in planned:
-        o = by_path.get(layer.path)
-        if o is not None:
-            layer.lowered_to = o.lowered_to + (f" ({o.reason})" if o.reason else "")
-    switched = make_unfused_experts_exportable(full, {})
+    meta = build_on_meta(hf, kinds, [LowerMoEForOnnxRuntime()])
+    planned, moe_weights, parameters = meta.planned, meta.weights, meta.parameters
     if any(not l.fused for l in planned) or not planned:
-        notes += switched
-    src, task = _as_task(full, task, notes)
+        notes += meta.notes
+    src, task = _as_task(meta.model, task, notes)
     seconds["build"] = time.perf_counter() - t
 
     t = time.perf_counter()

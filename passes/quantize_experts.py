@@ -65,7 +65,6 @@ class QuantizeExperts(Pass):
             fused = module.get_submodule(path)
             captured = inputs.get(path)
             x = None if captured is None or isinstance(captured, str) else captured[1]
-            before = None if x is None else _hidden_out(fused(x))
             if ctx.options.get("prequantized"):
                 if fused.quantized is None:
                     raise QuantError(
@@ -90,16 +89,24 @@ class QuantizeExperts(Pass):
                 q_gate_up = quantize(fused.w_gate_up, spec, f"{path}.w_gate_up")
                 q_down = quantize(fused.w_down, spec, f"{path}.w_down")
                 method = "round-to-nearest"
-            fp_bytes = fused.w_gate_up.numel() * 4 + fused.w_down.numel() * 4
-            with_dq = [dequantize(q_gate_up), dequantize(q_down)]
-            fused.w_gate_up = nn.Parameter(with_dq[0], requires_grad=False)
-            fused.w_down = nn.Parameter(with_dq[1], requires_grad=False)
-            fused.quantized = QuantizedExperts(q_gate_up, q_down)
-            s = None if before is None else compare_tensors(before, _hidden_out(fused(x)))
-            layers.append(QuantizationOutcome(
-                path, spec.name, fp_bytes, packed_bytes(q_gate_up) + packed_bytes(q_down),
-                None if s is None else s.rel_l2, None if s is None else s.cosine, method=method))
+            layers.append(give_codes(path, fused, spec, q_gate_up, q_down, x, method))
         return PassResult(module, bool(layers), {"spec": spec.name}, layers)
+
+
+def give_codes(path: str, fused, spec: QuantSpec, q_gate_up, q_down, x=None,
+               method: str = "round-to-nearest") -> QuantizationOutcome:
+    """Give a fused layer its expert codes: from here on it computes with their dequantized weights (the exact
+    reference of the artifact) and carries them for the lowering. The outcome has the bytes before and after and,
+    given the layer's inputs `x`, its error against what it computed before."""
+    with torch.no_grad():
+        before = None if x is None else _hidden_out(fused(x))
+        fp_bytes = fused.w_gate_up.numel() * 4 + fused.w_down.numel() * 4
+        fused.w_gate_up = nn.Parameter(dequantize(q_gate_up), requires_grad=False)
+        fused.w_down = nn.Parameter(dequantize(q_down), requires_grad=False)
+        fused.quantized = QuantizedExperts(q_gate_up, q_down)
+        s = None if before is None else compare_tensors(before, _hidden_out(fused(x)))
+    return QuantizationOutcome(path, spec.name, fp_bytes, packed_bytes(q_gate_up) + packed_bytes(q_down),
+                               None if s is None else s.rel_l2, None if s is None else s.cosine, method=method)
 
 
 def calibration_inputs(module: nn.Module, paths: list[str], batches) -> dict:

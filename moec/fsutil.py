@@ -4,7 +4,9 @@ Work happens in a temporary directory beside the destination, named for its owne
 (`.moec-tmp-<host>-<pid>-<random>`), and is renamed into place when done. The owner holds an flock
 on the directory for as long as it lives (the kernel drops it when the process dies, whatever its
 PID namespace). A compile killed outright (SIGKILL, power loss) can't clean up after itself; the next
-one in the same place removes temporary directories of this host whose lock nobody holds.
+one in the same place removes temporary directories of this host whose lock nobody holds. A directory
+is created under another prefix (`.moec-new-`) and renamed once locked, so a run cleaning up never
+mistakes one being born for one abandoned.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import tempfile
 from typing import Callable, Optional
 
 PREFIX = ".moec-tmp-"
-_OWNED = re.compile(re.escape(PREFIX) + r"(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)-")
+NEW_PREFIX = ".moec-new-"  # a work directory before its lock is taken (make_workdir)
+_OWNED = re.compile(r"(?P<prefix>" + re.escape(PREFIX) + "|" + re.escape(NEW_PREFIX)
+                    + r")(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)-")
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -33,10 +37,19 @@ def make_workdir(parent: str) -> str:
     """A new temporary directory in `parent`, named for this process, with the permissions the umask gives
     a normal directory (mkdtemp's 0700 would keep a Triton server running as another user out)."""
     os.makedirs(parent, exist_ok=True)
-    path = tempfile.mkdtemp(prefix=f"{PREFIX}{_host()}-{os.getpid()}-", dir=parent)
-    os.chmod(path, 0o777 & ~umask())
-    fd = os.open(path, os.O_RDONLY)
+    # Made under a name of its own, locked, then renamed: an unlocked directory under PREFIX means its
+    # owner is gone, so another run cleaning `parent` in between must not see this one before its lock.
+    new = tempfile.mkdtemp(prefix=f"{NEW_PREFIX}{_host()}-{os.getpid()}-", dir=parent)
+    fd = os.open(new, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_EX)  # held until released or this process exits (it follows the inode across renames)
+    path = os.path.join(parent, PREFIX + os.path.basename(new)[len(NEW_PREFIX):])
+    try:
+        os.chmod(new, 0o777 & ~umask())
+        os.rename(new, path)  # a fresh random suffix: nothing else has this name
+    except BaseException:
+        os.close(fd)
+        shutil.rmtree(new, ignore_errors=True)
+        raise
     _HELD[path] = fd
     return path
 
@@ -72,6 +85,17 @@ def _owned_by_a_live_process(path: str) -> bool:
     return False
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether a process of this PID exists here (a directory not yet locked has no other sign of life)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, another user's
+    return True
+
+
 def remove_stale_workdirs(parent: str, log: Callable[[str], None] = lambda msg: None) -> list[str]:
     """Remove temporary directories in `parent` left by dead moec processes on this host; returns them."""
     removed = []
@@ -84,6 +108,8 @@ def remove_stale_workdirs(parent: str, log: Callable[[str], None] = lambda msg: 
         path = os.path.join(parent, name)
         if not m or m.group("host") != _host() or (os.path.isdir(path) and _owned_by_a_live_process(path)):
             continue
+        if m.group("prefix") == NEW_PREFIX and _pid_alive(int(m.group("pid"))):
+            continue  # unlocked only because its owner is about to lock it
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
         else:  # a config written beside its version directory (triton_repo)

@@ -120,3 +120,39 @@ def test_without_replace_a_destination_that_appeared_is_left_alone(tmp_path):
     with pytest.raises(OutputExistsError, match="appeared while moec was writing it"):
         swap_into_place(work, str(dest), replace=False)
     assert os.listdir(dest) == ["1"]
+
+
+def test_a_new_workdir_is_never_taken_for_a_stale_one(tmp_path, monkeypatch):
+    """Between creating its directory and locking it, a run must not look abandoned: another run cleaning
+    the same parent at that moment removed it, and the first failed with FileNotFoundError (seen with
+    eight compiles into one Triton repository). The other run's cleaner is made to arrive in that window."""
+    import moec.fsutil as fsutil
+
+    removed = []
+    real_chmod = os.chmod
+
+    def chmod_after_a_cleaner(path, mode):
+        removed.extend(remove_stale_workdirs(str(tmp_path)))
+        real_chmod(path, mode)
+
+    monkeypatch.setattr(fsutil.os, "chmod", chmod_after_a_cleaner)
+    path = make_workdir(str(tmp_path))
+    monkeypatch.undo()
+    assert removed == [] and os.path.isdir(path)
+    assert remove_stale_workdirs(str(tmp_path)) == []  # locked now: still live
+
+
+def test_a_workdir_that_died_before_its_lock_is_cleaned_up(tmp_path):
+    mine = make_workdir(str(tmp_path))
+    host = os.path.basename(mine)[len(PREFIX):].rsplit("-", 2)[0]
+    unlocked_dead = tmp_path / f"{fsutil_new_prefix()}{host}-{_dead_pid()}-abc123"
+    unlocked_live = tmp_path / f"{fsutil_new_prefix()}{host}-{os.getpid()}-abc124"  # being created right now
+    unlocked_dead.mkdir()
+    unlocked_live.mkdir()
+    assert remove_stale_workdirs(str(tmp_path)) == [str(unlocked_dead)]
+    assert unlocked_live.is_dir()
+
+
+def fsutil_new_prefix() -> str:
+    from moec.fsutil import NEW_PREFIX
+    return NEW_PREFIX

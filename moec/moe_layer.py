@@ -65,6 +65,7 @@ class LayerSpec:
     shared_gate: bool = False
     output: OutputSpec = field(default_factory=OutputSpec)
     post_norm: bool = False  # a norm the module applies to its output (A.X-K1's post_mlp_layernorm)
+    output_bias: bool = False  # an [H] vector the module adds to its output (JetMoE)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -116,6 +117,7 @@ class FusedMoE(nn.Module):
         router: Optional[nn.Module] = None,
         quantized: Optional[QuantizedExperts] = None,
         post_norm: Optional[nn.Module] = None,
+        output_bias: Optional[torch.Tensor] = None,
     ):
         super().__init__()
         self.spec = spec
@@ -134,6 +136,7 @@ class FusedMoE(nn.Module):
         self.shared = shared
         self.shared_gate = shared_gate
         self.post_norm = post_norm  # kept as the model wrote it
+        self.output_bias = _param(output_bias)
 
     def routing(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         r = self.spec.route
@@ -179,6 +182,8 @@ class FusedMoE(nn.Module):
         """The module's own output from the combined expert output `out` [T, H]: its post-norm, its shape,
         and the extra items it returned."""
         o = self.spec.output
+        if self.output_bias is not None:
+            out = out + self.output_bias
         if self.post_norm is not None:
             out = self.post_norm(out)
         if not o.flatten:
@@ -207,7 +212,7 @@ class LoweredMoE(nn.Module):
     def __init__(self, fused: FusedMoE, keep_experts: bool = False):
         super().__init__()
         self.spec = fused.spec
-        names = ["router", "router_weight", "router_bias", "shared", "shared_gate", "post_norm"]
+        names = ["router", "router_weight", "router_bias", "shared", "shared_gate", "post_norm", "output_bias"]
         if keep_experts:
             names += ["w_gate_up", "w_down", "b_gate_up", "b_down"]
         for name in names:

@@ -14,9 +14,10 @@ The real model is never materialised: a config of a trillion parameters costs wh
 
 from __future__ import annotations
 
+
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -159,9 +160,8 @@ def fuse_on_meta(full: nn.Module, kinds: dict[tuple, MiniatureOutcome]) -> tuple
         e, h = anatomy.num_experts, anatomy.hidden
         i = int(next(iter(anatomy.expert_readings())).w_down.shape[2])
         rows = 2 * i if f.spec.experts.gated else i
-        spec = LayerSpec(f.spec.route, type(f.spec.experts)(**{**f.spec.experts.__dict__, "num_experts": e,
-                                                                 "hidden": h, "intermediate": i}),
-                         f.spec.shared, f.spec.shared_gate, f.spec.output, f.spec.post_norm)
+        spec = replace(f.spec, experts=replace(f.spec.experts, num_experts=e, hidden=h,
+                                                                       intermediate=i))
 
         def empty(*shape, like=None):
             return None if like is None else torch.empty(*shape, device="meta")
@@ -172,6 +172,7 @@ def fuse_on_meta(full: nn.Module, kinds: dict[tuple, MiniatureOutcome]) -> tuple
             empty(e, rows, like=f.b_gate_up), empty(e, h, like=f.b_down),
             anatomy.shared if f.shared is not None else None, anatomy.shared_gate if f.shared_gate is not None else None,
             anatomy.router if f.spec.route is None else None, post_norm=anatomy.post_norm if f.post_norm is not None else None,
+            output_bias=empty(h, like=f.output_bias),
         )
         replacement = fused if mini.tensor_index is None else CalledLike(fused, LayerCall(mini.tensor_index))
         set_submodule(full, path, replacement)

@@ -265,9 +265,39 @@ class ParallelListsMoE(nn.Module):
         return out.reshape(x.shape)
 
 
+class StackedOnSiblings(nn.Module):
+    """One stacked weight per child module (JetMoE's ParallelExperts: [E, out, in] each), the router a Linear
+    nested in a gating module, SwiGLU over gate|up halves, and an [H] bias the block adds to its output."""
+
+    class Stack(nn.Module):
+        def __init__(self, num_experts, out_features, in_features):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(num_experts, out_features, in_features) / math.sqrt(in_features))
+
+    def __init__(self, hidden=32, inter=24, num_experts=6, top_k=2):
+        super().__init__()
+        self.hidden, self.k = hidden, top_k
+        self.gating = nn.Module()
+        self.gating.proj = nn.Linear(hidden, num_experts, bias=False)
+        self.input_linear = self.Stack(num_experts, 2 * inter, hidden)
+        self.output_linear = self.Stack(num_experts, hidden, inter)
+        self.bias = nn.Parameter(torch.randn(hidden) * 0.1)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        w, idx = self.gating.proj(flat).topk(self.k, -1)
+        w = torch.softmax(w, -1)
+        out = torch.zeros_like(flat)
+        for e in range(self.input_linear.weight.shape[0]):
+            weight = (w * (idx == e).to(flat.dtype)).sum(-1, keepdim=True)
+            gate, up = F.linear(flat, self.input_linear.weight[e]).chunk(2, dim=-1)
+            out = out + weight * F.linear(F.silu(gate) * up, self.output_linear.weight[e])
+        return (out + self.bias).reshape(x.shape)
+
+
 HANDWRITTEN: dict[str, type[nn.Module]] = {
     "loop": LoopMoE, "switch": SwitchMoE, "gshard": GShardMoE, "soft_mixture": SoftMixtureMoE,
-    "bare_router": BareRouterMoE, "parallel_lists": ParallelListsMoE,
+    "bare_router": BareRouterMoE, "parallel_lists": ParallelListsMoE, "stacked_on_siblings": StackedOnSiblings,
 }
 
 
@@ -319,6 +349,10 @@ def bare_router_moe() -> LoadedSource:
 
 def parallel_lists_moe() -> LoadedSource:
     return handwritten("parallel_lists")
+
+
+def stacked_on_siblings_moe() -> LoadedSource:
+    return handwritten("stacked_on_siblings")
 
 
 def save_byte_level_tokenizer(path: str, vocab_size: int) -> None:

@@ -87,6 +87,7 @@ class Anatomy:
     shared_gate: Optional[nn.Module] = None
     hints: dict[str, Any] = field(default_factory=dict)
     post_norm: Optional[nn.Module] = None  # a child whose parameters are all [H] vectors: a norm
+    output_bias: Optional[torch.Tensor] = None  # the module's own [H] vector, added to its output
 
 
 class FuseMoE(Pass):
@@ -179,6 +180,15 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
                 expert_names = list(parallel)
                 expert_list = nn.ModuleList([nn.ModuleList([lst[e] for lst in parallel.values()])
                                              for e in range(len(child))])
+    if stacked is None and expert_list is None:
+        # one stacked tensor per sibling child (JetMoE's input_linear / output_linear)
+        singles = {n: next(iter(_own_params(c).items())) for n, c in children.items()
+                   if len(_own_params(c)) == 1 and next(iter(_own_params(c).values())).dim() == 3
+                   and all(not _own_params(g) for g in c.children())}
+        if len(singles) >= 2 and len({t.shape[0] for _, t in singles.values()}) == 1:
+            expert_names = list(singles)
+            experts_name = expert_names[0]
+            stacked = {f"{n}.{k}": t for n, (k, t) in singles.items()}
     if experts_name is not None and not expert_names:
         expert_names = [experts_name]
     if stacked is None and expert_list is None:
@@ -252,6 +262,10 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
     if extra:
         return f"unrecognized submodules with parameters: {', '.join(extra)}"
 
+    # the module's own [H] vector, beside stacked experts on children: a bias on its output
+    own_vectors = [t for t in own.values() if t.dim() == 1 and t.shape[0] == hidden and t.shape[0] != num_experts]
+    output_bias = own_vectors[0] if len(own_vectors) == 1 and stacked is not own else None
+
     hint_sources = [mod, router, children.get(experts_name) if experts_name else None, getattr(mod, "config", None)]
     hints = _collect_hints([s for s in hint_sources if s is not None])
     act_holders = [children.get(experts_name)] if experts_name else []
@@ -271,7 +285,7 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
                 activation_hints.append(c)
     return Anatomy(
         num_experts, hidden, router, router_name, router_weight, router_biases, readings, experts_name,
-        activation_hints, shared, shared_gate, hints, post_norm,
+        activation_hints, shared, shared_gate, hints, post_norm, output_bias,
     )
 
 
@@ -624,11 +638,12 @@ def match_layer(path: str, original: nn.Module, anatomy: Anatomy, x: torch.Tenso
                     if tried > MAX_CANDIDATES:
                         return _no_match(path, tried - 1, best), None
                     spec = LayerSpec(route, xs, shared is not None, gate is not None, OutputSpec(flatten),
-                                     anatomy.post_norm is not None)
+                                     anatomy.post_norm is not None, anatomy.output_bias is not None)
                     fused = FusedMoE(
                         spec, anatomy.router_weight if route is not None else None, rb, sb,
                         reading.w_gate_up, reading.w_down, reading.b_gate_up, reading.b_down,
                         shared, gate, anatomy.router if route is None else None, post_norm=anatomy.post_norm,
+                        output_bias=anatomy.output_bias,
                     )
                     err, aux = _check(fused, probes, expected, n_aux)
                     best = min(best, err)

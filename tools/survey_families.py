@@ -42,6 +42,16 @@ TINY = {
     "decoder_sparse_step": 1, "mlp_only_layers": [],
 }
 
+# what a family's own config insists on, past the generic shrink (its validator or its modeling code)
+FAMILY_CONFIG = {
+    "dots1": {"n_shared_experts": 1},  # defaults to None, which its MoE block multiplies by
+    "kolibri1_1": {"index_num_heads": 1},  # at most the query heads per key head (4 // 2 here)
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 0},  # no default layout
+    "zaya": {"num_experts_per_tok": 1},  # top-1 only
+}
+
+NOT_CALLED = "not executed by the example inputs"  # fuse_moe's reason for a layer the model never called
+
 
 def moe_families() -> list[str]:
     import transformers
@@ -68,12 +78,15 @@ def tiny_config(model_type: str):
 
     cls = getattr(transformers, CONFIG_MAPPING_NAMES[model_type])
     defaults = cls().to_dict()
-    overrides = width_overrides(defaults, TINY, include_none=True)
+    # keys under the family's own names too (BailingHybrid stores n_group as num_expert_group)
+    overrides = width_overrides(defaults, TINY, aliases=dict(getattr(cls, "attribute_map", {}) or {}),
+                                include_none=True)
     if isinstance(defaults.get("layer_types"), list):  # per-layer lists must match the layer count
         overrides["layer_types"] = defaults["layer_types"][: overrides.get("num_hidden_layers", 2)]
     for key in ("mlp_layer_types", "moe_layer_types"):
         if isinstance(defaults.get(key), list):
             overrides[key] = keep_each_kind(defaults[key], overrides.get("num_hidden_layers", 2))
+    overrides.update(FAMILY_CONFIG.get(model_type, {}))
     try:
         return cls(**overrides)
     except Exception as exc:  # some configs insist on plain multi-head attention
@@ -106,9 +119,13 @@ def run_one(model_type: str, fuse_only: bool) -> dict:
     except Exception as exc:
         return {**row, "stage": "fuse", "error": f"{type(exc).__name__}: {str(exc)[:600]}"}
     details = records[0].details
-    layers = details.get("layers", [])
+    # A module shaped like a MoE layer whose forward the model never calls is not one of its layers
+    # (JetMoE's attention experts: the attention calls their map/reduce methods); counted apart.
+    found = details.get("layers", [])
+    layers = [l for l in found if l.get("reason") != NOT_CALLED]
     row.update(layers=len(layers), fused=sum(l["fused"] for l in layers), fuse_seconds=round(fuse_s, 2),
-               reasons=sorted({l.get("reason", "") for l in layers if not l["fused"]}))
+               reasons=sorted({l.get("reason", "") for l in layers if not l["fused"]}),
+               never_called=[l["path"] for l in found if l.get("reason") == NOT_CALLED])
     if not fuse_only:
         from moec.errors import MoecError
         from moec.pipeline import CompileOptions, compile

@@ -104,6 +104,16 @@ def test_bare_router_and_parallel_lists_are_read():
     assert fused.spec.experts.has_bias and fused.b_gate_up.shape == (4, 40)
 
 
+def test_experts_stacked_on_sibling_children_and_an_output_bias_are_read():
+    """JetMoE's layout: input_linear / output_linear each hold one [E, out, in] tensor, and the block adds
+    its own [H] bias to the output; without reading both, no candidate reproduces the layer."""
+    module, record = _fuse(zoo.handwritten("stacked_on_siblings"))
+    fused = next(m for m in module.modules() if isinstance(m, FusedMoE))
+    assert fused.spec.output_bias and fused.output_bias.shape == (32,)
+    assert fused.spec.experts.gated and fused.spec.route.top_k == 2 and fused.spec.route.renormalize
+    assert record.validation.rel_l2 < 1e-5
+
+
 def test_dense_model_has_no_moe_layers():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
     assert find_candidates(model) == []

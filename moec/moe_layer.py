@@ -95,6 +95,36 @@ def pick_router_outputs(outputs) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[0], weights[0]
 
 
+def split_experts_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str:
+    """(hidden [T, H], ids [T, k], weights [T, k]) from an experts module's call, ids and weights in either order;
+    or why the call is not one."""
+    values = list(args) + list(kwargs.values())
+    if len(values) != 3 or not all(isinstance(a, torch.Tensor) for a in values):
+        return "an experts module must be called with (hidden states, expert ids, expert weights)"
+    hidden, ids, weights = values
+    if ids.is_floating_point() and not weights.is_floating_point():
+        ids, weights = weights, ids
+    if (not hidden.is_floating_point() or ids.is_floating_point() or not weights.is_floating_point()
+            or hidden.dim() != 2 or ids.dim() != 2 or ids.shape != weights.shape):
+        return "an experts module must be called with (hidden [T, H], expert ids [T, k], expert weights [T, k])"
+    return hidden, ids, weights
+
+
+class GivenRouting(nn.Module):
+    """The router of experts fused on their own: it hands back the routing their caller decided
+    (ExpertsOnly sets it for the duration of one call)."""
+
+    def __init__(self, top_k: int):
+        super().__init__()
+        self.top_k = top_k  # experts per token, as the caller routes
+        self.decision: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def forward(self, flat: torch.Tensor):
+        if self.decision is None:
+            raise RuntimeError("GivenRouting called outside ExpertsOnly: no routing was given")
+        return self.decision
+
+
 class FusedMoE(nn.Module):
     """route + experts (+ shared expert) in canonical form; runnable and exportable.
 
@@ -201,6 +231,29 @@ class FusedMoE(nn.Module):
             elif name == "dense_scores":
                 extra.append(torch.zeros_like(logits).scatter(1, ids, weights.to(logits.dtype)))
         return (out, *extra)
+
+
+class ExpertsOnly(nn.Module):
+    """An experts module fused on its own, where the routing is decided outside it (a decoder layer that
+    calls router and experts itself, Gemma 4; a block moec can't replace whole, DeepSeek-V4's hash-routed
+    layers): called like the original, `experts(hidden [T, H], ids [T, k], weights [T, k])`, it runs `layer`
+    (a FusedMoE, or a target's lowering of it) with a GivenRouting router."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args, **kwargs):
+        split = split_experts_args(args, kwargs)
+        if isinstance(split, str):
+            raise TypeError(split)
+        hidden, ids, weights = split
+        given = self.layer.router
+        given.decision = (ids, weights)
+        try:
+            return self.layer(hidden)
+        finally:
+            given.decision = None
 
 
 class LoweredMoE(nn.Module):

@@ -26,7 +26,7 @@ from torch import nn
 from moec.analysis.plan_memory import MemoryPlan
 from moec.errors import MoecError, SourceError
 from moec.miniature import MINIATURE_MAX_PARAMETERS, HFConfig, miniature, read_config
-from moec.moe_layer import FusedMoE, LayerSpec
+from moec.moe_layer import ExpertsOnly, FusedMoE, LayerSpec
 from moec.placement import ExpertMatrix, MoELayerWeights, Placement, WeightBytes, place, weight_bytes
 
 
@@ -135,6 +135,10 @@ def recognise_miniature(hf: HFConfig, log: Callable[[str], None]) -> dict[tuple,
         if kind is None or kind in out:
             continue
         m = module.get_submodule(o.path) if o.fused else None
+        if isinstance(m, ExpertsOnly):  # its routing comes from its caller, which stays as written
+            out[kind] = MiniatureOutcome(path, False, "experts fused on their own (routing given by their caller) are "
+                                         "not planned out of core yet; planned as written", None)
+            continue
         index = m.tensor_index if isinstance(m, CalledLike) else None
         fused = m.fused if isinstance(m, CalledLike) else m
         out[kind] = MiniatureOutcome(path, o.fused, o.reason, fused, index)

@@ -19,7 +19,10 @@ def layer_summary(records: list[PassRecord]) -> dict:
     """Every MoE-shaped layer: fused or not (why), and what its target made of it."""
     outcomes = [o for r in records for o in r.layers]
     layers = [o.to_dict() for o in outcomes if isinstance(o, FusionOutcome)]
-    lowered = {o.path: o for o in outcomes if isinstance(o, LoweringOutcome)}
+    fused_paths = {l["path"] for l in layers}
+    # experts fused on their own are lowered inside their ExpertsOnly wrapper, one level down
+    lowered = {(o.path[: -len(".layer")] if o.path.endswith(".layer") and o.path[: -len(".layer")] in fused_paths
+                else o.path): o for o in outcomes if isinstance(o, LoweringOutcome)}
     for l in layers:
         if l["path"] in lowered:
             l["lowered_to"] = lowered[l["path"]].lowered_to

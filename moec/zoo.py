@@ -295,9 +295,44 @@ class StackedOnSiblings(nn.Module):
         return (out + self.bias).reshape(x.shape)
 
 
+class RoutedByCaller(nn.Module):
+    """Routing no rule describes (softmax top-k, then a learned per-expert scale and a 3x factor; tokens
+    whose first choice is expert 0 are routed nowhere), and experts as their own module called with it:
+    Experts(hidden, ids, weights) over stacked [E, 2I, H] / [E, H, I] weights, as transformers writes them."""
+
+    class Experts(nn.Module):
+        def __init__(self, hidden, inter, num_experts):
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.randn(num_experts, 2 * inter, hidden) / math.sqrt(hidden))
+            self.down_proj = nn.Parameter(torch.randn(num_experts, hidden, inter) / math.sqrt(inter))
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            out = torch.zeros_like(hidden_states)
+            for e in range(self.gate_up_proj.shape[0]):
+                weight = (top_k_weights * (top_k_index == e).to(hidden_states.dtype)).sum(-1, keepdim=True)
+                gate, up = F.linear(hidden_states, self.gate_up_proj[e]).chunk(2, dim=-1)
+                out = out + weight * F.linear(F.silu(gate) * up, self.down_proj[e])
+            return out
+
+    def __init__(self, hidden=32, inter=24, num_experts=6, top_k=2):
+        super().__init__()
+        self.hidden, self.k = hidden, top_k
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.per_expert_scale = nn.Parameter(torch.rand(num_experts) + 0.5)
+        self.experts = self.Experts(hidden, inter, num_experts)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        w, idx = torch.softmax(self.gate(flat), -1).topk(self.k, -1)
+        w = w * self.per_expert_scale[idx] * 3.0
+        w = w.masked_fill(idx[:, :1] == 0, 0.0)
+        return self.experts(flat, idx, w).reshape(x.shape)
+
+
 HANDWRITTEN: dict[str, type[nn.Module]] = {
     "loop": LoopMoE, "switch": SwitchMoE, "gshard": GShardMoE, "soft_mixture": SoftMixtureMoE,
     "bare_router": BareRouterMoE, "parallel_lists": ParallelListsMoE, "stacked_on_siblings": StackedOnSiblings,
+    "routed_by_caller": RoutedByCaller,
 }
 
 
@@ -353,6 +388,10 @@ def parallel_lists_moe() -> LoadedSource:
 
 def stacked_on_siblings_moe() -> LoadedSource:
     return handwritten("stacked_on_siblings")
+
+
+def routed_by_caller_moe() -> LoadedSource:
+    return handwritten("routed_by_caller")
 
 
 def save_byte_level_tokenizer(path: str, vocab_size: int) -> None:

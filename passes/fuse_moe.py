@@ -24,6 +24,7 @@ Refuses (layer left unfused, with the reason in the report): modules whose forwa
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from dataclasses import dataclass, field, replace
@@ -33,12 +34,13 @@ import torch
 from torch import nn
 
 from moec.activations import PLAIN_ACTIVATIONS, apply_activation
-from moec.moe_layer import ExpertsSpec, FusedMoE, LayerSpec, OutputSpec, QuantizedExperts, RouteSpec, pick_router_outputs
+from moec.moe_layer import (ExpertsOnly, ExpertsSpec, FusedMoE, GivenRouting, LayerSpec, OutputSpec,
+                             QuantizedExperts, RouteSpec, pick_router_outputs)
 from moec.numerics import compare_tensors
 from moec.ops import deinterleave_gate_up, route_reference
 from moec.passes.base import Pass, PassContext, PassResult
 from moec.passes.conditions import MOE_FUSED
-from moec.passes.layers import LayerCall, capture_inputs, set_submodule
+from moec.passes.layers import ExpertsInputs, LayerCall, capture_inputs, set_submodule
 from moec.passes.outcomes import FusionOutcome
 from moec.quant import QuantizedWeight, WeightCodes
 
@@ -88,6 +90,13 @@ class Anatomy:
     hints: dict[str, Any] = field(default_factory=dict)
     post_norm: Optional[nn.Module] = None  # a child whose parameters are all [H] vectors: a norm
     output_bias: Optional[torch.Tensor] = None  # the module's own [H] vector, added to its output
+    # Experts on their own (no router: the caller decides the routing and passes it in). Their width is read
+    # from the hidden states they are called with: readings_for(hidden) gives expert_readings then.
+    readings_for: Optional[Callable[[int], Iterator[ExpertWeights]]] = None
+
+    @property
+    def experts_only(self) -> bool:
+        return self.readings_for is not None
 
 
 class FuseMoE(Pass):
@@ -99,23 +108,57 @@ class FuseMoE(Pass):
         outcomes: list[FusionOutcome] = []
         if not candidates:
             return PassResult(module, False, {"layers": [], "note": "no MoE layer found"})
-        inputs = capture_inputs(module, [p for p, _ in candidates], ctx.probes[0])
+        # A block that can't be replaced whole (its forward takes more than the hidden states) may still have
+        # experts that fuse on their own, called with the routing the block decided.
+        fallbacks: dict[str, tuple[str, Anatomy]] = {}
+        for path, anatomy in candidates:
+            if isinstance(anatomy, Anatomy) and anatomy.experts_name and not anatomy.experts_only:
+                child = f"{path}.{anatomy.experts_name}"
+                inner = analyze(module.get_submodule(child))
+                if isinstance(inner, Anatomy) and inner.experts_only:
+                    fallbacks[path] = (child, inner)
+        experts_paths = frozenset([p for p, a in candidates if isinstance(a, Anatomy) and a.experts_only]
+                                  + [c for c, _ in fallbacks.values()])
+        inputs = capture_inputs(module, [p for p, _ in candidates] + [c for c, _ in fallbacks.values()],
+                                ctx.probes[0], experts_paths)
         modified = False
         for i, (path, anatomy_or_reason) in enumerate(candidates):
             ctx.log(f"  [{i + 1}/{len(candidates)}] {path}")
             if isinstance(anatomy_or_reason, str):
                 outcomes.append(FusionOutcome(path, False, anatomy_or_reason))
                 continue
-            sub = module.get_submodule(path)
             captured = inputs.get(path)
+            if isinstance(captured, str) and isinstance(inputs.get(fallbacks.get(path, ("",))[0]), ExpertsInputs):
+                path, anatomy_or_reason = fallbacks[path]
+                captured = inputs[path]
+            sub = module.get_submodule(path)
             if captured is None:
                 outcomes.append(FusionOutcome(path, False, "not executed by the example inputs"))
+                continue
+            if anatomy_or_reason.experts_only:
+                if isinstance(captured, str):
+                    continue  # stacked 3-D weights, but not called as experts are: not a MoE layer
+                outcome, fused = match_experts(path, sub, anatomy_or_reason, captured, ctx.weight_codes)
+                outcomes.append(outcome)
+                if fused is not None:
+                    set_submodule(module, path, ExpertsOnly(fused))
+                    modified = True
                 continue
             if isinstance(captured, str):
                 outcomes.append(FusionOutcome(path, False, captured))
                 continue
             call, x = captured
             outcome, fused = match_layer(path, sub, anatomy_or_reason, x, call, ctx.weight_codes)
+            child = fallbacks.get(path)
+            if fused is None and child is not None and isinstance(inputs.get(child[0]), ExpertsInputs):
+                # the block's routing is its own (Gemma 4's per-expert scales ...): its experts may still fuse
+                inner, fused_inner = match_experts(child[0], module.get_submodule(child[0]), child[1],
+                                                   inputs[child[0]], ctx.weight_codes)
+                if fused_inner is not None:
+                    outcomes.append(replace(inner, reason=f"block not fused ({outcome.reason}); its experts were"))
+                    set_submodule(module, child[0], ExpertsOnly(fused_inner))
+                    modified = True
+                    continue
             outcomes.append(outcome)
             if fused is not None:
                 set_submodule(module, path, fused if call == LayerCall() else CalledLike(fused, call))
@@ -229,6 +272,11 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
         if router_weight is not None:
             router_biases = [t for t in own.values() if t.dim() == 1 and t.shape[0] == num_experts]
     if router_weight is None:
+        if stacked is own and _called_like_experts(mod):
+            params = dict(own)
+            return Anatomy(num_experts, 0, None, None, None, [], lambda: iter(()), None,
+                           activation_hints=_activation_hints([mod]), hints=_collect_hints([mod, getattr(mod, "config", None)]),
+                           readings_for=lambda hidden: _stacked_readings(params, num_experts, hidden))
         return None  # stacked weights without a router: not a MoE layer we know
     if router is not None:  # [E] tensors on the layer itself may be a selection bias
         router_biases += [t for t in own.values() if t.dim() == 1 and t.shape[0] == num_experts]
@@ -272,21 +320,34 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
     if expert_list is not None:
         act_holders = [expert_list[0]]
     act_holders.append(mod)
-    activation_hints = []
-    for holder in act_holders:
-        if holder is None:
-            continue
-        for a in _ACT_ATTRS:
-            f = getattr(holder, a, None)
-            if callable(f):
-                activation_hints.append(f)
-        for c in holder.children():
-            if not list(c.parameters()) and not list(c.children()):
-                activation_hints.append(c)
+    activation_hints = _activation_hints([h for h in act_holders if h is not None])
     return Anatomy(
         num_experts, hidden, router, router_name, router_weight, router_biases, readings, experts_name,
         activation_hints, shared, shared_gate, hints, post_norm, output_bias,
     )
+
+
+def _activation_hints(holders: list[nn.Module]) -> list[Any]:
+    """Callables that may be the experts' activation: act_fn-like attributes and parameterless leaf children."""
+    hints = []
+    for holder in holders:
+        for a in _ACT_ATTRS:
+            f = getattr(holder, a, None)
+            if callable(f):
+                hints.append(f)
+        for c in holder.children():
+            if not list(c.parameters()) and not list(c.children()):
+                hints.append(c)
+    return hints
+
+
+def _called_like_experts(mod: nn.Module) -> bool:
+    """A forward of three arguments, as transformers' Experts(hidden_states, top_k_index, top_k_weights)."""
+    try:
+        params = inspect.signature(mod.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) == 3
 
 
 def _parallel_lists(children: dict[str, nn.Module], length: int) -> dict[str, nn.ModuleList]:
@@ -651,6 +712,61 @@ def match_layer(path: str, original: nn.Module, anatomy: Anatomy, x: torch.Tenso
                         fused.spec = replace(spec, output=OutputSpec(flatten, aux))
                         fused.quantized = expert_codes(codes or WeightCodes(), reading)
                         return FusionOutcome(path, True, spec=fused.spec, candidates_tried=tried), fused
+    return _no_match(path, tried, best), None
+
+
+def experts_probes(given: ExpertsInputs, num_experts: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The call the model made, the same routing on random hidden states, random routing at 8x magnitude,
+    and one token."""
+    gen = torch.Generator().manual_seed(1234)
+    h, ids, w = given.hidden, given.ids, given.weights
+    std = float(h.float().std()) or 1.0
+    rand = (torch.randn(h.shape, generator=gen) * std).to(h.dtype)
+    k = ids.shape[1]
+    rand_ids = torch.rand(h.shape[0], num_experts, generator=gen).argsort(dim=-1)[:, :k].to(ids.dtype)
+    rand_w = (torch.rand(ids.shape, generator=gen) + 0.1).to(w.dtype)
+    return [(h, ids, w), (rand, ids, w), (rand * 8, rand_ids, rand_w), (h[:1], ids[:1], w[:1])]
+
+
+def match_experts(path: str, original: nn.Module, anatomy: Anatomy, given: ExpertsInputs,
+                  codes: Optional[WeightCodes] = None) -> tuple[FusionOutcome, Optional[FusedMoE]]:
+    """Experts on their own: a FusedMoE with a GivenRouting router that reproduces `original(hidden, ids,
+    weights)` on the call the model made and on probes around it."""
+    hidden = given.hidden.shape[-1]
+    probes = experts_probes(given, anatomy.num_experts)
+    with torch.no_grad():
+        try:
+            expected = [original(h, i, w) for h, i, w in probes]
+        except Exception as exc:
+            return FusionOutcome(path, False, f"original experts failed on probe inputs: {exc}"), None
+    router = GivenRouting(int(given.ids.shape[1]))
+    tried, best = 0, math.inf
+    for reading in anatomy.readings_for(hidden):
+        for woi, (act, alpha, beta, limit) in itertools.product((False, True), _activation_candidates(anatomy, reading.gated)):
+            tried += 1
+            if tried > MAX_CANDIDATES:
+                return _no_match(path, tried - 1, best), None
+            xs = ExpertsSpec(anatomy.num_experts, hidden, reading.w_down.shape[2], act, reading.gated, alpha, beta,
+                             limit, reading.b_gate_up is not None or reading.b_down is not None, woi)
+            spec = LayerSpec(None, xs)
+            fused = FusedMoE(spec, None, None, None, reading.w_gate_up, reading.w_down, reading.b_gate_up,
+                             reading.b_down, router=router)
+            worst = 0.0
+            with torch.no_grad():
+                for (h, i, w), exp in zip(probes, expected):
+                    router.decision = (i, w)
+                    try:
+                        worst = max(worst, compare_tensors(exp, fused(h)).rel_l2)
+                    except Exception:
+                        worst = math.inf
+                    finally:
+                        router.decision = None
+                    if worst > MATCH_TOL:
+                        break
+            best = min(best, worst)
+            if worst <= MATCH_TOL:
+                fused.quantized = expert_codes(codes or WeightCodes(), reading)
+                return FusionOutcome(path, True, spec=spec, candidates_tried=tried), fused
     return _no_match(path, tried, best), None
 
 

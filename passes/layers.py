@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from moec.moe_layer import FusedMoE
+from moec.moe_layer import FusedMoE, split_experts_args
 
 
 @dataclass(frozen=True)
@@ -39,13 +39,35 @@ def _layer_call(args: tuple, kwargs: dict) -> tuple[LayerCall, torch.Tensor] | s
     return LayerCall(tensors[0], tuple(dims)), x
 
 
-def capture_inputs(model: nn.Module, paths: list[str], example: tuple) -> dict[str, tuple[LayerCall, torch.Tensor] | str]:
-    """Run the model once and record the hidden-states input each candidate layer saw."""
-    captured: dict[str, tuple[LayerCall, torch.Tensor] | str] = {}
+@dataclass(frozen=True)
+class ExpertsInputs:
+    """What an experts module (called with the routing decided outside it) was given: hidden states [T, H],
+    expert ids [T, k] and their weights [T, k] -- transformers' Experts(hidden, top_k_index, top_k_weights)."""
+
+    hidden: torch.Tensor
+    ids: torch.Tensor
+    weights: torch.Tensor
+
+
+def _experts_call(args: tuple, kwargs: dict) -> ExpertsInputs | str:
+    split = split_experts_args(args, kwargs)
+    if isinstance(split, str):
+        return split
+    return ExpertsInputs(*(t.detach().clone() for t in split))
+
+
+def capture_inputs(model: nn.Module, paths: list[str], example: tuple, experts_paths: frozenset = frozenset()
+                   ) -> dict[str, tuple[LayerCall, torch.Tensor] | ExpertsInputs | str]:
+    """Run the model once and record the hidden-states input each candidate layer saw (for `experts_paths`,
+    the hidden states and the routing the caller gave)."""
+    captured: dict[str, tuple[LayerCall, torch.Tensor] | ExpertsInputs | str] = {}
     handles = []
     for path in paths:
         def hook(mod, args, kwargs, path=path):
             if path in captured:
+                return
+            if path in experts_paths:
+                captured[path] = _experts_call(args, kwargs)
                 return
             call = _layer_call(args, kwargs)
             captured[path] = call if isinstance(call, str) else (call[0], call[1].detach().clone())

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moec.activations import activate
-from moec.moe_layer import FusedMoE, LayerSpec, LoweredMoE, pick_router_outputs
+from moec.moe_layer import FusedMoE, GivenRouting, LayerSpec, LoweredMoE, pick_router_outputs
 from moec.ops import route_reference
 from moec.passes.layers import iter_fused, set_submodule
 from moec.passes.outcomes import LoweringOutcome
@@ -91,6 +91,8 @@ def lower_each(module: nn.Module, lower: Lower, dense_label: str = "dense ONNX o
 
 def kept_router_top_k(fused: FusedMoE) -> int:
     """How many experts a kept router picks per token (the width of its ids output)."""
+    if isinstance(fused.router, GivenRouting):
+        return fused.router.top_k  # as the caller routed when the experts were fused
     with torch.no_grad():
         probe = torch.zeros(1, fused.spec.experts.hidden, dtype=fused.w_down.dtype, device=fused.w_down.device)
         ids, _ = pick_router_outputs(fused.router(probe))

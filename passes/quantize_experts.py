@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moec.moe_layer import QuantizedExperts
+from moec.moe_layer import GivenRouting, QuantizedExperts
 from moec.numerics import compare_tensors
 from moec.passes.base import Pass, PassContext, PassResult, flatten_outputs
 from moec.passes.conditions import EXPERTS_QUANTIZED, MOE_FUSED
@@ -64,7 +64,8 @@ class QuantizeExperts(Pass):
         for path in paths:
             fused = module.get_submodule(path)
             captured = inputs.get(path)
-            x = None if captured is None or isinstance(captured, str) else captured[1]
+            given = isinstance(fused.router, GivenRouting)  # its routing exists only inside its caller's call
+            x = None if captured is None or isinstance(captured, str) or given else captured[1]
             if ctx.options.get("prequantized"):
                 if fused.quantized is None:
                     raise QuantError(
@@ -73,7 +74,7 @@ class QuantizeExperts(Pass):
                         "carry codes; folding them would re-quantize. Not supported yet.")
                 q_gate_up, q_down = fused.quantized.gate_up, fused.quantized.down
                 method = "the checkpoint's codes"
-            elif path in calibration:
+            elif path in calibration and not given:
                 tokens, experts = calibration[path].shape[0], fused.spec.experts.num_experts
                 if tokens < experts:
                     from moec.calibration import CalibrationError
@@ -88,7 +89,8 @@ class QuantizeExperts(Pass):
             else:
                 q_gate_up = quantize(fused.w_gate_up, spec, f"{path}.w_gate_up")
                 q_down = quantize(fused.w_down, spec, f"{path}.w_down")
-                method = "round-to-nearest"
+                method = "round-to-nearest" + (" (routing given by the caller: not calibrated)" if given and calibrated
+                                               else "")
             layers.append(give_codes(path, fused, spec, q_gate_up, q_down, x, method))
         return PassResult(module, bool(layers), {"spec": spec.name}, layers)
 

@@ -53,7 +53,8 @@ def test_transformers_family_compiles_exactly(family, out_dir):
 @pytest.mark.parametrize("style", list(zoo.HANDWRITTEN))
 def test_handwritten_style_compiles_to_one_moe_node(style, out_dir):
     factory = {"loop": "loop_moe", "switch": "switch_moe", "gshard": "gshard_moe", "soft_mixture": "soft_mixture_moe",
-               "bare_router": "bare_router_moe", "parallel_lists": "parallel_lists_moe", "stacked_on_siblings": "stacked_on_siblings_moe"}
+               "bare_router": "bare_router_moe", "parallel_lists": "parallel_lists_moe", "stacked_on_siblings": "stacked_on_siblings_moe",
+               "routed_by_caller": "routed_by_caller_moe"}
     _check_artifact(_compile(f"moec.zoo:{factory[style]}", out_dir), 1)
 
 

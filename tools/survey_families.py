@@ -44,7 +44,8 @@ TINY = {
 
 # what a family's own config insists on, past the generic shrink (its validator or its modeling code)
 FAMILY_CONFIG = {
-    "dots1": {"n_shared_experts": 1},  # defaults to None, which its MoE block multiplies by
+    "dots1": {"n_shared_experts": 1},
+    "gemma4_text": {"enable_moe_block": True, "num_experts": 8, "top_k_experts": 2, "moe_intermediate_size": 32},  # off by default  # defaults to None, which its MoE block multiplies by
     "kolibri1_1": {"index_num_heads": 1},  # at most the query heads per key head (4 // 2 here)
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 0},  # no default layout
     "zaya": {"num_experts_per_tok": 1},  # top-1 only

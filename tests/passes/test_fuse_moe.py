@@ -114,6 +114,26 @@ def test_experts_stacked_on_sibling_children_and_an_output_bias_are_read():
     assert record.validation.rel_l2 < 1e-5
 
 
+def test_experts_fuse_on_their_own_when_the_routing_is_not_a_rule():
+    """The block's routing matches no rule (a learned per-expert scale, tokens routed nowhere), so the block
+    stays; its experts module, called with (hidden, ids, weights), becomes a FusedMoE that takes the
+    caller's routing as given, exactly, at any routing (probes include random ids and weights)."""
+    from moec.moe_layer import ExpertsOnly
+
+    src = zoo.handwritten("routed_by_caller")
+    module, record = _fuse(src)
+    wrapped = module.moe.experts
+    assert isinstance(wrapped, ExpertsOnly) and wrapped.layer.spec.route is None
+    [layer] = record.details["layers"]
+    assert layer["fused"] and layer["path"] == "moe.experts" and "block not fused" in layer["reason"]
+    assert record.validation.rel_l2 < 1e-5
+    x = torch.randn(3, 32)
+    ids = torch.tensor([[1, 4], [0, 5], [2, 3]])
+    w = torch.tensor([[2.5, 0.0], [0.0, 0.0], [0.3, 1.7]])
+    original = zoo.handwritten("routed_by_caller").module.moe.experts
+    torch.testing.assert_close(wrapped(x, ids, w), original(x, ids, w), rtol=1e-5, atol=1e-6)
+
+
 def test_dense_model_has_no_moe_layers():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
     assert find_candidates(model) == []

@@ -6,12 +6,13 @@ Produces: an `OrtMoE` module whose experts run as ``moec.ort_moe`` (exported as 
   interleaved gate/up for swiglu; routed scaling folded into fc2):
   - softmax routing without selection bias or groups, renormalized: the router logits
     feed MoE directly;
-  - any other routing (sigmoid, selection bias, grouped top-k, a kept router):
+  - any other routing (sigmoid, selection bias, grouped top-k, a kept router, routing given by the caller):
     routing runs as ONNX ops and MoE gets ``Where(selected, log(w), -inf)``. With
     renormalized weights MoE's own renormalization reproduces them; without, a
     zero "slack" expert with logit ``log(C - sum(w))`` makes the renormalization
     denominator the constant C, which is folded into fc2 (exact; costs one zero
-    expert per token). ``normalize_routing_weights`` is always 1: ORT 1.31's CPU kernel
+    expert per token); with routing given by the caller (no bound on the weights) C is each token's
+    weight sum, multiplied back onto the token's output. ``normalize_routing_weights`` is always 1: ORT 1.31's CPU kernel
     is wrong with 0 when its input and output are intermediate tensors (in place).
 Refuses (the layer becomes `DenseMoE` (moec/passes/lowering.py): plain ONNX ops over all experts, exact but
   E/k times the expert FLOPs; the reason goes in the report): erf-GELU or gated
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moec.moe_layer import FusedMoE, LayerSpec, LoweredMoE
+from moec.moe_layer import FusedMoE, GivenRouting, LayerSpec, LoweredMoE
 from moec.ops import interleave_gate_up, route_reference
 from moec.passes.base import Pass, PassContext, PassResult
 from moec.passes.conditions import EXPERTS_LOWERED
@@ -47,6 +48,9 @@ class OrtPlan:
     normalize: bool
     slack: float  # 0: no slack expert; else the constant C
     fold: float  # multiplier folded into fc2
+    # Routing given by the caller (experts fused on their own): the weights have no known bound, so each
+    # token's weight sum is divided out for MoE's renormalization and multiplied back onto its output.
+    per_token: bool = False
 
     def describe(self) -> str:
         how = "router logits" if self.native_routing else (
@@ -54,7 +58,7 @@ class OrtPlan:
         return f"com.microsoft.MoE ({self.activation_type}, {how})"
 
 
-def plan_layer(spec: LayerSpec, top_k: int) -> OrtPlan | str:
+def plan_layer(spec: LayerSpec, top_k: int, given: bool = False) -> OrtPlan | str:
     """An exact ORT MoE mapping for the layer, or the reason there is none."""
     x = spec.experts
     if x.weight_on_input:
@@ -80,6 +84,8 @@ def plan_layer(spec: LayerSpec, top_k: int) -> OrtPlan | str:
         return OrtPlan(act, alpha, beta, limit, True, True, 0.0, r.scale)
     if r is not None and r.renormalize:
         return OrtPlan(act, alpha, beta, limit, False, True, 0.0, r.scale)
+    if r is None and given:
+        return OrtPlan(act, alpha, beta, limit, False, True, 1.0, 1.0, per_token=True)
     if r is None:
         # A kept router (e.g. PhiMoE's sparse mixer) yields k weights, each a probability <= 1.
         return OrtPlan(act, alpha, beta, limit, False, True, float(top_k), float(top_k))
@@ -116,9 +122,17 @@ class OrtMoE(LoweredMoE):
         """(logits for MoE, ids, weights, router logits) — ids/weights only when routed outside."""
         if self.plan.native_routing:
             logits = F.linear(flat, self.router_weight, self.router_bias)
-            return logits, None, None, logits
+            return logits, None, None, logits, None
         ids, weights, logits = route_outside(self, flat)
         w = weights.float()
+        if self.plan.per_token:
+            total = w.sum(dim=-1, keepdim=True)
+            scale = total.clamp(min=torch.finfo(torch.float32).tiny)  # a token routed nowhere: all to the slack
+            pseudo = torch.full((flat.shape[0], self.fc1.shape[0]), float("-inf"), dtype=torch.float32,
+                                device=flat.device)
+            pseudo = pseudo.scatter(1, ids, torch.log(w))
+            pseudo = torch.cat([pseudo[:, :-1], torch.log(scale - total)], dim=-1)
+            return pseudo.to(flat.dtype), ids, weights, logits, scale
         if not self.plan.slack:
             w = w / self.plan.fold  # MoE renormalizes; the scale lives in fc2
         pseudo = torch.full((flat.shape[0], self.fc1.shape[0]), float("-inf"), dtype=torch.float32, device=flat.device)
@@ -126,17 +140,19 @@ class OrtMoE(LoweredMoE):
         if self.plan.slack:
             remaining = (self.plan.slack - w.sum(dim=-1, keepdim=True)).clamp(min=0.0)
             pseudo = torch.cat([pseudo[:, :-1], torch.log(remaining)], dim=-1)
-        return pseudo.to(flat.dtype), ids, weights, logits
+        return pseudo.to(flat.dtype), ids, weights, logits, None
 
     def forward(self, hidden: torch.Tensor):
         flat = hidden.reshape(-1, self.spec.experts.hidden)
-        moe_logits, ids, weights, logits = self.router_input(flat)
+        moe_logits, ids, weights, logits, per_token = self.router_input(flat)
         p = self.plan
         k = self.top_k + (1 if p.slack else 0)
         out = torch.ops.moec.ort_moe(
             flat, moe_logits, self.fc1, self.fc1_bias, self.fc2, self.fc2_bias,
             k, p.normalize, p.activation_type, p.alpha, p.beta, p.limit,
         )
+        if per_token is not None:
+            out = out * per_token.to(out.dtype)
         s = self.shared_output(flat)
         if s is not None:
             out = out + s
@@ -151,7 +167,7 @@ def _append_zero_expert(t: torch.Tensor) -> torch.Tensor:
 
 
 def lower_to_moe(path: str, fused: FusedMoE, top_k: int) -> tuple[nn.Module, str] | str:
-    plan = plan_layer(fused.spec, top_k)
+    plan = plan_layer(fused.spec, top_k, given=isinstance(fused.router, GivenRouting))
     return plan if isinstance(plan, str) else (OrtMoE(fused, plan, top_k), plan.describe())
 
 

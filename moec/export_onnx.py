@@ -2,7 +2,8 @@
 
 A target's ops get the target's translations (`Target.translations()`: ``moec::ort_moe`` ->
 ``com.microsoft.MoE`` ...); everything else goes through torch.onnx's standard table. An op without a
-translation becomes an UnsupportedOpError naming the op and the module it came from.
+translation becomes an UnsupportedOpError naming the op and the module it came from. Complex-valued ops
+(rotary embeddings written with complex numbers) are first rewritten as real pairs (moec/rewrite_complex_rope.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 
 from moec import ops  # noqa: F401  (registers torch.ops.moec.*)
 from moec.errors import CaptureError, UnsupportedOpError
+from moec.rewrite_complex_rope import NAME as REWRITE_COMPLEX_ROPE, rewrite_complex_rope, why_not
 
 # torch.onnx logs one line per missing optional library (torchvision ...); not our user's concern.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -150,6 +152,11 @@ def to_onnx(captured: Captured, input_names: list[str], output_names: list[str],
     (batch, seq) so that the artifact's inputs say what they are.
     """
     ep = captured.program
+    # torch.onnx translates few complex ops; complex rotary embeddings (DeepSeek-V2, Llama 4) go as real pairs
+    rewritten = rewrite_complex_rope(ep)
+    if rewritten:
+        captured.notes.append(f"{REWRITE_COMPLEX_ROPE}: {rewritten} complex-valued ops (rotary embeddings) "
+                              "computed on (real, imaginary) pairs, which ONNX can express")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -159,7 +166,11 @@ def to_onnx(captured: Captured, input_names: list[str], output_names: list[str],
                 opset_version=OPSET, optimize=False, verbose=False,
             )
     except Exception as exc:
-        raise _explain_conversion_error(exc, ep) from exc
+        err = _explain_conversion_error(exc, ep)
+        refused = why_not(ep.graph)
+        if refused:  # say why the complex values were left as they were
+            err = UnsupportedOpError(f"{err} ({REWRITE_COMPLEX_ROPE} left the complex values as they were: {refused})")
+        raise err from exc
     program.model.ir_version = IR_VERSION
     rename_symbolic_dims(program, dim_names(ep, dynamic_shapes))
     return program

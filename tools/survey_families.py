@@ -213,6 +213,8 @@ def markdown(rows: list[dict]) -> str:
         comp = (f"{r['rel_l2']:.1e}" if r.get("stage") == "compiled" else
                 f"exit {r.get('exit')}: {_cell(r.get('error', ''), 100)}" if r.get("stage") == "compile" else "—")
         why = _cell("; ".join(x for x in r.get("reasons", []) if x), 140) or _cell(", ".join(r.get("lowered", [])), 140)
+        if r.get("never_called"):
+            why += f" ({len(r['never_called'])} MoE-shaped modules never called as layers)"
         out.append(f"| {r['family']} | {r['fused']}/{r['layers']} | {comp} | {why} |")
     return "\n".join(out)
 

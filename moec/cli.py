@@ -72,6 +72,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"wrote {result.out_dir}/model.onnx  (report: {result.out_dir}/report.json)")
     print(f"MoE layers: {layers['fused']} fused, {layers['unfused']} unfused" +
           (f" — {layers['note']}" if layers.get("note") else ""))
+    for path in layers.get("never_called", []):
+        print(f"  note: {path} is shaped like a MoE layer, but the model never calls it as one (kept as written)")
     for l in layers["layers"]:
         if not l["fused"]:
             print(f"  warning: {l['path']} left unfused: {l.get('reason', '')}")

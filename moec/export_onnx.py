@@ -167,7 +167,10 @@ def to_onnx(captured: Captured, input_names: list[str], output_names: list[str],
             )
     except Exception as exc:
         err = _explain_conversion_error(exc, ep)
-        refused = why_not(ep.graph)
+        try:
+            refused = why_not(ep.graph)
+        except Exception:  # never let the explanation hide the conversion error itself
+            refused = None
         if refused:  # say why the complex values were left as they were
             err = UnsupportedOpError(f"{err} ({REWRITE_COMPLEX_ROPE} left the complex values as they were: {refused})")
         raise err from exc

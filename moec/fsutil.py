@@ -20,10 +20,12 @@ import shutil
 import signal
 import socket
 import tempfile
+import time
 from typing import Callable, Optional
 
 PREFIX = ".moec-tmp-"
 NEW_PREFIX = ".moec-new-"  # a work directory before its lock is taken (make_workdir)
+NEW_GRACE_S = 60.0  # an unlocked .moec-new- directory younger than this may still be about to be locked
 _OWNED = re.compile(r"(?P<prefix>" + re.escape(PREFIX) + "|" + re.escape(NEW_PREFIX)
                     + r")(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)-")
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -40,14 +42,16 @@ def make_workdir(parent: str) -> str:
     # Made under a name of its own, locked, then renamed: an unlocked directory under PREFIX means its
     # owner is gone, so another run cleaning `parent` in between must not see this one before its lock.
     new = tempfile.mkdtemp(prefix=f"{NEW_PREFIX}{_host()}-{os.getpid()}-", dir=parent)
-    fd = os.open(new, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # held until released or this process exits (it follows the inode across renames)
     path = os.path.join(parent, PREFIX + os.path.basename(new)[len(NEW_PREFIX):])
+    fd = None
     try:
+        fd = os.open(new, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until released or this process exits (it follows the inode across renames)
         os.chmod(new, 0o777 & ~umask())
         os.rename(new, path)  # a fresh random suffix: nothing else has this name
     except BaseException:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
         shutil.rmtree(new, ignore_errors=True)
         raise
     _HELD[path] = fd
@@ -85,6 +89,13 @@ def _owned_by_a_live_process(path: str) -> bool:
     return False
 
 
+def _younger_than(path: str, seconds: float) -> bool:
+    try:
+        return time.time() - os.stat(path).st_mtime < seconds
+    except OSError:
+        return True  # gone or unreadable: leave it
+
+
 def _pid_alive(pid: int) -> bool:
     """Whether a process of this PID exists here (a directory not yet locked has no other sign of life)."""
     try:
@@ -108,8 +119,8 @@ def remove_stale_workdirs(parent: str, log: Callable[[str], None] = lambda msg: 
         path = os.path.join(parent, name)
         if not m or m.group("host") != _host() or (os.path.isdir(path) and _owned_by_a_live_process(path)):
             continue
-        if m.group("prefix") == NEW_PREFIX and _pid_alive(int(m.group("pid"))):
-            continue  # unlocked only because its owner is about to lock it
+        if m.group("prefix") == NEW_PREFIX and (_pid_alive(int(m.group("pid"))) or _younger_than(path, NEW_GRACE_S)):
+            continue  # unlocked only because its owner is about to lock it (its PID may be another namespace's)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
         else:  # a config written beside its version directory (triton_repo)

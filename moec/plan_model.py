@@ -130,7 +130,10 @@ def recognise_miniature(hf: HFConfig, log: Callable[[str], None]) -> dict[tuple,
                           f"{type(exc).__name__}: {str(exc)[:300]}") from exc
     out: dict[tuple, MiniatureOutcome] = {}
     for o in records[0].layers:
-        path = o.path[len("model."):] if o.path.startswith("model.") and o.path[len("model."):] in kinds else o.path
+        path = o.path[len("model."):] if o.path.startswith("model.") else o.path
+        if path not in kinds and path.rpartition(".")[0] in kinds:  # experts fused without their block
+            path = path.rpartition(".")[0]
+        path = path if path in kinds else o.path
         kind = kinds.get(path)
         if kind is None or kind in out:
             continue

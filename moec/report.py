@@ -10,6 +10,7 @@ import torch
 
 from moec.passes.base import PassRecord, compare_outputs, worst
 from moec.passes.conditions import DENSE_QUANTIZED, EXPERTS_PRUNED, EXPERTS_QUANTIZED
+from moec.passes.fuse_moe import NOT_CALLED
 from moec.passes.outcomes import FoldOutcome, FusionOutcome, LoweringOutcome, PruneOutcome, QuantizationOutcome
 
 FP32_REL_L2 = 1e-4
@@ -18,7 +19,10 @@ FP32_REL_L2 = 1e-4
 def layer_summary(records: list[PassRecord]) -> dict:
     """Every MoE-shaped layer: fused or not (why), and what its target made of it."""
     outcomes = [o for r in records for o in r.layers]
-    layers = [o.to_dict() for o in outcomes if isinstance(o, FusionOutcome)]
+    # a MoE-shaped module the model never calls as a layer (JetMoE's attention experts: the attention calls
+    # their methods) is listed apart: nothing of it runs as a layer, so it can't be left unfused
+    never = [o.path for o in outcomes if isinstance(o, FusionOutcome) and o.reason == NOT_CALLED]
+    layers = [o.to_dict() for o in outcomes if isinstance(o, FusionOutcome) and o.reason != NOT_CALLED]
     fused_paths = {l["path"] for l in layers}
     # experts fused on their own are lowered inside their ExpertsOnly wrapper, one level down
     lowered = {(o.path[: -len(".layer")] if o.path.endswith(".layer") and o.path[: -len(".layer")] in fused_paths
@@ -28,8 +32,11 @@ def layer_summary(records: list[PassRecord]) -> dict:
             l["lowered_to"] = lowered[l["path"]].lowered_to
             if lowered[l["path"]].reason:
                 l["lowering_note"] = lowered[l["path"]].reason
-    return {"fused": sum(l["fused"] for l in layers), "unfused": sum(not l["fused"] for l in layers),
-            "layers": layers, "note": "" if layers else "no MoE layer found; compiled as a dense model"}
+    summary = {"fused": sum(l["fused"] for l in layers), "unfused": sum(not l["fused"] for l in layers),
+               "layers": layers, "note": "" if layers else "no MoE layer found; compiled as a dense model"}
+    if never:
+        summary["never_called"] = never
+    return summary
 
 
 def folded_qdq(records: list[PassRecord]) -> Optional[dict]:

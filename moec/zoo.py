@@ -296,9 +296,11 @@ class StackedOnSiblings(nn.Module):
 
 
 class RoutedByCaller(nn.Module):
-    """Routing no rule describes (softmax top-k, then a learned per-expert scale and a 3x factor; tokens
-    whose first choice is expert 0 are routed nowhere), and experts as their own module called with it:
-    Experts(hidden, ids, weights) over stacked [E, 2I, H] / [E, H, I] weights, as transformers writes them."""
+    """Routing no rule describes, and experts as their own module called with it: Experts(hidden, ids,
+    weights) over stacked [E, 2I, H] / [E, H, I] weights, as transformers writes them. The routing: softmax
+    top-k, then a learned per-expert scale of either sign and a 3x factor; a token whose first choice is
+    expert 0 is routed nowhere (weights 0), expert 1 names its first choice twice, expert 2 names "no expert"
+    (id E, skipped) second."""
 
     class Experts(nn.Module):
         def __init__(self, hidden, inter, num_experts):
@@ -318,14 +320,17 @@ class RoutedByCaller(nn.Module):
         super().__init__()
         self.hidden, self.k = hidden, top_k
         self.gate = nn.Linear(hidden, num_experts, bias=False)
-        self.per_expert_scale = nn.Parameter(torch.rand(num_experts) + 0.5)
+        self.per_expert_scale = nn.Parameter(torch.linspace(-0.6, 1.5, num_experts))
         self.experts = self.Experts(hidden, inter, num_experts)
 
     def forward(self, x):
         flat = x.reshape(-1, x.shape[-1])
         w, idx = torch.softmax(self.gate(flat), -1).topk(self.k, -1)
         w = w * self.per_expert_scale[idx] * 3.0
-        w = w.masked_fill(idx[:, :1] == 0, 0.0)
+        first = idx[:, :1]
+        w = w.masked_fill(first == 0, 0.0)
+        idx = torch.cat([first, torch.where(first == 1, first, torch.where(first == 2, len(self.per_expert_scale),
+                                                                            idx[:, 1:2]))], dim=-1)
         return self.experts(flat, idx, w).reshape(x.shape)
 
 

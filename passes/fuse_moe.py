@@ -45,6 +45,7 @@ from moec.passes.outcomes import FusionOutcome
 from moec.quant import QuantizedWeight, WeightCodes
 
 MATCH_TOL = 1e-5
+NOT_CALLED = "not executed by the example inputs"  # MoE-shaped, but the model never called it as a layer
 HINTED_ONLY = ("relu2",)  # activations tried only when an act_fn of the layer computes them
 MAX_CANDIDATES = 2000
 
@@ -132,12 +133,12 @@ class FuseMoE(Pass):
                 path, anatomy_or_reason = fallbacks[path]
                 captured = inputs[path]
             sub = module.get_submodule(path)
+            if anatomy_or_reason.experts_only and (captured is None or isinstance(captured, str)):
+                continue  # stacked 3-D weights, but not called as experts are: not known to be a MoE layer
             if captured is None:
-                outcomes.append(FusionOutcome(path, False, "not executed by the example inputs"))
+                outcomes.append(FusionOutcome(path, False, NOT_CALLED))
                 continue
             if anatomy_or_reason.experts_only:
-                if isinstance(captured, str):
-                    continue  # stacked 3-D weights, but not called as experts are: not a MoE layer
                 outcome, fused = match_experts(path, sub, anatomy_or_reason, captured, ctx.weight_codes)
                 outcomes.append(outcome)
                 if fused is not None:
@@ -184,7 +185,8 @@ def find_candidates(model: nn.Module) -> list[tuple[str, Anatomy | str]]:
         anatomy = analyze(mod)
         if anatomy is None:
             continue
-        taken.append(path)
+        if not (isinstance(anatomy, Anatomy) and anatomy.experts_only):  # unconfirmed until called as experts
+            taken.append(path)
         found.append((path, anatomy))
     return found
 
@@ -272,7 +274,7 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
         if router_weight is not None:
             router_biases = [t for t in own.values() if t.dim() == 1 and t.shape[0] == num_experts]
     if router_weight is None:
-        if stacked is own and _called_like_experts(mod):
+        if stacked is own and num_experts >= 2 and _called_like_experts(mod) and _some_reading(own, num_experts):
             params = dict(own)
             return Anatomy(num_experts, 0, None, None, None, [], lambda: iter(()), None,
                            activation_hints=_activation_hints([mod]), hints=_collect_hints([mod, getattr(mod, "config", None)]),
@@ -339,6 +341,13 @@ def _activation_hints(holders: list[nn.Module]) -> list[Any]:
             if not list(c.parameters()) and not list(c.children()):
                 hints.append(c)
     return hints
+
+
+def _some_reading(params: dict[str, torch.Tensor], num_experts: int) -> bool:
+    """Whether stacked tensors read as experts for some width they share (an experts module's hidden size is
+    only known once it is called)."""
+    widths = {d for t in params.values() if t.dim() == 3 for d in t.shape[1:]}
+    return any(next(_stacked_readings(params, num_experts, h), None) is not None for h in widths)
 
 
 def _called_like_experts(mod: nn.Module) -> bool:
@@ -717,7 +726,7 @@ def match_layer(path: str, original: nn.Module, anatomy: Anatomy, x: torch.Tenso
 
 def experts_probes(given: ExpertsInputs, num_experts: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The call the model made, the same routing on random hidden states, random routing at 8x magnitude,
-    and one token."""
+    routing that repeats an id and weighs below zero, and one token."""
     gen = torch.Generator().manual_seed(1234)
     h, ids, w = given.hidden, given.ids, given.weights
     std = float(h.float().std()) or 1.0
@@ -725,7 +734,9 @@ def experts_probes(given: ExpertsInputs, num_experts: int) -> list[tuple[torch.T
     k = ids.shape[1]
     rand_ids = torch.rand(h.shape[0], num_experts, generator=gen).argsort(dim=-1)[:, :k].to(ids.dtype)
     rand_w = (torch.rand(ids.shape, generator=gen) + 0.1).to(w.dtype)
-    return [(h, ids, w), (rand, ids, w), (rand * 8, rand_ids, rand_w), (h[:1], ids[:1], w[:1])]
+    repeated = torch.cat([rand_ids[:, :1]] * k, dim=1)
+    signed = torch.randn(ids.shape, generator=gen).to(w.dtype)
+    return [(h, ids, w), (rand, ids, w), (rand * 8, rand_ids, rand_w), (rand, repeated, signed), (h[:1], ids[:1], w[:1])]
 
 
 def match_experts(path: str, original: nn.Module, anatomy: Anatomy, given: ExpertsInputs,

@@ -38,11 +38,36 @@ def route_outside(layer, flat):
     r = layer.spec.route
     if r is None:
         ids, weights = pick_router_outputs(layer.router(flat))
+        if isinstance(layer.router, GivenRouting):
+            ids, weights = distinct_routing(ids, weights, layer.spec.experts.num_experts)
         return ids, weights, None
     logits = F.linear(flat, layer.router_weight, layer.router_bias)
     ids, weights = route_reference(logits, layer.selection_bias, r.scoring, r.top_k, r.renormalize,
                                    r.n_group, r.topk_group, r.scale, r.select_on == "logits")
     return ids, weights, logits
+
+
+def distinct_routing(ids: torch.Tensor, weights: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A caller's routing in the form kernels assume: k distinct experts per token. The caller may name an
+    expert twice (LongCat-Flash's zero experts land on real ones), or no expert (an id of E, which its
+    experts skip). Each named expert's weights are summed onto its first slot; the other slots get an
+    expert the token does not name, with weight 0."""
+    valid = (ids >= 0) & (ids < num_experts)
+    ids = torch.where(valid, ids, 0)
+    weights = torch.where(valid, weights, torch.zeros_like(weights))
+    k = ids.shape[1]
+    summed = torch.zeros(ids.shape[0], num_experts, dtype=weights.dtype, device=ids.device).scatter_add(1, ids, weights)
+    repeat = torch.stack([torch.zeros_like(ids[:, 0], dtype=torch.bool)]  # k is small and static
+                         + [(ids[:, :j] == ids[:, j:j + 1]).any(dim=-1) for j in range(1, k)], dim=1)
+    named = torch.zeros(ids.shape[0], num_experts, dtype=torch.int64, device=ids.device).scatter(
+        1, ids, torch.ones_like(ids, dtype=torch.int64))
+    # experts the token does not name first (ties by index): the r-th repeated slot takes the r-th of them
+    order = named * num_experts + torch.arange(num_experts, device=ids.device)
+    free = torch.topk(order, num_experts, dim=-1, largest=False).indices
+    rank = (torch.cumsum(repeat.to(torch.int64), dim=-1) - 1).clamp(min=0)
+    ids = torch.where(repeat, free.gather(1, rank), ids)
+    weights = torch.where(repeat, torch.zeros_like(weights), summed.gather(1, ids))
+    return ids, weights
 
 
 def dense_experts(flat, ids, weights, w_gate_up, w_down, b_gate_up, b_down, spec: LayerSpec) -> torch.Tensor:

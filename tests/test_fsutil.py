@@ -147,10 +147,14 @@ def test_a_workdir_that_died_before_its_lock_is_cleaned_up(tmp_path):
     host = os.path.basename(mine)[len(PREFIX):].rsplit("-", 2)[0]
     unlocked_dead = tmp_path / f"{fsutil_new_prefix()}{host}-{_dead_pid()}-abc123"
     unlocked_live = tmp_path / f"{fsutil_new_prefix()}{host}-{os.getpid()}-abc124"  # being created right now
-    unlocked_dead.mkdir()
-    unlocked_live.mkdir()
+    unlocked_young = tmp_path / f"{fsutil_new_prefix()}{host}-{_dead_pid()}-abc125"  # its PID may be another namespace's
+    for d in (unlocked_dead, unlocked_live, unlocked_young):
+        d.mkdir()
+    old = time.time() - 600
+    os.utime(unlocked_dead, (old, old))
+    os.utime(unlocked_live, (old, old))
     assert remove_stale_workdirs(str(tmp_path)) == [str(unlocked_dead)]
-    assert unlocked_live.is_dir()
+    assert unlocked_live.is_dir() and unlocked_young.is_dir()
 
 
 def fsutil_new_prefix() -> str:

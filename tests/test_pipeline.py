@@ -99,3 +99,16 @@ def test_compiling_twice_gives_byte_identical_artifacts(target, tmp_path):
     for name in fa:
         if name != "report.json":  # timings differ run to run
             assert fa[name] == fb[name], name
+
+
+@pytest.mark.parametrize("kw", [dict(extra={"quant": "int4"}), dict(target="tensorrt")],
+                         ids=["qmoe-int4", "tensorrt"])
+def test_routing_given_by_the_caller_lowers_exactly(kw, out_dir):
+    """Experts fused on their own get the caller's routing as it comes -- an expert named twice, "no expert"
+    (id E), all-zero and negative weights (handwritten 'routed_by_caller'); every lowering matches its
+    reference (QMoE: negative weights through a second QMoE under an If; the plugin: distinct ids)."""
+    result = _compile("moec.zoo:routed_by_caller_moe", out_dir, **kw)
+    report = result.report
+    assert report["numerics"]["passed"], report["numerics"]
+    [layer] = report["moe_layers"]["layers"]
+    assert layer["fused"] and layer["path"].endswith("moe.experts") and layer.get("lowered_to")

@@ -51,7 +51,6 @@ FAMILY_CONFIG = {
     "zaya": {"num_experts_per_tok": 1},  # top-1 only
 }
 
-NOT_CALLED = "not executed by the example inputs"  # fuse_moe's reason for a layer the model never called
 
 
 def moe_families() -> list[str]:
@@ -101,7 +100,7 @@ def run_one(model_type: str, fuse_only: bool) -> dict:
     import torch
 
     from moec.passes.base import PassContext, PassManager
-    from moec.passes.fuse_moe import FuseMoE
+    from moec.passes.fuse_moe import NOT_CALLED, FuseMoE
     from moec.sources import causal_lm_source
 
     torch.set_num_threads(1)

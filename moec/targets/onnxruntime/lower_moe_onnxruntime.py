@@ -11,8 +11,9 @@ Produces: an `OrtMoE` module whose experts run as ``moec.ort_moe`` (exported as 
     renormalized weights MoE's own renormalization reproduces them; without, a
     zero "slack" expert with logit ``log(C - sum(w))`` makes the renormalization
     denominator the constant C, which is folded into fc2 (exact; costs one zero
-    expert per token); with routing given by the caller (no bound on the weights) C is each token's
-    weight sum, multiplied back onto the token's output. ``normalize_routing_weights`` is always 1: ORT 1.31's CPU kernel
+    expert per token); with routing given by the caller (ids may repeat, weights have no bound or sign)
+    C is each token's per-expert weight sum, multiplied back onto its output, and negative weights go
+    through a second MoE inside an ONNX If taken only when some weight is negative. ``normalize_routing_weights`` is always 1: ORT 1.31's CPU kernel
     is wrong with 0 when its input and output are intermediate tensors (in place).
 Refuses (the layer becomes `DenseMoE` (moec/passes/lowering.py): plain ONNX ops over all experts, exact but
   E/k times the expert FLOPs; the reason goes in the report): erf-GELU or gated
@@ -122,17 +123,9 @@ class OrtMoE(LoweredMoE):
         """(logits for MoE, ids, weights, router logits) — ids/weights only when routed outside."""
         if self.plan.native_routing:
             logits = F.linear(flat, self.router_weight, self.router_bias)
-            return logits, None, None, logits, None
+            return logits, None, None, logits
         ids, weights, logits = route_outside(self, flat)
         w = weights.float()
-        if self.plan.per_token:
-            total = w.sum(dim=-1, keepdim=True)
-            scale = total.clamp(min=torch.finfo(torch.float32).tiny)  # a token routed nowhere: all to the slack
-            pseudo = torch.full((flat.shape[0], self.fc1.shape[0]), float("-inf"), dtype=torch.float32,
-                                device=flat.device)
-            pseudo = pseudo.scatter(1, ids, torch.log(w))
-            pseudo = torch.cat([pseudo[:, :-1], torch.log(scale - total)], dim=-1)
-            return pseudo.to(flat.dtype), ids, weights, logits, scale
         if not self.plan.slack:
             w = w / self.plan.fold  # MoE renormalizes; the scale lives in fc2
         pseudo = torch.full((flat.shape[0], self.fc1.shape[0]), float("-inf"), dtype=torch.float32, device=flat.device)
@@ -140,19 +133,49 @@ class OrtMoE(LoweredMoE):
         if self.plan.slack:
             remaining = (self.plan.slack - w.sum(dim=-1, keepdim=True)).clamp(min=0.0)
             pseudo = torch.cat([pseudo[:, :-1], torch.log(remaining)], dim=-1)
-        return pseudo.to(flat.dtype), ids, weights, logits, None
+        return pseudo.to(flat.dtype), ids, weights, logits
+
+    def given_mixture(self, flat: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Experts under routing given by the caller (made distinct by route_outside), whose weights may be 0
+        or below 0 (a learned per-expert scale): the positive part through MoE and, when some weight is
+        negative, the negative part through a second MoE (an ONNX If: no cost when none is)."""
+        num_experts = self.fc1.shape[0] - 1  # the slack expert is last; route_outside made the ids distinct
+        per_expert = torch.zeros(flat.shape[0], num_experts, dtype=torch.float32, device=flat.device).scatter(
+            1, ids, weights.float())
+        positive = self.mixture(flat, per_expert.clamp(min=0.0))
+
+        def negative(f, w):
+            return self.mixture(f, (-w).clamp(min=0.0))
+
+        def none(f, w):
+            return torch.zeros_like(f)
+
+        return positive - torch.cond((per_expert < 0).any(), negative, none, (flat, per_expert))
+
+    def mixture(self, flat: torch.Tensor, per_expert: torch.Tensor) -> torch.Tensor:
+        """sum_e per_expert[t, e] * expert_e(x_t) for non-negative weights: MoE renormalises them, so each
+        token's sum is divided out (the slack expert takes a token weighed nowhere) and multiplied back."""
+        total = per_expert.sum(dim=-1, keepdim=True)
+        scale = total.clamp(min=torch.finfo(torch.float32).tiny)
+        pseudo = torch.cat([torch.log(per_expert), torch.log(scale - total)], dim=-1)
+        p = self.plan
+        out = torch.ops.moec.ort_moe(flat, pseudo.to(flat.dtype), self.fc1, self.fc1_bias, self.fc2, self.fc2_bias,
+                                     self.top_k + 1, p.normalize, p.activation_type, p.alpha, p.beta, p.limit)
+        return out * scale.to(out.dtype)
 
     def forward(self, hidden: torch.Tensor):
         flat = hidden.reshape(-1, self.spec.experts.hidden)
-        moe_logits, ids, weights, logits, per_token = self.router_input(flat)
         p = self.plan
-        k = self.top_k + (1 if p.slack else 0)
-        out = torch.ops.moec.ort_moe(
-            flat, moe_logits, self.fc1, self.fc1_bias, self.fc2, self.fc2_bias,
-            k, p.normalize, p.activation_type, p.alpha, p.beta, p.limit,
-        )
-        if per_token is not None:
-            out = out * per_token.to(out.dtype)
+        if p.per_token:
+            ids, weights, logits = route_outside(self, flat)
+            out = self.given_mixture(flat, ids, weights)
+        else:
+            moe_logits, ids, weights, logits = self.router_input(flat)
+            k = self.top_k + (1 if p.slack else 0)
+            out = torch.ops.moec.ort_moe(
+                flat, moe_logits, self.fc1, self.fc1_bias, self.fc2, self.fc2_bias,
+                k, p.normalize, p.activation_type, p.alpha, p.beta, p.limit,
+            )
         s = self.shared_output(flat)
         if s is not None:
             out = out + s

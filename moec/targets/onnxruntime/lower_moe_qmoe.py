@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moec.moe_layer import FusedMoE, LoweredMoE
+from moec.moe_layer import FusedMoE, GivenRouting, LoweredMoE
 from moec.ops import interleave_gate_up
 from moec.passes.base import Pass, PassContext, PassResult
 from moec.passes.conditions import EXPERTS_LOWERED, EXPERTS_QUANTIZED
@@ -59,6 +59,14 @@ class OrtQMoE(LoweredMoE):
             (interleave_gate_up(b1.unsqueeze(-1)).squeeze(-1) if gated else b1).detach(), requires_grad=False)
         self.fc2_bias = fused.b_down
         self.act = (activation_type, alpha, beta, limit)
+        self.signed = isinstance(fused.router, GivenRouting)  # a caller's weights may be negative
+
+    def qmoe(self, flat: torch.Tensor, mask: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        return torch.ops.moec.ort_qmoe(
+            flat, mask, dense, self.fc1, self.fc1_scales, self.fc1_bias, self.fc2, self.fc2_scales, self.fc2_bias,
+            self.fc1_zero_points, self.fc2_zero_points, self.top_k, *self.act, self.bits, self.block_size,
+            self.accuracy_level,
+        )
 
     def forward(self, hidden: torch.Tensor):
         flat = hidden.reshape(-1, self.spec.experts.hidden)
@@ -66,11 +74,17 @@ class OrtQMoE(LoweredMoE):
         tokens, experts = flat.shape[0], self.fc1.shape[0]
         mask = torch.zeros(tokens, experts, dtype=flat.dtype, device=flat.device).scatter(1, ids, torch.ones_like(weights, dtype=flat.dtype))
         dense = torch.zeros(tokens, experts, dtype=flat.dtype, device=flat.device).scatter(1, ids, weights.to(flat.dtype))
-        out = torch.ops.moec.ort_qmoe(
-            flat, mask, dense, self.fc1, self.fc1_scales, self.fc1_bias, self.fc2, self.fc2_scales, self.fc2_bias,
-            self.fc1_zero_points, self.fc2_zero_points, self.top_k, *self.act, self.bits, self.block_size,
-            self.accuracy_level,
-        )
+        if not self.signed:
+            out = self.qmoe(flat, mask, dense)
+        else:  # QMoE mixes with non-negative weights only: a negative part, when any, runs as a second QMoE (an If)
+            def negative(f, m, d):
+                return self.qmoe(f, m, (-d).clamp(min=0.0))
+
+            def none(f, m, d):
+                return torch.zeros_like(f)
+
+            out = self.qmoe(flat, mask, dense.clamp(min=0.0)) - torch.cond((dense < 0).any(), negative, none,
+                                                                            (flat, mask, dense))
         s = self.shared_output(flat)
         if s is not None:
             out = out + s

@@ -20,7 +20,7 @@ SUBSET = ["afmoe", "aria_text", "axk1", "axk2", "cohere2_moe", "deepseek_v3", "d
           "mixtral", "nemotron_h", "olmoe", "param2moe", "phimoe", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe",
           "qwen3_next", "qwen4_exp_text", "sarvam_mla", "sarvam_moe", "solar_open",
           "dots1", "kolibri1_1", "lfm2_moe", "bailing_hybrid", "beam", "jetmoe", "gemma4_text", "zaya", "longcat_flash",
-          "deepseek_v4", "deepseek_v2", "llama4_text"]
+          "deepseek_v4", "deepseek_v2", "llama4_text", "inkling_text"]
 # axk1: a norm on the block's output; hy_v4: SwiGLU clamped without GPT-OSS's alpha and +1; minimax_m3_vl_text:
 # routed scaling applied by the block past its router; nemotron_h: squared-ReLU experts (dense fallback on ORT);
 # hy_v3: `router_scaling_factor`; deepseek_v32, glm_moe_dsa: the shrunk config now keeps a MoE layer;
@@ -28,7 +28,8 @@ SUBSET = ["afmoe", "aria_text", "axk1", "axk2", "cohere2_moe", "deepseek_v3", "d
 # key of their own to build (FAMILY_CONFIG); bailing_hybrid: n_group under its own name (attribute_map); jetmoe:
 # experts stacked on sibling children and an output bias (its attention experts are never called as layers);
 # gemma4_text, zaya, longcat_flash, deepseek_v4: experts fused on their own, with the routing their caller decided;
-# deepseek_v2, llama4_text: complex rotary embeddings (rewrite_complex_rope) let the whole model convert
+# deepseek_v2, llama4_text: complex rotary embeddings (rewrite_complex_rope) let the whole model convert;
+# inkling_text: experts on their own (its router also scores two shared experts), strided-view retry in conversion
 
 
 def test_the_registry_has_the_moe_families():

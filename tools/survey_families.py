@@ -222,6 +222,10 @@ def summarize(rows: list[dict], fuse_only: bool) -> dict:
     built = [r for r in rows if r.get("stage") not in ("build", "timeout", "crash", "fuse")]
     summary = {"families": len(rows), "built": len(built), "with_moe_layers": sum(r.get("layers", 0) > 0 for r in built),
                "all_layers_fused": sum(r.get("layers", 0) > 0 and r["fused"] == r["layers"] for r in built)}
+    per_layer = sorted(r["fuse_seconds"] / r["layers"] for r in built if r.get("layers") and "fuse_seconds" in r)
+    if per_layer:  # fuse_moe's whole run (recognition, probes, validation) per MoE layer found
+        summary.update(recognition_s_per_layer_median=round(per_layer[len(per_layer) // 2], 3),
+                       recognition_s_per_layer_max=round(per_layer[-1], 3))
     if not fuse_only:
         summary.update(compiled=sum(r.get("stage") == "compiled" for r in built),
                        fused_exactly=sum(exact(r) for r in rows))

@@ -334,10 +334,134 @@ class RoutedByCaller(nn.Module):
         return self.experts(flat, idx, w).reshape(x.shape)
 
 
+class SigmoidBiasedMoE(nn.Module):
+    """A router Linear with a bias, sigmoid scores, top-k renormalised; experts a ModuleList of MLPs whose
+    projections have names of their own (w_in, w_gate, w_out)."""
+
+    def __init__(self, hidden=32, inter=20, num_experts=6, top_k=2):
+        super().__init__()
+        self.hidden, self.k = hidden, top_k
+        self.scorer = nn.Linear(hidden, num_experts, bias=True)
+        self.bank = nn.ModuleList()
+        for _ in range(num_experts):
+            mlp = nn.Module()
+            mlp.w_in, mlp.w_gate, mlp.w_out = nn.Linear(hidden, inter, bias=False), nn.Linear(hidden, inter, bias=False), \
+                nn.Linear(inter, hidden, bias=False)
+            self.bank.append(mlp)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        w, idx = torch.sigmoid(self.scorer(flat)).topk(self.k, -1)
+        w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        for e, mlp in enumerate(self.bank):
+            weight = (w * (idx == e).to(flat.dtype)).sum(-1, keepdim=True)
+            out = out + weight * mlp.w_out(F.silu(mlp.w_gate(flat)) * mlp.w_in(flat))
+        return out.reshape(x.shape)
+
+
+class TokenSortedMoE(nn.Module):
+    """Capacity-free token-sorted dispatch: (token, expert) pairs sorted by expert, each expert run on its own
+    slice (data-dependent sizes: torch.export can't capture this unfused), results scattered back with
+    index_add. Stacked [E, H, 2I] gate|up (x @ W) and [E, I, H] down; softmax, top-k, no renormalisation."""
+
+    def __init__(self, hidden=32, inter=16, num_experts=8, top_k=2):
+        super().__init__()
+        self.hidden, self.k = hidden, top_k
+        self.router = nn.Linear(hidden, num_experts, bias=False)
+        self.w13 = nn.Parameter(torch.randn(num_experts, hidden, 2 * inter) / math.sqrt(hidden))
+        self.w2 = nn.Parameter(torch.randn(num_experts, inter, hidden) / math.sqrt(inter))
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        w, idx = torch.softmax(self.router(flat), -1).topk(self.k, -1)
+        order = idx.reshape(-1).argsort(stable=True)
+        tokens = order // self.k
+        counts = torch.bincount(idx.reshape(-1), minlength=self.w13.shape[0]).tolist()
+        out = torch.zeros_like(flat)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                rows = tokens[start:start + n]
+                gate, up = (flat[rows] @ self.w13[e]).chunk(2, dim=-1)
+                y = (F.silu(gate) * up) @ self.w2[e]
+                out.index_add_(0, rows, y * w.reshape(-1)[order[start:start + n]].unsqueeze(-1))
+            start += n
+        return out.reshape(x.shape)
+
+
+class RouterTripleMoE(nn.Module):
+    """A router module returning (logits, weights, ids) -- sigmoid scores, a selection bias of its own, top-k
+    renormalised and scaled by 2 -- and stacked experts [E, 2I, H] / [E, H, I] on a child module."""
+
+    class Router(nn.Module):
+        def __init__(self, hidden, num_experts, top_k):
+            super().__init__()
+            self.k = top_k
+            self.weight = nn.Parameter(torch.randn(num_experts, hidden) * 0.5)
+            self.register_buffer("steer", torch.linspace(-0.2, 0.2, num_experts))
+
+        def forward(self, flat):
+            logits = F.linear(flat, self.weight)
+            scores = torch.sigmoid(logits)
+            idx = (scores + self.steer).topk(self.k, -1).indices
+            w = scores.gather(1, idx)
+            return logits, 2.0 * w / w.sum(-1, keepdim=True), idx
+
+    class Stack(nn.Module):
+        def __init__(self, hidden, inter, num_experts):
+            super().__init__()
+            self.gate_up = nn.Parameter(torch.randn(num_experts, 2 * inter, hidden) / math.sqrt(hidden))
+            self.down = nn.Parameter(torch.randn(num_experts, hidden, inter) / math.sqrt(inter))
+
+    def __init__(self, hidden=32, inter=16, num_experts=8, top_k=3):
+        super().__init__()
+        self.hidden = hidden
+        self.route = self.Router(hidden, num_experts, top_k)
+        self.experts = self.Stack(hidden, inter, num_experts)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        _, w, idx = self.route(flat)
+        out = torch.zeros_like(flat)
+        for e in range(self.experts.gate_up.shape[0]):
+            weight = (w * (idx == e).to(flat.dtype)).sum(-1, keepdim=True)
+            gate, up = F.linear(flat, self.experts.gate_up[e]).chunk(2, dim=-1)
+            out = out + weight * F.linear(F.silu(gate) * up, self.experts.down[e])
+        return out.reshape(x.shape)
+
+
+class SquaredReLUTop1MoE(nn.Module):
+    """Top-1 with `max` over sigmoid scores, ungated squared-ReLU experts stacked [E, I, H] / [E, H, I]
+    (Nemotron-H's expert), the activation a module of the layer's own."""
+
+    class SquaredReLU(nn.Module):
+        def forward(self, x):
+            return torch.relu(x) ** 2
+
+    def __init__(self, hidden=32, inter=24, num_experts=4):
+        super().__init__()
+        self.hidden = hidden
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.up = nn.Parameter(torch.randn(num_experts, inter, hidden) / math.sqrt(hidden))
+        self.down = nn.Parameter(torch.randn(num_experts, hidden, inter) / math.sqrt(inter))
+        self.act_fn = self.SquaredReLU()
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        w, idx = torch.sigmoid(self.gate(flat)).max(dim=-1)
+        out = torch.zeros_like(flat)
+        for e in range(self.up.shape[0]):
+            weight = (w * (idx == e).to(flat.dtype)).unsqueeze(-1)
+            out = out + weight * F.linear(self.act_fn(F.linear(flat, self.up[e])), self.down[e])
+        return out.reshape(x.shape)
+
+
 HANDWRITTEN: dict[str, type[nn.Module]] = {
     "loop": LoopMoE, "switch": SwitchMoE, "gshard": GShardMoE, "soft_mixture": SoftMixtureMoE,
     "bare_router": BareRouterMoE, "parallel_lists": ParallelListsMoE, "stacked_on_siblings": StackedOnSiblings,
-    "routed_by_caller": RoutedByCaller,
+    "routed_by_caller": RoutedByCaller, "sigmoid_biased": SigmoidBiasedMoE, "token_sorted": TokenSortedMoE,
+    "router_triple": RouterTripleMoE, "squared_relu_top1": SquaredReLUTop1MoE,
 }
 
 
@@ -397,6 +521,17 @@ def stacked_on_siblings_moe() -> LoadedSource:
 
 def routed_by_caller_moe() -> LoadedSource:
     return handwritten("routed_by_caller")
+
+
+def handwritten_factory(style: str):
+    """`moec compile moec.zoo:<style>_moe` for the styles added with issue #16's survey."""
+    return lambda: handwritten(style)
+
+
+sigmoid_biased_moe = handwritten_factory("sigmoid_biased")
+token_sorted_moe = handwritten_factory("token_sorted")
+router_triple_moe = handwritten_factory("router_triple")
+squared_relu_top1_moe = handwritten_factory("squared_relu_top1")
 
 
 def save_byte_level_tokenizer(path: str, vocab_size: int) -> None:

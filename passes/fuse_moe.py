@@ -261,6 +261,12 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
             router, router_name, router_weight = child, name, two[0]
             router_biases = vectors
             break
+        # a bare [H, E] parameter in a child (x @ W, nested): the router read transposed
+        cols = [t for t in cp.values() if t.dim() == 2 and t.shape[1] == num_experts and t.shape[0] != num_experts]
+        if not two and len(cols) == 1 and len(cols) + len(vectors) == len(cp):
+            router, router_name, router_weight = child, name, cols[0].detach().t().contiguous()
+            router_biases = vectors
+            break
     router_source = None  # the module's own tensor when the router is stored transposed
     if router_weight is None:
         two = [t for n, t in own.items() if t.dim() == 2 and t.shape[0] == num_experts]

@@ -21,6 +21,7 @@ from torch import nn
 from moec import ops  # noqa: F401  (registers torch.ops.moec.*)
 from moec.errors import CaptureError, UnsupportedOpError
 from moec.rewrite_complex_rope import NAME as REWRITE_COMPLEX_ROPE, rewrite_complex_rope, why_not
+from moec.rewrite_selective_scan import NAME as REWRITE_SELECTIVE_SCAN, selective_scan_as_scan_op
 from moec.rewrite_strided_views import NAME as REWRITE_STRIDED_VIEWS, is_strided_view_error, rewrite_strided_views
 
 # torch.onnx logs one line per missing optional library (torchvision ...); not our user's concern.
@@ -39,6 +40,17 @@ class Captured:
 
 
 def capture(module: nn.Module, args: tuple, dynamic_shapes: Any) -> Captured:
+    """torch.export, non-strict, with Mamba's selective scan (a Python loop over seq, which torch.export would
+    unroll to the example's length) as one scan op (moec.rewrite_selective_scan)."""
+    with selective_scan_as_scan_op(module) as scans:
+        captured = _capture(module, args, dynamic_shapes)
+    if scans:
+        captured.notes.append(f"{REWRITE_SELECTIVE_SCAN}: the selective scan of {', '.join(scans)} captured as "
+                              "one scan op (ONNX Scan), not as a loop unrolled to the example's seq")
+    return captured
+
+
+def _capture(module: nn.Module, args: tuple, dynamic_shapes: Any) -> Captured:
     """torch.export, non-strict (HF models rely on Python features strict mode rejects).
 
     A model whose guards on a named dynamic dim torch.export cannot prove over the dim's whole range
@@ -159,7 +171,9 @@ def to_onnx(captured: Captured, input_names: list[str], output_names: list[str],
         captured.notes.append(f"{REWRITE_COMPLEX_ROPE}: {rewritten} complex-valued ops (rotary embeddings) "
                               "computed on (real, imaginary) pairs, which ONNX can express")
     def convert():
-        with warnings.catch_warnings():
+        # no_grad as at capture: with autograd on, torch.onnx's decomposition sends higher-order ops (the
+        # selective scan's scan) through their training path, which fails on a symbolic batch
+        with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.onnx.export(
                 ep, (), dynamo=True, custom_translation_table=dict(translations or {}),

@@ -20,7 +20,7 @@ SUBSET = ["afmoe", "aria_text", "axk1", "axk2", "cohere2_moe", "deepseek_v3", "d
           "mixtral", "nemotron_h", "olmoe", "param2moe", "phimoe", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe",
           "qwen3_next", "qwen4_exp_text", "sarvam_mla", "sarvam_moe", "solar_open",
           "dots1", "kolibri1_1", "lfm2_moe", "bailing_hybrid", "beam", "jetmoe", "gemma4_text", "zaya", "longcat_flash",
-          "deepseek_v4", "deepseek_v2", "llama4_text", "inkling_text"]
+          "deepseek_v4", "deepseek_v2", "llama4_text", "inkling_text", "jamba"]
 # axk1: a norm on the block's output; hy_v4: SwiGLU clamped without GPT-OSS's alpha and +1; minimax_m3_vl_text:
 # routed scaling applied by the block past its router; nemotron_h: squared-ReLU experts (dense fallback on ORT);
 # hy_v3: `router_scaling_factor`; deepseek_v32, glm_moe_dsa: the shrunk config now keeps a MoE layer;

@@ -132,9 +132,10 @@ def test_a_model_that_only_runs_at_its_example_shape_stays_static(factories):
 
 
 @pytest.mark.slow
-def test_experts_moec_does_not_recognise_still_export(out_dir):
-    """A router moec can't read (here: a pre-scaled Linear) leaves transformers' experts in the graph;
-    they are switched to an implementation that exports even though nothing was recognised."""
+def test_a_block_moec_does_not_recognise_still_has_its_experts_fused(out_dir):
+    """A router moec can't read (here: a pre-scaled Linear) leaves the block as written; its experts module,
+    called with the routing the block decided, is fused on its own, and the artifact is exact. (Experts
+    nothing fuses still export through batched_mm: test_unfused_reference_export_has_no_moe_node.)"""
     from torch import nn
     import torch.nn.functional as F
 
@@ -152,7 +153,9 @@ def test_experts_moec_does_not_recognise_still_export(out_dir):
         layer.mlp.gate.wg = PreScaled(layer.mlp.gate.wg)
     from moec.passes.fuse_moe import find_candidates
 
-    assert not find_candidates(src.module)
+    found = find_candidates(src.module)
+    assert found and all(path.endswith(".experts") and anatomy.experts_only for path, anatomy in found)
     r = moec.compile(src.module, src.example_args, src.dynamic_shapes, out=out_dir).report
-    assert r["numerics"]["passed"] and r["moe_layers"]["fused"] == 0
-    assert any("batched_mm" in n for n in r["capture"]["notes"])
+    layers = r["moe_layers"]
+    assert r["numerics"]["passed"] and layers["fused"] == len(found) and layers["unfused"] == 0
+    assert all(l["path"].endswith(".experts") and l["spec"]["route"] is None for l in layers["layers"])

@@ -22,7 +22,6 @@ from moec import ops  # noqa: F401  (registers torch.ops.moec.*)
 from moec.errors import CaptureError, UnsupportedOpError
 from moec.rewrite_complex_rope import NAME as REWRITE_COMPLEX_ROPE, rewrite_complex_rope, why_not
 from moec.rewrite_selective_scan import NAME as REWRITE_SELECTIVE_SCAN, selective_scan_as_scan_op
-from moec.rewrite_strided_views import NAME as REWRITE_STRIDED_VIEWS, is_strided_view_error, rewrite_strided_views
 
 # torch.onnx logs one line per missing optional library (torchvision ...); not our user's concern.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -170,27 +169,17 @@ def to_onnx(captured: Captured, input_names: list[str], output_names: list[str],
     if rewritten:
         captured.notes.append(f"{REWRITE_COMPLEX_ROPE}: {rewritten} complex-valued ops (rotary embeddings) "
                               "computed on (real, imaginary) pairs, which ONNX can express")
-    def convert():
-        # no_grad as at capture: with autograd on, torch.onnx's decomposition sends higher-order ops (the
-        # selective scan's scan) through their training path, which fails on a symbolic batch
+    try:
+        # no_grad as at capture: with autograd on, torch.onnx's decomposition re-traces some ops through their
+        # training path -- a reshape of transposed attention output becomes a view it then refuses (Inkling,
+        # Doge), and the selective scan's scan fails on a symbolic batch
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.onnx.export(
+            program = torch.onnx.export(
                 ep, (), dynamo=True, custom_translation_table=dict(translations or {}),
                 input_names=input_names or None, output_names=output_names or None,
                 opset_version=OPSET, optimize=False, verbose=False,
             )
-
-    try:
-        try:
-            program = convert()
-        except Exception as exc:
-            if not is_strided_view_error(exc) or not rewrite_strided_views(ep):
-                raise
-            # a reshape of transposed memory re-traced as a view (Inkling, Doge attention): copy, then retry once
-            captured.notes.append(f"{REWRITE_STRIDED_VIEWS}: views of non-contiguous tensors read a contiguous "
-                                  "copy (an Identity in ONNX), after torch.onnx could not decompose them")
-            program = convert()
     except Exception as exc:
         err = _explain_conversion_error(exc, ep)
         try:

@@ -100,3 +100,27 @@ def test_guards_torch_export_cannot_prove_are_captured_as_runtime_checks():
         x = torch.randn(*shape)
         np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], ChunkedScan()(x).numpy(), rtol=1e-6,
                                    atol=1e-6)
+
+
+def test_doge_attention_converts_under_no_grad(tmp_path):
+    """With autograd on, torch.onnx's decomposition re-traced Doge's (and Inkling's) reshape of transposed
+    attention output as a view of non-contiguous memory and refused it ("Cannot view a tensor with shape
+    ..."); conversion runs under no_grad, as capture does, and the whole model matches eager."""
+    import os
+    import sys
+
+    from moec.pipeline import CompileOptions, compile
+    from moec.sources import causal_lm_source
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+    import survey_families
+
+    threads = torch.get_num_threads()
+    try:
+        src = causal_lm_source(survey_families.build("doge"), "test:doge")
+        report = compile(src.module, src.example_args, src.dynamic_shapes,
+                         options=CompileOptions(out=str(tmp_path / "a"))).report
+    finally:
+        torch.set_num_threads(threads)
+    rows = report["numerics"]["inputs"]
+    assert len(rows) >= 2 and max(float(r["rel_l2"]) for r in rows) <= 1e-4

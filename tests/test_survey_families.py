@@ -29,7 +29,7 @@ SUBSET = ["afmoe", "aria_text", "axk1", "axk2", "cohere2_moe", "deepseek_v3", "d
 # experts stacked on sibling children and an output bias (its attention experts are never called as layers);
 # gemma4_text, zaya, longcat_flash, deepseek_v4: experts fused on their own, with the routing their caller decided;
 # deepseek_v2, llama4_text: complex rotary embeddings (rewrite_complex_rope) let the whole model convert;
-# inkling_text: experts on their own (its router also scores two shared experts), strided-view retry in conversion
+# inkling_text: experts on their own (its router also scores two shared experts), conversion under no_grad
 
 
 def test_the_registry_has_the_moe_families():

@@ -14,7 +14,6 @@ The real model is never materialised: a config of a trillion parameters costs wh
 
 from __future__ import annotations
 
-
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -167,8 +166,7 @@ def fuse_on_meta(full: nn.Module, kinds: dict[tuple, MiniatureOutcome]) -> tuple
         e, h = anatomy.num_experts, anatomy.hidden
         i = int(next(iter(anatomy.expert_readings())).w_down.shape[2])
         rows = 2 * i if f.spec.experts.gated else i
-        spec = replace(f.spec, experts=replace(f.spec.experts, num_experts=e, hidden=h,
-                                                                       intermediate=i))
+        spec = replace(f.spec, experts=replace(f.spec.experts, num_experts=e, hidden=h, intermediate=i))
 
         def empty(*shape, like=None):
             return None if like is None else torch.empty(*shape, device="meta")

@@ -70,6 +70,20 @@ def distinct_routing(ids: torch.Tensor, weights: torch.Tensor, num_experts: int)
     return ids, weights
 
 
+def mix_signed(mix: Callable[..., torch.Tensor], weights: torch.Tensor, *operands: torch.Tensor) -> torch.Tensor:
+    """`mix(*operands, weights)` for weights of either sign, where `mix` is linear in its weights but takes only
+    non-negative ones (ONNX Runtime's MoE and QMoE): the positive part, minus the negative part run only when
+    some weight is negative (torch.cond: an ONNX If, no cost otherwise)."""
+    def negative(w, *ops):
+        return mix(*ops, (-w).clamp(min=0.0))
+
+    def none(w, *ops):
+        return torch.zeros_like(ops[0])
+
+    return mix(*operands, weights.clamp(min=0.0)) - torch.cond((weights < 0).any(), negative, none,
+                                                               (weights, *operands))
+
+
 def dense_experts(flat, ids, weights, w_gate_up, w_down, b_gate_up, b_down, spec: LayerSpec) -> torch.Tensor:
     x = spec.experts
     tokens, num_experts = flat.shape[0], w_gate_up.shape[0]

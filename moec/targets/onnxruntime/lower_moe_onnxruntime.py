@@ -33,7 +33,7 @@ from moec.moe_layer import FusedMoE, GivenRouting, LayerSpec, LoweredMoE
 from moec.ops import interleave_gate_up, route_reference
 from moec.passes.base import Pass, PassContext, PassResult
 from moec.passes.conditions import EXPERTS_LOWERED
-from moec.passes.lowering import lower_each, route_outside
+from moec.passes.lowering import lower_each, mix_signed, route_outside
 from moec.targets.onnxruntime import ops  # noqa: F401  (registers torch.ops.moec.ort_moe)
 
 _PLAIN_ACTS = {"silu": "silu", "gelu_tanh": "gelu", "relu": "relu", "identity": "identity"}
@@ -142,15 +142,7 @@ class OrtMoE(LoweredMoE):
         num_experts = self.fc1.shape[0] - 1  # the slack expert is last; route_outside made the ids distinct
         per_expert = torch.zeros(flat.shape[0], num_experts, dtype=torch.float32, device=flat.device).scatter(
             1, ids, weights.float())
-        positive = self.mixture(flat, per_expert.clamp(min=0.0))
-
-        def negative(f, w):
-            return self.mixture(f, (-w).clamp(min=0.0))
-
-        def none(f, w):
-            return torch.zeros_like(f)
-
-        return positive - torch.cond((per_expert < 0).any(), negative, none, (flat, per_expert))
+        return mix_signed(self.mixture, per_expert, flat)
 
     def mixture(self, flat: torch.Tensor, per_expert: torch.Tensor) -> torch.Tensor:
         """sum_e per_expert[t, e] * expert_e(x_t) for non-negative weights: MoE renormalises them, so each

@@ -19,7 +19,7 @@ from moec.moe_layer import FusedMoE, GivenRouting, LoweredMoE
 from moec.ops import interleave_gate_up
 from moec.passes.base import Pass, PassContext, PassResult
 from moec.passes.conditions import EXPERTS_LOWERED, EXPERTS_QUANTIZED
-from moec.passes.lowering import lower_each, route_outside
+from moec.passes.lowering import lower_each, mix_signed, route_outside
 from moec.quant import QuantizedWeight, pack, packed_shapes
 from moec.targets.onnxruntime import ops  # noqa: F401  (registers torch.ops.moec.ort_qmoe)
 from moec.targets.onnxruntime.lower_moe_onnxruntime import plan_layer
@@ -74,17 +74,8 @@ class OrtQMoE(LoweredMoE):
         tokens, experts = flat.shape[0], self.fc1.shape[0]
         mask = torch.zeros(tokens, experts, dtype=flat.dtype, device=flat.device).scatter(1, ids, torch.ones_like(weights, dtype=flat.dtype))
         dense = torch.zeros(tokens, experts, dtype=flat.dtype, device=flat.device).scatter(1, ids, weights.to(flat.dtype))
-        if not self.signed:
-            out = self.qmoe(flat, mask, dense)
-        else:  # QMoE mixes with non-negative weights only: a negative part, when any, runs as a second QMoE (an If)
-            def negative(f, m, d):
-                return self.qmoe(f, m, (-d).clamp(min=0.0))
-
-            def none(f, m, d):
-                return torch.zeros_like(f)
-
-            out = self.qmoe(flat, mask, dense.clamp(min=0.0)) - torch.cond((dense < 0).any(), negative, none,
-                                                                            (flat, mask, dense))
+        # QMoE mixes with non-negative weights only; a caller's weights may be negative
+        out = mix_signed(self.qmoe, dense, flat, mask) if self.signed else self.qmoe(flat, mask, dense)
         s = self.shared_output(flat)
         if s is not None:
             out = out + s

@@ -77,6 +77,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     for l in layers["layers"]:
         if not l["fused"]:
             print(f"  warning: {l['path']} left unfused: {l.get('reason', '')}")
+            for t in l.get("rules", []):  # the fusion rules tried, in order, and what came of each
+                print(f"    {t['stage']} rule '{t['rule']}': {t['result']}" + (f" ({t['detail']})" if t["detail"] else ""))
         elif l.get("lowering_note"):
             print(f"  note: {l['path']} fused, lowered to dense ops: {l['lowering_note']}")
     print(f"numerics vs {against}: worst relative L2 {worst['rel_l2']:.2e}, max abs {worst['max_abs']:.2e} "

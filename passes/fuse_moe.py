@@ -1,25 +1,24 @@
 """fuse_moe: rewrite every recognizable MoE layer into one canonical `FusedMoE`.
 
-Matches: a submodule that owns
-  - a router: a direct child (or its own 2-D parameter) with a weight ``[E, H]``, and
-  - experts: either stacked 3-D parameters with leading dim E (on a direct child or on
-    the module itself; ``[E, 2I, H]``/``[E, H, 2I]`` in-projections, ``[E, H, I]``/
-    ``[E, I, H]`` out-projections, optional ``[E, n]`` biases, gate/up concatenated or
-    interleaved), or an ``nn.ModuleList`` of E MLPs of 2 or 3 linear layers;
-  - optionally one dense shared-expert child and a ``[1, H]`` sigmoid shared gate, and one child
-    whose parameters are all ``[H]`` vectors, a norm on the output (A.X-K1), kept as written.
-  Which module does what is decided by parameter shapes, never by class names.
-  Attribute values (``top_k``, ``norm_topk_prob``, ``routed_scaling_factor``, ``act_fn``
-  ...) only order the candidate semantics to try.
-Produces: for each match, a `FusedMoE` (router Linear -> ``moec.route`` -> ``moec.experts``
-  [+ shared]) whose spec is the first candidate that reproduces the original module on
-  probe inputs (the layer's real inputs captured from the model's example run, random
-  inputs of the same scale, one token, and 8x magnitude) within 1e-5 relative L2.
-  A router whose rule matches no candidate (e.g. PhiMoE's sparse mixer) is kept as
-  written; its (ids, weights) outputs then feed ``moec.experts``.
-Refuses (layer left unfused, with the reason in the report): modules whose forward takes
-  more than the hidden states, extra unrecognized parameters, and layers no candidate
-  reproduces.
+Matches: a submodule with stacked 3-D expert weights (on itself, a child, or one per sibling child) or a
+  ModuleList of expert MLPs (or parallel ModuleLists of Linears), and a router found by ROUTER_RULES
+  (passes/py: an [E, H] or [H, E] weight on a child, nested or not, or on the module itself);
+  optionally one dense shared-expert child and a ``[1, H]`` sigmoid shared gate, one child whose parameters
+  are all ``[H]`` vectors (a norm on the output, A.X-K1), and an ``[H]`` output bias (JetMoE).
+  Which module does what is decided by parameter shapes and by what the module computes, never by class
+  names; attribute values (``top_k``, ``norm_topk_prob``, ``routed_scaling_factor``, ``act_fn`` ...) only
+  order the settings to try. A module with stacked experts and no router, called as
+  ``experts(hidden, ids, weights)``, is fused on its own and takes its caller's routing (`ExpertsOnly`).
+Produces: for each match, a `FusedMoE` (router Linear -> ``moec.route`` -> ``moec.experts`` [+ shared])
+  whose spec is the first reading that reproduces the original module on probe inputs (the layer's real
+  inputs captured from the model's example run, random inputs of the same scale, one token, and 8x
+  magnitude) within 1e-5 relative L2. Expert readings (EXPERT_RULES) and routing rules (ROUTING_RULES) are
+  tried one after the other: an expert reading is kept when the layer's output is a mixture of its experts
+  (passes/mixture.py), and the routing rules are matched against that mixture's weights. A router whose
+  decisions match no rule (PhiMoE's sparse mixer) is kept as written; its (ids, weights) feed ``moec.experts``.
+  Every layer's report lists the rules tried and what came of each.
+Refuses (layer left unfused, with the reason and the rules tried in the report): modules whose forward takes
+  more than the hidden states, extra unrecognized parameters, and layers no reading reproduces.
 """
 
 from __future__ import annotations
@@ -28,26 +27,33 @@ import inspect
 import itertools
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moec.activations import PLAIN_ACTIVATIONS, apply_activation
 from moec.moe_layer import (ExpertsOnly, ExpertsSpec, FusedMoE, GivenRouting, LayerSpec, OutputSpec,
                              QuantizedExperts, RouteSpec, pick_router_outputs)
 from moec.numerics import compare_tensors
-from moec.ops import deinterleave_gate_up, route_reference
+from moec.ops import route_reference
+from moec.passes import mixture
 from moec.passes.base import Pass, PassContext, PassResult
 from moec.passes.conditions import MOE_FUSED
+from moec.passes import fusion_rules
+from moec.passes.fusion_rules import ExpertSource, ExpertWeights, RoutingRule, expert_readings, linears, own_params
 from moec.passes.layers import ExpertsInputs, LayerCall, capture_inputs, set_submodule
-from moec.passes.outcomes import FusionOutcome
+from moec.passes.outcomes import FusionOutcome, RuleTrial
 from moec.quant import QuantizedWeight, WeightCodes
 
 MATCH_TOL = 1e-5
+ROUTING_SCREEN_TOL = 1e-4  # a routing's output from the experts' computed outputs: a loose screen; the layer check decides
 NOT_CALLED = "not executed by the example inputs"  # MoE-shaped, but the model never called it as a layer
 HINTED_ONLY = ("relu2",)  # activations tried only when an act_fn of the layer computes them
-MAX_CANDIDATES = 2000
+# Pairs of (expert reading, routing) checked together, where the output isn't linear in the routing weights
+# (experts scaling their input, an output norm, hidden too narrow to solve for): each pair runs the layer.
+JOINT_LIMIT = 2000
 
 _TOPK_ATTRS = ("top_k", "num_experts_per_tok", "topk", "k", "num_selected", "experts_per_token")
 _RENORM_ATTRS = ("norm_topk_prob", "renormalize", "normalize")
@@ -58,32 +64,16 @@ _ACT_ATTRS = ("act_fn", "activation_fn", "act", "activation")
 
 
 @dataclass
-class ExpertWeights:
-    """One candidate reading of the expert parameters, already in canonical layout."""
-
-    w_gate_up: torch.Tensor
-    w_down: torch.Tensor
-    b_gate_up: Optional[torch.Tensor]
-    b_down: Optional[torch.Tensor]
-    gated: bool
-    layout: str
-    # The tensors each stacked weight was read from ([expert][part]), when read without a transform:
-    # pre-quantized codes (WeightCodes) are stacked the same way. None: the codes can't follow.
-    gate_up_sources: Optional[list[list[torch.Tensor]]] = None
-    down_sources: Optional[list[list[torch.Tensor]]] = None
-
-
-@dataclass
 class Anatomy:
     """What a candidate module is made of, found from parameter shapes."""
 
     num_experts: int
-    hidden: int
+    hidden: int  # 0 for experts on their own: their width is read from the hidden states they are called with
     router: Optional[nn.Module]  # child module acting as router (None: weight on the module)
     router_name: Optional[str]
-    router_weight: torch.Tensor
+    router_weight: Optional[torch.Tensor]
     router_biases: list[torch.Tensor]  # [E] tensors that may be router bias or selection bias
-    expert_readings: Callable[[], Iterator[ExpertWeights]]  # lazy: a reading may copy a layer's weights
+    source: ExpertSource  # where the expert weights sit; fusion_rules.EXPERT_RULES read it
     experts_name: Optional[str]
     activation_hints: list[Any] = field(default_factory=list)
     shared: Optional[nn.Module] = None
@@ -91,13 +81,15 @@ class Anatomy:
     hints: dict[str, Any] = field(default_factory=dict)
     post_norm: Optional[nn.Module] = None  # a child whose parameters are all [H] vectors: a norm
     output_bias: Optional[torch.Tensor] = None  # the module's own [H] vector, added to its output
-    # Experts on their own (no router: the caller decides the routing and passes it in). Their width is read
-    # from the hidden states they are called with: readings_for(hidden) gives expert_readings then.
-    readings_for: Optional[Callable[[int], Iterator[ExpertWeights]]] = None
+    router_rules: tuple[RuleTrial, ...] = ()  # the ROUTER_RULES tried, in order
 
     @property
     def experts_only(self) -> bool:
-        return self.readings_for is not None
+        """No router: the caller decides the routing and passes it in."""
+        return self.router_weight is None
+
+    def expert_readings(self, hidden: int = 0) -> Iterator[ExpertWeights]:
+        return (reading for _, reading in expert_readings(self.source, hidden or self.hidden))
 
 
 class FuseMoE(Pass):
@@ -191,118 +183,76 @@ def find_candidates(model: nn.Module) -> list[tuple[str, Anatomy | str]]:
     return found
 
 
-def _subtree_params(mod: nn.Module) -> dict[str, torch.Tensor]:
-    d = dict(mod.named_parameters())
-    d.update({k: v for k, v in mod.named_buffers() if v is not None})
-    return d
+def _find_experts(mod: nn.Module) -> tuple[Optional[ExpertSource], Optional[str], list[str]]:
+    """Where the expert weights sit: (source, the child holding them, every child holding some)."""
+    children = dict(mod.named_children())
+    own = own_params(mod)
+    if sum(t.dim() == 3 for t in own.values()) >= 2:
+        return _stacked_source(own), None, []
+    for name, child in children.items():
+        cp = own_params(child)
+        # stacked experts: >= 2 three-dim tensors, and no parameters further down (an act_fn child is fine)
+        if sum(t.dim() == 3 for t in cp.values()) >= 2 and all(not own_params(c) for c in child.children()):
+            return _stacked_source(cp), name, [name]
+        if isinstance(child, nn.ModuleList) and len(child) >= 1 and all(linears(e) for e in child):
+            parallel = _parallel_lists(children, len(child))
+            if len(parallel) >= 2:  # w1[e], w2[e] (, w3[e]): one ModuleList of Linears per role
+                regrouped = nn.ModuleList([nn.ModuleList([lst[e] for lst in parallel.values()])
+                                           for e in range(len(child))])
+                return ExpertSource(len(child), expert_list=regrouped), name, list(parallel)
+            return ExpertSource(len(child), expert_list=child), name, [name]
+    # one stacked tensor per sibling child (JetMoE's input_linear / output_linear)
+    singles = {n: next(iter(own_params(c).items())) for n, c in children.items()
+               if len(own_params(c)) == 1 and next(iter(own_params(c).values())).dim() == 3
+               and all(not own_params(g) for g in c.children())}
+    if len(singles) >= 2 and len({t.shape[0] for _, t in singles.values()}) == 1:
+        return _stacked_source({f"{n}.{k}": t for n, (k, t) in singles.items()}), next(iter(singles)), list(singles)
+    return None, None, []
 
 
-def _own_params(mod: nn.Module) -> dict[str, torch.Tensor]:
-    d = dict(mod.named_parameters(recurse=False))
-    d.update({k: v for k, v in mod.named_buffers(recurse=False) if v is not None})
-    return d
+def _stacked_source(params: dict[str, torch.Tensor]) -> Optional[ExpertSource]:
+    threes = [t for t in params.values() if t.dim() == 3]
+    if any(t.shape[0] != threes[0].shape[0] for t in threes):
+        return None
+    return ExpertSource(threes[0].shape[0], stacked=params)
 
 
 def analyze(mod: nn.Module) -> Anatomy | str | None:
     """None: not a MoE layer. str: looks like one but can't be read (the reason)."""
-    children = dict(mod.named_children())
-    experts_name, stacked, expert_list = None, None, None
-    expert_names: list[str] = []  # every child holding expert weights (several for parallel lists)
-    own = _own_params(mod)
-    if sum(t.dim() == 3 for t in own.values()) >= 2:
-        stacked = own
-    for name, child in children.items():
-        if stacked is not None or expert_list is not None:
-            break
-        cp = _own_params(child)
-        # stacked experts: >= 2 three-dim tensors, and no parameters further down (an act_fn child is fine)
-        if sum(t.dim() == 3 for t in cp.values()) >= 2 and all(not _own_params(c) for c in child.children()):
-            experts_name, stacked = name, cp
-        elif isinstance(child, nn.ModuleList) and len(child) >= 1 and all(_linears(e) for e in child):
-            experts_name, expert_list = name, child
-            parallel = _parallel_lists(children, len(child))
-            if len(parallel) >= 2:  # w1[e], w2[e] (, w3[e]): one ModuleList of Linears per role
-                expert_names = list(parallel)
-                expert_list = nn.ModuleList([nn.ModuleList([lst[e] for lst in parallel.values()])
-                                             for e in range(len(child))])
-    if stacked is None and expert_list is None:
-        # one stacked tensor per sibling child (JetMoE's input_linear / output_linear)
-        singles = {n: next(iter(_own_params(c).items())) for n, c in children.items()
-                   if len(_own_params(c)) == 1 and next(iter(_own_params(c).values())).dim() == 3
-                   and all(not _own_params(g) for g in c.children())}
-        if len(singles) >= 2 and len({t.shape[0] for _, t in singles.values()}) == 1:
-            expert_names = list(singles)
-            experts_name = expert_names[0]
-            stacked = {f"{n}.{k}": t for n, (k, t) in singles.items()}
-    if experts_name is not None and not expert_names:
-        expert_names = [experts_name]
-    if stacked is None and expert_list is None:
+    source, experts_name, expert_names = _find_experts(mod)
+    if source is None:
         return None
-    if stacked is not None:
-        threes = [t for t in stacked.values() if t.dim() == 3]
-        num_experts = threes[0].shape[0]
-        if any(t.shape[0] != num_experts for t in threes):
-            return None
-    else:
-        num_experts = len(expert_list)
-
-    # Router: a 2-D [E, H] weight on a child module (possibly nested in it, e.g. gate.wg, when that is all
-    # the child holds besides [E] vectors), or on the module itself.
-    router, router_name, router_weight, router_biases = None, None, None, []
-    for name, child in children.items():
-        if name == experts_name:
+    num_experts = source.num_experts
+    own = own_params(mod)
+    on_self = experts_name is None  # stacked on the module itself
+    trials: list[RuleTrial] = []
+    router = None
+    for rule in fusion_rules.ROUTER_RULES:
+        found = rule.find(mod, expert_names, num_experts)
+        if isinstance(found, str):
+            trials.append(RuleTrial("router", rule.name, "failed", found))
             continue
-        cp = _own_params(child) if not list(child.children()) else _subtree_params(child)
-        two = [t for t in cp.values() if t.dim() == 2 and t.shape[0] == num_experts]
-        # [E] vectors (router or selection biases), also stored as [1, E] (Ernie 4.5's moe_statics)
-        vectors = [t.reshape(num_experts) for t in cp.values()
-                   if tuple(t.shape) in ((num_experts,), (1, num_experts)) and t is not (two[0] if two else None)]
-        if len(two) == 1 and len(two) + len(vectors) == len(cp):
-            router, router_name, router_weight = child, name, two[0]
-            router_biases = vectors
-            break
-        # a bare [H, E] parameter in a child (x @ W, nested): the router read transposed
-        cols = [t for t in cp.values() if t.dim() == 2 and t.shape[1] == num_experts and t.shape[0] != num_experts]
-        if not two and len(cols) == 1 and len(cols) + len(vectors) == len(cp):
-            router, router_name, router_weight = child, name, cols[0].detach().t().contiguous()
-            router_biases = vectors
-            break
-    router_source = None  # the module's own tensor when the router is stored transposed
-    if router_weight is None:
-        two = [t for n, t in own.items() if t.dim() == 2 and t.shape[0] == num_experts]
-        # a bare [H, E] parameter (x @ W) is the router read transposed; [E, E] stays ambiguous and unread
-        cols = [t for t in own.values() if t.dim() == 2 and t.shape[1] == num_experts and t.shape[0] != num_experts]
-        if len(two) == 1:
-            router_weight = two[0]
-        elif not two and len(cols) == 1:
-            router_source = cols[0]
-            router_weight = cols[0].detach().t().contiguous()
-        if router_weight is not None:
-            router_biases = [t for t in own.values() if t.dim() == 1 and t.shape[0] == num_experts]
-    if router_weight is None:
-        if stacked is own and num_experts >= 2 and _called_like_experts(mod) and _some_reading(own, num_experts):
-            params = dict(own)
-            return Anatomy(num_experts, 0, None, None, None, [], lambda: iter(()), None,
-                           activation_hints=_activation_hints([mod]), hints=_collect_hints([mod, getattr(mod, "config", None)]),
-                           readings_for=lambda hidden: _stacked_readings(params, num_experts, hidden))
+        trials.append(RuleTrial("router", rule.name, "matched", found.name or "the layer's own parameter"))
+        router = found
+        break
+    if router is None:
+        if on_self and num_experts >= 2 and _called_like_experts(mod) and _some_reading(source):
+            return Anatomy(num_experts, 0, None, None, None, [], source, None,
+                           activation_hints=_activation_hints([mod]),
+                           hints=_collect_hints([mod, getattr(mod, "config", None)]), router_rules=tuple(trials))
         return None  # stacked weights without a router: not a MoE layer we know
-    if router is not None:  # [E] tensors on the layer itself may be a selection bias
-        router_biases += [t for t in own.values() if t.dim() == 1 and t.shape[0] == num_experts]
-    hidden = router_weight.shape[1]
-
-    if stacked is not None:
+    hidden = router.weight.shape[1]
+    if source.stacked is not None:
         # The router's own [E, H] weight may sit beside stacked expert weights (GShard style).
-        expert_params = {k: v for k, v in stacked.items() if v is not router_weight and v is not router_source
-                         and all(v is not b for b in router_biases)}
-        readings = lambda: _stacked_readings(expert_params, num_experts, hidden)  # noqa: E731
-    else:
-        readings = lambda: _list_readings(expert_list, hidden)  # noqa: E731
-    if next(readings(), None) is None:
+        mine = [router.weight, router.stored] + router.biases
+        source = ExpertSource(num_experts, stacked={k: v for k, v in source.stacked.items()
+                                                    if all(v is not t for t in mine)})
+    if next(expert_readings(source, hidden), None) is None:
         return "expert weights found, but no reading of their shapes maps hidden -> intermediate -> hidden"
 
     shared, shared_gate, post_norm, extra = None, None, None, []
-    for name, child in children.items():
-        if name in expert_names or name == router_name:
+    for name, child in mod.named_children():
+        if name in expert_names or name == router.name:
             continue
         params = list(child.parameters())
         if not params:
@@ -320,18 +270,19 @@ def analyze(mod: nn.Module) -> Anatomy | str | None:
 
     # the module's own [H] vector, beside stacked experts on children: a bias on its output
     own_vectors = [t for t in own.values() if t.dim() == 1 and t.shape[0] == hidden and t.shape[0] != num_experts]
-    output_bias = own_vectors[0] if len(own_vectors) == 1 and stacked is not own else None
+    output_bias = own_vectors[0] if len(own_vectors) == 1 and not on_self else None
 
-    hint_sources = [mod, router, children.get(experts_name) if experts_name else None, getattr(mod, "config", None)]
+    experts_child = mod.get_submodule(experts_name) if experts_name else None
+    hint_sources = [mod, router.module, experts_child, getattr(mod, "config", None)]
     hints = _collect_hints([s for s in hint_sources if s is not None])
-    act_holders = [children.get(experts_name)] if experts_name else []
-    if expert_list is not None:
-        act_holders = [expert_list[0]]
+    act_holders = [experts_child] if experts_child is not None else []
+    if source.expert_list is not None:
+        act_holders = [source.expert_list[0]]
     act_holders.append(mod)
     activation_hints = _activation_hints([h for h in act_holders if h is not None])
     return Anatomy(
-        num_experts, hidden, router, router_name, router_weight, router_biases, readings, experts_name,
-        activation_hints, shared, shared_gate, hints, post_norm, output_bias,
+        num_experts, hidden, router.module, router.name, router.weight, router.biases, source, experts_name,
+        activation_hints, shared, shared_gate, hints, post_norm, output_bias, tuple(trials),
     )
 
 
@@ -349,11 +300,11 @@ def _activation_hints(holders: list[nn.Module]) -> list[Any]:
     return hints
 
 
-def _some_reading(params: dict[str, torch.Tensor], num_experts: int) -> bool:
+def _some_reading(source: ExpertSource) -> bool:
     """Whether stacked tensors read as experts for some width they share (an experts module's hidden size is
     only known once it is called)."""
-    widths = {d for t in params.values() if t.dim() == 3 for d in t.shape[1:]}
-    return any(next(_stacked_readings(params, num_experts, h), None) is not None for h in widths)
+    widths = {d for t in source.threes() for d in t.shape[1:]}
+    return any(next(expert_readings(source, h), None) is not None for h in widths)
 
 
 def _called_like_experts(mod: nn.Module) -> bool:
@@ -369,104 +320,6 @@ def _parallel_lists(children: dict[str, nn.Module], length: int) -> dict[str, nn
     """Sibling ModuleLists of `length` bare Linears each, in declaration order."""
     return {n: c for n, c in children.items() if isinstance(c, nn.ModuleList) and len(c) == length
             and all(isinstance(e, nn.Linear) for e in c)}
-
-
-def _linears(mod: nn.Module) -> list[nn.Module]:
-    out = []
-    for sub in mod.modules():
-        p = _own_params(sub)
-        if "weight" in p and p["weight"].dim() == 2:
-            out.append(sub)
-    return out
-
-
-def _stacked_readings(params: dict[str, torch.Tensor], num_experts: int, hidden: int) -> Iterator[ExpertWeights]:
-    """Every consistent reading of two stacked tensors, made one at a time (some copy weights)."""
-    threes = [t for t in params.values() if t.dim() == 3]
-    twos = [t for t in params.values() if t.dim() == 2 and t.shape[0] == num_experts]
-    if len(threes) == 3 and not twos:
-        yield from _separate_readings(threes, hidden)
-        return
-    if len(threes) != 2:
-        return
-    for w_in, w_out in itertools.permutations(threes):
-        for in_t in (False, True):
-            if (w_in.shape[1] if in_t else w_in.shape[2]) != hidden:
-                continue
-            gu = w_in.transpose(1, 2) if in_t else w_in  # [E, X, H]
-            for out_t in (False, True):
-                if (w_out.shape[2] if out_t else w_out.shape[1]) != hidden:
-                    continue
-                down = w_out.transpose(1, 2) if out_t else w_out  # [E, H, I]
-                x_dim, i_dim = gu.shape[1], down.shape[2]
-                b_ins = [b for b in twos if b.shape[1] == x_dim] or [None]
-                b_outs = [b for b in twos if b.shape[1] == hidden] or [None]
-                for b_in, b_out in itertools.product(b_ins, b_outs):
-                    if b_in is not None and b_in is b_out:
-                        continue
-                    if twos and not any(b is not None for b in (b_in, b_out)):
-                        continue
-                    desc = f"in{'ᵀ' if in_t else ''}/out{'ᵀ' if out_t else ''}"
-                    as_read = ([[w_in]] if gu is w_in else None), ([[w_out]] if down is w_out else None)
-                    if x_dim == 2 * i_dim:
-                        yield ExpertWeights(gu, down, b_in, b_out, True, desc + " gate|up", *as_read)
-                        bi = None if b_in is None else deinterleave_gate_up(b_in.unsqueeze(-1)).squeeze(-1)
-                        yield ExpertWeights(deinterleave_gate_up(gu), down, bi, b_out, True, desc + " interleaved",
-                                            None, as_read[1])
-                    if x_dim == i_dim:
-                        yield ExpertWeights(gu, down, b_in, b_out, False, desc + " plain", *as_read)
-
-
-def _separate_readings(threes: list[torch.Tensor], hidden: int) -> Iterator[ExpertWeights]:
-    """Gate, up and down stacked separately ([E, I, H] or [E, H, I] each, no biases): gate and up are
-    concatenated into the canonical [E, 2I, H], every assignment of the three roles tried."""
-    for gate, up, down in itertools.permutations(threes):
-        if gate.shape != up.shape:
-            continue
-        for in_t in (False, True):
-            if (gate.shape[1] if in_t else gate.shape[2]) != hidden:
-                continue
-            g, u = (gate.transpose(1, 2), up.transpose(1, 2)) if in_t else (gate, up)  # [E, I, H]
-            for out_t in (False, True):
-                d = down.transpose(1, 2) if out_t else down  # [E, H, I]
-                if d.shape[1] != hidden or d.shape[2] != g.shape[1]:
-                    continue
-                desc = f"separate gate/up{'ᵀ' if in_t else ''}/down{'ᵀ' if out_t else ''}"
-                yield ExpertWeights(torch.cat([g, u], dim=1), d, None, None, True, desc, None,
-                                    None if out_t else [[down]])
-
-
-def _list_readings(experts: nn.ModuleList, hidden: int) -> Iterator[ExpertWeights]:
-    """Stack a ModuleList's linears, one assignment of roles (gate, up, down) at a time."""
-    per_expert = [_linears(e) for e in experts]
-    n = len(per_expert[0])
-    if any(len(ls) != n for ls in per_expert) or n not in (2, 3):
-        return
-    for order in itertools.permutations(range(n)):
-        ins, down_i = order[:-1], order[-1]
-        ok = True
-        for ls in per_expert:
-            if ls[down_i].weight.shape[0] != hidden or any(ls[i].weight.shape[1] != hidden for i in ins):
-                ok = False
-        if not ok or per_expert[0][down_i].weight.shape[1] * (2 if n == 3 else 1) != sum(
-                per_expert[0][i].weight.shape[0] for i in ins):
-            continue
-        gated = n == 3
-        w_gu = torch.stack([torch.cat([ls[i].weight for i in ins], 0) for ls in per_expert]).detach()
-        w_d = torch.stack([ls[down_i].weight for ls in per_expert]).detach()
-        if w_d.shape[2] * (2 if gated else 1) != w_gu.shape[1]:
-            continue
-        has_b = [all(getattr(ls[i], "bias", None) is not None for i in ins) for ls in per_expert]
-        b_gu = (
-            torch.stack([torch.cat([ls[i].bias for i in ins], 0) for ls in per_expert]).detach() if all(has_b) else None
-        )
-        b_d = (
-            torch.stack([ls[down_i].bias for ls in per_expert]).detach()
-            if all(getattr(ls[down_i], "bias", None) is not None for ls in per_expert)
-            else None
-        )
-        yield ExpertWeights(w_gu, w_d, b_gu, b_d, gated, f"module list order {order}",
-                            [[ls[i].weight for i in ins] for ls in per_expert], [[ls[down_i].weight] for ls in per_expert])
 
 
 def _stack_codes(table: WeightCodes, parts: Optional[list[list[torch.Tensor]]]) -> Optional[QuantizedWeight]:
@@ -654,40 +507,88 @@ def _route_reproduces(route: RouteSpec, rb, sb, anatomy: Anatomy, probes, decisi
     return True
 
 
+@dataclass
+class _Layer:
+    """One layer being matched: its probes, what it returned on them, and the trail of rules tried."""
+
+    path: str
+    anatomy: Anatomy
+    probes: list[torch.Tensor]
+    expected: list[Any]
+    flatten: bool
+    n_aux: int
+    codes: WeightCodes
+    trials: list[RuleTrial]
+    tried: int = 0  # readings checked against the layer's outputs
+    best: float = math.inf
+
+    def build(self, route, rb, sb, reading: ExpertWeights, act, woi: bool) -> FusedMoE:
+        a = self.anatomy
+        name, alpha, beta, limit = act
+        xs = ExpertsSpec(a.num_experts, a.hidden, reading.w_down.shape[2], name, reading.gated, alpha, beta, limit,
+                         reading.b_gate_up is not None or reading.b_down is not None, woi)
+        spec = LayerSpec(route, xs, a.shared is not None, a.shared_gate is not None, OutputSpec(self.flatten),
+                         a.post_norm is not None, a.output_bias is not None)
+        return FusedMoE(spec, a.router_weight if route is not None else None, rb, sb, reading.w_gate_up, reading.w_down,
+                        reading.b_gate_up, reading.b_down, a.shared, a.shared_gate, a.router if route is None else None,
+                        post_norm=a.post_norm, output_bias=a.output_bias)
+
+    def accept(self, fused: FusedMoE, reading: ExpertWeights) -> bool:
+        """The whole layer checked on every probe (translation validation); on success the spec takes the extra
+        outputs the layer returned and the reading's pre-quantized codes."""
+        self.tried += 1
+        err, aux = _check(fused, self.probes, self.expected, self.n_aux)
+        self.best = min(self.best, err)
+        if err > MATCH_TOL or aux is None:
+            return False
+        fused.spec = replace(fused.spec, output=OutputSpec(self.flatten, aux))
+        fused.quantized = expert_codes(self.codes, reading)
+        return True
+
+    def fused(self, fused: FusedMoE) -> tuple[FusionOutcome, FusedMoE]:
+        return FusionOutcome(self.path, True, spec=fused.spec, candidates_tried=self.tried,
+                             rules=tuple(self.trials)), fused
+
+    def refused(self, why: str = "") -> tuple[FusionOutcome, None]:
+        return _no_match(self.path, self.tried, self.best, why, tuple(self.trials)), None
+
+
 def match_layer(path: str, original: nn.Module, anatomy: Anatomy, x: torch.Tensor,
                 call: Optional[LayerCall] = None,
                 codes: Optional[WeightCodes] = None) -> tuple[FusionOutcome, Optional[FusedMoE]]:
+    """The first reading of `anatomy` that reproduces `original` on probes around its real input `x`.
+
+    Expert readings and routing rules are tried one after the other, not as pairs: each expert reading is
+    checked by the mixture of experts it explains the layer's output as (passes/mixture.py), and the routing
+    rules against that mixture's weights. Where the output is not linear in the routing weights, they are
+    checked together (`_match_jointly`)."""
     call = call or LayerCall()
     probes = layer_probes(x)
+    trials = list(anatomy.router_rules)
     with torch.no_grad():
         try:
             expected = [original(*call.args(p)) for p in probes]
         except Exception as exc:  # the layer itself can't run on probe shapes
-            return FusionOutcome(path, False, f"original layer failed on probe inputs: {exc}"), None
+            return FusionOutcome(path, False, f"original layer failed on probe inputs: {exc}", rules=tuple(trials)), None
     first = expected[0]
     main0 = first[0] if isinstance(first, (tuple, list)) else first
     if not isinstance(main0, torch.Tensor):
-        return FusionOutcome(path, False, "layer output is not a tensor or a tuple starting with one"), None
-    flatten = main0.shape != x.shape and main0.numel() == x.numel()
-    n_aux = len(first) - 1 if isinstance(first, (tuple, list)) else 0
+        return FusionOutcome(path, False, "layer output is not a tensor or a tuple starting with one",
+                             rules=tuple(trials)), None
+    if anatomy.shared is None and anatomy.shared_gate is not None:
+        return FusionOutcome(path, False, "a [1, H] shared gate without a shared expert", rules=tuple(trials)), None
+    layer = _Layer(path, anatomy, probes, expected, main0.shape != x.shape and main0.numel() == x.numel(),
+                   len(first) - 1 if isinstance(first, (tuple, list)) else 0, codes or WeightCodes(), trials)
 
-    shared_variants = [(None, None)]
-    if anatomy.shared is not None:
-        shared_variants = [(anatomy.shared, anatomy.shared_gate)]
-    elif anatomy.shared_gate is not None:
-        return FusionOutcome(path, False, "a [1, H] shared gate without a shared expert"), None
-
-    # When the router exposes its decision, pin the routing rule against the router alone
-    # (cheap), so the joint search below only varies the experts' reading.
+    # When the router exposes its decision, pin the routing rule against the router alone (cheap).
     routes = _route_candidates(anatomy)
     decisions = _router_decisions(anatomy, probes)
-    tried = 0
     if decisions is not None:
         pinned = []
         for route, rb, sb in routes:
             if route is None:
                 continue
-            tried += 1
+            layer.tried += 1
             if _route_reproduces(route, rb, sb, anatomy, probes, decisions):
                 pinned = [(route, rb, sb)]
                 # a scaling factor the block applies to the routed output, past its router (MiniMax-M3)
@@ -698,36 +599,160 @@ def match_layer(path: str, original: nn.Module, anatomy: Anatomy, x: torch.Tenso
         keep_router = [(None, None, None)] if "ids" in decisions[0] else []
         routes = pinned + keep_router
         if not routes:
-            return _no_match(path, tried, math.inf, "the router's decisions match no known routing rule"), None
+            trials.append(RuleTrial("routing", "the router's own decisions", "failed",
+                                    "its dense scores match no routing rule"))
+            return layer.refused("the router's decisions match no known routing rule")
 
-    best = math.inf
+    linear = mixture.solvable(anatomy.hidden, anatomy.num_experts, anatomy.shared is not None) and \
+        anatomy.post_norm is None
+    if linear:
+        found, explained = _match_by_mixture(layer, routes, decisions)
+        if found is not None:
+            return layer.fused(found)
+        if explained:  # the experts are read; no routing rule gives their weights
+            return layer.refused(f"no candidate semantics reproduced the layer (tried {layer.tried}): its experts read "
+                                 "as a mixture, but no routing rule weighs them as the layer does")
+        why = "no reading explains the output as a mixture; experts that scale their input by the routing weight " \
+              "(Llama 4) are checked with the routing"
+    elif anatomy.post_norm is not None:
+        why = "the layer normalizes its output, so it is not linear in the routing weights"
+    else:
+        why = f"hidden size {anatomy.hidden} is too small to solve for {anatomy.num_experts} experts' weights"
+    found = _match_jointly(layer, routes, (True,) if linear else (False, True), why)
+    return layer.fused(found) if found is not None else layer.refused()
+
+
+def _screen_inputs(layer: _Layer) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Optional[torch.Tensor]]]:
+    """Per probe, a few of its tokens [T, H], the layer's output on them (less its output bias), and the shared
+    expert's output."""
+    a = layer.anatomy
+    flats = [p.reshape(-1, a.hidden)[: mixture.SCREEN_TOKENS] for p in layer.probes]
+    targets = []
+    for e in layer.expected:
+        main = (e[0] if isinstance(e, (tuple, list)) else e).reshape(-1, a.hidden)[: mixture.SCREEN_TOKENS].float()
+        targets.append(main - a.output_bias.float() if a.output_bias is not None else main)
+    return flats, targets, [mixture.shared_output(a.shared, f) for f in flats]
+
+
+def _match_by_mixture(layer: _Layer, routes, decisions) -> tuple[Optional[FusedMoE], bool]:
+    """EXPERT_RULES in order, each reading and activation screened by the mixture it explains the output as;
+    a reading that explains it goes on to ROUTING_RULES. Returns the fused layer, and whether any reading
+    explained the output."""
+    a = layer.anatomy
+    explained = False
+    flats, targets, shared = _screen_inputs(layer)
+    for rule in fusion_rules.EXPERT_RULES:
+        why = rule.applies(a.source)
+        if why is not None:
+            layer.trials.append(RuleTrial("experts", rule.name, "not applicable", why))
+            continue
+        closest, label, n = math.inf, "", 0
+        for reading in rule.read(a.source, a.hidden):
+            for act in _activation_candidates(a, reading.gated):
+                n += 1
+                layer.tried += 1
+                bases = [mixture.expert_outputs(f, reading.w_gate_up, reading.w_down, reading.b_gate_up, reading.b_down,
+                                                act[0], reading.gated, *act[1:]) for f in flats]
+                mix = mixture.solve(bases, shared, targets)
+                if mix.residual < closest:
+                    closest, label = mix.residual, f"{reading.layout}, {act[0]}"
+                if mix.residual > MATCH_TOL:
+                    continue
+                found, routing = _match_routing(layer, reading, act, mix, routes, decisions, flats)
+                matched = RuleTrial("experts", rule.name, "matched",
+                                      f"{reading.layout}, {act[0]}: the output is a mixture of these experts "
+                                      f"(residual {mix.residual:.1e})")
+                layer.trials += [matched] + routing
+                explained = True
+                if found is not None:
+                    return found, True
+        if n == 0:
+            layer.trials.append(RuleTrial("experts", rule.name, "failed",
+                                          "no orientation of its tensors maps hidden -> intermediate -> hidden"))
+        elif not any(t.stage == "experts" and t.rule == rule.name for t in layer.trials):
+            layer.trials.append(RuleTrial("experts", rule.name, "failed",
+                                          f"{n} readings x activations; none explains the output as a mixture of the "
+                                          f"experts (closest: {label}, residual {closest:.2g})"))
+    return None, explained
+
+
+def _routing_rule(route: Optional[RouteSpec]) -> RoutingRule:
+    return next(r for r in fusion_rules.ROUTING_RULES if (route is None and r.scoring is None) or (
+        route is not None and r.scoring == route.scoring and r.select_on == route.select_on))
+
+
+def _describe(route: Optional[RouteSpec]) -> str:
+    if route is None:
+        return "the router's (ids, weights), kept as written"
+    parts = [f"top-{route.top_k}", "renormalized" if route.renormalize else "not renormalized"]
+    if route.n_group > 1:
+        parts.append(f"{route.topk_group} of {route.n_group} groups")
+    if route.has_selection_bias:
+        parts.append("selection bias")
+    if route.scale != 1.0:
+        parts.append(f"scale {route.scale:g}")
+    return ", ".join(parts)
+
+
+def _match_routing(layer: _Layer, reading: ExpertWeights, act, mix: mixture.Mixture, routes, decisions,
+                   flats: list[torch.Tensor]) -> tuple[Optional[FusedMoE], list[RuleTrial]]:
+    """ROUTING_RULES against the weights the layer was seen to give its experts; a rule whose weights agree is
+    then checked as the whole layer."""
+    a = layer.anatomy
+    trials = []
+    for rule in fusion_rules.ROUTING_RULES:
+        candidates = [c for c in routes if _routing_rule(c[0]) is rule]
+        if rule.scoring is None and not (decisions and "ids" in decisions[0]):
+            candidates = []  # a router kept as written must hand the experts (ids, weights)
+        if not candidates:
+            trials.append(RuleTrial("routing", rule.name, "not applicable",
+                                    "the router doesn't return (ids, weights)" if rule.scoring is None
+                                    else "the router's own decisions follow another rule"))
+            continue
+        closest = math.inf
+        for route, rb, sb in candidates:
+            if route is None:
+                decided = [(d["ids"][: mixture.SCREEN_TOKENS], d["weights"][: mixture.SCREEN_TOKENS]) for d in decisions]
+            else:
+                with torch.no_grad():
+                    decided = [route_reference(F.linear(f, a.router_weight, rb), sb, route.scoring, route.top_k,
+                                               route.renormalize, route.n_group, route.topk_group, route.scale,
+                                               route.select_on == "logits") for f in flats]
+            err = mixture.routing_error(mix, decided, a.num_experts)
+            closest = min(closest, err)
+            if err > ROUTING_SCREEN_TOL:
+                continue
+            fused = layer.build(route, rb, sb, reading, act, False)
+            if layer.accept(fused, reading):
+                trials.append(RuleTrial("routing", rule.name, "matched", _describe(route)))
+                return fused, trials
+        trials.append(RuleTrial("routing", rule.name, "failed",
+                                f"none of its {len(candidates)} settings gives the layer's output from its experts' outputs "
+                                f"(closest relative error {closest:.2g})"))
+    return None, trials
+
+
+def _match_jointly(layer: _Layer, routes, woi_values: tuple[bool, ...], why: str) -> Optional[FusedMoE]:
+    """Expert readings and routing rules checked in pairs, where the output isn't linear in the routing weights;
+    the pairs are bounded by JOINT_LIMIT."""
+    a = layer.anatomy
+    start = layer.tried
     for route, rb, sb in routes:
-        for reading in anatomy.expert_readings():
-            i_dim = reading.w_down.shape[2]
-            for woi, (act, alpha, beta, limit) in itertools.product(
-                (False, True), _activation_candidates(anatomy, reading.gated)
-            ):
-                xs = ExpertsSpec(anatomy.num_experts, anatomy.hidden, i_dim, act, reading.gated, alpha, beta, limit,
-                                 reading.b_gate_up is not None or reading.b_down is not None, woi)
-                for shared, gate in shared_variants:
-                    tried += 1
-                    if tried > MAX_CANDIDATES:
-                        return _no_match(path, tried - 1, best), None
-                    spec = LayerSpec(route, xs, shared is not None, gate is not None, OutputSpec(flatten),
-                                     anatomy.post_norm is not None, anatomy.output_bias is not None)
-                    fused = FusedMoE(
-                        spec, anatomy.router_weight if route is not None else None, rb, sb,
-                        reading.w_gate_up, reading.w_down, reading.b_gate_up, reading.b_down,
-                        shared, gate, anatomy.router if route is None else None, post_norm=anatomy.post_norm,
-                        output_bias=anatomy.output_bias,
-                    )
-                    err, aux = _check(fused, probes, expected, n_aux)
-                    best = min(best, err)
-                    if err <= MATCH_TOL and aux is not None:
-                        fused.spec = replace(spec, output=OutputSpec(flatten, aux))
-                        fused.quantized = expert_codes(codes or WeightCodes(), reading)
-                        return FusionOutcome(path, True, spec=fused.spec, candidates_tried=tried), fused
-    return _no_match(path, tried, best), None
+        for rule, reading in expert_readings(a.source, a.hidden):
+            for woi, act in itertools.product(woi_values, _activation_candidates(a, reading.gated)):
+                if layer.tried - start >= JOINT_LIMIT:
+                    layer.trials.append(RuleTrial("joint", "experts x routing", "failed",
+                                                  f"{why}; stopped after {JOINT_LIMIT} pairs"))
+                    return None
+                fused = layer.build(route, rb, sb, reading, act, woi)
+                if layer.accept(fused, reading):
+                    layer.trials.append(RuleTrial(
+                        "joint", f"{rule.name} x {_routing_rule(route).name}", "matched",
+                        f"{reading.layout}, {act[0]}{', weights on the input' if woi else ''}; {_describe(route)}"))
+                    return fused
+    layer.trials.append(RuleTrial("joint", "experts x routing", "failed",
+                                  f"{why}: {layer.tried - start} pairs, none reproduces the layer"))
+    return None
 
 
 def experts_probes(given: ExpertsInputs, num_experts: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -748,50 +773,65 @@ def experts_probes(given: ExpertsInputs, num_experts: int) -> list[tuple[torch.T
 def match_experts(path: str, original: nn.Module, anatomy: Anatomy, given: ExpertsInputs,
                   codes: Optional[WeightCodes] = None) -> tuple[FusionOutcome, Optional[FusedMoE]]:
     """Experts on their own: a FusedMoE with a GivenRouting router that reproduces `original(hidden, ids,
-    weights)` on the call the model made and on probes around it."""
+    weights)` on the call the model made and on probes around it. The routing is given, so EXPERT_RULES are
+    tried alone."""
     hidden = given.hidden.shape[-1]
     probes = experts_probes(given, anatomy.num_experts)
+    trials = list(anatomy.router_rules)
     with torch.no_grad():
         try:
             expected = [original(h, i, w) for h, i, w in probes]
         except Exception as exc:
-            return FusionOutcome(path, False, f"original experts failed on probe inputs: {exc}"), None
+            return FusionOutcome(path, False, f"original experts failed on probe inputs: {exc}", rules=tuple(trials)), None
     router = GivenRouting(int(given.ids.shape[1]))
     tried, best = 0, math.inf
-    for reading in anatomy.readings_for(hidden):
-        for woi, (act, alpha, beta, limit) in itertools.product((False, True), _activation_candidates(anatomy, reading.gated)):
-            tried += 1
-            if tried > MAX_CANDIDATES:
-                return _no_match(path, tried - 1, best), None
-            xs = ExpertsSpec(anatomy.num_experts, hidden, reading.w_down.shape[2], act, reading.gated, alpha, beta,
-                             limit, reading.b_gate_up is not None or reading.b_down is not None, woi)
-            spec = LayerSpec(None, xs)
-            fused = FusedMoE(spec, None, None, None, reading.w_gate_up, reading.w_down, reading.b_gate_up,
-                             reading.b_down, router=router)
-            worst = 0.0
-            with torch.no_grad():
-                for (h, i, w), exp in zip(probes, expected):
-                    router.decision = (i, w)
-                    try:
-                        worst = max(worst, compare_tensors(exp, fused(h)).rel_l2)
-                    except Exception:
-                        worst = math.inf
-                    finally:
-                        router.decision = None
-                    if worst > MATCH_TOL:
-                        break
-            best = min(best, worst)
-            if worst <= MATCH_TOL:
-                fused.quantized = expert_codes(codes or WeightCodes(), reading)
-                return FusionOutcome(path, True, spec=spec, candidates_tried=tried), fused
-    return _no_match(path, tried, best), None
+    for rule in fusion_rules.EXPERT_RULES:
+        why = rule.applies(anatomy.source)
+        if why is not None:
+            trials.append(RuleTrial("experts", rule.name, "not applicable", why))
+            continue
+        n, closest = 0, math.inf
+        for reading in rule.read(anatomy.source, hidden):
+            for woi, (act, alpha, beta, limit) in itertools.product((False, True),
+                                                                    _activation_candidates(anatomy, reading.gated)):
+                n += 1
+                tried += 1
+                xs = ExpertsSpec(anatomy.num_experts, hidden, reading.w_down.shape[2], act, reading.gated, alpha, beta,
+                                 limit, reading.b_gate_up is not None or reading.b_down is not None, woi)
+                spec = LayerSpec(None, xs)
+                fused = FusedMoE(spec, None, None, None, reading.w_gate_up, reading.w_down, reading.b_gate_up,
+                                 reading.b_down, router=router)
+                worst = 0.0
+                with torch.no_grad():
+                    for (h, i, w), exp in zip(probes, expected):
+                        router.decision = (i, w)
+                        try:
+                            worst = max(worst, compare_tensors(exp, fused(h)).rel_l2)
+                        except Exception:
+                            worst = math.inf
+                        finally:
+                            router.decision = None
+                        if worst > MATCH_TOL:
+                            break
+                closest = min(closest, worst)
+                if worst <= MATCH_TOL:
+                    fused.quantized = expert_codes(codes or WeightCodes(), reading)
+                    trials.append(RuleTrial("experts", rule.name, "matched",
+                                            f"{reading.layout}, {act}{', weights on the input' if woi else ''}"))
+                    return FusionOutcome(path, True, spec=spec, candidates_tried=tried, rules=tuple(trials)), fused
+        best = min(best, closest)
+        trials.append(RuleTrial("experts", rule.name, "failed",
+                                "no orientation of its tensors maps hidden -> intermediate -> hidden" if n == 0 else
+                                f"{n} readings x activations; none reproduces the experts (closest relative error "
+                                f"{closest:.2g})"))
+    return _no_match(path, tried, best, "", tuple(trials)), None
 
 
-def _no_match(path: str, tried: int, best: float, why: str = "") -> FusionOutcome:
+def _no_match(path: str, tried: int, best: float, why: str = "", rules: tuple[RuleTrial, ...] = ()) -> FusionOutcome:
     why = why or f"no candidate semantics reproduced the layer (tried {tried}; closest relative error {best:.3g})"
     return FusionOutcome(
         path, False, why,
-        candidates_tried=tried, closest_error=None if not math.isfinite(best) else best,
+        candidates_tried=tried, closest_error=None if not math.isfinite(best) else best, rules=rules,
     )
 
 

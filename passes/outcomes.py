@@ -18,14 +18,32 @@ class LayerOutcome:
 
 
 @dataclass(frozen=True)
+class RuleTrial:
+    """One fusion rule tried on a layer (passes/fusion_rules.py): what it was, and what came of it."""
+
+    stage: str  # "router" | "experts" | "routing" | "joint" (experts and routing checked together)
+    rule: str
+    result: str  # "matched" | "failed" | "not applicable"
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "rule": self.rule, "result": self.result, "detail": self.detail}
+
+    def __str__(self) -> str:
+        return f"{self.stage} rule '{self.rule}' {self.result}" + (f": {self.detail}" if self.detail else "")
+
+
+@dataclass(frozen=True)
 class FusionOutcome(LayerOutcome):
-    """A MoE-shaped layer: fused into a FusedMoE (with its spec), or left as written (with why)."""
+    """A MoE-shaped layer: fused into a FusedMoE (with its spec), or left as written (with why), and the
+    fusion rules tried on it in order."""
 
     fused: bool = False
     reason: str = ""
     spec: Optional[LayerSpec] = None
-    candidates_tried: int = 0
+    candidates_tried: int = 0  # readings checked against the layer's outputs (rules expand to one or more each)
     closest_error: Optional[float] = None
+    rules: tuple[RuleTrial, ...] = ()
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {"path": self.path, "fused": self.fused, "candidates_tried": self.candidates_tried}
@@ -35,6 +53,8 @@ class FusionOutcome(LayerOutcome):
             d["spec"] = self.spec.to_dict()
         if self.closest_error is not None:
             d["closest_error"] = self.closest_error
+        if self.rules:
+            d["rules"] = [t.to_dict() for t in self.rules]
         return d
 
 

@@ -126,6 +126,10 @@ def run_one(model_type: str, fuse_only: bool) -> dict:
     row.update(layers=len(layers), fused=sum(l["fused"] for l in layers), fuse_seconds=round(fuse_s, 2),
                reasons=sorted({l.get("reason", "") for l in layers if not l["fused"]}),
                never_called=[l["path"] for l in found if l.get("reason") == NOT_CALLED])
+    unfused = [l for l in layers if not l["fused"]]
+    if unfused:  # the fusion rules tried on the first unfused layer, and why each failed
+        row["rules_tried"] = [f"{t['stage']} '{t['rule']}': {t['result']}" + (f" ({t['detail']})" if t["detail"] else "")
+                              for t in unfused[0].get("rules", [])]
     if not fuse_only:
         from moec.errors import MoecError
         from moec.pipeline import CompileOptions, compile

@@ -10,6 +10,7 @@ from moec import zoo
 from moec.moe_layer import FusedMoE
 from moec.passes.base import PassContext, PassManager
 from moec.passes.fuse_moe import FuseMoE, find_candidates
+from moec.passes.fusion_rules import ROUTING_RULES
 
 # family -> (number of MoE layers, expected routing / experts facts)
 EXPECTED = {
@@ -165,7 +166,14 @@ def test_unmatched_layer_stays_unfused_with_reason():
     layer = records[0].details["layers"][0]
     assert layer["path"] == "0" and layer["fused"] is False
     assert "no candidate semantics reproduced the layer" in layer["reason"]
+    assert "no routing rule" in layer["reason"]
     assert isinstance(out[0], OddRouterMoE)
+    # the report says rule by rule: the experts read, and why each routing rule failed
+    rules = [(t["stage"], t["rule"], t["result"]) for t in layer["rules"]]
+    assert ("experts", "stacked ungated", "matched") in rules
+    routing = [t for t in layer["rules"] if t["stage"] == "routing"]
+    assert [t["rule"] for t in routing] == [r.name for r in ROUTING_RULES]
+    assert all(t["result"] in ("failed", "not applicable") and t["detail"] for t in routing)
 
 
 class ScaledLoopMoE(zoo.LoopMoE):

@@ -2,7 +2,7 @@
 
 Matches: a submodule with stacked 3-D expert weights (on itself, a child, or one per sibling child) or a
   ModuleList of expert MLPs (or parallel ModuleLists of Linears), and a router found by ROUTER_RULES
-  (passes/py: an [E, H] or [H, E] weight on a child, nested or not, or on the module itself);
+  (passes/fusion_rules.py: an [E, H] or [H, E] weight on a child, nested or not, or on the module itself);
   optionally one dense shared-expert child and a ``[1, H]`` sigmoid shared gate, one child whose parameters
   are all ``[H]`` vectors (a norm on the output, A.X-K1), and an ``[H]`` output bias (JetMoE).
   Which module does what is decided by parameter shapes and by what the module computes, never by class
@@ -603,23 +603,33 @@ def match_layer(path: str, original: nn.Module, anatomy: Anatomy, x: torch.Tenso
                                     "its dense scores match no routing rule"))
             return layer.refused("the router's decisions match no known routing rule")
 
-    linear = mixture.solvable(anatomy.hidden, anatomy.num_experts, anatomy.shared is not None) and \
-        anatomy.post_norm is None
+    # The mixture screen reads the layer's output as [T, H] rows of its input's tokens: it needs both finite and
+    # the output as many numbers as the input.
+    mains = [e[0] if isinstance(e, (tuple, list)) else e for e in expected]
+    screenable = anatomy.post_norm is None and all(
+        isinstance(m, torch.Tensor) and m.numel() == p.numel() and bool(torch.isfinite(m).all()) and
+        bool(torch.isfinite(p).all()) for m, p in zip(mains, probes))
+    linear = screenable and mixture.solvable(anatomy.hidden, anatomy.num_experts, anatomy.shared is not None)
+    pairs = None
     if linear:
-        found, explained = _match_by_mixture(layer, routes, decisions)
+        found, pairs = _match_by_mixture(layer, routes, decisions)
         if found is not None:
             return layer.fused(found)
-        if explained:  # the experts are read; no routing rule gives their weights
-            return layer.refused(f"no candidate semantics reproduced the layer (tried {layer.tried}): its experts read "
-                                 "as a mixture, but no routing rule weighs them as the layer does")
-        why = "no reading explains the output as a mixture; experts that scale their input by the routing weight " \
-              "(Llama 4) are checked with the routing"
+        # Experts scaling their input by the routing weight: with SiLU nothing explained the output, so every
+        # reading is checked with the weight on the input; with a homogeneous activation (ReLU, identity) the
+        # reading that explained it is, the weight showing up as its power
+        why = ("its experts read as a mixture, but no routing rule weighs them as the layer does" if pairs else
+               "no reading explains the output as a mixture of the experts")
     elif anatomy.post_norm is not None:
         why = "the layer normalizes its output, so it is not linear in the routing weights"
     else:
         why = f"hidden size {anatomy.hidden} is too small to solve for {anatomy.num_experts} experts' weights"
-    found = _match_jointly(layer, routes, (True,) if linear else (False, True), why)
-    return layer.fused(found) if found is not None else layer.refused()
+    found = _match_jointly(layer, routes, decisions, (True,) if linear else (False, True), why, pairs or None,
+                           screen=screenable)
+    if found is not None:
+        return layer.fused(found)
+    return layer.refused(f"no candidate semantics reproduced the layer (tried {layer.tried}; closest relative error "
+                         f"{layer.best:.3g}): {why}")
 
 
 def _screen_inputs(layer: _Layer) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Optional[torch.Tensor]]]:
@@ -634,13 +644,18 @@ def _screen_inputs(layer: _Layer) -> tuple[list[torch.Tensor], list[torch.Tensor
     return flats, targets, [mixture.shared_output(a.shared, f) for f in flats]
 
 
-def _match_by_mixture(layer: _Layer, routes, decisions) -> tuple[Optional[FusedMoE], bool]:
+def _bases(reading: ExpertWeights, act, flats: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [mixture.expert_outputs(f, reading.w_gate_up, reading.w_down, reading.b_gate_up, reading.b_down, act[0],
+                                   reading.gated, *act[1:]) for f in flats]
+
+
+def _match_by_mixture(layer: _Layer, routes, decisions) -> tuple[Optional[FusedMoE], list]:
     """EXPERT_RULES in order, each reading and activation screened by the mixture it explains the output as;
-    a reading that explains it goes on to ROUTING_RULES. Returns the fused layer, and whether any reading
-    explained the output."""
+    a reading that explains it goes on to ROUTING_RULES. Returns the fused layer, or the (rule, reading,
+    activation) triples that explained the output."""
     a = layer.anatomy
-    explained = False
     flats, targets, shared = _screen_inputs(layer)
+    explained = []
     for rule in fusion_rules.EXPERT_RULES:
         why = rule.applies(a.source)
         if why is not None:
@@ -651,21 +666,22 @@ def _match_by_mixture(layer: _Layer, routes, decisions) -> tuple[Optional[FusedM
             for act in _activation_candidates(a, reading.gated):
                 n += 1
                 layer.tried += 1
-                bases = [mixture.expert_outputs(f, reading.w_gate_up, reading.w_down, reading.b_gate_up, reading.b_down,
-                                                act[0], reading.gated, *act[1:]) for f in flats]
-                mix = mixture.solve(bases, shared, targets)
+                try:
+                    mix = mixture.solve(_bases(reading, act, flats), shared, targets)
+                except RuntimeError:  # the solver refused (non-finite expert outputs): not this reading
+                    continue
                 if mix.residual < closest:
                     closest, label = mix.residual, f"{reading.layout}, {act[0]}"
                 if mix.residual > MATCH_TOL:
                     continue
                 found, routing = _match_routing(layer, reading, act, mix, routes, decisions, flats)
-                matched = RuleTrial("experts", rule.name, "matched",
-                                      f"{reading.layout}, {act[0]}: the output is a mixture of these experts "
-                                      f"(residual {mix.residual:.1e})")
-                layer.trials += [matched] + routing
-                explained = True
+                layer.trials.append(RuleTrial("experts", rule.name, "matched",
+                                              f"{reading.layout}, {act[0]}: the output is a mixture of these experts "
+                                              f"(residual {mix.residual:.1e})"))
+                layer.trials += routing
                 if found is not None:
-                    return found, True
+                    return found, explained
+                explained.append((rule, reading, act))
         if n == 0:
             layer.trials.append(RuleTrial("experts", rule.name, "failed",
                                           "no orientation of its tensors maps hidden -> intermediate -> hidden"))
@@ -694,55 +710,90 @@ def _describe(route: Optional[RouteSpec]) -> str:
     return ", ".join(parts)
 
 
+def _runnable(routes, decisions) -> list:
+    """The routes that can run: keeping the router as written needs it to hand out (ids, weights)."""
+    keeps = bool(decisions) and "ids" in decisions[0]
+    return [r for r in routes if r[0] is not None or keeps]
+
+
+def _decided(anatomy: Anatomy, route: Optional[RouteSpec], rb, sb, decisions, flats: list[torch.Tensor]) -> list:
+    """A route's (ids, weights) on the screening tokens of each probe."""
+    if route is None:
+        return [(d["ids"][: mixture.SCREEN_TOKENS], d["weights"][: mixture.SCREEN_TOKENS]) for d in decisions]
+    with torch.no_grad():
+        return [route_reference(F.linear(f, anatomy.router_weight, rb), sb, route.scoring, route.top_k,
+                                route.renormalize, route.n_group, route.topk_group, route.scale,
+                                route.select_on == "logits") for f in flats]
+
+
 def _match_routing(layer: _Layer, reading: ExpertWeights, act, mix: mixture.Mixture, routes, decisions,
                    flats: list[torch.Tensor]) -> tuple[Optional[FusedMoE], list[RuleTrial]]:
-    """ROUTING_RULES against the weights the layer was seen to give its experts; a rule whose weights agree is
-    then checked as the whole layer."""
+    """ROUTING_RULES against the layer's output rebuilt from the experts' outputs already computed; a setting that
+    agrees is then checked as the whole layer."""
     a = layer.anatomy
     trials = []
+    runnable = _runnable(routes, decisions)
     for rule in fusion_rules.ROUTING_RULES:
-        candidates = [c for c in routes if _routing_rule(c[0]) is rule]
-        if rule.scoring is None and not (decisions and "ids" in decisions[0]):
-            candidates = []  # a router kept as written must hand the experts (ids, weights)
+        candidates = [c for c in runnable if _routing_rule(c[0]) is rule]
         if not candidates:
             trials.append(RuleTrial("routing", rule.name, "not applicable",
                                     "the router doesn't return (ids, weights)" if rule.scoring is None
                                     else "the router's own decisions follow another rule"))
             continue
-        closest = math.inf
+        closest, screened = math.inf, 0
         for route, rb, sb in candidates:
-            if route is None:
-                decided = [(d["ids"][: mixture.SCREEN_TOKENS], d["weights"][: mixture.SCREEN_TOKENS]) for d in decisions]
-            else:
-                with torch.no_grad():
-                    decided = [route_reference(F.linear(f, a.router_weight, rb), sb, route.scoring, route.top_k,
-                                               route.renormalize, route.n_group, route.topk_group, route.scale,
-                                               route.select_on == "logits") for f in flats]
-            err = mixture.routing_error(mix, decided, a.num_experts)
+            err = mixture.routing_error(mix, _decided(a, route, rb, sb, decisions, flats), a.num_experts)
             closest = min(closest, err)
             if err > ROUTING_SCREEN_TOL:
                 continue
+            screened += 1
             fused = layer.build(route, rb, sb, reading, act, False)
             if layer.accept(fused, reading):
                 trials.append(RuleTrial("routing", rule.name, "matched", _describe(route)))
                 return fused, trials
+        layer.best = min(layer.best, closest)
         trials.append(RuleTrial("routing", rule.name, "failed",
-                                f"none of its {len(candidates)} settings gives the layer's output from its experts' outputs "
-                                f"(closest relative error {closest:.2g})"))
+                                f"{screened} of its {len(candidates)} settings rebuilt the output from the experts', "
+                                f"but failed the whole-layer check (closest {layer.best:.2g}; extra outputs, later "
+                                "tokens or ties)" if screened else
+                                f"none of its {len(candidates)} settings gives the layer's output from its experts' "
+                                f"outputs (closest relative error {closest:.2g})"))
     return None, trials
 
 
-def _match_jointly(layer: _Layer, routes, woi_values: tuple[bool, ...], why: str) -> Optional[FusedMoE]:
-    """Expert readings and routing rules checked in pairs, where the output isn't linear in the routing weights;
-    the pairs are bounded by JOINT_LIMIT."""
+def _match_jointly(layer: _Layer, routes, decisions, woi_values: tuple[bool, ...], why: str, pairs=None,
+                   screen: bool = False) -> Optional[FusedMoE]:
+    """Readings and routings checked together where the mixture can't separate them: every (reading, activation)
+    -- or only `pairs`, the ones that explained the output -- with every route. A route is checked as the whole
+    layer; with `screen`, routes without the weight on the input are first screened from the experts' outputs
+    (no solve needed). Whole-layer checks are bounded by JOINT_LIMIT."""
     a = layer.anatomy
     start = layer.tried
-    for route, rb, sb in routes:
+    runnable = _runnable(routes, decisions)
+    flats, targets, shared = _screen_inputs(layer) if screen else (None, None, None)
+
+    def candidates():
+        if pairs is not None:
+            yield from pairs
+            return
         for rule, reading in expert_readings(a.source, a.hidden):
-            for woi, act in itertools.product(woi_values, _activation_candidates(a, reading.gated)):
+            for act in _activation_candidates(a, reading.gated):
+                yield rule, reading, act
+
+    for woi in woi_values:  # the screened checks (no weight on the input) first: they are cheap
+        for rule, reading, act in candidates():
+            checking = runnable
+            if screen and not woi:
+                try:
+                    mix = mixture.Mixture(_bases(reading, act, flats), shared, targets, math.nan)
+                    checking = [r for r in runnable if mixture.routing_error(
+                        mix, _decided(a, r[0], r[1], r[2], decisions, flats), a.num_experts) <= ROUTING_SCREEN_TOL]
+                except RuntimeError:
+                    checking = []
+            for route, rb, sb in checking:
                 if layer.tried - start >= JOINT_LIMIT:
                     layer.trials.append(RuleTrial("joint", "experts x routing", "failed",
-                                                  f"{why}; stopped after {JOINT_LIMIT} pairs"))
+                                                  f"{why}; stopped after {JOINT_LIMIT} whole-layer checks"))
                     return None
                 fused = layer.build(route, rb, sb, reading, act, woi)
                 if layer.accept(fused, reading):
@@ -751,7 +802,7 @@ def _match_jointly(layer: _Layer, routes, woi_values: tuple[bool, ...], why: str
                         f"{reading.layout}, {act[0]}{', weights on the input' if woi else ''}; {_describe(route)}"))
                     return fused
     layer.trials.append(RuleTrial("joint", "experts x routing", "failed",
-                                  f"{why}: {layer.tried - start} pairs, none reproduces the layer"))
+                                  f"{why}: {layer.tried - start} whole-layer checks, none reproduces the layer"))
     return None
 
 
@@ -777,7 +828,7 @@ def match_experts(path: str, original: nn.Module, anatomy: Anatomy, given: Exper
     tried alone."""
     hidden = given.hidden.shape[-1]
     probes = experts_probes(given, anatomy.num_experts)
-    trials = list(anatomy.router_rules)
+    trials = [RuleTrial("router", "routing given by the caller", "matched", "called as experts(hidden, ids, weights)")]
     with torch.no_grad():
         try:
             expected = [original(h, i, w) for h, i, w in probes]

@@ -2,7 +2,9 @@
 and which routing it computes. Each rule says what it matches, checks it, and says why it fails; fuse_moe
 tries them in order and the report lists, per layer, every rule tried and its result.
 
-Adding a reading is one entry in ROUTER_RULES, EXPERT_RULES or ROUTING_RULES.
+Adding a reading is one entry in ROUTER_RULES or EXPERT_RULES. A routing family whose scoring moec's route op
+already computes (softmax, sigmoid; top-k over scores or logits) is one entry in ROUTING_RULES; a new scoring also
+needs `moec.route` (moec/ops.py) and its lowerings to compute it.
 
 Rules only read shapes; none of them decides on its own that a reading is right. fuse_moe checks each
 reading against what the layer computes (the expert mixture it recovers, then the whole layer on probes).
@@ -283,8 +285,6 @@ EXPERT_RULES: tuple[ExpertRule, ...] = (
     ExpertRule("stacked gate|up", "two stacked tensors, in-projection [E, 2I, H] (or [E, H, 2I]) with gate rows then "
                "up rows, out-projection [E, H, I] (or [E, I, H]), optional [E, n] biases",
                _needs_stacked(2), _stacked_gate_up),
-    ExpertRule("stacked up|gate", "as stacked gate|up, with the up rows first (`up, gate = x.chunk(2)`)",
-               _needs_stacked(2), _stacked_up_gate),
     ExpertRule("stacked interleaved", "as stacked gate|up, with gate and up rows alternating (GPT-OSS)",
                _needs_stacked(2), _stacked_interleaved),
     ExpertRule("stacked ungated", "two stacked tensors, [E, I, H] in and [E, H, I] out (either transposed): "
@@ -294,6 +294,9 @@ EXPERT_RULES: tuple[ExpertRule, ...] = (
     ExpertRule("module list", "an nn.ModuleList of E MLPs of 2 (plain) or 3 (gated) Linears with any names and "
                "biases (or parallel ModuleLists, one per role), every assignment of roles",
                _list_applies, _list_readings),
+    # last: a rarer layout, and each stacked rule multiplies the checks where readings and routing go together
+    ExpertRule("stacked up|gate", "as stacked gate|up, with the up rows first (`up, gate = x.chunk(2)`)",
+               _needs_stacked(2), _stacked_up_gate),
 )
 
 

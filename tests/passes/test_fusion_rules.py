@@ -136,3 +136,66 @@ def test_stacked_rules_say_why_a_module_list_is_not_theirs(rule):
     experts = nn.ModuleList([nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 8)) for _ in range(3)])
     why = rule.applies(ExpertSource(3, expert_list=experts))
     assert why and "ModuleList" in why
+
+
+class WeightedInputMoE(nn.Module):
+    """Softmax top-2 whose weight scales each expert's *input*, experts relu(gate) * up: E(w x) = w^2 E(x), so
+    the output still reads as a mixture of the experts, with weights no routing rule gives."""
+
+    def __init__(self, hidden=32, inter=16, num_experts=4):
+        super().__init__()
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.w13 = nn.Parameter(torch.randn(num_experts, 2 * inter, hidden) / 6)
+        self.w2 = nn.Parameter(torch.randn(num_experts, hidden, inter) / 4)
+
+    def forward(self, x):
+        w, ids = torch.softmax(self.gate(x), -1).topk(2, -1)
+        w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e in range(self.w13.shape[0]):
+            scale = (w * (ids == e)).sum(-1, keepdim=True)
+            g, u = torch.nn.functional.linear(x * scale, self.w13[e]).chunk(2, -1)
+            out = out + torch.nn.functional.linear(torch.relu(g) * u, self.w2[e])
+        return out
+
+
+def test_weights_on_the_input_with_a_homogeneous_activation_fuse():
+    torch.manual_seed(0)
+    outcome = _fuse(nn.Sequential(WeightedInputMoE()), torch.randn(12, 32)).layers[0]
+    assert outcome.fused and outcome.spec.experts.weight_on_input and outcome.spec.experts.activation == "relu"
+    # the reading that explained the output is the only one checked with the weight on the input
+    assert [t.rule for t in outcome.rules if t.stage == "joint"] == ["stacked gate|up x softmax top-k"]
+    assert outcome.candidates_tried < 200
+
+
+class NarrowMoE(nn.Module):
+    """Hidden 8 and 8 experts: too few equations per token to solve for the experts' weights. Interleaved
+    gate/up, a router bias, sigmoid top-3 renormalized, and no attribute naming any of it."""
+
+    def __init__(self, hidden=8, inter=6, num_experts=8):
+        super().__init__()
+        self.router = nn.Linear(hidden, num_experts)
+        self.w_in = nn.Parameter(torch.randn(num_experts, 2 * inter, hidden) / 3)
+        self.w_out = nn.Parameter(torch.randn(num_experts, hidden, inter) / 3)
+
+    def forward(self, x):
+        s = torch.sigmoid(self.router(x))
+        w, ids = s.topk(3, -1)
+        w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e in range(self.w_in.shape[0]):
+            h = torch.nn.functional.linear(x, self.w_in[e])
+            g, u = h[:, 0::2], h[:, 1::2]
+            out = out + (w * (ids == e)).sum(-1, keepdim=True) * torch.nn.functional.linear(
+                torch.nn.functional.silu(g) * u, self.w_out[e])
+        return out
+
+
+def test_a_layer_too_narrow_to_solve_is_read_with_routes_screened_from_the_experts_outputs():
+    torch.manual_seed(0)
+    outcome = _fuse(nn.Sequential(NarrowMoE()), torch.randn(16, 8)).layers[0]
+    assert outcome.fused, outcome.reason
+    assert outcome.spec.route.scoring == "sigmoid" and outcome.spec.route.top_k == 3
+    joint = [t for t in outcome.rules if t.stage == "joint"]
+    assert [t.result for t in joint] == ["matched"] and "interleaved" in joint[0].detail
+    assert outcome.candidates_tried < 100  # whole-layer checks only for routes that passed the screen

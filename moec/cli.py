@@ -118,6 +118,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
               f"{q['weight_bytes_quantized'] / 2**20:.1f} MiB; logits vs fp32: relative L2 "
               f"{q['logits_vs_fp32']['rel_l2']:.3g}, cosine {q['logits_vs_fp32']['cosine']:.5f}"
               + (" (against the pruned model)" if q.get("logits_vs_fp32_against") else ""))
+        auto = q.get("auto")
+        if auto:
+            counts: dict[str, int] = {}
+            for c in auto["choice"].values():
+                counts[c] = counts.get(c, 0) + 1
+            int8 = next((u for u in auto["uniform"] if u["precision"] == "int8"), None)
+            print(f"  --quant auto (budget {auto['budget']:g}): " + ", ".join(f"{n} layers {p}" for p, n in
+                                                                            sorted(counts.items()))
+                  + (f"; uniform int8 would write {int8['weight_bytes'] / 2**20:.1f} MiB at relative L2 "
+                     f"{int8['rel_l2']:.3g}" if int8 else "") + " (moec inspect DIR --quant)")
     return 0
 
 
@@ -247,6 +257,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise ArtifactError(f"'{report_path}' is not valid JSON ({exc}); recompile the artifact.") from exc
     if args.routing:
         return show_routing(report, report_path, args)
+    if args.quant:
+        return show_quantization(report, report_path, args)
     if not args.memory:
         print(json.dumps({k: report[k] for k in ("source", "target", "moe_layers", "numerics") if k in report},
                          indent=2, default=str))
@@ -265,6 +277,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.plot:
         render_plot(plan, args.profile, args.plot)
         print(f"plot of profile '{args.profile}' written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+def show_quantization(report: dict, report_path: str, args: argparse.Namespace) -> int:
+    from moec.analysis.quant_choice import format_table, render_plot
+
+    q = report.get("quantization")
+    if not q:
+        raise MoecError(f"'{report_path}' has no quantized experts: compile with --quant int8|int4|int2|auto.")
+    print(json.dumps(q, indent=2) if args.json else format_table(q), flush=True)
+    if args.plot:
+        render_plot(q, args.plot)
+        print(f"bytes-vs-error plot written to {args.plot}", file=sys.stderr)
     return 0
 
 
@@ -349,8 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tensorrt-aot", action="store_true",
                    help="mark the experts plugin nodes for TensorRT's AOT implementation (one embedded kernel; "
                         "engines run without Python)")
-    c.add_argument("--quant", choices=["int8", "int4", "int2"],
-                   help="quantize expert weights (ONNX Runtime QMoE, or the TensorRT plugin's packed variant)")
+    c.add_argument("--quant", choices=["int8", "int4", "int2", "auto"],
+                   help="quantize expert weights (ONNX Runtime QMoE, or the TensorRT plugin's packed variant); auto: "
+                        "each MoE layer at the cheapest of int2/int4/int8/full precision within --accuracy-budget")
     c.add_argument("--quant-dense", action="store_true",
                    help="also quantize the other Linear layers (ONNX Runtime MatMulNBits; routers stay fp32)")
     c.add_argument("--block-size", type=int, choices=[16, 32, 64, 128],
@@ -418,9 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--memory", action="store_true", help="the memory plan as a table")
     i.add_argument("--routing", action="store_true",
                    help="routing statistics per layer and expert (compiled with --calibration) and what was pruned")
-    i.add_argument("--json", action="store_true", help="with --memory or --routing: as JSON")
+    i.add_argument("--quant", action="store_true",
+                   help="each MoE layer's precision, bytes and error; for --quant auto the bytes-vs-error curve")
+    i.add_argument("--json", action="store_true", help="with --memory, --routing or --quant: as JSON")
     i.add_argument("--plot", help="with --memory: render the arena as a PNG (tensors over time x offset); with "
-                                  "--routing: a layers x experts heat map of the contributions")
+                                  "--routing: a layers x experts heat map of the contributions; with --quant: bytes "
+                                  "against error")
     i.add_argument("--profile", default="max", choices=["min", "opt", "max"])
     i.set_defaults(func=cmd_inspect)
 
@@ -442,8 +471,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "verify" and not args.dir and not args.server:
         parser.error("verify needs DIR or --server")
-    if args.command == "inspect" and args.memory and args.routing:
-        parser.error("inspect: give --memory or --routing, not both")
+    if args.command == "inspect" and sum(map(bool, (args.memory, args.routing, args.quant))) > 1:
+        parser.error("inspect: give --memory or --routing or --quant, one of them")
     if args.command == "verify" and args.server and not args.golden and not args.dir:
         parser.error("verify --server needs --golden (or DIR, whose golden/ is used)")
     previous = _terminate_as_interrupt()

@@ -152,6 +152,7 @@ class FusedMoE(nn.Module):
         super().__init__()
         self.spec = spec
         self.quantized = quantized
+        self.full_precision: Optional[str] = None  # why a quantizing compile keeps this layer unquantized (--quant auto)
         self.router = router  # only when routing is kept as written (spec.route is None)
         self.router_weight = _param(router_weight)
         self.router_bias = _param(router_bias)

@@ -280,6 +280,16 @@ def check_quantization(options: CompileOptions, prequantized: bool) -> None:
     what = "the model's expert weights are already quantized and" if prequantized else f"--quant {quant}"
     if quant and not options.fuse:
         raise MoecError(f"{what} quantizes the fused experts; it needs MoE fusion (drop --no-fusion).")
+    if quant == "auto":
+        if options.extra.get("accuracy_budget") is None:
+            raise MoecError("--quant auto picks each MoE layer's precision (int2, int4, int8 or full) to write the "
+                            "fewest bytes within --accuracy-budget; give it (e.g. --accuracy-budget 0.05).")
+        if options.extra.get("quant_dense"):
+            raise MoecError("--quant-dense quantizes the other Linear layers with the experts' setting; --quant auto "
+                            "has one per layer. Give --quant int8|int4|int2 with --quant-dense.")
+        if options.extra.get("prune_experts") == "auto":
+            raise MoecError("--prune-experts auto and --quant auto would both spend --accuracy-budget; give one of "
+                            "them a fixed setting (a fraction, or int8|int4|int2).")
     if options.extra.get("quant_dense") and not quant:
         raise MoecError("--quant-dense quantizes the other Linear layers with the experts' settings; give --quant "
                         "int8|int4|int2 too.")

@@ -73,11 +73,14 @@ def quantization_summary(records: list[PassRecord], extra: dict, activations_qua
         "weight_bytes_fp32": sum(l["weight_bytes_fp32"] for l in all_layers),
         "weight_bytes_quantized": sum(l["weight_bytes_quantized"] for l in all_layers),
         "onnxruntime_quantizes_activations": activations_quantized,
-        "tolerance_vs_fp32": TOLERANCES[precision],  # informational: vs_fp32["passed"] in the numerics
+        # informational: vs_fp32["passed"] in the numerics; --quant auto's own bound is its budget
+        "tolerance_vs_fp32": TOLERANCES[precision] if precision in TOLERANCES else extra.get("accuracy_budget"),
         "tolerance_vs_dequantized": 3e-2 if activations_quantized else FP32_REL_L2,
     }
     if dense is not None:
         summary["dense"] = dense
+    if "auto" in experts.details:  # --quant auto: the precision each layer got, and the curve it was chosen from
+        summary["auto"] = experts.details["auto"]
     folded = folded_qdq(records)
     if folded:
         summary["folded_qdq"] = folded
@@ -85,6 +88,12 @@ def quantization_summary(records: list[PassRecord], extra: dict, activations_qua
     if budget is not None and logits is not None and not (logits["rel_l2"] <= budget):
         worst_layers = sorted(all_layers, key=lambda l: -l.get("rel_l2_vs_fp32", 0))[:3]
         names = ", ".join(f"{l['path']} ({l.get('rel_l2_vs_fp32', float('nan')):.3g})" for l in worst_layers)
+        if "auto" in summary:
+            raise AccuracyBudgetError(
+                f"--accuracy-budget {budget:g}: the precisions --quant auto chose (relative L2 "
+                f"{summary['auto']['measured_rel_l2']:.3g} on the inputs it measured) move the verification inputs' "
+                f"logits by {logits['rel_l2']:.3g}; give a budget above the fp32 compile's own error or loosen it. "
+                "Nothing was written.")
         raise AccuracyBudgetError(
             f"--accuracy-budget {budget:g}: {summary['spec']} quantization moves the logits by relative L2 "
             f"{logits['rel_l2']:.3g} against the full-precision model it quantized. Worst layers: {names}. Try int8, a smaller "

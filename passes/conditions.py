@@ -32,7 +32,8 @@ def _fused_paths(module: nn.Module) -> list[str]:
 def _unquantized(module: nn.Module) -> Optional[str]:
     from moec.moe_layer import FusedMoE
 
-    bare = [p for p, m in module.named_modules() if isinstance(m, FusedMoE) and m.quantized is None]
+    bare = [p for p, m in module.named_modules()
+            if isinstance(m, FusedMoE) and m.quantized is None and m.full_precision is None]
     return f"FusedMoE layers without quantized codes: {', '.join(bare)}" if bare else None
 
 
@@ -43,7 +44,8 @@ def _left_fused(module: nn.Module) -> Optional[str]:
 
 WEIGHT_QDQ_FOLDED = Condition("weight_qdq_folded", "Q/DQ pairs on Linear weights are folded into plain Linears")
 MOE_FUSED = Condition("moe_fused", "recognized MoE layers are canonical FusedMoE modules")
-EXPERTS_QUANTIZED = Condition("experts_quantized", "every FusedMoE carries its quantized expert codes",
+EXPERTS_QUANTIZED = Condition("experts_quantized", "every FusedMoE carries its quantized expert codes (or, with "
+                              "--quant auto, the reason it stays at full precision)",
                               _unquantized)
 EXPERTS_LOWERED = Condition("experts_lowered", "no FusedMoE is left: every fused layer is in the target's form",
                             _left_fused)

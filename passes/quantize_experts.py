@@ -1,6 +1,8 @@
 """quantize_experts: weight-only quantization of every fused layer's expert weights.
 
-Matches: every `FusedMoE` (after fuse_moe), when the compile asks for ``--quant int8|int4|int2``.
+Matches: every `FusedMoE` (after fuse_moe), when the compile asks for ``--quant int8|int4|int2|auto``; with
+  ``auto`` each layer gets its own precision, or stays at full precision (``FusedMoE.full_precision`` says why),
+  chosen within ``--accuracy-budget`` by moec/mixed_precision.py from each layer's measured sensitivity.
 Produces: the same FusedMoE computing with the *dequantized* weights (so the graph stays runnable
   and is the exact reference for the quantized artifact), plus the quantized codes in the layer's
   declared ``FusedMoE.quantized`` for the lowering; per layer, the error against full precision on the layer's
@@ -25,7 +27,8 @@ from torch import nn
 
 from moec.moe_layer import GivenRouting, QuantizedExperts
 from moec.numerics import compare_tensors
-from moec.passes.base import Pass, PassContext, PassResult, flatten_outputs
+from moec.mixed_precision import FULL, PRECISIONS, choose
+from moec.passes.base import Pass, PassContext, PassResult, compare_outputs, flatten_outputs, worst
 from moec.passes.conditions import EXPERTS_QUANTIZED, MOE_FUSED
 from moec.gptq import quantize_layer
 from moec.passes.layers import capture_inputs, iter_fused
@@ -55,44 +58,105 @@ class QuantizeExperts(Pass):
     ensures = (EXPERTS_QUANTIZED,)
 
     def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
-        spec = spec_from_options(ctx.options)
         paths = [p for p, _ in iter_fused(module)]
         inputs = capture_inputs(module, paths, ctx.probes[0])
         calibrated = bool(ctx.calibration) and not ctx.options.get("prequantized")
         calibration = calibration_inputs(module, paths, ctx.calibration) if calibrated else {}
+        if ctx.options["quant"] == "auto":
+            return self.auto(module, ctx, paths, inputs, calibration)
+        spec = spec_from_options(ctx.options)
         layers = []
         for path in paths:
             fused = module.get_submodule(path)
-            captured = inputs.get(path)
-            given = isinstance(fused.router, GivenRouting)  # its routing exists only inside its caller's call
-            x = None if captured is None or isinstance(captured, str) or given else captured[1]
-            if ctx.options.get("prequantized"):
-                if fused.quantized is None:
-                    raise QuantError(
-                        f"{path}: the model's pre-quantized expert weights (packed checkpoint or Q/DQ layers) are "
-                        "not in moec's canonical layout ([E, 2I, H] gate|up, [E, H, I]), or only some experts "
-                        "carry codes; folding them would re-quantize. Not supported yet.")
-                q_gate_up, q_down = fused.quantized.gate_up, fused.quantized.down
-                method = "the checkpoint's codes"
-            elif path in calibration and not given:
-                tokens, experts = calibration[path].shape[0], fused.spec.experts.num_experts
-                if tokens < experts:
-                    from moec.calibration import CalibrationError
-
-                    raise CalibrationError(
-                        f"--calibration {ctx.options.get('calibration')}: {tokens} calibration tokens reach {path}, "
-                        f"fewer than its {experts} experts; calibrated quantization needs data that reaches every "
-                        "expert (more or longer sequences). Nothing was written.")
-                ctx.log(f"  GPTQ {path} ({tokens} calibration tokens)")
-                q_gate_up, q_down, choice = quantize_layer(fused, calibration[path], spec, path)
-                method = choice.describe()
-            else:
-                q_gate_up = quantize(fused.w_gate_up, spec, f"{path}.w_gate_up")
-                q_down = quantize(fused.w_down, spec, f"{path}.w_down")
-                method = "round-to-nearest" + (" (routing given by the caller: not calibrated)" if given and calibrated
-                                               else "")
-            layers.append(give_codes(path, fused, spec, q_gate_up, q_down, x, method))
+            q_gate_up, q_down, method = self.codes(path, fused, spec, ctx, calibration)
+            layers.append(give_codes(path, fused, spec, q_gate_up, q_down, _layer_input(fused, inputs.get(path)), method))
         return PassResult(module, bool(layers), {"spec": spec.name}, layers)
+
+    def codes(self, path: str, fused, spec: QuantSpec, ctx: PassContext, calibration: dict):
+        """(gate_up codes, down codes, how they were chosen) for one layer at `spec`."""
+        given = isinstance(fused.router, GivenRouting)  # its routing exists only inside its caller's call
+        if ctx.options.get("prequantized"):
+            if fused.quantized is None:
+                raise QuantError(
+                    f"{path}: the model's pre-quantized expert weights (packed checkpoint or Q/DQ layers) are "
+                    "not in moec's canonical layout ([E, 2I, H] gate|up, [E, H, I]), or only some experts "
+                    "carry codes; folding them would re-quantize. Not supported yet.")
+            return fused.quantized.gate_up, fused.quantized.down, "the checkpoint's codes"
+        if path in calibration and not given:
+            tokens, experts = calibration[path].shape[0], fused.spec.experts.num_experts
+            if tokens < experts:
+                from moec.calibration import CalibrationError
+
+                raise CalibrationError(
+                    f"--calibration {ctx.options.get('calibration')}: {tokens} calibration tokens reach {path}, "
+                    f"fewer than its {experts} experts; calibrated quantization needs data that reaches every "
+                    "expert (more or longer sequences). Nothing was written.")
+            ctx.log(f"  GPTQ {path} at {spec.name} ({tokens} calibration tokens)")
+            q_gate_up, q_down, choice = quantize_layer(fused, calibration[path], spec, path)
+            return q_gate_up, q_down, choice.describe()
+        method = "round-to-nearest" + (" (routing given by the caller: not calibrated)" if given and calibration else "")
+        return quantize(fused.w_gate_up, spec, f"{path}.w_gate_up"), quantize(fused.w_down, spec, f"{path}.w_down"), method
+
+    def auto(self, module: nn.Module, ctx: PassContext, paths: list[str], inputs: dict, calibration: dict) -> PassResult:
+        """--quant auto: each layer at the cheapest precision the budget allows (moec/mixed_precision.py)."""
+        budget = float(ctx.options["accuracy_budget"])
+        full = {p: (module.get_submodule(p).w_gate_up, module.get_submodule(p).w_down) for p in paths}
+        codes: dict[tuple[str, str], tuple] = {}
+
+        def layer_codes(path: str, precision: str):
+            if (path, precision) not in codes:
+                spec = spec_from_options({**ctx.options, "quant": precision})
+                fused = module.get_submodule(path)
+                fused.w_gate_up, fused.w_down = full[path]  # codes always from the full-precision weights
+                codes[(path, precision)] = self.codes(path, fused, spec, ctx, calibration)
+            return codes[(path, precision)]
+
+        with torch.no_grad():
+            reference = [module(*p) for p in ctx.probes]
+
+        def error_of(choice: dict[str, str]) -> float:
+            for path in paths:
+                fused = module.get_submodule(path)
+                precision = choice.get(path, FULL)
+                if precision == FULL:
+                    fused.w_gate_up, fused.w_down = full[path]
+                else:
+                    q1, q2, _ = layer_codes(path, precision)
+                    fused.w_gate_up = nn.Parameter(dequantize(q1), requires_grad=False)
+                    fused.w_down = nn.Parameter(dequantize(q2), requires_grad=False)
+            with torch.no_grad():
+                got = [module(*p) for p in ctx.probes]
+            for path in paths:
+                module.get_submodule(path).w_gate_up, module.get_submodule(path).w_down = full[path]
+            return worst(compare_outputs(reference, got)).rel_l2
+
+        weight_bytes = {}
+        for path in paths:
+            fused = module.get_submodule(path)
+            weight_bytes[path] = {FULL: fused.w_gate_up.numel() * 4 + fused.w_down.numel() * 4}
+            for precision in PRECISIONS[:-1]:
+                q1, q2, _ = layer_codes(path, precision)
+                weight_bytes[path][precision] = packed_bytes(q1) + packed_bytes(q2)
+        plan = choose(paths, weight_bytes, error_of, budget, ctx.log)
+        layers = []
+        for path in paths:
+            fused, precision = module.get_submodule(path), plan.choice[path]
+            if precision == FULL:
+                fused.full_precision = f"--quant auto kept it at full precision (budget {budget:g})"
+                b = weight_bytes[path][FULL]
+                layers.append(QuantizationOutcome(path, FULL, b, b, 0.0, 1.0, method="kept at full precision"))
+                continue
+            q1, q2, method = layer_codes(path, precision)
+            spec = spec_from_options({**ctx.options, "quant": precision})
+            layers.append(give_codes(path, fused, spec, q1, q2, _layer_input(fused, inputs.get(path)), method))
+        return PassResult(module, True, {"spec": "auto", "auto": plan.to_dict()}, layers)
+
+
+def _layer_input(fused, captured):
+    """The layer's real input, for its own error (None for experts routed by their caller: no input of their own)."""
+    if captured is None or isinstance(captured, str) or isinstance(fused.router, GivenRouting):
+        return None
+    return captured[1]
 
 
 def give_codes(path: str, fused, spec: QuantSpec, q_gate_up, q_down, x=None,

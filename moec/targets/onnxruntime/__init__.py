@@ -54,6 +54,8 @@ class OnnxRuntimeTarget(Target):
         if not x.get("quant"):
             return False
         block = x.get("block_size")
+        if x["quant"] == "auto":  # int8 or int2 may be chosen: block-wise, ORT quantizes activations for either
+            return block is not None or x.get("accuracy_level") == 4
         if x["quant"] == "int2":
             from moec.targets.onnxruntime.quantize_dense import dense_spec
 

@@ -1,6 +1,7 @@
 """lower_moe_qmoe: rewrite each quantized FusedMoE as ONNX Runtime's ``com.microsoft.QMoE``.
 
-Matches: every `FusedMoE` carrying ``quantized`` codes (from quantize_experts).
+Matches: every `FusedMoE` carrying ``quantized`` codes (from quantize_experts); a layer --quant auto kept at
+  full precision is lowered as the fp32 compile lowers it (lower_moe_onnxruntime.lower_to_moe).
 Produces: an `OrtQMoE` whose experts run as ``moec.ort_qmoe`` (one QMoE node): packed codes, scales
   and zero points exactly as quantize_experts made them (fc1 rows interleaved gate/up for swiglu — a
   row permutation, so no value changes). Routing of any kind runs as ONNX ops; QMoE selects the
@@ -22,7 +23,7 @@ from moec.passes.conditions import EXPERTS_LOWERED, EXPERTS_QUANTIZED
 from moec.passes.lowering import lower_each, mix_signed, route_outside
 from moec.quant import QuantizedWeight, pack, packed_shapes
 from moec.targets.onnxruntime import ops  # noqa: F401  (registers torch.ops.moec.ort_qmoe)
-from moec.targets.onnxruntime.lower_moe_onnxruntime import plan_layer
+from moec.targets.onnxruntime.lower_moe_onnxruntime import lower_to_moe, plan_layer
 
 
 def _interleave_rows(q: QuantizedWeight) -> QuantizedWeight:
@@ -91,6 +92,8 @@ class LowerMoEForQMoE(Pass):
         accuracy_level = int(ctx.options.get("accuracy_level", 0))
 
         def lower(path: str, fused: FusedMoE, top_k: int) -> tuple[nn.Module, str] | str:
+            if fused.quantized is None:  # kept at full precision by --quant auto: the fp32 MoE
+                return lower_to_moe(path, fused, top_k)
             plan = plan_layer(fused.spec, top_k)
             if isinstance(plan, str):
                 return plan

@@ -26,6 +26,9 @@ class TensorRTTarget(Target):
         from moec.targets.tensorrt.lower_moe_tensorrt import PLUGIN_BITS
 
         quant = options.extra.get("quant")
+        if quant == "auto":
+            raise MoecError("--quant auto: the tensorrt target's experts plugin takes one precision for the model; "
+                            "give --quant int4|int8, or use --target onnxruntime. Nothing was written.")
         if quant and int(quant[3:]) not in PLUGIN_BITS:
             raise MoecError(f"--quant {quant}: the tensorrt target's experts plugin dequantizes 4- and 8-bit codes; "
                             "use --quant int4|int8 here, or --target onnxruntime (QMoE runs 2-bit experts). "

@@ -1,0 +1,83 @@
+"""--quant auto: each MoE layer at the cheapest precision the accuracy budget allows."""
+
+import json
+import math
+
+import pytest
+
+import moec
+from moec import cli
+from moec.mixed_precision import FULL, PRECISIONS, choose
+
+# two layers; layer "b" is four times as sensitive as "a"
+SENSITIVITY = {"a": {"int2": 0.4, "int4": 0.1, "int8": 0.005}, "b": {"int2": 1.6, "int4": 0.4, "int8": 0.02}}
+BYTES = {p: {"int2": 25, "int4": 50, "int8": 100, FULL: 400} for p in ("a", "b")}
+
+
+def _additive(choice):
+    return math.sqrt(sum(SENSITIVITY[p][c] ** 2 for p, c in choice.items() if c != FULL))
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.01, 0.05, 0.2, 0.45, 2.0])
+def test_the_choice_is_within_the_budget_and_never_dearer_than_a_uniform_precision_within_it(budget):
+    plan = choose(["a", "b"], BYTES, _additive, budget)
+    assert plan.measured <= budget
+    chosen = sum(BYTES[p][c] for p, c in plan.choice.items())
+    for u in plan.uniform:
+        if u["within_budget"]:
+            assert chosen <= u["weight_bytes"]
+    # the curve goes from cheap to dear, and ends at the choice
+    assert [s.weight_bytes for s in plan.steps] == sorted(s.weight_bytes for s in plan.steps)
+    assert dict(plan.steps[-1].choice) == plan.choice
+
+
+def test_the_more_sensitive_layer_gets_more_bits():
+    plan = choose(["a", "b"], BYTES, _additive, 0.2)
+    assert PRECISIONS.index(plan.choice["b"]) > PRECISIONS.index(plan.choice["a"])
+    assert plan.choice == {"a": "int4", "b": "int8"}
+
+
+def test_a_real_error_over_the_prediction_takes_more_steps():
+    """Errors that add up worse than their squares predict: the measured check keeps stepping up."""
+    def correlated(choice):
+        return sum(SENSITIVITY[p][c] for p, c in choice.items() if c != FULL)
+
+    plan = choose(["a", "b"], BYTES, correlated, 0.11)  # predicted 0.102 at (int4, int8), measured 0.12
+    assert plan.measured <= 0.11 and plan.choice == {"a": "int8", "b": "int8"}
+    assert any(s.measured is not None and s.measured > 0.11 for s in plan.steps)
+
+
+def _compile(tmp_path, name, **extra):
+    return moec.compile(source="moec.zoo:qwen3_moe", out=str(tmp_path / name), extra=extra).report
+
+
+def test_quant_auto_writes_fewer_bytes_than_uniform_int8_within_a_budget_int4_misses(tmp_path, capsys):
+    """Between uniform int8's error and uniform int4's: one layer int4, one int8; the artifact is exact against
+    its dequantized reference, and within the budget against fp32."""
+    report = _compile(tmp_path, "auto", quant="auto", accuracy_budget=0.1)
+    q = report["quantization"]
+    auto = q["auto"]
+    uniform = {u["precision"]: u for u in auto["uniform"]}
+    assert uniform["int8"]["within_budget"] and not uniform["int4"]["within_budget"]
+    assert sorted(auto["choice"].values()) == ["int4", "int8"]
+    assert q["weight_bytes_quantized"] < uniform["int8"]["weight_bytes"]
+    assert q["logits_vs_fp32"]["rel_l2"] <= 0.1 and auto["measured_rel_l2"] <= 0.1
+    assert report["numerics"]["passed"]
+    assert sorted(l["quantization"].split()[0] for l in q["layers"]) == ["int4", "int8"]
+    assert sorted(l["lowered_to"].split(" (")[0] for l in report["moe_layers"]["layers"]) == ["com.microsoft.QMoE"] * 2
+    # moec inspect --quant shows the choice and the curve; --plot draws it
+    assert cli.main(["inspect", str(tmp_path / "auto"), "--quant", "--plot", str(tmp_path / "q.png")]) == 0
+    out = capsys.readouterr().out
+    assert "--quant auto, budget 0.1" in out and "uniform, for comparison" in out
+    assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["inspect", str(tmp_path / "auto"), "--quant", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["auto"]["choice"] == auto["choice"]
+
+
+def test_a_budget_tighter_than_int8_keeps_every_layer_at_full_precision(tmp_path):
+    report = _compile(tmp_path, "fp", quant="auto", accuracy_budget=1e-4)  # int8 alone moves it by ~5e-3
+    q = report["quantization"]
+    assert set(q["auto"]["choice"].values()) == {FULL}
+    assert all(l["method"] == "kept at full precision" for l in q["layers"])
+    assert q["logits_vs_fp32"]["rel_l2"] < 1e-5 and report["numerics"]["passed"]
+    assert all(l["lowered_to"].startswith("com.microsoft.MoE") for l in report["moe_layers"]["layers"])

@@ -99,6 +99,8 @@ def _available_memory() -> Optional[int]:
 
 def check_streamable(options: CompileOptions) -> None:
     asked = [flag for key, flag in UNSTREAMED.items() if options.extra.get(key) not in (None, False)]
+    if options.extra.get("quant") == "auto":
+        asked.append("--quant auto")
     if options.target != "onnxruntime":
         asked.append(f"--target {options.target}")
     if not options.fuse:

@@ -2,11 +2,14 @@
 model's outputs stays within --accuracy-budget.
 
 Sensitivity: each layer alone at each precision (every other layer at full precision), the outputs' relative L2
-against the full-precision model on the compile's probe inputs. Choice: every layer starts at int2; the step
-(one layer up one precision) that removes the most squared error per byte it adds is taken while the predicted
-error (the root of the summed squares: layers' errors are treated as independent) is over the budget; then the
-real combined error is measured, and more steps are taken while it is over. Full precision everywhere is the
-original model, so a choice always exists. The steps form the bytes-vs-error curve the report keeps.
+against the full-precision model on the compile's verification inputs. Choice, greedy: every layer starts at int2;
+the step (one layer up one precision) that removes the most squared error per byte it adds is taken while the
+predicted error (the root of the summed squares: layers' errors are treated as independent) is over the budget;
+then the real combined error is measured, and more steps are taken while it is over. Full precision everywhere is
+the original model, so a choice always exists. Then each layer, the biggest saving first, steps back down while
+the measured error stays within the budget (the greedy climb can overshoot), and a uniform precision within the
+budget that writes fewer bytes still replaces the result. The steps form the bytes-vs-error curve the report
+keeps.
 
 One precision per layer: ONNX Runtime's QMoE takes one bit width per node, so experts of a layer can't differ.
 """
@@ -48,7 +51,7 @@ class MixedPlan:
 
     @property
     def measured(self) -> float:
-        return next(s.measured for s in reversed(self.steps) if s.measured is not None)
+        return next((s.measured for s in reversed(self.steps) if s.measured is not None), math.nan)
 
     def to_dict(self) -> dict:
         return {"budget": self.budget, "choice": self.choice, "measured_rel_l2": self.measured,
@@ -89,11 +92,32 @@ def choose(paths: list[str], weight_bytes: dict[str, dict[str, int]], error_of: 
         if up is None:  # every layer at full precision: the model as it was (error 0), within any budget
             break
         plan.choice[up] = PRECISIONS[PRECISIONS.index(plan.choice[up]) + 1]
+    # back down where the climb overshot: the layers whose step down saves most first
+    for path in sorted(paths, key=lambda p: -_saving(p, plan.choice[p], weight_bytes)):
+        while plan.choice[path] != PRECISIONS[0]:
+            lower = {**plan.choice, path: PRECISIONS[PRECISIONS.index(plan.choice[path]) - 1]}
+            measured = error_of(lower)
+            if not measured <= budget:
+                break
+            plan.choice = lower
+            plan.steps.append(step(measured))
+            log(f"quant auto: {path} down to {lower[path]} -> relative L2 {measured:.3g}")
     for precision in PRECISIONS[:-1]:
         err = error_of({p: precision for p in paths})
         plan.uniform.append({"precision": precision, "weight_bytes": sum(weight_bytes[p][precision] for p in paths),
                              "rel_l2": err, "within_budget": err <= budget})
+    cheaper = [u for u in plan.uniform if u["within_budget"] and u["weight_bytes"] < plan.steps[-1].weight_bytes]
+    if cheaper:
+        best = min(cheaper, key=lambda u: u["weight_bytes"])
+        plan.choice = {p: best["precision"] for p in paths}
+        plan.steps.append(step(best["rel_l2"]))
+        log(f"quant auto: uniform {best['precision']} writes fewer bytes within the budget")
     return plan
+
+
+def _saving(path: str, current: str, weight_bytes) -> int:
+    i = PRECISIONS.index(current)
+    return 0 if i == 0 else weight_bytes[path][current] - weight_bytes[path][PRECISIONS[i - 1]]
 
 
 def _best_step(choice: dict[str, str], sensitivity, weight_bytes) -> Optional[str]:
@@ -105,7 +129,9 @@ def _best_step(choice: dict[str, str], sensitivity, weight_bytes) -> Optional[st
         nxt = PRECISIONS[PRECISIONS.index(current) + 1]
         cost = max(weight_bytes[path][nxt] - weight_bytes[path][current], 1)
         gain = (sensitivity[path][current] ** 2 - sensitivity[path][nxt] ** 2) / cost
-        if gain > best_gain:
+        if not math.isfinite(gain):  # a precision whose error isn't finite (NaN, inf): leave it first
+            gain = math.inf
+        if best is None or gain > best_gain:
             best, best_gain = path, gain
     return best
 

@@ -459,7 +459,8 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
     src = loaded.src
     ctx = PassContext(probes=[src.example_args] + reference.inputs[1:], options=options.extra,
                       log=options.log, weight_codes=src.weight_codes,
-                      calibration=loaded.calibration.batches if loaded.calibration is not None else ())
+                      calibration=loaded.calibration.batches if loaded.calibration is not None else (),
+                      verification=reference.inputs)
     ctx.established.update(c for r in fold_records for c in r.ensures)
     last_numerics = next((p for p in reversed(passes) if p.changes_numerics and p.name not in options.disabled_passes),
                          None)
@@ -484,6 +485,9 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
     module, records = PassManager(active, validate=options.validate, disabled=off).run(src.module, ctx, after_pass)
     src.module = module
     layers = layer_summary(records)
+    auto = next((r.details["auto"] for r in records if "auto" in r.details), None)
+    if auto is not None:  # what --quant auto chose decides whether ONNX Runtime quantizes activations
+        options.extra["quant_chosen"] = sorted(set(auto["choice"].values()))
     activations_quantized = target.quantizes_activations(options)
     # quantization's own error: against the full-precision model it quantized (the pruned one, if pruned)
     quant = quantization_summary(fold_records + records, options.extra, activations_quantized,

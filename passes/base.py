@@ -47,6 +47,7 @@ class PassContext:
     established: set[str] = field(default_factory=set)  # names of the conditions passes have ensured
     weight_codes: WeightCodes = field(default_factory=WeightCodes)  # pre-quantized weights' own codes
     calibration: Sequence[tuple] = ()  # --calibration inputs (moec.calibration), for passes that measure
+    verification: Sequence[tuple] = ()  # the inputs the compile's numerics and --accuracy-budget are checked on
     routing: list = field(default_factory=list)  # measure_routing's LayerRouting per fused layer
 
 

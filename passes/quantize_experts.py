@@ -111,23 +111,24 @@ class QuantizeExperts(Pass):
                 codes[(path, precision)] = self.codes(path, fused, spec, ctx, calibration)
             return codes[(path, precision)]
 
+        inputs_checked = list(ctx.verification) or list(ctx.probes)  # where the budget is checked afterwards
         with torch.no_grad():
-            reference = [module(*p) for p in ctx.probes]
+            reference = [module(*p) for p in inputs_checked]
 
         def error_of(choice: dict[str, str]) -> float:
-            for path in paths:
-                fused = module.get_submodule(path)
-                precision = choice.get(path, FULL)
-                if precision == FULL:
-                    fused.w_gate_up, fused.w_down = full[path]
-                else:
-                    q1, q2, _ = layer_codes(path, precision)
-                    fused.w_gate_up = nn.Parameter(dequantize(q1), requires_grad=False)
-                    fused.w_down = nn.Parameter(dequantize(q2), requires_grad=False)
-            with torch.no_grad():
-                got = [module(*p) for p in ctx.probes]
-            for path in paths:
-                module.get_submodule(path).w_gate_up, module.get_submodule(path).w_down = full[path]
+            try:
+                for path in paths:
+                    precision = choice.get(path, FULL)
+                    if precision != FULL:
+                        fused = module.get_submodule(path)
+                        q1, q2, _ = layer_codes(path, precision)
+                        fused.w_gate_up = nn.Parameter(dequantize(q1), requires_grad=False)
+                        fused.w_down = nn.Parameter(dequantize(q2), requires_grad=False)
+                with torch.no_grad():
+                    got = [module(*p) for p in inputs_checked]
+            finally:
+                for path in paths:
+                    module.get_submodule(path).w_gate_up, module.get_submodule(path).w_down = full[path]
             return worst(compare_outputs(reference, got)).rel_l2
 
         weight_bytes = {}

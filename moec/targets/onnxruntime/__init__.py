@@ -8,6 +8,7 @@ ONNX translations: translations.py.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Mapping, Sequence
 
 from moec.targets.base import ExpertNode, Target
@@ -54,8 +55,9 @@ class OnnxRuntimeTarget(Target):
         if not x.get("quant"):
             return False
         block = x.get("block_size")
-        if x["quant"] == "auto":  # int8 or int2 may be chosen: block-wise, ORT quantizes activations for either
-            return block is not None or x.get("accuracy_level") == 4
+        if x["quant"] == "auto":  # each precision it chose (all it may choose, before it has)
+            chosen = [p for p in x.get("quant_chosen", ("int2", "int4", "int8")) if p != "fp32"]
+            return any(self.quantizes_activations(replace(options, extra={**x, "quant": p})) for p in chosen)
         if x["quant"] == "int2":
             from moec.targets.onnxruntime.quantize_dense import dense_spec
 

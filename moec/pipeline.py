@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -461,13 +461,16 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
                       log=options.log, weight_codes=src.weight_codes,
                       calibration=loaded.calibration.batches if loaded.calibration is not None else (),
                       verification=reference.inputs)
+    pruned: list = []  # the pruned full-precision model's outputs: what quantization's own error is against
+    # --quant auto measures against the outputs the budget is checked against: the eager model's, or the pruned
+    # one's (filled once pruning has run, before quantization)
+    ctx.budget_reference = pruned if options.extra.get("prune_experts") is not None else reference.eager
     ctx.established.update(c for r in fold_records for c in r.ensures)
     last_numerics = next((p for p in reversed(passes) if p.changes_numerics and p.name not in options.disabled_passes),
                          None)
     exact: list = []
     exact_generation: list = []
     exact_margins: dict = {}
-    pruned: list = []  # the pruned full-precision model's outputs: what quantization's own error is against
 
     def after_pass(p: Pass, module: nn.Module) -> None:
         if MOE_FUSED in p.ensures:
@@ -485,10 +488,10 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
     module, records = PassManager(active, validate=options.validate, disabled=off).run(src.module, ctx, after_pass)
     src.module = module
     layers = layer_summary(records)
-    auto = next((r.details["auto"] for r in records if "auto" in r.details), None)
-    if auto is not None:  # what --quant auto chose decides whether ONNX Runtime quantizes activations
-        options.extra["quant_chosen"] = sorted(set(auto["choice"].values()))
-    activations_quantized = target.quantizes_activations(options)
+    auto = next((r.details["auto"] for r in records if r.details.get("spec") == "auto"), None)
+    # what --quant auto chose decides whether ONNX Runtime quantizes activations
+    activations_quantized = target.quantizes_activations(options if auto is None else replace(
+        options, extra={**options.extra, "quant_chosen": sorted(set(auto["choice"].values()))}))
     # quantization's own error: against the full-precision model it quantized (the pruned one, if pruned)
     quant = quantization_summary(fold_records + records, options.extra, activations_quantized,
                                  pruned or reference.eager, exact)

@@ -48,6 +48,7 @@ class PassContext:
     weight_codes: WeightCodes = field(default_factory=WeightCodes)  # pre-quantized weights' own codes
     calibration: Sequence[tuple] = ()  # --calibration inputs (moec.calibration), for passes that measure
     verification: Sequence[tuple] = ()  # the inputs the compile's numerics and --accuracy-budget are checked on
+    budget_reference: Sequence = ()  # the outputs on `verification` that --accuracy-budget is measured against
     routing: list = field(default_factory=list)  # measure_routing's LayerRouting per fused layer
 
 

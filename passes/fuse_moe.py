@@ -764,13 +764,13 @@ def _match_routing(layer: _Layer, reading: ExpertWeights, act, mix: mixture.Mixt
 def _match_jointly(layer: _Layer, routes, decisions, woi_values: tuple[bool, ...], why: str, pairs=None,
                    screen: bool = False) -> Optional[FusedMoE]:
     """Readings and routings checked together where the mixture can't separate them: every (reading, activation)
-    -- or only `pairs`, the ones that explained the output -- with every route. A route is checked as the whole
-    layer; with `screen`, routes without the weight on the input are first screened from the experts' outputs
-    (no solve needed). Whole-layer checks are bounded by JOINT_LIMIT."""
+    -- or only `pairs`, the ones that explained the output -- with every route, each pair checked as the whole
+    layer (at most JOINT_LIMIT checks). With `screen`, routes without the weight on the input are first screened
+    from the experts' outputs (no solve needed), reading by reading; what can't be screened is checked route
+    by route, the hinted routes first."""
     a = layer.anatomy
     start = layer.tried
     runnable = _runnable(routes, decisions)
-    flats, targets, shared = _screen_inputs(layer) if screen else (None, None, None)
 
     def candidates():
         if pairs is not None:
@@ -780,27 +780,56 @@ def _match_jointly(layer: _Layer, routes, decisions, woi_values: tuple[bool, ...
             for act in _activation_candidates(a, reading.gated):
                 yield rule, reading, act
 
-    for woi in woi_values:  # the screened checks (no weight on the input) first: they are cheap
+    def check(route, rb, sb, rule, reading, act, woi) -> Optional[FusedMoE]:
+        fused = layer.build(route, rb, sb, reading, act, woi)
+        if not layer.accept(fused, reading):
+            return None
+        layer.trials.append(RuleTrial(
+            "joint", f"{rule.name} x {_routing_rule(route).name}", "matched",
+            f"{reading.layout}, {act[0]}{', weights on the input' if woi else ''}; {_describe(route)}"))
+        return fused
+
+    def out_of_checks() -> bool:
+        if layer.tried - start < JOINT_LIMIT:
+            return False
+        layer.trials.append(RuleTrial("joint", "experts x routing", "failed",
+                                      f"{why}; stopped after {JOINT_LIMIT} whole-layer checks"))
+        return True
+
+    unscreened = woi_values
+    if screen and False in woi_values:
+        unscreened = tuple(w for w in woi_values if w)
+        flats, targets, shared = _screen_inputs(layer)
+        decided = {}
+        for i, (route, rb, sb) in enumerate(runnable):  # each route's decision, once
+            try:
+                decided[i] = _decided(a, route, rb, sb, decisions, flats)
+            except RuntimeError:
+                continue
         for rule, reading, act in candidates():
-            checking = runnable
-            if screen and not woi:
+            try:
+                mix = mixture.Mixture(_bases(reading, act, flats), shared, targets, math.nan)
+            except RuntimeError:
+                continue
+            for i, d in decided.items():
                 try:
-                    mix = mixture.Mixture(_bases(reading, act, flats), shared, targets, math.nan)
-                    checking = [r for r in runnable if mixture.routing_error(
-                        mix, _decided(a, r[0], r[1], r[2], decisions, flats), a.num_experts) <= ROUTING_SCREEN_TOL]
+                    if mixture.routing_error(mix, d, a.num_experts) > ROUTING_SCREEN_TOL:
+                        continue
                 except RuntimeError:
-                    checking = []
-            for route, rb, sb in checking:
-                if layer.tried - start >= JOINT_LIMIT:
-                    layer.trials.append(RuleTrial("joint", "experts x routing", "failed",
-                                                  f"{why}; stopped after {JOINT_LIMIT} whole-layer checks"))
+                    continue
+                if out_of_checks():
                     return None
-                fused = layer.build(route, rb, sb, reading, act, woi)
-                if layer.accept(fused, reading):
-                    layer.trials.append(RuleTrial(
-                        "joint", f"{rule.name} x {_routing_rule(route).name}", "matched",
-                        f"{reading.layout}, {act[0]}{', weights on the input' if woi else ''}; {_describe(route)}"))
-                    return fused
+                found = check(*runnable[i], rule, reading, act, False)
+                if found is not None:
+                    return found
+    for route, rb, sb in runnable:  # unscreened: route by route, as the hints order them
+        for rule, reading, act in candidates():
+            for woi in unscreened:
+                if out_of_checks():
+                    return None
+                found = check(route, rb, sb, rule, reading, act, woi)
+                if found is not None:
+                    return found
     layer.trials.append(RuleTrial("joint", "experts x routing", "failed",
                                   f"{why}: {layer.tried - start} whole-layer checks, none reproduces the layer"))
     return None

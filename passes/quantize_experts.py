@@ -111,9 +111,12 @@ class QuantizeExperts(Pass):
                 codes[(path, precision)] = self.codes(path, fused, spec, ctx, calibration)
             return codes[(path, precision)]
 
-        inputs_checked = list(ctx.verification) or list(ctx.probes)  # where the budget is checked afterwards
-        with torch.no_grad():
-            reference = [module(*p) for p in inputs_checked]
+        # the inputs and outputs the budget is checked against afterwards, so the choice holds there
+        inputs_checked = list(ctx.verification) or list(ctx.probes)
+        reference = list(ctx.budget_reference) if ctx.verification and ctx.budget_reference else None
+        if reference is None:
+            with torch.no_grad():
+                reference = [module(*p) for p in inputs_checked]
 
         def error_of(choice: dict[str, str]) -> float:
             try:

@@ -103,3 +103,14 @@ def test_a_budget_tighter_than_int8_keeps_every_layer_at_full_precision(tmp_path
     assert all(l["method"] == "kept at full precision" for l in q["layers"])
     assert q["logits_vs_fp32"]["rel_l2"] < 1e-5 and report["numerics"]["passed"]
     assert all(l["lowered_to"].startswith("com.microsoft.MoE") for l in report["moe_layers"]["layers"])
+
+
+def test_after_pruning_the_budget_is_against_the_pruned_model(tmp_path):
+    """Pruning runs first; auto measures against the pruned full-precision model, as the budget check does, so
+    its own measurement and the report's agree."""
+    report = _compile(tmp_path, "pruned", quant="auto", accuracy_budget=0.3, prune_experts=0.25,  # bounds both
+                      calibration="random:8")
+    q = report["quantization"]
+    assert q["logits_vs_fp32_against"] == "the pruned full-precision model"
+    assert q["logits_vs_fp32"]["rel_l2"] == pytest.approx(q["auto"]["measured_rel_l2"], rel=1e-6)
+    assert q["auto"]["measured_rel_l2"] <= 0.3 and report["pruning"]["experts_after"] < report["pruning"]["experts_before"]

@@ -120,12 +120,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
               + (" (against the pruned model)" if q.get("logits_vs_fp32_against") else ""))
         auto = q.get("auto")
         if auto:
-            counts: dict[str, int] = {}
-            for c in auto["choice"].values():
-                counts[c] = counts.get(c, 0) + 1
+            from moec.mixed_precision import describe
+
             int8 = next((u for u in auto["uniform"] if u["precision"] == "int8"), None)
-            print(f"  --quant auto (budget {auto['budget']:g}): " + ", ".join(f"{n} layers {p}" for p, n in
-                                                                            sorted(counts.items()))
+            print(f"  --quant auto (budget {auto['budget']:g}): layers at {describe(auto['choice'])}"
                   + (f"; uniform int8 would write {int8['weight_bytes'] / 2**20:.1f} MiB at relative L2 "
                      f"{int8['rel_l2']:.3g}" if int8 else "") + " (moec inspect DIR --quant)")
     return 0

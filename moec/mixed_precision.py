@@ -83,7 +83,7 @@ def choose(paths: list[str], weight_bytes: dict[str, dict[str, int]], error_of: 
         if predicted(plan.choice) <= budget:
             measured = error_of(plan.choice)
             plan.steps.append(step(measured))
-            log(f"quant auto: {_describe(plan.choice)} -> relative L2 {measured:.3g} (budget {budget:g})")
+            log(f"quant auto: {describe(plan.choice)} -> relative L2 {measured:.3g} (budget {budget:g})")
             if measured <= budget:
                 break
         else:
@@ -136,6 +136,7 @@ def _best_step(choice: dict[str, str], sensitivity, weight_bytes) -> Optional[st
     return best
 
 
-def _describe(choice: dict[str, str]) -> str:
+def describe(choice: dict[str, str]) -> str:
+    """How many layers are at each precision, cheapest first: "1 int4, 3 int8"."""
     counts = {p: sum(c == p for c in choice.values()) for p in PRECISIONS}
     return ", ".join(f"{n} {p}" for p, n in counts.items() if n)

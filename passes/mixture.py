@@ -78,10 +78,9 @@ def _columns(basis: torch.Tensor, shared: Optional[torch.Tensor]) -> torch.Tenso
 
 def dense(ids: torch.Tensor, weights: torch.Tensor, num_experts: int) -> torch.Tensor:
     """(ids [T, k], weights [T, k]) as [T, E]; a repeated id sums its weights, an id out of range is no expert."""
-    out = torch.zeros(ids.shape[0], num_experts, dtype=torch.float64)
-    keep = (ids >= 0) & (ids < num_experts)
-    return out.index_put_((torch.arange(ids.shape[0]).unsqueeze(1).expand_as(ids)[keep], ids[keep]),
-                          weights.double()[keep], accumulate=True)
+    valid = (ids >= 0) & (ids < num_experts)
+    w = torch.where(valid, weights.double(), 0.0)
+    return torch.zeros(ids.shape[0], num_experts, dtype=torch.float64).scatter_add(1, torch.where(valid, ids, 0), w)
 
 
 @torch.no_grad()

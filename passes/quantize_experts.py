@@ -136,8 +136,7 @@ class QuantizeExperts(Pass):
 
         weight_bytes = {}
         for path in paths:
-            fused = module.get_submodule(path)
-            weight_bytes[path] = {FULL: fused.w_gate_up.numel() * 4 + fused.w_down.numel() * 4}
+            weight_bytes[path] = {FULL: fp32_bytes(module.get_submodule(path))}
             for precision in PRECISIONS[:-1]:
                 q1, q2, _ = layer_codes(path, precision)
                 weight_bytes[path][precision] = packed_bytes(q1) + packed_bytes(q2)
@@ -156,6 +155,10 @@ class QuantizeExperts(Pass):
         return PassResult(module, True, {"spec": "auto", "auto": plan.to_dict()}, layers)
 
 
+def fp32_bytes(fused) -> int:
+    return fused.w_gate_up.numel() * 4 + fused.w_down.numel() * 4
+
+
 def _layer_input(fused, captured):
     """The layer's real input, for its own error (None for experts routed by their caller: no input of their own)."""
     if captured is None or isinstance(captured, str) or isinstance(fused.router, GivenRouting):
@@ -170,7 +173,7 @@ def give_codes(path: str, fused, spec: QuantSpec, q_gate_up, q_down, x=None,
     given the layer's inputs `x`, its error against what it computed before."""
     with torch.no_grad():
         before = None if x is None else _hidden_out(fused(x))
-        fp_bytes = fused.w_gate_up.numel() * 4 + fused.w_down.numel() * 4
+        fp_bytes = fp32_bytes(fused)
         fused.w_gate_up = nn.Parameter(dequantize(q_gate_up), requires_grad=False)
         fused.w_down = nn.Parameter(dequantize(q_down), requires_grad=False)
         fused.quantized = QuantizedExperts(q_gate_up, q_down)

@@ -3,6 +3,8 @@ curve the choice was made from (a table, or a PNG plot)."""
 
 from __future__ import annotations
 
+from moec.mixed_precision import describe
+
 MIB = 2**20
 
 
@@ -22,13 +24,9 @@ def format_table(quantization: dict) -> str:
         lines += ["", f"--quant auto, budget {auto['budget']:g}: the search, cheapest first",
                   f"{'step':>4s} {'MiB':>9s} {'predicted':>10s} {'measured':>10s}  precisions"]
         for i, s in enumerate(auto["curve"]):
-            counts: dict[str, int] = {}
-            for c in s["choice"].values():
-                counts[c] = counts.get(c, 0) + 1
             measured = s.get("measured_rel_l2")
             lines.append(f"{i:4d} {s['weight_bytes'] / MIB:9.3f} {s['predicted_rel_l2']:10.3g} "
-                         f"{'-' if measured is None else f'{measured:.3g}':>10s}  "
-                         + ", ".join(f"{n} {p}" for p, n in sorted(counts.items())))
+                         f"{'-' if measured is None else f'{measured:.3g}':>10s}  {describe(s['choice'])}")
         lines.append("uniform, for comparison:")
         for u in auto["uniform"]:
             lines.append(f"  {u['precision']:>5s} {u['weight_bytes'] / MIB:9.3f} MiB  relative L2 {u['rel_l2']:.3g}"

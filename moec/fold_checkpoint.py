@@ -1,4 +1,4 @@
-"""Fold pre-quantized Hugging Face checkpoints (compressed-tensors, GPTQ, AWQ) into moec without re-quantizing.
+"""Fold pre-quantized Hugging Face checkpoints (compressed-tensors, GPTQ, AWQ, MXFP4) into moec without re-quantizing.
 
 Each format has a reader of its own (moec/compressed_tensors_checkpoint.py, moec/gptq_checkpoint.py) that turns the
 checkpoint's packed tensors into `PackedLinear`s — unsigned codes, fp32 scales and zero points per group, in
@@ -10,6 +10,8 @@ fuse_moe stacks them into the fused layers and the QMoE artifact carries them un
 transformers' conversion gives (per-expert Linears on disk, stacked in the model) is followed by running the
 same conversion over the codes and the scales, and every expert tensor is checked to dequantize to exactly the
 weight the model got. Other quantized Linears (attention) stay dequantized fp32 weights, with a note.
+Formats that quantize the stacked expert tensors themselves (GPT-OSS's MXFP4) have a loader of their own
+(moec/mxfp4_checkpoint.py, STACKED_LOADERS) built on the same model builder.
 Refuses (QuantError): experts quantized with different schemes, a layout the codes can't follow, tensors the
 model of config.json lacks or does not have.
 """
@@ -57,7 +59,7 @@ def quantization_config(path: str) -> Optional[dict]:
 def quant_method(path: str) -> Optional[str]:
     """config.json's quantization_config.quant_method, when it names a format moec folds."""
     method = (quantization_config(path) or {}).get("quant_method")
-    return method if method in READERS else None
+    return method if method in READERS or method in STACKED_LOADERS else None
 
 
 def read_tensors(path: str, parts: tuple[str, ...]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str], dict]:
@@ -86,6 +88,8 @@ def read_tensors(path: str, parts: tuple[str, ...]) -> tuple[dict[str, dict[str,
 def load_quantized_checkpoint(path: str):
     """(model with exactly dequantized weights, the experts' QuantSpec or None, their codes, notes, format name)."""
     method = quant_method(path)
+    if method in STACKED_LOADERS:
+        return STACKED_LOADERS[method]()(path)
     reader = READERS[method]()
     linears, plain, fmt = reader(path)
     if not linears:
@@ -94,7 +98,9 @@ def load_quantized_checkpoint(path: str):
     return model, spec, table, notes, fmt
 
 
-def fold(path: str, linears: dict[str, PackedLinear], plain: dict[str, torch.Tensor], fmt: str):
+def model_builder(path: str) -> Callable[[dict], torch.nn.Module]:
+    """state dict (checkpoint names) -> the fp32 transformers model of path's config.json holding it, loaded
+    through transformers' own checkpoint conversion (renamings, expert stacking) with its quantizer off."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from moec.lazy_checkpoint import load_converted, parameters_on_meta
@@ -112,13 +118,23 @@ def fold(path: str, linears: dict[str, PackedLinear], plain: dict[str, torch.Ten
             raise QuantError(f"'{path}': tensor '{bad[0]}' does not fit the model of config.json ({len(bad)} such).")
         return model
 
-    model = build({**plain, **{f"{p}.weight": l.dequantized() for p, l in linears.items()}})
+    return build
+
+
+def complete(path: str, model: torch.nn.Module) -> torch.nn.Module:
+    """Refuses a model some of whose parameters the checkpoint lacked; ties the embeddings as transformers does."""
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise QuantError(f"'{path}': the checkpoint lacks '{missing[0]}' ({len(missing)} parameters); transformers "
                          "would initialize them randomly.")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    return model
+
+
+def fold(path: str, linears: dict[str, PackedLinear], plain: dict[str, torch.Tensor], fmt: str):
+    build = model_builder(path)
+    model = complete(path, build({**plain, **{f"{p}.weight": l.dequantized() for p, l in linears.items()}}))
     table, spec, notes = _expert_codes(path, model, linears, build, fmt)
     names = {n for n, _ in model.named_parameters()}
     dense = [p for p in linears if f"{p}.weight" in names]  # a Linear of its own in the model, not stacked
@@ -204,5 +220,14 @@ def _awq():
     return read_awq
 
 
+def _mxfp4():
+    from moec.mxfp4_checkpoint import load_mxfp4
+
+    return load_mxfp4
+
+
 # quant_method in config.json -> a factory of its reader: path -> (PackedLinears by module, plain tensors, format name)
 READERS: dict[str, Callable[[], Callable]] = {"compressed-tensors": _compressed_tensors, "gptq": _gptq, "awq": _awq}
+# Formats that quantize stacked expert tensors rather than Linears: a factory of a loader giving what
+# load_quantized_checkpoint gives.
+STACKED_LOADERS: dict[str, Callable[[], Callable]] = {"mxfp4": _mxfp4}

@@ -74,17 +74,19 @@ class WeightCodes:
 
     Loading and folding record them here; fuse_moe stacks them with the expert weights into the fused
     layer's declared `quantized` field, and quantize_experts then writes them unchanged. Keyed by the
-    tensor object (held here, so an id is never reused while its entry lives)."""
+    tensor object (held here, so an id is never reused while its entry lives). Codes are always [E, N, K]
+    with blocks along K; `transposed` says they describe the weight's transpose (a parameter stored
+    [E, K, N], x @ W, as GPT-OSS's experts are), and only a reading that transposes it gets them."""
 
     def __init__(self) -> None:
-        self._by_id: dict[int, tuple[torch.Tensor, QuantizedWeight]] = {}
+        self._by_id: dict[int, tuple[torch.Tensor, QuantizedWeight, bool]] = {}
 
-    def attach(self, weight: torch.Tensor, codes: QuantizedWeight) -> None:
-        self._by_id[id(weight)] = (weight, codes)
+    def attach(self, weight: torch.Tensor, codes: QuantizedWeight, transposed: bool = False) -> None:
+        self._by_id[id(weight)] = (weight, codes, transposed)
 
-    def get(self, weight: Optional[torch.Tensor]) -> Optional[QuantizedWeight]:
+    def get(self, weight: Optional[torch.Tensor], transposed: bool = False) -> Optional[QuantizedWeight]:
         entry = self._by_id.get(id(weight)) if weight is not None else None
-        return entry[1] if entry is not None and entry[0] is weight else None
+        return entry[1] if entry is not None and entry[0] is weight and entry[2] == transposed else None
 
     def clear(self) -> None:
         """Drop every entry (and the reference to its weight) once the codes live in the fused layers."""

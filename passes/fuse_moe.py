@@ -27,7 +27,7 @@ import inspect
 import itertools
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -322,21 +322,22 @@ def _parallel_lists(children: dict[str, nn.Module], length: int) -> dict[str, nn
             and all(isinstance(e, nn.Linear) for e in c)}
 
 
-def _stack_codes(table: WeightCodes, parts: Optional[list[list[torch.Tensor]]]) -> Optional[QuantizedWeight]:
-    """Pre-quantized weights' codes (packed checkpoint, fold_weight_qdq), stacked like the weights."""
+def _stack_codes(table: WeightCodes, parts: Optional[list[list[torch.Tensor]]], transposed: bool,
+                 rows: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Optional[QuantizedWeight]:
+    """Pre-quantized weights' codes (packed checkpoint, fold_weight_qdq, MXFP4), stacked like the weights and
+    with their rows reordered as the reading reordered the weight's."""
     if parts is None:
         return None
-    codes = [[table.get(w) for w in row] for row in parts]
+    codes = [[table.get(w, transposed) for w in row] for row in parts]
     if any(c is None for row in codes for c in row):
         return None
-    if len(codes) == 1 and len(codes[0]) == 1:
-        return codes[0][0]
     spec = codes[0][0].spec
 
     def cat(field):
         if getattr(codes[0][0], field) is None:
             return None
-        return torch.cat([torch.cat([getattr(c, field) for c in row], 1) for row in codes], 0)
+        t = torch.cat([torch.cat([getattr(c, field) for c in row], 1) for row in codes], 0)
+        return rows(t) if rows is not None else t
 
     return QuantizedWeight(cat("codes"), cat("scales"), cat("zero_points"), spec)
 
@@ -345,7 +346,8 @@ def expert_codes(table: WeightCodes, reading: ExpertWeights) -> Optional[Quantiz
     """The reading's pre-quantized codes, when every expert weight it stacks has them."""
     if not len(table):
         return None
-    gate_up, down = _stack_codes(table, reading.gate_up_sources), _stack_codes(table, reading.down_sources)
+    gate_up = _stack_codes(table, reading.gate_up_sources, reading.gate_up_transposed, reading.gate_up_rows)
+    down = _stack_codes(table, reading.down_sources, reading.down_transposed)
     return QuantizedExperts(gate_up, down) if gate_up is not None and down is not None else None
 
 

@@ -32,10 +32,16 @@ class ExpertWeights:
     b_down: Optional[torch.Tensor]
     gated: bool
     layout: str
-    # The tensors each stacked weight was read from ([expert][part]), when read without a transform:
-    # pre-quantized codes (WeightCodes) are stacked the same way. None: the codes can't follow.
+    # The tensors each stacked weight was read from ([expert][part]): pre-quantized codes (WeightCodes) are
+    # stacked the same way. None: the reading transforms them in a way the codes can't follow.
     gate_up_sources: Optional[list[list[torch.Tensor]]] = None
     down_sources: Optional[list[list[torch.Tensor]]] = None
+    # Transforms the codes can follow: the sources read transposed (their codes must be attached for the
+    # transposed view), and a reordering of the in-projection's rows (gate/up de-interleaved or swapped),
+    # applied to codes, scales and zero points alike ([E, N, .]: rows are dim 1).
+    gate_up_transposed: bool = False
+    down_transposed: bool = False
+    gate_up_rows: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
 # ----------------------------------------------------------------------------- routers
@@ -185,23 +191,30 @@ def _two_stacked(src: ExpertSource, hidden: int):
                     if twos and b_in is None and b_out is None:
                         continue
                     desc = f"in{'ᵀ' if in_t else ''}/out{'ᵀ' if out_t else ''}"
-                    as_read = ([[w_in]] if gu is w_in else None), ([[w_out]] if down is w_out else None)
+                    as_read = dict(gate_up_sources=[[w_in]], down_sources=[[w_out]], gate_up_transposed=in_t,
+                                   down_transposed=out_t)
                     yield gu, down, b_in, b_out, desc, as_read
 
 
 def _stacked_gate_up(src: ExpertSource, hidden: int) -> Iterator[ExpertWeights]:
     for gu, down, b_in, b_out, desc, as_read in _two_stacked(src, hidden):
         if gu.shape[1] == 2 * down.shape[2]:
-            yield ExpertWeights(gu, down, b_in, b_out, True, desc + " gate|up", *as_read)
+            yield ExpertWeights(gu, down, b_in, b_out, True, desc + " gate|up", **as_read)
+
+
+def _swap_halves(rows: torch.Tensor) -> torch.Tensor:
+    """[E, 2I, .] up|gate rows -> gate|up."""
+    i = rows.shape[1] // 2
+    return torch.cat([rows[:, i:], rows[:, :i]], dim=1)
 
 
 def _stacked_up_gate(src: ExpertSource, hidden: int) -> Iterator[ExpertWeights]:
     for gu, down, b_in, b_out, desc, as_read in _two_stacked(src, hidden):
         i = down.shape[2]
         if gu.shape[1] == 2 * i:
-            bi = None if b_in is None else torch.cat([b_in[:, i:], b_in[:, :i]], dim=1)
-            yield ExpertWeights(torch.cat([gu[:, i:], gu[:, :i]], dim=1), down, bi, b_out, True, desc + " up|gate",
-                                None, as_read[1])
+            bi = None if b_in is None else _swap_halves(b_in)
+            yield ExpertWeights(_swap_halves(gu), down, bi, b_out, True, desc + " up|gate",
+                                **as_read, gate_up_rows=_swap_halves)
 
 
 def _stacked_interleaved(src: ExpertSource, hidden: int) -> Iterator[ExpertWeights]:
@@ -209,13 +222,13 @@ def _stacked_interleaved(src: ExpertSource, hidden: int) -> Iterator[ExpertWeigh
         if gu.shape[1] == 2 * down.shape[2]:
             bi = None if b_in is None else deinterleave_gate_up(b_in.unsqueeze(-1)).squeeze(-1)
             yield ExpertWeights(deinterleave_gate_up(gu), down, bi, b_out, True, desc + " interleaved",
-                                None, as_read[1])
+                                **as_read, gate_up_rows=deinterleave_gate_up)
 
 
 def _stacked_plain(src: ExpertSource, hidden: int) -> Iterator[ExpertWeights]:
     for gu, down, b_in, b_out, desc, as_read in _two_stacked(src, hidden):
         if gu.shape[1] == down.shape[2]:
-            yield ExpertWeights(gu, down, b_in, b_out, False, desc + " plain", *as_read)
+            yield ExpertWeights(gu, down, b_in, b_out, False, desc + " plain", **as_read)
 
 
 def _stacked_separate(src: ExpertSource, hidden: int) -> Iterator[ExpertWeights]:
@@ -233,8 +246,8 @@ def _stacked_separate(src: ExpertSource, hidden: int) -> Iterator[ExpertWeights]
                 if d.shape[1] != hidden or d.shape[2] != g.shape[1]:
                     continue
                 desc = f"separate gate/up{'ᵀ' if in_t else ''}/down{'ᵀ' if out_t else ''}"
-                yield ExpertWeights(torch.cat([g, u], dim=1), d, None, None, True, desc, None,
-                                    None if out_t else [[down]])
+                yield ExpertWeights(torch.cat([g, u], dim=1), d, None, None, True, desc, None, [[down]],
+                                    down_transposed=out_t)
 
 
 def linears(mod: nn.Module) -> list[nn.Module]:

@@ -1,0 +1,148 @@
+"""Fold GPT-OSS's MXFP4 expert checkpoints (`quant_method: mxfp4`) into QMoE int8 codes without re-quantizing.
+
+Matches: a Hugging Face checkpoint whose config.json's quantization_config says `mxfp4` and whose stacked
+expert tensors are stored as OCP microscaling FP4 (the layout of openai/gpt-oss-* and of transformers'
+GPT-OSS integration): `<experts>.<proj>_blocks` uint8 [E, N, K/32, 16], two E2M1 codes a byte (column 2j in
+the low nibble, 2j + 1 in the high one), and `<experts>.<proj>_scales` uint8 [E, N, K/32], one E8M0 exponent
+per block of 32 input columns; weight = FP4[code] * 2^(scale - 127), and the model holds its transpose
+[E, K, N] (transformers' dequantization transposes). Every other tensor is a plain one.
+Produces: what moec.fold_checkpoint.load_quantized_checkpoint gives — the fp32 model holding the exact
+dequantization (every FP4 value times a power of two is exact in fp32), and per expert parameter its codes
+for QMoE. FP4's values doubled are the integers 0, ±1, ±2, ±3, ±4, ±6, ±8, ±12, so each block is exactly
+int8 codes 128 + 2 * FP4 with scale 2^(scale - 128). Where every row's blocks share a span of exponents that
+its doubled values still fit in 8 bits at the row's smallest exponent, the codes are rescaled to one scale
+per row: ONNX Runtime's per-row int8 QMoE runs fp32 activations and is exact. Otherwise they stay in blocks
+of 32, which ORT runs with int8 activations (flagged by the pipeline, like any block-wise int8); the note
+says which and why. Either way the codes dequantize to exactly the checkpoint's weights (checked).
+Refuses (QuantError, naming the tensor and its file): a `_blocks` without its `_scales` (or the reverse),
+dtypes other than uint8, shapes that disagree with each other or with the model of config.json, and the
+E8M0 NaN exponent 255.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moec.fold_checkpoint import complete, model_builder, quantization_config, read_tensors
+from moec.quant import QuantError, QuantizedWeight, QuantSpec, WeightCodes, dequantize
+
+FORMAT = "MXFP4 (OCP microscaling FP4, E8M0 scales per 32)"
+BLOCK = 32
+PARTS = ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales")
+# E2M1 code -> twice its value: an integer, so a block is exactly int8 codes at scale 2^(e - 128)
+DOUBLED_FP4 = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=torch.int32)
+NAN_EXPONENT = 255
+
+
+@dataclass
+class Mxfp4Tensor:
+    """One stacked expert projection as stored: doubled FP4 values and block exponents."""
+
+    name: str  # the model parameter, e.g. model.layers.0.mlp.experts.gate_up_proj
+    file: str
+    doubled: torch.Tensor  # int32 [E, N, K], 2 * the FP4 value
+    exponents: torch.Tensor  # int32 [E, N, K / 32], the stored E8M0 exponent
+
+    def dequantized(self) -> torch.Tensor:
+        """float32 [E, N, K], exactly FP4 * 2^(e - 127)."""
+        e, n, k = self.doubled.shape
+        blocks = self.doubled.reshape(e, n, k // BLOCK, BLOCK).float()
+        return torch.ldexp(blocks, (self.exponents - 128)[..., None]).reshape(e, n, k)
+
+    def row_span_fits(self) -> bool:
+        """Whether each row's values, at its smallest exponent among nonzero blocks, fit int8 (|v| <= 127)."""
+        e, n, k = self.doubled.shape
+        blocks = self.doubled.reshape(e, n, k // BLOCK, BLOCK)
+        peak = blocks.abs().amax(-1)  # [E, N, G]
+        live = peak > 0
+        base = torch.where(live, self.exponents, torch.full_like(self.exponents, 1 << 20)).amin(-1, keepdim=True)
+        shift = torch.where(live, self.exponents - base, torch.zeros_like(self.exponents))
+        # a block's peak is at least 1, and 1 * 2^7 > 127: a span of 7 never fits (capped so the shift stays small)
+        fits = (shift < 7) & ((peak << shift.clamp(max=7)) <= 127)
+        return bool((fits | ~live).all())
+
+    def codes(self, per_row: bool) -> QuantizedWeight:
+        e, n, k = self.doubled.shape
+        if not per_row:
+            spec = QuantSpec(8, BLOCK)
+            scales = torch.ldexp(torch.ones(self.exponents.shape), self.exponents - 128)
+            return QuantizedWeight(self.doubled + 128, scales, None, spec)
+        blocks = self.doubled.reshape(e, n, k // BLOCK, BLOCK)
+        live = blocks.abs().amax(-1) > 0
+        base = torch.where(live, self.exponents, torch.full_like(self.exponents, 1 << 20)).amin(-1, keepdim=True)
+        base = torch.where(base == 1 << 20, torch.full_like(base, 128), base)  # an all-zero row: any scale
+        shift = torch.where(live, self.exponents - base, torch.zeros_like(self.exponents))
+        values = (blocks << shift[..., None]).reshape(e, n, k)
+        return QuantizedWeight(values + 128, torch.ldexp(torch.ones(base.shape), base - 128), None, QuantSpec(8))
+
+
+def read_mxfp4(path: str) -> tuple[list[Mxfp4Tensor], dict[str, torch.Tensor]]:
+    """The checkpoint's MXFP4 projections (unpacked, checked) and its plain tensors."""
+    raw, where, plain = read_tensors(path, PARTS)
+    out = []
+    for prefix, parts in raw.items():
+        file = where[prefix]
+        for proj in ("gate_up_proj", "down_proj"):
+            blocks, scales = parts.get(f"{proj}_blocks"), parts.get(f"{proj}_scales")
+            if blocks is None and scales is None:
+                continue
+            name = f"{prefix}.{proj}"
+            if blocks is None or scales is None:
+                have, lack = ("_blocks", "_scales") if scales is None else ("_scales", "_blocks")
+                raise QuantError(f"{file}: '{name}{have}' has no '{name}{lack}' beside it; an MXFP4 tensor needs both.")
+            for part, t in ((f"{name}_blocks", blocks), (f"{name}_scales", scales)):
+                if t.dtype != torch.uint8:
+                    raise QuantError(f"{file}: '{part}' is {t.dtype}; MXFP4 blocks and E8M0 scales are uint8.")
+            if blocks.dim() != 4 or blocks.shape[-1] != BLOCK // 2 or tuple(blocks.shape[:-1]) != tuple(scales.shape):
+                raise QuantError(f"{file}: '{name}_blocks' has shape {tuple(blocks.shape)} and '{name}_scales' "
+                                 f"{tuple(scales.shape)}; MXFP4 needs [E, N, G, 16] blocks and [E, N, G] scales.")
+            nan = int((scales == NAN_EXPONENT).sum())
+            if nan:
+                raise QuantError(f"{file}: '{name}_scales' holds {nan} NaN exponents (E8M0 255); the weights they "
+                                 "scale are undefined.")
+            b = blocks.to(torch.int32)
+            nibbles = torch.stack([b & 0x0F, b >> 4], dim=-1)  # [E, N, G, 16, 2]: column 2j low, 2j + 1 high
+            doubled = DOUBLED_FP4[nibbles].reshape(*blocks.shape[:2], -1)
+            out.append(Mxfp4Tensor(name, file, doubled, scales.to(torch.int32)))
+    return out, plain
+
+
+def load_mxfp4(path: str):
+    """(model with exactly dequantized weights, the experts' QuantSpec, their codes, notes, format name), as
+    moec.fold_checkpoint.load_quantized_checkpoint."""
+    qc = quantization_config(path) or {}
+    tensors, plain = read_mxfp4(path)
+    if not tensors:
+        raise QuantError(f"'{path}': config.json says mxfp4, but the checkpoint has no '*_blocks' / '*_scales' "
+                         "expert tensors.")
+    build = model_builder(path)
+    shapes = {n: tuple(p.shape) for n, p in build({}).named_parameters()}
+    for t in tensors:
+        e, n, k = t.doubled.shape
+        if shapes.get(t.name) != (e, k, n):
+            want = shapes.get(t.name)
+            raise QuantError(f"{t.file}: '{t.name}_blocks' holds [{e}, {n}, {k}] weights (experts, rows, columns); "
+                             + (f"the model of config.json has no '{t.name}'." if want is None else
+                                f"the model of config.json wants '{t.name}' as {list(want)} (its transpose)."))
+    model = complete(path, build({**plain, **{t.name: t.dequantized().transpose(1, 2) for t in tensors}}))
+    per_row = all(t.row_span_fits() for t in tensors)
+    params = dict(model.named_parameters())
+    table = WeightCodes()
+    for t in tensors:
+        q = t.codes(per_row)
+        if not torch.equal(dequantize(q).transpose(1, 2), params[t.name]):
+            raise QuantError(f"{t.file}: the int8 codes of '{t.name}' do not dequantize to its MXFP4 weights; not "
+                             "folded.")
+        table.attach(params[t.name], q, transposed=True)
+    spec = QuantSpec(8) if per_row else QuantSpec(8, BLOCK)
+    why = ("every row's block exponents span little enough for one scale per row: ONNX Runtime's exact fp32 kernel"
+           if per_row else "some rows' block exponents span too much for one int8 scale per row: blocks of 32, which "
+           "ONNX Runtime runs with int8 activations")
+    notes = [f"{FORMAT} expert weights ({len(tensors)} tensors) folded without re-quantizing as {spec.name} codes ({why})"]
+    skipped = qc.get("modules_to_not_convert") or []
+    if skipped:
+        notes.append(f"{len(skipped)} module patterns the checkpoint keeps unquantized (e.g. {skipped[0]}) loaded as "
+                     "their fp32 values")
+    return model.eval(), spec, table, notes, FORMAT

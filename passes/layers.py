@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from moec.moe_layer import FusedMoE, split_experts_args
+from moec.moe_layer import ExpertsOnly, FusedMoE, split_experts_args
 
 
 @dataclass(frozen=True)
@@ -95,3 +95,12 @@ def iter_fused(model: nn.Module) -> Iterator[tuple[str, FusedMoE]]:
     for path, mod in model.named_modules():
         if isinstance(mod, FusedMoE):
             yield path, mod
+
+
+def layer_path(model: nn.Module, path: str) -> str:
+    """The name reports give the fused layer at `path`: the fusion's, which for experts fused on their own is the
+    ExpertsOnly wrapper's path, one level above the FusedMoE inside it."""
+    parent, _, leaf = path.rpartition(".")
+    if leaf == "layer" and parent and isinstance(model.get_submodule(parent), ExpertsOnly):
+        return parent
+    return path

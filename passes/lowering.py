@@ -105,11 +105,14 @@ def dense_experts(flat, ids, weights, w_gate_up, w_down, b_gate_up, b_down, spec
 
 
 Lower = Callable[[str, FusedMoE, int], "tuple[nn.Module, str] | str"]
+DENSE_LABEL = "dense ONNX ops (all experts)"
 
 
-def lower_each(module: nn.Module, lower: Lower, dense_label: str = "dense ONNX ops (all experts)") -> list[LoweringOutcome]:
+def lower_each(module: nn.Module, lower: Lower,
+               dense_label: Callable[[FusedMoE], str] = lambda fused: DENSE_LABEL) -> list[LoweringOutcome]:
     """Rewrite every FusedMoE: `lower(path, fused, top_k)` returns (new module, description) where the
-    target's op expresses the layer exactly, or the reason it can't; then the layer becomes a DenseMoE."""
+    target's op expresses the layer exactly, or the reason it can't; then the layer becomes a DenseMoE,
+    described by `dense_label(fused)`."""
     layers: list[LoweringOutcome] = []
     # Paths, not modules: holding every old layer until the loop ends would keep a second
     # copy of all expert weights alive (each lowered layer re-lays its weights).
@@ -119,7 +122,7 @@ def lower_each(module: nn.Module, lower: Lower, dense_label: str = "dense ONNX o
         lowered = lower(path, fused, top_k)
         if isinstance(lowered, str):
             set_submodule(module, path, DenseMoE(fused, lowered))
-            layers.append(LoweringOutcome(path, dense_label, lowered))
+            layers.append(LoweringOutcome(path, dense_label(fused), lowered))
         else:
             new, description = lowered
             set_submodule(module, path, new)

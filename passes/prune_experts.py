@@ -44,6 +44,7 @@ from moec.errors import AccuracyBudgetError, MoecError
 from moec.moe_layer import FusedMoE, QuantizedExperts
 from moec.passes.base import Pass, PassContext, PassResult, flatten_outputs
 from moec.passes.conditions import EXPERTS_PRUNED, MOE_FUSED, ROUTING_MEASURED
+from moec.passes.layers import layer_path
 from moec.passes.outcomes import PruneOutcome
 from moec.quant import QuantizedWeight
 
@@ -243,7 +244,7 @@ class PruneExperts(Pass):
             else:
                 plans[path] = layer_plan(fused, stats[path], by, seed=i)
         for path, why in skipped.items():
-            ctx.log(f"warning: {path}: {why}")
+            ctx.log(f"warning: {layer_path(module, path)}: {why}")
         reference = first_outputs(module, ctx.calibration)
         details: dict = {"by": by, "mode": "auto" if mode == "auto" else "fraction"}
         if mode == "auto":
@@ -286,7 +287,8 @@ class PruneExperts(Pass):
                 _assign(fused, _sliced(fused, [i for i in range(before_e) if i not in set(gone)]))
             share = sum(plans[path].shares[:units[path]]) if path in plans else 0.0
             reason = skipped.get(path, "" if gone else "no expert removed at this fraction/budget")
-            outcomes.append(PruneOutcome(path, before_e, gone, before_bytes, expert_bytes(fused), share, reason))
+            outcomes.append(PruneOutcome(layer_path(module, path), before_e, gone, before_bytes, expert_bytes(fused), share,
+                                         reason))
         ctx.log(f"pruned {sum(len(o.removed) for o in outcomes)} of {sum(o.experts_before for o in outcomes)} experts "
                 f"(by {by}); logits vs unpruned: relative L2 {final.rel_l2:.3g}, top-1 agreement "
                 f"{final.top1_agreement:.1%}")

@@ -31,7 +31,7 @@ from moec.mixed_precision import FULL, PRECISIONS, choose
 from moec.passes.base import Pass, PassContext, PassResult, compare_outputs, flatten_outputs, worst
 from moec.passes.conditions import EXPERTS_QUANTIZED, MOE_FUSED
 from moec.gptq import quantize_layer
-from moec.passes.layers import capture_inputs, iter_fused
+from moec.passes.layers import capture_inputs, iter_fused, layer_path
 from moec.passes.outcomes import QuantizationOutcome
 from moec.quant import QuantError, QuantSpec, dequantize, pack, quantize
 
@@ -69,7 +69,8 @@ class QuantizeExperts(Pass):
         for path in paths:
             fused = module.get_submodule(path)
             q_gate_up, q_down, method = self.codes(path, fused, spec, ctx, calibration)
-            layers.append(give_codes(path, fused, spec, q_gate_up, q_down, _layer_input(fused, inputs.get(path)), method))
+            layers.append(give_codes(layer_path(module, path), fused, spec, q_gate_up, q_down,
+                                     _layer_input(fused, inputs.get(path)), method))
         return PassResult(module, bool(layers), {"spec": spec.name}, layers)
 
     def codes(self, path: str, fused, spec: QuantSpec, ctx: PassContext, calibration: dict):
@@ -118,10 +119,12 @@ class QuantizeExperts(Pass):
             with torch.no_grad():
                 reference = [module(*p) for p in inputs_checked]
 
+        names = {path: layer_path(module, path) for path in paths}  # the choice is reported by layer name
+
         def error_of(choice: dict[str, str]) -> float:
             try:
                 for path in paths:
-                    precision = choice.get(path, FULL)
+                    precision = choice.get(names[path], FULL)
                     if precision != FULL:
                         fused = module.get_submodule(path)
                         q1, q2, _ = layer_codes(path, precision)
@@ -136,22 +139,23 @@ class QuantizeExperts(Pass):
 
         weight_bytes = {}
         for path in paths:
-            weight_bytes[path] = {FULL: fp32_bytes(module.get_submodule(path))}
+            weight_bytes[names[path]] = {FULL: fp32_bytes(module.get_submodule(path))}
             for precision in PRECISIONS[:-1]:
                 q1, q2, _ = layer_codes(path, precision)
-                weight_bytes[path][precision] = packed_bytes(q1) + packed_bytes(q2)
-        plan = choose(paths, weight_bytes, error_of, budget, ctx.log)
+                weight_bytes[names[path]][precision] = packed_bytes(q1) + packed_bytes(q2)
+        plan = choose([names[p] for p in paths], weight_bytes, error_of, budget, ctx.log)
         layers = []
         for path in paths:
-            fused, precision = module.get_submodule(path), plan.choice[path]
+            fused, name = module.get_submodule(path), names[path]
+            precision = plan.choice[name]
             if precision == FULL:
                 fused.full_precision = f"--quant auto kept it at full precision (budget {budget:g})"
-                b = weight_bytes[path][FULL]
-                layers.append(QuantizationOutcome(path, FULL, b, b, 0.0, 1.0, method="kept at full precision"))
+                b = weight_bytes[name][FULL]
+                layers.append(QuantizationOutcome(name, FULL, b, b, 0.0, 1.0, method="kept at full precision"))
                 continue
             q1, q2, method = layer_codes(path, precision)
             spec = spec_from_options({**ctx.options, "quant": precision})
-            layers.append(give_codes(path, fused, spec, q1, q2, _layer_input(fused, inputs.get(path)), method))
+            layers.append(give_codes(name, fused, spec, q1, q2, _layer_input(fused, inputs.get(path)), method))
         return PassResult(module, True, {"spec": "auto", "auto": plan.to_dict()}, layers)
 
 

@@ -114,3 +114,14 @@ def test_after_pruning_the_budget_is_against_the_pruned_model(tmp_path):
     assert q["logits_vs_fp32_against"] == "the pruned full-precision model"
     assert q["logits_vs_fp32"]["rel_l2"] == pytest.approx(q["auto"]["measured_rel_l2"], rel=1e-6)
     assert q["auto"]["measured_rel_l2"] <= 0.3 and report["pruning"]["experts_after"] < report["pruning"]["experts_before"]
+
+
+@pytest.mark.parametrize("budget,label", [(1e-4, "dense ONNX ops (all experts)"),
+                                          (10.0, "dense ONNX ops (all experts) (dequantized)")])
+def test_a_layer_without_an_ort_op_says_whether_its_dense_ops_run_dequantized_weights(budget, label, tmp_path):
+    """Squared-ReLU experts have no MoE/QMoE form: the layer runs as dense ops, over its own fp32 weights when auto
+    keeps it at full precision, over the dequantized ones when quantized."""
+    report = moec.compile(source="moec.zoo:squared_relu_top1_moe", out=str(tmp_path / "out"),
+                          extra=dict(quant="auto", accuracy_budget=budget)).report
+    assert [l["lowered_to"] for l in report["moe_layers"]["layers"]] == [label]
+    assert report["numerics"]["passed"]

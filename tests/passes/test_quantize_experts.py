@@ -132,3 +132,17 @@ def test_calibration_with_fewer_tokens_than_experts_is_refused(tmp_path):
     with pytest.raises(CalibrationError, match=r"random:1: 5 calibration tokens reach moe, fewer than its 8 experts"):
         _compile(str(tmp_path / "a"), quant="int4", calibration="random:1")
     assert not os.path.exists(tmp_path / "a")
+
+
+def test_experts_fused_on_their_own_are_reported_by_the_fusions_name(tmp_path):
+    """Experts routed by their caller are fused inside an ExpertsOnly wrapper; the quantization section (and
+    --quant auto's choice) names them as the fusion report does, not by the wrapper's inner `.layer`."""
+    import moec
+
+    for quant, extra in (("int8", {}), ("auto", {"accuracy_budget": 0.5})):
+        report = moec.compile(source="moec.zoo:routed_by_caller_moe", out=str(tmp_path / quant),
+                              extra=dict(quant=quant, **extra)).report
+        fused = [l["path"] for l in report["moe_layers"]["layers"] if l["fused"]]
+        assert fused and [l["path"] for l in report["quantization"]["layers"]] == fused
+        if quant == "auto":
+            assert list(report["quantization"]["auto"]["choice"]) == fused

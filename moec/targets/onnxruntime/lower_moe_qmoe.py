@@ -20,7 +20,7 @@ from moec.moe_layer import FusedMoE, GivenRouting, LoweredMoE
 from moec.ops import interleave_gate_up
 from moec.passes.base import Pass, PassContext, PassResult
 from moec.passes.conditions import EXPERTS_LOWERED, EXPERTS_QUANTIZED
-from moec.passes.lowering import lower_each, mix_signed, route_outside
+from moec.passes.lowering import DENSE_LABEL, lower_each, mix_signed, route_outside
 from moec.quant import QuantizedWeight, pack, packed_shapes
 from moec.targets.onnxruntime import ops  # noqa: F401  (registers torch.ops.moec.ort_qmoe)
 from moec.targets.onnxruntime.lower_moe_onnxruntime import lower_to_moe, plan_layer
@@ -100,5 +100,7 @@ class LowerMoEForQMoE(Pass):
             layer = OrtQMoE(fused, plan.activation_type, plan.alpha, plan.beta, plan.limit, top_k, accuracy_level)
             return layer, f"com.microsoft.QMoE ({fused.quantized.gate_up.spec.name}, {plan.activation_type})"
 
-        layers = lower_each(module, lower, "dense ONNX ops (all experts, dequantized)")
+        # a layer --quant auto kept at full precision runs its own weights, not dequantized ones
+        layers = lower_each(module, lower, lambda fused: DENSE_LABEL + ("" if fused.quantized is None else
+                                                                         " (dequantized)"))
         return PassResult(module, bool(layers), {}, layers)

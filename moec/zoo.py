@@ -53,10 +53,6 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
         moe_layer_start_index=0, moe_layer_end_index=1)),
 }
 
-# Families whose whole causal LM does not convert to ONNX for reasons outside the MoE layer;
-# they are compiled at the MoE-block level (still the real transformers class).
-BLOCK_ONLY = {"llama4": "complex-valued RoPE has no ONNX translation"}
-
 
 def build_hf_model(family: str, seed: int = 0, **overrides) -> nn.Module:
     import transformers
@@ -70,36 +66,7 @@ def build_hf_model(family: str, seed: int = 0, **overrides) -> nn.Module:
 
 
 def hf_family(family: str, seed: int = 0, **overrides) -> LoadedSource:
-    model = build_hf_model(family, seed, **overrides)
-    if family in BLOCK_ONLY:
-        return moe_block_source(model, family)
-    return causal_lm_source(model, f"zoo:{family}")
-
-
-def moe_block_source(model: nn.Module, family: str) -> LoadedSource:
-    """The first MoE block of a model, as the compiled unit: input [batch, seq, H]."""
-    from moec.passes.fuse_moe import find_candidates
-
-    path = next(p for p, a in find_candidates(model) if not isinstance(a, str))
-    block = model.get_submodule(path)
-    hidden = model.config.hidden_size
-    x = torch.randn(2, 8, hidden, generator=torch.Generator().manual_seed(0))
-    dyn = ({0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("seq", min=2, max=4096)},)
-    return LoadedSource(FirstOutput(block), (x,), dyn, f"zoo:{family}:{path}", ["hidden_states"], ["output"],
-                        [f"compiled at block level: {BLOCK_ONLY.get(family, '')}"], ["float"])
-
-
-class FirstOutput(nn.Module):
-    """Blocks that return (out, router_logits) expose only `out`, reshaped like the input."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.block(x)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        return out.reshape(x.shape)
+    return causal_lm_source(build_hf_model(family, seed, **overrides), f"zoo:{family}")
 
 
 def _factory(family: str) -> Callable[[], LoadedSource]:

@@ -23,7 +23,7 @@ EXPECTED = {
     "gpt_oss": (2, dict(top_k=2, activation="swiglu", alpha=1.702, limit=7.0, has_bias=True)),
     "granitemoe": (2, dict(top_k=2)),
     "phimoe": (2, dict(route=None)),  # sparse mixer: router kept as written
-    "llama4": (1, dict(scoring="sigmoid", top_k=1, select_on="logits", weight_on_input=True, shared=True)),
+    "llama4": (2, dict(scoring="sigmoid", top_k=1, select_on="logits", weight_on_input=True, shared=True)),
     # router nested in a submodule (gate.wg)
     "hunyuan_v1_moe": (2, dict(scoring="softmax", top_k=2, renormalize=True, shared=True)),
     # selection bias stored [1, E] beside the router (gate.moe_statics)

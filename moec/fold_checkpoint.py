@@ -63,8 +63,8 @@ def quant_method(path: str) -> Optional[str]:
 
 
 def read_tensors(path: str, parts: tuple[str, ...]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str], dict]:
-    """The checkpoint's tensors: per module prefix its quantization `parts` (and the file holding them), and the
-    plain tensors by name."""
+    """The checkpoint's tensors: per module prefix its quantization `parts`, the file holding each (by prefix, the
+    last read; by full tensor name, its own), and the plain tensors by name."""
     from safetensors import safe_open
 
     from moec.safetensors_check import checkpoint_files
@@ -79,7 +79,7 @@ def read_tensors(path: str, parts: tuple[str, ...]) -> tuple[dict[str, dict[str,
                 prefix, _, part = key.rpartition(".")
                 if part in parts:
                     raw.setdefault(prefix, {})[part] = f.get_tensor(key)
-                    where[prefix] = file
+                    where[prefix] = where[key] = file
                 else:
                     plain[key] = f.get_tensor(key)
     return raw, where, plain

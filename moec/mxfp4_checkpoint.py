@@ -41,7 +41,7 @@ class Mxfp4Tensor:
     """One stacked expert projection as stored: doubled FP4 values and block exponents."""
 
     name: str  # the model parameter, e.g. model.layers.0.mlp.experts.gate_up_proj
-    file: str
+    file: str  # the file holding its _blocks
     doubled: torch.Tensor  # int32 [E, N, K], 2 * the FP4 value
     exponents: torch.Tensor  # int32 [E, N, K / 32], the stored E8M0 exponent
 
@@ -83,7 +83,6 @@ def read_mxfp4(path: str) -> tuple[list[Mxfp4Tensor], dict[str, torch.Tensor]]:
     raw, where, plain = read_tensors(path, PARTS)
     out = []
     for prefix, parts in raw.items():
-        file = where[prefix]
         for proj in ("gate_up_proj", "down_proj"):
             blocks, scales = parts.get(f"{proj}_blocks"), parts.get(f"{proj}_scales")
             if blocks is None and scales is None:
@@ -91,21 +90,28 @@ def read_mxfp4(path: str) -> tuple[list[Mxfp4Tensor], dict[str, torch.Tensor]]:
             name = f"{prefix}.{proj}"
             if blocks is None or scales is None:
                 have, lack = ("_blocks", "_scales") if scales is None else ("_scales", "_blocks")
-                raise QuantError(f"{file}: '{name}{have}' has no '{name}{lack}' beside it; an MXFP4 tensor needs both.")
-            for part, t in ((f"{name}_blocks", blocks), (f"{name}_scales", scales)):
+                raise QuantError(f"{where[name + have]}: '{name}{have}' has no '{name}{lack}' in the checkpoint; an "
+                                 "MXFP4 tensor needs both.")
+            file, scales_file = where[f"{name}_blocks"], where[f"{name}_scales"]
+            for part, t, f in ((f"{name}_blocks", blocks, file), (f"{name}_scales", scales, scales_file)):
                 if t.dtype != torch.uint8:
-                    raise QuantError(f"{file}: '{part}' is {t.dtype}; MXFP4 blocks and E8M0 scales are uint8.")
+                    raise QuantError(f"{f}: '{part}' is {t.dtype}; MXFP4 blocks and E8M0 scales are uint8.")
             if blocks.dim() != 4 or blocks.shape[-1] != BLOCK // 2 or tuple(blocks.shape[:-1]) != tuple(scales.shape):
                 raise QuantError(f"{file}: '{name}_blocks' has shape {tuple(blocks.shape)} and '{name}_scales' "
                                  f"{tuple(scales.shape)}; MXFP4 needs [E, N, G, 16] blocks and [E, N, G] scales.")
             nan = int((scales == NAN_EXPONENT).sum())
             if nan:
-                raise QuantError(f"{file}: '{name}_scales' holds {nan} NaN exponents (E8M0 255); the weights they "
-                                 "scale are undefined.")
+                raise QuantError(f"{scales_file}: '{name}_scales' holds {nan} NaN exponents (E8M0 255); the weights "
+                                 "they scale are undefined.")
             b = blocks.to(torch.int32)
             nibbles = torch.stack([b & 0x0F, b >> 4], dim=-1)  # [E, N, G, 16, 2]: column 2j low, 2j + 1 high
             doubled = DOUBLED_FP4[nibbles].reshape(*blocks.shape[:2], -1)
-            out.append(Mxfp4Tensor(name, file, doubled, scales.to(torch.int32)))
+            t = Mxfp4Tensor(name, file, doubled, scales.to(torch.int32))
+            inf = int((~torch.isfinite(t.dequantized())).sum())
+            if inf:  # 6 * 2^127 and beyond: exponents 253 and 254 overflow fp32 for the larger FP4 values
+                raise QuantError(f"{scales_file}: '{name}_scales' scales {inf} weights beyond fp32's range (exponents "
+                                 "253-254 with large FP4 values); not a usable checkpoint.")
+            out.append(t)
     return out, plain
 
 
@@ -132,7 +138,9 @@ def load_mxfp4(path: str):
     table = WeightCodes()
     for t in tensors:
         q = t.codes(per_row)
-        if not torch.equal(dequantize(q).transpose(1, 2), params[t.name]):
+        # in range (pack would wrap anything else into a byte) and dequantizing to exactly the weights
+        if int(q.codes.min()) < 0 or int(q.codes.max()) > 255 or not torch.equal(dequantize(q).transpose(1, 2),
+                                                                                 params[t.name]):
             raise QuantError(f"{t.file}: the int8 codes of '{t.name}' do not dequantize to its MXFP4 weights; not "
                              "folded.")
         table.attach(params[t.name], q, transposed=True)

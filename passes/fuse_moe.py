@@ -45,7 +45,7 @@ from moec.passes import fusion_rules
 from moec.passes.fusion_rules import ExpertSource, ExpertWeights, RoutingRule, expert_readings, linears, own_params
 from moec.passes.layers import ExpertsInputs, LayerCall, capture_inputs, set_submodule
 from moec.passes.outcomes import FusionOutcome, RuleTrial
-from moec.quant import QuantizedWeight, WeightCodes
+from moec.quant import QuantizedWeight, WeightCodes, dequantize
 
 MATCH_TOL = 1e-5
 ROUTING_SCREEN_TOL = 1e-4  # a routing's output from the experts' computed outputs: a loose screen; the layer check decides
@@ -348,7 +348,13 @@ def expert_codes(table: WeightCodes, reading: ExpertWeights) -> Optional[Quantiz
         return None
     gate_up = _stack_codes(table, reading.gate_up_sources, reading.gate_up_transposed, reading.gate_up_rows)
     down = _stack_codes(table, reading.down_sources, reading.down_transposed)
-    return QuantizedExperts(gate_up, down) if gate_up is not None and down is not None else None
+    if gate_up is None or down is None:
+        return None
+    # The codes were laid out by following the reading's transforms; they must give back exactly the weights
+    # the reading (and so the validated layer) holds, or the artifact would compute another model.
+    if not (torch.equal(dequantize(gate_up), reading.w_gate_up) and torch.equal(dequantize(down), reading.w_down)):
+        return None
+    return QuantizedExperts(gate_up, down)
 
 
 def _collect_hints(sources: list[Any]) -> dict[str, Any]:

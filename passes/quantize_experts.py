@@ -80,8 +80,9 @@ class QuantizeExperts(Pass):
             if fused.quantized is None:
                 raise QuantError(
                     f"{path}: the model's pre-quantized expert weights (packed checkpoint or Q/DQ layers) are "
-                    "not in moec's canonical layout ([E, 2I, H] gate|up, [E, H, I]), or only some experts "
-                    "carry codes; folding them would re-quantize. Not supported yet.")
+                    "laid out in a way their codes can't follow to moec's canonical layout ([E, 2I, H] gate|up, "
+                    "[E, H, I]), only some experts carry codes, or the codes don't give back exactly the weights the "
+                    "layer was fused with; folding them would re-quantize. Not supported yet.")
             return fused.quantized.gate_up, fused.quantized.down, "the checkpoint's codes"
         if path in calibration and not given:
             tokens, experts = calibration[path].shape[0], fused.spec.experts.num_experts

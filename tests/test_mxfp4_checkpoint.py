@@ -87,6 +87,8 @@ def test_narrow_exponent_spans_fold_per_row_exactly(tmp_path):
     assert "MXFP4" in q["checkpoint_format"] and q["spec"] == "int8 per-row"
     assert not q["onnxruntime_quantizes_activations"]
     assert report["numerics"]["passed"] and max(r["rel_l2"] for r in report["numerics"]["inputs"]) < 1e-4
+    # the reference ran the codes' dequantization: the same model as the checkpoint's weights
+    assert q["logits_vs_fp32"]["rel_l2"] < 1e-5
     art = _unpacked_initializers(out)
     for layer in (0, 1):
         for fc, proj in (("fc1", "gate_up_proj"), ("fc2", "down_proj")):
@@ -128,6 +130,13 @@ def _edit_tensors(path, edit):
 @pytest.mark.parametrize("edit,message", [
     (lambda s: s.pop("model.layers.1.mlp.experts.down_proj_scales"),
      "'model.layers.1.mlp.experts.down_proj_blocks' has no 'model.layers.1.mlp.experts.down_proj_scales'"),
+    (lambda s: s.pop("model.layers.0.mlp.experts.gate_up_proj_blocks"),
+     "'model.layers.0.mlp.experts.gate_up_proj_scales' has no 'model.layers.0.mlp.experts.gate_up_proj_blocks'"),
+    (lambda s: s["model.layers.1.mlp.experts.gate_up_proj_scales"].fill_(254),  # 6 * 2^127 overflows fp32
+     "'model.layers.1.mlp.experts.gate_up_proj_scales' scales"),
+    (lambda s: s.update({"model.layers.0.mlp.experts.gate_up_proj_blocks":
+                         s["model.layers.0.mlp.experts.gate_up_proj_blocks"].to(torch.int32)}),
+     "'model.layers.0.mlp.experts.gate_up_proj_blocks' is torch.int32"),
     (lambda s: s["model.layers.0.mlp.experts.gate_up_proj_scales"].__setitem__((0, 3, 1), 255),
      "'model.layers.0.mlp.experts.gate_up_proj_scales' holds 1 NaN exponents"),
     (lambda s: s.update({"model.layers.0.mlp.experts.down_proj_blocks":

@@ -314,3 +314,64 @@ def test_softcapped_swiglu(target, tmp_path):
     assert layer["fused"] and (x["activation"], x["alpha"], x["limit"]) == ("swiglu_softcap", 0.8, 0.6), layer
     assert res.report["numerics"]["passed"]
     assert max(i["rel_l2"] for i in res.report["numerics"]["inputs"]) < 1e-5
+
+
+def _codes(e, n, k, symmetric, seed):
+    from moec.quant import QuantizedWeight, QuantSpec
+
+    g = torch.Generator().manual_seed(seed)
+    zp = None if symmetric else torch.randint(0, 256, (e, n, 2), dtype=torch.int32, generator=g)
+    return QuantizedWeight(torch.randint(0, 256, (e, n, k), dtype=torch.int32, generator=g),
+                           torch.rand(e, n, 2, generator=g) + 0.1, zp, QuantSpec(8, k // 2, symmetric))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_pre_quantized_codes_follow_transposed_and_reordered_readings(transposed, symmetric):
+    """Codes attached to stacked experts (as a checkpoint's loader does; transposed: for the weight's transpose, as
+    GPT-OSS stores x @ W) reach every gate|up / up|gate / interleaved reading of the matching orientation, rows
+    reordered as the weights were, dequantizing to exactly the weights read, scales and zero points alike."""
+    from moec.passes.fuse_moe import expert_codes
+    from moec.passes.fusion_rules import EXPERT_RULES, ExpertSource
+    from moec.quant import WeightCodes, dequantize
+
+    e, h, i = 3, 64, 32
+    q_in, q_out = _codes(e, 2 * i, h, symmetric, 0), _codes(e, h, i, symmetric, 1)
+    w_in, w_out = dequantize(q_in), dequantize(q_out)
+    if transposed:
+        w_in, w_out = w_in.transpose(1, 2).contiguous(), w_out.transpose(1, 2).contiguous()
+    table = WeightCodes()
+    table.attach(w_in, q_in, transposed)
+    table.attach(w_out, q_out, transposed)
+    source = ExpertSource(e, {"w_in": w_in, "w_out": w_out})
+    for rule in [r for r in EXPERT_RULES if r.name in ("stacked gate|up", "stacked up|gate", "stacked interleaved")]:
+        with_codes = []
+        for reading in rule.read(source, h):
+            codes = expert_codes(table, reading)
+            if codes is not None:
+                assert torch.equal(dequantize(codes.gate_up), reading.w_gate_up)
+                assert torch.equal(dequantize(codes.down), reading.w_down)
+                if codes.gate_up.zero_points is not None:
+                    assert codes.gate_up.zero_points.shape == codes.gate_up.scales.shape
+                with_codes.append(reading.layout)
+        # exactly the reading that reads both tensors in the orientation the codes describe
+        assert with_codes == [("inᵀ/outᵀ" if transposed else "in/out") + rule.name[len("stacked"):]], rule.name
+
+
+def test_codes_that_no_longer_give_back_the_weights_are_not_used():
+    """A tensor changed after its codes were attached: the fused layer must not carry codes of another model."""
+    from moec.passes.fuse_moe import expert_codes
+    from moec.passes.fusion_rules import EXPERT_RULES, ExpertSource
+    from moec.quant import WeightCodes, dequantize
+
+    q_in, q_out = _codes(2, 64, 32, True, 2), _codes(2, 32, 32, True, 3)
+    w_in, w_out = dequantize(q_in), dequantize(q_out)
+    table = WeightCodes()
+    table.attach(w_in, q_in)
+    table.attach(w_out, q_out)
+    rule = next(r for r in EXPERT_RULES if r.name == "stacked gate|up")
+    reading = next(r for r in rule.read(ExpertSource(2, {"w_in": w_in, "w_out": w_out}), 32) if r.layout.startswith("in/out"))
+    assert expert_codes(table, reading) is not None
+    with torch.no_grad():
+        w_out[0, 0, 0] += 1.0
+    assert expert_codes(table, reading) is None

@@ -41,12 +41,13 @@ class Divergence:
     step: int
     expected: int
     got: int
-    rel_l2: float  # of that step's logits
+    rel_l2: Optional[float]  # of that step's logits (None: the runner gives tokens only)
 
     def describe(self) -> str:
+        logits = ("the runner gives no logits to compare" if self.rel_l2 is None else
+                  f"that step's logits differ by relative L2 {self.rel_l2:.3g}")
         return (f"prompt set {self.batch}, row {self.row}: the first diverging token is at step {self.step} "
-                f"(expected {self.expected}, got {self.got}); that step's logits differ by relative L2 "
-                f"{self.rel_l2:.3g}")
+                f"(expected {self.expected}, got {self.got}); {logits}")
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -303,7 +304,7 @@ def check_generate(runner: str, g: GenerationGolden, generate: Callable[[list[in
             for step, expected in enumerate(genai_comparable(run.tokens[row], g.eos_ids, g.pad_id)):
                 token = toks[step] if step < len(toks) else -1
                 if token != expected:
-                    first = first or Divergence(b, row, step, expected, token, float("nan"))
+                    first = first or Divergence(b, row, step, expected, token, None)
                     break
     return GenerationCheck(runner, first, 0.0, g.tolerance, g.new_tokens, compares_logits=False)
 

@@ -13,6 +13,8 @@ Systems (same greedy tokens checked across all; prompt 32, 48 new tokens, batch 
                against the dequantized model)
   moec-int4-acc4 the same with `--accuracy-level 4`: ONNX Runtime quantizes the experts' activations to int8
                (what the genai builder's int4 does on CPU); verified against the dequantized model at 3e-2
+  moec-int4-dense the same plus `--quant-dense`: attention projections and the LM head as int4 MatMulNBits
+               too (routers stay fp32); its floor counts those layers' quantized bytes
   optimum      Optimum's ONNX export with past, run by its ORTModelForCausalLM (fp32; GPT-OSS's export runs
                every expert on every token, Qwen3-MoE's the routed ones), in its own venv
                (tools/setup_optimum.sh: optimum-onnx pins transformers 4.x); skipped when that venv is
@@ -215,6 +217,15 @@ def bench_family(family: str, work: str, new: int, bandwidth: float) -> dict:
     rep4a = compile_moec(hf, out, "--quant", "int4", "--block-size", "32", "--accuracy-level", "4")
     systems["moec-int4-acc4"] = {"dir": out, "compile_s": rep4a["_compile_s"],
                                  "expert_bytes": rep4a["quantization"]["weight_bytes_quantized"]}
+    log(f"[{family}] moec compile --quant int4 --accuracy-level 4 --quant-dense")
+    out = os.path.join(work, f"{family}-moec-int4-dense")
+    rep4d = compile_moec(hf, out, "--quant", "int4", "--block-size", "32", "--accuracy-level", "4", "--quant-dense")
+    q = rep4d["quantization"]
+    dense = q["dense"]["layers"]
+    systems["moec-int4-dense"] = {
+        "dir": out, "compile_s": rep4d["_compile_s"],
+        "expert_bytes": q["weight_bytes_quantized"] - sum(l["weight_bytes_quantized"] for l in dense),
+        "dense_bytes": facts["dense_bytes"] - sum(l["weight_bytes_fp32"] - l["weight_bytes_quantized"] for l in dense)}
     if family in BUILDER_FAMILIES:
         log(f"[{family}] onnxruntime-genai builder (fp32)")
         out = os.path.join(work, f"{family}-builder")
@@ -227,11 +238,11 @@ def bench_family(family: str, work: str, new: int, bandwidth: float) -> dict:
         ids = prompts(batch, SHAPES[family][2]["vocab_size"])
         log(f"[{family}] batch {batch}: transformers eager")
         ref, prefill, decode = run_eager(hf, ids, new)
-        results = {"eager": (ref, prefill, decode, facts["expert_bytes"])}
+        results = {"eager": (ref, prefill, decode, facts["expert_bytes"], facts["dense_bytes"])}
         for name, s in systems.items():
             log(f"[{family}] batch {batch}: {name}")
             toks, prefill, decode = run_genai(s["dir"], ids, new, SHAPES[family][2].get("sliding_window") or 0)
-            results[name] = (toks, prefill, decode, s["expert_bytes"])
+            results[name] = (toks, prefill, decode, s["expert_bytes"], s.get("dense_bytes", facts["dense_bytes"]))
         if os.path.exists(OPTIMUM_PYTHON) and optimum_refused is None:
             log(f"[{family}] batch {batch}: optimum (exporting once, then Optimum's ORTModelForCausalLM)")
             try:
@@ -240,19 +251,20 @@ def bench_family(family: str, work: str, new: int, bandwidth: float) -> dict:
                 # all); its Qwen3-MoE loop runs only the experts tokens were routed to
                 dense = family in OPTIMUM_ALL_EXPERTS
                 results["optimum"] = (toks, prefill, decode,
-                                      facts["expert_bytes"] * (facts["experts"] / facts["top_k"] if dense else 1))
+                                      facts["expert_bytes"] * (facts["experts"] / facts["top_k"] if dense else 1),
+                                      facts["dense_bytes"])
                 optimum_s = optimum_s or export_s
             except RuntimeError as exc:
                 optimum_refused = str(exc)[-300:]
                 log(f"  optimum cannot export {family}: {optimum_refused}")
-        for name, (toks, prefill, decode, ebytes) in results.items():
+        for name, (toks, prefill, decode, ebytes, dbytes) in results.items():
             step_ms = 1e3 * decode / (new - 1)
             row = {"family": family, "batch": batch, "system": name, "prefill_tok_s": batch * PROMPT / prefill,
                    "decode_tok_s": batch * (new - 1) / decode, "decode_step_ms": step_ms,
                    "same_tokens_as_eager": toks == ref,
                    "tokens_equal_fraction": float(np.mean(np.array(toks) == np.array(ref)))}
             if batch == 1:
-                row["floor_ms"] = floor_ms(facts, ebytes, bandwidth, PROMPT + new // 2)
+                row["floor_ms"] = floor_ms({**facts, "dense_bytes": dbytes}, ebytes, bandwidth, PROMPT + new // 2)
                 row["vs_floor"] = step_ms / row["floor_ms"]
             rows.append(row)
             log(f"  {name:14s} prefill {row['prefill_tok_s']:8.1f} tok/s  decode {row['decode_tok_s']:7.2f} tok/s"

@@ -162,6 +162,11 @@ def cmd_golden_record(args: argparse.Namespace) -> int:
 
     if args.seq_len < 1:
         raise MoecError(f"--seq-len {args.seq_len}: the second probe needs at least one token.")
+    if args.precision == "auto" and args.tolerance is None:
+        raise MoecError("golden record --precision auto: a mixed-precision artifact has no default tolerance; give "
+                        "--tolerance (the --accuracy-budget it was compiled with).")
+    if args.tolerance is not None and not args.tolerance > 0:
+        raise MoecError(f"--tolerance {args.tolerance}: the relative L2 tolerance must be positive.")
     if os.path.exists(args.out) and not args.force:
         from moec.errors import OutputExistsError
 
@@ -199,7 +204,7 @@ def cmd_golden_record(args: argparse.Namespace) -> int:
     model = {"source": args.source or "builtin:mixtral-demo", "identity": src.identity,
              "weights_sha256": golden.weights_sha256(src.module)}
     path = golden.record(args.out, probes, model=model, force=args.force, precision=args.precision,
-                         versions=versions())
+                         tolerance=args.tolerance, versions=versions())
     print(f"recorded {len(probes)} probes in {path}")
     return 0
 
@@ -458,8 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     r.add_argument("--force", action="store_true")
     r.add_argument("--seq-len", type=int, default=13, help="sequence length of the second probe")
-    r.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "int4", "int2"],
-                   help="precision of the artifacts this golden checks (sets the default tolerance)")
+    r.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "int4", "int2", "auto"],
+                   help="precision of the artifacts this golden checks (sets the default tolerance; auto, for "
+                        "--quant auto artifacts, takes --tolerance)")
+    r.add_argument("--tolerance", type=float, default=None,
+                   help="relative L2 the artifact's outputs may differ by (default: the precision's)")
     r.set_defaults(func=cmd_golden_record)
     return p
 

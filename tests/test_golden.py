@@ -103,3 +103,16 @@ def test_committed_goldens_gate_fresh_compiles(name, tmp_path):
     assert result.report["model"]["weights_sha256"] == manifest["model"]["weights_sha256"]
     res = verify(result.out_dir, gdir)
     assert res.passed, [c for c in res.checks if not c.passed]
+
+
+def test_golden_record_for_a_mixed_precision_artifact_takes_its_tolerance(tmp_path, capsys):
+    """--precision auto (a --quant auto artifact) has no default tolerance: it needs --tolerance, which is kept."""
+    from moec import cli
+
+    out = tmp_path / "g"
+    assert cli.main(["golden", "record", "moec.zoo:qwen3_moe", "--out", str(out), "--precision", "auto"]) == 2
+    assert "--tolerance" in capsys.readouterr().err and not out.exists()
+    assert cli.main(["golden", "record", "moec.zoo:qwen3_moe", "--out", str(out), "--precision", "auto",
+                     "--tolerance", "0.08"]) == 0
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["precision"] == "auto" and manifest["tolerance"]["rel_l2"] == 0.08

@@ -157,9 +157,10 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
 
     planned, lowered, notes, src, captured = stage("capture", "capturing the real-sized graph on the meta device",
                                                    build_graph_model)
-    notes = list(src.notes) + notes
     program = stage("onnx_export", "converting to ONNX (no weight bytes)", to_onnx, captured, src.input_names,
                     src.output_names, src.dynamic_shapes, target.translations())
+    # with what capture and conversion rewrote (complex RoPE, selective scans), as the in-memory report says
+    notes = list(src.notes) + notes + list(captured.notes)
     graph = simplify_graph(program.model, weights_known=False).to_dict()
     graph["rsqrt_as_division"] = rewrite_rsqrt(program.model)
     ranges = src.dim_ranges()

@@ -299,3 +299,13 @@ def test_moec_verify_replays_the_goldens_one_layer_at_a_time(compiled, tmp_path,
         f.seek(int(ext["offset"]))
         f.write(np.ones(int(ext["length"]) // 4, np.float32).tobytes())
     assert main(["verify", d]) != 0
+
+
+def test_the_report_keeps_what_capture_rewrote(tmp_path):
+    """Llama 4's complex rotary embeddings are rewritten at conversion; the streamed report says so, as the
+    in-memory one does."""
+    path, out = str(tmp_path / "llama4"), str(tmp_path / "out")
+    zoo.build_hf_model("llama4").to(torch.bfloat16).save_pretrained(path)
+    assert _compile(path, out) == 0
+    notes = json.load(open(os.path.join(out, "report.json")))["capture"]["notes"]
+    assert any(n.startswith("rewrite_complex_rope: ") for n in notes)

@@ -46,7 +46,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         if extra["shard_size"] <= 0:
             raise MoecError(f"--shard-size {args.shard_size}: a shard must hold at least one byte.")
     for key in ("quant", "block_size", "asymmetric", "accuracy_budget", "device_memory", "accuracy_level",
-                "tensorrt_aot", "quant_dense", "calibration", "prune_by", "static", "task"):
+                "tensorrt_aot", "quant_dense", "calibration", "prune_by", "static", "task", "dtype"):
         value = getattr(args, key, None)
         if value is not None and value is not False:  # 0 and "" are given values, checked as such
             extra[key] = value
@@ -83,6 +83,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
             print(f"  note: {l['path']} fused, lowered to dense ops: {l['lowering_note']}")
     print(f"numerics vs {against}: worst relative L2 {worst['rel_l2']:.2e}, max abs {worst['max_abs']:.2e} "
           f"(tolerance {r['numerics']['tolerance_rel_l2']:g}) — {'PASS' if r['numerics']['passed'] else 'FAIL'}")
+    if r.get("dtype", "fp32") != "fp32":
+        cast = next(p for p in r["passes"] if p["name"] == "cast_precision")["details"]
+        vs = max(x["rel_l2"] for x in r["numerics"]["vs_fp32"]["inputs"])
+        print(f"{r['dtype']} weights and arithmetic (fp32 inputs and outputs): {cast['bytes_before'] / 2**20:.1f} MiB -> "
+              f"{cast['bytes_after'] / 2**20:.1f} MiB; vs eager fp32: relative L2 {vs:.2e}")
     gen = r["numerics"].get("generation")
     if gen:
         print(f"text generation: KV-cache decoder; greedy {gen['new_tokens']} tokens on prompt sets "
@@ -377,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tensorrt-aot", action="store_true",
                    help="mark the experts plugin nodes for TensorRT's AOT implementation (one embedded kernel; "
                         "engines run without Python)")
+    c.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="the artifact's float precision (default fp32); fp16 halves the weights and runs in fp16 "
+                        "with fp32 inputs and outputs (verified against eager fp32 within 1e-2)")
     c.add_argument("--quant", choices=["int8", "int4", "int2", "auto"],
                    help="quantize expert weights (ONNX Runtime QMoE, or the TensorRT plugin's packed variant); auto: "
                         "each MoE layer at the cheapest of int2/int4/int8/full precision within --accuracy-budget")

@@ -107,6 +107,8 @@ def check_streamable(options: CompileOptions) -> None:
         asked.append("--no-fusion")
     if options.disabled_passes:
         asked.append("--no-pass")
+    if (options.extra.get("dtype") or "fp32") != "fp32":
+        asked.append(f"--dtype {options.extra['dtype']}")
     if asked:
         raise MoecError(f"{', '.join(asked)}: not available in an out-of-core compile yet (it streams text-generation "
                         "and logits artifacts for ONNX Runtime, fp32 or with --quant experts). Compile in memory with "

@@ -30,7 +30,7 @@ from moec import targets, validate
 from moec.errors import DiskFullError, FusionRequiredError, MoecError, OutputExistsError, VerificationError
 from moec.export_onnx import Captured, capture, save_onnx, to_onnx, weight_bytes
 from moec.fsutil import disk_error, make_workdir, release_workdir, remove_stale_workdirs, swap_into_place
-from moec.golden import Probe, weights_sha256, write_golden
+from moec.golden import TOLERANCES, Probe, weights_sha256, write_golden
 from moec.numerics import compare_tensors
 from moec.passes.base import Pass, PassContext, PassManager, PassRecord, flatten_outputs
 from moec.passes.conditions import EXPERTS_PRUNED, MOE_FUSED, ROUTING_MEASURED
@@ -202,6 +202,7 @@ def compile(
             "source": source or "python-module",
             "model": loaded.identity,
             "target": target.name,
+            "dtype": dtype_of(options),
             "capture": {"method": "torch.export (non-strict)", "notes": loaded.notes + capture_notes},
             "passes": [r.to_dict() for r in fold_records + transformed.records],
             "graph": graph,
@@ -221,7 +222,8 @@ def compile(
         }
         write_golden(os.path.join(tmp, "golden"),
                      [Probe(f"probe{i}", f, o) for i, (f, o) in enumerate(zip(verified.feeds, verified.outputs))],
-                     model=loaded.identity, precision=transformed.quant["precision"] if transformed.quant else "fp32",
+                     model=loaded.identity,
+                     precision=transformed.quant["precision"] if transformed.quant else dtype_of(options),
                      tolerance=verified.numerics["tolerance_rel_l2"], versions=versions())
         if gen_golden is not None:
             from moec.greedy import write_generation_golden
@@ -248,6 +250,7 @@ def check_options(options: CompileOptions, target: Target) -> None:
     validate.check_positive(extra.get("accuracy_budget"), "--accuracy-budget", allow_zero=True)
     validate.check_positive(extra.get("shard_size"), "--shard-size")
     check_pruning(options)
+    check_dtype(options)
     if options.max_batch_size is not None and options.max_batch_size < 0:
         raise MoecError(f"--max-batch-size {options.max_batch_size}: must be >= 0 (0: Triton does not batch).")
     if options.instances < 1:
@@ -355,6 +358,10 @@ def load(module: Optional[nn.Module], example_args: Optional[tuple], dynamic_sha
 def check_loaded(loaded: Loaded, options: CompileOptions) -> None:
     """What needs the model: --max-shape names its dims; its weights are finite (named otherwise)."""
     validate.check_max_shape(options.extra.get("max_shape"), loaded.dim_ranges)
+    if dtype_of(options) != "fp32" and loaded.generation is not None:
+        raise MoecError(f"--dtype {dtype_of(options)}: the KV-cache decoder (--task text-generation, the default for "
+                        "a causal LM) is built in fp32 only so far; compile with --task logits for an fp16 "
+                        "input_ids -> logits graph. Nothing was written.")
     check_finite_weights(loaded.src.module, quantizing=bool(options.extra.get("quant")))
     if options.extra.get("calibration"):
         from moec.calibration import load_calibration
@@ -447,11 +454,41 @@ def build_passes(options: CompileOptions, target: Target) -> list[Pass]:
 
             passes.append(QuantizeExperts())
         passes.extend(target.lowering_passes(options))
+    if dtype_of(options) != "fp32":  # last: every structural pass was validated in fp32
+        from moec.passes.cast_precision import CastPrecision
+
+        passes.append(CastPrecision(dtype_of(options)))
     names = [FoldWeightQDQ.name] + [p.name for p in passes] + [SIMPLIFY_GRAPH, REWRITE_RSQRT]
     unknown = set(options.disabled_passes) - set(names)
     if unknown:
         raise MoecError(f"--no-pass: unknown pass {', '.join(sorted(unknown))}; passes are {', '.join(names)}.")
+    if "cast_precision" in options.disabled_passes:
+        raise MoecError(f"--no-pass cast_precision: that pass is what --dtype {dtype_of(options)} asks for; drop "
+                        "--dtype for an fp32 artifact.")
     return passes
+
+
+def dtype_of(options: CompileOptions) -> str:
+    return options.extra.get("dtype") or "fp32"
+
+
+def check_dtype(options: CompileOptions) -> None:
+    """--dtype: what an fp16 artifact is built for so far; bf16 can't be verified by ONNX Runtime's CPU provider."""
+    dtype, extra = dtype_of(options), options.extra
+    if dtype == "fp32":
+        return
+    if dtype == "bf16":
+        raise MoecError("--dtype bf16: ONNX Runtime's CPU provider has no bf16 MatMul kernel, so moec could not "
+                        "verify a bf16 artifact; use --dtype fp16 (verified here, runs on CPU and GPU) or fp32.")
+    if dtype != "fp16":
+        raise MoecError(f"--dtype {dtype}: choose fp32, fp16 or bf16.")
+    clashes = [flag for flag, on in ((f"--target {options.target}", options.target != "onnxruntime"),
+                                     (f"--quant {extra.get('quant')}", bool(extra.get("quant"))),
+                                     ("--quant-dense", bool(extra.get("quant_dense"))),
+                                     ("--prune-experts", extra.get("prune_experts") is not None)) if on]
+    if clashes:
+        raise MoecError(f"--dtype fp16 with {', '.join(clashes)}: not built yet (fp16 artifacts are ONNX Runtime "
+                        "models with fp16 weights and arithmetic, unquantized and unpruned). Nothing was written.")
 
 
 def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options: CompileOptions, target: Target,
@@ -499,7 +536,8 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
     if quant is not None and pruning is not None:
         quant["logits_vs_fp32_against"] = "the pruned full-precision model"
     routing = next((r.details["routing"] for r in records if ROUTING_MEASURED.name in r.ensures), None)
-    exact_name = " ".join(w for w, on in (("pruned", pruning is not None), ("dequantized", quant is not None)) if on)
+    exact_name = " ".join(w for w, on in (("pruned", pruning is not None), ("dequantized", quant is not None),
+                                          (dtype_of(options), dtype_of(options) != "fp32")) if on)
     if options.require_fusion and layers["unfused"]:
         bad = [f"{l['path']}: {l.get('reason', '')}" for l in layers["layers"] if not l["fused"]]
         raise FusionRequiredError("--require-fusion: MoE layers left unfused: " + "; ".join(bad))
@@ -597,13 +635,15 @@ def verify(model_path: str, tmp: str, reference: Reference, transformed: Transfo
     runner = OrtRunner(evaluable_files[0] if evaluable_files else model_path)
     quant, pruning = transformed.quant, transformed.pruning
     tolerance = options.tolerance
+    if dtype_of(options) != "fp32":  # fp16's own rounding, against fp32 and against the eager fp16 model alike
+        tolerance = max(options.tolerance, TOLERANCES[dtype_of(options)])
     if quant:  # against fp32 the error is the quantization's own (reported; --accuracy-budget gates it)
         tolerance = max(options.tolerance, quant["tolerance_vs_fp32"])
     if pruning:  # informational: the pruned model is another model; pruning.vs_unpruned (calibration data) is gated
         tolerance = 1.0
     numerics, feeds, outs = compare_runs(runner, reference.inputs, reference.eager, tolerance)
     if transformed.exact:
-        exact_tol = quant["tolerance_vs_dequantized"] if quant else options.tolerance
+        exact_tol = quant["tolerance_vs_dequantized"] if quant else tolerance
         exact, _, outs = compare_runs(runner, reference.inputs, transformed.exact, exact_tol)
         key = "vs_" + transformed.exact_name.removeprefix("the ").replace(" ", "_")
         numerics = {"vs_fp32": numerics, key: exact, "passed": exact["passed"], "against": transformed.exact_name,

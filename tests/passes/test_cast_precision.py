@@ -1,0 +1,85 @@
+"""cast_precision (--dtype fp16): fp16 weights and arithmetic behind fp32 inputs and outputs, verified in ONNX Runtime."""
+
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from moec import zoo
+from moec.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _compile(source, out, *extra):
+    return main(["compile", source, "--out", str(out), "--quiet", *extra])
+
+
+def _initializer_types(path):
+    return {onnx.TensorProto.DataType.Name(t.data_type) for t in onnx.load(path).graph.initializer}
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_fp16_artifact_holds_fp16_weights_and_matches_fp32_eager(family, tmp_path):
+    fp32, fp16 = tmp_path / "fp32", tmp_path / "fp16"
+    assert _compile(f"moec.zoo:{family}", fp32, "--task", "logits") == 0
+    assert _compile(f"moec.zoo:{family}", fp16, "--task", "logits", "--dtype", "fp16") == 0
+    m32, m16 = onnx.load(str(fp32 / "model.onnx")), onnx.load(str(fp16 / "model.onnx"))
+    float_types = _initializer_types(str(fp16 / "model.onnx")) & {"FLOAT", "FLOAT16", "DOUBLE", "BFLOAT16"}
+    assert float_types == {"FLOAT16"}
+    # same interface: the feeds and outputs keep their dtypes
+    assert [(i.name, i.type.tensor_type.elem_type) for i in m16.graph.input] == [
+        (i.name, i.type.tensor_type.elem_type) for i in m32.graph.input]
+    assert [(o.name, o.type.tensor_type.elem_type) for o in m16.graph.output] == [
+        (o.name, o.type.tensor_type.elem_type) for o in m32.graph.output]
+    assert sum(n.op_type == "MoE" for n in m16.graph.node) == sum(n.op_type == "MoE" for n in m32.graph.node) == 2
+    r32, r16 = (json.load(open(d / "report.json")) for d in (fp32, fp16))
+    assert 0.45 < r16["weights_bytes"] / r32["weights_bytes"] < 0.55
+    assert r16["dtype"] == "fp16" and r16["numerics"]["passed"]
+    vs_fp32 = max(r["rel_l2"] for r in r16["numerics"]["vs_fp32"]["inputs"])
+    assert 1e-5 < vs_fp32 < 1e-2  # fp16's rounding: there, and within the fp16 tolerance
+
+    # independently of the report: ORT on fresh inputs against the fp32 transformers model
+    model = zoo.build_hf_model(family)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(ids).logits.numpy()
+    got = ort.InferenceSession(str(fp16 / "model.onnx")).run(None, {"input_ids": ids.numpy()})[0]
+    assert got.dtype == np.float32 and np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+
+    assert json.load(open(fp16 / "golden" / "manifest.json"))["precision"] == "fp16"
+    assert main(["verify", str(fp16)]) == 0
+
+
+def test_a_float_input_model_keeps_fp32_inputs(tmp_path):
+    out = tmp_path / "out"
+    assert _compile("moec.zoo:gshard_moe", out, "--dtype", "fp16") == 0
+    model = onnx.load(str(out / "model.onnx"))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert json.load(open(out / "report.json"))["numerics"]["passed"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--dtype", "bf16"], "no bf16 MatMul kernel"),
+    (["--dtype", "fp16", "--quant", "int8"], "--dtype fp16 with --quant int8: not built yet"),
+    (["--dtype", "fp16", "--target", "tensorrt"], "--dtype fp16 with --target tensorrt"),
+    (["--dtype", "fp16", "--no-pass", "cast_precision"], "--no-pass cast_precision"),
+])
+def test_what_fp16_is_not_built_for_is_refused_before_any_work(extra, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _compile("moec.zoo:qwen3_moe", out, *extra) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_the_kv_cache_decoder_in_fp16_is_refused_naming_task_logits(tmp_path, capsys):
+    path, out = tmp_path / "hf", tmp_path / "out"
+    zoo.build_hf_model("qwen3_moe").save_pretrained(str(path))
+    assert _compile(str(path), out, "--dtype", "fp16") == 2
+    assert "--task logits" in capsys.readouterr().err and not out.exists()
+    assert _compile(str(path), out, "--dtype", "fp16", "--out-of-core", "on", "--task", "logits") == 2
+    assert "--dtype fp16" in capsys.readouterr().err and not out.exists()

@@ -145,15 +145,21 @@ def failing_module(root: nn.Module, exc: BaseException) -> str:
 
 
 def _for_signature(module: nn.Module, dynamic_shapes: Any) -> Any:
-    """A forward(*args) (torch.export.unflatten's modules) takes dynamic shapes as one tuple."""
+    """A forward(*args) (torch.export.unflatten's modules, --dtype's KeepFloatIO wrapper) takes dynamic shapes as
+    one tuple; shapes given by argument name are put in the order of the wrapped model's forward."""
     import inspect
 
-    if dynamic_shapes is None or isinstance(dynamic_shapes, dict):
+    if dynamic_shapes is None:
         return dynamic_shapes
     params = list(inspect.signature(module.forward).parameters.values())
-    if params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
-        return (tuple(dynamic_shapes),)
-    return dynamic_shapes
+    if not (params and params[0].kind is inspect.Parameter.VAR_POSITIONAL):
+        return dynamic_shapes
+    if isinstance(dynamic_shapes, dict):
+        inner = getattr(module, "model", None)
+        names = list(inspect.signature(inner.forward).parameters) if isinstance(inner, nn.Module) else []
+        order = [n for n in names if n in dynamic_shapes] or list(dynamic_shapes)
+        return (tuple(dynamic_shapes[n] for n in order),)
+    return (tuple(dynamic_shapes),)
 
 
 def to_onnx(captured: Captured, input_names: list[str], output_names: list[str], dynamic_shapes: Any = None,

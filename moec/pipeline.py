@@ -164,6 +164,7 @@ def compile(
     folded = stage("fold", "folding quantize/dequantize pairs on weights", fold, loaded, options)
     if folded.spec is not None:
         adopt_checkpoint_quantization(folded.spec, options)
+        check_dtype(options)  # the checkpoint's own quantization stands for --quant
     check_quantization(options, folded.spec is not None)
     fold_records = folded.records
     reference = stage("eager_reference", "eager PyTorch outputs on the verification inputs", eager_reference, loaded,
@@ -483,7 +484,10 @@ def check_dtype(options: CompileOptions) -> None:
     if dtype != "fp16":
         raise MoecError(f"--dtype {dtype}: choose fp32, fp16 or bf16.")
     clashes = [flag for flag, on in ((f"--target {options.target}", options.target != "onnxruntime"),
-                                     (f"--quant {extra.get('quant')}", bool(extra.get("quant"))),
+                                     (f"--quant {extra.get('quant')}", bool(extra.get("quant"))
+                                      and not extra.get("prequantized")),
+                                     (f"experts already quantized in the model ({extra.get('quant')})",
+                                      bool(extra.get("prequantized"))),
                                      ("--quant-dense", bool(extra.get("quant_dense"))),
                                      ("--prune-experts", extra.get("prune_experts") is not None)) if on]
     if clashes:
@@ -646,7 +650,9 @@ def verify(model_path: str, tmp: str, reference: Reference, transformed: Transfo
         exact_tol = quant["tolerance_vs_dequantized"] if quant else tolerance
         exact, _, outs = compare_runs(runner, reference.inputs, transformed.exact, exact_tol)
         key = "vs_" + transformed.exact_name.removeprefix("the ").replace(" ", "_")
-        numerics = {"vs_fp32": numerics, key: exact, "passed": exact["passed"], "against": transformed.exact_name,
+        # fp16 is gated against fp32 too: its rounding is the artifact's whole difference from the model
+        gated = exact["passed"] and (numerics["passed"] or dtype_of(options) == "fp32")
+        numerics = {"vs_fp32": numerics, key: exact, "passed": gated, "against": transformed.exact_name,
                     "tolerance_rel_l2": exact["tolerance_rel_l2"], "inputs": exact["inputs"]}
         if pruning:
             numerics["vs_fp32"]["note"] = ("the unpruned model, for information (tolerance 1.0 means nothing in "
@@ -741,7 +747,13 @@ def package(artifact: ArtifactContext, target: Target, timings: dict, t0: float)
             os.rename(tmp, kept)
             where = f"The failing artifact and its report are in {kept}."
         against = numerics.get("against") or "eager PyTorch"
-        if all(r["passed"] for r in numerics["inputs"]):  # the probes pass: greedy generation diverged
+        vs_fp32 = numerics.get("vs_fp32")
+        if (report.get("dtype", "fp32") != "fp32" and all(r["passed"] for r in numerics["inputs"]) and vs_fp32
+                and not vs_fp32["passed"]):
+            # --dtype fp16 is gated against fp32 as well: the exact (fp16) check passed, the model's did not
+            numerics, against = vs_fp32, "eager fp32 PyTorch"
+            worst = max(numerics["inputs"], key=lambda r: float(r["rel_l2"]))
+        elif all(r["passed"] for r in numerics["inputs"]):  # the probes pass: greedy generation diverged
             failed = [c["description"] for c in numerics["generation"]["checks"] if not c["passed"]]
             raise VerificationError(f"greedy generation through the artifact differs from {against}: "
                                     + "; ".join(failed) + f". {where}")

@@ -83,3 +83,49 @@ def test_the_kv_cache_decoder_in_fp16_is_refused_naming_task_logits(tmp_path, ca
     assert "--task logits" in capsys.readouterr().err and not out.exists()
     assert _compile(str(path), out, "--dtype", "fp16", "--out-of-core", "on", "--task", "logits") == 2
     assert "--dtype fp16" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_model_fp16_cannot_hold_fails_against_fp32(tmp_path):
+    """Weights around 1e-6 are fp16 subnormals (a few bits each): ORT and torch agree in fp16, but the artifact is
+    far from the fp32 model, and the compile says so instead of shipping it."""
+    import moec
+    from moec.errors import VerificationError
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 16, bias=False)
+            with torch.no_grad():
+                self.proj.weight.mul_(1e-5)
+
+        def forward(self, x):
+            return self.proj(x) * 1e4
+
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(VerificationError, match="differs from eager fp32 PyTorch: relative L2"):
+        moec.compile(Tiny(), (x,), out=str(tmp_path / "out"), extra={"dtype": "fp16"})
+    assert not (tmp_path / "out").exists()
+
+
+def test_dynamic_shapes_given_by_argument_name_export_in_fp16(tmp_path):
+    import inspect
+
+    import moec
+
+    src = zoo.gshard_moe()
+    name = next(iter(inspect.signature(src.module.forward).parameters))
+    dyn = {name: {0: torch.export.Dim("batch", min=1, max=8), 1: torch.export.Dim("seq", min=2, max=64)}}
+    result = moec.compile(src.module, src.example_args, dyn, out=str(tmp_path / "out"), extra={"dtype": "fp16"})
+    assert result.report["numerics"]["passed"] and result.report["dtype"] == "fp16"
+
+
+def test_a_pre_quantized_checkpoint_is_refused_in_fp16(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from test_mxfp4_checkpoint import write_checkpoint
+
+    path, out = str(tmp_path / "ckpt"), tmp_path / "out"
+    write_checkpoint(path)
+    assert _compile(path, out, "--task", "logits", "--dtype", "fp16") == 2
+    assert "experts already quantized in the model (int8)" in capsys.readouterr().err and not out.exists()

@@ -15,8 +15,8 @@ per row: ONNX Runtime's per-row int8 QMoE runs fp32 activations and is exact. Ot
 of 32, which ORT runs with int8 activations (flagged by the pipeline, like any block-wise int8); the note
 says which and why. Either way the codes dequantize to exactly the checkpoint's weights (checked).
 Refuses (QuantError, naming the tensor and its file): a `_blocks` without its `_scales` (or the reverse),
-dtypes other than uint8, shapes that disagree with each other or with the model of config.json, and the
-E8M0 NaN exponent 255.
+dtypes other than uint8, shapes that disagree with each other or with the model of config.json, the E8M0 NaN
+exponent 255 and exponents that overflow fp32, and checkpoints with some experts stored unquantized.
 """
 
 from __future__ import annotations
@@ -132,6 +132,13 @@ def load_mxfp4(path: str):
             raise QuantError(f"{t.file}: '{t.name}_blocks' holds [{e}, {n}, {k}] weights (experts, rows, columns); "
                              + (f"the model of config.json has no '{t.name}'." if want is None else
                                 f"the model of config.json wants '{t.name}' as {list(want)} (its transpose)."))
+    names = {t.name for t in tensors}
+    plain_experts = sorted(n for n in shapes if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
+                           and n not in names)
+    if plain_experts:  # QMoE's codes would cover some layers only; one expert precision per model is folded
+        raise QuantError(f"'{path}': '{plain_experts[0]}' is stored unquantized ({len(plain_experts)} such expert "
+                         f"tensors) while {len(names)} others are MXFP4; moec folds checkpoints whose experts are "
+                         "all MXFP4. Not folded; nothing was written.")
     model = complete(path, build({**plain, **{t.name: t.dequantized().transpose(1, 2) for t in tensors}}))
     per_row = all(t.row_span_fits() for t in tensors)
     params = dict(model.named_parameters())

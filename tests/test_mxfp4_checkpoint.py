@@ -156,3 +156,18 @@ def test_bad_mxfp4_tensors_are_named_and_nothing_is_written(edit, message, tmp_p
     err = capsys.readouterr().err
     assert message in err and "model.safetensors" in err
     assert not out.exists()
+
+
+def test_experts_stored_unquantized_beside_mxfp4_ones_are_named(tmp_path, capsys):
+    path, out = str(tmp_path / "ckpt"), tmp_path / "out"
+    write_checkpoint(path)
+
+    def plain_down(state):
+        del state["model.layers.1.mlp.experts.down_proj_blocks"], state["model.layers.1.mlp.experts.down_proj_scales"]
+        state["model.layers.1.mlp.experts.down_proj"] = torch.zeros(4, 32, 64)
+
+    _edit_tensors(path, plain_down)
+    assert main(["compile", path, "--out", str(out), "--task", "logits", "--quiet"]) == 17
+    assert ("'model.layers.1.mlp.experts.down_proj' is stored unquantized (1 such expert tensors) while 3 others are "
+            "MXFP4") in capsys.readouterr().err
+    assert not out.exists()

@@ -706,7 +706,9 @@ def plan_artifact_memory(model_path: str, dim_ranges: dict, options: CompileOpti
         expert_bytes = sum(l.get("weight_bytes_fp32", 0) for l in (report.get("quantization") or {}).get("layers", []))
         if not expert_bytes:
             expert_bytes = int(report.get("weights_bytes", 0) * 0.9) if report["moe_layers"]["fused"] else 0
-        fit = fit_check(plan, budget, "max", 0 if report.get("quantization") else expert_bytes)
+        # no --quant advice where the artifact is quantized already or fp16 (which --quant does not combine with)
+        fit = fit_check(plan, budget, "max", 0 if report.get("quantization") or dtype_of(options) != "fp32"
+                        else expert_bytes)
         out["device_memory"] = {"budget_bytes": budget, "fits": fit.fits, "total_at_max": fit.total_bytes}
         if not fit.fits:
             raise DeviceMemoryError(

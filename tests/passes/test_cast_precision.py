@@ -129,3 +129,11 @@ def test_a_pre_quantized_checkpoint_is_refused_in_fp16(tmp_path, capsys):
     write_checkpoint(path)
     assert _compile(path, out, "--task", "logits", "--dtype", "fp16") == 2
     assert "experts already quantized in the model (int8)" in capsys.readouterr().err and not out.exists()
+
+
+def test_device_memory_advice_for_fp16_does_not_suggest_quant(tmp_path, capsys):
+    """--quant does not combine with --dtype fp16 yet, so a budget miss must not advise it."""
+    out = tmp_path / "out"
+    assert _compile("moec.zoo:qwen3_moe", out, "--dtype", "fp16", "--device-memory", "100KB") != 0
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "--quant" not in err and not out.exists()

@@ -384,8 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "engines run without Python)")
     c.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="the artifact's float precision (default fp32); fp16 halves the weights and runs in fp16 "
-                        "with fp32 inputs and outputs (gated against eager fp16 and fp32 within 1e-2); bf16 is "
-                        "refused (ONNX Runtime's CPU provider can't run it to verify)")
+                        "with fp32 inputs and outputs (gated against eager fp16, and fp32 unless --quant, within "
+                        "1e-2); bf16 is refused (ONNX Runtime's CPU provider can't run it to verify)")
     c.add_argument("--quant", choices=["int8", "int4", "int2", "auto"],
                    help="quantize expert weights (ONNX Runtime QMoE, or the TensorRT plugin's packed variant); auto: "
                         "each MoE layer at the cheapest of int2/int4/int8/full precision within --accuracy-budget")

@@ -486,15 +486,16 @@ def check_dtype(options: CompileOptions) -> None:
     if dtype != "fp16":
         raise MoecError(f"--dtype {dtype}: choose fp32, fp16 or bf16.")
     clashes = [flag for flag, on in ((f"--target {options.target}", options.target != "onnxruntime"),
-                                     (f"--quant {extra.get('quant')}", bool(extra.get("quant"))
-                                      and not extra.get("prequantized")),
+                                     # auto's search measures the fp32 model; the budget is checked on the fp16 one
+                                     ("--quant auto", extra.get("quant") == "auto"),
                                      (f"experts already quantized in the model ({extra.get('quant')})",
                                       bool(extra.get("prequantized"))),
                                      ("--quant-dense", bool(extra.get("quant_dense"))),
                                      ("--prune-experts", extra.get("prune_experts") is not None)) if on]
     if clashes:
         raise MoecError(f"--dtype fp16 with {', '.join(clashes)}: not built yet (fp16 artifacts are ONNX Runtime "
-                        "models with fp16 weights and arithmetic, unquantized and unpruned). Nothing was written.")
+                        "models with fp16 weights and arithmetic, unpruned, with --quant int8/int4/int2 experts or "
+                        "none). Nothing was written.")
 
 
 def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options: CompileOptions, target: Target,
@@ -539,6 +540,8 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
     quant = quantization_summary(fold_records + records, options.extra, activations_quantized,
                                  pruned or reference.eager, exact)
     pruning = pruning_summary(records)
+    if quant is not None and dtype_of(options) != "fp32":  # the dequantized fp16 model: fp16's rounding as well
+        quant["tolerance_vs_dequantized"] = max(quant["tolerance_vs_dequantized"], TOLERANCES[dtype_of(options)])
     if quant is not None and pruning is not None:
         quant["logits_vs_fp32_against"] = "the pruned full-precision model"
     routing = next((r.details["routing"] for r in records if ROUTING_MEASURED.name in r.ensures), None)
@@ -644,7 +647,7 @@ def verify(model_path: str, tmp: str, reference: Reference, transformed: Transfo
     if dtype_of(options) != "fp32":  # fp16's own rounding, against fp32 and against the eager fp16 model alike
         tolerance = max(options.tolerance, TOLERANCES[dtype_of(options)])
     if quant:  # against fp32 the error is the quantization's own (reported; --accuracy-budget gates it)
-        tolerance = max(options.tolerance, quant["tolerance_vs_fp32"])
+        tolerance = max(tolerance, quant["tolerance_vs_fp32"])
     if pruning:  # informational: the pruned model is another model; pruning.vs_unpruned (calibration data) is gated
         tolerance = 1.0
     numerics, feeds, outs = compare_runs(runner, reference.inputs, reference.eager, tolerance)
@@ -652,8 +655,9 @@ def verify(model_path: str, tmp: str, reference: Reference, transformed: Transfo
         exact_tol = quant["tolerance_vs_dequantized"] if quant else tolerance
         exact, _, outs = compare_runs(runner, reference.inputs, transformed.exact, exact_tol)
         key = "vs_" + transformed.exact_name.removeprefix("the ").replace(" ", "_")
-        # fp16 is gated against fp32 too: its rounding is the artifact's whole difference from the model
-        gated = exact["passed"] and (numerics["passed"] or dtype_of(options) == "fp32")
+        # fp16 is gated against fp32 too: its rounding is the artifact's whole difference from the model (with
+        # --quant, quantization's error against fp32 is --accuracy-budget's to gate, as at fp32)
+        gated = exact["passed"] and (numerics["passed"] or dtype_of(options) == "fp32" or quant is not None)
         numerics = {"vs_fp32": numerics, key: exact, "passed": gated, "against": transformed.exact_name,
                     "tolerance_rel_l2": exact["tolerance_rel_l2"], "inputs": exact["inputs"]}
         if pruning:

@@ -66,7 +66,8 @@ def test_a_float_input_model_keeps_fp32_inputs(tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     (["--dtype", "bf16"], "no bf16 MatMul kernel"),
-    (["--dtype", "fp16", "--quant", "int8"], "--dtype fp16 with --quant int8: not built yet"),
+    (["--dtype", "fp16", "--quant", "auto", "--accuracy-budget", "0.1"], "--dtype fp16 with --quant auto: not built"),
+    (["--dtype", "fp16", "--prune-experts", "0.25", "--calibration", "random:4"], "--dtype fp16 with --prune-experts"),
     (["--dtype", "fp16", "--target", "tensorrt"], "--dtype fp16 with --target tensorrt"),
     (["--dtype", "fp16", "--no-pass", "cast_precision"], "--no-pass cast_precision"),
 ])
@@ -137,3 +138,22 @@ def test_device_memory_advice_for_fp16_does_not_suggest_quant(tmp_path, capsys):
     assert _compile("moec.zoo:qwen3_moe", out, "--dtype", "fp16", "--device-memory", "100KB") != 0
     err = capsys.readouterr().err
     assert "does not fit" in err and "--quant" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("quant", [["int8"], ["int4"], ["int2"]])
+def test_quantized_experts_in_an_fp16_artifact_keep_their_codes(quant, tmp_path):
+    """--quant with --dtype fp16: the same QMoE codes as at fp32, fp16 scales and arithmetic, exact against the
+    dequantized fp16 model within fp16's tolerance; the error against fp32 is reported (the budget's to gate)."""
+    fp32, fp16 = tmp_path / "fp32", tmp_path / "fp16"
+    assert _compile("moec.zoo:qwen3_moe", fp32, "--quant", *quant) == 0
+    assert _compile("moec.zoo:qwen3_moe", fp16, "--quant", *quant, "--dtype", "fp16") == 0
+    from onnx.numpy_helper import to_array
+
+    a32, a16 = ({t.name: t for t in onnx.load(str(d / "model.onnx")).graph.initializer} for d in (fp32, fp16))
+    codes = [n for n in a32 if n.endswith((".fc1", ".fc2"))]
+    assert codes and all(np.array_equal(to_array(a32[n]), to_array(a16["model." + n])) for n in codes)
+    assert {onnx.TensorProto.DataType.Name(a16["model." + n + "_scales"].data_type) for n in codes} == {"FLOAT16"}
+    report = json.load(open(fp16 / "report.json"))
+    assert report["numerics"]["passed"] and report["numerics"]["against"] == "the dequantized fp16 reference"
+    assert report["quantization"]["tolerance_vs_dequantized"] == 1e-2
+    assert max(r["rel_l2"] for r in report["numerics"]["inputs"]) < 1e-2

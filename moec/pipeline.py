@@ -36,7 +36,7 @@ from moec.passes.base import Pass, PassContext, PassManager, PassRecord, flatten
 from moec.passes.conditions import EXPERTS_PRUNED, MOE_FUSED, ROUTING_MEASURED
 from moec.report import FP32_REL_L2, layer_summary, moec_version, pruning_summary, quantization_summary, versions
 from moec.rewrite_rsqrt import NAME as REWRITE_RSQRT, rewrite_rsqrt
-from moec.route_margins import conditioned_draw, watch_route_margins
+from moec.route_margins import MIN_MARGIN, MIN_MARGIN_FP16, conditioned_draw, watch_route_margins
 from moec.simplify_graph import counted, simplify_graph
 from moec.sources import LoadedSource, load_source
 from moec.targets.base import ArtifactContext, Target
@@ -408,8 +408,10 @@ def eager_reference(loaded: Loaded, options: CompileOptions) -> Reference:
     test luck, not the artifact: the next seed's draw replaces it. After the last seed the best-conditioned
     draw is kept; the report's numerics.route_margins says which draw ran and its smallest margin."""
     src = loaded.src
+    # an fp16 artifact's routing differs from eager's by fp16 rounding: inputs are kept clear of ties by that much
     draw = conditioned_draw(lambda seed: src.verification_inputs(options.verify_seq_len, seed=seed),
-                            lambda inputs: outputs_on(src.module, inputs), lambda m: options.log("verification " + m))
+                            lambda inputs: outputs_on(src.module, inputs), lambda m: options.log("verification " + m),
+                            MIN_MARGIN_FP16 if dtype_of(options) == "fp16" else MIN_MARGIN)
     conditioning = {"seed": draw.seed, "draws": draw.draws, **draw.margins.to_dict()}
     return Reference(draw.inputs, draw.outputs, greedy_runs(src.module, loaded.generation), conditioning)
 
@@ -524,6 +526,7 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
         if p is last_numerics:  # the exact reference for the quantized / pruned artifact
             with watch_route_margins() as watch:
                 exact[:] = outputs_on(module, reference.inputs)
+            watch.margins.min_margin = MIN_MARGIN_FP16 if dtype_of(options) == "fp16" else MIN_MARGIN
             exact_margins.update(watch.margins.to_dict())
             exact_generation[:] = greedy_runs(module, loaded.generation) or []
 

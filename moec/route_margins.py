@@ -28,6 +28,8 @@ from moec.ops import route_reference  # also registers torch.ops.moec.route, whi
 
 # Margins below this are within reach of fp32 rounding differences between runtimes (~1e-7-1e-6).
 MIN_MARGIN = 1e-5
+# fp16 artifacts: ONNX Runtime's fp16 arithmetic and torch's differ by ~1e-3 relative (measured)
+MIN_MARGIN_FP16 = 1e-3
 VERIFY_SEEDS = (100, 200, 300, 400)  # verification draws, in order; see conditioned_draw
 
 
@@ -35,14 +37,15 @@ VERIFY_SEEDS = (100, 200, 300, 400)  # verification draws, in order; see conditi
 class RouteMargins:
     smallest: float = math.inf  # relative; inf: no top-k selected anything (or no top-k ran)
     selections: int = 0  # rows whose top-k was observed
+    min_margin: float = MIN_MARGIN  # what counts as clear of a tie for the artifact's arithmetic
 
     @property
     def well_conditioned(self) -> bool:
-        return self.smallest >= MIN_MARGIN
+        return self.smallest >= self.min_margin
 
     def to_dict(self) -> dict:
         """The report's view (numerics.route_margins)."""
-        return {"well_conditioned": self.well_conditioned, "selections": self.selections, "min_margin": MIN_MARGIN,
+        return {"well_conditioned": self.well_conditioned, "selections": self.selections, "min_margin": self.min_margin,
                 "smallest_relative": None if math.isinf(self.smallest) else self.smallest}
 
 
@@ -96,14 +99,15 @@ class Draw:
 
 
 def conditioned_draw(make_inputs: Callable[[int], list], run: Callable[[list], Any],
-                     log: Callable[[str], None] = lambda msg: None) -> Draw:
+                     log: Callable[[str], None] = lambda msg: None, min_margin: float = MIN_MARGIN) -> Draw:
     """Inputs from `make_inputs(seed)` for each of VERIFY_SEEDS until `run` on them keeps every routing
-    top-k at least MIN_MARGIN from a tie; after the last seed, the best-conditioned draw."""
+    top-k at least `min_margin` from a tie; after the last seed, the best-conditioned draw."""
     best = None
     for count, seed in enumerate(VERIFY_SEEDS, 1):
         inputs = make_inputs(seed)
         with watch_route_margins() as watch:
             outputs = run(inputs)
+        watch.margins.min_margin = min_margin
         if best is None or watch.margins.smallest > best.margins.smallest:
             best = Draw(seed, count, inputs, outputs, watch.margins)
         best.draws = count

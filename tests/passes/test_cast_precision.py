@@ -40,6 +40,10 @@ def test_fp16_artifact_holds_fp16_weights_and_matches_fp32_eager(family, tmp_pat
     r32, r16 = (json.load(open(d / "report.json")) for d in (fp32, fp16))
     assert 0.45 < r16["weights_bytes"] / r32["weights_bytes"] < 0.55
     assert r16["dtype"] == "fp16" and r16["numerics"]["passed"]
+    # inputs drawn clear of routing ties by fp16's rounding, not fp32's
+    assert r16["numerics"]["route_margins"]["min_margin"] == 1e-3 == r16["numerics"]["route_margins"][
+        "exact_reference"]["min_margin"]
+    assert r32["numerics"]["route_margins"]["min_margin"] == 1e-5
     vs_fp32 = max(r["rel_l2"] for r in r16["numerics"]["vs_fp32"]["inputs"])
     assert 1e-5 < vs_fp32 < 1e-2  # fp16's rounding: there, and within the fp16 tolerance
 

@@ -51,30 +51,30 @@ class Mxfp4Tensor:
         blocks = self.doubled.reshape(e, n, k // BLOCK, BLOCK).float()
         return torch.ldexp(blocks, (self.exponents - 128)[..., None]).reshape(e, n, k)
 
-    def row_span_fits(self) -> bool:
-        """Whether each row's values, at its smallest exponent among nonzero blocks, fit int8 (|v| <= 127)."""
+    def _row_shifts(self):
+        """(blocks [E, N, G, 32], each block's peak |value|, the row's smallest exponent among its nonzero blocks
+        (128 for an all-zero row: any scale serves), each block's shift above it (0 for all-zero blocks))."""
         e, n, k = self.doubled.shape
         blocks = self.doubled.reshape(e, n, k // BLOCK, BLOCK)
         peak = blocks.abs().amax(-1)  # [E, N, G]
         live = peak > 0
         base = torch.where(live, self.exponents, torch.full_like(self.exponents, 1 << 20)).amin(-1, keepdim=True)
+        base = torch.where(base == 1 << 20, torch.full_like(base, 128), base)
         shift = torch.where(live, self.exponents - base, torch.zeros_like(self.exponents))
+        return blocks, peak, base, shift
+
+    def row_span_fits(self) -> bool:
+        """Whether each row's values, at its smallest exponent among nonzero blocks, fit int8 (|v| <= 127)."""
+        _, peak, _, shift = self._row_shifts()
         # a block's peak is at least 1, and 1 * 2^7 > 127: a span of 7 never fits (capped so the shift stays small)
-        fits = (shift < 7) & ((peak << shift.clamp(max=7)) <= 127)
-        return bool((fits | ~live).all())
+        return bool(((shift < 7) & ((peak << shift.clamp(max=7)) <= 127)).all())
 
     def codes(self, per_row: bool) -> QuantizedWeight:
-        e, n, k = self.doubled.shape
         if not per_row:
-            spec = QuantSpec(8, BLOCK)
             scales = torch.ldexp(torch.ones(self.exponents.shape), self.exponents - 128)
-            return QuantizedWeight(self.doubled + 128, scales, None, spec)
-        blocks = self.doubled.reshape(e, n, k // BLOCK, BLOCK)
-        live = blocks.abs().amax(-1) > 0
-        base = torch.where(live, self.exponents, torch.full_like(self.exponents, 1 << 20)).amin(-1, keepdim=True)
-        base = torch.where(base == 1 << 20, torch.full_like(base, 128), base)  # an all-zero row: any scale
-        shift = torch.where(live, self.exponents - base, torch.zeros_like(self.exponents))
-        values = (blocks << shift[..., None]).reshape(e, n, k)
+            return QuantizedWeight(self.doubled + 128, scales, None, QuantSpec(8, BLOCK))
+        blocks, _, base, shift = self._row_shifts()
+        values = (blocks << shift[..., None]).reshape(self.doubled.shape)
         return QuantizedWeight(values + 128, torch.ldexp(torch.ones(base.shape), base - 128), None, QuantSpec(8))
 
 

@@ -59,14 +59,17 @@ class CastPrecision(Pass):
         self.label = dtype
 
     def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
-        cast = sum(t.numel() for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point())
-        before = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers())
-                     if t.is_floating_point())
+        values, before = _floats(module)
         module.to(self.dtype)
         wrapped = KeepFloatIO(module, self.dtype)
-        after = sum(t.numel() * t.element_size() for t in list(wrapped.parameters()) + list(wrapped.buffers())
-                    if t.is_floating_point())
-        ctx.log(f"  {cast / 1e6:.2f}M floating-point values cast to {self.label}: {before / 2**20:.1f} MiB -> "
+        _, after = _floats(wrapped)
+        ctx.log(f"  {values / 1e6:.2f}M floating-point values cast to {self.label}: {before / 2**20:.1f} MiB -> "
                 f"{after / 2**20:.1f} MiB")
-        return PassResult(wrapped, True, {"dtype": self.label, "values": cast, "bytes_before": before,
+        return PassResult(wrapped, True, {"dtype": self.label, "values": values, "bytes_before": before,
                                           "bytes_after": after})
+
+
+def _floats(module: nn.Module) -> tuple[int, int]:
+    """(how many floating-point values, their bytes) in the module's parameters and buffers."""
+    floats = [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
+    return sum(t.numel() for t in floats), sum(t.numel() * t.element_size() for t in floats)

@@ -84,10 +84,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"numerics vs {against}: worst relative L2 {worst['rel_l2']:.2e}, max abs {worst['max_abs']:.2e} "
           f"(tolerance {r['numerics']['tolerance_rel_l2']:g}) — {'PASS' if r['numerics']['passed'] else 'FAIL'}")
     if r.get("dtype", "fp32") != "fp32":
-        cast = next(p for p in r["passes"] if p["name"] == "cast_precision")["details"]
+        cast = next((p["details"] for p in r.get("passes", []) if p["name"] == "cast_precision"), None)
         vs = max(x["rel_l2"] for x in r["numerics"]["vs_fp32"]["inputs"])
-        print(f"{r['dtype']} weights and arithmetic (fp32 inputs and outputs): {cast['bytes_before'] / 2**20:.1f} MiB -> "
-              f"{cast['bytes_after'] / 2**20:.1f} MiB; vs eager fp32: relative L2 {vs:.2e}")
+        size = (f"{cast['bytes_before'] / 2**20:.1f} MiB -> {cast['bytes_after'] / 2**20:.1f} MiB" if cast else
+                f"{r['weights_bytes'] / 2**20:.1f} MiB of weights, converted as they were streamed")
+        print(f"{r['dtype']} weights and arithmetic (fp32 inputs and outputs): {size}; vs eager fp32: relative L2 "
+              f"{vs:.2e}")
     gen = r["numerics"].get("generation")
     if gen:
         print(f"text generation: KV-cache decoder; greedy {gen['new_tokens']} tokens on prompt sets "

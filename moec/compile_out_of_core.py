@@ -12,7 +12,8 @@
    fused again at real size with translation validation against the original layer on the real weights (the
    same reading the miniature chose, or the compile stops naming the layer), lowered, and its tensors written
    to external data (moec.external_data.write_streamed, shards of --shard-size, a layer never split); then the
-   group's weights are dropped.
+   group's weights are dropped. With --quant, layers that can are quantized one expert at a time
+   (moec.quantize_streamed): their experts are never all in memory.
 4. verify: layer by layer (moec.verify_layers): the eager model runs with one decoder layer materialised at a
    time, the artifact runs segment by segment (moec.segmented_run); every layer's output and the logits are
    compared, and the goldens are the artifact's outputs on that input.
@@ -107,13 +108,18 @@ def check_streamable(options: CompileOptions) -> None:
         asked.append("--no-fusion")
     if options.disabled_passes:
         asked.append("--no-pass")
-    if (options.extra.get("dtype") or "fp32") != "fp32":
-        asked.append(f"--dtype {options.extra['dtype']}")
     if asked:
         raise MoecError(f"{', '.join(asked)}: not available in an out-of-core compile yet (it streams text-generation "
-                        "and logits artifacts for ONNX Runtime, fp32 or with --quant experts). Compile in memory with "
-                        "--out-of-core off, on a machine that holds the model about 1.5 times at fp32. Nothing was "
-                        "written.")
+                        "and logits artifacts for ONNX Runtime, fp32 or fp16, or with --quant experts). Compile in "
+                        "memory with --out-of-core off, on a machine that holds the model about 1.5 times at fp32. "
+                        "Nothing was written.")
+    from moec.pipeline import check_dtype, dtype_of
+
+    check_dtype(options)  # bf16 and what fp16 is not built with, as in memory
+    if dtype_of(options) != "fp32" and options.extra.get("task") in (None, "text-generation"):
+        raise MoecError(f"--dtype {dtype_of(options)}: the KV-cache decoder (--task text-generation, the default for a "
+                        "causal LM) is built in fp32 only so far; compile with --task logits for an fp16 input_ids -> "
+                        "logits graph. Nothing was written.")
 
 
 def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
@@ -127,7 +133,7 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     from moec.sources import as_task
     from moec.targets import get
     from moec.passes.quantize_experts import spec_from_options
-    from moec.pipeline import refuse_without_fused_layers
+    from moec.pipeline import dtype_of, refuse_without_fused_layers
     from moec.validate import check_max_shape
 
     t0 = time.perf_counter()
@@ -147,6 +153,7 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
 
     spec = spec_from_options(options.extra) if options.extra.get("quant") else None
     lowering = target.lowering_passes(options)
+    half = dtype_of(options) == "fp16"  # each tensor converted as it is written; the graph captured in fp16
 
     def build_graph_model():
         meta = build_on_meta(hf, kinds, lowering, options.extra, spec)
@@ -154,8 +161,13 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
             refuse_without_fused_layers(meta.model, options)
         src = as_task(meta.model, f"hf:{os.path.abspath(source)}", options.extra.get("task"), f"'{source}'",
                       source_dir=source)
+        graph_module = src.module
+        if half:  # as cast_precision makes it in memory: fp16 inside, the inputs' and outputs' dtypes kept
+            from moec.passes.cast_precision import KeepFloatIO
+
+            graph_module = KeepFloatIO(src.module.to(torch.float16), torch.float16)
         return meta.planned, meta.lowered, meta.notes, src, capture(
-            src.module, tuple(a.to("meta") for a in src.example_args), src.dynamic_shapes)
+            graph_module, tuple(a.to("meta") for a in src.example_args), src.dynamic_shapes)
 
     planned, lowered, notes, src, captured = stage("capture", "capturing the real-sized graph on the meta device",
                                                    build_graph_model)
@@ -176,7 +188,8 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         bad = [f"{l['path']}: {l.get('reason', '')}" for l in layers["layers"] if not l["fused"]]
         raise FusionRequiredError("--require-fusion: MoE layers left unfused: " + "; ".join(bad))
     weights_model = ck.skeleton(hf.config)
-    streamer = LayerStreamer(ck, weights_model, planned, kinds, spec, lowering, options.extra, options.log)
+    streamer = LayerStreamer(ck, weights_model, planned, kinds, spec, lowering, options.extra, options.log,
+                             WRAPPER * (2 if half else 1))
 
     with _workdir(options.out, options.log) as tmp:
         from moec.external_data import DEFAULT_SHARD_BYTES, write_streamed
@@ -196,24 +209,33 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
 
         from moec.verify_layers import verify_layer_by_layer
 
+        from moec.golden import TOLERANCES
+
         quant = None
         if spec is not None:
             tolerance = 3e-2 if target.quantizes_activations(options) else options.tolerance
             prepare = streamer.prepare
         else:
             tolerance, prepare = options.tolerance, None
+        against = None
+        if half:  # the reference is the eager model in fp16, each layer cast as it is read; fp32 is compared too
+            tolerance = max(tolerance, TOLERANCES["fp16"])
+            against = "the dequantized reference in fp16" if prepare else "eager PyTorch in fp16"
+            prepare = in_fp16(prepare or ck.materialise)
         verified = stage("verify", "verifying layer by layer (eager and ONNX Runtime, one layer in memory)",
                          verify_layer_by_layer, model_path, ck, tolerance, src.verification_inputs(options.verify_seq_len),
-                         src.input_names, src.output_names, wrapper_of(src.module), options.log, prepare)
+                         src.input_names, src.output_names, wrapper_of(src.module), options.log, prepare,
+                         streamer.prepare_fp32, against)
         if spec is not None:
             quant = quantization_report(streamer.quantized, spec, verified, tolerance)
+        whole = run_end_to_end(model_path, weights_bytes, verified, tolerance, options.log)
         report = {
-            "source": source, "target": "onnxruntime", "out_of_core": True,
+            "source": source, "target": "onnxruntime", "out_of_core": True, "dtype": dtype_of(options),
             "model": {"source": source, "identity": f"hf:{os.path.abspath(source)}",
                       "checkpoint_headers_sha256": headers_sha256(ck)},
             "capture": {"method": "torch.export (non-strict) on the meta device", "notes": notes},
             "graph": graph, "moe_layers": layers, "quantization": quant, "generation": generation,
-            "numerics": verified.numerics(tolerance),
+            "numerics": {**verified.numerics(tolerance), "end_to_end": whole.to_dict()},
             "weights_bytes": weights_bytes,
             "checkpoint": {"parameters": ck.numel, "stored_bytes": ck.nbytes, "files": len(set(ck.files.values()))},
             "memory": memory.to_dict(),
@@ -226,12 +248,26 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
             first = verified.first_failing(tolerance)
             report["numerics"]["first_failing_layer"] = first.layer if first else None
             raise VerificationError(verified.failure(tolerance) + " " + keep_failed(tmp, options, report))
+        if half and spec is None and verified.vs_fp32["rel_l2"] > tolerance:
+            report["numerics"]["passed"] = False
+            raise VerificationError(f"in fp16 the logits move by relative L2 {verified.vs_fp32['rel_l2']:.3g} from the "
+                                    f"fp32 model (tolerance {tolerance:g}): this model does not hold in fp16; compile "
+                                    "it in fp32. " + keep_failed(tmp, options, report))
+        if half:  # as the in-memory report has it
+            report["numerics"]["vs_fp32"] = {"against": "eager PyTorch in fp32, layer by layer", "inputs": [
+                {"input": p.name, **p.vs_fp32} for p in verified.probes]}
+        if not whole.passed(tolerance):
+            report["numerics"]["passed"] = False
+            raise VerificationError(f"the whole artifact in one ONNX Runtime session differs from the eager reference "
+                                    f"by relative L2 {whole.rel_l2:.3g} (tolerance {tolerance:g}), though every "
+                                    f"segment run alone is within it. " + keep_failed(tmp, options, report))
         else:
             from moec.golden import Probe, write_golden
 
             write_golden(os.path.join(tmp, "golden"),
                          [Probe(f"probe{i}", p.feeds, p.outputs) for i, p in enumerate(verified.probes)],
-                         model=report["model"], precision=f"int{spec.bits}" if spec else "fp32", tolerance=tolerance,
+                         model=report["model"], precision=f"int{spec.bits}" if spec else dtype_of(options),
+                         tolerance=tolerance,
                          versions=versions())
         from moec.pipeline import package
         from moec.targets.base import ArtifactContext
@@ -239,6 +275,36 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         artifact = ArtifactContext(tmp, model_path, files, report, options, [], options.log)
         triton_dir = stage("package", "writing the artifact", package, artifact, target, stage.timings, t0)
     return CompileResult(os.path.abspath(options.out), report, triton_dir)
+
+
+def in_fp16(prepare: Callable[[nn.Module, str], None]) -> Callable[[nn.Module, str], None]:
+    """A layer group read as `prepare` reads it, then cast to fp16 as cast_precision casts the in-memory model
+    (every floating-point parameter and buffer; the layers still on the meta device stay there)."""
+    def read(model: nn.Module, key: str) -> None:
+        prepare(model, key)
+        model.to(torch.float16)
+
+    return read
+
+
+def run_end_to_end(model_path: str, weights_bytes: int, verified, tolerance: float, log: Callable[[str], None]):
+    """After the layer-by-layer check, the whole artifact in one ONNX Runtime session where memory allows it
+    (moec.verify_whole, in a child process); the report says whether it ran, and why not."""
+    from moec.verify_whole import WholeRun, fits, run_whole
+
+    ok, why = fits(weights_bytes, _available_memory())
+    if not ok:
+        log(f"  end to end: not run ({why})")
+        return WholeRun(False, why)
+    log(f"  end to end: the whole artifact in one ONNX Runtime session (a child process), "
+        f"{len(verified.probes)} input(s)")
+    whole = run_whole(model_path, verified.probes, tolerance)
+    if whole.ran:
+        log(f"  end to end: relative L2 {whole.rel_l2:.2e} against the eager reference, {whole.vs_segmented:.1e} "
+            f"against the layer-by-layer run; the session's process peaked at {whole.peak_rss_bytes / 2**30:.2f} GiB")
+    else:
+        log(f"  end to end: not run ({whole.why})")
+    return whole
 
 
 def refuse_quantized_checkpoint(source: str) -> None:
@@ -324,23 +390,55 @@ class LayerStreamer:
     and `prepare`, the same group as the exact reference (fused, and with --quant dequantized) for verification."""
 
     def __init__(self, ck: LazyCheckpoint, model: nn.Module, planned: list, kinds: dict, spec, lowering: list,
-                 extra: dict, log: Callable[[str], None]):
+                 extra: dict, log: Callable[[str], None], prefix: str = WRAPPER):
         self.ck, self.model, self.planned, self.kinds, self.log = ck, model, planned, kinds, log
+        self.prefix = prefix  # what the graph's wrappers put before the transformers model's tensor names
         self.spec, self.lowering, self.extra = spec, lowering, extra
         self.fused_paths = [p.path for p in planned if p.fused]
         self.quantized: list[dict] = []  # per layer: its quantization error on probe inputs, bytes before/after
+        self.streaming = None  # with --quant: the layers quantized one expert at a time (their fp32 experts
+        if spec is not None:   # never all in memory); the others are read whole
+            from moec.quantize_streamed import StreamedQuantizer
+
+            self.streaming = StreamedQuantizer(ck, ck.config(), model, planned, kinds, spec, log)
+
+    def _streamed(self, key: str) -> list[str]:
+        return [p for p in self.fused_paths if _group_of(p) == key and self.streaming is not None
+                and self.streaming.streams(p)]
 
     def prepare(self, model: nn.Module, key: str, record: bool = False) -> None:
         """Read the group into `model`, fuse its MoE layers on their real weights and, with --quant, quantize their
         experts (the FusedMoE then computes with the dequantized weights: the artifact's exact reference)."""
-        self.ck.materialise(model, key)
+        streamed = self._streamed(key)
+        if streamed:
+            self.streaming.materialise(model, key)
+        else:
+            self.ck.materialise(model, key)
         if not key and hasattr(model, "tie_weights"):
             model.tie_weights()
         for path in self.fused_paths:
-            if _group_of(path) == key:
-                fused = self.fuse_real(model, path, record)
-                if self.spec is not None:
-                    self.quantize(path, fused, record)
+            if _group_of(path) != key:
+                continue
+            if path in streamed:
+                planned = next(p for p in self.planned if p.path == path)
+                outcome = self.streaming.fuse(model, path, "codes" if record else "dequantized", self.probe(planned))
+                if outcome is not None:
+                    self.quantized.append(outcome)
+                continue
+            fused = self.fuse_real(model, path, record)
+            if self.spec is not None:
+                self.quantize(path, fused, record)
+
+    def prepare_fp32(self, model: nn.Module, key: str) -> None:
+        """The group at full precision, as the checkpoint has it (layers streamed expert by expert run fused, from
+        their fp32 experts read one at a time): the reference for the quantized artifact's error vs fp32."""
+        streamed = self._streamed(key)
+        if not streamed:
+            self.ck.materialise(model, key)
+            return
+        self.streaming.materialise(model, key)
+        for path in streamed:
+            self.streaming.fuse(model, path, "fp32", self.probe(next(p for p in self.planned if p.path == path)))
 
     def fill(self, key: str, values: list) -> Iterator[tuple]:
         import numpy as np
@@ -352,11 +450,13 @@ class LayerStreamer:
             layer = self.model.get_submodule(_layer_path(self.model, key))
             for p in self.lowering:
                 p(layer, PassContext(probes=[], options=self.extra))
+            for path in self._streamed(key):
+                self.streaming.fill_lowered(self.model, path)
         tensors = dict(self.model.named_parameters(remove_duplicate=False))
         tensors.update(self.model.named_buffers(remove_duplicate=False))
         try:
             for v in values:
-                name = v.name[len(WRAPPER):] if v.name.startswith(WRAPPER) else v.name
+                name = v.name[len(self.prefix):] if v.name.startswith(self.prefix) else v.name
                 t = tensors.get(name)
                 if t is None or t.is_meta:
                     raise MoecError(f"out-of-core compile: the graph's initializer '{v.name}' has no tensor in "
@@ -366,7 +466,11 @@ class LayerStreamer:
                 if tuple(t.shape) != want:
                     raise MoecError(f"out-of-core compile: '{v.name}' is {tuple(t.shape)} from the checkpoint, the "
                                     f"graph captured {want}.")
-                array = t.detach().contiguous().numpy().astype(v.const_value.dtype.numpy(), copy=False)
+                source = t.detach().contiguous().numpy()
+                with np.errstate(over="ignore"):  # a value beyond fp16's range is named just below
+                    array = source.astype(v.const_value.dtype.numpy(), copy=False)
+                if array.dtype == np.float16 and source.dtype != np.float16:
+                    check_fp16(v.name, source, array)
                 yield v, np.ascontiguousarray(array).tobytes()
         finally:
             if key:  # its lowered modules' buffers (packed codes) go too: nothing of a written layer stays
@@ -418,6 +522,17 @@ class LayerStreamer:
         self.quantized.append(outcome.to_dict())
 
 
+def check_fp16(name: str, source, array) -> None:
+    """A tensor converted to fp16 keeps its values finite: a value beyond fp16's range (65504) would be inf."""
+    import numpy as np
+
+    bad = int((np.isinf(array) & np.isfinite(source)).sum())
+    if bad:
+        raise MoecError(f"--dtype fp16: '{name}' has {bad} value(s) beyond fp16's range (largest magnitude "
+                        f"{float(np.abs(source).max()):.4g} > 65504); this model does not hold in fp16, compile it in "
+                        "fp32. Nothing was written.")
+
+
 def _group_of(path: str) -> str:
     from moec.external_data import layer_key
 
@@ -439,6 +554,11 @@ def summary_lines(report: dict) -> list[str]:
              f"{sum(f.endswith('.data') for f in report['files'])} file(s)"]
     if worst is not None:
         lines.append(f"verified layer by layer: worst layer {worst['layer']} relative L2 {worst['rel_l2']:.2e}")
+    whole = n.get("end_to_end") or {}
+    if whole.get("ran"):
+        lines.append(f"verified end to end (one ONNX Runtime session): relative L2 {whole['rel_l2']:.2e}")
+    elif whole:
+        lines.append(f"not verified end to end: {whole['why']}")
     return lines
 
 

@@ -17,7 +17,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ class LazyCheckpoint:
     model_config: Any = None  # the transformers config to build (default: config.json through AutoConfig)
     files: dict[str, str] = field(default_factory=dict)  # tensor -> file
     groups: dict[str, list[str]] = field(default_factory=dict)  # layer key -> tensors, checkpoint order
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # as stored
     nbytes: int = 0  # as stored
     numel: int = 0
 
@@ -44,6 +45,7 @@ class LazyCheckpoint:
             for tensor, meta in read_header(file).items():
                 self.files[tensor] = file
                 self.groups.setdefault(layer_key(tensor), []).append(tensor)
+                self.shapes[tensor] = tuple(int(d) for d in meta["shape"])
                 n = 1
                 for d in meta["shape"]:
                     n *= int(d)
@@ -81,11 +83,14 @@ class LazyCheckpoint:
         layers = sorted((k for k in self.groups if k), key=lambda k: int(k.split(".")[1]))
         return [""] + layers if "" in self.groups else layers
 
-    def materialise(self, model: nn.Module, group: str, dtype: torch.dtype = torch.float32) -> None:
-        """Load the checkpoint's tensors of `group` into `model` (converted as transformers loads them)."""
+    def materialise(self, model: nn.Module, group: str, dtype: torch.dtype = torch.float32,
+                    skip: Optional[Callable[[str], bool]] = None, may_stay_meta: frozenset = frozenset()) -> None:
+        """Load the checkpoint's tensors of `group` into `model` (converted as transformers loads them). `skip`:
+        checkpoint tensors not to read (experts streamed one at a time); `may_stay_meta`: the model's parameters
+        they would have filled."""
         from safetensors import safe_open
 
-        names = self.groups.get(group, [])
+        names = [n for n in self.groups.get(group, []) if skip is None or not skip(n)]
         by_file: dict[str, list[str]] = {}
         for n in names:
             by_file.setdefault(self.files[n], []).append(n)
@@ -103,9 +108,20 @@ class LazyCheckpoint:
             except Exception as exc:
                 raise SourceError(f"'{self.path}': loading the tensors of {group or 'the embeddings and head'} failed: "
                                   f"{type(exc).__name__}: {str(exc)[:300]}") from exc
-        self._check(model, group, info)
+        self._check(model, group, info, may_stay_meta)
 
-    def _check(self, model: nn.Module, group: str, info) -> None:
+    def _check(self, model: nn.Module, group: str, info, may_stay_meta: frozenset = frozenset()) -> None:
+        self.check_loading(info)
+        still = [n for n, p in _named_tensors(model) if p.is_meta and layer_key(n) == group and n not in _LOOSE(model)
+                 and n not in may_stay_meta]
+        if still:
+            raise SourceError(f"the checkpoint in '{self.path}' lacks '{still[0]}' ({len(still)} tensor(s) of "
+                              f"{group or 'the embeddings and head'} missing); transformers would initialize them "
+                              "randomly. Nothing was written.")
+
+    def check_loading(self, info) -> None:
+        """transformers' loading info, checked: shapes that disagree with the config, tensors the model lacks,
+        conversions that failed; each named with its file."""
         mismatched = sorted(info.mismatched_keys or [])
         if mismatched:
             key = mismatched[0][0] if isinstance(mismatched[0], tuple) else mismatched[0]
@@ -120,11 +136,6 @@ class LazyCheckpoint:
         if errors:
             key, why = next(iter(errors.items()))
             raise SourceError(f"'{self.path}': converting tensor '{key}' failed: {str(why)[:300]}. Nothing was written.")
-        still = [n for n, p in _named_tensors(model) if p.is_meta and layer_key(n) == group and n not in _LOOSE(model)]
-        if still:
-            raise SourceError(f"the checkpoint in '{self.path}' lacks '{still[0]}' ({len(still)} tensor(s) of "
-                              f"{group or 'the embeddings and head'} missing); transformers would initialize them "
-                              "randomly. Nothing was written.")
 
     def _file_of(self, key: str) -> str:
         if key in self.files:

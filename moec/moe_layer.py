@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +153,9 @@ class FusedMoE(nn.Module):
         self.spec = spec
         self.quantized = quantized
         self.full_precision: Optional[str] = None  # why a quantizing compile keeps this layer unquantized (--quant auto)
+        # experts read one at a time (moec.stream_experts.StreamedExperts), called instead of the stacked op: an
+        # out-of-core compile's reference for a layer whose experts are never all in memory (the weights stay meta)
+        self.stream: Optional[Callable] = None
         self.router = router  # only when routing is kept as written (spec.route is None)
         self.router_weight = _param(router_weight)
         self.router_bias = _param(router_bias)
@@ -182,6 +185,8 @@ class FusedMoE(nn.Module):
         return ids, weights, logits
 
     def routed(self, flat, ids, weights) -> torch.Tensor:
+        if self.stream is not None:
+            return self.stream(flat, ids, weights.to(flat.dtype))
         x = self.spec.experts
         return torch.ops.moec.experts(
             flat, ids, weights.to(flat.dtype), self.w_gate_up, self.w_down, self.b_gate_up, self.b_down,

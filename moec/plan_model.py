@@ -93,6 +93,10 @@ class MiniatureOutcome:
     reason: str
     fused_module: Optional[FusedMoE]
     tensor_index: Optional[int] = None  # CalledLike's argument, when the layer took size arguments
+    # Which expert reading (fusion_rules' layout name) and which of the anatomy's [E] vectors were the router and
+    # selection biases: what an out-of-core compile needs to rebuild the fused layer one expert at a time.
+    layout: Optional[str] = None
+    bias_indices: tuple[Optional[int], Optional[int]] = (None, None)
 
 
 def recognise_miniature(hf: HFConfig, log: Callable[[str], None]) -> dict[tuple, MiniatureOutcome]:
@@ -118,6 +122,7 @@ def recognise_miniature(hf: HFConfig, log: Callable[[str], None]) -> dict[tuple,
     model = hf.model_class(mini).eval()
     randomize_(model, 0)
     kinds = {path: layer_kind(model.get_submodule(path)) for path, _ in find_candidates(model)}
+    originals = {path: model.get_submodule(path) for path in kinds}  # as written: the fusion replaces them
     src = causal_lm_source(model, "miniature")
     ctx = PassContext(probes=[src.example_args, src.make_inputs(7, seq_len=5, batch=1)], log=log)
     try:
@@ -143,8 +148,58 @@ def recognise_miniature(hf: HFConfig, log: Callable[[str], None]) -> dict[tuple,
             continue
         index = m.tensor_index if isinstance(m, CalledLike) else None
         fused = m.fused if isinstance(m, CalledLike) else m
-        out[kind] = MiniatureOutcome(path, o.fused, o.reason, fused, index)
+        layout, biases = reading_of(originals[path], fused) if fused is not None else (None, (None, None))
+        out[kind] = MiniatureOutcome(path, o.fused, o.reason, fused, index, layout, biases)
     return out
+
+
+def reading_of(original: nn.Module, fused: FusedMoE) -> tuple[Optional[str], tuple[Optional[int], Optional[int]]]:
+    """Which of the layer's expert readings the fused layer holds (its layout name), and the positions of its
+    router and selection biases among the layer's [E] vectors; (None, ...) where they can't be told apart."""
+    from moec.passes.fuse_moe import Anatomy, analyze
+
+    anatomy = analyze(original)
+    if not isinstance(anatomy, Anatomy):
+        return None, (None, None)
+    layout = next((r.layout for r in anatomy.expert_readings() if _same(r.w_gate_up, fused.w_gate_up)
+                   and _same(r.w_down, fused.w_down) and _same(r.b_gate_up, fused.b_gate_up)
+                   and _same(r.b_down, fused.b_down)), None)
+
+    def index(t):
+        return None if t is None else next((i for i, b in enumerate(anatomy.router_biases) if _same(b, t)), -1)
+
+    return layout, (index(fused.router_bias), index(fused.selection_bias))
+
+
+def _same(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and bool(torch.equal(a.detach(), b.detach()))
+
+
+def fuse_as_miniature(anatomy, mini: MiniatureOutcome, spec: LayerSpec, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                      b_gate_up: Optional[torch.Tensor] = None, b_down: Optional[torch.Tensor] = None) -> FusedMoE:
+    """A FusedMoE of `spec` (the miniature's, at this layer's sizes) over this layer's own router, biases, shared
+    expert and norms, in the roles the miniature's fusion found, with the expert weights given (meta when they
+    are streamed or only shapes are wanted)."""
+    f = mini.fused_module
+    rb_at, sb_at = mini.bias_indices
+
+    def bias(at, like):
+        if like is None:
+            return None
+        if at is not None and 0 <= at < len(anatomy.router_biases):
+            return anatomy.router_biases[at]
+        return torch.empty(anatomy.num_experts, device="meta")  # shapes only: which vector it is can't matter
+
+    return FusedMoE(
+        spec, anatomy.router_weight if f.spec.route is not None else None, bias(rb_at, f.router_bias),
+        bias(sb_at, f.selection_bias), w_gate_up, w_down, b_gate_up if f.b_gate_up is not None else None,
+        b_down if f.b_down is not None else None,
+        anatomy.shared if f.shared is not None else None, anatomy.shared_gate if f.shared_gate is not None else None,
+        anatomy.router if f.spec.route is None else None, post_norm=anatomy.post_norm if f.post_norm is not None else None,
+        output_bias=anatomy.output_bias if f.output_bias is not None else None,
+    )
 
 
 def fuse_on_meta(full: nn.Module, kinds: dict[tuple, MiniatureOutcome]) -> tuple[list[PlannedLayer], list[MoELayerWeights]]:
@@ -168,17 +223,9 @@ def fuse_on_meta(full: nn.Module, kinds: dict[tuple, MiniatureOutcome]) -> tuple
         rows = 2 * i if f.spec.experts.gated else i
         spec = replace(f.spec, experts=replace(f.spec.experts, num_experts=e, hidden=h, intermediate=i))
 
-        def empty(*shape, like=None):
-            return None if like is None else torch.empty(*shape, device="meta")
-
-        fused = FusedMoE(
-            spec, empty(e, h, like=f.router_weight), empty(e, like=f.router_bias), empty(e, like=f.selection_bias),
-            torch.empty(e, rows, h, device="meta"), torch.empty(e, h, i, device="meta"),
-            empty(e, rows, like=f.b_gate_up), empty(e, h, like=f.b_down),
-            anatomy.shared if f.shared is not None else None, anatomy.shared_gate if f.shared_gate is not None else None,
-            anatomy.router if f.spec.route is None else None, post_norm=anatomy.post_norm if f.post_norm is not None else None,
-            output_bias=empty(h, like=f.output_bias),
-        )
+        meta = torch.empty(e, rows, h, device="meta"), torch.empty(e, h, i, device="meta")
+        fused = fuse_as_miniature(anatomy, mini, spec, *meta, torch.empty(e, rows, device="meta"),
+                                  torch.empty(e, h, device="meta"))
         replacement = fused if mini.tensor_index is None else CalledLike(fused, LayerCall(mini.tensor_index))
         set_submodule(full, path, replacement)
         planned.append(PlannedLayer(path, mini.path, True, spec=spec))

@@ -42,6 +42,7 @@ class ProbeResult:
     worst_output: str
     layers: list[LayerError] = field(default_factory=list)
     vs_fp32: Optional[dict] = None  # with `prepare` (e.g. quantized experts): the first output against full precision
+    expected: dict[str, np.ndarray] = field(default_factory=dict)  # the eager reference's outputs
 
 
 @dataclass
@@ -92,16 +93,19 @@ class LayerVerification:
 def verify_layer_by_layer(model_path: str, ck: LazyCheckpoint, tolerance: float, inputs: list[tuple],
                           input_names: list[str], output_names: list[str], wrap: Wrap,
                           log: Callable[[str], None] = lambda msg: None,
-                          prepare: Optional[Prepare] = None) -> LayerVerification:
+                          prepare: Optional[Prepare] = None, prepare_fp32: Optional[Prepare] = None,
+                          against: Optional[str] = None) -> LayerVerification:
     """`prepare(model, group)` reads a layer group as the exact reference (e.g. with quantized experts,
-    dequantized); without it the checkpoint's own layers are the reference."""
+    dequantized); without it the checkpoint's own layers are the reference. With it, `prepare_fp32` reads the
+    full-precision model the error against fp32 is measured on (default: the checkpoint's own layers)."""
     from moec.segmented_run import run_segmented
 
     probes = []
     for i, args in enumerate(inputs):
         name = f"probe{i} ({', '.join(f'{n} {tuple(a.shape)}' for n, a in zip(input_names, args) if a.dim() <= 2)})"
         eager_layers, eager = eager_by_layer(wrap(ck.skeleton()), args, prepare or ck.materialise, log)
-        fp32 = eager_by_layer(wrap(ck.skeleton()), args, ck.materialise, lambda m: None)[1] if prepare else None
+        fp32 = (eager_by_layer(wrap(ck.skeleton()), args, prepare_fp32 or ck.materialise, lambda m: None)[1]
+                if prepare else None)
         feeds = {n: a.numpy() for n, a in zip(input_names, args)}
         run = run_segmented(model_path, feeds, log)
         errors = {n: compare_tensors(e, torch.from_numpy(run.outputs[n])) for n, e in zip(output_names, eager)}
@@ -119,8 +123,9 @@ def verify_layer_by_layer(model_path: str, ck: LazyCheckpoint, tolerance: float,
             c = compare_tensors(fp32[0], torch.from_numpy(run.outputs[output_names[0]]))
             vs_fp32 = {"rel_l2": float(c.rel_l2), "cosine": float(c.cosine), "max_abs": float(c.max_abs)}
         probes.append(ProbeResult(name, feeds, {n: run.outputs[n] for n in output_names},
-                                  float(errors[worst].rel_l2), float(errors[worst].max_abs), worst, layers, vs_fp32))
-    return LayerVerification(probes, "the dequantized reference" if prepare else "eager PyTorch")
+                                  float(errors[worst].rel_l2), float(errors[worst].max_abs), worst, layers, vs_fp32,
+                                  {n: e.detach().numpy() for n, e in zip(output_names, eager)}))
+    return LayerVerification(probes, against or ("the dequantized reference" if prepare else "eager PyTorch"))
 
 
 def eager_by_layer(module: nn.Module, args: tuple, prepare: Prepare, log: Callable[[str], None]):

@@ -69,6 +69,36 @@ def test_the_streamed_artifact_matches_transformers_fp32_load(family, checkpoint
     assert [l["layer"] for l in report["numerics"]["layers"]] == [
         f"layers.{i}" for i in range(model.config.num_hidden_layers)]
     assert all(l["rel_l2"] < 1e-5 for l in report["numerics"]["layers"])
+    whole = report["numerics"]["end_to_end"]  # it fits: the whole artifact ran in one session too
+    assert whole["ran"] and whole["rel_l2"] < 1e-5 and whole["peak_rss_bytes"] > 0
+    assert len(whole["inputs"]) == len(report["numerics"]["inputs"])
+
+
+def test_the_end_to_end_run_is_skipped_where_memory_would_not_hold_it(checkpoints, tmp_path, monkeypatch):
+    from moec import compile_out_of_core
+
+    monkeypatch.setattr(compile_out_of_core, "_available_memory", lambda: 1 << 20)
+    out = str(tmp_path / "out")
+    assert _compile(checkpoints["qwen3_moe"], out) == 0
+    whole = json.load(open(os.path.join(out, "report.json")))["numerics"]["end_to_end"]
+    assert not whole["ran"] and "GiB are available" in whole["why"]
+
+
+def test_a_whole_session_that_cannot_load_the_artifact_is_a_failure(compiled, tmp_path):
+    """The child process's own failure (here: external data cut short) is a verification error, with ORT's words."""
+    from types import SimpleNamespace
+
+    from moec.errors import VerificationError
+    from moec.verify_whole import run_whole
+
+    d = str(tmp_path / "art")
+    shutil.copytree(compiled["qwen3_moe"], d)
+    data = next(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".data"))
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 2)
+    probe = SimpleNamespace(feeds={"input_ids": np.zeros((1, 4), dtype=np.int64)}, expected={}, outputs={})
+    with pytest.raises(VerificationError, match="could not run the whole artifact in one session"):
+        run_whole(os.path.join(d, "model.onnx"), [probe], 1e-4)
 
 
 def test_the_graph_holds_no_weight_bytes_and_shards_never_split_a_layer(compiled):
@@ -113,11 +143,11 @@ def test_one_decoder_layer_is_resident_at_a_time(checkpoints, tmp_path, monkeypa
     seen = []
     original = LazyCheckpoint.materialise
 
-    def watched(self, model, group, dtype=torch.float32):
+    def watched(self, model, group, dtype=torch.float32, **kw):
         _, layers = decoder_layers(model)
         resident = [i for i, layer in enumerate(layers) if any(not p.is_meta for p in layer.parameters())]
         seen.append((group, resident))
-        return original(self, model, group, dtype)
+        return original(self, model, group, dtype, **kw)
 
     monkeypatch.setattr(LazyCheckpoint, "materialise", watched)
     assert _compile(checkpoints["qwen3_moe"], str(tmp_path / "a")) == 0
@@ -197,6 +227,62 @@ def test_a_truncated_shard_is_named(checkpoints, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_fp16_converts_each_tensor_as_it_streams(checkpoints, tmp_path):
+    """--dtype fp16 out of core: every floating-point weight written in fp16, each the checkpoint's value rounded
+    as torch's .half() rounds it (and as the in-memory fp16 compile writes it); verified against eager fp16 layer
+    by layer and end to end, and against fp32 within fp16's tolerance; fp32 inputs and outputs kept."""
+    from onnx.numpy_helper import to_array
+    from safetensors import safe_open
+
+    path, out, whole = checkpoints["qwen3_moe"], str(tmp_path / "streamed"), str(tmp_path / "whole")
+    assert _compile(path, out, "--dtype", "fp16") == 0
+    model = onnx.load(os.path.join(out, "model.onnx"))
+    arrays = {t.name: to_array(t, base_dir=out) for t in model.graph.initializer}
+    floats = [a for a in arrays.values() if a.dtype.kind == "f"]
+    assert floats and all(a.dtype == np.float16 for a in floats)
+    ck = LazyCheckpoint(path)
+    for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "model.norm.weight"):
+        with safe_open(ck.files[name], "pt") as f:
+            want = f.get_tensor(name).float().half().numpy()
+        assert np.array_equal(arrays["model.model." + name], want), name
+    assert [i.type.tensor_type.elem_type for i in model.graph.output] == [onnx.TensorProto.FLOAT]
+    report = json.load(open(os.path.join(out, "report.json")))
+    n = report["numerics"]
+    assert report["dtype"] == "fp16" and n["passed"] and n["against"] == "eager PyTorch in fp16"
+    assert 1e-5 < n["inputs"][0]["rel_l2"] < 1e-2 and n["end_to_end"]["ran"] and n["end_to_end"]["rel_l2"] < 1e-2
+    assert all(1e-6 < row["rel_l2"] < 1e-2 for row in n["vs_fp32"]["inputs"])
+    assert main(["compile", path, "--out", whole, "--out-of-core", "off", "--task", "logits", "--quiet",
+                 "--dtype", "fp16"]) == 0
+    b = {t.name: to_array(t, base_dir=whole) for t in onnx.load(os.path.join(whole, "model.onnx")).graph.initializer}
+    common = [k for k in arrays if k in b]
+    assert len(common) >= 5 and all(np.array_equal(arrays[k], b[k]) for k in common)
+
+
+def test_fp16_refuses_a_value_beyond_its_range_naming_the_tensor(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    path = str(tmp_path / "ckpt")
+    zoo.build_hf_model("qwen3_moe").to(torch.bfloat16).save_pretrained(path)
+    state = load_file(os.path.join(path, "model.safetensors"))
+    state["model.layers.1.self_attn.o_proj.weight"][0, 0] = 1e5
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    out = str(tmp_path / "out")
+    assert _compile(path, out, "--dtype", "fp16") != 0
+    err = capsys.readouterr().err
+    assert "layers.1.self_attn.o_proj.weight" in err and "beyond fp16's range" in err, err
+    assert not os.path.exists(out)
+
+
+def test_fp16_is_refused_for_the_kv_cache_decoder_and_bf16_altogether(checkpoints, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert main(["compile", checkpoints["qwen3_moe"], "--out", out, "--out-of-core", "on", "--quiet", "--dtype",
+                 "fp16"]) == 2
+    assert "--task logits" in capsys.readouterr().err
+    assert _compile(checkpoints["qwen3_moe"], out, "--dtype", "bf16") == 2
+    assert "bf16" in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
 def test_options_it_does_not_stream_are_refused_by_name(checkpoints, tmp_path, capsys):
     assert _compile(checkpoints["qwen3_moe"], str(tmp_path / "out"), "--quant", "int4", "--calibration",
                     "random:4") == 2
@@ -261,6 +347,72 @@ def test_quantized_experts_stream_the_codes_the_in_memory_compile_makes(quant, c
     assert report["numerics"]["passed"] and report["numerics"]["against"] == "the dequantized reference"
     assert report["numerics"]["inputs"][0]["rel_l2"] < 1e-5  # exact against the dequantized layers
     assert q["logits_vs_fp32"]["rel_l2"] > 1e-4  # and quantization did move the logits from full precision
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss", "granitemoe"])
+def test_quantized_experts_are_read_one_expert_at_a_time(family, checkpoints, tmp_path, monkeypatch):
+    """With --quant, no load reads a layer's experts whole: the layer loader skips every expert tensor and each
+    expert load holds one expert (per-expert names renamed to expert 0, tensors stored stacked sliced to one);
+    the artifact is still the in-memory compile's, codes and biases byte for byte. GPT-OSS and Granite-MoE store
+    their experts stacked on disk (and GPT-OSS has [E, N] biases beside them); DeepSeek-V3 has a shared expert
+    and a selection bias."""
+    from onnx.numpy_helper import to_array
+
+    from moec import lazy_checkpoint, stream_experts
+    from moec.stream_experts import expert_index
+
+    path = checkpoints.get(family)
+    if path is None:
+        path = str(tmp_path / "ckpt")
+        zoo.build_hf_model(family).to(torch.bfloat16).save_pretrained(path, max_shard_size="100KB")
+    shapes = LazyCheckpoint(path).shapes
+    experts = {n for n, shape in shapes.items() if layer_key(n) and (expert_index(n) is not None or len(shape) == 3)}
+    assert experts
+    layer_loads, expert_loads = [], []
+    whole, one = lazy_checkpoint.load_converted, stream_experts.load_converted
+
+    def layer_load(model, state, dtype=torch.float32):
+        layer_loads.append(set(state))
+        return whole(model, state, dtype)
+
+    def expert_load(model, state, dtype=torch.float32):
+        expert_loads.append({n: tuple(t.shape) if isinstance(t, torch.Tensor) else None for n, t in state.items()})
+        return one(model, state, dtype)
+
+    monkeypatch.setattr(lazy_checkpoint, "load_converted", layer_load)
+    monkeypatch.setattr(stream_experts, "load_converted", expert_load)
+    streamed, in_memory = str(tmp_path / "streamed"), str(tmp_path / "whole")
+    assert _compile(path, streamed, "--quant", "int4") == 0
+    assert not any(names & experts for names in layer_loads)  # the layer loader never read an expert tensor
+    assert expert_loads and all(expert_index(n) in (None, 0) for load in expert_loads for n in load)
+    assert all(shape[0] == 1 for load in expert_loads for shape in load.values() if shape is not None)
+    report = json.load(open(os.path.join(streamed, "report.json")))
+    assert report["numerics"]["passed"] and report["numerics"]["inputs"][0]["rel_l2"] < 1e-5, report["numerics"]
+    assert main(["compile", path, "--out", in_memory, "--out-of-core", "off", "--task", "logits", "--quiet",
+                 "--quant", "int4"]) == 0
+    a = {t.name: to_array(t, base_dir=streamed) for t in onnx.load(os.path.join(streamed, "model.onnx")).graph.initializer}
+    b = {t.name: to_array(t) for t in onnx.load(os.path.join(in_memory, "model.onnx")).graph.initializer}
+    moe = [n for n in b if ".fc1" in n or ".fc2" in n]
+    assert len(moe) >= 4 and all(n in a and np.array_equal(a[n], b[n]) for n in moe), moe
+
+
+def test_a_reading_the_experts_do_not_follow_is_refused_naming_the_layer(checkpoints, tmp_path, monkeypatch, capsys):
+    """The layer as written, run with its experts read one at a time, checks the fused reading on the real weights:
+    a wrong reading (gate and up swapped) stops the compile at that layer, nothing written."""
+    from moec import plan_model
+
+    real = plan_model.reading_of
+
+    def swapped(original, fused):
+        layout, biases = real(original, fused)
+        return layout.replace("gate|up", "up|gate"), biases
+
+    monkeypatch.setattr(plan_model, "reading_of", swapped)
+    out = str(tmp_path / "out")
+    assert _compile(checkpoints["qwen3_moe"], out, "--quant", "int4") != 0
+    err = capsys.readouterr().err
+    assert "model.layers.0.mlp" in err and "do not reproduce the layer as written" in err, err
+    assert not os.path.exists(out)
 
 
 def test_a_triton_repository_entry_is_written_as_for_any_artifact(checkpoints, tmp_path):

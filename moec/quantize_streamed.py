@@ -1,0 +1,186 @@
+"""Quantize an out-of-core compile's MoE layers one expert at a time: the layer's fp32 experts are never all in
+memory, only one expert's weights and the layer's packed codes (an int4 OLMoE layer: 25 MiB and 0.2 GiB, where
+its fp32 experts are 1.5 GiB).
+
+Matches: a fused layer of an out-of-core `--quant` compile whose experts the model stacks ([E, ...] parameters)
+  and whose reading the miniature's fusion recorded, lowered to QMoE (moec.targets.onnxruntime.plan_layer).
+  Other layers (experts as a ModuleList of modules, routing kept as written, activations QMoE can't run) are
+  read whole, as before: `streams(path)` says which.
+Produces, per layer and use:
+  - "codes" (writing the artifact): the FusedMoE over the layer's own router and shared expert, its experts
+    checked against the layer as written on a probe (translation validation on the real weights, both sides one
+    expert at a time), then quantized expert by expert (round-to-nearest, separable per expert, so the codes
+    are the whole-layer quantization's byte for byte) and packed as QMoE reads them; `fill_lowered` gives the
+    lowered layer those bytes.
+  - "dequantized" / "fp32" (verification): the FusedMoE computing its experts one at a time from the
+    dequantized codes (the artifact's exact reference) or from the fp32 weights (the error against full
+    precision).
+Refuses (PassValidationError): a layer whose experts read alone do not reproduce the layer as written.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from moec.errors import PassValidationError, SourceError
+from moec.lazy_checkpoint import LazyCheckpoint
+from moec.stream_experts import ExpertReader, ExpertSlice, StreamedExperts, StreamedLayer, lazy_experts
+
+
+class StreamedQuantizer:
+    def __init__(self, ck: LazyCheckpoint, config, model: nn.Module, planned: list, kinds: dict, spec,
+                 log: Callable[[str], None]):
+        self.spec, self.kinds, self.log = spec, kinds, log
+        self.planned = {p.path: p for p in planned if p.fused}
+        layers = [l for l in (self._streamable(model, p) for p in self.planned.values()) if l is not None]
+        self.reader = ExpertReader(ck, config, layers) if layers else None
+        self.packed: dict[str, dict[str, np.ndarray]] = {}  # per layer being written: the lowered layer's buffers
+
+    def streams(self, path: str) -> bool:
+        return self.reader is not None and path in self.reader.layers
+
+    def _streamable(self, model: nn.Module, planned) -> Optional[StreamedLayer]:
+        from moec.external_data import layer_key
+        from moec.passes.fuse_moe import Anatomy, analyze
+        from moec.plan_model import layer_kind
+        from moec.targets.onnxruntime.lower_moe_onnxruntime import plan_layer
+
+        sub = model.get_submodule(planned.path)
+        mini = self.kinds.get(layer_kind(sub))
+        anatomy = analyze(sub)
+        route = planned.spec.route
+        if (mini is None or mini.layout is None or not isinstance(anatomy, Anatomy) or anatomy.source.stacked is None
+                or route is None or isinstance(plan_layer(planned.spec, route.top_k), str)):
+            return None
+        names = {id(t): n for n, t in list(sub.named_parameters()) + list(sub.named_buffers())}
+        stacked = {key: names[id(t)] for key, t in anatomy.source.stacked.items() if id(t) in names}
+        if len(stacked) != len(anatomy.source.stacked):
+            return None
+        return StreamedLayer(planned.path, layer_key(planned.path + "."), anatomy.num_experts, anatomy.hidden,
+                             mini.layout, stacked)
+
+    def materialise(self, model: nn.Module, key: str) -> None:
+        """The group's tensors but the streamed layers' experts (read expert by expert when asked for)."""
+        self.reader.ck.materialise(model, key, skip=self.reader.is_expert_tensor, may_stay_meta=self.reader.meta_names())
+
+    def fuse(self, model: nn.Module, path: str, use: str, probe: torch.Tensor) -> Optional[dict]:
+        """Replace the layer at `path` by its FusedMoE for `use` ("codes", "dequantized" or "fp32"); with "codes",
+        returns the layer's quantization outcome (bytes, error on `probe`)."""
+        from moec.moe_layer import QuantizedExperts
+        from moec.numerics import compare_tensors
+        from moec.passes.fuse_moe import MATCH_TOL, CalledLike, analyze
+        from moec.passes.layers import LayerCall, set_submodule
+        from moec.plan_model import fuse_as_miniature, layer_kind
+        from moec.quant import quantized_shape
+
+        sub = model.get_submodule(path)
+        layer, planned = self.reader.layers[path], self.planned[path]
+        mini = self.kinds[layer_kind(sub)]
+        anatomy = analyze(sub)
+        if anatomy.router_weight is not None and anatomy.router_weight.is_meta:
+            raise SourceError(f"{path}: its router's weight is not in the checkpoint's tensors of {layer.group}.")
+        e, rows, h = layer.num_experts, planned.spec.experts.intermediate * (2 if planned.spec.experts.gated else 1), \
+            planned.spec.experts.hidden
+        i = planned.spec.experts.intermediate
+        fused = fuse_as_miniature(anatomy, mini, planned.spec, torch.empty(e, rows, h, device="meta"),
+                                  torch.empty(e, h, i, device="meta"), torch.empty(e, rows, device="meta"),
+                                  torch.empty(e, h, device="meta"))
+
+        def fp32(index: int) -> ExpertSlice:
+            return self.reader.canonical(sub, path, index)
+
+        outcome = None
+        if use == "codes":
+            call = LayerCall(mini.tensor_index or 0)
+            with torch.no_grad(), lazy_experts(sub, layer, self.reader):
+                expected = sub(*call.args(probe))
+            fused.stream = StreamedExperts(fused, fp32)
+            with torch.no_grad():  # as fuse_moe checks a reading, errors of the streaming itself not swallowed
+                out, ids, weights, logits = fused.compute(probe.reshape(-1, h))
+                main = expected[0] if isinstance(expected, (tuple, list)) else expected
+                got = fused.finish(probe, out, ids, weights, logits)
+                err = compare_tensors(main, got[0] if isinstance(got, (tuple, list)) else got).rel_l2
+            if err > MATCH_TOL:
+                raise PassValidationError(f"{path}: its experts read one at a time do not reproduce the layer as "
+                                          f"written on its real weights (relative L2 {err:.3g}); compile with "
+                                          "--out-of-core off.")
+            self.log(f"  {path}: fused on its real weights, experts read one at a time (validated)")
+            outcome = self._quantize(fused, path, fp32, probe)
+            fused.quantized = QuantizedExperts(quantized_shape(fused.w_gate_up, self.spec, f"{path}.w_gate_up"),
+                                               quantized_shape(fused.w_down, self.spec, f"{path}.w_down"))
+        elif use == "dequantized":
+            fused.stream = StreamedExperts(fused, lambda index: self._dequantized(path, fp32(index)))
+        else:
+            fused.stream = StreamedExperts(fused, fp32)
+        set_submodule(model, path, fused if mini.tensor_index is None else CalledLike(fused, LayerCall(mini.tensor_index)))
+        return outcome
+
+    def _dequantized(self, path: str, w: ExpertSlice) -> ExpertSlice:
+        from moec.quant import dequantize, quantize
+
+        return ExpertSlice(dequantize(quantize(w.w_gate_up, self.spec, f"{path}.w_gate_up")),
+                           dequantize(quantize(w.w_down, self.spec, f"{path}.w_down")), w.b_gate_up, w.b_down)
+
+    def _quantize(self, fused, path: str, fp32: Callable[[int], ExpertSlice], probe: torch.Tensor) -> dict:
+        """Every expert quantized and packed in turn (QMoE's layout: fc1 rows interleaved gate/up for SwiGLU);
+        the layer's biases gathered; the layer's error on `probe` against fp32."""
+        from moec.numerics import compare_tensors
+        from moec.ops import interleave_gate_up
+        from moec.passes.outcomes import QuantizationOutcome
+        from moec.passes.quantize_experts import _hidden_out
+        from moec.quant import QuantizedWeight, pack, quantize
+        from moec.targets.onnxruntime.lower_moe_onnxruntime import plan_layer
+
+        spec, layer = self.spec, self.reader.layers[path]
+        swiglu = plan_layer(fused.spec, fused.spec.route.top_k).activation_type == "swiglu"
+        parts: dict[str, list] = {}
+        biases: dict[str, list] = {"b_gate_up": [], "b_down": []}
+        for e in range(layer.num_experts):
+            w = fp32(e)
+            q1 = quantize(w.w_gate_up, spec, f"{path}.w_gate_up")
+            if swiglu:
+                z = None if q1.zero_points is None else interleave_gate_up(q1.zero_points)
+                q1 = QuantizedWeight(interleave_gate_up(q1.codes), interleave_gate_up(q1.scales), z, spec)
+            for prefix, q in (("fc1", q1), ("fc2", quantize(w.w_down, spec, f"{path}.w_down"))):
+                p = pack(q)
+                parts.setdefault(prefix, []).append(p.weight)
+                parts.setdefault(f"{prefix}_scales", []).append(p.scales)
+                if p.zero_points is not None:
+                    parts.setdefault(f"{prefix}_zero_points", []).append(p.zero_points)
+            for name in biases:
+                if getattr(w, name) is not None:
+                    biases[name].append(getattr(w, name))
+            if layer.num_experts >= 32 and (e + 1) % (layer.num_experts // 4) == 0:
+                self.log(f"  {path}: {e + 1}/{layer.num_experts} experts quantized")
+        self.packed[path] = {name: np.concatenate(arrays) for name, arrays in parts.items()}
+        for name, values in biases.items():
+            if values and getattr(fused, name) is not None:
+                setattr(fused, name, nn.Parameter(torch.cat(values), requires_grad=False))
+        with torch.no_grad():
+            before = _hidden_out(fused(probe))
+            stream = fused.stream
+            fused.stream = StreamedExperts(fused, lambda index: self._dequantized(path, fp32(index)))
+            s = compare_tensors(before, _hidden_out(fused(probe)))
+            fused.stream = stream
+        fp_bytes = layer.num_experts * (fused.w_gate_up[0].numel() + fused.w_down[0].numel()) * 4
+        quantized = sum(a.nbytes for name, a in self.packed[path].items())
+        return QuantizationOutcome(path, spec.name, fp_bytes, quantized, s.rel_l2, s.cosine,
+                                   method="round-to-nearest").to_dict()
+
+    def fill_lowered(self, model: nn.Module, path: str) -> None:
+        """Give the lowered QMoE layer at `path` its packed codes."""
+        from moec.targets.onnxruntime.lower_moe_qmoe import OrtQMoE
+
+        packed = self.packed.pop(path)
+        target = next((m for m in model.get_submodule(path).modules() if isinstance(m, OrtQMoE)), None)
+        if target is None:
+            raise PassValidationError(f"{path}: lowered without its QMoE node; compile with --out-of-core off.")
+        for name, array in packed.items():
+            want = tuple(getattr(target, name).shape)
+            if tuple(array.shape) != want:
+                raise PassValidationError(f"{path}: streamed {name} is {tuple(array.shape)}, the graph has {want}.")
+            setattr(target, name, torch.from_numpy(array))

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from moec.errors import FusionRequiredError, MoecError, PassValidationError, VerificationError
+from moec.heap import trim
 from moec.lazy_checkpoint import LazyCheckpoint, release
 from moec.pipeline import CompileOptions, CompileResult, _Stages, _workdir, check_options, check_quantization
 
@@ -136,7 +137,10 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     from moec.pipeline import dtype_of, refuse_without_fused_layers
     from moec.validate import check_max_shape
 
+    from moec.heap import bounded_heap
+
     t0 = time.perf_counter()
+    bounded_heap()  # freed layers go back to the system (moec.heap)
     target = get("onnxruntime")
     check_options(options, target)  # destinations, Triton versions, values: before any work
     check_quantization(options, False)
@@ -239,6 +243,8 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
             "weights_bytes": weights_bytes,
             "checkpoint": {"parameters": ck.numel, "stored_bytes": ck.nbytes, "files": len(set(ck.files.values()))},
             "memory": memory.to_dict(),
+            # the process's peak resident memory as each stage ended, and the stage that raised it last
+            "compile_memory": {"peak_rss_bytes_after": dict(stage.peaks), "peak_stage": stage.peak_stage()},
             "files": sorted(os.path.relpath(f, tmp) for f in files) + ["golden/"],
         }
         from moec.report import moec_version, versions
@@ -477,6 +483,7 @@ class LayerStreamer:
                 release(self.model.get_submodule(_layer_path(self.model, key)), buffers=True)
             else:
                 release(self.model)
+            trim()
 
     def fuse_real(self, model: nn.Module, path: str, record: bool = True):
         """Fuse one MoE layer on its real weights, as the miniature taught: same spec, or an error naming it."""

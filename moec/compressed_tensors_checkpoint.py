@@ -14,10 +14,6 @@ permutation, packed tensors whose shapes disagree with weight_shape or their sca
 
 from __future__ import annotations
 
-import json
-import os
-from typing import Optional
-
 import torch
 
 from moec.fold_checkpoint import PackedLinear

@@ -31,6 +31,7 @@ from moec.errors import DiskFullError, FusionRequiredError, MoecError, OutputExi
 from moec.export_onnx import Captured, capture, save_onnx, to_onnx, weight_bytes
 from moec.fsutil import disk_error, make_workdir, release_workdir, remove_stale_workdirs, swap_into_place
 from moec.golden import TOLERANCES, Probe, weights_sha256, write_golden
+from moec.heap import peak_rss
 from moec.numerics import compare_tensors
 from moec.passes.base import Pass, PassContext, PassManager, PassRecord, flatten_outputs
 from moec.passes.conditions import EXPERTS_PRUNED, MOE_FUSED, ROUTING_MEASURED
@@ -132,6 +133,7 @@ class _Stages:
 
     def __init__(self, log: Callable[[str], None], stages: Sequence[str] = STAGES):
         self.log, self.timings, self.index, self.stages = log, {}, 0, stages
+        self.peaks: dict[str, int] = {}  # the process's peak resident bytes when each stage ended (Linux)
 
     def __call__(self, name: str, what: str, fn: Callable, *args, **kwargs):
         assert name in self.stages, name
@@ -142,6 +144,18 @@ class _Stages:
             return fn(*args, **kwargs)
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
+            peak = peak_rss()
+            if peak:
+                self.peaks[name] = peak
+
+    def peak_stage(self) -> Optional[str]:
+        """The stage during which the process's peak resident memory was last raised."""
+        before, where = 0, None
+        for name, peak in self.peaks.items():
+            if peak > before:
+                before, where = peak, name
+        return where
+
 
 
 def compile(

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from moec.external_data import layer_key
+from moec.heap import trim
 
 _SCOPES = "pkg.torch.onnx.name_scopes"
 
@@ -143,6 +144,7 @@ def run_segmented(model_path: str, feeds: dict[str, np.ndarray], log: Callable[[
             if os.path.exists(path):
                 os.remove(path)
         del session
+        trim()  # the segment's weights go back to the system before the next segment's are read
         produced = dict(zip(s.outputs, results))
         handed_on.append((s, produced))
         live.update(produced)

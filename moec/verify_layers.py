@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moec.heap import trim
 from moec.lazy_checkpoint import LazyCheckpoint, decoder_layers, release
 from moec.numerics import compare_tensors
 
@@ -148,6 +149,7 @@ def eager_by_layer(module: nn.Module, args: tuple, prepare: Prepare, log: Callab
             hidden = out[0] if isinstance(out, (tuple, list)) else out
             outputs[key] = hidden.detach().clone()
             release(mod, buffers=True)
+            trim()
             log(f"  eager {key}")
 
         handles += [layer.register_forward_pre_hook(before), layer.register_forward_hook(after)]

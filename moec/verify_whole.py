@@ -93,16 +93,10 @@ def run_whole(model_path: str, probes: list, tolerance: float) -> WholeRun:
     return WholeRun(True, rel_l2=worst, vs_segmented=worst_seg, peak_rss_bytes=peak, outputs=rows)
 
 
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def main(argv: list[str]) -> int:
     import onnxruntime as ort
+
+    from moec.heap import peak_rss
 
     model_path, tmp, n, providers = argv[0], argv[1], int(argv[2]), argv[3].split(",")
     session = ort.InferenceSession(model_path, providers=providers)
@@ -112,7 +106,7 @@ def main(argv: list[str]) -> int:
             outs = session.run(None, {k: feeds[k] for k in feeds.files})
         np.savez(os.path.join(tmp, f"outputs{i}.npz"), **dict(zip(names, outs)))
     with open(os.path.join(tmp, "peak.json"), "w") as f:
-        json.dump({"peak_rss_bytes": _peak_rss()}, f)
+        json.dump({"peak_rss_bytes": peak_rss()}, f)
     return 0
 
 

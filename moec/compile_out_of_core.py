@@ -230,16 +230,21 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
                          verify_layer_by_layer, model_path, ck, tolerance, src.verification_inputs(options.verify_seq_len),
                          src.input_names, src.output_names, wrapper_of(src.module), options.log, prepare,
                          streamer.prepare_fp32, against)
+        if streamer.streaming is not None:
+            streamer.streaming.done()
         if spec is not None:
             quant = quantization_report(streamer.quantized, spec, verified, tolerance)
-        whole = run_end_to_end(model_path, weights_bytes, verified, tolerance, options.log)
+        # the whole artifact in one session, once every layer passed (a layer's failure says more)
+        whole = (run_end_to_end(model_path, weights_bytes, verified, tolerance, options.log)
+                 if verified.passed(tolerance) else None)
         report = {
             "source": source, "target": "onnxruntime", "out_of_core": True, "dtype": dtype_of(options),
             "model": {"source": source, "identity": f"hf:{os.path.abspath(source)}",
                       "checkpoint_headers_sha256": headers_sha256(ck)},
             "capture": {"method": "torch.export (non-strict) on the meta device", "notes": notes},
             "graph": graph, "moe_layers": layers, "quantization": quant, "generation": generation,
-            "numerics": {**verified.numerics(tolerance), "end_to_end": whole.to_dict()},
+            "numerics": {**verified.numerics(tolerance),
+                         "end_to_end": whole.to_dict() if whole else {"ran": False, "why": "a layer failed first"}},
             "weights_bytes": weights_bytes,
             "checkpoint": {"parameters": ck.numel, "stored_bytes": ck.nbytes, "files": len(set(ck.files.values()))},
             "memory": memory.to_dict(),
@@ -477,12 +482,14 @@ class LayerStreamer:
                     array = source.astype(v.const_value.dtype.numpy(), copy=False)
                 if array.dtype == np.float16 and source.dtype != np.float16:
                     check_fp16(v.name, source, array)
-                yield v, np.ascontiguousarray(array).tobytes()
+                yield v, memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B")  # its own bytes, no copy
         finally:
             if key:  # its lowered modules' buffers (packed codes) go too: nothing of a written layer stays
                 release(self.model.get_submodule(_layer_path(self.model, key)), buffers=True)
             else:
                 release(self.model)
+            if self.streaming is not None:
+                self.streaming.done()
             trim()
 
     def fuse_real(self, model: nn.Module, path: str, record: bool = True):

@@ -6,7 +6,8 @@ to the size of any mmapped block freed (up to 32 MiB): after the first layer, ev
 comes from the heap, where a long-lived block allocated between two of them (a packed code array kept for
 the layer) stops the freed space from going back to the system, and resident memory climbs layer by layer.
 `bounded_heap()` fixes the threshold at 1 MiB (large blocks always mmapped, so freeing them returns them),
-and `trim()` hands the heap's free pages back after each layer. Both are no-ops off glibc.
+and `trim()` hands the heap's free pages back after each layer. Both are no-ops off glibc. The threshold is
+the process's: it stays fixed after the compile (a cost of one mmap per large allocation, no change of results).
 """
 
 from __future__ import annotations
@@ -19,17 +20,19 @@ M_MMAP_THRESHOLD = -3  # mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 1 << 20
 
 _libc: Optional[ctypes.CDLL] = None
+_looked = False
 
 
 def _glibc() -> Optional[ctypes.CDLL]:
-    global _libc
-    if _libc is None:
+    global _libc, _looked
+    if not _looked:
+        _looked = True
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             libc.mallopt, libc.malloc_trim  # glibc's own: absent elsewhere (musl, macOS)
+            _libc = libc
         except (OSError, AttributeError):
-            return None
-        _libc = libc
+            pass
     return _libc
 
 

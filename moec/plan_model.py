@@ -97,6 +97,7 @@ class MiniatureOutcome:
     # selection biases: what an out-of-core compile needs to rebuild the fused layer one expert at a time.
     layout: Optional[str] = None
     bias_indices: tuple[Optional[int], Optional[int]] = (None, None)
+    expert_by_expert: bool = False  # the layer as written indexes its stacked experts one at a time
 
 
 def recognise_miniature(hf: HFConfig, log: Callable[[str], None]) -> dict[tuple, MiniatureOutcome]:
@@ -148,19 +149,23 @@ def recognise_miniature(hf: HFConfig, log: Callable[[str], None]) -> dict[tuple,
             continue
         index = m.tensor_index if isinstance(m, CalledLike) else None
         fused = m.fused if isinstance(m, CalledLike) else m
-        layout, biases = reading_of(originals[path], fused) if fused is not None else (None, (None, None))
-        out[kind] = MiniatureOutcome(path, o.fused, o.reason, fused, index, layout, biases)
+        reading = reading_of(originals[path], fused, index) if fused is not None else (None, (None, None), False)
+        out[kind] = MiniatureOutcome(path, o.fused, o.reason, fused, index, *reading)
     return out
 
 
-def reading_of(original: nn.Module, fused: FusedMoE) -> tuple[Optional[str], tuple[Optional[int], Optional[int]]]:
-    """Which of the layer's expert readings the fused layer holds (its layout name), and the positions of its
-    router and selection biases among the layer's [E] vectors; (None, ...) where they can't be told apart."""
+def reading_of(original: nn.Module, fused: FusedMoE, tensor_index: Optional[int] = None
+               ) -> tuple[Optional[str], tuple[Optional[int], Optional[int]], bool]:
+    """Which of the layer's expert readings the fused layer holds (its layout name), the positions of its router
+    and selection biases among the layer's [E] vectors ((None, ...) where they can't be told apart), and whether
+    the layer as written runs the same with its stacked experts read one at a time."""
     from moec.passes.fuse_moe import Anatomy, analyze
+    from moec.passes.layers import LayerCall
+    from moec.stream_experts import runs_expert_by_expert
 
     anatomy = analyze(original)
     if not isinstance(anatomy, Anatomy):
-        return None, (None, None)
+        return None, (None, None), False
     layout = next((r.layout for r in anatomy.expert_readings() if _same(r.w_gate_up, fused.w_gate_up)
                    and _same(r.w_down, fused.w_down) and _same(r.b_gate_up, fused.b_gate_up)
                    and _same(r.b_down, fused.b_down)), None)
@@ -168,7 +173,9 @@ def reading_of(original: nn.Module, fused: FusedMoE) -> tuple[Optional[str], tup
     def index(t):
         return None if t is None else next((i for i, b in enumerate(anatomy.router_biases) if _same(b, t)), -1)
 
-    return layout, (index(fused.router_bias), index(fused.selection_bias))
+    one_by_one = anatomy.source.stacked is not None and runs_expert_by_expert(
+        original, anatomy.source.stacked, LayerCall(tensor_index or 0), anatomy.hidden)
+    return layout, (index(fused.router_bias), index(fused.selection_bias)), one_by_one
 
 
 def _same(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:

@@ -28,7 +28,8 @@ from torch import nn
 
 from moec.errors import PassValidationError, SourceError
 from moec.lazy_checkpoint import LazyCheckpoint
-from moec.stream_experts import ExpertReader, ExpertSlice, StreamedExperts, StreamedLayer, lazy_experts
+from moec.stream_experts import (ExpertReader, ExpertSlice, StreamedExperts, StreamedLayer, beside_experts,
+                                 lazy_experts, stacked_names)
 
 
 class StreamedQuantizer:
@@ -37,11 +38,16 @@ class StreamedQuantizer:
         self.spec, self.kinds, self.log = spec, kinds, log
         self.planned = {p.path: p for p in planned if p.fused}
         layers = [l for l in (self._streamable(model, p) for p in self.planned.values()) if l is not None]
-        self.reader = ExpertReader(ck, config, layers) if layers else None
+        self.reader = ExpertReader(ck, config, layers, log) if layers else None
         self.packed: dict[str, dict[str, np.ndarray]] = {}  # per layer being written: the lowered layer's buffers
 
     def streams(self, path: str) -> bool:
         return self.reader is not None and path in self.reader.layers
+
+    def done(self) -> None:
+        """A layer (or the verification) finished: the last expert read is not kept."""
+        if self.reader is not None:
+            self.reader.clear()
 
     def _streamable(self, model: nn.Module, planned) -> Optional[StreamedLayer]:
         from moec.external_data import layer_key
@@ -53,12 +59,16 @@ class StreamedQuantizer:
         mini = self.kinds.get(layer_kind(sub))
         anatomy = analyze(sub)
         route = planned.spec.route
-        if (mini is None or mini.layout is None or not isinstance(anatomy, Anatomy) or anatomy.source.stacked is None
-                or route is None or isinstance(plan_layer(planned.spec, route.top_k), str)):
-            return None
-        names = {id(t): n for n, t in list(sub.named_parameters()) + list(sub.named_buffers())}
-        stacked = {key: names[id(t)] for key, t in anatomy.source.stacked.items() if id(t) in names}
-        if len(stacked) != len(anatomy.source.stacked):
+        why = ("its expert reading was not recorded" if mini is None or mini.layout is None else
+               "its experts are not stacked tensors" if not isinstance(anatomy, Anatomy) or anatomy.source.stacked is None
+               else "it uses its stacked experts whole, not one at a time" if not mini.expert_by_expert
+               else "its routing is kept as written" if route is None else
+               "QMoE does not run it" if isinstance(plan_layer(planned.spec, route.top_k), str) else "")
+        stacked = None if why else stacked_names(sub, anatomy.source.stacked)
+        if not why and stacked is None:
+            why = "its expert tensors are not all its own"
+        if why:
+            self.log(f"  {planned.path}: experts read whole ({why})")
             return None
         return StreamedLayer(planned.path, layer_key(planned.path + "."), anatomy.num_experts, anatomy.hidden,
                              mini.layout, stacked)
@@ -90,13 +100,16 @@ class StreamedQuantizer:
                                   torch.empty(e, h, i, device="meta"), torch.empty(e, rows, device="meta"),
                                   torch.empty(e, h, device="meta"))
 
+        beside = beside_experts(sub, layer)  # not `sub` itself: the fused layer must not keep the layer as written
+
         def fp32(index: int) -> ExpertSlice:
-            return self.reader.canonical(sub, path, index)
+            return self.reader.canonical(beside, path, index)
 
         outcome = None
         if use == "codes":
             call = LayerCall(mini.tensor_index or 0)
-            with torch.no_grad(), lazy_experts(sub, layer, self.reader):
+            with torch.no_grad(), lazy_experts(sub, layer.stacked,
+                                               lambda key, index: self.reader.hf(beside, path, index)[key][0]):
                 expected = sub(*call.args(probe))
             fused.stream = StreamedExperts(fused, fp32)
             with torch.no_grad():  # as fuse_moe checks a reading, errors of the streaming itself not swallowed
@@ -137,7 +150,7 @@ class StreamedQuantizer:
 
         spec, layer = self.spec, self.reader.layers[path]
         swiglu = plan_layer(fused.spec, fused.spec.route.top_k).activation_type == "swiglu"
-        parts: dict[str, list] = {}
+        packed: dict[str, np.ndarray] = {}  # each [E, ...], filled expert by expert: the layer's codes held once
         biases: dict[str, list] = {"b_gate_up": [], "b_down": []}
         for e in range(layer.num_experts):
             w = fp32(e)
@@ -147,16 +160,19 @@ class StreamedQuantizer:
                 q1 = QuantizedWeight(interleave_gate_up(q1.codes), interleave_gate_up(q1.scales), z, spec)
             for prefix, q in (("fc1", q1), ("fc2", quantize(w.w_down, spec, f"{path}.w_down"))):
                 p = pack(q)
-                parts.setdefault(prefix, []).append(p.weight)
-                parts.setdefault(f"{prefix}_scales", []).append(p.scales)
-                if p.zero_points is not None:
-                    parts.setdefault(f"{prefix}_zero_points", []).append(p.zero_points)
+                arrays = {prefix: p.weight, f"{prefix}_scales": p.scales, f"{prefix}_zero_points": p.zero_points}
+                for name, a in arrays.items():
+                    if a is None:
+                        continue
+                    if name not in packed:
+                        packed[name] = np.empty((layer.num_experts,) + a.shape[1:], dtype=a.dtype)
+                    packed[name][e] = a[0]
             for name in biases:
                 if getattr(w, name) is not None:
                     biases[name].append(getattr(w, name))
             if layer.num_experts >= 32 and (e + 1) % (layer.num_experts // 4) == 0:
                 self.log(f"  {path}: {e + 1}/{layer.num_experts} experts quantized")
-        self.packed[path] = {name: np.concatenate(arrays) for name, arrays in parts.items()}
+        self.packed[path] = packed
         for name, values in biases.items():
             if values and getattr(fused, name) is not None:
                 setattr(fused, name, nn.Parameter(torch.cat(values), requires_grad=False))

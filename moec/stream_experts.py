@@ -33,10 +33,10 @@ from torch import nn
 from moec.errors import SourceError
 from moec.external_data import _LAYER
 from moec.lazy_checkpoint import LazyCheckpoint, load_converted, parameters_on_meta, release
-from moec.miniature import EXPERT_COUNT_KEYS, TOP_K_KEYS
+from moec.miniature import EXPERT_COUNT_KEYS, GROUP_KEYS, TOP_K_KEYS, TOPK_GROUP_KEYS
 
 # routing keys a one-expert config must not leave larger than its single expert
-_ONE_KEYS = EXPERT_COUNT_KEYS + TOP_K_KEYS + ("n_group", "topk_group", "num_experts_per_token")
+_ONE_KEYS = EXPERT_COUNT_KEYS + TOP_K_KEYS + GROUP_KEYS + TOPK_GROUP_KEYS + ("num_experts_per_token",)
 
 
 @dataclass
@@ -61,24 +61,49 @@ class StreamedLayer:
     layout: str
     stacked: dict[str, str]  # the reading's parameter name -> its dotted name under the layer
 
+    @property
+    def block(self) -> str:
+        """The MoE module's name under its decoder layer ('mlp', 'block_sparse_moe')."""
+        m = _LAYER.search(self.path + ".")
+        return self.path[m.end():].split(".")[0] if m else ""
 
-def expert_index(name: str) -> Optional[int]:
-    """The expert a checkpoint tensor belongs to: the first integer component after its layer's index
-    (`model.layers.3.mlp.experts.5.up_proj.weight` -> 5), None for the layer's other tensors."""
+
+def _expert_position(name: str) -> Optional[int]:
+    """Where in a checkpoint name (its components after the layer index) the expert index sits: the integer right
+    after an `experts`-like component (`mlp.experts.5.up_proj.weight`; not `shared_experts`, not LongCat's
+    `mlps.0`)."""
     m = _LAYER.search(name)
     if m is None:
         return None
-    for part in name[m.end():].split("."):
-        if part.isdigit():
-            return int(part)
+    parts = name[m.end():].split(".")
+    for i in range(1, len(parts)):
+        before = parts[i - 1].lower()
+        if parts[i].isdigit() and "expert" in before and "shared" not in before:
+            return i
     return None
+
+
+def expert_index(name: str) -> Optional[int]:
+    """The expert a checkpoint tensor belongs to (`model.layers.3.mlp.experts.5.up_proj.weight` -> 5), None for
+    the layer's other tensors."""
+    at = _expert_position(name)
+    return None if at is None else int(name[_LAYER.search(name).end():].split(".")[at])
 
 
 def _as_expert_zero(name: str) -> str:
     m = _LAYER.search(name)
     head, parts = name[: m.end()], name[m.end():].split(".")
-    i = next(i for i, part in enumerate(parts) if part.isdigit())
-    return head + ".".join(parts[:i] + ["0"] + parts[i + 1:])
+    parts[_expert_position(name)] = "0"
+    return head + ".".join(parts)
+
+
+def _stored_stacked(name: str, shape: tuple, layer: StreamedLayer) -> bool:
+    """A tensor holding every expert of `layer` stacked on disk: 3-D, E first, under the layer's own MoE module
+    (GPT-OSS's `mlp.experts.gate_up_proj`, Granite-MoE's `block_sparse_moe.input_linear.weight`; not
+    JetMoE's attention experts, which sit under its attention)."""
+    m = _LAYER.search(name)
+    return (m is not None and len(shape) == 3 and shape[0] == layer.num_experts
+            and name[m.end():].split(".")[0] == layer.block)
 
 
 def one_expert_config(config):
@@ -92,37 +117,52 @@ def one_expert_config(config):
 
 
 class ExpertReader:
-    def __init__(self, ck: LazyCheckpoint, config, layers: list[StreamedLayer]):
+    def __init__(self, ck: LazyCheckpoint, config, layers: list[StreamedLayer], log: Callable[[str], None]):
+        """Keeps the layers the one-expert model can serve: it must build, and hold each layer's stacked expert
+        parameters with one expert (a family that turns a one-expert block into a dense MLP, or whose config
+        insists on more experts, has its layers read whole, as before)."""
         self.ck = ck
-        self.layers = {l.path: l for l in layers}
-        self.counts = {l.group: l.num_experts for l in layers}
+        self._last: Optional[tuple[str, int, dict[str, torch.Tensor]]] = None
+        self.layers: dict[str, StreamedLayer] = {}
         try:
             with parameters_on_meta():
                 from transformers import AutoModelForCausalLM
 
                 self.one = AutoModelForCausalLM.from_config(one_expert_config(config), dtype=torch.float32).eval()
         except Exception as exc:
-            raise SourceError(f"'{ck.path}': the model of its config with one expert does not build "
-                              f"({type(exc).__name__}: {str(exc)[:300]}); compile without --quant out of core, or "
-                              "with --out-of-core off.") from exc
-        self._last: Optional[tuple[str, int, dict[str, torch.Tensor]]] = None
+            log(f"  experts read whole (the model of the config with one expert does not build: "
+                f"{type(exc).__name__}: {str(exc)[:200]})")
+            return
+        for l in layers:
+            try:
+                one = self.one.get_submodule(l.path)
+                ok = all(_get(one, d).dim() < 3 or _get(one, d).shape[0] == 1 for d in l.stacked.values())
+            except AttributeError:
+                ok = False
+            if ok:
+                self.layers[l.path] = l
+            else:
+                log(f"  {l.path}: experts read whole (the model with one expert has no such experts there)")
 
     def is_expert_tensor(self, name: str) -> bool:
-        """A checkpoint tensor read expert by expert (never whole): per-expert names and [E, ...] 3-D tensors."""
+        """A checkpoint tensor read expert by expert (never whole): per-expert names and [E, ...] 3-D tensors
+        stored stacked under a streamed layer's MoE module."""
         group = _group(name)
-        e = self.counts.get(group)
-        if e is None:
-            return False
-        shape = self.ck.shapes.get(name, ())
-        return expert_index(name) is not None or (len(shape) == 3 and shape[0] == e)
+        layers = [l for l in self.layers.values() if l.group == group]
+        return bool(layers) and (expert_index(name) is not None or any(
+            _stored_stacked(name, self.ck.shapes.get(name, ()), l) for l in layers))
+
+    def clear(self) -> None:
+        """Drop the expert kept from the last read (a layer done with)."""
+        self._last = None
 
     def meta_names(self) -> frozenset:
         """The model's parameters left on the meta device by is_expert_tensor's tensors."""
         return frozenset(f"{l.path}.{dotted}" for l in self.layers.values() for dotted in l.stacked.values())
 
-    def hf(self, full: nn.Module, path: str, e: int) -> dict[str, torch.Tensor]:
-        """Expert e's stacked parameters as the layer holds them, by reading name, each [1, ...]. `full`: the
-        layer in the model being filled, whose tensors stored stacked beside the experts' (biases) are read."""
+    def hf(self, beside: dict[str, torch.Tensor], path: str, e: int) -> dict[str, torch.Tensor]:
+        """Expert e's stacked parameters as the layer holds them, by reading name, each [1, ...]. `beside`: the
+        layer's own [E, ...] tensors stored beside the experts' (GPT-OSS's biases), by reading name."""
         if self._last is not None and self._last[:2] == (path, e):
             return self._last[2]
         layer = self.layers[path]
@@ -135,22 +175,22 @@ class ExpertReader:
         for key, dotted in layer.stacked.items():
             t = _get(one, dotted)
             if t.is_meta:  # not in the expert's tensors: stored stacked beside them (a [E, N] bias), already read
-                t = _get(full, dotted)
-                if t.is_meta:
+                t = beside.get(key)
+                if t is None:
                     raise SourceError(f"'{self.ck.path}': no tensor of the checkpoint fills {path}.{dotted} for "
                                       f"expert {e}. Nothing was written.")
                 t = t[e:e + 1] if t.dim() and t.shape[0] == layer.num_experts else t
             out[key] = t.detach().clone()
-        release(one)
+        release(self.one)
         self._last = (path, e, out)
         return out
 
-    def canonical(self, full: nn.Module, path: str, e: int) -> ExpertSlice:
+    def canonical(self, beside: dict[str, torch.Tensor], path: str, e: int) -> ExpertSlice:
         """Expert e in the fused layer's layout (the miniature's reading applied to the one expert)."""
         from moec.passes.fusion_rules import ExpertSource, expert_readings
 
         layer = self.layers[path]
-        source = ExpertSource(1, stacked=self.hf(full, path, e))
+        source = ExpertSource(1, stacked=self.hf(beside, path, e))
         for _, reading in expert_readings(source, layer.hidden):
             if reading.layout == layer.layout:
                 return ExpertSlice(reading.w_gate_up.contiguous(), reading.w_down.contiguous(),
@@ -165,17 +205,19 @@ class ExpertReader:
         with contextlib.ExitStack() as stack:  # mapped only while this expert is read
             state = {}
             for name in names:
-                shape = self.ck.shapes.get(name, ())
                 index = expert_index(name)
-                if index is None and not (len(shape) == 3 and shape[0] == layer.num_experts):
+                if index is None and not _stored_stacked(name, self.ck.shapes.get(name, ()), layer):
                     continue
                 if index is not None and index != e:
                     continue
                 file = self.ck.files[name]
+                key = _as_expert_zero(name) if index is not None else name
+                if key in state:
+                    raise SourceError(f"'{file}': tensors '{name}' and another both read as {key} for expert {e}; "
+                                      "compile with --out-of-core off.")
                 try:
                     f = stack.enter_context(safe_open(file, "pt"))
-                    state[_as_expert_zero(name) if index is not None else name] = (
-                        f.get_slice(name) if index is not None else f.get_slice(name)[e:e + 1])
+                    state[key] = f.get_slice(name) if index is not None else f.get_slice(name)[e:e + 1]
                 except Exception as exc:
                     raise SourceError(f"'{file}': cannot read tensor '{name}' ({type(exc).__name__}: {exc}).") from exc
             if not state:
@@ -193,6 +235,11 @@ def _group(name: str) -> str:
     from moec.external_data import layer_key
 
     return layer_key(name)
+
+
+def beside_experts(layer: nn.Module, streamed: StreamedLayer) -> dict[str, torch.Tensor]:
+    """The layer's stacked expert tensors that were read with the layer (not expert by expert), by reading name."""
+    return {key: _get(layer, dotted) for key, dotted in streamed.stacked.items() if not _get(layer, dotted).is_meta}
 
 
 def _get(module: nn.Module, dotted: str) -> torch.Tensor:
@@ -236,16 +283,18 @@ class LazyStack:
 
 
 @contextlib.contextmanager
-def lazy_experts(layer: nn.Module, streamed: StreamedLayer, reader: ExpertReader):
-    """The layer as written with its stacked expert parameters read expert by expert (and transformers' eager
-    experts implementation, which indexes them so)."""
-    for key, dotted in streamed.stacked.items():
+def lazy_experts(layer: nn.Module, stacked: dict[str, str], read: Callable[[str, int], torch.Tensor]):
+    """The layer as written with its stacked [E, ...] expert parameters (reading name -> dotted name under the
+    layer) standing in as LazyStacks, `read(name, e)` giving expert e's slice; and transformers' eager experts
+    implementation, which indexes them expert by expert."""
+    swapped = []
+    for key, dotted in stacked.items():
         owner_name, _, leaf = dotted.rpartition(".")
         owner = layer.get_submodule(owner_name) if owner_name else layer
         t = getattr(owner, leaf)
-        if t.is_meta and t.dim() == 3:
-            owner._parameters.pop(leaf, None)
-            object.__setattr__(owner, leaf, LazyStack(t, lambda e, key=key: reader.hf(layer, streamed.path, e)[key][0]))
+        if t.dim() == 3 and leaf in owner._parameters:
+            swapped.append((owner, leaf, owner._parameters.pop(leaf)))
+            object.__setattr__(owner, leaf, LazyStack(t, lambda e, key=key: read(key, e)))
     configs = {id(m.config): m.config for m in layer.modules()
                if getattr(getattr(m, "config", None), "_experts_implementation", None) not in (None, "eager")}
     before = {k: c._experts_implementation for k, c in configs.items()}
@@ -256,3 +305,35 @@ def lazy_experts(layer: nn.Module, streamed: StreamedLayer, reader: ExpertReader
     finally:
         for k, c in configs.items():
             c._experts_implementation_internal = before[k]
+        for owner, leaf, param in swapped:  # the layer as it was: nothing keeps a stand-in (or the reader) alive
+            object.__delattr__(owner, leaf)
+            owner._parameters[leaf] = param
+
+
+def stacked_names(layer: nn.Module, stacked: dict[str, torch.Tensor]) -> Optional[dict[str, str]]:
+    """A reading's stacked tensors (fusion_rules.ExpertSource.stacked) by their dotted names under the layer;
+    None when one is not the layer's own."""
+    names = {id(t): n for n, t in list(layer.named_parameters()) + list(layer.named_buffers())}
+    found = {key: names[id(t)] for key, t in stacked.items() if id(t) in names}
+    return found if len(found) == len(stacked) else None
+
+
+def runs_expert_by_expert(layer: nn.Module, stacked: dict[str, torch.Tensor], call, hidden: int) -> bool:
+    """Whether the layer as written computes the same with its stacked experts indexed one at a time (LazyStack):
+    transformers' eager experts do; a layer that multiplies the whole stack at once (Llama 4's bmm) does not, and
+    an out-of-core compile reads its experts whole. Checked on the miniature, whose weights are real."""
+    from moec.numerics import compare_tensors
+
+    names = stacked_names(layer, stacked)
+    if names is None:
+        return False
+    x = torch.randn(1, 5, hidden, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            want = layer(*call.args(x))
+            with lazy_experts(layer, names, lambda key, e: stacked[key][e]):
+                got = layer(*call.args(x))
+    except Exception:  # the stand-in is not a tensor: the layer uses the stack whole
+        return False
+    first = [o[0] if isinstance(o, (tuple, list)) else o for o in (want, got)]
+    return all(isinstance(o, torch.Tensor) for o in first) and compare_tensors(first[0], first[1]).rel_l2 <= 1e-5

@@ -189,6 +189,14 @@ def run_model(name: str, workdir: str, keep: bool, mode: str) -> dict:
             row.update(largest_layer_bytes=layer, bound_bytes=2 * layer + int(1.5 * 2**30),
                        worst_layer_rel_l2=max((l["rel_l2"] for l in report["numerics"].get("layers", [])), default=None),
                        logits_rel_l2=report["numerics"]["inputs"][0]["rel_l2"])
+            whole = report["numerics"].get("end_to_end") or {}
+            row["end_to_end"] = ({"rel_l2": whole["rel_l2"], "child_peak_bytes": whole["peak_rss_bytes"]}
+                                 if whole.get("ran") else {"not_run": whole.get("why", "")})
+            stages = report.get("compile_memory") or {}
+            if stages.get("peak_rss_bytes_after"):  # absolute; the baseline is subtracted for the table
+                row["peak_stage"] = stages["peak_stage"]
+                row["peak_over_base_after_kb"] = {k: v // 1024 - r["base_kb"]
+                                                  for k, v in stages["peak_rss_bytes_after"].items()}
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
     return row
@@ -247,6 +255,14 @@ def main(argv=None) -> int:
               f"{r.get('artifact_bytes', 0) / 2**30:13.2f} {layer:>12} {logits:>9}")
         if r.get("timings_s"):
             print("  stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in r["timings_s"].items()))
+        if r.get("peak_over_base_after_kb"):
+            print("  peak over base as each stage ended (GiB): " + ", ".join(
+                f"{k} {v / 2**20:.2f}" for k, v in r["peak_over_base_after_kb"].items()) + f"; set in {r['peak_stage']}")
+        if "end_to_end" in r:
+            e = r["end_to_end"]
+            print("  end to end: " + (f"relative L2 {e['rel_l2']:.1e}, its process peaked at "
+                                      f"{e['child_peak_bytes'] / 2**30:.2f} GiB" if "rel_l2" in e else
+                                      f"not run ({e['not_run']})"))
     if plans:
         print(f"\n{'moec plan':<12} {'params B':>9} {'status':<9} {'wall s':>7} {'peak RSS GiB':>13} "
               f"{'over base GiB':>14} {'MoE fused':>10}  devices of 80 GiB (fp32/bf16/int8/int4/int2)")

@@ -20,6 +20,7 @@ Refuses (PassValidationError): a layer whose experts read alone do not reproduce
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -28,8 +29,9 @@ from torch import nn
 
 from moec.errors import PassValidationError, SourceError
 from moec.lazy_checkpoint import LazyCheckpoint
-from moec.stream_experts import (ExpertReader, ExpertSlice, StreamedExperts, StreamedLayer, beside_experts,
-                                 lazy_experts, stacked_names)
+from moec.passes.fusion_rules import ExpertWeights
+from moec.stream_experts import (ExpertReader, StreamedExperts, StreamedLayer, beside_experts, lazy_experts,
+                                 stacked_names)
 
 
 class StreamedQuantizer:
@@ -102,7 +104,7 @@ class StreamedQuantizer:
 
         beside = beside_experts(sub, layer)  # not `sub` itself: the fused layer must not keep the layer as written
 
-        def fp32(index: int) -> ExpertSlice:
+        def fp32(index: int) -> ExpertWeights:
             return self.reader.canonical(beside, path, index)
 
         outcome = None
@@ -132,13 +134,13 @@ class StreamedQuantizer:
         set_submodule(model, path, fused if mini.tensor_index is None else CalledLike(fused, LayerCall(mini.tensor_index)))
         return outcome
 
-    def _dequantized(self, path: str, w: ExpertSlice) -> ExpertSlice:
+    def _dequantized(self, path: str, w: ExpertWeights) -> ExpertWeights:
         from moec.quant import dequantize, quantize
 
-        return ExpertSlice(dequantize(quantize(w.w_gate_up, self.spec, f"{path}.w_gate_up")),
-                           dequantize(quantize(w.w_down, self.spec, f"{path}.w_down")), w.b_gate_up, w.b_down)
+        return replace(w, w_gate_up=dequantize(quantize(w.w_gate_up, self.spec, f"{path}.w_gate_up")),
+                       w_down=dequantize(quantize(w.w_down, self.spec, f"{path}.w_down")))
 
-    def _quantize(self, fused, path: str, fp32: Callable[[int], ExpertSlice], probe: torch.Tensor) -> dict:
+    def _quantize(self, fused, path: str, fp32: Callable[[int], ExpertWeights], probe: torch.Tensor) -> dict:
         """Every expert quantized and packed in turn (QMoE's layout: fc1 rows interleaved gate/up for SwiGLU);
         the layer's biases gathered; the layer's error on `probe` against fp32."""
         from moec.numerics import compare_tensors

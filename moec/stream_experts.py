@@ -5,7 +5,7 @@ whose experts alone exceed its memory bound (OLMoE-1B-7B: 1.5 GiB of fp32 expert
 - `hf(path, e)`: the layer's own stacked parameters sliced to expert e ([1, ...], the model's layout), for
   checking the fusion against the layer as written;
 - `canonical(path, e)`: the fused layer's [1, rows, H] / [1, H, I] weights (and biases), in the reading the
-  miniature's fusion chose.
+  miniature's fusion chose (a one-expert fusion_rules.ExpertWeights).
 It reads only expert e's tensors: `<layer>.<...>.<e>.<...>` names (renamed to expert 0) and [E, ...] tensors
 stored stacked (sliced to [e:e+1]), through transformers' own checkpoint conversion into a one-expert copy of
 the model (the config with one expert, on the meta device), so every family's renamings and stacking apply as
@@ -24,8 +24,8 @@ are read whole, as before, by the caller).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import nn
@@ -35,18 +35,11 @@ from moec.external_data import _LAYER
 from moec.lazy_checkpoint import LazyCheckpoint, load_converted, parameters_on_meta, release
 from moec.miniature import EXPERT_COUNT_KEYS, GROUP_KEYS, TOP_K_KEYS, TOPK_GROUP_KEYS
 
+if TYPE_CHECKING:
+    from moec.passes.fusion_rules import ExpertWeights
+
 # routing keys a one-expert config must not leave larger than its single expert
 _ONE_KEYS = EXPERT_COUNT_KEYS + TOP_K_KEYS + GROUP_KEYS + TOPK_GROUP_KEYS + ("num_experts_per_token",)
-
-
-@dataclass
-class ExpertSlice:
-    """One expert's weights in the fused layer's canonical layout, each [1, ...]."""
-
-    w_gate_up: torch.Tensor
-    w_down: torch.Tensor
-    b_gate_up: Optional[torch.Tensor]
-    b_down: Optional[torch.Tensor]
 
 
 @dataclass
@@ -185,7 +178,7 @@ class ExpertReader:
         self._last = (path, e, out)
         return out
 
-    def canonical(self, beside: dict[str, torch.Tensor], path: str, e: int) -> ExpertSlice:
+    def canonical(self, beside: dict[str, torch.Tensor], path: str, e: int) -> "ExpertWeights":
         """Expert e in the fused layer's layout (the miniature's reading applied to the one expert)."""
         from moec.passes.fusion_rules import ExpertSource, expert_readings
 
@@ -193,8 +186,8 @@ class ExpertReader:
         source = ExpertSource(1, stacked=self.hf(beside, path, e))
         for _, reading in expert_readings(source, layer.hidden):
             if reading.layout == layer.layout:
-                return ExpertSlice(reading.w_gate_up.contiguous(), reading.w_down.contiguous(),
-                                   reading.b_gate_up, reading.b_down)
+                return replace(reading, w_gate_up=reading.w_gate_up.contiguous(),
+                               w_down=reading.w_down.contiguous())
         raise SourceError(f"{path}: expert {e} read alone has no '{layer.layout}' reading; compile with "
                           "--out-of-core off.")
 
@@ -251,7 +244,7 @@ class StreamedExperts:
     """FusedMoE.stream: the routed experts computed one expert at a time, `fetch(e)` giving expert e's weights.
     The same op as the stacked computation (moec.experts), on the tokens routed to each expert."""
 
-    def __init__(self, fused, fetch: Callable[[int], ExpertSlice]):
+    def __init__(self, fused, fetch: Callable[[int], "ExpertWeights"]):
         self.spec, self.fetch = fused.spec.experts, fetch
 
     def __call__(self, flat: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -189,9 +189,10 @@ def run_model(name: str, workdir: str, keep: bool, mode: str) -> dict:
             row.update(largest_layer_bytes=layer, bound_bytes=2 * layer + int(1.5 * 2**30),
                        worst_layer_rel_l2=max((l["rel_l2"] for l in report["numerics"].get("layers", [])), default=None),
                        logits_rel_l2=report["numerics"]["inputs"][0]["rel_l2"])
-            whole = report["numerics"].get("end_to_end") or {}
-            row["end_to_end"] = ({"rel_l2": whole["rel_l2"], "child_peak_bytes": whole["peak_rss_bytes"]}
-                                 if whole.get("ran") else {"not_run": whole.get("why", "")})
+            whole = report["numerics"].get("end_to_end")  # out of core only (in memory: one session anyway)
+            if whole is not None:
+                row["end_to_end"] = ({"rel_l2": whole["rel_l2"], "child_peak_bytes": whole["peak_rss_bytes"]}
+                                     if whole.get("ran") else {"not_run": whole.get("why", "")})
             stages = report.get("compile_memory") or {}
             if stages.get("peak_rss_bytes_after"):  # absolute; the baseline is subtracted for the table
                 row["peak_stage"] = stages["peak_stage"]

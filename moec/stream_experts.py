@@ -130,12 +130,16 @@ class ExpertReader:
             try:
                 one = self.one.get_submodule(l.path)
                 ok = all(_get(one, d).dim() < 3 or _get(one, d).shape[0] == 1 for d in l.stacked.values())
-            except AttributeError:
+            except Exception:
                 ok = False
-            if ok:
-                self.layers[l.path] = l
-            else:
+            names = ck.groups.get(l.group, [])
+            if not ok:
                 log(f"  {l.path}: experts read whole (the model with one expert has no such experts there)")
+            elif not any(expert_index(n) is not None or _stored_stacked(n, ck.shapes.get(n, ()), l) for n in names):
+                # e.g. stored stacked under a block name the conversion renames: not told apart from the layer's own
+                log(f"  {l.path}: experts read whole (no checkpoint tensor of {l.group} reads as one expert's)")
+            else:
+                self.layers[l.path] = l
 
     def is_expert_tensor(self, name: str) -> bool:
         """A checkpoint tensor read expert by expert (never whole): per-expert names and [E, ...] 3-D tensors
@@ -279,28 +283,32 @@ class LazyStack:
 def lazy_experts(layer: nn.Module, stacked: dict[str, str], read: Callable[[str, int], torch.Tensor]):
     """The layer as written with its stacked [E, ...] expert parameters (reading name -> dotted name under the
     layer) standing in as LazyStacks, `read(name, e)` giving expert e's slice; and transformers' eager experts
-    implementation, which indexes them expert by expert."""
-    swapped = []
-    for key, dotted in stacked.items():
-        owner_name, _, leaf = dotted.rpartition(".")
-        owner = layer.get_submodule(owner_name) if owner_name else layer
-        t = getattr(owner, leaf)
-        if t.dim() == 3 and leaf in owner._parameters:
-            swapped.append((owner, leaf, owner._parameters.pop(leaf)))
-            object.__setattr__(owner, leaf, LazyStack(t, lambda e, key=key: read(key, e)))
-    configs = {id(m.config): m.config for m in layer.modules()
-               if getattr(getattr(m, "config", None), "_experts_implementation", None) not in (None, "eager")}
-    before = {k: c._experts_implementation for k, c in configs.items()}
+    implementation, which indexes them expert by expert. The stand-ins shadow the parameters (an instance
+    attribute is found before nn.Module's lookup) and are removed after: the layer is left as it was. A 3-D
+    entry that is not a parameter (a buffer) can't be stood in for: ValueError."""
+    swapped, configs, before = [], {}, {}
     try:
+        for key, dotted in stacked.items():
+            owner_name, _, leaf = dotted.rpartition(".")
+            owner = layer.get_submodule(owner_name) if owner_name else layer
+            t = getattr(owner, leaf)
+            if t.dim() != 3:
+                continue
+            if leaf not in owner._parameters:
+                raise ValueError(f"{dotted} is not a parameter")
+            object.__setattr__(owner, leaf, LazyStack(t, lambda e, key=key: read(key, e)))
+            swapped.append((owner, leaf))
+        configs = {id(m.config): m.config for m in layer.modules()
+                   if getattr(getattr(m, "config", None), "_experts_implementation", None) not in (None, "eager")}
+        before = {k: c._experts_implementation for k, c in configs.items()}
         for c in configs.values():
             c._experts_implementation_internal = "eager"  # not the setter: it would rewrite every sub-config
         yield layer
     finally:
         for k, c in configs.items():
             c._experts_implementation_internal = before[k]
-        for owner, leaf, param in swapped:  # the layer as it was: nothing keeps a stand-in (or the reader) alive
+        for owner, leaf in swapped:  # nothing keeps a stand-in (or what it reads from) alive
             object.__delattr__(owner, leaf)
-            owner._parameters[leaf] = param
 
 
 def stacked_names(layer: nn.Module, stacked: dict[str, torch.Tensor]) -> Optional[dict[str, str]]:

@@ -149,6 +149,9 @@ def eager_by_layer(module: nn.Module, args: tuple, prepare: Prepare, log: Callab
             hidden = out[0] if isinstance(out, (tuple, list)) else out
             outputs[key] = hidden.detach().clone()
             release(mod, buffers=True)
+            for m in mod.modules():  # a layer computing its experts one at a time: what it reads from goes too
+                if getattr(m, "stream", None) is not None:
+                    m.stream = None
             trim()
             log(f"  eager {key}")
 

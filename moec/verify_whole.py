@@ -10,8 +10,8 @@ The session runs with prepacking off: ONNX Runtime would otherwise hold prepacke
 (measured: 12.9 GB for an int4 OLMoE-1B-7B artifact of 4.8 GiB). It runs when the artifact's weights, a quarter
 over for the session's own buffers, fit in the memory available (`fits`); otherwise the report says it was
 skipped and why. A session that fails to load or run the artifact
-is a failure of the compile (its error is shown); a child killed by a signal (the kernel's OOM killer) is
-reported as not run.
+is a failure of the compile (its error is shown); a child killed by SIGKILL (the kernel's OOM killer) is
+reported as not run, any other signal (an abort, a crash) as a failure.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ import torch
 from moec import zoo
 from moec.passes.fuse_moe import analyze
 from moec.passes.layers import LayerCall
-from moec.stream_experts import expert_index, runs_expert_by_expert
+from moec.stream_experts import LazyStack, expert_index, runs_expert_by_expert
 
 
 def test_only_an_integer_after_an_experts_component_is_an_expert_index():
@@ -63,3 +63,12 @@ def test_a_layer_the_one_expert_model_cannot_serve_is_read_whole(tmp_path):
     whole = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).model.layers[0].mlp.experts
     assert torch.equal(one["gate_up_proj"], whole.gate_up_proj[3:4])  # expert 3, as transformers loads it whole
     assert torch.equal(one["down_proj"], whole.down_proj[3:4])
+
+
+def test_the_stand_in_check_leaves_the_layer_exactly_as_it_was():
+    """Same parameters in the same order, the same objects: the miniature is used again after the check."""
+    layer, anatomy = _moe_layer("gpt_oss")
+    before = [(n, id(p)) for n, p in layer.named_parameters()]
+    assert runs_expert_by_expert(layer, anatomy.source.stacked, LayerCall(), anatomy.hidden)
+    assert [(n, id(p)) for n, p in layer.named_parameters()] == before
+    assert not any(isinstance(v, LazyStack) for m in layer.modules() for v in vars(m).values())

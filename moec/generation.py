@@ -14,9 +14,10 @@ as transformers computes it, so the semantics are the model's own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -60,21 +61,29 @@ class CausalLMDecoder(nn.Module):
         super().__init__()
         self.model = model
         self.layers = layers
+        # the cache the model runs with: a transformers DynamicCache, or a subclass a lowering pass sets
+        # (moec/targets/onnxruntime/lower_attention.py) that is active while the model runs
+        self.cache_class: Callable = default_cache
 
     def forward(self, *inputs: torch.Tensor):
-        from transformers import DynamicCache
-
         input_ids, attention_mask, position_ids = inputs[:3]
         past = inputs[3:]
         if len(past) != 2 * self.layers:
             raise ValueError(f"expected {2 * self.layers} past key/value tensors, got {len(past)}")
-        cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, **{cache_keyword(self.model): cache})
+        cache = self.cache_class([(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
+        with cache.active() if hasattr(cache, "active") else contextlib.nullcontext():
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=True, **{cache_keyword(self.model): cache})
         present = []
         for layer in cache.layers[:self.layers]:  # the model appended this step's keys and values in place
             present += [layer.keys, layer.values]
         return (out.logits, *present)
+
+
+def default_cache(pairs):
+    from transformers import DynamicCache
+
+    return DynamicCache(pairs)
 
 
 def cache_keyword(model: nn.Module) -> str:

@@ -16,14 +16,15 @@ from moec.errors import MoecError, SourceError
 from moec.generation import CausalLMDecoder, decoder_source, probe_cache_layout
 from moec.verify import OrtRunner
 
-# sliding windows shorter than prompt + generation, so that the window is exercised
+# sliding windows shorter than prompt + generation, so that the window is exercised; head size 16 (ONNX
+# Runtime's GroupQueryAttention takes multiples of 8), so attention is lowered to it (DeepSeek-V3's MLA is not)
 FAMILIES = {
-    "mixtral": dict(sliding_window=8),
-    "qwen3_moe": {},
+    "mixtral": dict(sliding_window=8, head_dim=16),
+    "qwen3_moe": dict(head_dim=16),
     "deepseek_v3": {},
-    "gpt_oss": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
-    "olmoe": {},
-    "granitemoe": {},
+    "gpt_oss": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"], head_dim=16),
+    "olmoe": dict(head_dim=16, hidden_size=64),  # its q/k norms span heads * head_dim = hidden
+    "granitemoe": dict(head_dim=16),
 }
 NEW_TOKENS = 64
 
@@ -78,6 +79,10 @@ def test_artifact_generates_like_transformers(family, tmp_path):
     assert report["generation"]["task"] == "text-generation"
     assert report["numerics"]["generation"]["passed"], report["numerics"]["generation"]
     assert report["moe_layers"]["fused"] >= 1
+    attention = next(p for p in report["passes"] if p["name"] == "lower_attention")["details"]["layers"]
+    assert len(attention) == model.config.num_hidden_layers
+    lowered = [l["lowered_to"] == "com.microsoft.GroupQueryAttention" for l in attention]
+    assert not any(lowered) if family == "deepseek_v3" else all(lowered), attention
     prompts = _prompts(model.config.vocab_size)
     want_tokens, want_logits = _hf_generate(model, prompts, NEW_TOKENS)
 

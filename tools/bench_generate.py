@@ -8,7 +8,8 @@ made here, nothing downloaded):
 Systems (same greedy tokens checked across all; prompt 32, 48 new tokens, batch 1 and 4, 2 threads):
   eager        transformers `generate` (fp32)
   genai-builder onnxruntime-genai's model builder (fp32), where it supports the family (GPT-OSS)
-  moec         `moec compile` (fp32) run by onnxruntime-genai
+  moec         `moec compile` (fp32) run by onnxruntime-genai (attention as GroupQueryAttention)
+  moec-own-attention the same with `--no-pass lower_attention`: the model's own attention ops
   moec-int4    `moec compile --quant int4 --block-size 32` run by onnxruntime-genai (fp32 activations: exact
                against the dequantized model)
   moec-int4-acc4 the same with `--accuracy-level 4`: ONNX Runtime quantizes the experts' activations to int8
@@ -21,13 +22,15 @@ Systems (same greedy tokens checked across all; prompt 32, 48 new tokens, batch 
                every expert on every token, Qwen3-MoE's the routed ones), in its own venv
                (tools/setup_optimum.sh: optimum-onnx pins transformers 4.x); skipped when that venv is
                absent, and for families its export refuses
-Prefill and decode tokens/s are reported separately. The batch-1 decode step is also compared with its
+Every system is loaded once and run `--rounds` times (default 5) in an order that rotates each round; prefill and
+decode tokens/s are the medians, reported separately (one run each was too noisy on these machines to rank
+systems a few percent apart). The batch-1 decode step is also compared with its
 memory-bandwidth floor: the bytes the step must read (every non-expert weight, the top-k experts of each
 layer, the KV cache) over the copy bandwidth measured in the same run (STREAM convention: bytes read +
 written per second).
 
     OMP_WAIT_POLICY=passive .venv/bin/python tools/bench_generate.py [--families gpt_oss qwen3_moe]
-        [--new-tokens 48] [--json out.json] [--work DIR]
+        [--new-tokens 48] [--rounds 5] [--json out.json] [--work DIR]
 """
 
 from __future__ import annotations
@@ -122,14 +125,17 @@ def prompts(batch: int, vocab: int) -> np.ndarray:
     return rng.integers(4, vocab, size=(batch, PROMPT)).astype(np.int64)
 
 
-def run_eager(path: str, ids: np.ndarray, new: int) -> tuple[list, float, float]:
-    from transformers import AutoModelForCausalLM
+class EagerSystem:
+    """transformers eager `generate`, the model loaded once."""
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        result = time_generate(model, ids, new)
-    del model
-    return result
+    def __init__(self, path: str):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    def run(self, ids: np.ndarray, new: int) -> tuple[list, float, float]:
+        with torch.no_grad():
+            return time_generate(self.model, ids, new)
 
 
 def time_generate(model, ids: np.ndarray, new: int) -> tuple[list, float, float]:
@@ -147,25 +153,30 @@ def time_generate(model, ids: np.ndarray, new: int) -> tuple[list, float, float]
     return out[:, ids.shape[1]:].tolist(), prefill, max(total - prefill, 1e-9)
 
 
-def run_genai(model_dir: str, ids: np.ndarray, new: int, window: int = 0) -> tuple[list, float, float]:
-    import onnxruntime_genai as og
+class GenaiSystem:
+    """onnxruntime-genai over an artifact directory, the model loaded once (2 intra-op threads)."""
 
-    cfg_path = os.path.join(model_dir, "genai_config.json")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = THREADS
-    with open(cfg_path, "w") as f:
-        json.dump(cfg, f, indent=2)
-    model = og.Model(og.Config(model_dir))
+    def __init__(self, model_dir: str, window: int = 0):
+        import onnxruntime_genai as og
 
-    def generate(n: int):
-        params = og.GeneratorParams(model)
+        cfg_path = os.path.join(model_dir, "genai_config.json")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = THREADS
+        with open(cfg_path, "w") as f:
+            json.dump(cfg, f, indent=2)
+        self.og, self.window = og, window
+        self.model = og.Model(og.Config(model_dir))
+
+    def generate(self, ids: np.ndarray, n: int) -> tuple[list, float, float]:
+        og = self.og
+        params = og.GeneratorParams(self.model)
         # the builder's sliding-window attention needs a cache of at least the window: max_length covers it,
         # and the loop stops after n tokens
         length = ids.shape[1] + n
-        params.set_search_options(max_length=max(length, window), min_length=length, do_sample=False,
+        params.set_search_options(max_length=max(length, self.window), min_length=length, do_sample=False,
                                   batch_size=ids.shape[0])
-        gen = og.Generator(model, params)
+        gen = og.Generator(self.model, params)
         t = time.perf_counter()
         gen.append_tokens(ids.astype(np.int32))
         gen.generate_next_token()
@@ -176,8 +187,26 @@ def run_genai(model_dir: str, ids: np.ndarray, new: int, window: int = 0) -> tup
         decode = time.perf_counter() - t
         return [list(map(int, gen.get_sequence(r)))[ids.shape[1]:length] for r in range(ids.shape[0])], prefill, decode
 
-    generate(2)  # warm-up
-    return generate(new)
+    def run(self, ids: np.ndarray, new: int) -> tuple[list, float, float]:
+        self.generate(ids, 2)  # warm-up
+        return self.generate(ids, new)
+
+
+def interleaved(systems: dict, ids: np.ndarray, new: int, rounds: int) -> dict[str, tuple[list, float, float]]:
+    """Each system `rounds` times, in an order that rotates each round (a slow spell of the machine falls on
+    every system alike); per system the first run's tokens (every run's must agree) and the median prefill
+    and decode times."""
+    names = list(systems)
+    runs: dict[str, list] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            runs[name].append(systems[name].run(ids, new))
+    out = {}
+    for name, rs in runs.items():
+        if any(toks != rs[0][0] for toks, _, _ in rs):
+            raise RuntimeError(f"{name} generated different tokens in different rounds")
+        out[name] = (rs[0][0], float(np.median([p for _, p, _ in rs])), float(np.median([d for _, _, d in rs])))
+    return out
 
 
 def compile_moec(src: str, out: str, *extra: str) -> dict:
@@ -201,7 +230,7 @@ def build_genai(src: str, out: str) -> float:
     return time.perf_counter() - t
 
 
-def bench_family(family: str, work: str, new: int, bandwidth: float) -> dict:
+def bench_family(family: str, work: str, new: int, bandwidth: float, rounds: int) -> dict:
     hf = os.path.join(work, f"{family}-hf")
     log(f"[{family}] writing the checkpoint")
     facts = make_checkpoint(family, hf)
@@ -210,6 +239,10 @@ def bench_family(family: str, work: str, new: int, bandwidth: float) -> dict:
     rep = compile_moec(hf, os.path.join(work, f"{family}-moec"))
     systems["moec"] = {"dir": os.path.join(work, f"{family}-moec"), "compile_s": rep["_compile_s"],
                        "expert_bytes": facts["expert_bytes"]}
+    log(f"[{family}] moec compile --no-pass lower_attention (fp32, the model's own attention ops)")
+    out = os.path.join(work, f"{family}-moec-own-attention")
+    rep_own = compile_moec(hf, out, "--no-pass", "lower_attention")
+    systems["moec-own-attention"] = {"dir": out, "compile_s": rep_own["_compile_s"], "expert_bytes": facts["expert_bytes"]}
     log(f"[{family}] moec compile --quant int4")
     rep4 = compile_moec(hf, os.path.join(work, f"{family}-moec-int4"), "--quant", "int4", "--block-size", "32")
     systems["moec-int4"] = {"dir": os.path.join(work, f"{family}-moec-int4"), "compile_s": rep4["_compile_s"],
@@ -236,15 +269,17 @@ def bench_family(family: str, work: str, new: int, bandwidth: float) -> dict:
     optimum_s, optimum_refused = 0.0, None
     if not os.path.exists(OPTIMUM_PYTHON):
         log("  optimum: skipped (run tools/setup_optimum.sh for its venv)")
+    log(f"[{family}] loading transformers eager and every artifact in onnxruntime-genai")
+    window = SHAPES[family][2].get("sliding_window") or 0
+    runners = {"eager": EagerSystem(hf), **{name: GenaiSystem(s["dir"], window) for name, s in systems.items()}}
     for batch in (1, 4):
         ids = prompts(batch, SHAPES[family][2]["vocab_size"])
-        log(f"[{family}] batch {batch}: transformers eager")
-        ref, prefill, decode = run_eager(hf, ids, new)
-        results = {"eager": (ref, prefill, decode, facts["expert_bytes"], facts["dense_bytes"])}
-        for name, s in systems.items():
-            log(f"[{family}] batch {batch}: {name}")
-            toks, prefill, decode = run_genai(s["dir"], ids, new, SHAPES[family][2].get("sliding_window") or 0)
-            results[name] = (toks, prefill, decode, s["expert_bytes"], s.get("dense_bytes", facts["dense_bytes"]))
+        log(f"[{family}] batch {batch}: {', '.join(runners)}, {rounds} rounds interleaved")
+        measured = interleaved(runners, ids, new, rounds)
+        ref = measured["eager"][0]
+        results = {name: (*measured[name], s["expert_bytes"], s.get("dense_bytes", facts["dense_bytes"]))
+                   for name, s in systems.items()}
+        results = {"eager": (*measured["eager"], facts["expert_bytes"], facts["dense_bytes"]), **results}
         if os.path.exists(OPTIMUM_PYTHON) and optimum_refused is None:
             log(f"[{family}] batch {batch}: optimum (exporting once, then Optimum's ORTModelForCausalLM)")
             try:
@@ -309,6 +344,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=5, help="runs of each system, interleaved; the median is reported")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--work", help="keep checkpoints and artifacts here (default: a temporary directory)")
     ap.add_argument("--tiny", action="store_true", help="a smoke run at toy sizes (checks the harness, not speed)")
@@ -326,11 +362,11 @@ def main() -> int:
     os.makedirs(work, exist_ok=True)
     bandwidth = copy_bandwidth()
     log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + written)")
-    results = {"threads": THREADS, "prompt": PROMPT, "new_tokens": args.new_tokens,
+    results = {"threads": THREADS, "prompt": PROMPT, "new_tokens": args.new_tokens, "rounds": args.rounds,
                "copy_bandwidth_gb_s": bandwidth / 1e9, "families": {}}
     try:
         for family in args.families:
-            results["families"][family] = bench_family(family, work, args.new_tokens, bandwidth)
+            results["families"][family] = bench_family(family, work, args.new_tokens, bandwidth, args.rounds)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -2,7 +2,8 @@
 
 Fused layers become one ``com.microsoft.MoE`` node (fp32) or ``QMoE`` (--quant), or exact dense ops
 where ORT's op can't express the layer (lower_moe_onnxruntime.py, lower_moe_qmoe.py); --quant-dense
-adds ``MatMulNBits`` for the other Linear layers (quantize_dense.py). Ops: ops.py; their schemas and
+adds ``MatMulNBits`` for the other Linear layers (quantize_dense.py); a KV-cache decoder's attention
+becomes ``GroupQueryAttention`` (lower_attention.py). Ops: ops.py; their schemas and
 ONNX translations: translations.py.
 """
 
@@ -36,6 +37,9 @@ class OnnxRuntimeTarget(Target):
             from moec.targets.onnxruntime.lower_moe_onnxruntime import LowerMoEForOnnxRuntime
 
             passes.append(LowerMoEForOnnxRuntime())
+        from moec.targets.onnxruntime.lower_attention import LowerAttentionForGQA
+
+        passes.append(LowerAttentionForGQA())  # a KV-cache decoder's attention; nothing otherwise
         return passes
 
     def translations(self) -> Mapping[Callable, Callable]:

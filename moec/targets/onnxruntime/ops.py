@@ -5,6 +5,8 @@
 - ``moec::ort_qmoe`` ``com.microsoft.QMoE``: the same over packed int4/int8 expert weights, experts
   selected by a 0/1 mask and mixed with explicit weights.
 - ``moec::matmul_nbits`` ``com.microsoft.MatMulNBits``: x @ dequantize(W).T for dense layers.
+- ``moec::ort_group_query_attention`` ``com.microsoft.GroupQueryAttention`` (causal=0): attention of new
+  queries over the cache and the new keys, under an additive bias that carries the whole mask.
 Lowering for the onnxruntime target produces them; moec/targets/onnxruntime/translations.py exports
 each as one node.
 """
@@ -151,3 +153,60 @@ def ort_qmoe(
 @ort_qmoe.register_fake
 def _ort_qmoe_fake(hidden, *args):
     return torch.empty_like(hidden)
+
+
+# ----------------------------------------------------------------------------- ort_group_query_attention
+
+
+def group_query_attention_reference(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+                                    attention_bias, head_sink, num_heads: int, kv_num_heads: int, scale: float):
+    """GroupQueryAttention with causal=0 and every cache position valid (seqlens_k = total - 1 for every row,
+    which is what moec feeds, so the reference does not read them): the bias is the only mask. query [B, S, H*D], key/value [B, S, KV*D] (packed heads), past [B, KV, P, D]; returns
+    (output [B, S, H*D], present key, present value [B, KV, P+S, D]). Query head h reads kv head
+    h // (H/KV) (transformers' repeat_kv); a head sink joins each row's softmax as one more logit."""
+    batch, seq = query.shape[0], query.shape[1]
+    head = query.shape[-1] // num_heads
+    q = query.reshape(batch, seq, num_heads, head).transpose(1, 2)
+    present_key = torch.cat([past_key, key.reshape(batch, seq, kv_num_heads, head).transpose(1, 2)], dim=2)
+    present_value = torch.cat([past_value, value.reshape(batch, seq, kv_num_heads, head).transpose(1, 2)], dim=2)
+    group = num_heads // kv_num_heads
+    keys = present_key.repeat_interleave(group, dim=1)
+    values = present_value.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, keys.transpose(2, 3)) * scale + attention_bias
+    if head_sink is not None:
+        sinks = head_sink.reshape(1, -1, 1, 1).expand(batch, -1, seq, 1).to(scores.dtype)
+        logits = torch.cat([scores, sinks], dim=-1)
+        probs = torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs.to(values.dtype), values).transpose(1, 2).reshape(batch, seq, num_heads * head)
+    return out, present_key, present_value
+
+
+@torch.library.custom_op("moec::ort_group_query_attention", mutates_args=())
+def ort_group_query_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    past_key: torch.Tensor,
+    past_value: torch.Tensor,
+    seqlens_k: torch.Tensor,
+    total_sequence_length: torch.Tensor,
+    attention_bias: torch.Tensor,
+    head_sink: Optional[torch.Tensor],
+    num_heads: int,
+    kv_num_heads: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ONNX Runtime's com.microsoft.GroupQueryAttention as moec emits it (see the reference)."""
+    return group_query_attention_reference(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+                                           attention_bias, head_sink, num_heads, kv_num_heads, scale)
+
+
+@ort_group_query_attention.register_fake
+def _ort_group_query_attention_fake(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+                                    attention_bias, head_sink, num_heads, kv_num_heads, scale):
+    batch, seq = query.shape[0], query.shape[1]
+    total = past_key.shape[2] + seq
+    return (torch.empty_like(query), past_key.new_empty(batch, kv_num_heads, total, past_key.shape[3]),
+            past_value.new_empty(batch, kv_num_heads, total, past_value.shape[3]))

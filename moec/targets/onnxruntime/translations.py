@@ -1,7 +1,7 @@
 """How the onnxruntime target's ops appear in ONNX: contrib-op schemas and torch.onnx translations.
 
 ONNX Runtime's contrib ops (com.microsoft) are not in onnx's schema registry; the subset moec emits is
-declared here, mirroring the schemas ONNX Runtime 1.31 reports (inputs, optionality, attribute names
+declared here, mirroring the schemas ONNX Runtime 1.31/1.32 report (inputs, optionality, attribute names
 and defaults). Each of moec/targets/onnxruntime/ops.py's ops becomes exactly one node.
 """
 
@@ -73,7 +73,27 @@ def matmul_nbits_schema() -> OpSchema:
     return schema("MatMulNBits", "com.microsoft", inputs, attributes, constraints, outputs=("Y",))
 
 
+def group_query_attention_schema() -> OpSchema:
+    """The inputs up to head_sink and the attributes moec sets or could (ORT 1.32 has more: KV-cache
+    quantization, Q/K norms, query_seqlens), in ORT's order."""
+    a = OpSchema.AttrType
+    inputs = [Input("query"), Input("key", optional=True), Input("value", optional=True),
+              Input("past_key", optional=True), Input("past_value", optional=True),
+              Input("seqlens_k", "M"), Input("total_sequence_length", "M"),
+              Input("cos_cache", optional=True), Input("sin_cache", optional=True),
+              Input("position_ids", "tensor(int64)", optional=True), Input("attention_bias", optional=True),
+              Input("head_sink", optional=True)]
+    attributes = [attr("num_heads", a.INT), attr("kv_num_heads", a.INT), attr("scale", a.FLOAT),
+                  attr("causal", a.INT, 1), attr("local_window_size", a.INT, -1), attr("do_rotary", a.INT, 0),
+                  attr("rotary_interleaved", a.INT, 0), attr("softcap", a.FLOAT, 0.0),
+                  attr("smooth_softmax", a.INT)]
+    constraints = [("T", FLOATS, ""), ("M", ["tensor(int32)"], "")]
+    return schema("GroupQueryAttention", "com.microsoft", inputs, attributes, constraints,
+                  outputs=("output", "present_key", "present_value"))
+
+
 def register_ort_contrib_schemas() -> None:
+    register(group_query_attention_schema())
     register(moe_schema())
     register(qmoe_schema())
     register(matmul_nbits_schema())
@@ -115,6 +135,13 @@ def _matmul_nbits_translation(x, packed, scales, zero_points, bias, in_features,
                              bits=int(bits), block_size=int(block_size), accuracy_level=int(accuracy_level))
 
 
+def _group_query_attention_translation(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+                                       attention_bias, head_sink, num_heads, kv_num_heads, scale):
+    return _MSFT.GroupQueryAttention(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+                                     None, None, None, attention_bias, head_sink, num_heads=int(num_heads),
+                                     kv_num_heads=int(kv_num_heads), scale=float(scale), causal=0)
+
+
 def translations() -> dict[Callable, Callable]:
     """torch op -> ONNX translation, for torch.onnx's custom_translation_table."""
     register_ort_contrib_schemas()
@@ -122,4 +149,5 @@ def translations() -> dict[Callable, Callable]:
         torch.ops.moec.ort_moe.default: _ort_moe_translation,
         torch.ops.moec.ort_qmoe.default: _ort_qmoe_translation,
         torch.ops.moec.matmul_nbits.default: _matmul_nbits_translation,
+        torch.ops.moec.ort_group_query_attention.default: _group_query_attention_translation,
     }

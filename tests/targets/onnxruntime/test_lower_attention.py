@@ -142,3 +142,28 @@ def test_layers_it_cannot_express_keep_their_ops_and_say_why(tmp_path):
     report = moec.compile(source=src16, out=str(tmp_path / "c"), extra={"task": "logits"}).report
     assert "not a KV-cache decoder" in _attention_record(report)["details"]["reason"]
     assert json.loads((tmp_path / "c" / "report.json").read_text())["numerics"]["passed"]
+
+
+def test_a_layer_it_refuses_runs_the_models_own_attention_beside_lowered_ones(monkeypatch):
+    """Mixed: layer 0 refused (as a layer of another head size would be), layer 1 lowered; the decoder's
+    outputs (logits and every present tensor) equal the unlowered decoder's on a left-padded prompt after a
+    cached prefix and on a one-token step."""
+    from moec.generation import decoder_source
+    from moec.passes.base import PassContext
+    from moec.targets.onnxruntime import lower_attention
+
+    model = zoo.build_hf_model("qwen3_moe", head_dim=16)
+    src = decoder_source(model, "zoo:qwen3_moe")
+    inputs = [src.example_args, src.step_inputs(5, 3, 1, 6, pad=2)]
+    with torch.no_grad():
+        want = [src.module(*x) for x in inputs]
+    refuse = lower_attention.why_not
+    monkeypatch.setattr(lower_attention, "why_not",
+                        lambda module, *a: "refused here" if module.layer_idx == 0 else refuse(module, *a))
+    result = lower_attention.LowerAttentionForGQA()(src.module, PassContext(probes=[src.example_args]))
+    assert result.modified and [l.lowered_to for l in result.layers] == [lower_attention.KEPT, GQA]
+    with torch.no_grad():
+        got = [result.module(*x) for x in inputs]
+    for g, w in zip(got, want):
+        for a, b in zip(g, w):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -165,6 +165,16 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
             refuse_without_fused_layers(meta.model, options)
         src = as_task(meta.model, f"hf:{os.path.abspath(source)}", options.extra.get("task"), f"'{source}'",
                       source_dir=source)
+        from moec.passes.base import PassContext
+
+        for p in lowering:  # the decoder's own passes (attention), on the meta decoder: shapes decide them
+            if p.on_task_graph:
+                done = p(src.module, PassContext(probes=[tuple(a.to("meta") for a in src.example_args)],
+                                                 options=options.extra, log=options.log))
+                src.module = done.module
+                if done.modified:
+                    meta.notes.append(f"{p.name}: " + ", ".join(f"{k} {v}" for k, v in done.details.items()
+                                                                if not isinstance(v, (list, dict))))
         graph_module = src.module
         if half:  # as cast_precision makes it in memory: fp16 inside, the inputs' and outputs' dtypes kept
             from moec.passes.cast_precision import KeepFloatIO

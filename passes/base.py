@@ -59,6 +59,9 @@ class Pass:
     changes_numerics: ClassVar[bool] = False
     requires: ClassVar[tuple[Condition, ...]] = ()
     ensures: ClassVar[tuple[Condition, ...]] = ()
+    # True: the pass rewrites the task's graph module (a KV-cache decoder), not layers; an out-of-core compile,
+    # which lowers layers on the meta model before the decoder exists, runs it on the decoder afterwards
+    on_task_graph: ClassVar[bool] = False
 
     def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
         raise NotImplementedError

@@ -205,6 +205,7 @@ def switch_implementation(model: nn.Module, implementation: str) -> list[tuple[o
 
 class LowerAttentionForGQA(Pass):
     name = "lower_attention"
+    on_task_graph = True
 
     def __call__(self, module: nn.Module, ctx: PassContext) -> PassResult:
         from moec.generation import CausalLMDecoder, default_cache

@@ -30,7 +30,7 @@ layer, the KV cache) over the copy bandwidth measured in the same run (STREAM co
 written per second).
 
     OMP_WAIT_POLICY=passive .venv/bin/python tools/bench_generate.py [--families gpt_oss qwen3_moe]
-        [--new-tokens 48] [--rounds 5] [--json out.json] [--work DIR]
+        [--new-tokens 48] [--rounds 5] [--systems moec genai-builder ...] [--json out.json] [--work DIR]
 """
 
 from __future__ import annotations
@@ -230,38 +230,49 @@ def build_genai(src: str, out: str) -> float:
     return time.perf_counter() - t
 
 
-def bench_family(family: str, work: str, new: int, bandwidth: float, rounds: int) -> dict:
+SYSTEMS = ("moec", "moec-own-attention", "moec-int4", "moec-int4-acc4", "moec-int4-dense", "genai-builder", "optimum")
+
+
+def bench_family(family: str, work: str, new: int, bandwidth: float, rounds: int,
+                 wanted: tuple[str, ...] = SYSTEMS) -> dict:
     hf = os.path.join(work, f"{family}-hf")
     log(f"[{family}] writing the checkpoint")
     facts = make_checkpoint(family, hf)
     systems: dict[str, dict] = {}
-    log(f"[{family}] moec compile (fp32)")
-    rep = compile_moec(hf, os.path.join(work, f"{family}-moec"))
-    systems["moec"] = {"dir": os.path.join(work, f"{family}-moec"), "compile_s": rep["_compile_s"],
-                       "expert_bytes": facts["expert_bytes"]}
-    log(f"[{family}] moec compile --no-pass lower_attention (fp32, the model's own attention ops)")
-    out = os.path.join(work, f"{family}-moec-own-attention")
-    rep_own = compile_moec(hf, out, "--no-pass", "lower_attention")
-    systems["moec-own-attention"] = {"dir": out, "compile_s": rep_own["_compile_s"], "expert_bytes": facts["expert_bytes"]}
-    log(f"[{family}] moec compile --quant int4")
-    rep4 = compile_moec(hf, os.path.join(work, f"{family}-moec-int4"), "--quant", "int4", "--block-size", "32")
-    systems["moec-int4"] = {"dir": os.path.join(work, f"{family}-moec-int4"), "compile_s": rep4["_compile_s"],
-                            "expert_bytes": rep4["quantization"]["weight_bytes_quantized"]}
-    log(f"[{family}] moec compile --quant int4 --accuracy-level 4")
-    out = os.path.join(work, f"{family}-moec-int4-acc4")
-    rep4a = compile_moec(hf, out, "--quant", "int4", "--block-size", "32", "--accuracy-level", "4")
-    systems["moec-int4-acc4"] = {"dir": out, "compile_s": rep4a["_compile_s"],
-                                 "expert_bytes": rep4a["quantization"]["weight_bytes_quantized"]}
-    log(f"[{family}] moec compile --quant int4 --quant-dense")
-    out = os.path.join(work, f"{family}-moec-int4-dense")
-    rep4d = compile_moec(hf, out, "--quant", "int4", "--block-size", "32", "--quant-dense")
-    q = rep4d["quantization"]
-    dense = q["dense"]["layers"]
-    systems["moec-int4-dense"] = {
-        "dir": out, "compile_s": rep4d["_compile_s"],
-        "expert_bytes": q["weight_bytes_quantized"] - sum(l["weight_bytes_quantized"] for l in dense),
-        "dense_bytes": facts["dense_bytes"] - sum(l["weight_bytes_fp32"] - l["weight_bytes_quantized"] for l in dense)}
-    if family in BUILDER_FAMILIES:
+    if "moec" in wanted:
+        log(f"[{family}] moec compile (fp32)")
+        rep = compile_moec(hf, os.path.join(work, f"{family}-moec"))
+        systems["moec"] = {"dir": os.path.join(work, f"{family}-moec"), "compile_s": rep["_compile_s"],
+                           "expert_bytes": facts["expert_bytes"]}
+    if "moec-own-attention" in wanted:
+        log(f"[{family}] moec compile --no-pass lower_attention (fp32, the model's own attention ops)")
+        out = os.path.join(work, f"{family}-moec-own-attention")
+        rep_own = compile_moec(hf, out, "--no-pass", "lower_attention")
+        systems["moec-own-attention"] = {"dir": out, "compile_s": rep_own["_compile_s"],
+                                         "expert_bytes": facts["expert_bytes"]}
+    if "moec-int4" in wanted:
+        log(f"[{family}] moec compile --quant int4")
+        rep4 = compile_moec(hf, os.path.join(work, f"{family}-moec-int4"), "--quant", "int4", "--block-size", "32")
+        systems["moec-int4"] = {"dir": os.path.join(work, f"{family}-moec-int4"), "compile_s": rep4["_compile_s"],
+                                "expert_bytes": rep4["quantization"]["weight_bytes_quantized"]}
+    if "moec-int4-acc4" in wanted:
+        log(f"[{family}] moec compile --quant int4 --accuracy-level 4")
+        out = os.path.join(work, f"{family}-moec-int4-acc4")
+        rep4a = compile_moec(hf, out, "--quant", "int4", "--block-size", "32", "--accuracy-level", "4")
+        systems["moec-int4-acc4"] = {"dir": out, "compile_s": rep4a["_compile_s"],
+                                     "expert_bytes": rep4a["quantization"]["weight_bytes_quantized"]}
+    if "moec-int4-dense" in wanted:
+        log(f"[{family}] moec compile --quant int4 --quant-dense")
+        out = os.path.join(work, f"{family}-moec-int4-dense")
+        rep4d = compile_moec(hf, out, "--quant", "int4", "--block-size", "32", "--quant-dense")
+        q = rep4d["quantization"]
+        dense = q["dense"]["layers"]
+        systems["moec-int4-dense"] = {
+            "dir": out, "compile_s": rep4d["_compile_s"],
+            "expert_bytes": q["weight_bytes_quantized"] - sum(l["weight_bytes_quantized"] for l in dense),
+            "dense_bytes": facts["dense_bytes"] - sum(l["weight_bytes_fp32"] - l["weight_bytes_quantized"]
+                                                      for l in dense)}
+    if family in BUILDER_FAMILIES and "genai-builder" in wanted:
         log(f"[{family}] onnxruntime-genai builder (fp32)")
         out = os.path.join(work, f"{family}-builder")
         systems["genai-builder"] = {"dir": out, "compile_s": build_genai(hf, out), "expert_bytes": facts["expert_bytes"]}
@@ -280,7 +291,7 @@ def bench_family(family: str, work: str, new: int, bandwidth: float, rounds: int
         results = {name: (*measured[name], s["expert_bytes"], s.get("dense_bytes", facts["dense_bytes"]))
                    for name, s in systems.items()}
         results = {"eager": (*measured["eager"], facts["expert_bytes"], facts["dense_bytes"]), **results}
-        if os.path.exists(OPTIMUM_PYTHON) and optimum_refused is None:
+        if "optimum" in wanted and os.path.exists(OPTIMUM_PYTHON) and optimum_refused is None:
             log(f"[{family}] batch {batch}: optimum (exporting once, then Optimum's ORTModelForCausalLM)")
             try:
                 toks, prefill, decode, export_s = run_optimum(hf, os.path.join(work, f"{family}-optimum"), ids, new)
@@ -345,6 +356,8 @@ def main() -> int:
     ap.add_argument("--families", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=5, help="runs of each system, interleaved; the median is reported")
+    ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS),
+                    help="which systems besides transformers eager (default: all)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--work", help="keep checkpoints and artifacts here (default: a temporary directory)")
     ap.add_argument("--tiny", action="store_true", help="a smoke run at toy sizes (checks the harness, not speed)")
@@ -366,7 +379,8 @@ def main() -> int:
                "copy_bandwidth_gb_s": bandwidth / 1e9, "families": {}}
     try:
         for family in args.families:
-            results["families"][family] = bench_family(family, work, args.new_tokens, bandwidth, args.rounds)
+            results["families"][family] = bench_family(family, work, args.new_tokens, bandwidth, args.rounds,
+                                                       tuple(args.systems))
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

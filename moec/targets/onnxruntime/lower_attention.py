@@ -156,7 +156,7 @@ def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
     scale = float(scaling) if scaling is not None else head ** -0.5
     mask = attention_mask
     if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=query.dtype).masked_fill(~mask, torch.finfo(query.dtype).min)
+        mask = torch.zeros_like(mask, dtype=query.dtype).masked_fill(~mask, torch.finfo(query.dtype).min)
     operands = [query.transpose(1, 2).reshape(batch, seq, heads * head),
                 step.new_key.transpose(1, 2).reshape(batch, seq, kv_heads * head),
                 step.new_value.transpose(1, 2).reshape(batch, seq, kv_heads * head),

@@ -71,7 +71,7 @@ class CausalLMDecoder(nn.Module):
         if len(past) != 2 * self.layers:
             raise ValueError(f"expected {2 * self.layers} past key/value tensors, got {len(past)}")
         cache = self.cache_class([(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
-        with cache.active() if hasattr(cache, "active") else contextlib.nullcontext():
+        with cache.active(self.model) if hasattr(cache, "active") else contextlib.nullcontext():
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=True, **{cache_keyword(self.model): cache})
         present = []

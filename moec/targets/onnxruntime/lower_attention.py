@@ -3,9 +3,9 @@
 Matches: a text-generation decoder (moec/generation.py's CausalLMDecoder) whose model dispatches attention
 through transformers' AttentionInterface (``config._attn_implementation`` "sdpa" or "eager").
 
-Produces: the model's attention implementation switched to ``moec_group_query``, whose masks are transformers'
-additive (eager) masks, and a cache (SplitCache) that keeps each layer's past and this step's keys and values
-apart. Each attention call whose keys and values are exactly the cache's concatenation becomes one
+Produces: a cache for the decoder (SplitCache) that keeps each layer's past and this step's keys and values
+apart and, while the decoder runs, switches the model's attention implementation to ``moec_group_query``,
+whose masks are transformers' additive (eager) masks (the model itself is left as it was). Each attention call whose keys and values are exactly the cache's concatenation becomes one
 ``moec::ort_group_query_attention``: GroupQueryAttention with causal=0 and the mask passed whole as
 attention_bias (padding, causality and sliding windows stay the model's own, fully masked rows included),
 GPT-OSS's sinks as head_sink, the model's scaling as scale. ORT's CPU kernel refuses a batch of more than one
@@ -42,7 +42,6 @@ KEPT = "the model's own attention ops"
 
 _ACTIVE: contextvars.ContextVar[Optional["SplitCache"]] = contextvars.ContextVar("moec_split_cache", default=None)
 _RECORD: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("moec_attention_record", default=None)
-_FALLBACK: dict[int, str] = {}  # id(config) -> the implementation the model had (for calls outside a decoder)
 
 
 @dataclass
@@ -87,12 +86,16 @@ def split_cache_class():
             return self._lengths
 
         @contextlib.contextmanager
-        def active(self):
+        def active(self, model: nn.Module):
+            """While `model` runs with this cache: moec's attention implementation, this cache found by it."""
+            undo = switch_implementation(model, IMPLEMENTATION)
             token = _ACTIVE.set(self)
             try:
                 yield
             finally:
                 _ACTIVE.reset(token)
+                for config, previous in undo:
+                    config._attn_implementation_internal = previous
 
     return SplitCache
 
@@ -126,8 +129,8 @@ def why_not(module, query, key, value, mask, dropout, step: Optional[Step], kwar
         return f"head size {query.shape[-1]} (ONNX Runtime's kernel takes multiples of 8)"
     if heads % kv_heads:
         return f"{heads} query heads are not a multiple of {kv_heads} key/value heads"
-    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != key.shape[2]:
-        return f"a mask of shape {tuple(mask.shape)} (expected [batch, 1, seq, total])"
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != key.shape[2] or not mask.is_floating_point():
+        return f"a {mask.dtype} mask of shape {tuple(mask.shape)} (expected an additive [batch, 1, seq, total])"
     sink = kwargs.get("s_aux")
     if sink is None and getattr(module, "sinks", None) is not None:
         return "the module has sinks the attention call does not receive"
@@ -140,23 +143,19 @@ def why_not(module, query, key, value, mask, dropout, step: Optional[Step], kwar
 
 def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: GroupQueryAttention where why_not allows, else the model's own."""
-    cache = _ACTIVE.get()
-    step = cache.steps.get(getattr(module, "layer_idx", -1)) if cache is not None else None
-    reason = why_not(module, query, key, value, attention_mask, dropout, step, kwargs) if cache is not None \
-        else "called outside a moec decoder"
+    cache = _ACTIVE.get()  # set by SplitCache.active, which alone switches the model to this function
+    step = cache.steps.get(getattr(module, "layer_idx", -1))
+    reason = why_not(module, query, key, value, attention_mask, dropout, step, kwargs)
     record = _RECORD.get()
     if record is not None:
         record[module] = reason
     if reason:
-        implementation = cache.fallback if cache is not None else _FALLBACK.get(id(module.config), "sdpa")
-        return fallback_attention(implementation, module)(module, query, key, value, attention_mask,
+        return fallback_attention(cache.fallback, module)(module, query, key, value, attention_mask,
                                                           scaling=scaling, dropout=dropout, **kwargs)
     batch, heads, seq, head = query.shape
     kv_heads = key.shape[1]
     scale = float(scaling) if scaling is not None else head ** -0.5
     mask = attention_mask
-    if mask.dtype == torch.bool:
-        mask = torch.zeros_like(mask, dtype=query.dtype).masked_fill(~mask, torch.finfo(query.dtype).min)
     operands = [query.transpose(1, 2).reshape(batch, seq, heads * head),
                 step.new_key.transpose(1, 2).reshape(batch, seq, kv_heads * head),
                 step.new_value.transpose(1, 2).reshape(batch, seq, kv_heads * head),
@@ -218,8 +217,6 @@ class LowerAttentionForGQA(Pass):
             return PassResult(module, False, {"reason": f"attention implementation {original!r} (sdpa or eager "
                                                         "lowers)"})
         register_implementation()
-        undo = switch_implementation(model, IMPLEMENTATION)
-        _FALLBACK[id(model.config)] = original
         module.cache_class = functools.partial(split_cache_class(), fallback=original)
         record: dict = {}
         token = _RECORD.set(record)
@@ -233,8 +230,6 @@ class LowerAttentionForGQA(Pass):
                   for m, reason in record.items()]
         lowered = sum(o.lowered_to == FUSED for o in layers)
         if not lowered:
-            for config, previous in undo:
-                config._attn_implementation_internal = previous
             module.cache_class = default_cache
             why = "the model computes attention without transformers' AttentionInterface" if not layers \
                 else "no attention layer could be lowered"

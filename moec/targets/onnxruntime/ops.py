@@ -161,7 +161,8 @@ def _ort_qmoe_fake(hidden, *args):
 def group_query_attention_reference(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
                                     attention_bias, head_sink, num_heads: int, kv_num_heads: int, scale: float):
     """GroupQueryAttention with causal=0 and every cache position valid (seqlens_k = total - 1 for every row,
-    which is what moec feeds, so the reference does not read them): the bias is the only mask. query [B, S, H*D], key/value [B, S, KV*D] (packed heads), past [B, KV, P, D]; returns
+    which is what moec feeds, so the reference does not read them): the bias is the only mask.
+    query [B, S, H*D], key/value [B, S, KV*D] (packed heads), past [B, KV, P, D]; returns
     (output [B, S, H*D], present key, present value [B, KV, P+S, D]). Query head h reads kv head
     h // (H/KV) (transformers' repeat_kv); a head sink joins each row's softmax as one more logit."""
     batch, seq = query.shape[0], query.shape[1]

@@ -134,7 +134,7 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     from moec.sources import as_task
     from moec.targets import get
     from moec.passes.quantize_experts import spec_from_options
-    from moec.pipeline import dtype_of, refuse_without_fused_layers
+    from moec.pipeline import dtype_of, refuse_without_fused_layers, run_graph_passes
     from moec.validate import check_max_shape
 
     from moec.heap import bounded_heap
@@ -191,6 +191,7 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     notes = list(src.notes) + notes + list(captured.notes)
     graph = simplify_graph(program.model, weights_known=False).to_dict()
     graph["rsqrt_as_division"] = rewrite_rsqrt(program.model)
+    graph.update(run_graph_passes(program.model, target, options))  # shape-only matches: weights not needed
     ranges = src.dim_ranges()
     check_max_shape(options.extra.get("max_shape"), ranges)
     memory = stage("plan", "planning activation memory from the captured shapes", plan_exported, captured.program,

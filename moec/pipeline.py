@@ -477,7 +477,8 @@ def build_passes(options: CompileOptions, target: Target) -> list[Pass]:
         from moec.passes.cast_precision import CastPrecision
 
         passes.append(CastPrecision(dtype_of(options)))
-    names = [FoldWeightQDQ.name] + [p.name for p in passes] + [SIMPLIFY_GRAPH, REWRITE_RSQRT]
+    names = ([FoldWeightQDQ.name] + [p.name for p in passes] + [SIMPLIFY_GRAPH, REWRITE_RSQRT]
+             + [p.name for p in target.graph_passes()])
     unknown = set(options.disabled_passes) - set(names)
     if unknown:
         raise MoecError(f"--no-pass: unknown pass {', '.join(sorted(unknown))}; passes are {', '.join(names)}.")
@@ -574,8 +575,9 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
 
 
 def export_graph(captured: Captured, loaded: Loaded, target: Target, options: CompileOptions):
-    """torch.onnx's program, then the ONNX-side passes on it: simplify_graph and rewrite_rsqrt (each
-    unless --no-pass names it). Returns the program and the report's "graph" entry (None: neither ran)."""
+    """torch.onnx's program, then the ONNX-side passes on it: simplify_graph, rewrite_rsqrt and the target's
+    graph passes (each unless --no-pass names it). Returns the program and the report's "graph" entry (None:
+    none ran)."""
     program = to_onnx(captured, loaded.src.input_names, loaded.src.output_names, loaded.src.dynamic_shapes,
                       target.translations())
     graph: dict = {}
@@ -586,9 +588,20 @@ def export_graph(captured: Captured, loaded: Loaded, target: Target, options: Co
     if REWRITE_RSQRT not in options.disabled_passes:
         graph["rsqrt_as_division"] = rewrite_rsqrt(program.model)
         options.log(f"pass {REWRITE_RSQRT}: {graph['rsqrt_as_division']} x*rsqrt(v) -> x/sqrt(v)")
-        if "nodes_after" in graph:  # the counts of what is saved
-            graph.update(counted(program.model, "after"))
+    graph.update(run_graph_passes(program.model, target, options))
+    if "nodes_after" in graph:  # the counts of what is saved
+        graph.update(counted(program.model, "after"))
     return program, graph or None
+
+
+def run_graph_passes(model, target: Target, options: CompileOptions) -> dict[str, int]:
+    """The target's rewrites of the exported graph, unless --no-pass names them: {pass: matches rewritten}."""
+    done = {}
+    for p in target.graph_passes():
+        if p.name not in options.disabled_passes:
+            done[p.name] = p.run(model)
+            options.log(f"pass {p.name}: {done[p.name]} {p.what}")
+    return done
 
 
 def refuse_without_fused_layers(module: nn.Module, options: CompileOptions) -> None:

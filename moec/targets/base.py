@@ -5,6 +5,8 @@ The pipeline never compares target names; it asks the target (moec/targets/<name
   - `lowering_passes`: the passes after fuse_moe / quantize_experts that put every FusedMoE in the
     target's form (they must ensure `experts_lowered`);
   - `translations`: torch op -> ONNX translation for the target's ops (their schemas registered);
+  - `graph_passes`: rewrites of the exported ONNX graph into the target's fused ops (after
+    simplify_graph and rewrite_rsqrt; each one `--no-pass` can name);
   - `evaluable_model` / `write_evaluable`: a copy of the artifact ONNX Runtime can run, for
     verification and memory planning (the artifact itself, or one with the target's custom nodes
     expanded to reference subgraphs; `describe_evaluation` says so in the report);
@@ -49,6 +51,15 @@ class TritonModel:
     max_batch_cap: Optional[int] = None  # a tensorrt_plan can't batch past its profile's first dim
 
 
+@dataclass(frozen=True)
+class GraphPass:
+    """A target's rewrite of the exported ONNX graph (an onnx_ir model, in place)."""
+
+    name: str  # for --no-pass and the report's graph entry
+    run: Callable[[Any], int]  # how many matches it rewrote
+    what: str  # what one match becomes, for the log line
+
+
 @dataclass
 class ArtifactContext:
     """The artifact being built, as a target's artifact hooks see it."""
@@ -76,6 +87,9 @@ class Target:
 
     def translations(self) -> Mapping[Callable, Callable]:
         return {}
+
+    def graph_passes(self) -> Sequence[GraphPass]:
+        return ()
 
     def expert_nodes(self) -> Sequence[ExpertNode]:
         return ()

@@ -3,8 +3,10 @@
 Fused layers become one ``com.microsoft.MoE`` node (fp32) or ``QMoE`` (--quant), or exact dense ops
 where ORT's op can't express the layer (lower_moe_onnxruntime.py, lower_moe_qmoe.py); --quant-dense
 adds ``MatMulNBits`` for the other Linear layers (quantize_dense.py); a KV-cache decoder's attention
-becomes ``GroupQueryAttention`` (lower_attention.py). Ops: ops.py; their schemas and
-ONNX translations: translations.py.
+becomes ``GroupQueryAttention`` (lower_attention.py). On the exported ONNX graph, rotary embeddings
+become ``RotaryEmbedding`` (fuse_rotary.py) and residual adds with the RMSNorm after them
+``SkipSimplifiedLayerNormalization`` (fuse_skip_norm.py). Ops: ops.py; their schemas and ONNX
+translations: translations.py.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable, Mapping, Sequence
 
-from moec.targets.base import ExpertNode, Target
+from moec.targets.base import ExpertNode, GraphPass, Target
 
 
 class OnnxRuntimeTarget(Target):
@@ -46,6 +48,13 @@ class OnnxRuntimeTarget(Target):
         from moec.targets.onnxruntime.translations import translations
 
         return translations()
+
+    def graph_passes(self) -> Sequence[GraphPass]:
+        from moec.targets.onnxruntime import fuse_rotary, fuse_skip_norm
+
+        return (GraphPass(fuse_rotary.NAME, fuse_rotary.fuse_rotary, "rotary embeddings -> RotaryEmbedding"),
+                GraphPass(fuse_skip_norm.NAME, fuse_skip_norm.fuse_skip_norm,
+                          "residual adds + RMSNorm -> SkipSimplifiedLayerNormalization"))
 
     def expert_nodes(self) -> Sequence[ExpertNode]:
         return (ExpertNode("com.microsoft", "MoE", 2, "k"), ExpertNode("com.microsoft", "QMoE", 2, "k"))

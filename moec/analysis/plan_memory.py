@@ -388,6 +388,9 @@ def _pack(plan: MemoryPlan, dims: dict[str, int], alignment: int) -> ProfilePlan
     biggest = max(sizes.values(), default=0)
     orders = [
         sorted(plan.tensors, key=lambda t: (-sizes[t.name], t.start)),
+        # equal sizes, the longest-lived first (fused ops with several outputs make such ties common:
+        # DeepSeek-V3's probe profile 1.20x the bound by start, 1.12x so)
+        sorted(plan.tensors, key=lambda t: (-sizes[t.name], -t.end)),
         sorted(plan.tensors, key=lambda t: (-sizes[t.name] * (t.end - t.start + 1), t.start)),
     ]
     for frac in (0.5, 0.25, 0.1, 0.05):

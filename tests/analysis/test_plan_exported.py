@@ -49,7 +49,9 @@ def test_unbounded_profile_is_refused():
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_agrees_with_the_onnx_planner_on_compiled_decoders(family, tmp_path):
     """The same decoder planned from its compiled ONNX graph (ONNX Runtime probes) and from `moec plan`'s
-    meta-device capture: the same workspace and largest tensor, arenas within 15%."""
+    meta-device capture: the same workspace and largest tensor, the most bytes live at once within 15%,
+    and moec plan's arena an estimate from above of the artifact's (greedy packing of the capture, which
+    keeps every intermediate the ONNX passes fuse away, measured up to 1.32x: GPT-OSS)."""
     from moec.cli import main
     from moec.plan_model import plan_model
     from moec.zoo import build_hf_model
@@ -65,7 +67,8 @@ def test_agrees_with_the_onnx_planner_on_compiled_decoders(family, tmp_path):
     assert fx.dims == onnx_plan["dims"]
     assert fx.workspace_bytes == onnx_plan["workspace_bytes"]
     assert max(fx.sizes.values()) == onnx_plan["largest_tensors"][0]["bytes"]
-    assert 0.85 <= fx.arena_bytes / onnx_plan["arena_bytes"] <= 1.15, (fx.arena_bytes, onnx_plan["arena_bytes"])
+    assert 0.85 <= fx.lower_bound_bytes / onnx_plan["lower_bound_bytes"] <= 1.15, (fx, onnx_plan)
+    assert 0.95 <= fx.arena_bytes / onnx_plan["arena_bytes"] <= 1.4, (fx.arena_bytes, onnx_plan["arena_bytes"])
 
 
 class ChunkPad(nn.Module):

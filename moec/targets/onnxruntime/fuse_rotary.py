@@ -16,7 +16,8 @@ Produces: one ``RotaryEmbedding(x, ids, cos_rows, sin_rows)`` node (interleaved=
   kernel agrees with the elementwise form to rounding (a fused multiply-add: < 1e-6 relative); the
   artifact is verified against eager PyTorch as always.
 Refuses (leaves as it is): interleaved rotary (DeepSeek-V3's), partial rotary, cos/sin whose halves are
-  not provably equal, unknown head counts or sizes, dtypes other than fp32/fp16.
+  not provably equal or that are not one row per token (seq and batch, or batch 1, as x's), unknown head
+  counts or sizes, dtypes other than fp32/fp16.
 """
 
 from __future__ import annotations
@@ -113,6 +114,13 @@ def _unsqueezed(value: ir.Value) -> Optional[ir.Value]:
     return inner if inner.shape is not None and len(inner.shape) == 3 else None
 
 
+def _per_token(cos: ir.Value, x: ir.Value) -> bool:
+    """cos/sin ([b, seq, w]) hold one row per token of x ([batch, heads, seq, head_dim]): the same seq, and
+    the same batch or 1 (broadcast), which is what the ids built from cos's shape index."""
+    b, seq = cos.shape[0], cos.shape[1]
+    return _same_dims([seq], [x.shape[2]]) and (b == 1 or _same_dims([b], [x.shape[0]]))
+
+
 def _duplicated_halves(value: ir.Value) -> bool:
     """Whether `value` is provably cos or sin of concat(f, f) on the last axis (through scalar scales and casts)."""
     node = value.producer()
@@ -160,6 +168,7 @@ def _match_rotate_half(add: ir.Node) -> Optional[_Match]:
                     continue
                 cos, sin = _unsqueezed(cos_value), _unsqueezed(sin_value)
                 if (cos is None or sin is None or cos.shape[2] != dim or sin.shape[2] != dim
+                        or not _per_token(cos, x) or not _per_token(sin, x)
                         or not _duplicated_halves(cos) or not _duplicated_halves(sin)):
                     continue
                 return _Match(add, x, cos, sin, duplicated=True)
@@ -193,7 +202,8 @@ def _match_halves(cat: ir.Node) -> Optional[_Match]:
             if got != want:
                 continue
             cos, sin = _unsqueezed(cos_value), _unsqueezed(sin_value)
-            if cos is None or sin is None or cos.shape[2] != dim // 2 or sin.shape[2] != dim // 2:
+            if (cos is None or sin is None or cos.shape[2] != dim // 2 or sin.shape[2] != dim // 2
+                    or not _per_token(cos, x) or not _per_token(sin, x)):
                 continue
             return _Match(cat, x, cos, sin, duplicated=False)
     return None

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from moec.onnx_match import producer, take_over
+
 NAME = "rewrite_rsqrt"
 
 
@@ -26,8 +28,8 @@ def rewrite_rsqrt(model: ir.Model) -> int:
     for node in list(graph):
         if node.op_type != "Reciprocal" or node.domain not in ("", "ai.onnx"):
             continue
-        sqrt = node.inputs[0].producer() if node.inputs[0] is not None else None
-        if sqrt is None or sqrt.op_type != "Sqrt" or sqrt.domain not in ("", "ai.onnx"):
+        sqrt = producer(node.inputs[0], "Sqrt")
+        if sqrt is None:
             continue
         uses = list(node.outputs[0].uses())
         if len(uses) != 1 or node.outputs[0] in graph.outputs:
@@ -39,9 +41,7 @@ def rewrite_rsqrt(model: ir.Model) -> int:
         div = ir.node("Div", inputs=[mul.inputs[1 - index], sqrt.outputs[0]], name=f"{mul.name or node.name}/div")
         new = div.outputs[0]
         graph.insert_before(mul, div)
-        old.replace_all_uses_with(new, replace_graph_outputs=True)
-        name, shape, type_ = old.name, old.shape, old.type
+        take_over(old, new)
         graph.remove([mul, node], safe=True)
-        new.name, new.shape, new.type = name, shape, type_  # after the old value is gone: names are unique
         done += 1
     return done

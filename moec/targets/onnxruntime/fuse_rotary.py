@@ -28,28 +28,11 @@ from typing import Optional
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
-from onnx_ir.convenience import get_const_tensor
+
+from moec.onnx_match import DEFAULT_DOMAINS, const_array, const_ints, producer, same_dims, take_over
 
 NAME = "fuse_rotary"
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
-
-
-def _op(value: Optional[ir.Value], op_type: str) -> Optional[ir.Node]:
-    """The node producing `value` when it is the default-domain `op_type`."""
-    node = value.producer() if value is not None else None
-    if node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx"):
-        return None
-    return node
-
-
-def _const(value: Optional[ir.Value]) -> Optional[np.ndarray]:
-    tensor = get_const_tensor(value) if value is not None else None
-    return None if tensor is None else tensor.numpy()
-
-
-def _ints(value: Optional[ir.Value]) -> Optional[list[int]]:
-    array = _const(value)
-    return None if array is None or array.dtype.kind not in "iu" else [int(v) for v in array.reshape(-1)]
 
 
 @dataclass(frozen=True)
@@ -80,22 +63,22 @@ def _is_last_axis(axis: int, rank: int = 4) -> bool:
 def _halves(first: ir.Value, second: ir.Value, dim: int) -> Optional[ir.Value]:
     """The x whose first and second halves on the last axis `first` and `second` are (Split or Slice)."""
     split = first.producer()
-    if split is not None and split is second.producer() and split.op_type == "Split" and split.domain in ("", "ai.onnx"):
+    if split is not None and split is second.producer() and split.op_type == "Split" and split.domain in DEFAULT_DOMAINS:
         axis = split.attributes.get_int("axis", 0)
-        sizes = _ints(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1] is not None else None
+        sizes = const_ints(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1] is not None else None
         even = sizes == [dim // 2, dim // 2] or (sizes is None and split.attributes.get_int("num_outputs", 0) == 2)
         if (_is_last_axis(axis) and even and len(split.outputs) == 2 and split.outputs[0] is first
                 and split.outputs[1] is second):
             return split.inputs[0]
         return None
-    a, b = _op(first, "Slice"), _op(second, "Slice")
+    a, b = producer(first, "Slice"), producer(second, "Slice")
     if a is None or b is None or a.inputs[0] is not b.inputs[0]:
         return None
 
     def span(node: ir.Node) -> Optional[tuple[int, int]]:
-        starts, ends = _ints(node.inputs[1]), _ints(node.inputs[2])
-        axes = _ints(node.inputs[3]) if len(node.inputs) > 3 else None
-        steps = _ints(node.inputs[4]) if len(node.inputs) > 4 else [1]
+        starts, ends = const_ints(node.inputs[1]), const_ints(node.inputs[2])
+        axes = const_ints(node.inputs[3]) if len(node.inputs) > 3 else None
+        steps = const_ints(node.inputs[4]) if len(node.inputs) > 4 else [1]
         if not starts or not ends or len(starts) != 1 or axes is None or len(axes) != 1 or steps != [1]:
             return None
         return (starts[0], min(ends[0], dim)) if _is_last_axis(axes[0]) else None
@@ -107,8 +90,8 @@ def _halves(first: ir.Value, second: ir.Value, dim: int) -> Optional[ir.Value]:
 
 def _unsqueezed(value: ir.Value) -> Optional[ir.Value]:
     """The [b, seq, w] tensor that `value` ([b, 1, seq, w]) unsqueezes at axis 1."""
-    node = _op(value, "Unsqueeze")
-    if node is None or _ints(node.inputs[1]) != [1]:
+    node = producer(value, "Unsqueeze")
+    if node is None or const_ints(node.inputs[1]) != [1]:
         return None
     inner = node.inputs[0]
     return inner if inner.shape is not None and len(inner.shape) == 3 else None
@@ -118,22 +101,22 @@ def _per_token(cos: ir.Value, x: ir.Value) -> bool:
     """cos/sin ([b, seq, w]) hold one row per token of x ([batch, heads, seq, head_dim]): the same seq, and
     the same batch or 1 (broadcast), which is what the ids built from cos's shape index."""
     b, seq = cos.shape[0], cos.shape[1]
-    return _same_dims([seq], [x.shape[2]]) and (b == 1 or _same_dims([b], [x.shape[0]]))
+    return same_dims([seq], [x.shape[2]]) and (b == 1 or same_dims([b], [x.shape[0]]))
 
 
 def _duplicated_halves(value: ir.Value) -> bool:
     """Whether `value` is provably cos or sin of concat(f, f) on the last axis (through scalar scales and casts)."""
     node = value.producer()
-    while node is not None and node.domain in ("", "ai.onnx"):
+    while node is not None and node.domain in DEFAULT_DOMAINS:
         if node.op_type == "Cast":
             node = node.inputs[0].producer()
         elif node.op_type == "Mul":
-            scalar = [i for i, v in enumerate(node.inputs) if (c := _const(v)) is not None and c.size == 1]
+            scalar = [i for i, v in enumerate(node.inputs) if (c := const_array(v)) is not None and c.size == 1]
             if len(scalar) != 1:
                 return False
             node = node.inputs[1 - scalar[0]].producer()
         elif node.op_type in ("Cos", "Sin"):
-            cat = _op(node.inputs[0], "Concat")
+            cat = producer(node.inputs[0], "Concat")
             return (cat is not None and len(cat.inputs) == 2 and cat.inputs[0] is cat.inputs[1]
                     and _is_last_axis(cat.attributes.get_int("axis", 0), 3))
         else:
@@ -142,24 +125,24 @@ def _duplicated_halves(value: ir.Value) -> bool:
 
 
 def _mul_pair(node: Optional[ir.Node]) -> Optional[tuple[ir.Value, ir.Value]]:
-    if node is None or node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+    if node is None or node.op_type != "Mul" or node.domain not in DEFAULT_DOMAINS or len(node.inputs) != 2:
         return None
     return node.inputs[0], node.inputs[1]
 
 
 def _match_rotate_half(add: ir.Node) -> Optional[_Match]:
     """x * cos + concat(-x2, x1) * sin."""
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+    if add.op_type != "Add" or add.domain not in DEFAULT_DOMAINS:
         return None
     for plain, rotated in ((0, 1), (1, 0)):
         p, r = _mul_pair(add.inputs[plain].producer()), _mul_pair(add.inputs[rotated].producer())
         if p is None or r is None:
             continue
         for cat_value, sin_value in ((r[0], r[1]), (r[1], r[0])):
-            cat = _op(cat_value, "Concat")
+            cat = producer(cat_value, "Concat")
             if cat is None or len(cat.inputs) != 2 or not _is_last_axis(cat.attributes.get_int("axis", 0)):
                 continue
-            neg = _op(cat.inputs[0], "Neg")
+            neg = producer(cat.inputs[0], "Neg")
             if neg is None:
                 continue
             for x, cos_value in ((p[0], p[1]), (p[1], p[0])):
@@ -177,11 +160,11 @@ def _match_rotate_half(add: ir.Node) -> Optional[_Match]:
 
 def _match_halves(cat: ir.Node) -> Optional[_Match]:
     """concat(x1 * cos - x2 * sin, x2 * cos + x1 * sin), x1 and x2 the halves of x."""
-    if cat.op_type != "Concat" or cat.domain not in ("", "ai.onnx") or len(cat.inputs) != 2:
+    if cat.op_type != "Concat" or cat.domain not in DEFAULT_DOMAINS or len(cat.inputs) != 2:
         return None
     if not _is_last_axis(cat.attributes.get_int("axis", 0)):
         return None
-    sub, add = _op(cat.inputs[0], "Sub"), _op(cat.inputs[1], "Add")
+    sub, add = producer(cat.inputs[0], "Sub"), producer(cat.inputs[1], "Add")
     if sub is None or add is None:
         return None
     m1, m2 = _mul_pair(sub.inputs[0].producer()), _mul_pair(sub.inputs[1].producer())
@@ -209,15 +192,9 @@ def _match_halves(cat: ir.Node) -> Optional[_Match]:
     return None
 
 
-def _same_dims(a, b) -> bool:
-    """Dims known to be equal: equal ints, or the same named symbolic size (unknown sizes prove nothing)."""
-    return len(a) == len(b) and all(
-        x == y and (isinstance(x, int) or getattr(x, "value", None) is not None) for x, y in zip(a, b))
-
-
 def _token_major(x: ir.Value) -> Optional[ir.Value]:
     """y when x = Transpose(y, perm=[0, 2, 1, 3]) with y [batch, seq, heads, head_dim]."""
-    node = _op(x, "Transpose")
+    node = producer(x, "Transpose")
     if node is None or list(node.attributes.get_ints("perm", [])) != [0, 2, 1, 3]:
         return None
     y = node.inputs[0]
@@ -226,11 +203,11 @@ def _token_major(x: ir.Value) -> Optional[ir.Value]:
 
 def _flat(y: ir.Value, width: int) -> Optional[ir.Value]:
     """The [batch, seq, width] value y reshapes, if y is such a Reshape."""
-    node = _op(y, "Reshape")
+    node = producer(y, "Reshape")
     if node is None:
         return None
     z = node.inputs[0]
-    ok = z.shape is not None and len(z.shape) == 3 and z.shape[2] == width and _same_dims(z.shape[:2], y.shape[:2])
+    ok = z.shape is not None and len(z.shape) == 3 and z.shape[2] == width and same_dims(z.shape[:2], y.shape[:2])
     return z if ok else None
 
 
@@ -240,24 +217,16 @@ def _flattened_uses(rotated: ir.Value, width: int, graph: ir.Graph) -> list[ir.V
     found = []
     for use in list(rotated.uses()):
         node = use.node
-        if (node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or node.graph is not graph
+        if (node.op_type != "Transpose" or node.domain not in DEFAULT_DOMAINS or node.graph is not graph
                 or list(node.attributes.get_ints("perm", [])) != [0, 2, 1, 3]):
             continue
         for inner in list(node.outputs[0].uses()):
             out = inner.node.outputs[0]
-            if (inner.node.op_type == "Reshape" and inner.node.domain in ("", "ai.onnx") and inner.idx == 0
+            if (inner.node.op_type == "Reshape" and inner.node.domain in DEFAULT_DOMAINS and inner.idx == 0
                     and out.shape is not None and len(out.shape) == 3 and out.shape[2] == width
-                    and _same_dims(out.shape[:2], [rotated.shape[0], rotated.shape[2]])):
+                    and same_dims(out.shape[:2], [rotated.shape[0], rotated.shape[2]])):
                 found.append(out)
     return found
-
-
-def _take_over(old: ir.Value, new: ir.Value) -> None:
-    """`new` replaces `old` everywhere, under old's name, shape and type."""
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    name, shape, type_ = old.name, old.shape, old.type
-    old.name = None
-    new.name, new.shape, new.type = name, shape, type_
 
 
 class _Tables:
@@ -340,7 +309,7 @@ def fuse_rotary(model: ir.Model) -> int:
             ids, cos_rows, sin_rows = tables.rows_and_ids(match, dim, match.x)
             rotated = tables.node("RotaryEmbedding", [match.x, ids, cos_rows, sin_rows], match.root,
                                   domain="com.microsoft", interleaved=0, num_heads=heads)
-            _take_over(match.root.outputs[0], rotated)
+            take_over(match.root.outputs[0], rotated)
             continue
         # x is [batch, seq, heads * head_dim] transposed for attention: rotate it before the transpose,
         # so the attention input that transposes it back needs no transposes at all
@@ -358,11 +327,11 @@ def fuse_rotary(model: ir.Model) -> int:
             if flat_use not in graph.outputs:
                 flat_use.replace_all_uses_with(rotated)
             elif rotated not in graph.outputs:  # one graph output can take the rotated value's place
-                _take_over(flat_use, rotated)
+                take_over(flat_use, rotated)
         if list(old.uses()) or old in graph.outputs:  # other uses see the [batch, heads, seq, head_dim] form
             split = tables.node("Reshape", [rotated, tables.const(np.array([0, 0, heads, dim], np.int64),
                                                                   match.root)], match.root)
-            _take_over(old, tables.node("Transpose", [split], match.root, perm=[0, 2, 1, 3]))
+            take_over(old, tables.node("Transpose", [split], match.root, perm=[0, 2, 1, 3]))
     ir.passes.common.RemoveUnusedNodesPass()(model)
     model.opset_imports.setdefault("com.microsoft", 1)
     return len(matches)

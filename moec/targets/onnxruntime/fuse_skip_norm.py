@@ -24,24 +24,10 @@ from typing import Optional
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
-from onnx_ir.convenience import get_const_tensor
+
+from moec.onnx_match import DEFAULT_DOMAINS, const_ints, const_scalar, producer, same_dims, take_over
 
 NAME = "fuse_skip_norm"
-
-
-def _op(value: Optional[ir.Value], op_type: str) -> Optional[ir.Node]:
-    node = value.producer() if value is not None else None
-    if node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx"):
-        return None
-    return node
-
-
-def _scalar(value: Optional[ir.Value]) -> Optional[float]:
-    tensor = get_const_tensor(value) if value is not None else None
-    if tensor is None:
-        return None
-    array = tensor.numpy()
-    return float(array.reshape(-1)[0]) if array.size == 1 else None
 
 
 def _only_use(value: ir.Value, graph: ir.Graph) -> Optional[ir.Node]:
@@ -55,9 +41,7 @@ def _same_3d(a: ir.Value, b: ir.Value) -> Optional[int]:
     """hidden, when a and b are both [batch, seq, hidden] with the same dims and hidden known."""
     if a.shape is None or b.shape is None or len(a.shape) != 3 or len(b.shape) != 3:
         return None
-    known = all(x == y and (isinstance(x, int) or getattr(x, "value", None) is not None)
-                for x, y in zip(a.shape, b.shape))  # unknown sizes prove nothing
-    if not known:
+    if not same_dims(a.shape, b.shape):
         return None
     hidden = a.shape[2]
     if not isinstance(hidden, int) or a.dtype != ir.DataType.FLOAT or b.dtype != ir.DataType.FLOAT:
@@ -67,11 +51,11 @@ def _same_3d(a: ir.Value, b: ir.Value) -> Optional[int]:
 
 def _match(div: ir.Node, graph: ir.Graph):
     """(add, mul, weight, eps) for ``w * (s / sqrt(mean(s**2) + eps))`` ending at `div`, s = Add(a, b)."""
-    if div.op_type != "Div" or div.domain not in ("", "ai.onnx"):
+    if div.op_type != "Div" or div.domain not in DEFAULT_DOMAINS:
         return None
     s = div.inputs[0]
-    add = _op(s, "Add")
-    sqrt = _op(div.inputs[1], "Sqrt")
+    add = producer(s, "Add")
+    sqrt = producer(div.inputs[1], "Sqrt")
     if add is None or sqrt is None or len(add.inputs) != 2:
         return None
     if len(list(s.uses())) < 3 and s not in graph.outputs:  # Pow and Div only: nothing reads the sum on
@@ -79,27 +63,27 @@ def _match(div: ir.Node, graph: ir.Graph):
     hidden = _same_3d(add.inputs[0], add.inputs[1])
     if hidden is None:
         return None
-    plus = _op(sqrt.inputs[0], "Add")
+    plus = producer(sqrt.inputs[0], "Add")
     if plus is None:
         return None
     for mean_at in (0, 1):
-        mean = _op(plus.inputs[mean_at], "ReduceMean")
-        eps = _scalar(plus.inputs[1 - mean_at])
+        mean = producer(plus.inputs[mean_at], "ReduceMean")
+        eps = const_scalar(plus.inputs[1 - mean_at])
         if mean is None or eps is None:
             continue
-        axes = get_const_tensor(mean.inputs[1]) if len(mean.inputs) > 1 and mean.inputs[1] is not None else None
-        axes = [int(v) for v in axes.numpy().reshape(-1)] if axes is not None else list(mean.attributes.get_ints("axes", []))
+        axes = (const_ints(mean.inputs[1]) if len(mean.inputs) > 1 and mean.inputs[1] is not None
+                else list(mean.attributes.get_ints("axes", [])))
         if axes not in ([-1], [2]) or mean.attributes.get_int("keepdims", 1) != 1:
             return None
-        pow_ = _op(mean.inputs[0], "Pow")
-        if pow_ is None or pow_.inputs[0] is not s or _scalar(pow_.inputs[1]) != 2.0:
+        pow_ = producer(mean.inputs[0], "Pow")
+        if pow_ is None or pow_.inputs[0] is not s or const_scalar(pow_.inputs[1]) != 2.0:
             return None
         if _only_use(pow_.outputs[0], graph) is not mean or _only_use(mean.outputs[0], graph) is not plus:
             return None
         if _only_use(plus.outputs[0], graph) is not sqrt or _only_use(sqrt.outputs[0], graph) is not div:
             return None
         mul = _only_use(div.outputs[0], graph)
-        if mul is None or mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx"):
+        if mul is None or mul.op_type != "Mul" or mul.domain not in DEFAULT_DOMAINS:
             return None
         weight = mul.inputs[1] if mul.inputs[0] is div.outputs[0] else mul.inputs[0]
         if weight.shape is None or list(weight.shape) != [hidden] or weight.dtype != ir.DataType.FLOAT:
@@ -119,11 +103,8 @@ def fuse_skip_norm(model: ir.Model) -> int:
         graph.insert_before(add, node)  # its inputs are the add's; every use of the sum comes after
         out, mean, inv_std, total = node.outputs
         mean.name, inv_std.name = "", ""  # optional outputs left out
-        for old, new in ((mul.outputs[0], out), (add.outputs[0], total)):
-            old.replace_all_uses_with(new, replace_graph_outputs=True)
-            name, shape, type_ = old.name, old.shape, old.type
-            old.name = None
-            new.name, new.shape, new.type = name, shape, type_
+        take_over(mul.outputs[0], out)
+        take_over(add.outputs[0], total)
     if found:
         onnx_ir.passes.common.RemoveUnusedNodesPass()(model)
         model.opset_imports.setdefault("com.microsoft", 1)

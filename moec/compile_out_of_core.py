@@ -13,15 +13,16 @@
    same reading the miniature chose, or the compile stops naming the layer), lowered, and its tensors written
    to external data (moec.external_data.write_streamed, shards of --shard-size, a layer never split); then the
    group's weights are dropped. With --quant, layers that can are quantized one expert at a time
-   (moec.quantize_streamed): their experts are never all in memory.
+   (moec.quantize_streamed): their experts are never all in memory. A GPT-OSS MXFP4 checkpoint's experts are
+   folded the same way with the checkpoint's own codes (moec.mxfp4_stream), never re-quantized.
 4. verify: layer by layer (moec.verify_layers): the eager model runs with one decoder layer materialised at a
    time, the artifact runs segment by segment (moec.segmented_run); every layer's output and the logits are
    compared, and the goldens are the artifact's outputs on that input.
 Peak memory is the largest layer group a few times over plus the graph, whatever the model's size.
 The artifact is the in-memory compile's (the KV-cache decoder unless --task logits; --quant codes byte for byte;
 --triton-repo through the same packaging stage). Refuses what it does not stream yet (calibration, pruning, dense
-quantization, --device-memory, --static, TensorRT, pre-quantized checkpoints): named, exit 2, with the in-memory
-compile as the way to get it.
+quantization, --device-memory, --static, TensorRT, pre-quantized checkpoints other than MXFP4: moec-packed,
+compressed-tensors, GPTQ, AWQ, fp8): named, exit 2, with the in-memory compile as the way to get it.
 """
 
 from __future__ import annotations
@@ -58,12 +59,19 @@ def wants_out_of_core(source: Optional[str], mode: str, log: Callable[[str], Non
     from moec.checkpoint import is_packed
     from moec.fold_checkpoint import quant_method
 
-    if is_packed(source) or quant_method(source) is not None or not os.path.isfile(os.path.join(source, "config.json")):
+    method = quant_method(source)
+    if is_packed(source) or method not in (None, "mxfp4") or not os.path.isfile(os.path.join(source, "config.json")):
         return False
     try:
-        numel = LazyCheckpoint(source).numel
+        ck = LazyCheckpoint(source)
     except MoecError:
         return False  # the in-memory loader names what is wrong with it
+    if method == "mxfp4":  # the in-memory fold holds the experts dequantized: count them as the values they store
+        from moec.mxfp4_stream import mxfp4_parameters
+
+        numel = mxfp4_parameters(ck)
+    else:
+        numel = ck.numel
     available = _available_memory()
     if available is None or numel * 4 <= AUTO_FRACTION * available:
         return False
@@ -134,7 +142,8 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     from moec.sources import as_task
     from moec.targets import get
     from moec.passes.quantize_experts import spec_from_options
-    from moec.pipeline import dtype_of, refuse_without_fused_layers, run_graph_passes
+    from moec.fold_checkpoint import quant_method
+    from moec.pipeline import adopt_checkpoint_quantization, dtype_of, refuse_without_fused_layers, run_graph_passes
     from moec.validate import check_max_shape
 
     from moec.heap import bounded_heap
@@ -147,15 +156,25 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     check_streamable(options)
     refuse_quantized_checkpoint(source)
     stage = _Stages(options.log, STAGES)
-    ck = stage("load", f"indexing the checkpoint in {source} (headers only)", LazyCheckpoint, source)
+    mxfp4 = quant_method(source) == "mxfp4"  # its experts' codes are folded as they stream, never re-quantized
+    ck, mx = stage("load", f"indexing the checkpoint in {source} (headers only" + (
+        "; each MXFP4 expert read once, to check it and choose the codes' spec)" if mxfp4 else ")"),
+                   index_checkpoint, source, mxfp4, options.log)
+    if mx is not None:
+        adopt_checkpoint_quantization(mx.spec, options)
+        check_quantization(options, True)
     hf = read_config(source)
+    if mx is not None:
+        if hasattr(hf.config, "quantization_config"):
+            del hf.config.quantization_config  # moec folds the codes; transformers' quantizer must not wrap layers
+        mx.check_model(ck.skeleton(hf.config))  # on the meta device: shapes only, before any work
     ck.model_config = hf.config  # read_config's reading (unknown model_type through `architectures` ...) everywhere
     options.log(f"  {ck.numel / 1e9:.2f}B parameters, {ck.nbytes / 2**30:.2f} GiB stored, "
                 f"{len(ck.layer_groups())} layer groups")
     kinds = stage("recognise", f"recognising MoE layers on a miniature {hf.model_class.__name__}",
                   recognise_miniature, hf, lambda msg: None)
 
-    spec = spec_from_options(options.extra) if options.extra.get("quant") else None
+    spec = mx.spec if mx is not None else spec_from_options(options.extra) if options.extra.get("quant") else None
     lowering = target.lowering_passes(options)
     half = dtype_of(options) == "fp16"  # each tensor converted as it is written; the graph captured in fp16
 
@@ -203,8 +222,14 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         bad = [f"{l['path']}: {l.get('reason', '')}" for l in layers["layers"] if not l["fused"]]
         raise FusionRequiredError("--require-fusion: MoE layers left unfused: " + "; ".join(bad))
     weights_model = ck.skeleton(hf.config)
+    coder = None
+    if mx is not None:
+        from moec.mxfp4_stream import CheckpointCodes
+
+        coder = CheckpointCodes(mx)
+        notes.append(mx.note)
     streamer = LayerStreamer(ck, weights_model, planned, kinds, spec, lowering, options.extra, options.log,
-                             WRAPPER * (2 if half else 1))
+                             WRAPPER * (2 if half else 1), coder)
 
     with _workdir(options.out, options.log) as tmp:
         from moec.external_data import DEFAULT_SHARD_BYTES, write_streamed
@@ -232,7 +257,7 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
             prepare = streamer.prepare
         else:
             tolerance, prepare = options.tolerance, None
-        against = None
+        against = "the checkpoint's weights (its MXFP4 experts dequantized exactly)" if mx is not None else None
         if half:  # the reference is the eager model in fp16, each layer cast as it is read; fp32 is compared too
             tolerance = max(tolerance, TOLERANCES["fp16"])
             against = "the dequantized reference in fp16" if prepare else "eager PyTorch in fp16"
@@ -240,11 +265,14 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         verified = stage("verify", "verifying layer by layer (eager and ONNX Runtime, one layer in memory)",
                          verify_layer_by_layer, model_path, ck, tolerance, src.verification_inputs(options.verify_seq_len),
                          src.input_names, src.output_names, wrapper_of(src.module), options.log, prepare,
-                         streamer.prepare_fp32, against)
+                         streamer.prepare_fp32, against, reference_is_fp32=mx is not None and not half)
         if streamer.streaming is not None:
             streamer.streaming.done()
         if spec is not None:
-            quant = quantization_report(streamer.quantized, spec, verified, tolerance)
+            quant = quantization_report(streamer.quantized, spec, verified, tolerance, streamer.coder,
+                                        target.quantizes_activations(options))
+            if mx is not None:
+                quant["checkpoint_format"] = mx.format
         # the whole artifact in one session, once the layer-by-layer check passed (its failure says more)
         fp16_off = half and spec is None and verified.vs_fp32["rel_l2"] > tolerance
         whole = (run_end_to_end(model_path, weights_bytes, verified, tolerance, options.log)
@@ -301,11 +329,21 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     return CompileResult(os.path.abspath(options.out), report, triton_dir)
 
 
+def index_checkpoint(source: str, mxfp4: bool, log: Callable[[str], None]):
+    """(the checkpoint's index, and for an MXFP4 checkpoint its scanned experts, else None)."""
+    ck = LazyCheckpoint(source)
+    if not mxfp4:
+        return ck, None
+    from moec.mxfp4_stream import Mxfp4Stream
+
+    return ck, Mxfp4Stream.scan(ck, log)
+
+
 def in_fp16(prepare: Callable[[nn.Module, str], None]) -> Callable[[nn.Module, str], None]:
     """A layer group read as `prepare` reads it, then cast to fp16 as cast_precision casts the in-memory model
     (every floating-point parameter and buffer; the layers still on the meta device stay there)."""
-    def read(model: nn.Module, key: str) -> None:
-        prepare(model, key)
+    def read(model: nn.Module, key: str, skip=None) -> None:
+        prepare(model, key, skip=skip)
         model.to(torch.float16)
 
     return read
@@ -339,11 +377,14 @@ def refuse_quantized_checkpoint(source: str) -> None:
     from moec.fold_checkpoint import quantization_config
 
     qc = quantization_config(source)
+    if isinstance(qc, dict) and qc.get("quant_method") == "mxfp4":
+        return  # folded as it streams (moec.mxfp4_stream)
     what = "a moec-packed" if is_packed(source) else (
         f"a {qc.get('quant_method', 'quantized')}" if isinstance(qc, dict) and qc else None)
     if what:
-        raise MoecError(f"'{source}' is {what} checkpoint: an out-of-core compile streams float weights and does not "
-                        "fold pre-quantized ones yet; compile it with --out-of-core off. Nothing was written.")
+        raise MoecError(f"'{source}' is {what} checkpoint: an out-of-core compile streams float weights and MXFP4 "
+                        "experts, and does not fold other pre-quantized ones yet; compile it with --out-of-core off. "
+                        "Nothing was written.")
 
 
 def keep_failed(tmp: str, options: CompileOptions, report: dict) -> str:
@@ -371,13 +412,16 @@ def wrapper_of(graph_module: nn.Module) -> Callable[[nn.Module], nn.Module]:
     return lambda model: CausalLMLogits(model).eval()
 
 
-def quantization_report(layers: list[dict], spec, verified, tolerance: float) -> dict:
-    """The report's quantization entry, in the in-memory compile's terms (the CLI prints both alike)."""
-    return {"spec": spec.name, "precision": f"int{spec.bits}", "method": "round-to-nearest", "layers": layers,
+def quantization_report(layers: list[dict], spec, verified, tolerance: float, coder,
+                        activations_quantized: bool) -> dict:
+    """The report's quantization entry, in the in-memory compile's terms (the CLI prints both alike); `coder`
+    chose the codes (moec.quantize_streamed)."""
+    return {"spec": spec.name, "precision": f"int{spec.bits}", "method": coder.method, "layers": layers,
+            "onnxruntime_quantizes_activations": activations_quantized,
             "weight_bytes_fp32": sum(l["weight_bytes_fp32"] for l in layers),
             "weight_bytes_quantized": sum(l["weight_bytes_quantized"] for l in layers),
             "logits_vs_fp32": verified.vs_fp32, "tolerance_vs_dequantized": tolerance,
-            "reference": "the dequantized model (each layer's experts quantized and dequantized), layer by layer"}
+            "reference": coder.reference}
 
 
 def _layer_report(planned, lowered) -> dict:
@@ -414,7 +458,7 @@ class LayerStreamer:
     and `prepare`, the same group as the exact reference (fused, and with --quant dequantized) for verification."""
 
     def __init__(self, ck: LazyCheckpoint, model: nn.Module, planned: list, kinds: dict, spec, lowering: list,
-                 extra: dict, log: Callable[[str], None], prefix: str = WRAPPER):
+                 extra: dict, log: Callable[[str], None], prefix: str = WRAPPER, coder=None):
         self.ck, self.model, self.planned, self.kinds, self.log = ck, model, planned, kinds, log
         self.prefix = prefix  # what the graph's wrappers put before the transformers model's tensor names
         self.spec, self.lowering, self.extra = spec, lowering, extra
@@ -424,20 +468,27 @@ class LayerStreamer:
         if spec is not None:   # never all in memory); the others are read whole
             from moec.quantize_streamed import StreamedQuantizer
 
-            self.streaming = StreamedQuantizer(ck, ck.config(), model, planned, kinds, spec, log)
+            self.streaming = StreamedQuantizer(ck, ck.config(), model, planned, kinds, spec, log, coder)
+            unstreamed = [p for p in self.fused_paths if not self.streaming.streams(p)]
+            if coder is not None and unstreamed:  # the fallback below would re-quantize the checkpoint's weights
+                raise MoecError(f"{unstreamed[0]}: its experts can't be read one at a time, so their checkpoint "
+                                "codes can't be folded as they stream; compile with --out-of-core off. Nothing "
+                                "was written.")
+        self.coder = self.streaming.coder if self.streaming is not None else None
 
     def _streamed(self, key: str) -> list[str]:
         return [p for p in self.fused_paths if _group_of(p) == key and self.streaming is not None
                 and self.streaming.streams(p)]
 
-    def prepare(self, model: nn.Module, key: str, record: bool = False) -> None:
-        """Read the group into `model`, fuse its MoE layers on their real weights and, with --quant, quantize their
-        experts (the FusedMoE then computes with the dequantized weights: the artifact's exact reference)."""
+    def prepare(self, model: nn.Module, key: str, record: bool = False, skip=None) -> None:
+        """Read the group into `model` (but the checkpoint tensors `skip` names), fuse its MoE layers on their real
+        weights and, with --quant, quantize their experts (the FusedMoE then computes with the dequantized
+        weights: the artifact's exact reference)."""
         streamed = self._streamed(key)
         if streamed:
             self.streaming.materialise(model, key)
         else:
-            self.ck.materialise(model, key)
+            self.ck.materialise(model, key, skip=skip)
         if not key and hasattr(model, "tie_weights"):
             model.tie_weights()
         for path in self.fused_paths:
@@ -453,57 +504,94 @@ class LayerStreamer:
             if self.spec is not None:
                 self.quantize(path, fused, record)
 
-    def prepare_fp32(self, model: nn.Module, key: str) -> None:
+    def prepare_fp32(self, model: nn.Module, key: str, skip=None) -> None:
         """The group at full precision, as the checkpoint has it (layers streamed expert by expert run fused, from
         their fp32 experts read one at a time): the reference for the quantized artifact's error vs fp32."""
         streamed = self._streamed(key)
         if not streamed:
-            self.ck.materialise(model, key)
+            self.ck.materialise(model, key, skip=skip)
             return
         self.streaming.materialise(model, key)
         for path in streamed:
             self.streaming.fuse(model, path, "fp32", self.probe(next(p for p in self.planned if p.path == path)))
 
     def fill(self, key: str, values: list) -> Iterator[tuple]:
-        import numpy as np
-
         from moec.passes.base import PassContext
 
-        self.prepare(self.model, key, record=True)
-        if key:
+        if not key:
+            yield from self._fill_embeddings(values)
+            return
+        try:
+            self.prepare(self.model, key, record=True)
             layer = self.model.get_submodule(_layer_path(self.model, key))
             for p in self.lowering:
                 p(layer, PassContext(probes=[], options=self.extra))
             for path in self._streamed(key):
                 self.streaming.fill_lowered(self.model, path)
-        tensors = dict(self.model.named_parameters(remove_duplicate=False))
-        tensors.update(self.model.named_buffers(remove_duplicate=False))
-        try:
-            for v in values:
-                name = v.name[len(self.prefix):] if v.name.startswith(self.prefix) else v.name
-                t = tensors.get(name)
-                if t is None or t.is_meta:
-                    raise MoecError(f"out-of-core compile: the graph's initializer '{v.name}' has no tensor in "
-                                    f"{key or 'the embeddings and head'} after streaming (a module the graph reads "
-                                    "outside its layer); compile with --out-of-core off.")
-                want = tuple(v.const_value.shape.numpy())
-                if tuple(t.shape) != want:
-                    raise MoecError(f"out-of-core compile: '{v.name}' is {tuple(t.shape)} from the checkpoint, the "
-                                    f"graph captured {want}.")
-                source = t.detach().contiguous().numpy()
-                with np.errstate(over="ignore"):  # a value beyond fp16's range is named just below
-                    array = source.astype(v.const_value.dtype.numpy(), copy=False)
-                if array.dtype == np.float16 and source.dtype != np.float16:
-                    check_fp16(v.name, source, array)
-                yield v, memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B")  # its own bytes, no copy
-        finally:
-            if key:  # its lowered modules' buffers (packed codes) go too: nothing of a written layer stays
-                release(self.model.get_submodule(_layer_path(self.model, key)), buffers=True)
-            else:
-                release(self.model)
+            yield from self._bytes(values, key)
+        finally:  # its lowered modules' buffers (packed codes) go too: nothing of a written layer stays
+            release(self.model.get_submodule(_layer_path(self.model, key)), buffers=True)
             if self.streaming is not None:
                 self.streaming.done()
             trim()
+
+    def _fill_embeddings(self, values: list) -> Iterator[tuple]:
+        """The embeddings-and-head group, one checkpoint tensor at a time where each reads on its own
+        (LazyCheckpoint.one_by_one): with a large vocabulary each is more than a decoder layer, and the group whole
+        would set the compile's peak (GPT-OSS: 2.2 GiB apiece in fp32)."""
+        names = self.ck.one_by_one(self.model, "")
+        passes = names if names and len(names) > 1 and not self._streamed("") else [None]
+        todo = list(values)
+        try:
+            for name in passes:
+                self.prepare(self.model, "", record=True, skip=None if name is None else (lambda n, name=name: n != name))
+                ready = todo if name is None else self._filled(todo)
+                yield from self._bytes(ready, "")
+                done = {v.name for v in ready}
+                todo = [v for v in todo if v.name not in done]
+                release(self.model)
+                trim()
+            yield from self._bytes(todo, "")  # a value no tensor filled: named
+        finally:
+            release(self.model)
+            if self.streaming is not None:
+                self.streaming.done()
+            trim()
+
+    def _filled(self, values: list) -> list:
+        """The values whose tensors the model holds now (the tensors are not kept: they go at the next release)."""
+        real = {n for n, t in self._tensors().items() if not t.is_meta}
+        return [v for v in values if self._name(v) in real]
+
+    def _name(self, value) -> str:
+        return value.name[len(self.prefix):] if value.name.startswith(self.prefix) else value.name
+
+    def _tensors(self) -> dict:
+        tensors = dict(self.model.named_parameters(remove_duplicate=False))
+        tensors.update(self.model.named_buffers(remove_duplicate=False))
+        return tensors
+
+    def _bytes(self, values: list, key: str) -> Iterator[tuple]:
+        """(value, its bytes in the graph's dtype) for each value, from the model's tensor of its name."""
+        import numpy as np
+
+        tensors = self._tensors()
+        for v in values:
+            t = tensors.get(self._name(v))
+            if t is None or t.is_meta:
+                raise MoecError(f"out-of-core compile: the graph's initializer '{v.name}' has no tensor in "
+                                f"{key or 'the embeddings and head'} after streaming (a module the graph reads "
+                                "outside its layer); compile with --out-of-core off.")
+            want = tuple(v.const_value.shape.numpy())
+            if tuple(t.shape) != want:
+                raise MoecError(f"out-of-core compile: '{v.name}' is {tuple(t.shape)} from the checkpoint, the "
+                                f"graph captured {want}.")
+            source = t.detach().contiguous().numpy()
+            with np.errstate(over="ignore"):  # a value beyond fp16's range is named just below
+                array = source.astype(v.const_value.dtype.numpy(), copy=False)
+            if array.dtype == np.float16 and source.dtype != np.float16:
+                check_fp16(v.name, source, array)
+            yield v, memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B")  # its own bytes, no copy
 
     def fuse_real(self, model: nn.Module, path: str, record: bool = True):
         """Fuse one MoE layer on its real weights, as the miniature taught: same spec, or an error naming it."""

@@ -38,6 +38,9 @@ class LazyCheckpoint:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # as stored
     nbytes: int = 0  # as stored
     numel: int = 0
+    # tensors stored in another form (GPT-OSS's MXFP4 experts, moec.mxfp4_stream): name -> its fp32 value, whole
+    # (None) or one expert's [e:e + 1]; listed in files/groups/shapes under that name, in the model's layout
+    decoded: dict[str, Callable[[Optional[int]], torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in checkpoint_files(self.path):
@@ -86,29 +89,46 @@ class LazyCheckpoint:
     def materialise(self, model: nn.Module, group: str, dtype: torch.dtype = torch.float32,
                     skip: Optional[Callable[[str], bool]] = None, may_stay_meta: frozenset = frozenset()) -> None:
         """Load the checkpoint's tensors of `group` into `model` (converted as transformers loads them). `skip`:
-        checkpoint tensors not to read (experts streamed one at a time); `may_stay_meta`: the model's parameters
-        they would have filled."""
+        checkpoint tensors not to read (experts streamed one at a time, a head read when it runs); `may_stay_meta`:
+        the model's parameters they would have filled (a skipped tensor named as the model names it is one)."""
         from safetensors import safe_open
 
         names = [n for n in self.groups.get(group, []) if skip is None or not skip(n)]
+        if skip is not None:
+            may_stay_meta = may_stay_meta | {n for n in self.groups.get(group, []) if skip(n)}
         by_file: dict[str, list[str]] = {}
         for n in names:
             by_file.setdefault(self.files[n], []).append(n)
-        with contextlib.ExitStack() as stack:
-            state = {}
-            for file, tensors in by_file.items():
-                try:
-                    f = stack.enter_context(safe_open(file, "pt"))
-                    for n in tensors:
-                        state[n] = f.get_slice(n)  # read when transformers converts it, one tensor at a time
-                except Exception as exc:
-                    raise SourceError(f"'{file}': cannot read tensor data ({type(exc).__name__}: {exc}).") from exc
+        state = {}
+        for file, tensors in by_file.items():
             try:
-                info = load_converted(model, state, dtype)
+                with safe_open(file, "pt") as f:  # readable now: a broken file is named before any conversion
+                    for n in tensors:
+                        state[n] = self.decoded[n](None) if n in self.decoded else Reopened(file, n, f.get_slice(n),
+                                                                                           dtype)
             except Exception as exc:
-                raise SourceError(f"'{self.path}': loading the tensors of {group or 'the embeddings and head'} failed: "
-                                  f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+                raise SourceError(f"'{file}': cannot read tensor data ({type(exc).__name__}: {exc}).") from exc
+        try:
+            info = load_converted(model, state, dtype)  # each tensor read when transformers converts it
+        except Exception as exc:
+            raise SourceError(f"'{self.path}': loading the tensors of {group or 'the embeddings and head'} failed: "
+                              f"{type(exc).__name__}: {str(exc)[:300]}") from exc
         self._check(model, group, info, may_stay_meta)
+
+    def one_by_one(self, model: nn.Module, group: str) -> Optional[list[str]]:
+        """The group's checkpoint tensors, when each can be read on its own: every one is named as the model names
+        a tensor of its own (no conversion merges or renames them). None otherwise."""
+        names = self.groups.get(group, [])
+        own = {n for n, _ in _named_tensors(model)}
+        return list(names) if names and all(n in own and n not in self.decoded for n in names) else None
+
+    def read(self, f, name: str, expert: Optional[int] = None):
+        """What transformers' conversion reads for `name` from the open file `f`: the stored tensor as a lazy
+        safetensors slice (with `expert`, its [e:e + 1] rows), or a decoded tensor's value."""
+        if name in self.decoded:
+            return self.decoded[name](expert)
+        stored = f.get_slice(name)
+        return stored if expert is None else stored[expert:expert + 1]
 
     def _check(self, model: nn.Module, group: str, info, may_stay_meta: frozenset = frozenset()) -> None:
         self.check_loading(info)
@@ -142,6 +162,49 @@ class LazyCheckpoint:
             return self.files[key]
         hits = [f for n, f in self.files.items() if n.endswith(key) or key.endswith(n)]
         return hits[0] if hits else self.path
+
+
+class Reopened:
+    """A checkpoint tensor transformers reads (`tensor[...]`) through a file mapping of its own, which lives as
+    long as the tensor read from it. Read through one mapping held open for the whole group, every page read
+    would stay resident until the group is loaded: a 201k-token head's 1 GiB of bf16 beside its fp32 copy.
+    A large floating-point tensor read whole is converted to `dtype` here, CHUNK bytes of rows at a time, each
+    through a mapping of its own, so its stored form is never resident whole beside the converted one (what
+    transformers then casts it to is the same values: bf16 and fp16 widen to fp32 exactly)."""
+
+    CHUNK = 64 << 20
+    FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+    def __init__(self, file: str, name: str, stored, dtype: Optional[torch.dtype] = None):
+        self.file, self.name, self.convert_to = file, name, dtype
+        self.shape, self.dtype = stored.get_shape(), stored.get_dtype()
+
+    def get_shape(self):
+        return self.shape
+
+    def get_dtype(self):
+        return self.dtype
+
+    def __getitem__(self, index) -> torch.Tensor:
+        stored = self.FLOATS.get(self.dtype)
+        if index is Ellipsis and stored is not None and self.convert_to is not None and stored != self.convert_to \
+                and self.convert_to.is_floating_point and len(self.shape) >= 1 and self.shape[0] > 1 \
+                and math.prod(self.shape) * stored.itemsize > self.CHUNK:
+            out = torch.empty(tuple(self.shape), dtype=self.convert_to)
+            rows = max(1, self.CHUNK * self.shape[0] // (math.prod(self.shape) * stored.itemsize))
+            for start in range(0, self.shape[0], rows):
+                out[start:start + rows] = self._read(slice(start, start + rows))
+            return out
+        return self._read(index)
+
+    def _read(self, index) -> torch.Tensor:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(self.file, "pt") as f:
+                return f.get_slice(self.name)[index]
+        except Exception as exc:
+            raise SourceError(f"'{self.file}': cannot read tensor '{self.name}' ({type(exc).__name__}: {exc}).") from exc
 
 
 def load_converted(model: nn.Module, state: dict, dtype: torch.dtype = torch.float32):

@@ -33,6 +33,8 @@ BLOCK = 32
 PARTS = ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales")
 # E2M1 code -> twice its value: an integer, so a block is exactly int8 codes at scale 2^(e - 128)
 DOUBLED_FP4 = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=torch.int32)
+# a byte of `_blocks` -> its two doubled values, column 2j (low nibble) first
+DOUBLED_PAIRS = torch.stack([DOUBLED_FP4[torch.arange(256) & 0x0F], DOUBLED_FP4[torch.arange(256) >> 4]], dim=-1)
 NAN_EXPONENT = 255
 
 
@@ -49,7 +51,9 @@ class Mxfp4Tensor:
         """float32 [E, N, K], exactly FP4 * 2^(e - 127)."""
         e, n, k = self.doubled.shape
         blocks = self.doubled.reshape(e, n, k // BLOCK, BLOCK).float()
-        return torch.ldexp(blocks, (self.exponents - 128)[..., None]).reshape(e, n, k)
+        # a small integer times a power of two: exact in fp32 (what ldexp gives, without its per-element cost)
+        scale = torch.ldexp(torch.ones(self.exponents.shape), self.exponents - 128)
+        return (blocks * scale[..., None]).reshape(e, n, k)
 
     def _row_shifts(self):
         """(blocks [E, N, G, 32], each block's peak |value|, the row's smallest exponent among its nonzero blocks
@@ -78,6 +82,44 @@ class Mxfp4Tensor:
         return QuantizedWeight(values + 128, torch.ldexp(torch.ones(base.shape), base - 128), None, QuantSpec(8))
 
 
+def decode(name: str, file: str, scales_file: str, blocks: torch.Tensor, scales: torch.Tensor) -> Mxfp4Tensor:
+    """One projection's `_blocks` and `_scales` (all its experts, or a slice of them) unpacked and checked: uint8,
+    shapes that agree, no NaN exponent, no weight beyond fp32's range."""
+    for part, t, f in ((f"{name}_blocks", blocks, file), (f"{name}_scales", scales, scales_file)):
+        if t.dtype != torch.uint8:
+            raise QuantError(f"{f}: '{part}' is {t.dtype}; MXFP4 blocks and E8M0 scales are uint8.")
+    if blocks.dim() != 4 or blocks.shape[-1] != BLOCK // 2 or tuple(blocks.shape[:-1]) != tuple(scales.shape):
+        raise QuantError(f"{file}: '{name}_blocks' has shape {tuple(blocks.shape)} and '{name}_scales' "
+                         f"{tuple(scales.shape)}; MXFP4 needs [E, N, G, 16] blocks and [E, N, G] scales.")
+    nan = int((scales == NAN_EXPONENT).sum())
+    if nan:
+        raise QuantError(f"{scales_file}: '{name}_scales' holds {nan} NaN exponents (E8M0 255); the weights "
+                         "they scale are undefined.")
+    doubled = DOUBLED_PAIRS[blocks.long()].reshape(*blocks.shape[:2], -1)  # [E, N, K]
+    t = Mxfp4Tensor(name, file, doubled, scales.to(torch.int32))
+    # 6 * 2^127 and beyond: exponents 253 and 254 overflow fp32 for the larger FP4 values (12 * 2^(e - 128) is
+    # finite below 250, so only those blocks are computed)
+    hot = t.exponents >= 250
+    inf = 0
+    if bool(hot.any()):
+        e, n, k = doubled.shape
+        values = torch.ldexp(doubled.reshape(e, n, k // BLOCK, BLOCK)[hot].float(), (t.exponents[hot] - 128)[:, None])
+        inf = int((~torch.isfinite(values)).sum())
+    if inf:
+        raise QuantError(f"{scales_file}: '{name}_scales' scales {inf} weights beyond fp32's range (exponents "
+                         "253-254 with large FP4 values); not a usable checkpoint.")
+    return t
+
+
+def folded_spec(per_row: bool, tensors: int) -> tuple[QuantSpec, str]:
+    """The QMoE codes' spec for per-row or block codes, and the report's note saying why."""
+    spec = QuantSpec(8) if per_row else QuantSpec(8, BLOCK)
+    why = ("every row's block exponents span little enough for one scale per row: ONNX Runtime's exact fp32 kernel"
+           if per_row else "some rows' block exponents span too much for one int8 scale per row: blocks of 32, which "
+           "ONNX Runtime runs with int8 activations")
+    return spec, f"{FORMAT} expert weights ({tensors} tensors) folded without re-quantizing as {spec.name} codes ({why})"
+
+
 def read_mxfp4(path: str) -> tuple[list[Mxfp4Tensor], dict[str, torch.Tensor]]:
     """The checkpoint's MXFP4 projections (unpacked, checked) and its plain tensors."""
     raw, where, plain = read_tensors(path, PARTS)
@@ -92,26 +134,7 @@ def read_mxfp4(path: str) -> tuple[list[Mxfp4Tensor], dict[str, torch.Tensor]]:
                 have, lack = ("_blocks", "_scales") if scales is None else ("_scales", "_blocks")
                 raise QuantError(f"{where[name + have]}: '{name}{have}' has no '{name}{lack}' in the checkpoint; an "
                                  "MXFP4 tensor needs both.")
-            file, scales_file = where[f"{name}_blocks"], where[f"{name}_scales"]
-            for part, t, f in ((f"{name}_blocks", blocks, file), (f"{name}_scales", scales, scales_file)):
-                if t.dtype != torch.uint8:
-                    raise QuantError(f"{f}: '{part}' is {t.dtype}; MXFP4 blocks and E8M0 scales are uint8.")
-            if blocks.dim() != 4 or blocks.shape[-1] != BLOCK // 2 or tuple(blocks.shape[:-1]) != tuple(scales.shape):
-                raise QuantError(f"{file}: '{name}_blocks' has shape {tuple(blocks.shape)} and '{name}_scales' "
-                                 f"{tuple(scales.shape)}; MXFP4 needs [E, N, G, 16] blocks and [E, N, G] scales.")
-            nan = int((scales == NAN_EXPONENT).sum())
-            if nan:
-                raise QuantError(f"{scales_file}: '{name}_scales' holds {nan} NaN exponents (E8M0 255); the weights "
-                                 "they scale are undefined.")
-            b = blocks.to(torch.int32)
-            nibbles = torch.stack([b & 0x0F, b >> 4], dim=-1)  # [E, N, G, 16, 2]: column 2j low, 2j + 1 high
-            doubled = DOUBLED_FP4[nibbles].reshape(*blocks.shape[:2], -1)
-            t = Mxfp4Tensor(name, file, doubled, scales.to(torch.int32))
-            inf = int((~torch.isfinite(t.dequantized())).sum())
-            if inf:  # 6 * 2^127 and beyond: exponents 253 and 254 overflow fp32 for the larger FP4 values
-                raise QuantError(f"{scales_file}: '{name}_scales' scales {inf} weights beyond fp32's range (exponents "
-                                 "253-254 with large FP4 values); not a usable checkpoint.")
-            out.append(t)
+            out.append(decode(name, where[f"{name}_blocks"], where[f"{name}_scales"], blocks, scales))
     return out, plain
 
 
@@ -151,11 +174,8 @@ def load_mxfp4(path: str):
             raise QuantError(f"{t.file}: the int8 codes of '{t.name}' do not dequantize to its MXFP4 weights; not "
                              "folded.")
         table.attach(params[t.name], q, transposed=True)
-    spec = QuantSpec(8) if per_row else QuantSpec(8, BLOCK)
-    why = ("every row's block exponents span little enough for one scale per row: ONNX Runtime's exact fp32 kernel"
-           if per_row else "some rows' block exponents span too much for one int8 scale per row: blocks of 32, which "
-           "ONNX Runtime runs with int8 activations")
-    notes = [f"{FORMAT} expert weights ({len(tensors)} tensors) folded without re-quantizing as {spec.name} codes ({why})"]
+    spec, note = folded_spec(per_row, len(tensors))
+    notes = [note]
     skipped = qc.get("modules_to_not_convert") or []
     if skipped:
         notes.append(f"{len(skipped)} module patterns the checkpoint keeps unquantized (e.g. {skipped[0]}) loaded as "

@@ -9,9 +9,10 @@ Matches: a fused layer of an out-of-core `--quant` compile whose experts the mod
 Produces, per layer and use:
   - "codes" (writing the artifact): the FusedMoE over the layer's own router and shared expert, its experts
     checked against the layer as written on a probe (translation validation on the real weights, both sides one
-    expert at a time), then quantized expert by expert (round-to-nearest, separable per expert, so the codes
-    are the whole-layer quantization's byte for byte) and packed as QMoE reads them; `fill_lowered` gives the
-    lowered layer those bytes.
+    expert at a time), then given codes expert by expert by its coder (RoundToNearest: separable per expert, so
+    the codes are the whole-layer quantization's byte for byte; or a pre-quantized checkpoint's own codes,
+    moec.mxfp4_stream.CheckpointCodes) and packed as QMoE reads them; `fill_lowered` gives the lowered layer
+    those bytes.
   - "dequantized" / "fp32" (verification): the FusedMoE computing its experts one at a time from the
     dequantized codes (the artifact's exact reference) or from the fp32 weights (the error against full
     precision).
@@ -34,10 +35,38 @@ from moec.stream_experts import (ExpertReader, StreamedExperts, StreamedLayer, b
                                  stacked_names)
 
 
+class RoundToNearest:
+    """The default coder: each expert quantized round-to-nearest at `spec` (separable per expert)."""
+
+    method = "round-to-nearest"
+    reference = "the dequantized model (each layer's experts quantized and dequantized), layer by layer"
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def codes(self, reader, path: str, e: int, stacked: dict, w: ExpertWeights) -> tuple:
+        from moec.quant import quantize
+
+        return (quantize(w.w_gate_up, self.spec, f"{path}.w_gate_up"),
+                quantize(w.w_down, self.spec, f"{path}.w_down"))
+
+    def dequantized(self, path: str, e: int, w: ExpertWeights) -> ExpertWeights:
+        from moec.quant import dequantize
+
+        q1, q2 = self.codes(None, path, e, {}, w)
+        return replace(w, w_gate_up=dequantize(q1), w_down=dequantize(q2))
+
+    def done(self) -> None:
+        """Nothing kept between experts."""
+
+
 class StreamedQuantizer:
     def __init__(self, ck: LazyCheckpoint, config, model: nn.Module, planned: list, kinds: dict, spec,
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], coder=None):
+        """`coder` chooses each expert's codes (RoundToNearest by default; a pre-quantized checkpoint's own,
+        moec.mxfp4_stream.CheckpointCodes)."""
         self.spec, self.kinds, self.log = spec, kinds, log
+        self.coder = coder or RoundToNearest(spec)
         self.planned = {p.path: p for p in planned if p.fused}
         layers = [l for l in (self._streamable(model, p) for p in self.planned.values()) if l is not None]
         self.reader = ExpertReader(ck, config, layers, log) if layers else None
@@ -50,6 +79,7 @@ class StreamedQuantizer:
         """A layer (or the verification) finished: the last expert read is not kept."""
         if self.reader is not None:
             self.reader.clear()
+        self.coder.done()
 
     def _streamable(self, model: nn.Module, planned) -> Optional[StreamedLayer]:
         from moec.external_data import layer_key
@@ -124,30 +154,25 @@ class StreamedQuantizer:
                                           f"written on its real weights (relative L2 {err:.3g}); compile with "
                                           "--out-of-core off.")
             self.log(f"  {path}: fused on its real weights, experts read one at a time (validated)")
-            outcome = self._quantize(fused, path, fp32, probe)
+            outcome = self._quantize(fused, path, fp32, probe, beside)
             fused.quantized = QuantizedExperts(quantized_shape(fused.w_gate_up, self.spec, f"{path}.w_gate_up"),
                                                quantized_shape(fused.w_down, self.spec, f"{path}.w_down"))
         elif use == "dequantized":
-            fused.stream = StreamedExperts(fused, lambda index: self._dequantized(path, fp32(index)))
+            fused.stream = StreamedExperts(fused, lambda index: self.coder.dequantized(path, index, fp32(index)))
         else:
             fused.stream = StreamedExperts(fused, fp32)
         set_submodule(model, path, fused if mini.tensor_index is None else CalledLike(fused, LayerCall(mini.tensor_index)))
         return outcome
 
-    def _dequantized(self, path: str, w: ExpertWeights) -> ExpertWeights:
-        from moec.quant import dequantize, quantize
-
-        return replace(w, w_gate_up=dequantize(quantize(w.w_gate_up, self.spec, f"{path}.w_gate_up")),
-                       w_down=dequantize(quantize(w.w_down, self.spec, f"{path}.w_down")))
-
-    def _quantize(self, fused, path: str, fp32: Callable[[int], ExpertWeights], probe: torch.Tensor) -> dict:
-        """Every expert quantized and packed in turn (QMoE's layout: fc1 rows interleaved gate/up for SwiGLU);
+    def _quantize(self, fused, path: str, fp32: Callable[[int], ExpertWeights], probe: torch.Tensor,
+                  beside: dict) -> dict:
+        """Every expert's codes (the coder's) packed in turn (QMoE's layout: fc1 rows interleaved gate/up for SwiGLU);
         the layer's biases gathered; the layer's error on `probe` against fp32."""
         from moec.numerics import compare_tensors
         from moec.ops import interleave_gate_up
         from moec.passes.outcomes import QuantizationOutcome
         from moec.passes.quantize_experts import _hidden_out
-        from moec.quant import QuantizedWeight, pack, quantize
+        from moec.quant import QuantizedWeight, pack
         from moec.targets.onnxruntime.lower_moe_onnxruntime import plan_layer
 
         spec, layer = self.spec, self.reader.layers[path]
@@ -156,11 +181,11 @@ class StreamedQuantizer:
         biases: dict[str, list] = {"b_gate_up": [], "b_down": []}
         for e in range(layer.num_experts):
             w = fp32(e)
-            q1 = quantize(w.w_gate_up, spec, f"{path}.w_gate_up")
+            q1, q2 = self.coder.codes(self.reader, path, e, self.reader.hf(beside, path, e), w)
             if swiglu:
                 z = None if q1.zero_points is None else interleave_gate_up(q1.zero_points)
                 q1 = QuantizedWeight(interleave_gate_up(q1.codes), interleave_gate_up(q1.scales), z, spec)
-            for prefix, q in (("fc1", q1), ("fc2", quantize(w.w_down, spec, f"{path}.w_down"))):
+            for prefix, q in (("fc1", q1), ("fc2", q2)):
                 p = pack(q)
                 arrays = {prefix: p.weight, f"{prefix}_scales": p.scales, f"{prefix}_zero_points": p.zero_points}
                 for name, a in arrays.items():
@@ -181,13 +206,13 @@ class StreamedQuantizer:
         with torch.no_grad():
             before = _hidden_out(fused(probe))
             stream = fused.stream
-            fused.stream = StreamedExperts(fused, lambda index: self._dequantized(path, fp32(index)))
+            fused.stream = StreamedExperts(fused, lambda index: self.coder.dequantized(path, index, fp32(index)))
             s = compare_tensors(before, _hidden_out(fused(probe)))
             fused.stream = stream
         fp_bytes = layer.num_experts * (fused.w_gate_up[0].numel() + fused.w_down[0].numel()) * 4
         quantized = sum(a.nbytes for name, a in self.packed[path].items())
         return QuantizationOutcome(path, spec.name, fp_bytes, quantized, s.rel_l2, s.cosine,
-                                   method="round-to-nearest").to_dict()
+                                   method=self.coder.method).to_dict()
 
     def fill_lowered(self, model: nn.Module, path: str) -> None:
         """Give the lowered QMoE layer at `path` its packed codes."""

@@ -184,10 +184,15 @@ class ExpertReader:
 
     def canonical(self, beside: dict[str, torch.Tensor], path: str, e: int) -> "ExpertWeights":
         """Expert e in the fused layer's layout (the miniature's reading applied to the one expert)."""
+        return self.read_as_fused(path, self.hf(beside, path, e), e)
+
+    def read_as_fused(self, path: str, stacked: dict[str, torch.Tensor], e: int) -> "ExpertWeights":
+        """One expert's tensors as the layer holds them (`hf`'s form) in the fused layer's layout: the same
+        reading applies to any tensors laid out like the weights (a checkpoint's codes, its scales per element)."""
         from moec.passes.fusion_rules import ExpertSource, expert_readings
 
         layer = self.layers[path]
-        source = ExpertSource(1, stacked=self.hf(beside, path, e))
+        source = ExpertSource(1, stacked=stacked)
         for _, reading in expert_readings(source, layer.hidden):
             if reading.layout == layer.layout:
                 return replace(reading, w_gate_up=reading.w_gate_up.contiguous(),
@@ -214,7 +219,7 @@ class ExpertReader:
                                       "compile with --out-of-core off.")
                 try:
                     f = stack.enter_context(safe_open(file, "pt"))
-                    state[key] = f.get_slice(name) if index is not None else f.get_slice(name)[e:e + 1]
+                    state[key] = self.ck.read(f, name, None if index is not None else e)
                 except Exception as exc:
                     raise SourceError(f"'{file}': cannot read tensor '{name}' ({type(exc).__name__}: {exc}).") from exc
             if not state:

@@ -22,7 +22,8 @@ from moec.heap import trim
 from moec.lazy_checkpoint import LazyCheckpoint, decoder_layers, release
 from moec.numerics import compare_tensors
 
-Prepare = Callable[[nn.Module, str], None]  # (model, layer group): read the group's weights into the model
+# (model, layer group, skip=None): read the group's weights into the model, but the checkpoint tensors `skip` names
+Prepare = Callable[..., None]
 Wrap = Callable[[nn.Module], nn.Module]  # the transformers model -> the module whose graph the artifact is
 
 
@@ -95,18 +96,22 @@ def verify_layer_by_layer(model_path: str, ck: LazyCheckpoint, tolerance: float,
                           input_names: list[str], output_names: list[str], wrap: Wrap,
                           log: Callable[[str], None] = lambda msg: None,
                           prepare: Optional[Prepare] = None, prepare_fp32: Optional[Prepare] = None,
-                          against: Optional[str] = None) -> LayerVerification:
+                          against: Optional[str] = None, reference_is_fp32: bool = False) -> LayerVerification:
     """`prepare(model, group)` reads a layer group as the exact reference (e.g. with quantized experts,
     dequantized); without it the checkpoint's own layers are the reference. With it, `prepare_fp32` reads the
-    full-precision model the error against fp32 is measured on (default: the checkpoint's own layers)."""
+    full-precision model the error against fp32 is measured on (default: the checkpoint's own layers), unless
+    `reference_is_fp32` says the reference is that model already (a pre-quantized checkpoint's own weights):
+    then the eager model runs once."""
     from moec.segmented_run import run_segmented
 
     probes = []
     for i, args in enumerate(inputs):
         name = f"probe{i} ({', '.join(f'{n} {tuple(a.shape)}' for n, a in zip(input_names, args) if a.dim() <= 2)})"
-        eager_layers, eager = eager_by_layer(wrap(ck.skeleton()), args, prepare or ck.materialise, log)
-        fp32 = (eager_by_layer(wrap(ck.skeleton()), args, prepare_fp32 or ck.materialise, lambda m: None)[1]
-                if prepare else None)
+        eager_layers, eager = eager_by_layer(wrap(ck.skeleton()), args, prepare or ck.materialise, log, ck)
+        fp32 = None
+        if prepare is not None:
+            fp32 = eager if reference_is_fp32 else eager_by_layer(wrap(ck.skeleton()), args,
+                                                                   prepare_fp32 or ck.materialise, lambda m: None, ck)[1]
         feeds = {n: a.numpy() for n, a in zip(input_names, args)}
         run = run_segmented(model_path, feeds, log)
         errors = {n: compare_tensors(e, torch.from_numpy(run.outputs[n])) for n, e in zip(output_names, eager)}
@@ -129,16 +134,26 @@ def verify_layer_by_layer(model_path: str, ck: LazyCheckpoint, tolerance: float,
     return LayerVerification(probes, against or ("the dequantized reference" if prepare else "eager PyTorch"))
 
 
-def eager_by_layer(module: nn.Module, args: tuple, prepare: Prepare, log: Callable[[str], None]):
+def eager_by_layer(module: nn.Module, args: tuple, prepare: Prepare, log: Callable[[str], None],
+                   ck: Optional[LazyCheckpoint] = None):
     """Each decoder layer's output hidden states and the module's outputs (a tuple), one layer's weights in memory
-    at a time. `module` wraps the transformers model as `.model`."""
+    at a time. `module` wraps the transformers model as `.model`. With `ck`, an untied output head is read only
+    when it runs and the input embeddings are dropped once they ran (with a large vocabulary, each is more than
+    a decoder layer: GPT-OSS's are 2.2 GiB apiece in fp32)."""
     model = module.model
-    prepare(model, "")
+    head = head_apart(model, ck) if ck is not None else None
+    prepare(model, "") if head is None else prepare(model, "", skip=head.__contains__)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     _, layers = decoder_layers(model)
     outputs: dict[str, torch.Tensor] = {}
     handles = []
+    if head is not None:
+        def read_head(mod, a):
+            prepare(model, "", skip=lambda name: name not in head)
+
+        handles += [model.get_input_embeddings().register_forward_hook(lambda mod, a, out: release(mod)),
+                    model.get_output_embeddings().register_forward_pre_hook(read_head)]
     for i, layer in enumerate(layers):
         key = f"layers.{i}"
 
@@ -165,3 +180,19 @@ def eager_by_layer(module: nn.Module, args: tuple, prepare: Prepare, log: Callab
         release(model)
     result = tuple(result) if isinstance(result, (tuple, list)) else (result,)
     return outputs, tuple(t.detach() for t in result)
+
+
+def head_apart(model: nn.Module, ck: LazyCheckpoint) -> Optional[set[str]]:
+    """The checkpoint names of the output head's weights, when it can be read apart from the rest of the
+    embeddings-and-head group: untied from the input embeddings, and the group's tensors each read on their own
+    (LazyCheckpoint.one_by_one). None otherwise."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    emb, out = (get_in() if get_in else None), (get_out() if get_out else None)
+    if emb is None or out is None or getattr(out, "weight", None) is getattr(emb, "weight", None):
+        return None
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return None
+    names = ck.one_by_one(model, "")
+    path = next((n for n, m in model.named_modules() if m is out), None)
+    head = {f"{path}.{n}" for n, _ in out.named_parameters()} if path else set()
+    return head if names and head and head <= set(names) and len(head) < len(names) else None

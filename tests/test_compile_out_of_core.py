@@ -156,6 +156,27 @@ def test_one_decoder_layer_is_resident_at_a_time(checkpoints, tmp_path, monkeypa
     assert all(r == [] for r in layer_loads), seen
 
 
+def test_the_embeddings_and_head_are_read_one_tensor_at_a_time(checkpoints, tmp_path, monkeypatch):
+    """With a large vocabulary each is more than a decoder layer: no read of the group holds both, and the head is
+    read only once the input embeddings were dropped (written apart; verified when it runs)."""
+    loads = []
+    original = LazyCheckpoint.materialise
+
+    def watched(self, model, group, dtype=torch.float32, skip=None, **kw):
+        if not group:
+            read = [n for n in self.groups[""] if skip is None or not skip(n)]
+            loads.append((read, not model.get_input_embeddings().weight.is_meta))
+        return original(self, model, group, dtype, skip=skip, **kw)
+
+    monkeypatch.setattr(LazyCheckpoint, "materialise", watched)
+    out = str(tmp_path / "a")
+    assert _compile(checkpoints["deepseek_v3"], out) == 0
+    assert json.load(open(os.path.join(out, "report.json")))["numerics"]["passed"]
+    assert loads and all(not {"model.embed_tokens.weight", "lm_head.weight"} <= set(read) for read, _ in loads)
+    head = [embeddings_resident for read, embeddings_resident in loads if read == ["lm_head.weight"]]
+    assert len(head) >= 2 and not any(head)  # written once, read again per verification probe
+
+
 def test_layer_by_layer_verification_names_a_corrupted_layer(checkpoints, compiled, tmp_path):
     from moec.verify_layers import verify_layer_by_layer
 

@@ -57,3 +57,28 @@ def test_a_directory_without_safetensors_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(SourceError, match="no safetensors"):
         LazyCheckpoint(str(tmp_path))
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
+def test_a_large_tensor_is_converted_in_chunks_exactly(stored, tmp_path, monkeypatch):
+    """Rows converted a chunk at a time, each through a mapping of its own (the stored form is never resident
+    whole beside the converted one), give exactly what converting the whole tensor gives; small reads and
+    other slices are passed through unconverted."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from moec.lazy_checkpoint import Reopened
+
+    file = str(tmp_path / "t.safetensors")
+    weight = (torch.randn(101, 37) * 3).to(stored)
+    save_file({"w": weight}, file)
+    monkeypatch.setattr(Reopened, "CHUNK", 700)  # bytes: 9 rows of 37 two-byte values a chunk
+    reads = []
+    read = Reopened._read
+    monkeypatch.setattr(Reopened, "_read", lambda self, index: reads.append(index) or read(self, index))
+    with safe_open(file, "pt") as f:
+        lazy = Reopened(file, "w", f.get_slice("w"), torch.float32)
+    whole = lazy[...]
+    assert whole.dtype == torch.float32 and torch.equal(whole, weight.float())
+    assert len(reads) == 12 and all(isinstance(r, slice) for r in reads)  # ceil(101 / 9)
+    assert lazy[3:5].dtype == stored and torch.equal(lazy[3:5], weight[3:5])

@@ -148,17 +148,19 @@ def _edit_tensors(path, edit):
                          s["model.layers.0.mlp.experts.down_proj_scales"].to(torch.int16)}),
      "'model.layers.0.mlp.experts.down_proj_scales' is torch.int16"),
 ])
-def test_bad_mxfp4_tensors_are_named_and_nothing_is_written(edit, message, tmp_path, capsys):
+@pytest.mark.parametrize("mode", ["off", "on"])  # on: moec/mxfp4_stream.py's scan, before capture
+def test_bad_mxfp4_tensors_are_named_and_nothing_is_written(edit, message, mode, tmp_path, capsys):
     path, out = str(tmp_path / "ckpt"), tmp_path / "out"
     write_checkpoint(path)
     _edit_tensors(path, edit)
-    assert main(["compile", path, "--out", str(out), "--task", "logits", "--quiet"]) == 17
+    assert main(["compile", path, "--out", str(out), "--task", "logits", "--quiet", "--out-of-core", mode]) == 17
     err = capsys.readouterr().err
     assert message in err and "model.safetensors" in err
     assert not out.exists()
 
 
-def test_experts_stored_unquantized_beside_mxfp4_ones_are_named(tmp_path, capsys):
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_experts_stored_unquantized_beside_mxfp4_ones_are_named(mode, tmp_path, capsys):
     path, out = str(tmp_path / "ckpt"), tmp_path / "out"
     write_checkpoint(path)
 
@@ -167,7 +169,7 @@ def test_experts_stored_unquantized_beside_mxfp4_ones_are_named(tmp_path, capsys
         state["model.layers.1.mlp.experts.down_proj"] = torch.zeros(4, 32, 64)
 
     _edit_tensors(path, plain_down)
-    assert main(["compile", path, "--out", str(out), "--task", "logits", "--quiet"]) == 17
+    assert main(["compile", path, "--out", str(out), "--task", "logits", "--quiet", "--out-of-core", mode]) == 17
     assert ("'model.layers.1.mlp.experts.down_proj' is stored unquantized (1 such expert tensors) while 3 others are "
             "MXFP4") in capsys.readouterr().err
     assert not out.exists()

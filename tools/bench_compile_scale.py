@@ -1,12 +1,14 @@
 """Benchmark: `moec compile` on real-sized MoE checkpoints (real configs, random bf16 weights), and `moec plan`
 on the configs of models too big to hold (Kimi-K2, DeepSeek-V3).
 
-    OMP_WAIT_POLICY=passive .venv/bin/python tools/bench_compile_scale.py [--models granite-1b granite-3b olmoe-7b]
+    OMP_WAIT_POLICY=passive .venv/bin/python tools/bench_compile_scale.py [--models granite-1b granite-3b olmoe-7b
+        gpt-oss-20b-mxfp4]
         [--modes on off] [--plans kimi-k2 deepseek-v3] [--workdir DIR] [--keep]
 
 For each model: writes a Hugging Face checkpoint (bf16 safetensors, random N(0, 0.02) weights from the real
 config, one shard per layer in the family's on-disk layout, written a layer at a time; reused when DIR
-already has it), then runs `moec compile DIR --task logits [the model's flags: olmoe-7b is --quant int4]`
+already has it; gpt-oss-20b-mxfp4 stores its experts as GPT-OSS's MXFP4 blocks and scales), then runs
+`moec compile DIR --task logits [the model's flags: olmoe-7b is --quant int4]`
 in a child process, out of core (--modes on, streamed) and/or in memory (off), and reports wall time, peak
 resident memory over the child's baseline (a process that has only imported torch, transformers, onnx and
 onnxruntime), the bound the out-of-core compile is held to (2x the artifact's largest decoder layer + 1.5
@@ -45,6 +47,17 @@ MODELS = {
                      num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
                      vocab_size=50304, max_position_embeddings=4096, norm_topk_prob=False, tie_word_embeddings=False,
                      flags=["--quant", "int4"]),
+    # gpt-oss-20b's config with its experts stored as the published checkpoint stores them (MXFP4 blocks and
+    # E8M0 scales, exponents 119-122: |w| up to ~0.1); 2 of its 24 layers, as much as the disk here holds
+    # beside the fp32 artifact (its 201088-token embeddings and head are 4.3 GiB in fp32 by themselves)
+    "gpt-oss-20b-mxfp4": dict(family="gpt_oss", hidden_size=2880, intermediate_size=2880, num_hidden_layers=2,
+                              num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
+                              num_experts_per_tok=4, vocab_size=201088, sliding_window=128,
+                              max_position_embeddings=131072, tie_word_embeddings=False, swiglu_limit=7.0,
+                              rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                               "beta_slow": 1.0, "truncate": False, "rope_theta": 150000,
+                                               "original_max_position_embeddings": 4096},
+                              mxfp4=[119, 122]),
 }
 
 # config.json as the model repositories publish them (the keys moec reads; the rest are defaults)
@@ -80,6 +93,7 @@ from moec.lazy_checkpoint import LazyCheckpoint, decoder_layers
 path, spec = sys.argv[1], json.loads(sys.argv[2])
 family = spec.pop("family")
 spec.pop("flags", None)
+mxfp4 = spec.pop("mxfp4", None)  # [lowest, highest] E8M0 exponent: stacked experts stored as MXFP4
 config = AutoConfig.for_model(family, **spec)
 os.makedirs(path, exist_ok=True)
 config.save_pretrained(path)
@@ -90,17 +104,34 @@ for n in names:
     groups.setdefault(layer_key(n), []).append(n)
 params = dict(model.named_parameters())
 gen = torch.Generator().manual_seed(0)
-weight_map, files, total = {}, list(groups), 0
+weight_map, files, total, nbytes = {}, list(groups), 0, 0
+def is_mxfp4(n):
+    return mxfp4 is not None and n.endswith(("experts.gate_up_proj", "experts.down_proj"))
 for i, key in enumerate(files):
-    state = {n: (torch.randn(params[n].shape, generator=gen) * 0.02).to(torch.bfloat16) for n in groups[key]}
+    state = {n: (torch.randn(params[n].shape, generator=gen) * 0.02).to(torch.bfloat16) for n in groups[key]
+             if not is_mxfp4(n)}
     total += sum(t.numel() for t in state.values())
     state = {k: v.contiguous() for k, v in revert_weight_conversion(model, state).items()}
+    for n in filter(is_mxfp4, groups[key]):  # the model's [E, K, N]; stored [E, N, K/32, 16] and [E, N, K/32]
+        e, k, rows = params[n].shape
+        state[n + "_blocks"] = torch.randint(0, 256, (e, rows, k // 32, 16), generator=gen, dtype=torch.uint8)
+        state[n + "_scales"] = torch.randint(mxfp4[0], mxfp4[1] + 1, (e, rows, k // 32), generator=gen,
+                                             dtype=torch.uint8)
+        total += e * k * rows
+    nbytes += sum(t.numel() * t.element_size() for t in state.values())
     file = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
     save_file(state, os.path.join(path, file), metadata={"format": "pt"})
     weight_map.update({k: file for k in state})
     print(f"  wrote {key or 'embeddings/head'} ({i + 1}/{len(files)})", file=sys.stderr, flush=True)
+if mxfp4 is not None:  # as the published GPT-OSS checkpoints say it
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
 with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-    json.dump({"metadata": {"total_size": total * 2}, "weight_map": weight_map}, f, indent=1)
+    json.dump({"metadata": {"total_size": nbytes}, "weight_map": weight_map}, f, indent=1)
 print(json.dumps({"params": total}))
 """
 
@@ -238,20 +269,31 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="where checkpoints and artifacts go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the artifacts")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--render", metavar="FILE", help="print the table of a --json run's output instead of running")
     args = ap.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            done = json.load(f)
+        render([r for r in done if "out_of_core" in r], [r for r in done if "out_of_core" not in r])
+        return 0
     workdir = args.workdir or tempfile.mkdtemp(prefix="moec-scale-")
     rows = [run_model(m, workdir, args.keep, mode) for m in args.models for mode in args.modes]
     plans = [run_plan(m, workdir) for m in args.plans]
     if args.json:
         print(json.dumps(rows + plans, indent=2))
         return 0
-    print(f"{'model':<12} {'streamed':<8} {'ckpt GiB':>9} {'status':<16} {'wall s':>7} {'peak over base GiB':>19} "
+    render(rows, plans)
+    return 0
+
+
+def render(rows: list[dict], plans: list[dict]) -> None:
+    print(f"{'model':<17} {'streamed':<8} {'ckpt GiB':>9} {'status':<16} {'wall s':>7} {'peak over base GiB':>19} "
           f"{'bound GiB':>10} {'artifact GiB':>13} {'worst layer':>12} {'logits':>9}")
     for r in rows:
         peak = r.get("peak_over_base_kb", r.get("peak_kb", 0)) / 2**20
         layer = f"{r['worst_layer_rel_l2']:.1e}" if r.get("worst_layer_rel_l2") is not None else "-"
         logits = f"{r['logits_rel_l2']:.1e}" if r.get("logits_rel_l2") is not None else "-"
-        print(f"{r['model']:<12} {r['out_of_core']:<8} {r['checkpoint_bytes'] / 2**30:9.2f} {r['status']:<16} "
+        print(f"{r['model']:<17} {r['out_of_core']:<8} {r['checkpoint_bytes'] / 2**30:9.2f} {r['status']:<16} "
               f"{r['seconds']:7.0f} {peak:19.2f} {r.get('bound_bytes', 0) / 2**30:10.2f} "
               f"{r.get('artifact_bytes', 0) / 2**30:13.2f} {layer:>12} {logits:>9}")
         if r.get("timings_s"):
@@ -274,7 +316,6 @@ def main(argv=None) -> int:
               f"{r.get('fused', 0):>4}/{r.get('moe_layers', 0):<5}  {devices}")
         if r.get("stages_s"):
             print("  stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["stages_s"].items()))
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,226 @@
+"""GPT-OSS's MXFP4 experts in an out-of-core compile: the checkpoint's own codes, read one expert at a time.
+
+Matches: a safetensors checkpoint whose config.json says `quant_method: mxfp4`, its experts stored as
+moec.mxfp4_checkpoint describes (`<experts>.<proj>_blocks` uint8 [E, N, K/32, 16], `<experts>.<proj>_scales`
+uint8 [E, N, K/32]).
+Produces:
+  - `Mxfp4Stream.scan(ck)`: every `_blocks` / `_scales` pair found from the headers, then read one expert at a
+    time and checked as the in-memory fold checks them (dtypes, shapes, NaN exponents, overflowing scales),
+    deciding the codes' spec the in-memory fold would: int8 per row when every row of every expert spans few
+    enough exponents, else int8 blocks of 32. The LazyCheckpoint then lists each pair as one decoded tensor
+    `<experts>.<proj>` [E, K, N] (the model's layout, transformers' dequantization transposes) whose value,
+    whole or one expert's slice, is the exact dequantization: the rest of the out-of-core compile reads it as
+    it reads a float checkpoint's stacked experts.
+  - `CheckpointCodes`: moec.quantize_streamed's coder for such layers. Expert e's codes and scales are the
+    checkpoint's, carried through the same reading the fused layer applies to the weights (GPT-OSS's interleaved
+    gate/up de-interleaved, transposed), and checked to dequantize to exactly the weights the layer was fused
+    and validated with.
+Peak memory: one expert's unpacked codes (an int32 [N, K]) beside the layer's packed int8 codes.
+Refuses (QuantError, naming the file and the tensor): a `_blocks` without its `_scales` (or the reverse), what
+mxfp4_checkpoint.decode refuses, a projection the model of config.json lacks or wants in another shape, a model
+with some experts stored unquantized, and codes the fused layer's reading can't carry exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from moec.lazy_checkpoint import LazyCheckpoint
+from moec.mxfp4_checkpoint import BLOCK, FORMAT, Mxfp4Tensor, decode, folded_spec
+from moec.quant import QuantError, QuantizedWeight, QuantSpec, dequantize
+
+SUFFIXES = ("_blocks", "_scales")
+
+
+@dataclass
+class Projection:
+    """One MXFP4 projection of the checkpoint: where its two parts are and its [E, N, K] weights' shape."""
+
+    name: str  # the model parameter, e.g. model.layers.0.mlp.experts.gate_up_proj
+    blocks_file: str
+    scales_file: str
+    shape: tuple[int, int, int]  # experts, rows (N), columns (K)
+
+
+class Mxfp4Stream:
+    def __init__(self, ck: LazyCheckpoint, projections: dict[str, Projection], per_row: bool):
+        self.ck, self.projections, self.per_row = ck, projections, per_row
+        # per projection, the expert read last: a layer reads an expert's weights, then its codes
+        self._last: dict[str, tuple[int, Mxfp4Tensor]] = {}
+        self.spec, self.note = folded_spec(per_row, len(projections))
+        self.format = FORMAT
+
+    @classmethod
+    def scan(cls, ck: LazyCheckpoint, log: Callable[[str], None] = lambda msg: None) -> "Mxfp4Stream":
+        projections = _pairs(ck)
+        if not projections:
+            raise QuantError(f"'{ck.path}': config.json says mxfp4, but the checkpoint has no '*_blocks' / "
+                             "'*_scales' expert tensors.")
+        per_row, done, total = True, 0, sum(p.shape[0] for p in projections.values())
+        for p in projections.values():
+            for e in range(p.shape[0]):
+                per_row &= _read(p, e).row_span_fits()  # read and checked whatever the answer so far
+                done += 1
+                if total >= 64 and done % (total // 8) == 0:
+                    log(f"  MXFP4 experts checked: {done}/{total}")
+        stream = cls(ck, projections, per_row)
+        stream._decode_in(ck)
+        return stream
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Every MXFP4 projection is one of the model's stacked expert parameters, in its transpose's shape, and
+        every stacked expert parameter is MXFP4 (QMoE takes one precision for all the model's experts)."""
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        for p in self.projections.values():
+            e, n, k = p.shape
+            want = shapes.get(p.name)
+            if want != (e, k, n):
+                raise QuantError(f"{p.blocks_file}: '{p.name}_blocks' holds [{e}, {n}, {k}] weights (experts, rows, "
+                                 "columns); " + (f"the model of config.json has no '{p.name}'." if want is None else
+                                                 f"the model of config.json wants '{p.name}' as {list(want)} (its "
+                                                 "transpose)."))
+        plain = sorted(n for n in shapes if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
+                       and n not in self.projections)
+        if plain:
+            raise QuantError(f"'{self.ck.path}': '{plain[0]}' is stored unquantized ({len(plain)} such expert "
+                             f"tensors) while {len(self.projections)} others are MXFP4; moec folds checkpoints whose "
+                             "experts are all MXFP4. Not folded; nothing was written.")
+
+    def codes(self, name: str, e: int) -> QuantizedWeight:
+        """Expert e's codes of projection `name`, [1, N, K], as the in-memory fold makes them."""
+        return self._expert(self.projections[name], e).codes(self.per_row)
+
+    def _decode_in(self, ck: LazyCheckpoint) -> None:
+        """The pairs become one decoded tensor each in the checkpoint's index (moec.lazy_checkpoint)."""
+        for p in self.projections.values():
+            stored = [p.name + s for s in SUFFIXES]
+            group = ck.groups[_key(stored[0])]
+            group[group.index(stored[0])] = p.name
+            for name in stored:
+                if name in group:
+                    group.remove(name)
+                ck.numel -= _numel(ck.shapes.pop(name))
+                del ck.files[name]
+            e, n, k = p.shape
+            ck.files[p.name], ck.shapes[p.name] = p.blocks_file, (e, k, n)
+            ck.numel += e * n * k
+            ck.decoded[p.name] = lambda expert, p=p: self._value(p, expert)
+
+    def _value(self, p: Projection, expert: Optional[int]) -> torch.Tensor:
+        if expert is not None:
+            return self._expert(p, expert).dequantized().transpose(1, 2)
+        return torch.cat([self._expert(p, e).dequantized().transpose(1, 2) for e in range(p.shape[0])])
+
+    def _expert(self, p: Projection, e: int) -> Mxfp4Tensor:
+        last = self._last.get(p.name)
+        if last is None or last[0] != e:
+            self._last = {n: v for n, v in self._last.items() if _key(n) == _key(p.name) and n != p.name}
+            self._last[p.name] = (e, _read(p, e))  # another layer's experts are not kept
+        return self._last[p.name][1]
+
+
+def mxfp4_parameters(ck: LazyCheckpoint) -> int:
+    """The checkpoint's parameter count with each MXFP4 projection counted as the weights it stores (from the
+    headers: two FP4 values a byte of `_blocks`, its `_scales` not counted)."""
+    numel = ck.numel
+    for name, shape in ck.shapes.items():
+        if name.endswith("_blocks"):
+            numel += _numel(shape)  # stored as half as many bytes as values
+        elif name.endswith("_scales") and name[: -len("_scales")] + "_blocks" in ck.shapes:
+            numel -= _numel(shape)
+    return numel
+
+
+class CheckpointCodes:
+    """moec.quantize_streamed's coder: the checkpoint's MXFP4 codes, in the fused layer's layout."""
+
+    method = "the checkpoint's codes"  # as the in-memory fold says it
+    reference = "the checkpoint's weights (every expert's codes checked to dequantize to them exactly), layer by layer"
+
+    def __init__(self, stream: Mxfp4Stream):
+        self.stream = stream
+
+    def codes(self, reader, path: str, e: int, stacked: dict[str, torch.Tensor], w) -> tuple:
+        """(gate/up codes, down codes) of expert e of the layer at `path`: `stacked` is the expert's tensors as
+        the layer holds them (reading name -> [1, ...]), `w` the fused layer's fp32 weights for it."""
+        layer = reader.layers[path]
+        as_codes, as_scales = dict(stacked), dict(stacked)
+        for key, dotted in layer.stacked.items():
+            name = f"{path}.{dotted}"
+            if name not in self.stream.projections:
+                continue
+            q = self.stream.codes(name, e)  # [1, N, K]; the layer holds [1, K, N]
+            k, g = q.codes.shape[-1], q.scales.shape[-1]
+            as_codes[key] = q.codes.float().transpose(1, 2)
+            as_scales[key] = q.scales.repeat_interleave(k // g, -1).transpose(1, 2)
+        fused_codes = reader.read_as_fused(path, as_codes, e)
+        fused_scales = reader.read_as_fused(path, as_scales, e)
+        spec = self.stream.spec
+        out = []
+        for field in ("w_gate_up", "w_down"):
+            c, s, weight = getattr(fused_codes, field), getattr(fused_scales, field), getattr(w, field)
+            step = spec.block_size or c.shape[-1]
+            q = QuantizedWeight(c.round().to(torch.int32), s[..., ::step].contiguous(), None, spec)
+            with contextlib.suppress(RuntimeError):  # blocks that do not reshape: not the same either
+                if torch.equal(dequantize(q), weight):
+                    out.append(q)
+                    continue
+            raise QuantError(f"{path}: expert {e}'s MXFP4 codes, laid out as the fused layer reads the weights, do "
+                             f"not dequantize to its {field} (a layout the codes can't follow); compile with "
+                             "--out-of-core off. Nothing was written.")
+        return tuple(out)
+
+    def done(self) -> None:
+        """A layer (or the verification) finished: the experts read last are not kept."""
+        self.stream._last.clear()
+
+    def dequantized(self, path: str, e: int, w):
+        """The artifact's exact reference: the checkpoint's weights themselves (codes() checked each expert's
+        codes give them back exactly)."""
+        return w
+
+
+def _pairs(ck: LazyCheckpoint) -> dict[str, Projection]:
+    found: dict[str, Projection] = {}
+    for name in sorted(ck.shapes):
+        base = next((name[: -len(s)] for s in SUFFIXES if name.endswith(s)), None)
+        if base is None or base in found:
+            continue
+        blocks, scales = base + "_blocks", base + "_scales"
+        if blocks not in ck.shapes or scales not in ck.shapes:
+            have, lack = ("_blocks", "_scales") if scales not in ck.shapes else ("_scales", "_blocks")
+            raise QuantError(f"{ck.files[base + have]}: '{base}{have}' has no '{base}{lack}' in the checkpoint; an "
+                             "MXFP4 tensor needs both.")
+        b, s = ck.shapes[blocks], ck.shapes[scales]
+        if len(b) != 4 or b[-1] != BLOCK // 2 or tuple(b[:-1]) != tuple(s):
+            raise QuantError(f"{ck.files[blocks]}: '{blocks}' has shape {tuple(b)} and '{scales}' {tuple(s)}; MXFP4 "
+                             "needs [E, N, G, 16] blocks and [E, N, G] scales.")
+        found[base] = Projection(base, ck.files[blocks], ck.files[scales], (b[0], b[1], b[2] * BLOCK))
+    return found
+
+
+def _read(p: Projection, e: int) -> Mxfp4Tensor:
+    """Expert e of projection p, unpacked and checked (mxfp4_checkpoint.decode on its [e:e + 1] slices)."""
+    from safetensors import safe_open
+
+    with safe_open(p.blocks_file, "pt") as fb, safe_open(p.scales_file, "pt") as fs:
+        blocks = fb.get_slice(p.name + "_blocks")[e:e + 1]
+        scales = fs.get_slice(p.name + "_scales")[e:e + 1]
+    return decode(p.name, p.blocks_file, p.scales_file, blocks, scales)
+
+
+def _key(name: str) -> str:
+    from moec.external_data import layer_key
+
+    return layer_key(name)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n

@@ -260,7 +260,8 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         against = "the checkpoint's weights (its MXFP4 experts dequantized exactly)" if mx is not None else None
         if half:  # the reference is the eager model in fp16, each layer cast as it is read; fp32 is compared too
             tolerance = max(tolerance, TOLERANCES["fp16"])
-            against = "the dequantized reference in fp16" if prepare else "eager PyTorch in fp16"
+            against = ("the checkpoint's weights in fp16" if mx is not None else
+                       "the dequantized reference in fp16" if prepare else "eager PyTorch in fp16")
             prepare = in_fp16(prepare or ck.materialise)
         verified = stage("verify", "verifying layer by layer (eager and ONNX Runtime, one layer in memory)",
                          verify_layer_by_layer, model_path, ck, tolerance, src.verification_inputs(options.verify_seq_len),

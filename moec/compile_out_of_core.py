@@ -157,17 +157,12 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     refuse_quantized_checkpoint(source)
     stage = _Stages(options.log, STAGES)
     mxfp4 = quant_method(source) == "mxfp4"  # its experts' codes are folded as they stream, never re-quantized
-    ck, mx = stage("load", f"indexing the checkpoint in {source} (headers only" + (
+    ck, hf, mx, identity = stage("load", f"indexing the checkpoint in {source} (headers only" + (
         "; each MXFP4 expert read once, to check it and choose the codes' spec)" if mxfp4 else ")"),
-                   index_checkpoint, source, mxfp4, options.log)
+                                 index_checkpoint, source, mxfp4, options)
     if mx is not None:
         adopt_checkpoint_quantization(mx.spec, options)
         check_quantization(options, True)
-    hf = read_config(source)
-    if mx is not None:
-        if hasattr(hf.config, "quantization_config"):
-            del hf.config.quantization_config  # moec folds the codes; transformers' quantizer must not wrap layers
-        mx.check_model(ck.skeleton(hf.config))  # on the meta device: shapes only, before any work
     ck.model_config = hf.config  # read_config's reading (unknown model_type through `architectures` ...) everywhere
     options.log(f"  {ck.numel / 1e9:.2f}B parameters, {ck.nbytes / 2**30:.2f} GiB stored, "
                 f"{len(ck.layer_groups())} layer groups")
@@ -281,14 +276,14 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         report = {
             "source": source, "target": "onnxruntime", "out_of_core": True, "dtype": dtype_of(options),
             "model": {"source": source, "identity": f"hf:{os.path.abspath(source)}",
-                      "checkpoint_headers_sha256": headers_sha256(ck)},
+                      "checkpoint_headers_sha256": identity["checkpoint_headers_sha256"]},
             "capture": {"method": "torch.export (non-strict) on the meta device", "notes": notes},
             "graph": graph, "moe_layers": layers, "quantization": quant, "generation": generation,
             "numerics": {**verified.numerics(tolerance),
                          "end_to_end": whole.to_dict() if whole else {"ran": False,
                                                                       "why": "the layer-by-layer check failed first"}},
             "weights_bytes": weights_bytes,
-            "checkpoint": {"parameters": ck.numel, "stored_bytes": ck.nbytes, "files": len(set(ck.files.values()))},
+            "checkpoint": {"parameters": ck.numel, "stored_bytes": ck.nbytes, "files": identity["files"]},
             "memory": memory.to_dict(),
             # the process's peak resident memory as each stage ended, and the stage that raised it last
             "compile_memory": {"peak_rss_bytes_after": dict(stage.peaks), "peak_stage": stage.peak_stage()},
@@ -330,14 +325,32 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     return CompileResult(os.path.abspath(options.out), report, triton_dir)
 
 
-def index_checkpoint(source: str, mxfp4: bool, log: Callable[[str], None]):
-    """(the checkpoint's index, and for an MXFP4 checkpoint its scanned experts, else None)."""
-    ck = LazyCheckpoint(source)
-    if not mxfp4:
-        return ck, None
-    from moec.mxfp4_stream import Mxfp4Stream
+def index_checkpoint(source: str, mxfp4: bool, options: CompileOptions):
+    """(the checkpoint's index, its config (moec.miniature.read_config), for an MXFP4 checkpoint its scanned
+    experts (else None), and the checkpoint's identity as stored: headers hash, files, stored bytes). An MXFP4
+    checkpoint is checked from its headers and config (re-quantizing flags, shapes, experts left unquantized,
+    fp16's scale range) before its experts are read."""
+    from moec.miniature import read_config
 
-    return ck, Mxfp4Stream.scan(ck, log)
+    ck = LazyCheckpoint(source)
+    identity = {"checkpoint_headers_sha256": headers_sha256(ck), "files": len(set(ck.files.values()))}
+    hf = read_config(source)
+    if not mxfp4:
+        return ck, hf, None, identity
+    from moec.mxfp4_stream import Mxfp4Stream
+    from moec.pipeline import dtype_of
+
+    given = [f for f, k in (("--quant", "quant"), ("--block-size", "block_size"), ("--asymmetric", "asymmetric"))
+             if options.extra.get(k) not in (None, False)]
+    if given:
+        raise MoecError(f"the model's expert weights are already quantized (MXFP4, folded as int8 codes); "
+                        f"{'/'.join(given)} would re-quantize them. Drop those flags. Nothing was written.")
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config  # moec folds the codes; transformers' quantizer must not wrap layers
+    mx = Mxfp4Stream(ck)
+    mx.check_model(ck.skeleton(hf.config))  # on the meta device: shapes only
+    mx.scan(options.log, fp16_scales=dtype_of(options) == "fp16")
+    return ck, hf, mx, identity
 
 
 def in_fp16(prepare: Callable[[nn.Module, str], None]) -> Callable[[nn.Module, str], None]:
@@ -475,6 +488,8 @@ class LayerStreamer:
                 raise MoecError(f"{unstreamed[0]}: its experts can't be read one at a time, so their checkpoint "
                                 "codes can't be folded as they stream; compile with --out-of-core off. Nothing "
                                 "was written.")
+            if coder is not None:  # an unfused layer would be written as its decoded fp32 stack
+                coder.check_folded(self.fused_paths)
         self.coder = self.streaming.coder if self.streaming is not None else None
 
     def _streamed(self, key: str) -> list[str]:

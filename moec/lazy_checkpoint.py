@@ -99,13 +99,13 @@ class LazyCheckpoint:
         by_file: dict[str, list[str]] = {}
         for n in names:
             by_file.setdefault(self.files[n], []).append(n)
-        state = {}
+        state = {n: self.decoded[n](None) for n in names if n in self.decoded}  # their own errors, named
         for file, tensors in by_file.items():
             try:
                 with safe_open(file, "pt") as f:  # readable now: a broken file is named before any conversion
                     for n in tensors:
-                        state[n] = self.decoded[n](None) if n in self.decoded else Reopened(file, n, f.get_slice(n),
-                                                                                           dtype)
+                        if n not in self.decoded:
+                            state[n] = Reopened(file, n, f.get_slice(n), dtype)
             except Exception as exc:
                 raise SourceError(f"'{file}': cannot read tensor data ({type(exc).__name__}: {exc}).") from exc
         try:

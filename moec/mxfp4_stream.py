@@ -4,8 +4,8 @@ Matches: a safetensors checkpoint whose config.json says `quant_method: mxfp4`, 
 moec.mxfp4_checkpoint describes (`<experts>.<proj>_blocks` uint8 [E, N, K/32, 16], `<experts>.<proj>_scales`
 uint8 [E, N, K/32]).
 Produces:
-  - `Mxfp4Stream.scan(ck)`: every `_blocks` / `_scales` pair found from the headers, then read one expert at a
-    time and checked as the in-memory fold checks them (dtypes, shapes, NaN exponents, overflowing scales),
+  - `Mxfp4Stream(ck)` finds every `_blocks` / `_scales` pair from the headers; `check_model` checks them against
+    the model of config.json; `scan()` reads them one expert at a time, checked as the in-memory fold checks them (dtypes, shapes, NaN exponents, overflowing scales),
     deciding the codes' spec the in-memory fold would: int8 per row when every row of every expert spans few
     enough exponents, else int8 blocks of 32. The LazyCheckpoint then lists each pair as one decoded tensor
     `<experts>.<proj>` [E, K, N] (the model's layout, transformers' dequantization transposes) whose value,
@@ -15,10 +15,12 @@ Produces:
     checkpoint's, carried through the same reading the fused layer applies to the weights (GPT-OSS's interleaved
     gate/up de-interleaved, transposed), and checked to dequantize to exactly the weights the layer was fused
     and validated with.
-Peak memory: one expert's unpacked codes (an int32 [N, K]) beside the layer's packed int8 codes.
+Peak memory: the layer's packed int8 codes, and of one expert its two projections unpacked (int32 [N, K]) and
+its fp32 weights as the reader holds them.
 Refuses (QuantError, naming the file and the tensor): a `_blocks` without its `_scales` (or the reverse), what
 mxfp4_checkpoint.decode refuses, a projection the model of config.json lacks or wants in another shape, a model
-with some experts stored unquantized, and codes the fused layer's reading can't carry exactly.
+with some experts stored unquantized, a projection in an unfused layer, fp16 scales beyond fp16's exact range,
+and codes the fused layer's reading can't carry exactly.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from typing import Callable, Optional
 import torch
 
 from moec.lazy_checkpoint import LazyCheckpoint
-from moec.mxfp4_checkpoint import BLOCK, FORMAT, Mxfp4Tensor, decode, folded_spec
+from moec.errors import SourceError
+from moec.mxfp4_checkpoint import BLOCK, FORMAT, PARTS, Mxfp4Tensor, decode, folded_spec
 from moec.quant import QuantError, QuantizedWeight, QuantSpec, dequantize
 
 SUFFIXES = ("_blocks", "_scales")
+FP16_EXPONENTS = (104, 143)  # 2^(e - 128) from 2^-24 (fp16's smallest subnormal) to 2^15
 
 
 @dataclass
@@ -47,29 +51,36 @@ class Projection:
 
 
 class Mxfp4Stream:
-    def __init__(self, ck: LazyCheckpoint, projections: dict[str, Projection], per_row: bool):
-        self.ck, self.projections, self.per_row = ck, projections, per_row
-        # per projection, the expert read last: a layer reads an expert's weights, then its codes
-        self._last: dict[str, tuple[int, Mxfp4Tensor]] = {}
-        self.spec, self.note = folded_spec(per_row, len(projections))
-        self.format = FORMAT
-
-    @classmethod
-    def scan(cls, ck: LazyCheckpoint, log: Callable[[str], None] = lambda msg: None) -> "Mxfp4Stream":
-        projections = _pairs(ck)
-        if not projections:
+    def __init__(self, ck: LazyCheckpoint):
+        """The checkpoint's MXFP4 projections, from its headers (nothing read yet: `scan` reads them)."""
+        self.ck, self.projections = ck, _pairs(ck)
+        if not self.projections:
             raise QuantError(f"'{ck.path}': config.json says mxfp4, but the checkpoint has no '*_blocks' / "
                              "'*_scales' expert tensors.")
-        per_row, done, total = True, 0, sum(p.shape[0] for p in projections.values())
-        for p in projections.values():
+        self.per_row, self.spec, self.note, self.format = True, None, "", FORMAT
+        # per projection, the expert read last: a layer reads an expert's weights, then its codes
+        self._last: dict[str, tuple[int, Mxfp4Tensor]] = {}
+
+    def scan(self, log: Callable[[str], None] = lambda msg: None, fp16_scales: bool = False) -> None:
+        """Read every expert once: checked, the codes' spec chosen; then the index lists the decoded tensors.
+        `fp16_scales`: the artifact keeps its scales in fp16, exact for exponents 104-143 only (refused beyond)."""
+        per_row, done, total = True, 0, sum(p.shape[0] for p in self.projections.values())
+        low, high = 255, 0
+        for p in self.projections.values():
             for e in range(p.shape[0]):
-                per_row &= _read(p, e).row_span_fits()  # read and checked whatever the answer so far
+                t = _read(p, e)
+                per_row &= t.row_span_fits()  # read and checked whatever the answer so far
+                low, high = min(low, int(t.exponents.min())), max(high, int(t.exponents.max()))
                 done += 1
                 if total >= 64 and done % (total // 8) == 0:
                     log(f"  MXFP4 experts checked: {done}/{total}")
-        stream = cls(ck, projections, per_row)
-        stream._decode_in(ck)
-        return stream
+        if fp16_scales and not FP16_EXPONENTS[0] <= low <= high <= FP16_EXPONENTS[1]:
+            raise QuantError(f"'{self.ck.path}': --dtype fp16 keeps QMoE's scales in fp16, which holds 2^(e - 128) "
+                             f"exactly for E8M0 exponents {FP16_EXPONENTS[0]}-{FP16_EXPONENTS[1]}; this checkpoint's "
+                             f"span {low}-{high}. Compile it in fp32. Nothing was written.")
+        self.per_row = per_row
+        self.spec, self.note = folded_spec(per_row, len(self.projections))
+        self._decode_in(self.ck)
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Every MXFP4 projection is one of the model's stacked expert parameters, in its transpose's shape, and
@@ -114,6 +125,10 @@ class Mxfp4Stream:
         if expert is not None:
             return self._expert(p, expert).dequantized().transpose(1, 2)
         return torch.cat([self._expert(p, e).dequantized().transpose(1, 2) for e in range(p.shape[0])])
+
+    def forget(self) -> None:
+        """The experts read last are not kept."""
+        self._last.clear()
 
     def _expert(self, p: Projection, e: int) -> Mxfp4Tensor:
         last = self._last.get(p.name)
@@ -174,9 +189,17 @@ class CheckpointCodes:
                              "--out-of-core off. Nothing was written.")
         return tuple(out)
 
+    def check_folded(self, fused_paths: list[str]) -> None:
+        """Every MXFP4 projection is in a fused layer (an unfused one would be written as its fp32 stack)."""
+        for name in self.stream.projections:
+            if not any(name.startswith(path + ".") for path in fused_paths):
+                raise QuantError(f"'{name}': its MoE layer is not fused, so its MXFP4 codes can't be folded into "
+                                 "QMoE; see the fusion report of an in-memory compile (--out-of-core off). Nothing "
+                                 "was written.")
+
     def done(self) -> None:
         """A layer (or the verification) finished: the experts read last are not kept."""
-        self.stream._last.clear()
+        self.stream.forget()
 
     def dequantized(self, path: str, e: int, w):
         """The artifact's exact reference: the checkpoint's weights themselves (codes() checked each expert's
@@ -187,8 +210,10 @@ class CheckpointCodes:
 def _pairs(ck: LazyCheckpoint) -> dict[str, Projection]:
     found: dict[str, Projection] = {}
     for name in sorted(ck.shapes):
-        base = next((name[: -len(s)] for s in SUFFIXES if name.endswith(s)), None)
-        if base is None or base in found:
+        if name.rpartition(".")[2] not in PARTS:  # what the in-memory fold reads, no other `*_scales`
+            continue
+        base = next(name[: -len(s)] for s in SUFFIXES if name.endswith(s))
+        if base in found:
             continue
         blocks, scales = base + "_blocks", base + "_scales"
         if blocks not in ck.shapes or scales not in ck.shapes:
@@ -207,9 +232,13 @@ def _read(p: Projection, e: int) -> Mxfp4Tensor:
     """Expert e of projection p, unpacked and checked (mxfp4_checkpoint.decode on its [e:e + 1] slices)."""
     from safetensors import safe_open
 
-    with safe_open(p.blocks_file, "pt") as fb, safe_open(p.scales_file, "pt") as fs:
-        blocks = fb.get_slice(p.name + "_blocks")[e:e + 1]
-        scales = fs.get_slice(p.name + "_scales")[e:e + 1]
+    try:
+        with safe_open(p.blocks_file, "pt") as fb, safe_open(p.scales_file, "pt") as fs:
+            blocks = fb.get_slice(p.name + "_blocks")[e:e + 1]
+            scales = fs.get_slice(p.name + "_scales")[e:e + 1]
+    except Exception as exc:
+        raise SourceError(f"'{p.blocks_file}': cannot read expert {e} of '{p.name}_blocks' / '_scales' "
+                          f"({type(exc).__name__}: {exc}). Nothing was written.") from exc
     return decode(p.name, p.blocks_file, p.scales_file, blocks, scales)
 
 

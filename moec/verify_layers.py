@@ -148,12 +148,20 @@ def eager_by_layer(module: nn.Module, args: tuple, prepare: Prepare, log: Callab
     _, layers = decoder_layers(model)
     outputs: dict[str, torch.Tensor] = {}
     handles = []
+    read = []
     if head is not None:
-        def read_head(mod, a):
-            prepare(model, "", skip=lambda name: name not in head)
+        def drop_embeddings(mod, a, out):  # once: the model's one lookup is done
+            release(mod)
+            handles.remove(dropping)
+            dropping.remove()
 
-        handles += [model.get_input_embeddings().register_forward_hook(lambda mod, a, out: release(mod)),
-                    model.get_output_embeddings().register_forward_pre_hook(read_head)]
+        def read_head(mod, a):
+            if not read:
+                prepare(model, "", skip=lambda name: name not in head)
+                read.append(True)
+
+        dropping = model.get_input_embeddings().register_forward_hook(drop_embeddings)
+        handles += [dropping, model.get_output_embeddings().register_forward_pre_hook(read_head)]
     for i, layer in enumerate(layers):
         key = f"layers.{i}"
 
@@ -179,6 +187,9 @@ def eager_by_layer(module: nn.Module, args: tuple, prepare: Prepare, log: Callab
             h.remove()
         release(model)
     result = tuple(result) if isinstance(result, (tuple, list)) else (result,)
+    if head is not None and not read:  # the head's weight was used without calling its module
+        raise ValueError(f"{type(model).__name__}: its output head ({', '.join(sorted(head))}) never ran as a module, "
+                         "so the layer-by-layer reference could not read it when needed")
     return outputs, tuple(t.detach() for t in result)
 
 

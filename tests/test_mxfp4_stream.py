@@ -85,7 +85,7 @@ def test_re_quantizing_flags_and_unstreamed_options_are_refused(tmp_path, capsys
     write_checkpoint(path)
     out = tmp_path / "out"
     assert main(["compile", path, "--out", str(out), "--out-of-core", "on", "--quant", "int4", "--quiet"]) != 0
-    assert "already quantized (int8 per-row)" in capsys.readouterr().err
+    assert "already quantized (MXFP4, folded as int8 codes); --quant would re-quantize" in capsys.readouterr().err
     assert main(["compile", path, "--out", str(out), "--out-of-core", "on", "--calibration", "random:4", "--quiet"]) == 2
     assert "--calibration: not available in an out-of-core compile" in capsys.readouterr().err
     assert not out.exists()
@@ -108,3 +108,20 @@ def test_auto_counts_the_values_mxfp4_stores(tmp_path, monkeypatch):
     assert wants_out_of_core(path, "auto")
     monkeypatch.setattr(compile_out_of_core, "_available_memory", lambda: values * 400)
     assert not wants_out_of_core(path, "auto")
+
+
+def test_fp16_scales_are_refused_beyond_their_exact_range(tmp_path, capsys):
+    """--dtype fp16 keeps QMoE's scales 2^(e - 128) in fp16: exact for exponents 104-143, refused below (they
+    would flush to zero) before any expert is decoded into the artifact; within it, verified against the
+    checkpoint's weights in fp16."""
+    low, ok = str(tmp_path / "low"), str(tmp_path / "ok")
+    write_checkpoint(low, exponents=(100, 103))
+    out = tmp_path / "out"
+    args = ["--out-of-core", "on", "--task", "logits", "--dtype", "fp16", "--quiet"]
+    assert main(["compile", low, "--out", str(out), *args]) == 17
+    assert "exponents 104-143; this checkpoint's span 100-103" in capsys.readouterr().err and not out.exists()
+    write_checkpoint(ok, exponents=(120, 123))
+    assert main(["compile", ok, "--out", str(out), *args]) == 0
+    report = json.load(open(os.path.join(str(out), "report.json")))
+    assert report["dtype"] == "fp16" and report["numerics"]["passed"]
+    assert report["numerics"]["against"] == "the checkpoint's weights in fp16"

@@ -338,13 +338,10 @@ def index_checkpoint(source: str, mxfp4: bool, options: CompileOptions):
     if not mxfp4:
         return ck, hf, None, identity
     from moec.mxfp4_stream import Mxfp4Stream
-    from moec.pipeline import dtype_of
+    from moec.pipeline import dtype_of, refuse_requantizing
 
-    given = [f for f, k in (("--quant", "quant"), ("--block-size", "block_size"), ("--asymmetric", "asymmetric"))
-             if options.extra.get(k) not in (None, False)]
-    if given:
-        raise MoecError(f"the model's expert weights are already quantized (MXFP4, folded as int8 codes); "
-                        f"{'/'.join(given)} would re-quantize them. Drop those flags. Nothing was written.")
+    # what the scan can't change (its block size it decides): conflicting flags refused before it reads anything
+    refuse_requantizing("MXFP4, folded as int8 codes", {"quant": "int8", "asymmetric": False}, options)
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config  # moec folds the codes; transformers' quantizer must not wrap layers
     mx = Mxfp4Stream(ck)
@@ -483,13 +480,13 @@ class LayerStreamer:
             from moec.quantize_streamed import StreamedQuantizer
 
             self.streaming = StreamedQuantizer(ck, ck.config(), model, planned, kinds, spec, log, coder)
-            unstreamed = [p for p in self.fused_paths if not self.streaming.streams(p)]
-            if coder is not None and unstreamed:  # the fallback below would re-quantize the checkpoint's weights
-                raise MoecError(f"{unstreamed[0]}: its experts can't be read one at a time, so their checkpoint "
-                                "codes can't be folded as they stream; compile with --out-of-core off. Nothing "
-                                "was written.")
-            if coder is not None:  # an unfused layer would be written as its decoded fp32 stack
-                coder.check_folded(self.fused_paths)
+            if coder is not None:
+                unstreamed = [p for p in self.fused_paths if not self.streaming.streams(p)]
+                if unstreamed:  # the fallback below (self.quantize) would re-quantize the checkpoint's weights
+                    raise MoecError(f"{unstreamed[0]}: its experts can't be read one at a time, so their checkpoint "
+                                    "codes can't be folded as they stream; compile with --out-of-core off. Nothing "
+                                    "was written.")
+                coder.check_folded(self.fused_paths)  # an unfused layer would be written as its decoded fp32 stack
         self.coder = self.streaming.coder if self.streaming is not None else None
 
     def _streamed(self, key: str) -> list[str]:
@@ -556,12 +553,12 @@ class LayerStreamer:
         (LazyCheckpoint.one_by_one): with a large vocabulary each is more than a decoder layer, and the group whole
         would set the compile's peak (GPT-OSS: 2.2 GiB apiece in fp32)."""
         names = self.ck.one_by_one(self.model, "")
-        passes = names if names and len(names) > 1 and not self._streamed("") else [None]
+        passes = names if names and len(names) > 1 and not self._streamed("") else [None]  # None: the group whole
         todo = list(values)
         try:
             for name in passes:
                 self.prepare(self.model, "", record=True, skip=None if name is None else (lambda n, name=name: n != name))
-                ready = todo if name is None else self._filled(todo)
+                ready = self._filled(todo)
                 yield from self._bytes(ready, "")
                 done = {v.name for v in ready}
                 todo = [v for v in todo if v.name not in done]

@@ -123,10 +123,8 @@ class LazyCheckpoint:
         return list(names) if names and all(n in own and n not in self.decoded for n in names) else None
 
     def read(self, f, name: str, expert: Optional[int] = None):
-        """What transformers' conversion reads for `name` from the open file `f`: the stored tensor as a lazy
-        safetensors slice (with `expert`, its [e:e + 1] rows), or a decoded tensor's value."""
-        if name in self.decoded:
-            return self.decoded[name](expert)
+        """What transformers' conversion reads for the stored tensor `name` from the open file `f`: a lazy
+        safetensors slice, or with `expert` its [e:e + 1] rows (a decoded tensor is `decoded[name](expert)`)."""
         stored = f.get_slice(name)
         return stored if expert is None else stored[expert:expert + 1]
 

@@ -111,6 +111,24 @@ def decode(name: str, file: str, scales_file: str, blocks: torch.Tensor, scales:
     return t
 
 
+def check_against_model(path: str, model: torch.nn.Module, stored: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """Every MXFP4 projection (name -> its `_blocks` file and [E, N, K] weights) is one of the model's stacked
+    expert parameters, in its transpose's shape, and every stacked expert parameter is MXFP4 (QMoE's codes would
+    otherwise cover some layers only; one expert precision per model is folded)."""
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    for name, (file, (e, n, k)) in stored.items():
+        want = shapes.get(name)
+        if want != (e, k, n):
+            raise QuantError(f"{file}: '{name}_blocks' holds [{e}, {n}, {k}] weights (experts, rows, columns); "
+                             + (f"the model of config.json has no '{name}'." if want is None else
+                                f"the model of config.json wants '{name}' as {list(want)} (its transpose)."))
+    plain = sorted(n for n in shapes if n.endswith(("experts.gate_up_proj", "experts.down_proj")) and n not in stored)
+    if plain:
+        raise QuantError(f"'{path}': '{plain[0]}' is stored unquantized ({len(plain)} such expert tensors) while "
+                         f"{len(stored)} others are MXFP4; moec folds checkpoints whose experts are all MXFP4. Not "
+                         "folded; nothing was written.")
+
+
 def folded_spec(per_row: bool, tensors: int) -> tuple[QuantSpec, str]:
     """The QMoE codes' spec for per-row or block codes, and the report's note saying why."""
     spec = QuantSpec(8) if per_row else QuantSpec(8, BLOCK)
@@ -147,21 +165,7 @@ def load_mxfp4(path: str):
         raise QuantError(f"'{path}': config.json says mxfp4, but the checkpoint has no '*_blocks' / '*_scales' "
                          "expert tensors.")
     build = model_builder(path)
-    shapes = {n: tuple(p.shape) for n, p in build({}).named_parameters()}
-    for t in tensors:
-        e, n, k = t.doubled.shape
-        if shapes.get(t.name) != (e, k, n):
-            want = shapes.get(t.name)
-            raise QuantError(f"{t.file}: '{t.name}_blocks' holds [{e}, {n}, {k}] weights (experts, rows, columns); "
-                             + (f"the model of config.json has no '{t.name}'." if want is None else
-                                f"the model of config.json wants '{t.name}' as {list(want)} (its transpose)."))
-    names = {t.name for t in tensors}
-    plain_experts = sorted(n for n in shapes if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
-                           and n not in names)
-    if plain_experts:  # QMoE's codes would cover some layers only; one expert precision per model is folded
-        raise QuantError(f"'{path}': '{plain_experts[0]}' is stored unquantized ({len(plain_experts)} such expert "
-                         f"tensors) while {len(names)} others are MXFP4; moec folds checkpoints whose experts are "
-                         "all MXFP4. Not folded; nothing was written.")
+    check_against_model(path, build({}), {t.name: (t.file, tuple(t.doubled.shape)) for t in tensors})
     model = complete(path, build({**plain, **{t.name: t.dequantized().transpose(1, 2) for t in tensors}}))
     per_row = all(t.row_span_fits() for t in tensors)
     params = dict(model.named_parameters())

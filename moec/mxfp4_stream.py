@@ -33,7 +33,7 @@ import torch
 
 from moec.lazy_checkpoint import LazyCheckpoint
 from moec.errors import SourceError
-from moec.mxfp4_checkpoint import BLOCK, FORMAT, PARTS, Mxfp4Tensor, decode, folded_spec
+from moec.mxfp4_checkpoint import BLOCK, FORMAT, PARTS, Mxfp4Tensor, check_against_model, decode, folded_spec
 from moec.quant import QuantError, QuantizedWeight, QuantSpec, dequantize
 
 SUFFIXES = ("_blocks", "_scales")
@@ -83,23 +83,8 @@ class Mxfp4Stream:
         self._decode_in(self.ck)
 
     def check_model(self, model: torch.nn.Module) -> None:
-        """Every MXFP4 projection is one of the model's stacked expert parameters, in its transpose's shape, and
-        every stacked expert parameter is MXFP4 (QMoE takes one precision for all the model's experts)."""
-        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-        for p in self.projections.values():
-            e, n, k = p.shape
-            want = shapes.get(p.name)
-            if want != (e, k, n):
-                raise QuantError(f"{p.blocks_file}: '{p.name}_blocks' holds [{e}, {n}, {k}] weights (experts, rows, "
-                                 "columns); " + (f"the model of config.json has no '{p.name}'." if want is None else
-                                                 f"the model of config.json wants '{p.name}' as {list(want)} (its "
-                                                 "transpose)."))
-        plain = sorted(n for n in shapes if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
-                       and n not in self.projections)
-        if plain:
-            raise QuantError(f"'{self.ck.path}': '{plain[0]}' is stored unquantized ({len(plain)} such expert "
-                             f"tensors) while {len(self.projections)} others are MXFP4; moec folds checkpoints whose "
-                             "experts are all MXFP4. Not folded; nothing was written.")
+        """As the in-memory fold checks them (mxfp4_checkpoint.check_against_model), from the headers."""
+        check_against_model(self.ck.path, model, {p.name: (p.blocks_file, p.shape) for p in self.projections.values()})
 
     def codes(self, name: str, e: int) -> QuantizedWeight:
         """Expert e's codes of projection `name`, [1, N, K], as the in-memory fold makes them."""

@@ -863,11 +863,20 @@ def adopt_checkpoint_quantization(spec, options: CompileOptions) -> None:
     """Pre-quantized weights (packed checkpoint, folded Q/DQ) compile with their own quantization;
     a different --quant is a conflict."""
     want = {"quant": f"int{spec.bits}", "block_size": spec.block_size, "asymmetric": not spec.symmetric}
-    given = {k: options.extra.get(k) for k in want if options.extra.get(k) not in (None, False)}
-    if given and any(given[k] != want[k] for k in given):
-        raise MoecError(f"the model's expert weights are already quantized ({spec.name}); --quant/"
-                        f"--block-size/--asymmetric {given} would re-quantize them. Drop those flags.")
+    refuse_requantizing(spec.name, want, options)
     options.extra.update(want, prequantized=True)
+
+
+def refuse_requantizing(what: str, want: dict, options: CompileOptions) -> None:
+    """--quant/--block-size/--asymmetric given with other values than the checkpoint's own (`want`, by option
+    key): they would re-quantize it. The same values are allowed (they say what the checkpoint is)."""
+    flags = {"quant": "--quant", "block_size": "--block-size", "asymmetric": "--asymmetric"}
+    given = {k: options.extra.get(k) for k in want if options.extra.get(k) not in (None, False)}
+    bad = [k for k in given if given[k] != want[k]]
+    if bad:
+        raise MoecError(f"the model's expert weights are already quantized ({what}); {'/'.join(flags[k] for k in bad)} "
+                        f"would re-quantize them (given {', '.join(f'{k}={given[k]}' for k in bad)}). Drop those "
+                        "flags. Nothing was written.")
 
 
 def check_finite_weights(module: nn.Module, quantizing: bool = False) -> None:

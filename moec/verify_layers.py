@@ -142,7 +142,10 @@ def eager_by_layer(module: nn.Module, args: tuple, prepare: Prepare, log: Callab
     a decoder layer: GPT-OSS's are 2.2 GiB apiece in fp32)."""
     model = module.model
     head = head_apart(model, ck) if ck is not None else None
-    prepare(model, "") if head is None else prepare(model, "", skip=head.__contains__)
+    if head is None:
+        prepare(model, "")
+    else:
+        prepare(model, "", skip=head.__contains__)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     _, layers = decoder_layers(model)

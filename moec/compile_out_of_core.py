@@ -14,15 +14,16 @@
    to external data (moec.external_data.write_streamed, shards of --shard-size, a layer never split); then the
    group's weights are dropped. With --quant, layers that can are quantized one expert at a time
    (moec.quantize_streamed): their experts are never all in memory. A GPT-OSS MXFP4 checkpoint's experts are
-   folded the same way with the checkpoint's own codes (moec.mxfp4_stream), never re-quantized.
+   folded the same way with the checkpoint's own codes (moec.mxfp4_stream), never re-quantized; so are the
+   experts of compressed-tensors, GPTQ and AWQ checkpoints, read one Linear at a time (moec.packed_stream).
 4. verify: layer by layer (moec.verify_layers): the eager model runs with one decoder layer materialised at a
    time, the artifact runs segment by segment (moec.segmented_run); every layer's output and the logits are
    compared, and the goldens are the artifact's outputs on that input.
 Peak memory is the largest layer group a few times over plus the graph, whatever the model's size.
 The artifact is the in-memory compile's (the KV-cache decoder unless --task logits; --quant codes byte for byte;
 --triton-repo through the same packaging stage). Refuses what it does not stream yet (calibration, pruning, dense
-quantization, --device-memory, --static, TensorRT, pre-quantized checkpoints other than MXFP4: moec-packed,
-compressed-tensors, GPTQ, AWQ, fp8): named, exit 2, with the in-memory compile as the way to get it.
+quantization, --device-memory, --static, TensorRT, pre-quantized checkpoints moec does not fold as they stream:
+moec-packed, fp8 ...): named, exit 2, with the in-memory compile as the way to get it.
 """
 
 from __future__ import annotations
@@ -60,18 +61,24 @@ def wants_out_of_core(source: Optional[str], mode: str, log: Callable[[str], Non
     from moec.fold_checkpoint import quant_method
 
     method = quant_method(source)
-    if is_packed(source) or method not in (None, "mxfp4") or not os.path.isfile(os.path.join(source, "config.json")):
+    if is_packed(source) or not os.path.isfile(os.path.join(source, "config.json")):
         return False
     try:
         ck = LazyCheckpoint(source)
+        # the in-memory fold holds pre-quantized weights dequantized: count them as the values they stand for
+        if method == "mxfp4":
+            from moec.mxfp4_stream import mxfp4_parameters
+
+            numel = mxfp4_parameters(ck)
+        elif method is not None:
+            from moec.fold_checkpoint import READERS
+            from moec.packed_stream import PackedStream
+
+            numel = PackedStream(ck, READERS[method]()(source)).parameters()
+        else:
+            numel = ck.numel
     except MoecError:
         return False  # the in-memory loader names what is wrong with it
-    if method == "mxfp4":  # the in-memory fold holds the experts dequantized: count them as the values they store
-        from moec.mxfp4_stream import mxfp4_parameters
-
-        numel = mxfp4_parameters(ck)
-    else:
-        numel = ck.numel
     available = _available_memory()
     if available is None or numel * 4 <= AUTO_FRACTION * available:
         return False
@@ -135,7 +142,6 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     from moec.analysis.plan_exported import plan_exported
     from moec.export_onnx import capture, dim_names, to_onnx
     from moec.memory import source_profiles
-    from moec.miniature import read_config
     from moec.plan_model import build_on_meta, recognise_miniature
     from moec.rewrite_rsqrt import rewrite_rsqrt
     from moec.simplify_graph import simplify_graph
@@ -143,7 +149,8 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     from moec.targets import get
     from moec.passes.quantize_experts import spec_from_options
     from moec.fold_checkpoint import quant_method
-    from moec.pipeline import adopt_checkpoint_quantization, dtype_of, refuse_without_fused_layers, run_graph_passes
+    from moec.pipeline import (adopt_checkpoint_quantization, check_dtype, dtype_of, refuse_without_fused_layers,
+                               run_graph_passes)
     from moec.validate import check_max_shape
 
     from moec.heap import bounded_heap
@@ -156,20 +163,23 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     check_streamable(options)
     refuse_quantized_checkpoint(source)
     stage = _Stages(options.log, STAGES)
-    mxfp4 = quant_method(source) == "mxfp4"  # its experts' codes are folded as they stream, never re-quantized
-    ck, hf, mx, identity = stage("load", f"indexing the checkpoint in {source} (headers only" + (
-        "; each MXFP4 expert read once, to check it and choose the codes' spec)" if mxfp4 else ")"),
-                                 index_checkpoint, source, mxfp4, options)
-    if mx is not None:
-        adopt_checkpoint_quantization(mx.spec, options)
+    method = quant_method(source)  # a pre-quantized checkpoint's codes are folded as they stream, never re-quantized
+    ck, hf, prequant, identity = stage("load", f"indexing the checkpoint in {source} (headers only" + (
+        "; each MXFP4 expert read once, to check it and choose the codes' spec)" if method == "mxfp4" else
+        f"; its {method} Linears found)" if method else ")"), index_checkpoint, source, method, options)
+    if prequant is not None and prequant.spec is not None:
+        adopt_checkpoint_quantization(prequant.spec, options)
         check_quantization(options, True)
+        if not prequant.fp16_checked:
+            check_dtype(options)  # fp16 with pre-quantized experts: refused as in memory
     ck.model_config = hf.config  # read_config's reading (unknown model_type through `architectures` ...) everywhere
     options.log(f"  {ck.numel / 1e9:.2f}B parameters, {ck.nbytes / 2**30:.2f} GiB stored, "
                 f"{len(ck.layer_groups())} layer groups")
     kinds = stage("recognise", f"recognising MoE layers on a miniature {hf.model_class.__name__}",
                   recognise_miniature, hf, lambda msg: None)
 
-    spec = mx.spec if mx is not None else spec_from_options(options.extra) if options.extra.get("quant") else None
+    spec = prequant.spec if prequant is not None and prequant.spec is not None else \
+        spec_from_options(options.extra) if options.extra.get("quant") else None
     lowering = target.lowering_passes(options)
     half = dtype_of(options) == "fp16"  # each tensor converted as it is written; the graph captured in fp16
 
@@ -217,12 +227,8 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         bad = [f"{l['path']}: {l.get('reason', '')}" for l in layers["layers"] if not l["fused"]]
         raise FusionRequiredError("--require-fusion: MoE layers left unfused: " + "; ".join(bad))
     weights_model = ck.skeleton(hf.config)
-    coder = None
-    if mx is not None:
-        from moec.mxfp4_stream import CheckpointCodes
-
-        coder = CheckpointCodes(mx)
-        notes.append(mx.note)
+    coder = prequant.coder() if prequant is not None and prequant.spec is not None else None
+    notes += prequant.notes if prequant is not None else []
     streamer = LayerStreamer(ck, weights_model, planned, kinds, spec, lowering, options.extra, options.log,
                              WRAPPER * (2 if half else 1), coder)
 
@@ -252,23 +258,23 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
             prepare = streamer.prepare
         else:
             tolerance, prepare = options.tolerance, None
-        against = "the checkpoint's weights (its MXFP4 experts dequantized exactly)" if mx is not None else None
+        against = prequant.against if prequant is not None else None
         if half:  # the reference is the eager model in fp16, each layer cast as it is read; fp32 is compared too
             tolerance = max(tolerance, TOLERANCES["fp16"])
-            against = ("the checkpoint's weights in fp16" if mx is not None else
+            against = ("the checkpoint's weights in fp16" if prequant is not None else
                        "the dequantized reference in fp16" if prepare else "eager PyTorch in fp16")
             prepare = in_fp16(prepare or ck.materialise)
         verified = stage("verify", "verifying layer by layer (eager and ONNX Runtime, one layer in memory)",
                          verify_layer_by_layer, model_path, ck, tolerance, src.verification_inputs(options.verify_seq_len),
                          src.input_names, src.output_names, wrapper_of(src.module), options.log, prepare,
-                         streamer.prepare_fp32, against, reference_is_fp32=mx is not None and not half)
+                         streamer.prepare_fp32, against, reference_is_fp32=prequant is not None and not half)
         if streamer.streaming is not None:
             streamer.streaming.done()
         if spec is not None:
             quant = quantization_report(streamer.quantized, spec, verified, tolerance, streamer.coder,
                                         target.quantizes_activations(options))
-            if mx is not None:
-                quant["checkpoint_format"] = mx.format
+            if prequant is not None and prequant.spec is not None:
+                quant["checkpoint_format"] = prequant.format
         # the whole artifact in one session, once the layer-by-layer check passed (its failure says more)
         fp16_off = half and spec is None and verified.vs_fp32["rel_l2"] > tolerance
         whole = (run_end_to_end(model_path, weights_bytes, verified, tolerance, options.log)
@@ -325,29 +331,38 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     return CompileResult(os.path.abspath(options.out), report, triton_dir)
 
 
-def index_checkpoint(source: str, mxfp4: bool, options: CompileOptions):
-    """(the checkpoint's index, its config (moec.miniature.read_config), for an MXFP4 checkpoint its scanned
-    experts (else None), and the checkpoint's identity as stored: headers hash, files, stored bytes). An MXFP4
-    checkpoint is checked from its headers and config (re-quantizing flags, shapes, experts left unquantized,
-    fp16's scale range) before its experts are read."""
+def index_checkpoint(source: str, method: Optional[str], options: CompileOptions):
+    """(the checkpoint's index, its config (moec.miniature.read_config), for a pre-quantized checkpoint what
+    streams its codes (moec.mxfp4_stream.Mxfp4Stream, its experts scanned; moec.packed_stream.PackedStream), else
+    None, and the checkpoint's identity as stored: headers hash, files, stored bytes). The index then lists the
+    quantized tensors as the weights they stand for, decoded when read. An MXFP4 checkpoint is checked from its
+    headers and config (re-quantizing flags, shapes, experts left unquantized, fp16's scale range) before its
+    experts are read."""
     from moec.miniature import read_config
 
     ck = LazyCheckpoint(source)
     identity = {"checkpoint_headers_sha256": headers_sha256(ck), "files": len(set(ck.files.values()))}
     hf = read_config(source)
-    if not mxfp4:
+    if method is None:
         return ck, hf, None, identity
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config  # moec folds the codes; transformers' quantizer must not wrap layers
+    if method != "mxfp4":
+        from moec.fold_checkpoint import READERS
+        from moec.packed_stream import PackedStream
+
+        stream = PackedStream(ck, READERS[method]()(source))
+        stream.decode_in()
+        return ck, hf, stream, identity
     from moec.mxfp4_stream import Mxfp4Stream
     from moec.pipeline import dtype_of, refuse_requantizing
 
     # what the scan can't change (its block size it decides): conflicting flags refused before it reads anything
     refuse_requantizing("MXFP4, folded as int8 codes", {"quant": "int8", "asymmetric": False}, options)
-    if hasattr(hf.config, "quantization_config"):
-        del hf.config.quantization_config  # moec folds the codes; transformers' quantizer must not wrap layers
-    mx = Mxfp4Stream(ck)
-    mx.check_model(ck.skeleton(hf.config))  # on the meta device: shapes only
-    mx.scan(options.log, fp16_scales=dtype_of(options) == "fp16")
-    return ck, hf, mx, identity
+    prequant = Mxfp4Stream(ck)
+    prequant.check_model(ck.skeleton(hf.config))  # on the meta device: shapes only
+    prequant.scan(options.log, fp16_scales=dtype_of(options) == "fp16")
+    return ck, hf, prequant, identity
 
 
 def in_fp16(prepare: Callable[[nn.Module, str], None]) -> Callable[[nn.Module, str], None]:
@@ -381,21 +396,22 @@ def run_end_to_end(model_path: str, weights_bytes: int, verified, tolerance: flo
 
 
 def refuse_quantized_checkpoint(source: str) -> None:
-    """A checkpoint whose weights are not plain floats (moec-packed, compressed-tensors, GPTQ, AWQ, fp8 ...) is
-    named before any work: streaming it as floats would fail at its first layer with a confusing message."""
+    """A checkpoint whose weights are neither plain floats nor a format folded as it streams (moec-packed, fp8,
+    bitsandbytes ...) is named before any work: streaming it as floats would fail at its first layer with a
+    confusing message."""
     from moec.checkpoint import is_packed
 
-    from moec.fold_checkpoint import quantization_config
+    from moec.fold_checkpoint import quant_method, quantization_config
 
     qc = quantization_config(source)
-    if isinstance(qc, dict) and qc.get("quant_method") == "mxfp4":
-        return  # folded as it streams (moec.mxfp4_stream)
+    if quant_method(source) is not None and not is_packed(source):
+        return  # folded as it streams (moec.mxfp4_stream, moec.packed_stream)
     what = "a moec-packed" if is_packed(source) else (
         f"a {qc.get('quant_method', 'quantized')}" if isinstance(qc, dict) and qc else None)
     if what:
-        raise MoecError(f"'{source}' is {what} checkpoint: an out-of-core compile streams float weights and MXFP4 "
-                        "experts, and does not fold other pre-quantized ones yet; compile it with --out-of-core off. "
-                        "Nothing was written.")
+        raise MoecError(f"'{source}' is {what} checkpoint: an out-of-core compile streams float weights and the "
+                        "pre-quantized formats moec folds (MXFP4, compressed-tensors, GPTQ, AWQ), not this one yet; "
+                        "compile it with --out-of-core off. Nothing was written.")
 
 
 def keep_failed(tmp: str, options: CompileOptions, report: dict) -> str:

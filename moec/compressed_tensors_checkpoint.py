@@ -5,7 +5,8 @@ Matches: a Hugging Face directory whose config.json has a `quantization_config` 
 (int32, `32 / bits` codes per word, the first column in the lowest bits, each code offset by 2^(bits-1)),
 `<name>.weight_scale` ([N, K / group] or [N, 1] per channel), `<name>.weight_shape` ([N, K]) and, when
 asymmetric, `<name>.weight_zero_point` (int32, packed the same way along the rows: [ceil(N * bits / 32), G]).
-Produces: each quantized Linear as a moec.fold_checkpoint.PackedLinear (unsigned codes: the stored ones; fp32
+Produces: the format's reading (`linear_format`, a moec.fold_checkpoint.LinearFormat): each quantized Linear as a
+moec.fold_checkpoint.PackedLinear (unsigned codes: the stored ones; fp32
 scales; zero points unpacked), which moec.fold_checkpoint folds into the model and its experts' QMoE codes.
 Refuses (QuantError, naming the file or tensor): activation quantization, strategies other than group and
 channel, group sizes QMoE can't take, bit widths other than 4 and 8, non-integer types, act-order with a
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from moec.fold_checkpoint import PackedLinear
+from moec.fold_checkpoint import LinearFormat, PackedLinear
 from moec.quant import BLOCK_SIZES, QuantError, QuantSpec
 
 FORMAT = "compressed-tensors pack-quantized"
@@ -106,16 +107,33 @@ def read_linear(name: str, parts: dict[str, torch.Tensor], bits: int, file: str)
     return PackedLinear(unpack_int32(packed, bits, k, dim=1), scale.float(), zp, QuantSpec(bits, block, zp is None))
 
 
-def read(path: str):
-    """The checkpoint's pack-quantized Linears and plain tensors (moec.fold_checkpoint folds them)."""
-    from moec.fold_checkpoint import quantization_config, read_tensors
+def linear_format(path: str) -> LinearFormat:
+    """The checkpoint's reading (moec.fold_checkpoint.LinearFormat), its config checked."""
+    from moec.fold_checkpoint import quantization_config
 
-    bits = check_config(path, quantization_config(path))
-    raw, where, plain = read_tensors(path, _PARTS)
-    linears = {}
-    for prefix, parts in raw.items():
+    qc = quantization_config(path)
+    bits = check_config(path, qc)
+
+    def read(prefix: str, parts: dict[str, torch.Tensor], file: str) -> PackedLinear:
         if "weight_packed" not in parts:
-            raise QuantError(f"'{where[prefix]}': '{prefix}' has {sorted(parts)} but no weight_packed; only "
-                             "pack-quantized weights are folded.")
-        linears[prefix] = read_linear(prefix, parts, bits, where[prefix])
-    return linears, plain, FORMAT
+            raise QuantError(f"'{file}': '{prefix}' has {sorted(parts)} but no weight_packed; only pack-quantized "
+                             "weights are folded.")
+        return read_linear(prefix, parts, bits, file)
+
+    def layout(prefix: str, shapes: dict[str, tuple], file: str, small) -> tuple[tuple[int, int], QuantSpec]:
+        if "weight_packed" not in shapes or "weight_shape" not in shapes or "weight_scale" not in shapes:
+            raise QuantError(f"'{file}': '{prefix}' has {sorted(shapes)}; a pack-quantized Linear has weight_packed, "
+                             "weight_scale and weight_shape.")
+        shape = small("weight_shape")
+        if shape.numel() != 2:
+            raise QuantError(f"'{file}': tensor '{prefix}.weight_shape' holds {shape.numel()} values; [N, K] expected.")
+        n, k = (int(x) for x in shape.tolist())
+        g = shapes["weight_scale"][-1] if len(shapes["weight_scale"]) == 2 else 0
+        if not g or k % g:
+            raise QuantError(f"'{file}': tensor '{prefix}.weight_scale' is {tuple(shapes['weight_scale'])}; weights "
+                             f"[{n}, {k}] need [{n}, G] with G dividing the columns.")
+        return (n, k), QuantSpec(bits, None if g == 1 else k // g, "weight_zero_point" not in shapes)
+
+    groups = (qc.get("config_groups") or {}).values()
+    act_order = any((g.get("weights") or {}).get("actorder") for g in groups)
+    return LinearFormat(FORMAT, _PARTS, read, layout, "weight_g_idx" if act_order else "")

@@ -1,7 +1,7 @@
 """Fold pre-quantized Hugging Face checkpoints (compressed-tensors, GPTQ, AWQ, MXFP4) into moec without re-quantizing.
 
-Each format has a reader of its own (moec/compressed_tensors_checkpoint.py, moec/gptq_checkpoint.py) that turns the
-checkpoint's packed tensors into `PackedLinear`s — unsigned codes, fp32 scales and zero points per group, in
+Each format has a reading of its own (moec/compressed_tensors_checkpoint.py, moec/gptq_checkpoint.py: a
+`LinearFormat`) that turns the checkpoint's packed tensors, one Linear at a time, into `PackedLinear`s — unsigned codes, fp32 scales and zero points per group, in
 moec's [N, K] layout — and checks them against its quantization config. This module does what is common:
 Produces: the config's transformers model with every quantized weight dequantized exactly in fp32, as
 (code - zero point) * scale — the arithmetic ONNX Runtime's QMoE does — and, for the stacked expert parameters,
@@ -44,6 +44,28 @@ class PackedLinear:
                                                                                    dtype=torch.int32)
         blocks = (self.codes.reshape(n, g, k // g) - zp[..., None]).float() * self.scales[..., None]
         return blocks.reshape(n, k)
+
+
+@dataclass
+class LinearFormat:
+    """A per-Linear format's reading (moec/compressed_tensors_checkpoint.py, moec/gptq_checkpoint.py), its config
+    already checked: the tensor parts a quantized Linear `<prefix>.<part>` is stored as, and two readings of one
+    Linear's parts, shared by the in-memory fold and the out-of-core stream (moec.packed_stream)."""
+
+    name: str  # the report's checkpoint_format
+    parts: tuple[str, ...]
+    # (prefix, its parts' tensors, the file) -> the Linear unpacked and checked
+    read: Callable[[str, dict[str, torch.Tensor], str], PackedLinear]
+    # (prefix, its parts' stored shapes, the file, a reader of one small part's tensor) -> ([N, K], its QuantSpec),
+    # from the headers: what an out-of-core compile must know before it reads any codes
+    layout: Callable[[str, dict[str, tuple], str, Callable[[str], torch.Tensor]], tuple[tuple[int, int], QuantSpec]]
+    act_order: str = ""  # the part holding each input column's group, when the config allows act-order
+
+
+def read_linears(path: str, fmt: LinearFormat) -> tuple[dict[str, PackedLinear], dict[str, torch.Tensor]]:
+    """Every quantized Linear of the checkpoint (by module prefix) and its plain tensors (by name)."""
+    raw, where, plain = read_tensors(path, fmt.parts)
+    return {prefix: fmt.read(prefix, parts, where[prefix]) for prefix, parts in raw.items()}, plain
 
 
 def quantization_config(path: str) -> Optional[dict]:
@@ -90,12 +112,12 @@ def load_quantized_checkpoint(path: str):
     method = quant_method(path)
     if method in STACKED_LOADERS:
         return STACKED_LOADERS[method]()(path)
-    reader = READERS[method]()
-    linears, plain, fmt = reader(path)
+    fmt = READERS[method]()(path)
+    linears, plain = read_linears(path, fmt)
     if not linears:
-        raise QuantError(f"'{path}': config.json says {fmt}, but no tensor of the checkpoint is quantized that way.")
-    model, spec, table, notes = fold(path, linears, plain, fmt)
-    return model, spec, table, notes, fmt
+        raise QuantError(f"'{path}': config.json says {fmt.name}, but no tensor of the checkpoint is quantized that way.")
+    model, spec, table, notes = fold(path, linears, plain, fmt.name)
+    return model, spec, table, notes, fmt.name
 
 
 def model_builder(path: str) -> Callable[[dict], torch.nn.Module]:
@@ -139,9 +161,14 @@ def fold(path: str, linears: dict[str, PackedLinear], plain: dict[str, torch.Ten
     names = {n for n, _ in model.named_parameters()}
     dense = [p for p in linears if f"{p}.weight" in names]  # a Linear of its own in the model, not stacked
     if dense:
-        notes.append(f"{len(dense)} other quantized Linear layers (e.g. {dense[0]}) dequantized to fp32 weights "
-                     "(--quant-dense re-quantizes them for MatMulNBits)")
+        notes.append(dense_note(dense))
     return model.eval(), spec, table, notes
+
+
+def dense_note(dense: list[str]) -> str:
+    """What became of the quantized Linears that are not experts (attention): the report's note."""
+    return (f"{len(dense)} other quantized Linear layers (e.g. {dense[0]}) dequantized to fp32 weights "
+            "(--quant-dense re-quantizes them for MatMulNBits)")
 
 
 def _expert_codes(path: str, model, linears: dict[str, PackedLinear], build,
@@ -203,21 +230,21 @@ def _expert_codes(path: str, model, linears: dict[str, PackedLinear], build,
 
 
 def _compressed_tensors():
-    from moec.compressed_tensors_checkpoint import read
+    from moec.compressed_tensors_checkpoint import linear_format
 
-    return read
+    return linear_format
 
 
 def _gptq():
-    from moec.gptq_checkpoint import read_gptq
+    from moec.gptq_checkpoint import gptq_format
 
-    return read_gptq
+    return gptq_format
 
 
 def _awq():
-    from moec.gptq_checkpoint import read_awq
+    from moec.gptq_checkpoint import awq_format
 
-    return read_awq
+    return awq_format
 
 
 def _mxfp4():
@@ -226,7 +253,7 @@ def _mxfp4():
     return load_mxfp4
 
 
-# quant_method in config.json -> a factory of its reader: path -> (PackedLinears by module, plain tensors, format name)
+# quant_method in config.json -> a factory of its reading: path -> LinearFormat (the config checked)
 READERS: dict[str, Callable[[], Callable]] = {"compressed-tensors": _compressed_tensors, "gptq": _gptq, "awq": _awq}
 # Formats that quantize stacked expert tensors rather than Linears: a factory of a loader giving what
 # load_quantized_checkpoint gives.

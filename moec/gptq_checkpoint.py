@@ -7,7 +7,8 @@ with g = g_idx[k]. Checkpoints in GPTQ's original format (`checkpoint_format` "g
 "gptq_v2" stores z.
 AWQ (`quant_method: awq`, `version: gemm`): `qweight` int32 [K, N / 8], `qzeros` int32 [G, N / 8], `scales` [G, N];
 eight 4-bit output columns per word in the order 0, 2, 4, 6, 1, 3, 5, 7 from the lowest bits; zero points as
-stored. Both become moec.fold_checkpoint.PackedLinear in moec's [N, K] layout: unsigned codes unchanged, scales
+stored. Each format's reading (`gptq_format`, `awq_format`: a moec.fold_checkpoint.LinearFormat) turns a Linear into a
+moec.fold_checkpoint.PackedLinear in moec's [N, K] layout: unsigned codes unchanged, scales
 widened to fp32 exactly, zero points dropped when they are all 2^(bits-1) (symmetric).
 Refuses (QuantError, naming the tensor and file): bit widths QMoE can't take (GPTQ's 3 bits), group sizes it
 can't take, act-order (`desc_act`) whose g_idx permutes columns among groups (QMoE's blocks are contiguous
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from moec.compressed_tensors_checkpoint import unpack_int32
-from moec.fold_checkpoint import PackedLinear, quantization_config, read_tensors
+from moec.fold_checkpoint import LinearFormat, PackedLinear, quantization_config
 from moec.quant import BLOCK_SIZES, QuantError, QuantSpec
 
 GPTQ = "GPTQ"
@@ -37,7 +38,8 @@ def _group_size(path: str, qc: dict) -> int:
     return gs
 
 
-def read_gptq(path: str):
+def gptq_format(path: str) -> LinearFormat:
+    """The GPTQ checkpoint's reading (moec.fold_checkpoint.LinearFormat), its config checked."""
     qc = quantization_config(path)
     bits = int(qc.get("bits", 0))
     if bits not in (2, 4, 8):
@@ -50,13 +52,11 @@ def read_gptq(path: str):
                          "layout); moec reads GPTQ's own 'gptq' and 'gptq_v2' layouts.")
     v1 = fmt == "gptq"
     symmetric = bool(qc.get("sym", True))
-    raw, where, plain = read_tensors(path, _PARTS)
-    linears = {}
-    for prefix, parts in raw.items():
-        file = where[prefix]
+    per = 32 // bits
+
+    def read(prefix: str, parts: dict[str, torch.Tensor], file: str) -> PackedLinear:
         _require(prefix, parts, ("qweight", "qzeros", "scales"), file)
         qweight = parts["qweight"]
-        per = 32 // bits
         k, n = qweight.shape[0] * per, qweight.shape[1]
         codes = unpack_int32(qweight, bits, k, dim=0).T.contiguous()  # [N, K]
         g = _groups(prefix, k, gs, file)
@@ -77,11 +77,18 @@ def read_gptq(path: str):
                                  "(act-order, desc_act); QMoE's blocks are contiguous columns and each expert's "
                                  "permutation differs, so these codes can't be folded exactly. Re-quantize without "
                                  "desc_act, or compile with --quant to re-quantize.")
-        linears[prefix] = _linear(codes, scales, zeros.T.contiguous(), bits, gs, symmetric, file, prefix)
-    return linears, plain, GPTQ
+        return _linear(codes, scales, zeros.T.contiguous(), bits, gs, symmetric, file, prefix)
+
+    def layout(prefix: str, shapes: dict[str, tuple], file: str, small) -> tuple[tuple[int, int], QuantSpec]:
+        _require(prefix, shapes, ("qweight", "qzeros", "scales"), file)
+        rows, n = _matrix(prefix, "qweight", shapes, file)
+        return (n, rows * per), QuantSpec(bits, None if gs == -1 else gs, symmetric)
+
+    return LinearFormat(GPTQ, _PARTS, read, layout, "g_idx" if qc.get("desc_act") else "")
 
 
-def read_awq(path: str):
+def awq_format(path: str) -> LinearFormat:
+    """The AWQ (GEMM) checkpoint's reading (moec.fold_checkpoint.LinearFormat), its config checked."""
     qc = quantization_config(path)
     if str(qc.get("version", "gemm")).lower() != "gemm":
         raise QuantError(f"{path}/config.json quantization_config: AWQ version '{qc.get('version')}'; moec reads the "
@@ -90,10 +97,8 @@ def read_awq(path: str):
         raise QuantError(f"{path}/config.json quantization_config: AWQ with {qc.get('bits')} bits / zero_point "
                          f"{qc.get('zero_point')}; moec reads 4-bit AWQ with zero points.")
     gs = _group_size(path, qc)
-    raw, where, plain = read_tensors(path, _PARTS)
-    linears = {}
-    for prefix, parts in raw.items():
-        file = where[prefix]
+
+    def read(prefix: str, parts: dict[str, torch.Tensor], file: str) -> PackedLinear:
         _require(prefix, parts, ("qweight", "qzeros", "scales"), file)
         k, n = parts["qweight"].shape[0], parts["qweight"].shape[1] * 8
         codes = _unpack_awq(parts["qweight"]).T.contiguous()  # [N, K]
@@ -101,9 +106,21 @@ def read_awq(path: str):
         scales = _scales(prefix, parts["scales"], g, n, file)
         if tuple(parts["qzeros"].shape) != (g, n // 8):
             _bad(prefix, "qzeros", parts["qzeros"], (g, n // 8), file)
-        linears[prefix] = _linear(codes, scales, _unpack_awq(parts["qzeros"]).T.contiguous(), 4, gs, False, file,
-                                  prefix)
-    return linears, plain, AWQ
+        return _linear(codes, scales, _unpack_awq(parts["qzeros"]).T.contiguous(), 4, gs, False, file, prefix)
+
+    def layout(prefix: str, shapes: dict[str, tuple], file: str, small) -> tuple[tuple[int, int], QuantSpec]:
+        _require(prefix, shapes, ("qweight", "qzeros", "scales"), file)
+        k, words = _matrix(prefix, "qweight", shapes, file)
+        return (words * 8, k), QuantSpec(4, None if gs == -1 else gs, False)
+
+    return LinearFormat(AWQ, _PARTS, read, layout)
+
+
+def _matrix(prefix: str, part: str, shapes: dict[str, tuple], file: str) -> tuple[int, int]:
+    shape = tuple(shapes[part])
+    if len(shape) != 2:
+        raise QuantError(f"'{file}': tensor '{prefix}.{part}' is {shape}; a packed Linear's {part} is 2-D.")
+    return shape
 
 
 def _unpack_awq(packed: torch.Tensor) -> torch.Tensor:

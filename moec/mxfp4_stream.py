@@ -25,7 +25,6 @@ and codes the fused layer's reading can't carry exactly.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -34,7 +33,8 @@ import torch
 from moec.lazy_checkpoint import LazyCheckpoint
 from moec.errors import SourceError
 from moec.mxfp4_checkpoint import BLOCK, FORMAT, PARTS, Mxfp4Tensor, check_against_model, decode, folded_spec
-from moec.quant import QuantError, QuantizedWeight, QuantSpec, dequantize
+from moec.quant import QuantError, QuantizedWeight
+from moec.quantize_streamed import checked_codes
 
 SUFFIXES = ("_blocks", "_scales")
 FP16_EXPONENTS = (104, 143)  # 2^(e - 128) from 2^-24 (fp16's smallest subnormal) to 2^15
@@ -51,6 +51,9 @@ class Projection:
 
 
 class Mxfp4Stream:
+    fp16_checked = True  # scan() checks --dtype fp16's scale range
+    against = "the checkpoint's weights (its MXFP4 experts dequantized exactly)"
+
     def __init__(self, ck: LazyCheckpoint):
         """The checkpoint's MXFP4 projections, from its headers (nothing read yet: `scan` reads them)."""
         self.ck, self.projections = ck, _pairs(ck)
@@ -85,6 +88,17 @@ class Mxfp4Stream:
     def check_model(self, model: torch.nn.Module) -> None:
         """As the in-memory fold checks them (mxfp4_checkpoint.check_against_model), from the headers."""
         check_against_model(self.ck.path, model, {p.name: (p.blocks_file, p.shape) for p in self.projections.values()})
+
+    @property
+    def notes(self) -> list[str]:
+        return [self.note]
+
+    def coder(self) -> "CheckpointCodes":
+        return CheckpointCodes(self)
+
+    def expert_names(self) -> list[str]:
+        """The MXFP4 projections, as the index lists them."""
+        return list(self.projections)
 
     def codes(self, name: str, e: int) -> QuantizedWeight:
         """Expert e's codes of projection `name`, [1, N, K], as the in-memory fold makes them."""
@@ -136,7 +150,8 @@ def mxfp4_parameters(ck: LazyCheckpoint) -> int:
 
 
 class CheckpointCodes:
-    """moec.quantize_streamed's coder: the checkpoint's MXFP4 codes, in the fused layer's layout."""
+    """moec.quantize_streamed's coder: the checkpoint's MXFP4 codes, in the fused layer's layout (the base of
+    moec.packed_stream.PackedCodes too: `stream` is what found the checkpoint's quantized experts)."""
 
     method = "the checkpoint's codes"  # as the in-memory fold says it
     reference = "the checkpoint's weights (every expert's codes checked to dequantize to them exactly), layer by layer"
@@ -157,30 +172,18 @@ class CheckpointCodes:
             k, g = q.codes.shape[-1], q.scales.shape[-1]
             as_codes[key] = q.codes.float().transpose(1, 2)
             as_scales[key] = q.scales.repeat_interleave(k // g, -1).transpose(1, 2)
-        fused_codes = reader.read_as_fused(path, as_codes, e)
-        fused_scales = reader.read_as_fused(path, as_scales, e)
-        spec = self.stream.spec
-        out = []
-        for field in ("w_gate_up", "w_down"):
-            c, s, weight = getattr(fused_codes, field), getattr(fused_scales, field), getattr(w, field)
-            step = spec.block_size or c.shape[-1]
-            q = QuantizedWeight(c.round().to(torch.int32), s[..., ::step].contiguous(), None, spec)
-            with contextlib.suppress(RuntimeError):  # blocks that do not reshape: not the same either
-                if torch.equal(dequantize(q), weight):
-                    out.append(q)
-                    continue
-            raise QuantError(f"{path}: expert {e}'s MXFP4 codes, laid out as the fused layer reads the weights, do "
-                             f"not dequantize to its {field} (a layout the codes can't follow); compile with "
-                             "--out-of-core off. Nothing was written.")
-        return tuple(out)
+        return checked_codes(path, e, self.stream.spec, w, reader.read_as_fused(path, as_codes, e),
+                             reader.read_as_fused(path, as_scales, e), None, "MXFP4 codes")
 
     def check_folded(self, fused_paths: list[str]) -> None:
-        """Every MXFP4 projection is in a fused layer (an unfused one would be written as its fp32 stack)."""
-        for name in self.stream.projections:
-            if not any(name.startswith(path + ".") for path in fused_paths):
-                raise QuantError(f"'{name}': its MoE layer is not fused, so its MXFP4 codes can't be folded into "
-                                 "QMoE; see the fusion report of an in-memory compile (--out-of-core off). Nothing "
-                                 "was written.")
+        """Every quantized expert is in a decoder layer with a fused MoE layer (an unfused one would be written as
+        its decoded fp32 weights). By layer: a per-Linear checkpoint names experts as stored, not as the model does."""
+        fused = {_key(path + ".") for path in fused_paths}
+        for name in self.stream.expert_names():
+            if _key(name) not in fused:
+                raise QuantError(f"'{name}': its MoE layer is not fused, so its {self.stream.format} codes can't be "
+                                 "folded into QMoE; see the fusion report of an in-memory compile (--out-of-core off). "
+                                 "Nothing was written.")
 
     def done(self) -> None:
         """A layer (or the verification) finished: the experts read last are not kept."""

@@ -11,8 +11,8 @@ Produces, per layer and use:
     checked against the layer as written on a probe (translation validation on the real weights, both sides one
     expert at a time), then given codes expert by expert by its coder (RoundToNearest: separable per expert, so
     the codes are the whole-layer quantization's byte for byte; or a pre-quantized checkpoint's own codes,
-    moec.mxfp4_stream.CheckpointCodes) and packed as QMoE reads them; `fill_lowered` gives the lowered layer
-    those bytes.
+    moec.mxfp4_stream.CheckpointCodes, moec.packed_stream.PackedCodes, each checked by `checked_codes`) and
+    packed as QMoE reads them; `fill_lowered` gives the lowered layer those bytes.
   - "dequantized" / "fp32" (verification): the FusedMoE computing its experts one at a time from the
     dequantized codes (the artifact's exact reference) or from the fp32 weights (the error against full
     precision).
@@ -60,11 +60,36 @@ class RoundToNearest:
         """Nothing kept between experts."""
 
 
+def checked_codes(path: str, e: int, spec, w: ExpertWeights, codes: ExpertWeights, scales: ExpertWeights,
+                  zero_points: Optional[ExpertWeights], what: str) -> tuple:
+    """A pre-quantized checkpoint's codes, scales and zero points for expert e (each laid out per element as the
+    fused layer reads its weights) as QMoE's (gate/up, down) codes at `spec`, checked to dequantize to exactly the
+    fused layer's fp32 weights `w`: the artifact's experts are then the checkpoint's to the bit."""
+    import contextlib
+
+    from moec.quant import QuantError, QuantizedWeight, dequantize
+
+    out = []
+    for field in ("w_gate_up", "w_down"):
+        c, s, weight = getattr(codes, field), getattr(scales, field), getattr(w, field)
+        step = spec.block_size or c.shape[-1]
+        z = None if zero_points is None else getattr(zero_points, field)[..., ::step].round().to(torch.int32)
+        q = QuantizedWeight(c.round().to(torch.int32), s[..., ::step].contiguous(), z, spec)
+        with contextlib.suppress(RuntimeError):  # blocks that do not reshape: not the same either
+            if torch.equal(dequantize(q), weight):
+                out.append(q)
+                continue
+        raise QuantError(f"{path}: expert {e}'s {what}, laid out as the fused layer reads the weights, do not "
+                         f"dequantize to its {field} (a layout the codes can't follow); compile with --out-of-core "
+                         "off. Nothing was written.")
+    return tuple(out)
+
+
 class StreamedQuantizer:
     def __init__(self, ck: LazyCheckpoint, config, model: nn.Module, planned: list, kinds: dict, spec,
                  log: Callable[[str], None], coder=None):
         """`coder` chooses each expert's codes (RoundToNearest by default; a pre-quantized checkpoint's own,
-        moec.mxfp4_stream.CheckpointCodes)."""
+        moec.mxfp4_stream.CheckpointCodes or moec.packed_stream.PackedCodes)."""
         self.spec, self.kinds, self.log = spec, kinds, log
         self.coder = coder or RoundToNearest(spec)
         self.planned = {p.path: p for p in planned if p.fused}

@@ -1,11 +1,14 @@
 """Expert weights read from a checkpoint one expert at a time: what lets an out-of-core compile quantize a layer
 whose experts alone exceed its memory bound (OLMoE-1B-7B: 1.5 GiB of fp32 experts a layer, 0.2 GiB at int4).
 
-`ExpertReader` serves, for a fused MoE layer and an expert index e, that expert's weights in two forms:
+`ExpertReader` serves, for a fused MoE layer and an expert index e, that expert's weights in two forms (and
+other tensors in the first):
 - `hf(path, e)`: the layer's own stacked parameters sliced to expert e ([1, ...], the model's layout), for
   checking the fusion against the layer as written;
 - `canonical(path, e)`: the fused layer's [1, rows, H] / [1, H, I] weights (and biases), in the reading the
-  miniature's fusion chose (a one-expert fusion_rules.ExpertWeights).
+  miniature's fusion chose (a one-expert fusion_rules.ExpertWeights);
+- `convert(path, e, values, like)`: `hf`'s form of tensors laid out like the expert's weights, standing in for
+  them in the checkpoint (a per-Linear checkpoint's codes, its scales per element: moec.packed_stream).
 It reads only expert e's tensors: `<layer>.<...>.<e>.<...>` names (renamed to expert 0) and [E, ...] tensors
 stored stacked (sliced to [e:e+1]), through transformers' own checkpoint conversion into a one-expert copy of
 the model (the config with one expert, on the meta device), so every family's renamings and stacking apply as
@@ -166,12 +169,29 @@ class ExpertReader:
         if not 0 <= e < layer.num_experts:
             raise IndexError(f"{path}: expert {e} of {layer.num_experts}")
         self._last = None  # the previous expert's tensors go before this one's are read
-        self._load(layer, e)
+        out = self._converted(beside, path, e)
+        self._last = (path, e, out)
+        return out
+
+    def convert(self, path: str, e: int, values: Callable[[str], Optional[torch.Tensor]],
+                like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`hf`'s form of other tensors laid out like expert e's weights: `values(name)` stands in for the checkpoint
+        tensor `name` where it gives one (a per-Linear checkpoint's codes, its scales per element), through the same
+        conversion (gate/up concatenated, renamed, transposed as the family's loading does). `like`: `hf`'s own
+        result for expert e, whose tensors fill what the checkpoint stores beside the experts."""
+        return self._converted({}, path, e, values, like)
+
+    def _converted(self, beside: dict[str, torch.Tensor], path: str, e: int, values=None,
+                   like: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+        layer = self.layers[path]
+        self._load(layer, e, values)
         one = self.one.get_submodule(path)
         out = {}
         for key, dotted in layer.stacked.items():
             t = _get(one, dotted)
-            if t.is_meta:  # not in the expert's tensors: stored stacked beside them (a [E, N] bias), already read
+            if t.is_meta and like is not None:
+                t = like[key]
+            elif t.is_meta:  # not in the expert's tensors: stored stacked beside them (a [E, N] bias), already read
                 t = beside.get(key)
                 if t is None:
                     raise SourceError(f"'{self.ck.path}': no tensor of the checkpoint fills {path}.{dotted} for "
@@ -179,7 +199,6 @@ class ExpertReader:
                 t = t[e:e + 1] if t.dim() and t.shape[0] == layer.num_experts else t
             out[key] = t.detach().clone()
         release(self.one)
-        self._last = (path, e, out)
         return out
 
     def canonical(self, beside: dict[str, torch.Tensor], path: str, e: int) -> "ExpertWeights":
@@ -200,7 +219,7 @@ class ExpertReader:
         raise SourceError(f"{path}: expert {e} read alone has no '{layer.layout}' reading; compile with "
                           "--out-of-core off.")
 
-    def _load(self, layer: StreamedLayer, e: int) -> None:
+    def _load(self, layer: StreamedLayer, e: int, values=None) -> None:
         from safetensors import safe_open
 
         names = self.ck.groups.get(layer.group, [])
@@ -217,6 +236,10 @@ class ExpertReader:
                 if key in state:
                     raise SourceError(f"'{file}': tensors '{name}' and another both read as {key} for expert {e}; "
                                       "compile with --out-of-core off.")
+                given = values(name) if values is not None else None
+                if given is not None:
+                    state[key] = given
+                    continue
                 if name in self.ck.decoded:  # decoded from what stores it (moec.mxfp4_stream): its own errors
                     state[key] = self.ck.decoded[name](None if index is not None else e)
                     continue

@@ -227,9 +227,3 @@ def test_act_order_groups_are_refused_by_tensor(checkpoints, tmp_path):
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(MoecError, match=f"{name}.weight_g_idx"):
         load_quantized_checkpoint(path)
-
-
-def test_an_out_of_core_compile_refuses_it_by_name(checkpoints, tmp_path, capsys):
-    assert main(["compile", checkpoints["int4-group16"], "--out", str(tmp_path / "o"), "--task", "logits",
-                 "--out-of-core", "on", "--quiet"]) == 2
-    assert "compressed-tensors checkpoint" in capsys.readouterr().err

@@ -2,12 +2,13 @@
 on the configs of models too big to hold (Kimi-K2, DeepSeek-V3).
 
     OMP_WAIT_POLICY=passive .venv/bin/python tools/bench_compile_scale.py [--models granite-1b granite-3b olmoe-7b
-        gpt-oss-20b-mxfp4]
+        gpt-oss-20b-mxfp4 qwen3-30b-a3b-gptq]
         [--modes on off] [--plans kimi-k2 deepseek-v3] [--workdir DIR] [--keep]
 
 For each model: writes a Hugging Face checkpoint (bf16 safetensors, random N(0, 0.02) weights from the real
 config, one shard per layer in the family's on-disk layout, written a layer at a time; reused when DIR
-already has it; gpt-oss-20b-mxfp4 stores its experts as GPT-OSS's MXFP4 blocks and scales), then runs
+already has it; gpt-oss-20b-mxfp4 stores its experts as GPT-OSS's MXFP4 blocks and scales, qwen3-30b-a3b-gptq
+its experts and attention as GPTQ int4), then runs
 `moec compile DIR --task logits [the model's flags: olmoe-7b is --quant int4]`
 in a child process, out of core (--modes on, streamed) and/or in memory (off), and reports wall time, peak
 resident memory over the child's baseline (a process that has only imported torch, transformers, onnx and
@@ -58,6 +59,14 @@ MODELS = {
                                                "beta_slow": 1.0, "truncate": False, "rope_theta": 150000,
                                                "original_max_position_embeddings": 4096},
                               mxfp4=[119, 122]),
+    # Qwen3-30B-A3B's config with its Linears stored as GPTQ int4 (groups of 128, symmetric, GPTQ's original
+    # layout, as Qwen's own -GPTQ-Int4 checkpoint): experts and attention quantized, the router, norms,
+    # embeddings and head bf16; 4 of its 48 layers (the disk here holds the fp32 embeddings and head besides)
+    "qwen3-30b-a3b-gptq": dict(family="qwen3_moe", hidden_size=2048, intermediate_size=6144,
+                               moe_intermediate_size=768, num_hidden_layers=4, num_attention_heads=32,
+                               num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                               vocab_size=151936, max_position_embeddings=40960, norm_topk_prob=True,
+                               tie_word_embeddings=False, rope_theta=1000000.0, gptq=[4, 128]),
 }
 
 # config.json as the model repositories publish them (the keys moec reads; the rest are defaults)
@@ -94,6 +103,7 @@ path, spec = sys.argv[1], json.loads(sys.argv[2])
 family = spec.pop("family")
 spec.pop("flags", None)
 mxfp4 = spec.pop("mxfp4", None)  # [lowest, highest] E8M0 exponent: stacked experts stored as MXFP4
+gptq = spec.pop("gptq", None)  # [bits, group]: the experts' and attention's Linears stored as GPTQ (v1 layout)
 config = AutoConfig.for_model(family, **spec)
 os.makedirs(path, exist_ok=True)
 config.save_pretrained(path)
@@ -107,11 +117,24 @@ gen = torch.Generator().manual_seed(0)
 weight_map, files, total, nbytes = {}, list(groups), 0, 0
 def is_mxfp4(n):
     return mxfp4 is not None and n.endswith(("experts.gate_up_proj", "experts.down_proj"))
+def is_gptq(n, dims):
+    return gptq is not None and dims >= 2 and (".mlp.experts." in n or ".self_attn." in n)
 for i, key in enumerate(files):
-    state = {n: (torch.randn(params[n].shape, generator=gen) * 0.02).to(torch.bfloat16) for n in groups[key]
+    state = {n: torch.zeros(params[n].shape, dtype=torch.bfloat16) if is_gptq(n, params[n].dim()) else
+             (torch.randn(params[n].shape, generator=gen) * 0.02).to(torch.bfloat16) for n in groups[key]
              if not is_mxfp4(n)}
     total += sum(t.numel() for t in state.values())
     state = {k: v.contiguous() for k, v in revert_weight_conversion(model, state).items()}
+    for n in [n for n in state if is_gptq(n, state[n].dim())]:  # per Linear [N, K] -> qweight [K/8, N], ...
+        rows, k = state.pop(n).shape
+        bits, group = gptq
+        per, prefix = 32 // bits, n[: -len(".weight")]
+        state[prefix + ".qweight"] = torch.randint(-2**31, 2**31 - 1, (k // per, rows), generator=gen,
+                                                   dtype=torch.int32)
+        zero = sum(((1 << (bits - 1)) - 1) << (bits * j) for j in range(per))  # 2^(bits-1), stored minus one
+        state[prefix + ".qzeros"] = torch.full((k // group, rows // per), zero, dtype=torch.int32)
+        state[prefix + ".scales"] = (torch.rand(k // group, rows, generator=gen) * 0.002 + 0.002).half()
+        state[prefix + ".g_idx"] = (torch.arange(k) // group).to(torch.int32)
     for n in filter(is_mxfp4, groups[key]):  # the model's [E, K, N]; stored [E, N, K/32, 16] and [E, N, K/32]
         e, k, rows = params[n].shape
         state[n + "_blocks"] = torch.randint(0, 256, (e, rows, k // 32, 16), generator=gen, dtype=torch.uint8)
@@ -128,6 +151,13 @@ if mxfp4 is not None:  # as the published GPT-OSS checkpoints say it
         cfg = json.load(f)
     cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+if gptq is not None:  # as Qwen's -GPTQ-Int4 checkpoints say it
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": gptq[0], "group_size": gptq[1], "desc_act": False,
+                                  "sym": True, "checkpoint_format": "gptq"}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
 with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:

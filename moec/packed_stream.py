@@ -1,0 +1,252 @@
+"""Per-Linear pre-quantized checkpoints (compressed-tensors pack-quantized, GPTQ, AWQ) in an out-of-core compile:
+the checkpoint's own codes, read one Linear at a time.
+
+Matches: a safetensors checkpoint whose config.json's quantization_config names a per-Linear format moec folds
+(moec.fold_checkpoint.READERS), every quantized Linear stored as `<prefix>.<part>` (qweight / qzeros / scales,
+weight_packed / weight_scale / weight_shape ...).
+Produces:
+  - `PackedStream(ck, fmt)` finds every quantized Linear from the headers and takes its [N, K] and scheme from the
+    format's `layout` (headers, and compressed-tensors' two-value weight_shape tensors): the experts' one scheme
+    (the artifact's QMoE spec) is known before anything is captured. Where the config allows act-order, every
+    g_idx (small) is read and checked up front, so a permuted one is refused before any layer is written.
+    `decode_in` then lists each Linear in the LazyCheckpoint index as one decoded tensor `<prefix>.weight`
+    [N, K] whose value is the format's exact dequantization, read when asked for: the rest of the out-of-core
+    compile reads it as it reads a float checkpoint's weight (experts one at a time, attention with its layer).
+  - `PackedCodes`: moec.quantize_streamed's coder. Expert e's codes, scales and zero points (per element) are
+    carried through the same one-expert checkpoint conversion as its weights (moec.stream_experts.ExpertReader
+    .convert: gate/up concatenated, renamed, transposed as the family's loading does) and the fused layer's
+    reading, and checked to dequantize to exactly the weights the layer was fused and validated with.
+Other quantized Linears (attention) are written as their dequantized fp32 weights, with the in-memory fold's note.
+Peak memory: one expert's (or one layer's attention) Linears unpacked, int32 codes beside fp32 weights.
+Refuses (QuantError, naming the file and the tensor): a Linear whose parts are incomplete or mis-shaped, experts
+with different schemes, act-order, an expert weight stored unquantized beside quantized ones, an expert in an
+unfused layer, and everything the format's own reading refuses (when that Linear is read: the compile stops and
+writes nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from moec.errors import SourceError
+from moec.fold_checkpoint import LinearFormat, PackedLinear, dense_note
+from moec.lazy_checkpoint import LazyCheckpoint
+from moec.mxfp4_stream import CheckpointCodes
+from moec.quant import QuantError, QuantSpec
+from moec.quantize_streamed import checked_codes
+from moec.stream_experts import expert_index
+
+
+@dataclass
+class QuantizedLinear:
+    """One quantized Linear of the checkpoint, from its headers: where its parts are, its shape and scheme."""
+
+    prefix: str  # the module, e.g. model.layers.0.mlp.experts.3.gate_proj
+    files: dict[str, str]  # part -> the file holding it
+    shape: tuple[int, int]  # [N, K], as the model's weight
+    spec: QuantSpec
+
+    @property
+    def expert(self) -> Optional[int]:
+        return expert_index(self.prefix + ".weight")
+
+
+class PackedStream:
+    fp16_checked = False  # --dtype fp16 with pre-quantized experts: refused, as in memory
+
+    def __init__(self, ck: LazyCheckpoint, fmt: LinearFormat):
+        """The checkpoint's quantized Linears, from its headers (their codes are read when a layer asks)."""
+        self.ck, self.fmt, self.format = ck, fmt, fmt.name
+        self.linears = _find(ck, fmt)
+        if not self.linears:
+            raise QuantError(f"'{ck.path}': config.json says {fmt.name}, but no tensor of the checkpoint is quantized "
+                             "that way.")
+        experts = [l for l in self.linears.values() if l.expert is not None]
+        schemes = {l.spec: l for l in experts}
+        if len(schemes) > 1:
+            a, b = list(schemes.values())[:2]
+            raise QuantError(f"'{a.files[fmt.parts[0]]}': experts are quantized with different schemes ('{a.prefix}' "
+                             f"{a.spec.name}, '{b.prefix}' {b.spec.name}); one expert precision per model is "
+                             "supported.")
+        self.spec = experts[0].spec if experts else None
+        dense = [l.prefix for l in self.linears.values() if l.expert is None]
+        self.notes = ([f"{fmt.name} expert weights ({self.spec.name}) folded without re-quantizing"] if experts else [])
+        self.notes += [dense_note(dense)] if dense else []
+        self.against = f"the checkpoint's weights (its {fmt.name} Linears dequantized exactly)"
+        self._last: dict[str, PackedLinear] = {}  # one expert's (or one group's dense) Linears, read last
+        if fmt.act_order:
+            self._check_act_order()
+
+    def parameters(self) -> int:
+        """The checkpoint's parameter count with each quantized Linear counted as the weights it stands for."""
+        stored = sum(_numel(self.ck.shapes[f"{l.prefix}.{part}"]) for l in self.linears.values() for part in l.files)
+        return self.ck.numel - stored + sum(l.shape[0] * l.shape[1] for l in self.linears.values())
+
+    def decode_in(self) -> None:
+        """Each Linear's parts become one decoded `<prefix>.weight` in the checkpoint's index (moec.lazy_checkpoint)."""
+        ck, renamed = self.ck, {}
+        for l in self.linears.values():
+            weight = l.prefix + ".weight"
+            for part in l.files:
+                name = f"{l.prefix}.{part}"
+                renamed[name] = weight
+                ck.numel -= _numel(ck.shapes.pop(name))
+                del ck.files[name]
+            ck.files[weight], ck.shapes[weight] = l.files[self.fmt.parts[0]], l.shape
+            ck.numel += l.shape[0] * l.shape[1]
+            ck.decoded[weight] = lambda expert, l=l: self._value(l, expert)
+        for key, names in ck.groups.items():
+            seen, kept = set(), []
+            for n in names:
+                n = renamed.get(n, n)
+                if n not in seen:
+                    seen.add(n)
+                    kept.append(n)
+            ck.groups[key] = kept
+
+    def expert_names(self) -> list[str]:
+        """The quantized expert weights, as the index lists them."""
+        return [l.prefix + ".weight" for l in self.linears.values() if l.expert is not None]
+
+    def linear(self, prefix: str) -> PackedLinear:
+        """The Linear at `prefix`, read and checked by the format; kept while its expert (or layer) is at work."""
+        if prefix in self._last:
+            return self._last[prefix]
+        l = self.linears[prefix]
+        owner = (_layer(prefix), l.expert)
+        self._last = {p: v for p, v in self._last.items() if (_layer(p), self.linears[p].expert) == owner}
+        parts = _read_parts(l)
+        got = self.fmt.read(prefix, parts, l.files[self.fmt.parts[0]])
+        if got.spec != l.spec or tuple(got.codes.shape) != l.shape:
+            raise QuantError(f"'{l.files[self.fmt.parts[0]]}': '{prefix}' reads as {got.spec.name} "
+                             f"{tuple(got.codes.shape)}, its headers and the config say {l.spec.name} {l.shape}; the "
+                             "quantization config and the tensors disagree. Nothing was written.")
+        self._last[prefix] = got
+        return got
+
+    def forget(self) -> None:
+        """The Linears read last are not kept."""
+        self._last.clear()
+
+    def coder(self) -> "PackedCodes":
+        return PackedCodes(self)
+
+    def _value(self, l: QuantizedLinear, expert: Optional[int]) -> torch.Tensor:
+        if expert is not None:
+            raise SourceError(f"'{l.files[self.fmt.parts[0]]}': '{l.prefix}' is one Linear, read as a stack of "
+                              f"experts (expert {expert}); compile with --out-of-core off.")
+        return self.linear(l.prefix).dequantized()
+
+    def _check_act_order(self) -> None:
+        """Every g_idx the config allows to permute columns, checked before anything is written: a permuted one is
+        read whole so that the format's own reading names it."""
+        part = self.fmt.act_order
+        for l in self.linears.values():
+            if part not in l.files:
+                continue
+            g_idx = _read_parts(l, (part,))[part].to(torch.int64)
+            k = l.shape[1]
+            if g_idx.shape != (k,) or not torch.equal(g_idx, torch.arange(k) // (l.spec.block_size or k)):
+                self.linear(l.prefix)  # raises the format's own error
+                raise QuantError(f"'{l.files[part]}': tensor '{l.prefix}.{part}' assigns input columns to groups "
+                                 "out of order (act-order); QMoE's blocks are contiguous columns.")
+
+
+class PackedCodes(CheckpointCodes):
+    """moec.quantize_streamed's coder: the checkpoint's per-Linear codes, in the fused layer's layout."""
+
+    def codes(self, reader, path: str, e: int, stacked: dict[str, torch.Tensor], w) -> tuple:
+        """(gate/up codes, down codes) of expert e of the layer at `path` (`stacked`: the expert's weights as the
+        layer holds them; `w`: the fused layer's fp32 weights for it)."""
+        stream, spec = self.stream, self.stream.spec
+        fields = ("codes", "scales") + (() if spec.symmetric else ("zero_points",))
+        fused = {f: reader.read_as_fused(path, reader.convert(path, e, self._values(path, e, f), stacked), e)
+                 for f in fields}
+        return checked_codes(path, e, spec, w, fused["codes"], fused["scales"], fused.get("zero_points"),
+                             f"{stream.format} codes")
+
+    def _values(self, path: str, e: int, field: str) -> Callable[[str], Optional[torch.Tensor]]:
+        """Checkpoint name -> expert e's `field` laid out like its weight, element by element; None for what is
+        not a weight (biases, read as stored)."""
+        stream = self.stream
+
+        def value(name: str) -> Optional[torch.Tensor]:
+            if not name.endswith(".weight"):
+                return None
+            prefix = name[: -len(".weight")]
+            if prefix not in stream.linears:
+                raise QuantError(f"'{stream.ck.files.get(name, stream.ck.path)}': '{name}' of {path}'s expert {e} is "
+                                 "stored unquantized beside quantized experts; QMoE takes one precision per layer. "
+                                 "Nothing was written.")
+            l = stream.linear(prefix)
+            t = getattr(l, field)
+            if t is None:  # symmetric: the implicit zero point
+                t = torch.full_like(l.scales, 1 << (l.spec.bits - 1))
+            t = t.float()
+            return t if field == "codes" else t.repeat_interleave(l.codes.shape[1] // t.shape[1], 1)
+
+        return value
+
+
+def _find(ck: LazyCheckpoint, fmt: LinearFormat) -> dict[str, QuantizedLinear]:
+    """Every `<prefix>.<part>` of the format in the headers, with its [N, K] and scheme (fmt.layout)."""
+    parts: dict[str, dict[str, str]] = {}
+    for name in ck.shapes:
+        prefix, _, part = name.rpartition(".")
+        if part in fmt.parts:
+            parts.setdefault(prefix, {})[part] = ck.files[name]
+    found = {}
+    with contextlib.ExitStack() as stack:
+        opened = {}
+
+        def small(prefix: str, part: str) -> torch.Tensor:
+            file = parts[prefix][part]
+            if file not in opened:
+                from safetensors import safe_open
+
+                opened[file] = stack.enter_context(safe_open(file, "pt"))
+            try:
+                return opened[file].get_tensor(f"{prefix}.{part}")
+            except Exception as exc:
+                raise SourceError(f"'{file}': cannot read tensor '{prefix}.{part}' ({type(exc).__name__}: {exc}). "
+                                  "Nothing was written.") from exc
+
+        for prefix, files in parts.items():
+            main = files.get(fmt.parts[0]) or next(iter(files.values()))
+            shapes = {part: ck.shapes[f"{prefix}.{part}"] for part in files}
+            shape, spec = fmt.layout(prefix, shapes, main, lambda part, prefix=prefix: small(prefix, part))
+            found[prefix] = QuantizedLinear(prefix, files, shape, spec)
+    return found
+
+
+def _read_parts(l: QuantizedLinear, which: Optional[tuple] = None) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out = {}
+    for part, file in l.files.items():
+        if which is not None and part not in which:
+            continue
+        try:
+            with safe_open(file, "pt") as f:
+                out[part] = f.get_tensor(f"{l.prefix}.{part}")
+        except Exception as exc:
+            raise SourceError(f"'{file}': cannot read tensor '{l.prefix}.{part}' ({type(exc).__name__}: {exc}). "
+                              "Nothing was written.") from exc
+    return out
+
+
+def _layer(name: str) -> str:
+    from moec.external_data import layer_key
+
+    return layer_key(name + ".")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n

@@ -352,6 +352,7 @@ def index_checkpoint(source: str, method: Optional[str], options: CompileOptions
         from moec.packed_stream import PackedStream
 
         stream = PackedStream(ck, READERS[method]()(source))
+        stream.check_act_order()
         stream.decode_in()
         return ck, hf, stream, identity
     from moec.mxfp4_stream import Mxfp4Stream

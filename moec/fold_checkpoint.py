@@ -38,12 +38,45 @@ class PackedLinear:
     spec: QuantSpec
 
     def dequantized(self) -> torch.Tensor:
+        """(code - zero point) x scale in fp32: the difference is a small integer, exact in fp32, so computing it
+        in place in fp32 gives the integer arithmetic's result bit for bit, with one rounding (the product)."""
         n, k = self.codes.shape
         g = self.scales.shape[1]
-        zp = self.zero_points if self.zero_points is not None else torch.full_like(self.scales, 1 << (self.spec.bits - 1),
-                                                                                   dtype=torch.int32)
-        blocks = (self.codes.reshape(n, g, k // g) - zp[..., None]).float() * self.scales[..., None]
-        return blocks.reshape(n, k)
+        blocks = self.codes.reshape(n, g, k // g).to(torch.float32, copy=True)  # the codes themselves untouched
+        if self.zero_points is None:
+            blocks.sub_(1 << (self.spec.bits - 1))
+        else:
+            blocks.sub_(self.zero_points[..., None].float())
+        return blocks.mul_(self.scales[..., None]).reshape(n, k)
+
+    def per_element(self, field: str) -> Optional[torch.Tensor]:
+        """`codes`, `scales` or `zero_points` as an fp32 [N, K] map laid out like the weight (a group's value on
+        each of its columns; None for absent zero points): what a layout transform of the weights can carry."""
+        t = getattr(self, field)
+        if t is None:
+            return None
+        t = t.float()
+        return t if field == "codes" else t.repeat_interleave(self.codes.shape[1] // t.shape[1], 1)
+
+
+def groups_in_order(g_idx: torch.Tensor, k: int, block: Optional[int]) -> bool:
+    """A g_idx (each input column's group) that is contiguous blocks of `block` columns (None: one group), the
+    only act-order layout QMoE's blocks can hold."""
+    return tuple(g_idx.shape) == (k,) and torch.equal(g_idx.to(torch.int64), torch.arange(k) // (block or k))
+
+
+def exact_codes(codes: torch.Tensor, scales: torch.Tensor, zero_points: Optional[torch.Tensor], spec: QuantSpec,
+                weight: torch.Tensor) -> Optional[QuantizedWeight]:
+    """Per-element code, scale and zero-point maps (laid out as `weight` is, K last) as QMoE's codes at `spec`,
+    if they dequantize to exactly `weight`; None when they don't (or their blocks don't even reshape: K is not
+    last), i.e. a layout the codes can't follow."""
+    step = spec.block_size or codes.shape[-1]
+    z = None if spec.symmetric or zero_points is None else zero_points[..., ::step].round().to(torch.int32)
+    q = QuantizedWeight(codes.round().to(torch.int32), scales[..., ::step].contiguous(), z, spec)
+    try:
+        return q if torch.equal(dequantize(q), weight) else None
+    except RuntimeError:
+        return None
 
 
 @dataclass
@@ -181,15 +214,10 @@ def _expert_codes(path: str, model, linears: dict[str, PackedLinear], build,
     def expanded(field):
         out = {}
         for p, l in linears.items():
-            if field == "scheme":  # which scheme each weight element came with, to follow it through the conversion
-                t = torch.full(l.codes.shape, float(schemes.index(l.spec)))
-            elif getattr(l, field) is None:
-                continue
-            else:
-                t = getattr(l, field).float()
-                if field != "codes":
-                    t = t.repeat_interleave(l.codes.shape[1] // t.shape[1], 1)
-            out[f"{p}.weight"] = t
+            # "scheme": which scheme each weight element came with, to follow it through the conversion
+            t = torch.full(l.codes.shape, float(schemes.index(l.spec))) if field == "scheme" else l.per_element(field)
+            if t is not None:
+                out[f"{p}.weight"] = t
         return out
 
     fields = ["codes", "scales"] + (["scheme"] if len(schemes) > 1 else []) + (
@@ -208,15 +236,9 @@ def _expert_codes(path: str, model, linears: dict[str, PackedLinear], build,
             raise QuantError(f"'{path}': the experts stacked into '{name}' are quantized with {len(ids)} different "
                              "schemes; QMoE takes one per layer.")
         spec = schemes[int(ids[0])]
-        step = spec.block_size or c.shape[-1]
-        zps = maps["zero_points"][name][..., ::step].round().to(torch.int32) if "zero_points" in maps else None
-        q = QuantizedWeight(c.round().to(torch.int32), maps["scales"][name][..., ::step].contiguous(),
-                            None if spec.symmetric else zps, spec)
-        try:
-            same = torch.equal(dequantize(q), weight)
-        except RuntimeError:  # the layout put K elsewhere than last: the blocks don't even reshape
-            same = False
-        if not same:
+        q = exact_codes(c, maps["scales"][name], maps["zero_points"][name] if "zero_points" in maps else None, spec,
+                        weight)
+        if q is None:
             raise QuantError(f"'{path}': the codes of '{name}' do not dequantize to its weight once laid out as "
                              "transformers lays out the experts (a transform moec can't follow the codes through); "
                              "not folded.")

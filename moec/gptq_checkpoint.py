@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from moec.compressed_tensors_checkpoint import unpack_int32
-from moec.fold_checkpoint import LinearFormat, PackedLinear, quantization_config
+from moec.fold_checkpoint import LinearFormat, PackedLinear, groups_in_order, quantization_config
 from moec.quant import BLOCK_SIZES, QuantError, QuantSpec
 
 GPTQ = "GPTQ"
@@ -58,7 +58,7 @@ def gptq_format(path: str) -> LinearFormat:
         _require(prefix, parts, ("qweight", "qzeros", "scales"), file)
         qweight = parts["qweight"]
         k, n = qweight.shape[0] * per, qweight.shape[1]
-        codes = unpack_int32(qweight, bits, k, dim=0).T.contiguous()  # [N, K]
+        codes = unpack_int32(qweight.T, bits, k, dim=1)  # [N, K], unpacked along K
         g = _groups(prefix, k, gs, file)
         scales = _scales(prefix, parts["scales"], g, n, file)
         zeros = unpack_int32(parts["qzeros"], bits, n, dim=1) if tuple(parts["qzeros"].shape) == (g, -(-n // per)) \
@@ -71,8 +71,7 @@ def gptq_format(path: str) -> LinearFormat:
                                  "points can't hold that. Convert the checkpoint to gptq_v2.")
         g_idx = parts.get("g_idx")
         if g_idx is not None:
-            want = torch.zeros(k, dtype=torch.int64) if gs == -1 else torch.arange(k) // gs
-            if g_idx.shape != (k,) or not torch.equal(g_idx.to(torch.int64), want):
+            if not groups_in_order(g_idx, k, None if gs == -1 else gs):
                 raise QuantError(f"'{file}': tensor '{prefix}.g_idx' assigns input columns to groups out of order "
                                  "(act-order, desc_act); QMoE's blocks are contiguous columns and each expert's "
                                  "permutation differs, so these codes can't be folded exactly. Re-quantize without "
@@ -124,11 +123,11 @@ def _matrix(prefix: str, part: str, shapes: dict[str, tuple], file: str) -> tupl
 
 
 def _unpack_awq(packed: torch.Tensor) -> torch.Tensor:
-    """int32 [R, C / 8] -> codes [R, C] in column order."""
-    words = packed.to(torch.int64) & 0xFFFFFFFF
+    """int32 [R, C / 8] -> codes [R, C] in column order (int32 throughout: the mask drops the sign bits)."""
+    words = packed.to(torch.int32)
     out = torch.empty(words.shape[0], words.shape[1], 8, dtype=torch.int32)
     for i, col in enumerate(AWQ_ORDER):
-        out[..., col] = ((words >> (4 * i)) & 0xF).to(torch.int32)
+        out[..., col] = (words >> (4 * i)) & 0xF
     return out.reshape(words.shape[0], -1)
 
 

@@ -34,7 +34,6 @@ from moec.lazy_checkpoint import LazyCheckpoint
 from moec.errors import SourceError
 from moec.mxfp4_checkpoint import BLOCK, FORMAT, PARTS, Mxfp4Tensor, check_against_model, decode, folded_spec
 from moec.quant import QuantError, QuantizedWeight
-from moec.quantize_streamed import checked_codes
 
 SUFFIXES = ("_blocks", "_scales")
 FP16_EXPONENTS = (104, 143)  # 2^(e - 128) from 2^-24 (fp16's smallest subnormal) to 2^15
@@ -154,6 +153,10 @@ class CheckpointCodes:
     moec.packed_stream.PackedCodes too: `stream` is what found the checkpoint's quantized experts)."""
 
     method = "the checkpoint's codes"  # as the in-memory fold says it
+    # codes() checks each expert's codes dequantize to exactly its weights, and dequantized() is those weights:
+    # the layer's error against fp32 is 0 by construction, not measured (a coder whose dequantized() differs
+    # from the fp32 weights must say False)
+    exact = True
     reference = "the checkpoint's weights (every expert's codes checked to dequantize to them exactly), layer by layer"
 
     def __init__(self, stream: Mxfp4Stream):
@@ -162,6 +165,8 @@ class CheckpointCodes:
     def codes(self, reader, path: str, e: int, stacked: dict[str, torch.Tensor], w) -> tuple:
         """(gate/up codes, down codes) of expert e of the layer at `path`: `stacked` is the expert's tensors as
         the layer holds them (reading name -> [1, ...]), `w` the fused layer's fp32 weights for it."""
+        from moec.quantize_streamed import checked_codes
+
         layer = reader.layers[path]
         as_codes, as_scales = dict(stacked), dict(stacked)
         for key, dotted in layer.stacked.items():
@@ -176,11 +181,9 @@ class CheckpointCodes:
                              reader.read_as_fused(path, as_scales, e), None, "MXFP4 codes")
 
     def check_folded(self, fused_paths: list[str]) -> None:
-        """Every quantized expert is in a decoder layer with a fused MoE layer (an unfused one would be written as
-        its decoded fp32 weights). By layer: a per-Linear checkpoint names experts as stored, not as the model does."""
-        fused = {_key(path + ".") for path in fused_paths}
+        """Every MXFP4 projection is in a fused layer (an unfused one would be written as its fp32 stack)."""
         for name in self.stream.expert_names():
-            if _key(name) not in fused:
+            if not any(name.startswith(path + ".") for path in fused_paths):
                 raise QuantError(f"'{name}': its MoE layer is not fused, so its {self.stream.format} codes can't be "
                                  "folded into QMoE; see the fusion report of an in-memory compile (--out-of-core off). "
                                  "Nothing was written.")

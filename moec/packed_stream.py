@@ -8,7 +8,8 @@ Produces:
   - `PackedStream(ck, fmt)` finds every quantized Linear from the headers and takes its [N, K] and scheme from the
     format's `layout` (headers, and compressed-tensors' two-value weight_shape tensors): the experts' one scheme
     (the artifact's QMoE spec) is known before anything is captured. Where the config allows act-order, every
-    g_idx (small) is read and checked up front, so a permuted one is refused before any layer is written.
+    g_idx (small) is read and checked up front (`check_act_order`), so a permuted one is refused before any
+    layer is written.
     `decode_in` then lists each Linear in the LazyCheckpoint index as one decoded tensor `<prefix>.weight`
     [N, K] whose value is the format's exact dequantization, read when asked for: the rest of the out-of-core
     compile reads it as it reads a float checkpoint's weight (experts one at a time, attention with its layer).
@@ -17,7 +18,9 @@ Produces:
     .convert: gate/up concatenated, renamed, transposed as the family's loading does) and the fused layer's
     reading, and checked to dequantize to exactly the weights the layer was fused and validated with.
 Other quantized Linears (attention) are written as their dequantized fp32 weights, with the in-memory fold's note.
-Peak memory: one expert's (or one layer's attention) Linears unpacked, int32 codes beside fp32 weights.
+Peak memory: one expert's (or one layer's attention) Linears unpacked (int32 codes, fp32 weights), and while
+its codes are laid out, one fp32 [N, K] map (codes, scales or zero points) per Linear at a time through the
+conversion: a few times one expert's fp32 weights, never a layer's.
 Refuses (QuantError, naming the file and the tensor): a Linear whose parts are incomplete or mis-shaped, experts
 with different schemes, act-order, an expert weight stored unquantized beside quantized ones, an expert in an
 unfused layer, and everything the format's own reading refuses (when that Linear is read: the compile stops and
@@ -26,18 +29,17 @@ writes nothing).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from moec.errors import SourceError
-from moec.fold_checkpoint import LinearFormat, PackedLinear, dense_note
+from moec.fold_checkpoint import LinearFormat, PackedLinear, dense_note, groups_in_order
 from moec.lazy_checkpoint import LazyCheckpoint
 from moec.mxfp4_stream import CheckpointCodes
 from moec.quant import QuantError, QuantSpec
-from moec.quantize_streamed import checked_codes
+from moec.safetensors_check import TensorFiles
 from moec.stream_experts import expert_index
 
 
@@ -66,10 +68,12 @@ class PackedStream:
             raise QuantError(f"'{ck.path}': config.json says {fmt.name}, but no tensor of the checkpoint is quantized "
                              "that way.")
         experts = [l for l in self.linears.values() if l.expert is not None]
-        schemes = {l.spec: l for l in experts}
+        schemes: dict[QuantSpec, QuantizedLinear] = {}
+        for l in experts:
+            schemes.setdefault(l.spec, l)  # each scheme's first Linear
         if len(schemes) > 1:
             a, b = list(schemes.values())[:2]
-            raise QuantError(f"'{a.files[fmt.parts[0]]}': experts are quantized with different schemes ('{a.prefix}' "
+            raise QuantError(f"'{b.files[fmt.parts[0]]}': experts are quantized with different schemes ('{a.prefix}' "
                              f"{a.spec.name}, '{b.prefix}' {b.spec.name}); one expert precision per model is "
                              "supported.")
         self.spec = experts[0].spec if experts else None
@@ -77,18 +81,21 @@ class PackedStream:
         self.notes = ([f"{fmt.name} expert weights ({self.spec.name}) folded without re-quantizing"] if experts else [])
         self.notes += [dense_note(dense)] if dense else []
         self.against = f"the checkpoint's weights (its {fmt.name} Linears dequantized exactly)"
+        self._files = TensorFiles()
         self._last: dict[str, PackedLinear] = {}  # one expert's (or one group's dense) Linears, read last
-        if fmt.act_order:
-            self._check_act_order()
+        self._stored = sum(_numel(ck.shapes[f"{l.prefix}.{part}"]) for l in self.linears.values() for part in l.files)
+        self._decoded = False
 
     def parameters(self) -> int:
         """The checkpoint's parameter count with each quantized Linear counted as the weights it stands for."""
-        stored = sum(_numel(self.ck.shapes[f"{l.prefix}.{part}"]) for l in self.linears.values() for part in l.files)
-        return self.ck.numel - stored + sum(l.shape[0] * l.shape[1] for l in self.linears.values())
+        if self._decoded:
+            return self.ck.numel
+        return self.ck.numel - self._stored + sum(l.shape[0] * l.shape[1] for l in self.linears.values())
 
     def decode_in(self) -> None:
         """Each Linear's parts become one decoded `<prefix>.weight` in the checkpoint's index (moec.lazy_checkpoint)."""
         ck, renamed = self.ck, {}
+        self._decoded = True
         for l in self.linears.values():
             weight = l.prefix + ".weight"
             for part in l.files:
@@ -119,7 +126,7 @@ class PackedStream:
         l = self.linears[prefix]
         owner = (_layer(prefix), l.expert)
         self._last = {p: v for p, v in self._last.items() if (_layer(p), self.linears[p].expert) == owner}
-        parts = _read_parts(l)
+        parts = _read_parts(self._files, l)
         got = self.fmt.read(prefix, parts, l.files[self.fmt.parts[0]])
         if got.spec != l.spec or tuple(got.codes.shape) != l.shape:
             raise QuantError(f"'{l.files[self.fmt.parts[0]]}': '{prefix}' reads as {got.spec.name} "
@@ -141,16 +148,15 @@ class PackedStream:
                               f"experts (expert {expert}); compile with --out-of-core off.")
         return self.linear(l.prefix).dequantized()
 
-    def _check_act_order(self) -> None:
-        """Every g_idx the config allows to permute columns, checked before anything is written: a permuted one is
-        read whole so that the format's own reading names it."""
+    def check_act_order(self) -> None:
+        """Where the config allows act-order, every g_idx (small), checked before anything is written: a permuted
+        one is read whole so that the format's own reading names it."""
         part = self.fmt.act_order
         for l in self.linears.values():
-            if part not in l.files:
+            if not part or part not in l.files:
                 continue
-            g_idx = _read_parts(l, (part,))[part].to(torch.int64)
-            k = l.shape[1]
-            if g_idx.shape != (k,) or not torch.equal(g_idx, torch.arange(k) // (l.spec.block_size or k)):
+            g_idx = _read_parts(self._files, l, (part,))[part]
+            if not groups_in_order(g_idx, l.shape[1], l.spec.block_size):
                 self.linear(l.prefix)  # raises the format's own error
                 raise QuantError(f"'{l.files[part]}': tensor '{l.prefix}.{part}' assigns input columns to groups "
                                  "out of order (act-order); QMoE's blocks are contiguous columns.")
@@ -162,6 +168,8 @@ class PackedCodes(CheckpointCodes):
     def codes(self, reader, path: str, e: int, stacked: dict[str, torch.Tensor], w) -> tuple:
         """(gate/up codes, down codes) of expert e of the layer at `path` (`stacked`: the expert's weights as the
         layer holds them; `w`: the fused layer's fp32 weights for it)."""
+        from moec.quantize_streamed import checked_codes
+
         stream, spec = self.stream, self.stream.spec
         fields = ("codes", "scales") + (() if spec.symmetric else ("zero_points",))
         fused = {f: reader.read_as_fused(path, reader.convert(path, e, self._values(path, e, f), stacked), e)
@@ -182,14 +190,20 @@ class PackedCodes(CheckpointCodes):
                 raise QuantError(f"'{stream.ck.files.get(name, stream.ck.path)}': '{name}' of {path}'s expert {e} is "
                                  "stored unquantized beside quantized experts; QMoE takes one precision per layer. "
                                  "Nothing was written.")
-            l = stream.linear(prefix)
-            t = getattr(l, field)
-            if t is None:  # symmetric: the implicit zero point
-                t = torch.full_like(l.scales, 1 << (l.spec.bits - 1))
-            t = t.float()
-            return t if field == "codes" else t.repeat_interleave(l.codes.shape[1] // t.shape[1], 1)
+            return stream.linear(prefix).per_element(field)  # every expert has the spec asked for (checked)
 
         return value
+
+    def check_folded(self, fused_paths: list[str]) -> None:
+        """Every quantized expert is in a decoder layer with a fused MoE layer (an unfused one would be written as
+        its dequantized fp32 weights). By layer: the checkpoint names experts as stored (Mixtral's
+        block_sparse_moe.experts.N.w1), not as the model does."""
+        fused = {_layer(path) for path in fused_paths}
+        for name in self.stream.expert_names():
+            if _layer(name[: -len(".weight")]) not in fused:
+                raise QuantError(f"'{name}': its MoE layer is not fused, so its {self.stream.format} codes can't be "
+                                 "folded into QMoE; see the fusion report of an in-memory compile (--out-of-core off). "
+                                 "Nothing was written.")
 
 
 def _find(ck: LazyCheckpoint, fmt: LinearFormat) -> dict[str, QuantizedLinear]:
@@ -199,44 +213,19 @@ def _find(ck: LazyCheckpoint, fmt: LinearFormat) -> dict[str, QuantizedLinear]:
         prefix, _, part = name.rpartition(".")
         if part in fmt.parts:
             parts.setdefault(prefix, {})[part] = ck.files[name]
-    found = {}
-    with contextlib.ExitStack() as stack:
-        opened = {}
-
-        def small(prefix: str, part: str) -> torch.Tensor:
-            file = parts[prefix][part]
-            if file not in opened:
-                from safetensors import safe_open
-
-                opened[file] = stack.enter_context(safe_open(file, "pt"))
-            try:
-                return opened[file].get_tensor(f"{prefix}.{part}")
-            except Exception as exc:
-                raise SourceError(f"'{file}': cannot read tensor '{prefix}.{part}' ({type(exc).__name__}: {exc}). "
-                                  "Nothing was written.") from exc
-
-        for prefix, files in parts.items():
-            main = files.get(fmt.parts[0]) or next(iter(files.values()))
-            shapes = {part: ck.shapes[f"{prefix}.{part}"] for part in files}
-            shape, spec = fmt.layout(prefix, shapes, main, lambda part, prefix=prefix: small(prefix, part))
-            found[prefix] = QuantizedLinear(prefix, files, shape, spec)
+    found, files = {}, TensorFiles()
+    for prefix, where in parts.items():
+        main = where.get(fmt.parts[0]) or next(iter(where.values()))
+        shapes = {part: ck.shapes[f"{prefix}.{part}"] for part in where}
+        shape, spec = fmt.layout(prefix, shapes, main,
+                                 lambda part, prefix=prefix: files.read(parts[prefix][part], f"{prefix}.{part}"))
+        found[prefix] = QuantizedLinear(prefix, where, shape, spec)
     return found
 
 
-def _read_parts(l: QuantizedLinear, which: Optional[tuple] = None) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    out = {}
-    for part, file in l.files.items():
-        if which is not None and part not in which:
-            continue
-        try:
-            with safe_open(file, "pt") as f:
-                out[part] = f.get_tensor(f"{l.prefix}.{part}")
-        except Exception as exc:
-            raise SourceError(f"'{file}': cannot read tensor '{l.prefix}.{part}' ({type(exc).__name__}: {exc}). "
-                              "Nothing was written.") from exc
-    return out
+def _read_parts(files: TensorFiles, l: QuantizedLinear, which: Optional[tuple] = None) -> dict[str, torch.Tensor]:
+    return {part: files.read(file, f"{l.prefix}.{part}") for part, file in l.files.items()
+            if which is None or part in which}
 
 
 def _layer(name: str) -> str:

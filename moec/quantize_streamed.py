@@ -39,6 +39,7 @@ class RoundToNearest:
     """The default coder: each expert quantized round-to-nearest at `spec` (separable per expert)."""
 
     method = "round-to-nearest"
+    exact = False  # its dequantized weights differ from the fp32 ones: the layer's error is measured
     reference = "the dequantized model (each layer's experts quantized and dequantized), layer by layer"
 
     def __init__(self, spec):
@@ -65,23 +66,18 @@ def checked_codes(path: str, e: int, spec, w: ExpertWeights, codes: ExpertWeight
     """A pre-quantized checkpoint's codes, scales and zero points for expert e (each laid out per element as the
     fused layer reads its weights) as QMoE's (gate/up, down) codes at `spec`, checked to dequantize to exactly the
     fused layer's fp32 weights `w`: the artifact's experts are then the checkpoint's to the bit."""
-    import contextlib
-
-    from moec.quant import QuantError, QuantizedWeight, dequantize
+    from moec.fold_checkpoint import exact_codes
+    from moec.quant import QuantError
 
     out = []
     for field in ("w_gate_up", "w_down"):
-        c, s, weight = getattr(codes, field), getattr(scales, field), getattr(w, field)
-        step = spec.block_size or c.shape[-1]
-        z = None if zero_points is None else getattr(zero_points, field)[..., ::step].round().to(torch.int32)
-        q = QuantizedWeight(c.round().to(torch.int32), s[..., ::step].contiguous(), z, spec)
-        with contextlib.suppress(RuntimeError):  # blocks that do not reshape: not the same either
-            if torch.equal(dequantize(q), weight):
-                out.append(q)
-                continue
-        raise QuantError(f"{path}: expert {e}'s {what}, laid out as the fused layer reads the weights, do not "
-                         f"dequantize to its {field} (a layout the codes can't follow); compile with --out-of-core "
-                         "off. Nothing was written.")
+        z = None if zero_points is None else getattr(zero_points, field)
+        q = exact_codes(getattr(codes, field), getattr(scales, field), z, spec, getattr(w, field))
+        if q is None:
+            raise QuantError(f"{path}: expert {e}'s {what}, laid out as the fused layer reads the weights, do not "
+                             f"dequantize to its {field} (a layout the codes can't follow); compile with "
+                             "--out-of-core off. Nothing was written.")
+        out.append(q)
     return tuple(out)
 
 
@@ -228,15 +224,19 @@ class StreamedQuantizer:
         for name, values in biases.items():
             if values and getattr(fused, name) is not None:
                 setattr(fused, name, nn.Parameter(torch.cat(values), requires_grad=False))
-        with torch.no_grad():
-            before = _hidden_out(fused(probe))
-            stream = fused.stream
-            fused.stream = StreamedExperts(fused, lambda index: self.coder.dequantized(path, index, fp32(index)))
-            s = compare_tensors(before, _hidden_out(fused(probe)))
-            fused.stream = stream
+        if self.coder.exact:  # every expert's codes were checked to dequantize to its weights bit for bit
+            rel_l2, cosine = 0.0, 1.0
+        else:
+            with torch.no_grad():
+                before = _hidden_out(fused(probe))
+                stream = fused.stream
+                fused.stream = StreamedExperts(fused, lambda index: self.coder.dequantized(path, index, fp32(index)))
+                s = compare_tensors(before, _hidden_out(fused(probe)))
+                fused.stream = stream
+            rel_l2, cosine = s.rel_l2, s.cosine
         fp_bytes = layer.num_experts * (fused.w_gate_up[0].numel() + fused.w_down[0].numel()) * 4
         quantized = sum(a.nbytes for name, a in self.packed[path].items())
-        return QuantizationOutcome(path, spec.name, fp_bytes, quantized, s.rel_l2, s.cosine,
+        return QuantizationOutcome(path, spec.name, fp_bytes, quantized, rel_l2, cosine,
                                    method=self.coder.method).to_dict()
 
     def fill_lowered(self, model: nn.Module, path: str) -> None:

@@ -78,3 +78,51 @@ def read_header(file: str) -> dict:
         if size < end:
             raise SourceError(f"'{file}' is truncated: {size} bytes, but tensor '{name}' needs bytes up to {end}.")
     return tensors
+
+
+class TensorFiles:
+    """Tensors read one at a time with a plain read into memory of their own (no file mapping, whose pages would
+    count in this process's resident memory while it lasts; no safetensors handle, whose header parse per open
+    cost more than the read), each file's header parsed once. For the many small tensors of per-Linear quantized
+    checkpoints (moec.packed_stream). Refuses (SourceError, naming the file and the tensor): a tensor the header
+    lacks, a dtype it can't read, an entry whose byte range disagrees with its shape, a short read."""
+
+    DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
+              "U8": "uint8", "BOOL": "bool"}
+
+    def __init__(self):
+        self._headers: dict[str, tuple[int, dict]] = {}  # file -> (where its data starts, its tensor entries)
+
+    def read(self, file: str, name: str):
+        import math
+
+        import torch
+
+        if file not in self._headers:
+            tensors = read_header(file)  # checked: valid, and the file holds every tensor's bytes
+            with open(file, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+            self._headers[file] = (8 + n, tensors)
+        start, tensors = self._headers[file]
+        meta = tensors.get(name)
+        if meta is None:
+            raise SourceError(f"'{file}': tensor '{name}' is not in its header.")
+        dtype = getattr(torch, self.DTYPES.get(meta["dtype"], ""), None)
+        if dtype is None:
+            raise SourceError(f"'{file}': tensor '{name}' is {meta['dtype']}, a dtype moec does not read here.")
+        begin, end = (int(x) for x in meta["data_offsets"])
+        shape = [int(d) for d in meta["shape"]]
+        if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
+            raise SourceError(f"'{file}' has a corrupted safetensors header: tensor '{name}' {meta['dtype']} {shape} "
+                              f"spans bytes {begin}-{end}.")
+        data = bytearray(end - begin)
+        try:
+            with open(file, "rb") as f:
+                f.seek(start + begin)
+                got = f.readinto(memoryview(data))
+        except OSError as exc:
+            raise SourceError(f"'{file}': cannot read tensor '{name}' ({type(exc).__name__}: {exc}).") from exc
+        if got != end - begin:
+            raise SourceError(f"'{file}' is truncated: tensor '{name}' has {got} of its {end - begin} bytes.")
+        return (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(shape)

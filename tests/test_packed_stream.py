@@ -10,10 +10,12 @@ is captured, or, found while streaming, with nothing written.
 
 import json
 import os
+import weakref
 
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx.numpy_helper import to_array
 from safetensors.torch import load_file, save_file
 
@@ -23,7 +25,10 @@ from moec.errors import MoecError
 from moec.fold_checkpoint import READERS
 from moec.lazy_checkpoint import LazyCheckpoint
 from moec.packed_stream import PackedStream
-from test_gptq_checkpoint import write_checkpoint
+from test_gptq_checkpoint import CASES, write_checkpoint
+
+
+EXPERTS = {"GPTQ": 8, "AWQ (GEMM)": 6}  # the tiny Qwen3-MoE's and Mixtral's experts a layer
 
 
 def _initializers(out):
@@ -34,24 +39,28 @@ def _compile(path, out, mode, *args):
     return main(["compile", path, "--out", out, "--out-of-core", mode, "--task", "logits", "--quiet", *args])
 
 
-def _held(monkeypatch):
-    """Records, after every Linear read, which (layer, expert) pairs the stream holds unpacked."""
-    held = []
+def _alive(monkeypatch):
+    """Records which experts' Linears were unpacked, and the most unpacked Linears alive at once anywhere in the
+    process (weak references: a Linear counts until nothing holds it)."""
+    alive, seen, most = weakref.WeakValueDictionary(), set(), [0]
     linear = PackedStream.linear
 
     def spy(self, prefix):
         got = linear(self, prefix)
-        held.append({(layer_key(p + "."), self.linears[p].expert) for p in self._last})
+        alive[id(got)] = got
+        seen.add((layer_key(prefix + "."), self.linears[prefix].expert))
+        most[0] = max(most[0], len(alive))
         return got
 
     monkeypatch.setattr(PackedStream, "linear", spy)
-    return held
+    return seen, most
 
 
-def _streamed_is_in_memory(path, tmp_path, monkeypatch, fmt):
+def _streamed_is_in_memory(path, tmp_path, monkeypatch, fmt, zero_points):
     """Compiles `path` both ways; returns the out-of-core artifact's initializers, having asserted they equal the
-    in-memory fold's on every shared name (the QMoE codes, scales and zero points among them)."""
-    held = _held(monkeypatch)
+    in-memory fold's on every shared name (the QMoE codes, scales and zero points among them) and that at most
+    one layer's attention (4 Linears) or one expert's (3) were ever unpacked at once, out of 28 a layer."""
+    seen, most = _alive(monkeypatch)
     arts = {}
     for mode in ("on", "off"):
         out = str(tmp_path / mode)
@@ -64,11 +73,10 @@ def _streamed_is_in_memory(path, tmp_path, monkeypatch, fmt):
             assert n["passed"] and n["end_to_end"]["ran"] and n["end_to_end"]["rel_l2"] < 1e-5
             assert q["logits_vs_fp32"]["rel_l2"] < 1e-5  # the reference is the checkpoint's weights: nothing moved
             assert any("dequantized to fp32 weights" in note for note in report["capture"]["notes"])
-            experts = {k for h in held for k in h if k[1] is not None}
-            assert len(experts) == 16 and max(len(h) for h in held) == 1  # read one expert (or layer) at a time
+            assert len({k for k in seen if k[1] is not None}) == 2 * EXPERTS[fmt] and 3 <= most[0] <= 4
     shared = set(arts["on"]) & set(arts["off"])
     qmoe = [n for n in shared if n.rsplit(".", 1)[-1].startswith(("fc1", "fc2"))]
-    assert len(qmoe) == 2 * (4 + 2 * (fmt != "GPTQ" or "asym" in str(tmp_path)))  # + zero points when asymmetric
+    assert len(qmoe) == 2 * (4 + 2 * zero_points)  # fc1/fc2 codes and scales (and zero points) of two layers
     assert [n for n in shared if not np.array_equal(arts["on"][n], arts["off"][n])] == []
     return arts["on"]
 
@@ -76,7 +84,7 @@ def _streamed_is_in_memory(path, tmp_path, monkeypatch, fmt):
 def test_gptq_streams_the_checkpoints_codes_and_zero_points(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt")
     expected = write_checkpoint(path, sym=False)  # GPTQ's original format (zero points stored minus one)
-    art = _streamed_is_in_memory(path, tmp_path / "asym", monkeypatch, "GPTQ")
+    art = _streamed_is_in_memory(path, tmp_path, monkeypatch, "GPTQ", zero_points=True)
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.o_proj.weight"):
         assert np.array_equal(art["model." + name], expected[name].numpy())  # exactly the format's dequantization
 
@@ -86,13 +94,7 @@ def test_awq_streams_through_mixtrals_renaming(tmp_path, monkeypatch):
     renaming and stacking exactly as the weights do."""
     path = str(tmp_path / "ckpt")
     expected = write_checkpoint(path, fmt="awq", sym=False, family="mixtral")
-    held = _held(monkeypatch)
-    out = str(tmp_path / "out")
-    assert _compile(path, out, "on") == 0
-    report = json.load(open(os.path.join(out, "report.json")))
-    assert report["numerics"]["passed"] and report["quantization"]["spec"] == "int4 block 16 asymmetric"
-    assert max(len(h) for h in held) == 1
-    art = _initializers(out)
+    art = _streamed_is_in_memory(path, tmp_path, monkeypatch, "AWQ (GEMM)", zero_points=True)
     for e in range(6):  # QMoE's fc2: each expert's w2 codes, two 4-bit columns a byte, low first
         packed = art["model.model.layers.1.mlp.fc2"][e]
         got = np.stack([(packed >> (4 * i)) & 15 for i in range(2)], -1).reshape(packed.shape[0], -1)
@@ -116,6 +118,24 @@ def test_compressed_tensors_streams_as_in_memory(tmp_path):
     shared = set(arts["on"]) & set(arts["off"])
     assert sum(n.endswith(("fc1", "fc2", "fc1_scales", "fc2_scales")) for n in shared) == 8
     assert [n for n in shared if not np.array_equal(arts["on"][n], arts["off"][n])] == []
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_linear_reads_as_the_formats_dequantization(case, tmp_path):
+    """Every GPTQ / AWQ variant (symmetric, asymmetric, v1 and v2 zero points, int8 per channel): the decoded
+    weight of each Linear is the format's formula's, its scheme known from the headers alone."""
+    path = str(tmp_path / "ckpt")
+    expected = write_checkpoint(path, **CASES[case])
+    ck = LazyCheckpoint(path)
+    stream = PackedStream(ck, READERS[CASES[case].get("fmt", "gptq")]()(path))
+    group, bits = CASES[case].get("group", 16), CASES[case].get("bits", 4)
+    assert (stream.spec.bits, stream.spec.block_size, stream.spec.symmetric) == (
+        bits, None if group == -1 else group, CASES[case].get("sym", True))
+    stream.decode_in()
+    weights = [n for n in expected if not n.endswith(":codes")]
+    assert sorted(weights) == sorted(ck.decoded)
+    for name in weights:
+        assert torch.equal(ck.decoded[name](None), expected[name]), name
 
 
 def test_act_order_is_refused_before_anything_is_captured(tmp_path, capsys):

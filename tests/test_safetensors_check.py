@@ -81,3 +81,38 @@ def test_a_tensor_the_config_needs_but_the_checkpoint_lacks_is_refused(tmp_path)
     save_file(tensors, root / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(SourceError, match=rf"lacks 1 tensor\(s\) .* e\.g\. '{gone}'"):
         load_source(str(root))
+
+
+def test_tensor_files_read_each_tensor_as_safetensors_does(tmp_path):
+    """moec.safetensors_check.TensorFiles (plain reads, no mapping): every dtype per-Linear checkpoints use, an
+    empty tensor, bf16 bit for bit; a tensor the header lacks and a header whose byte range disagrees with the
+    shape are named with the file."""
+    import struct
+
+    import torch
+
+    from moec.safetensors_check import TensorFiles
+
+    g = torch.Generator().manual_seed(0)
+    state = {"w.qweight": torch.randint(-2**31, 2**31 - 1, (6, 5), generator=g, dtype=torch.int32),
+             "w.scales": torch.rand(2, 5, generator=g).half(), "w.bf": torch.randn(3, 4, generator=g).bfloat16(),
+             "w.u8": torch.randint(0, 256, (7,), generator=g, dtype=torch.uint8), "w.empty": torch.zeros(0, 4),
+             "w.shape": torch.tensor([5, 48])}
+    file = str(tmp_path / "a.safetensors")
+    save_file(state, file)
+    files = TensorFiles()
+    for name, want in load_file(file).items():
+        got = files.read(file, name)
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), name
+    with pytest.raises(SourceError, match="a.safetensors': tensor 'w.nope' is not in its header"):
+        files.read(file, "w.nope")
+    raw = open(file, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header["w.u8"]["shape"] = [8]  # 8 bytes claimed over the 7 stored (the file still holds the range)
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(text) == n
+    bad = str(tmp_path / "b.safetensors")
+    open(bad, "wb").write(raw[:8] + text + raw[8 + n:])
+    with pytest.raises(SourceError, match="b.safetensors' has a corrupted safetensors header: tensor 'w.u8'"):
+        TensorFiles().read(bad, "w.u8")

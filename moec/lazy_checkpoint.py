@@ -38,8 +38,9 @@ class LazyCheckpoint:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # as stored
     nbytes: int = 0  # as stored
     numel: int = 0
-    # tensors stored in another form (GPT-OSS's MXFP4 experts, moec.mxfp4_stream): name -> its fp32 value, whole
-    # (None) or one expert's [e:e + 1]; listed in files/groups/shapes under that name, in the model's layout
+    # tensors stored in parts (GPT-OSS's MXFP4 experts, GPTQ / AWQ / compressed-tensors Linears; `decode_as`):
+    # name -> its fp32 value, whole (None) or one expert's [e:e + 1]; listed in files/groups/shapes under that
+    # name, in the model's layout
     decoded: dict[str, Callable[[Optional[int]], torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -57,6 +58,23 @@ class LazyCheckpoint:
         if not self.files:
             raise SourceError(f"'{self.path}' holds no safetensors weights; out-of-core compiles read safetensors "
                               "checkpoints (model.safetensors, or shards with model.safetensors.index.json).")
+
+    def decode_as(self, encoded: list["Encoded"]) -> None:
+        """Lists each encoded tensor's stored parts (MXFP4 `_blocks` / `_scales`, GPTQ `qweight` / `qzeros` / ...)
+        as the one tensor the model has, in the model's layout, where its first part was: in `decoded` (its value
+        read when asked for), `files`, `shapes` and its group, the parts gone; `numel` counts its elements."""
+        renamed = {}
+        for t in encoded:
+            for name in t.stored:
+                renamed[name] = t.name
+                self.numel -= math.prod(self.shapes.pop(name))
+                del self.files[name]
+            self.files[t.name], self.shapes[t.name] = t.file, tuple(t.shape)
+            self.numel += math.prod(t.shape)
+            self.decoded[t.name] = t.value
+        for key, names in self.groups.items():
+            kept = dict.fromkeys(renamed.get(n, n) for n in names)  # in order, each once
+            self.groups[key] = list(kept)
 
     def config(self):
         from transformers import AutoConfig
@@ -160,6 +178,18 @@ class LazyCheckpoint:
             return self.files[key]
         hits = [f for n, f in self.files.items() if n.endswith(key) or key.endswith(n)]
         return hits[0] if hits else self.path
+
+
+@dataclass
+class Encoded:
+    """A tensor the checkpoint stores in parts (moec.mxfp4_stream, moec.packed_stream): its name and [shape] as the
+    model has it, the stored parts, the file of the first, and its value, whole (None) or one expert's slice."""
+
+    name: str
+    stored: list[str]
+    file: str
+    shape: tuple[int, ...]
+    value: Callable[[Optional[int]], torch.Tensor]
 
 
 class Reopened:

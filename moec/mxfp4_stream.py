@@ -25,12 +25,13 @@ and codes the fused layer's reading can't carry exactly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from moec.lazy_checkpoint import LazyCheckpoint
+from moec.lazy_checkpoint import Encoded, LazyCheckpoint
 from moec.errors import SourceError
 from moec.mxfp4_checkpoint import BLOCK, FORMAT, PARTS, Mxfp4Tensor, check_against_model, decode, folded_spec
 from moec.quant import QuantError, QuantizedWeight
@@ -104,20 +105,10 @@ class Mxfp4Stream:
         return self._expert(self.projections[name], e).codes(self.per_row)
 
     def _decode_in(self, ck: LazyCheckpoint) -> None:
-        """The pairs become one decoded tensor each in the checkpoint's index (moec.lazy_checkpoint)."""
-        for p in self.projections.values():
-            stored = [p.name + s for s in SUFFIXES]
-            group = ck.groups[_key(stored[0])]
-            group[group.index(stored[0])] = p.name
-            for name in stored:
-                if name in group:
-                    group.remove(name)
-                ck.numel -= _numel(ck.shapes.pop(name))
-                del ck.files[name]
-            e, n, k = p.shape
-            ck.files[p.name], ck.shapes[p.name] = p.blocks_file, (e, k, n)
-            ck.numel += e * n * k
-            ck.decoded[p.name] = lambda expert, p=p: self._value(p, expert)
+        """The pairs become one decoded tensor each in the checkpoint's index (LazyCheckpoint.decode_as)."""
+        ck.decode_as([Encoded(p.name, [p.name + s for s in SUFFIXES], p.blocks_file,
+                              (p.shape[0], p.shape[2], p.shape[1]), lambda expert, p=p: self._value(p, expert))
+                      for p in self.projections.values()])
 
     def _value(self, p: Projection, expert: Optional[int]) -> torch.Tensor:
         if expert is not None:
@@ -142,9 +133,9 @@ def mxfp4_parameters(ck: LazyCheckpoint) -> int:
     numel = ck.numel
     for name, shape in ck.shapes.items():
         if name.endswith("_blocks"):
-            numel += _numel(shape)  # stored as half as many bytes as values
+            numel += math.prod(shape)  # stored as half as many bytes as values
         elif name.endswith("_scales") and name[: -len("_scales")] + "_blocks" in ck.shapes:
-            numel -= _numel(shape)
+            numel -= math.prod(shape)
     return numel
 
 
@@ -237,10 +228,3 @@ def _key(name: str) -> str:
     from moec.external_data import layer_key
 
     return layer_key(name)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n

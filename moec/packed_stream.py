@@ -29,6 +29,7 @@ writes nothing).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -36,7 +37,7 @@ import torch
 
 from moec.errors import SourceError
 from moec.fold_checkpoint import LinearFormat, PackedLinear, dense_note, groups_in_order
-from moec.lazy_checkpoint import LazyCheckpoint
+from moec.lazy_checkpoint import Encoded, LazyCheckpoint
 from moec.mxfp4_stream import CheckpointCodes
 from moec.quant import QuantError, QuantSpec
 from moec.safetensors_check import TensorFiles
@@ -83,7 +84,7 @@ class PackedStream:
         self.against = f"the checkpoint's weights (its {fmt.name} Linears dequantized exactly)"
         self._files = TensorFiles()
         self._last: dict[str, PackedLinear] = {}  # one expert's (or one group's dense) Linears, read last
-        self._stored = sum(_numel(ck.shapes[f"{l.prefix}.{part}"]) for l in self.linears.values() for part in l.files)
+        self._stored = sum(math.prod(ck.shapes[f"{l.prefix}.{part}"]) for l in self.linears.values() for part in l.files)
         self._decoded = False
 
     def parameters(self) -> int:
@@ -93,27 +94,12 @@ class PackedStream:
         return self.ck.numel - self._stored + sum(l.shape[0] * l.shape[1] for l in self.linears.values())
 
     def decode_in(self) -> None:
-        """Each Linear's parts become one decoded `<prefix>.weight` in the checkpoint's index (moec.lazy_checkpoint)."""
-        ck, renamed = self.ck, {}
+        """Each Linear's parts become one decoded `<prefix>.weight` in the checkpoint's index
+        (LazyCheckpoint.decode_as)."""
         self._decoded = True
-        for l in self.linears.values():
-            weight = l.prefix + ".weight"
-            for part in l.files:
-                name = f"{l.prefix}.{part}"
-                renamed[name] = weight
-                ck.numel -= _numel(ck.shapes.pop(name))
-                del ck.files[name]
-            ck.files[weight], ck.shapes[weight] = l.files[self.fmt.parts[0]], l.shape
-            ck.numel += l.shape[0] * l.shape[1]
-            ck.decoded[weight] = lambda expert, l=l: self._value(l, expert)
-        for key, names in ck.groups.items():
-            seen, kept = set(), []
-            for n in names:
-                n = renamed.get(n, n)
-                if n not in seen:
-                    seen.add(n)
-                    kept.append(n)
-            ck.groups[key] = kept
+        self.ck.decode_as([Encoded(l.prefix + ".weight", [f"{l.prefix}.{part}" for part in l.files],
+                                   l.files[self.fmt.parts[0]], l.shape, lambda expert, l=l: self._value(l, expert))
+                           for l in self.linears.values()])
 
     def expert_names(self) -> list[str]:
         """The quantized expert weights, as the index lists them."""
@@ -232,10 +218,3 @@ def _layer(name: str) -> str:
     from moec.external_data import layer_key
 
     return layer_key(name + ".")
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n

@@ -28,9 +28,6 @@ from moec.packed_stream import PackedStream
 from test_gptq_checkpoint import CASES, write_checkpoint
 
 
-EXPERTS = {"GPTQ": 8, "AWQ (GEMM)": 6}  # the tiny Qwen3-MoE's and Mixtral's experts a layer
-
-
 def _initializers(out):
     return {t.name: to_array(t) for t in onnx.load(os.path.join(out, "model.onnx")).graph.initializer}
 
@@ -56,10 +53,11 @@ def _alive(monkeypatch):
     return seen, most
 
 
-def _streamed_is_in_memory(path, tmp_path, monkeypatch, fmt, zero_points):
+def _streamed_is_in_memory(path, tmp_path, monkeypatch, fmt, zero_points, experts, dense=4):
     """Compiles `path` both ways; returns the out-of-core artifact's initializers, having asserted they equal the
-    in-memory fold's on every shared name (the QMoE codes, scales and zero points among them) and that at most
-    one layer's attention (4 Linears) or one expert's (3) were ever unpacked at once, out of 28 a layer."""
+    in-memory fold's on every shared name (the QMoE codes, scales and zero points among them), that every one of
+    the two MoE layers' `experts` was read, and that at most one layer's `dense` quantized Linears (attention,
+    shared experts) or one expert's three were ever unpacked at once (of dense + 3 x experts a layer)."""
     seen, most = _alive(monkeypatch)
     arts = {}
     for mode in ("on", "off"):
@@ -73,7 +71,7 @@ def _streamed_is_in_memory(path, tmp_path, monkeypatch, fmt, zero_points):
             assert n["passed"] and n["end_to_end"]["ran"] and n["end_to_end"]["rel_l2"] < 1e-5
             assert q["logits_vs_fp32"]["rel_l2"] < 1e-5  # the reference is the checkpoint's weights: nothing moved
             assert any("dequantized to fp32 weights" in note for note in report["capture"]["notes"])
-            assert len({k for k in seen if k[1] is not None}) == 2 * EXPERTS[fmt] and 3 <= most[0] <= 4
+            assert len({k for k in seen if k[1] is not None}) == 2 * experts and 3 <= most[0] <= max(dense, 3)
     shared = set(arts["on"]) & set(arts["off"])
     qmoe = [n for n in shared if n.rsplit(".", 1)[-1].startswith(("fc1", "fc2"))]
     assert len(qmoe) == 2 * (4 + 2 * zero_points)  # fc1/fc2 codes and scales (and zero points) of two layers
@@ -84,7 +82,7 @@ def _streamed_is_in_memory(path, tmp_path, monkeypatch, fmt, zero_points):
 def test_gptq_streams_the_checkpoints_codes_and_zero_points(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt")
     expected = write_checkpoint(path, sym=False)  # GPTQ's original format (zero points stored minus one)
-    art = _streamed_is_in_memory(path, tmp_path, monkeypatch, "GPTQ", zero_points=True)
+    art = _streamed_is_in_memory(path, tmp_path, monkeypatch, "GPTQ", zero_points=True, experts=8)
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.o_proj.weight"):
         assert np.array_equal(art["model." + name], expected[name].numpy())  # exactly the format's dequantization
 
@@ -94,11 +92,20 @@ def test_awq_streams_through_mixtrals_renaming(tmp_path, monkeypatch):
     renaming and stacking exactly as the weights do."""
     path = str(tmp_path / "ckpt")
     expected = write_checkpoint(path, fmt="awq", sym=False, family="mixtral")
-    art = _streamed_is_in_memory(path, tmp_path, monkeypatch, "AWQ (GEMM)", zero_points=True)
+    art = _streamed_is_in_memory(path, tmp_path, monkeypatch, "AWQ (GEMM)", zero_points=True, experts=6)
     for e in range(6):  # QMoE's fc2: each expert's w2 codes, two 4-bit columns a byte, low first
         packed = art["model.model.layers.1.mlp.fc2"][e]
         got = np.stack([(packed >> (4 * i)) & 15 for i in range(2)], -1).reshape(packed.shape[0], -1)
         assert np.array_equal(got, expected[f"model.layers.1.block_sparse_moe.experts.{e}.w2.weight:codes"].numpy())
+
+
+def test_deepseek_v3_streams_gptq_v2_per_channel(tmp_path, monkeypatch):
+    """DeepSeek-V3: a dense first layer, shared experts and MLA attention quantized beside the routed experts
+    (five attention and three shared-expert Linears a layer, dequantized), grouped routing; GPTQ's v2 zero points,
+    one scale per output channel (QMoE's per-row int4)."""
+    path = str(tmp_path / "ckpt")
+    write_checkpoint(path, sym=False, v1=False, group=-1, family="deepseek_v3")
+    _streamed_is_in_memory(path, tmp_path, monkeypatch, "GPTQ", zero_points=True, experts=8, dense=8)
 
 
 def test_compressed_tensors_streams_as_in_memory(tmp_path):

@@ -191,17 +191,25 @@ def fold(path: str, linears: dict[str, PackedLinear], plain: dict[str, torch.Ten
     build = model_builder(path)
     model = complete(path, build({**plain, **{f"{p}.weight": l.dequantized() for p, l in linears.items()}}))
     table, spec, notes = _expert_codes(path, model, linears, build, fmt)
-    names = {n for n, _ in model.named_parameters()}
-    dense = [p for p in linears if f"{p}.weight" in names]  # a Linear of its own in the model, not stacked
+    params = dict(model.named_parameters())
+    dense = [p for p in linears if f"{p}.weight" in params]  # a Linear of its own in the model, not stacked
+    for p in dense:  # their own codes, for --quant-dense (quantize_dense folds them into MatMulNBits)
+        l, weight = linears[p], params[f"{p}.weight"]
+        z = l.per_element("zero_points")
+        q = exact_codes(l.per_element("codes")[None], l.per_element("scales")[None], None if z is None else z[None],
+                        l.spec, weight[None])
+        if q is not None:
+            table.attach(weight, q)
     if dense:
         notes.append(dense_note(dense))
     return model.eval(), spec, table, notes
 
 
-def dense_note(dense: list[str]) -> str:
+def dense_note(dense: list[str], out_of_core: bool = False) -> str:
     """What became of the quantized Linears that are not experts (attention): the report's note."""
     return (f"{len(dense)} other quantized Linear layers (e.g. {dense[0]}) dequantized to fp32 weights "
-            "(--quant-dense re-quantizes them for MatMulNBits)")
+            + ("(an in-memory compile with --quant-dense folds their own codes into MatMulNBits)" if out_of_core else
+               "(--quant-dense folds their own codes into MatMulNBits where its blocks take them)"))
 
 
 def _expert_codes(path: str, model, linears: dict[str, PackedLinear], build,

@@ -80,7 +80,7 @@ class PackedStream:
         self.spec = experts[0].spec if experts else None
         dense = [l.prefix for l in self.linears.values() if l.expert is None]
         self.notes = ([f"{fmt.name} expert weights ({self.spec.name}) folded without re-quantizing"] if experts else [])
-        self.notes += [dense_note(dense)] if dense else []
+        self.notes += [dense_note(dense, out_of_core=True)] if dense else []
         self.against = f"the checkpoint's weights (its {fmt.name} Linears dequantized exactly)"
         self._files = TensorFiles()
         self._last: dict[str, PackedLinear] = {}  # one expert's (or one group's dense) Linears, read last

@@ -92,6 +92,12 @@ class WeightCodes:
         """Drop every entry (and the reference to its weight) once the codes live in the fused layers."""
         self._by_id.clear()
 
+    def keep_only(self, weights) -> None:
+        """Keep the entries of these tensors (a module's parameters still in use: a pre-quantized checkpoint's
+        dense Linears, whose codes quantize_dense folds), dropping the rest and the references to their weights."""
+        alive = {id(w) for w in weights}
+        self._by_id = {k: v for k, v in self._by_id.items() if k in alive}
+
     def __len__(self) -> int:
         return len(self._by_id)
 
@@ -313,12 +319,16 @@ def quantize_nbits(weight: torch.Tensor, spec: QuantSpec, name: str) -> tuple[NB
     if spec.block_size is None:
         raise QuantError(f"{name}: ONNX Runtime's MatMulNBits quantizes in blocks; give --block-size.")
     q = quantize(weight.detach().unsqueeze(0), spec, name)
-    p = pack(q)
-    n, k = weight.shape
-    g = k // spec.block_size
-    packed = p.weight.reshape(n, g, spec.block_size * spec.bits // 8)
+    return nbits(q), dequantize(q)[0]
+
+
+def nbits(q: QuantizedWeight) -> NBitsWeight:
+    """One Linear's block-wise codes ([1, N, K]) in MatMulNBits' layout."""
+    p, spec = pack(q), q.spec
+    _, n, k = q.shape
+    packed = p.weight.reshape(n, k // spec.block_size, spec.block_size * spec.bits // 8)
     zps = None if p.zero_points is None else p.zero_points.reshape(-1)
-    return NBitsWeight(packed, p.scales.reshape(-1).astype(np.float32), zps, spec), dequantize(q)[0]
+    return NBitsWeight(packed, p.scales.reshape(-1).astype(np.float32), zps, spec)
 
 
 def matmul_nbits_dequantize(packed: torch.Tensor, scales: torch.Tensor, zero_points: Optional[torch.Tensor],

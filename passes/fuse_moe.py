@@ -156,8 +156,9 @@ class FuseMoE(Pass):
             if fused is not None:
                 set_submodule(module, path, fused if call == LayerCall() else CalledLike(fused, call))
                 modified = True
-        # The codes now live in the fused layers; the table would keep every superseded weight alive.
-        ctx.weight_codes.clear()
+        # The codes now live in the fused layers; the table would keep every superseded weight alive. With
+        # --quant-dense a pre-quantized checkpoint's dense Linears keep theirs (quantize_dense folds them).
+        ctx.weight_codes.keep_only(module.parameters() if ctx.options.get("quant_dense") else ())
         details = {"fused": sum(o.fused for o in outcomes), "unfused": sum(not o.fused for o in outcomes)}
         return PassResult(module, modified, details, outcomes)
 

@@ -162,7 +162,8 @@ def test_symmetric_checkpoints_match_transformers_own_load(checkpoints):
     with torch.no_grad():
         a, b = ours(ids).logits, theirs(ids).logits
     assert torch.linalg.norm(a - b) / torch.linalg.norm(b) < 1e-5
-    assert spec.bits == 4 and spec.block_size == 16 and spec.symmetric and len(codes) == 4  # 2 layers x 2 stacked
+    # 2 layers x 2 stacked expert tensors, and the 8 attention Linears' own codes (for --quant-dense)
+    assert spec.bits == 4 and spec.block_size == 16 and spec.symmetric and len(codes) == 4 + 8
     assert any("dequantized to fp32" in n for n in notes)  # the attention Linears
 
 

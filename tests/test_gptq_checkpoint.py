@@ -94,7 +94,9 @@ def test_weights_are_the_formats_dequantization_and_the_artifact_carries_the_cod
         gate, up = (expected[f"model.layers.1.mlp.experts.{e}.{p}_proj.weight"] for p in ("gate", "up"))
         assert torch.equal(params["model.layers.1.mlp.experts.gate_up_proj"][e], torch.cat([gate, up]))
     group = CASES[case].get("group", 16)
-    assert len(codes) == 4 and spec.bits == CASES[case].get("bits", 4) and spec.block_size == (None if group == -1 else group)
+    # 2 layers x 2 stacked expert tensors, and the 8 attention Linears' own codes (for --quant-dense)
+    assert len(codes) == 4 + 8 and spec.bits == CASES[case].get("bits", 4)
+    assert spec.block_size == (None if group == -1 else group)
     assert spec.symmetric == CASES[case].get("sym", True)
 
     out = str(tmp_path / "out")
@@ -121,7 +123,7 @@ def test_a_mixtral_layout_checkpoint_follows_transformers_renaming(tmp_path):
     for e in range(6):
         w1, w3 = (expected[f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight"] for w in ("w1", "w3"))
         assert torch.equal(params["model.layers.0.mlp.experts.gate_up_proj"][e], torch.cat([w1, w3]))
-    assert len(codes) == 4 and not spec.symmetric
+    assert len(codes) == 4 + 8 and not spec.symmetric
     out = str(tmp_path / "out")
     assert main(["compile", path, "--out", out, "--task", "logits", "--quiet"]) == 0
     assert json.load(open(os.path.join(out, "report.json")))["moe_layers"]["fused"] == 2
@@ -150,3 +152,26 @@ def test_configs_that_disagree_or_cant_fold_are_named(edit, message, tmp_path, c
     assert main(["compile", path, "--out", str(tmp_path / "out"), "--task", "logits", "--quiet"]) == 17
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_quant_dense_folds_the_checkpoints_attention_codes(tmp_path):
+    """--quant-dense: the checkpoint's own attention codes go into MatMulNBits unchanged (exact: no error against
+    the checkpoint's weights); the LM head, not quantized in the checkpoint, is round-to-nearest as usual."""
+    path = str(tmp_path / "ckpt")
+    expected = write_checkpoint(path, sym=False)
+    out = str(tmp_path / "out")
+    assert main(["compile", path, "--out", out, "--task", "logits", "--quant-dense", "--quiet"]) == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["numerics"]["passed"]
+    dense = {l["path"]: l for l in report["quantization"]["dense"]["layers"]}
+    attention = [p for p in dense if ".self_attn." in p]
+    assert len(attention) == 8 and all(dense[p]["method"] == "the checkpoint's codes" and dense[p]["rel_l2_vs_fp32"] == 0
+                                       for p in attention)
+    assert "method" not in dense["model.lm_head"]
+    from onnx.numpy_helper import to_array
+
+    art = {t.name: to_array(t) for t in onnx.load(os.path.join(out, "model.onnx")).graph.initializer}
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.o_proj"):
+        packed = art[f"model.{name}.packed"]  # uint8 [N, K / 16, 8]: two 4-bit columns a byte, low first
+        got = np.stack([packed & 15, packed >> 4], -1).reshape(packed.shape[0], -1)
+        assert np.array_equal(got, expected[f"{name}.weight:codes"].numpy())

@@ -7,6 +7,9 @@ Produces: a `DenseNBits` in its place, computing with the *dequantized* weight (
   node: ``uint8 [N, K/block, block*bits/8]`` codes (the same round-to-nearest codes and nibble order as
   the experts), ``[N * K/block]`` scales, packed zero points when asymmetric, the bias as input 5.
   Per layer: the error against full precision on the layer's real inputs and the bytes before/after.
+  A pre-quantized checkpoint's Linear (compressed-tensors, GPTQ, AWQ: moec.fold_checkpoint attaches its codes,
+  checked to dequantize to exactly its weight) gets its own codes instead, where MatMulNBits takes its blocks
+  (per-channel codes are re-quantized in blocks); the report says "the checkpoint's codes".
 Refuses (kept fp32, with the reason in the report): routers and gates that choose experts (a flipped
   top-k is a discrete change, not a rounding error) and layers whose input size the block doesn't
   divide.
@@ -27,7 +30,7 @@ from moec.passes.conditions import DENSE_QUANTIZED, EXPERTS_QUANTIZED
 from moec.passes.layers import capture_inputs, set_submodule
 from moec.passes.outcomes import QuantizationOutcome
 from moec.passes.quantize_experts import spec_from_options
-from moec.quant import QuantSpec, quantize_nbits
+from moec.quant import BLOCK_SIZES, QuantizedWeight, QuantSpec, nbits, quantize_nbits
 from moec.targets.onnxruntime import ops  # noqa: F401  (registers torch.ops.moec.matmul_nbits)
 
 # Linear layers whose outputs pick experts (transformers' names): quantizing them changes routing.
@@ -35,9 +38,15 @@ ROUTER_NAMES = ("gate", "router", "shared_expert_gate", "shared_gate")
 
 
 class DenseNBits(nn.Module):
-    def __init__(self, linear: nn.Linear, spec: QuantSpec, accuracy_level: int, name: str):
+    def __init__(self, linear: nn.Linear, spec: QuantSpec, accuracy_level: int, name: str,
+                 codes: Optional[QuantizedWeight] = None):
+        """Round-to-nearest codes at `spec`, or the given `codes` ([1, N, K], block-wise: a pre-quantized
+        checkpoint's own, which dequantize to exactly the Linear's weight)."""
         super().__init__()
-        q, _ = quantize_nbits(linear.weight, spec, name)
+        if codes is not None:
+            q, spec = nbits(codes), codes.spec
+        else:
+            q, _ = quantize_nbits(linear.weight, spec, name)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bits, self.block_size, self.accuracy_level = spec.bits, spec.block_size, accuracy_level
         self.register_buffer("packed", torch.from_numpy(q.packed))
@@ -99,14 +108,18 @@ class QuantizeDense(Pass):
             if reason:
                 kept.append({"path": path, "reason": reason})
                 continue
-            q = DenseNBits(linear, spec, accuracy_level, f"{path}.weight")
+            given = ctx.weight_codes.get(linear.weight)
+            if given is not None and given.spec.block_size not in BLOCK_SIZES:
+                given = None  # per channel: MatMulNBits quantizes in blocks, so these are re-quantized
+            q = DenseNBits(linear, spec, accuracy_level, f"{path}.weight", given)
             captured = inputs.get(path)
             s = None
             if captured is not None and not isinstance(captured, str):
                 x = captured[1]
                 s = compare_tensors(linear(x).detach(), q(x).detach())
-            layers.append(QuantizationOutcome(path, spec.name, linear.weight.numel() * 4, q.weight_bytes(),
-                                              None if s is None else s.rel_l2, None if s is None else s.cosine,
-                                              experts=False))
+            layers.append(QuantizationOutcome(path, (given.spec if given else spec).name, linear.weight.numel() * 4,
+                                              q.weight_bytes(), None if s is None else s.rel_l2,
+                                              None if s is None else s.cosine, experts=False,
+                                              method="the checkpoint's codes" if given else ""))
             set_submodule(module, path, q)
         return PassResult(module, bool(layers), {"kept_fp32": kept, "spec": spec.name}, layers)

@@ -377,8 +377,9 @@ def load_hf_dir(path: str, task: Optional[str] = None) -> LoadedSource:
 
         model, spec, codes, notes, fmt = load_quantized_checkpoint(path)
         src = as_task(model, f"hf-quantized:{os.path.abspath(path)}", task, f"'{path}'", source_dir=path)
+        src.weight_codes = codes  # the experts' and (for --quant-dense) the dense Linears'
         if spec is not None:
-            src.prequantized, src.weight_codes, src.quant_format = spec, codes, fmt
+            src.prequantized, src.quant_format = spec, fmt
         src.notes += notes
         return src
 

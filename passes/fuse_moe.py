@@ -158,7 +158,8 @@ class FuseMoE(Pass):
                 modified = True
         # The codes now live in the fused layers; the table would keep every superseded weight alive. With
         # --quant-dense a pre-quantized checkpoint's dense Linears keep theirs (quantize_dense folds them).
-        ctx.weight_codes.keep_only(module.parameters() if ctx.options.get("quant_dense") else ())
+        ctx.weight_codes.keep_only(m.weight for m in module.modules() if type(m) is nn.Linear
+                                   and ctx.options.get("quant_dense"))
         details = {"fused": sum(o.fused for o in outcomes), "unfused": sum(not o.fused for o in outcomes)}
         return PassResult(module, modified, details, outcomes)
 

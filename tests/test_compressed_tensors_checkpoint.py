@@ -152,6 +152,27 @@ def test_the_artifact_carries_the_checkpoints_codes_and_is_exact(scheme, checkpo
             assert np.array_equal(scales.reshape(want.shape), want), prefix
 
 
+def test_quant_dense_carries_the_symmetric_attention_codes(checkpoints, tmp_path):
+    """--quant-dense on a symmetric checkpoint: MatMulNBits gets the attention's own codes (no zero points) and
+    scales."""
+    out = str(tmp_path / "a")
+    assert main(["compile", checkpoints["int4-group16"], "--out", out, "--task", "logits", "--quant-dense",
+                 "--quiet"]) == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["numerics"]["passed"]
+    dense = {l["path"]: l for l in report["quantization"]["dense"]["layers"]}
+    assert sum(l.get("method") == "the checkpoint's codes" and l["rel_l2_vs_fp32"] == 0 for l in dense.values()) == 8
+    raw = _tensors(checkpoints["int4-group16"])
+    art = _ort_codes(out, "model.model.layers.0.self_attn.k_proj")
+    n, k = raw["model.layers.0.self_attn.k_proj.weight_shape"].tolist()
+    codes = unpack_int32(raw["model.layers.0.self_attn.k_proj.weight_packed"], 4, k, dim=1).numpy()
+    packed = art["model.model.layers.0.self_attn.k_proj.packed"]
+    assert np.array_equal(np.stack([packed & 15, packed >> 4], -1).reshape(n, -1), codes)
+    assert np.array_equal(art["model.model.layers.0.self_attn.k_proj.scales"],
+                          raw["model.layers.0.self_attn.k_proj.weight_scale"].float().numpy().reshape(-1))
+    assert "model.model.layers.0.self_attn.k_proj.zero_points" not in art
+
+
 def test_symmetric_checkpoints_match_transformers_own_load(checkpoints):
     from transformers import AutoModelForCausalLM
 

@@ -30,7 +30,7 @@ from moec.passes.conditions import DENSE_QUANTIZED, EXPERTS_QUANTIZED
 from moec.passes.layers import capture_inputs, set_submodule
 from moec.passes.outcomes import QuantizationOutcome
 from moec.passes.quantize_experts import spec_from_options
-from moec.quant import BLOCK_SIZES, QuantizedWeight, QuantSpec, nbits, quantize_nbits
+from moec.quant import BLOCK_SIZES, QuantizedWeight, QuantSpec, dequantize, nbits, quantize_nbits
 from moec.targets.onnxruntime import ops  # noqa: F401  (registers torch.ops.moec.matmul_nbits)
 
 # Linear layers whose outputs pick experts (transformers' names): quantizing them changes routing.
@@ -104,13 +104,11 @@ class QuantizeDense(Pass):
         inputs = capture_inputs(module, [p for p, _ in targets], ctx.probes[0])
         layers, kept = [], []
         for path, linear in targets:
-            reason = _refusal(path, linear, spec, routers)
+            given = _given_codes(ctx.weight_codes, linear)
+            reason = _refusal(path, linear, given.spec if given else spec, routers)
             if reason:
                 kept.append({"path": path, "reason": reason})
                 continue
-            given = ctx.weight_codes.get(linear.weight)
-            if given is not None and given.spec.block_size not in BLOCK_SIZES:
-                given = None  # per channel: MatMulNBits quantizes in blocks, so these are re-quantized
             q = DenseNBits(linear, spec, accuracy_level, f"{path}.weight", given)
             captured = inputs.get(path)
             s = None
@@ -122,4 +120,14 @@ class QuantizeDense(Pass):
                                               None if s is None else s.cosine, experts=False,
                                               method="the checkpoint's codes" if given else ""))
             set_submodule(module, path, q)
+        ctx.weight_codes.clear()  # the replaced Linears' weights and codes go with the entries
         return PassResult(module, bool(layers), {"kept_fp32": kept, "spec": spec.name}, layers)
+
+
+def _given_codes(table, linear: nn.Linear) -> Optional[QuantizedWeight]:
+    """A pre-quantized checkpoint's own block-wise codes for this Linear, when they dequantize to exactly its
+    weight now (per-channel codes can't be MatMulNBits', and anything else is re-quantized as usual)."""
+    given = table.get(linear.weight)
+    if given is None or given.spec.block_size not in BLOCK_SIZES:
+        return None
+    return given if torch.equal(dequantize(given)[0], linear.weight.detach()) else None

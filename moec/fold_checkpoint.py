@@ -193,13 +193,10 @@ def fold(path: str, linears: dict[str, PackedLinear], plain: dict[str, torch.Ten
     table, spec, notes = _expert_codes(path, model, linears, build, fmt)
     params = dict(model.named_parameters())
     dense = [p for p in linears if f"{p}.weight" in params]  # a Linear of its own in the model, not stacked
-    for p in dense:  # their own codes, for --quant-dense (quantize_dense folds them into MatMulNBits)
-        l, weight = linears[p], params[f"{p}.weight"]
-        z = l.per_element("zero_points")
-        q = exact_codes(l.per_element("codes")[None], l.per_element("scales")[None], None if z is None else z[None],
-                        l.spec, weight[None])
-        if q is not None:
-            table.attach(weight, q)
+    for p in dense:  # their own codes, for --quant-dense (quantize_dense checks them against the weight, and folds them)
+        l = linears[p]
+        table.attach(params[f"{p}.weight"], QuantizedWeight(l.codes[None], l.scales[None], None if l.zero_points is None
+                                                            else l.zero_points[None], l.spec))
     if dense:
         notes.append(dense_note(dense))
     return model.eval(), spec, table, notes

@@ -36,6 +36,7 @@ from typing import Callable, Optional
 import torch
 
 from moec.errors import SourceError
+from moec.external_data import layer_key
 from moec.fold_checkpoint import LinearFormat, PackedLinear, dense_note, groups_in_order
 from moec.lazy_checkpoint import Encoded, LazyCheckpoint
 from moec.mxfp4_stream import CheckpointCodes
@@ -110,8 +111,8 @@ class PackedStream:
         if prefix in self._last:
             return self._last[prefix]
         l = self.linears[prefix]
-        owner = (_layer(prefix), l.expert)
-        self._last = {p: v for p, v in self._last.items() if (_layer(p), self.linears[p].expert) == owner}
+        owner = (layer_key(prefix + "."), l.expert)
+        self._last = {p: v for p, v in self._last.items() if (layer_key(p + "."), self.linears[p].expert) == owner}
         parts = _read_parts(self._files, l)
         got = self.fmt.read(prefix, parts, l.files[self.fmt.parts[0]])
         if got.spec != l.spec or tuple(got.codes.shape) != l.shape:
@@ -184,9 +185,9 @@ class PackedCodes(CheckpointCodes):
         """Every quantized expert is in a decoder layer with a fused MoE layer (an unfused one would be written as
         its dequantized fp32 weights). By layer: the checkpoint names experts as stored (Mixtral's
         block_sparse_moe.experts.N.w1), not as the model does."""
-        fused = {_layer(path) for path in fused_paths}
+        fused = {layer_key(path + ".") for path in fused_paths}
         for name in self.stream.expert_names():
-            if _layer(name[: -len(".weight")]) not in fused:
+            if layer_key(name) not in fused:
                 raise QuantError(f"'{name}': its MoE layer is not fused, so its {self.stream.format} codes can't be "
                                  "folded into QMoE; see the fusion report of an in-memory compile (--out-of-core off). "
                                  "Nothing was written.")
@@ -212,9 +213,3 @@ def _find(ck: LazyCheckpoint, fmt: LinearFormat) -> dict[str, QuantizedLinear]:
 def _read_parts(files: TensorFiles, l: QuantizedLinear, which: Optional[tuple] = None) -> dict[str, torch.Tensor]:
     return {part: files.read(file, f"{l.prefix}.{part}") for part, file in l.files.items()
             if which is None or part in which}
-
-
-def _layer(name: str) -> str:
-    from moec.external_data import layer_key
-
-    return layer_key(name + ".")

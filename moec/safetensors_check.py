@@ -50,6 +50,11 @@ def checkpoint_files(path: str) -> list[str]:
 
 def read_header(file: str) -> dict:
     """The tensor entries of one safetensors file, after checking the file holds all their bytes."""
+    return _header(file)[1]
+
+
+def _header(file: str) -> tuple[int, dict]:
+    """(where the file's tensor data starts, its tensor entries), checked as read_header says."""
     size = os.path.getsize(file)
     with open(file, "rb") as f:
         raw = f.read(8)
@@ -77,7 +82,7 @@ def read_header(file: str) -> dict:
         end = 8 + n + int(meta["data_offsets"][1])
         if size < end:
             raise SourceError(f"'{file}' is truncated: {size} bytes, but tensor '{name}' needs bytes up to {end}.")
-    return tensors
+    return 8 + n, tensors
 
 
 class TensorFiles:
@@ -100,10 +105,7 @@ class TensorFiles:
         import torch
 
         if file not in self._headers:
-            tensors = read_header(file)  # checked: valid, and the file holds every tensor's bytes
-            with open(file, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-            self._headers[file] = (8 + n, tensors)
+            self._headers[file] = _header(file)  # checked: valid, and the file holds every tensor's bytes
         start, tensors = self._headers[file]
         meta = tensors.get(name)
         if meta is None:

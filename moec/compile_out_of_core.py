@@ -13,17 +13,19 @@
    same reading the miniature chose, or the compile stops naming the layer), lowered, and its tensors written
    to external data (moec.external_data.write_streamed, shards of --shard-size, a layer never split); then the
    group's weights are dropped. With --quant, layers that can are quantized one expert at a time
-   (moec.quantize_streamed): their experts are never all in memory. A GPT-OSS MXFP4 checkpoint's experts are
-   folded the same way with the checkpoint's own codes (moec.mxfp4_stream), never re-quantized; so are the
-   experts of compressed-tensors, GPTQ and AWQ checkpoints, read one Linear at a time (moec.packed_stream).
+   (moec.quantize_streamed): their experts are never all in memory; with --quant-dense the group's other
+   Linears become MatMulNBits as they are read (moec.quantize_dense_streamed). A GPT-OSS MXFP4 checkpoint's
+   experts are folded the same way with the checkpoint's own codes (moec.mxfp4_stream), never re-quantized; so
+   are the experts of compressed-tensors, GPTQ and AWQ checkpoints, read one Linear at a time
+   (moec.packed_stream), and with --quant-dense their attention's codes.
 4. verify: layer by layer (moec.verify_layers): the eager model runs with one decoder layer materialised at a
    time, the artifact runs segment by segment (moec.segmented_run); every layer's output and the logits are
    compared, and the goldens are the artifact's outputs on that input.
 Peak memory is the largest layer group a few times over plus the graph, whatever the model's size.
 The artifact is the in-memory compile's (the KV-cache decoder unless --task logits; --quant codes byte for byte;
---triton-repo through the same packaging stage). Refuses what it does not stream yet (calibration, pruning, dense
-quantization, --device-memory, --static, TensorRT, pre-quantized checkpoints moec does not fold as they stream:
-moec-packed, fp8 ...): named, exit 2, with the in-memory compile as the way to get it.
+--triton-repo through the same packaging stage). Refuses what it does not stream yet (calibration, pruning,
+--device-memory, --static, TensorRT, pre-quantized checkpoints moec does not fold as they stream: moec-packed,
+fp8 ...): named, exit 2, with the in-memory compile as the way to get it.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from moec.pipeline import CompileOptions, CompileResult, _Stages, _workdir, chec
 STAGES = ("load", "recognise", "capture", "onnx_export", "plan", "stream_weights", "verify", "package")
 WRAPPER = "model."  # CausalLMLogits keeps the transformers model as `.model`: its names in the graph start so
 # Options the streamed compile does not take yet, with what they are.
-UNSTREAMED = {"prune_experts": "--prune-experts", "calibration": "--calibration", "quant_dense": "--quant-dense",
+UNSTREAMED = {"prune_experts": "--prune-experts", "calibration": "--calibration",
               "accuracy_budget": "--accuracy-budget", "device_memory": "--device-memory", "static": "--static",
               "tensorrt_aot": "--tensorrt-aot"}
 AUTO_FRACTION = 0.3  # auto: stream when the checkpoint's fp32 bytes exceed this share of available memory
@@ -125,10 +127,10 @@ def check_streamable(options: CompileOptions) -> None:
     if options.disabled_passes:
         asked.append("--no-pass")
     if asked:
-        raise MoecError(f"{', '.join(asked)}: not available in an out-of-core compile yet (it streams text-generation "
-                        "and logits artifacts for ONNX Runtime, fp32 or fp16, or with --quant experts). Compile in "
-                        "memory with --out-of-core off, on a machine that holds the model about 1.5 times at fp32. "
-                        "Nothing was written.")
+        raise MoecError(f"{', '.join(asked)}: not available in an out-of-core compile yet (it streams "
+                        "text-generation and logits artifacts for ONNX Runtime, fp32 or fp16, or with --quant experts "
+                        "and --quant-dense). Compile in memory with --out-of-core off, on a machine that holds the "
+                        "model about 1.5 times at fp32. Nothing was written.")
     from moec.pipeline import check_dtype, dtype_of
 
     check_dtype(options)  # bf16 and what fp16 is not built with, as in memory
@@ -159,19 +161,21 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     bounded_heap()  # freed layers go back to the system (moec.heap)
     target = get("onnxruntime")
     check_options(options, target)  # destinations, Triton versions, values: before any work
-    check_quantization(options, False)
+    method = quant_method(source)  # a pre-quantized checkpoint's codes are folded as they stream, never re-quantized
+    if method is None:
+        check_quantization(options, False)  # a pre-quantized checkpoint's own may stand for --quant: checked below
     check_streamable(options)
     refuse_quantized_checkpoint(source)
     stage = _Stages(options.log, STAGES)
-    method = quant_method(source)  # a pre-quantized checkpoint's codes are folded as they stream, never re-quantized
     ck, hf, prequant, identity = stage("load", f"indexing the checkpoint in {source} (headers only" + (
         "; each MXFP4 expert read once, to check it and choose the codes' spec)" if method == "mxfp4" else
         f"; its {method} Linears found)" if method else ")"), index_checkpoint, source, method, options)
-    if prequant is not None and prequant.spec is not None:
-        adopt_checkpoint_quantization(prequant.spec, options)
-        check_quantization(options, True)
-        if not prequant.fp16_checked:
-            check_dtype(options)  # fp16 with pre-quantized experts: refused as in memory
+    if prequant is not None:
+        if prequant.spec is not None:
+            adopt_checkpoint_quantization(prequant.spec, options)
+            if not prequant.fp16_checked:
+                check_dtype(options)  # fp16 with pre-quantized experts: refused as in memory
+        check_quantization(options, prequant.spec is not None)
     ck.model_config = hf.config  # read_config's reading (unknown model_type through `architectures` ...) everywhere
     options.log(f"  {ck.numel / 1e9:.2f}B parameters, {ck.nbytes / 2**30:.2f} GiB stored, "
                 f"{len(ck.layer_groups())} layer groups")
@@ -204,11 +208,11 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
             from moec.passes.cast_precision import KeepFloatIO
 
             graph_module = KeepFloatIO(src.module.to(torch.float16), torch.float16)
-        return meta.planned, meta.lowered, meta.notes, src, capture(
+        return meta.planned, meta.lowered, meta.notes, meta.dense, src, capture(
             graph_module, tuple(a.to("meta") for a in src.example_args), src.dynamic_shapes)
 
-    planned, lowered, notes, src, captured = stage("capture", "capturing the real-sized graph on the meta device",
-                                                   build_graph_model)
+    planned, lowered, notes, dense_result, src, captured = stage(
+        "capture", "capturing the real-sized graph on the meta device", build_graph_model)
     program = stage("onnx_export", "converting to ONNX (no weight bytes)", to_onnx, captured, src.input_names,
                     src.output_names, src.dynamic_shapes, target.translations())
     # with what capture and conversion rewrote (complex RoPE, selective scans), as the in-memory report says
@@ -229,8 +233,13 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     weights_model = ck.skeleton(hf.config)
     coder = prequant.coder() if prequant is not None and prequant.spec is not None else None
     notes += prequant.notes if prequant is not None else []
+    dense = None
+    if dense_result is not None:  # --quant-dense: the Linears the graph holds as MatMulNBits, made as they stream
+        from moec.quantize_dense_streamed import StreamedDense
+
+        dense = StreamedDense.from_meta(dense_result, options.extra, getattr(prequant, "dense_codes", None))
     streamer = LayerStreamer(ck, weights_model, planned, kinds, spec, lowering, options.extra, options.log,
-                             WRAPPER * (2 if half else 1), coder)
+                             WRAPPER * (2 if half else 1), coder, dense)
 
     with _workdir(options.out, options.log) as tmp:
         from moec.external_data import DEFAULT_SHARD_BYTES, write_streamed
@@ -259,6 +268,9 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         else:
             tolerance, prepare = options.tolerance, None
         against = prequant.against if prequant is not None else None
+        if dense is not None:
+            against = (f"{against}, the other Linears as MatMulNBits dequantizes them" if against else
+                       "the dequantized reference")
         if half:  # the reference is the eager model in fp16, each layer cast as it is read; fp32 is compared too
             tolerance = max(tolerance, TOLERANCES["fp16"])
             against = ("the checkpoint's weights in fp16" if prequant is not None else
@@ -267,12 +279,13 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         verified = stage("verify", "verifying layer by layer (eager and ONNX Runtime, one layer in memory)",
                          verify_layer_by_layer, model_path, ck, tolerance, src.verification_inputs(options.verify_seq_len),
                          src.input_names, src.output_names, wrapper_of(src.module), options.log, prepare,
-                         streamer.prepare_fp32, against, reference_is_fp32=prequant is not None and not half)
+                         streamer.prepare_fp32, against,
+                         reference_is_fp32=prequant is not None and not half and dense is None)
         if streamer.streaming is not None:
             streamer.streaming.done()
         if spec is not None:
             quant = quantization_report(streamer.quantized, spec, verified, tolerance, streamer.coder,
-                                        target.quantizes_activations(options))
+                                        target.quantizes_activations(options), dense)
             if prequant is not None and prequant.spec is not None:
                 quant["checkpoint_format"] = prequant.format
         # the whole artifact in one session, once the layer-by-layer check passed (its failure says more)
@@ -441,15 +454,19 @@ def wrapper_of(graph_module: nn.Module) -> Callable[[nn.Module], nn.Module]:
 
 
 def quantization_report(layers: list[dict], spec, verified, tolerance: float, coder,
-                        activations_quantized: bool) -> dict:
+                        activations_quantized: bool, dense=None) -> dict:
     """The report's quantization entry, in the in-memory compile's terms (the CLI prints both alike); `coder`
-    chose the codes (moec.quantize_streamed)."""
-    return {"spec": spec.name, "precision": f"int{spec.bits}", "method": coder.method, "layers": layers,
-            "onnxruntime_quantizes_activations": activations_quantized,
-            "weight_bytes_fp32": sum(l["weight_bytes_fp32"] for l in layers),
-            "weight_bytes_quantized": sum(l["weight_bytes_quantized"] for l in layers),
-            "logits_vs_fp32": verified.vs_fp32, "tolerance_vs_dequantized": tolerance,
-            "reference": coder.reference}
+    chose the codes (moec.quantize_streamed); `dense` (--quant-dense) quantized the other Linears."""
+    every = layers + (dense.layers if dense is not None else [])
+    report = {"spec": spec.name, "precision": f"int{spec.bits}", "method": coder.method, "layers": layers,
+              "onnxruntime_quantizes_activations": activations_quantized,
+              "weight_bytes_fp32": sum(l["weight_bytes_fp32"] for l in every),
+              "weight_bytes_quantized": sum(l["weight_bytes_quantized"] for l in every),
+              "logits_vs_fp32": verified.vs_fp32, "tolerance_vs_dequantized": tolerance,
+              "reference": coder.reference}
+    if dense is not None:
+        report["dense"] = dense.report()
+    return report
 
 
 def _layer_report(planned, lowered) -> dict:
@@ -486,8 +503,10 @@ class LayerStreamer:
     and `prepare`, the same group as the exact reference (fused, and with --quant dequantized) for verification."""
 
     def __init__(self, ck: LazyCheckpoint, model: nn.Module, planned: list, kinds: dict, spec, lowering: list,
-                 extra: dict, log: Callable[[str], None], prefix: str = WRAPPER, coder=None):
+                 extra: dict, log: Callable[[str], None], prefix: str = WRAPPER, coder=None, dense=None):
         self.ck, self.model, self.planned, self.kinds, self.log = ck, model, planned, kinds, log
+        self.dense = dense  # --quant-dense: moec.quantize_dense_streamed.StreamedDense
+        self._dense_tensors: dict[str, torch.Tensor] = {}  # the head's MatMulNBits tensors, while its group is read
         self.prefix = prefix  # what the graph's wrappers put before the transformers model's tensor names
         self.spec, self.lowering, self.extra = spec, lowering, extra
         self.fused_paths = [p.path for p in planned if p.fused]
@@ -533,6 +552,8 @@ class LayerStreamer:
             fused = self.fuse_real(model, path, record)
             if self.spec is not None:
                 self.quantize(path, fused, record)
+        if self.dense is not None and not record:  # the reference: what MatMulNBits computes with
+            self.dense.dequantize(model, key)
 
     def prepare_fp32(self, model: nn.Module, key: str, skip=None) -> None:
         """The group at full precision, as the checkpoint has it (layers streamed expert by expert run fused, from
@@ -553,9 +574,12 @@ class LayerStreamer:
             return
         try:
             self.prepare(self.model, key, record=True)
+            if self.dense is not None:  # before the experts' lowering, as in memory (the paths are its)
+                self.dense.quantize(self.model, key, swap=True)
             layer = self.model.get_submodule(_layer_path(self.model, key))
             for p in self.lowering:
-                p(layer, PassContext(probes=[], options=self.extra))
+                if p.name != "quantize_dense":  # done just above, from the weights
+                    p(layer, PassContext(probes=[], options=self.extra))
             for path in self._streamed(key):
                 self.streaming.fill_lowered(self.model, path)
             yield from self._bytes(values, key)
@@ -575,14 +599,18 @@ class LayerStreamer:
         try:
             for name in passes:
                 self.prepare(self.model, "", record=True, skip=None if name is None else (lambda n, name=name: n != name))
+                if self.dense is not None:  # the head read now: its MatMulNBits tensors (it stays a Linear)
+                    self._dense_tensors = self.dense.quantize(self.model, "", swap=False)
                 ready = self._filled(todo)
                 yield from self._bytes(ready, "")
                 done = {v.name for v in ready}
                 todo = [v for v in todo if v.name not in done]
+                self._dense_tensors = {}
                 release(self.model)
                 trim()
             yield from self._bytes(todo, "")  # a value no tensor filled: named
         finally:
+            self._dense_tensors = {}
             release(self.model)
             if self.streaming is not None:
                 self.streaming.done()
@@ -599,6 +627,7 @@ class LayerStreamer:
     def _tensors(self) -> dict:
         tensors = dict(self.model.named_parameters(remove_duplicate=False))
         tensors.update(self.model.named_buffers(remove_duplicate=False))
+        tensors.update(self._dense_tensors)
         return tensors
 
     def _bytes(self, values: list, key: str) -> Iterator[tuple]:

@@ -202,11 +202,10 @@ def fold(path: str, linears: dict[str, PackedLinear], plain: dict[str, torch.Ten
     return model.eval(), spec, table, notes
 
 
-def dense_note(dense: list[str], out_of_core: bool = False) -> str:
+def dense_note(dense: list[str]) -> str:
     """What became of the quantized Linears that are not experts (attention): the report's note."""
     return (f"{len(dense)} other quantized Linear layers (e.g. {dense[0]}) dequantized to fp32 weights "
-            + ("(an in-memory compile with --quant-dense folds their own codes into MatMulNBits)" if out_of_core else
-               "(--quant-dense folds their own codes into MatMulNBits where its blocks take them)"))
+            "(--quant-dense folds their own codes into MatMulNBits where its blocks take them)")
 
 
 def _expert_codes(path: str, model, linears: dict[str, PackedLinear], build,

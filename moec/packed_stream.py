@@ -17,7 +17,8 @@ Produces:
     carried through the same one-expert checkpoint conversion as its weights (moec.stream_experts.ExpertReader
     .convert: gate/up concatenated, renamed, transposed as the family's loading does) and the fused layer's
     reading, and checked to dequantize to exactly the weights the layer was fused and validated with.
-Other quantized Linears (attention) are written as their dequantized fp32 weights, with the in-memory fold's note.
+Other quantized Linears (attention) are written as their dequantized fp32 weights, with the in-memory fold's note;
+with --quant-dense their own codes go into MatMulNBits (`dense_codes`, for moec.quantize_dense_streamed).
 Peak memory: one expert's (or one layer's attention) Linears unpacked (int32 codes, fp32 weights), and while
 its codes are laid out, one fp32 [N, K] map (codes, scales or zero points) per Linear at a time through the
 conversion: a few times one expert's fp32 weights, never a layer's.
@@ -40,7 +41,7 @@ from moec.external_data import layer_key
 from moec.fold_checkpoint import LinearFormat, PackedLinear, dense_note, groups_in_order
 from moec.lazy_checkpoint import Encoded, LazyCheckpoint
 from moec.mxfp4_stream import CheckpointCodes
-from moec.quant import QuantError, QuantSpec
+from moec.quant import QuantError, QuantizedWeight, QuantSpec
 from moec.safetensors_check import TensorFiles
 from moec.stream_experts import expert_index
 
@@ -81,7 +82,7 @@ class PackedStream:
         self.spec = experts[0].spec if experts else None
         dense = [l.prefix for l in self.linears.values() if l.expert is None]
         self.notes = ([f"{fmt.name} expert weights ({self.spec.name}) folded without re-quantizing"] if experts else [])
-        self.notes += [dense_note(dense, out_of_core=True)] if dense else []
+        self.notes += [dense_note(dense)] if dense else []
         self.against = f"the checkpoint's weights (its {fmt.name} Linears dequantized exactly)"
         self._files = TensorFiles()
         self._last: dict[str, PackedLinear] = {}  # one expert's (or one group's dense) Linears, read last
@@ -121,6 +122,16 @@ class PackedStream:
                              "quantization config and the tensors disagree. Nothing was written.")
         self._last[prefix] = got
         return got
+
+    def dense_codes(self, prefix: str) -> Optional[QuantizedWeight]:
+        """A quantized Linear outside the experts (attention): its own codes ([1, N, K]) for --quant-dense's
+        MatMulNBits, or None when the checkpoint has none at `prefix` (the model's name for it)."""
+        l = self.linears.get(prefix)
+        if l is None or l.expert is not None:
+            return None
+        p = self.linear(prefix)
+        return QuantizedWeight(p.codes[None], p.scales[None], None if p.zero_points is None else p.zero_points[None],
+                               p.spec)
 
     def forget(self) -> None:
         """The Linears read last are not kept."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from moec.errors import MoecError, SourceError
 from moec.miniature import MINIATURE_MAX_PARAMETERS, HFConfig, miniature, read_config
 from moec.moe_layer import ExpertsOnly, FusedMoE, LayerSpec
 from moec.placement import ExpertMatrix, MoELayerWeights, Placement, WeightBytes, place, weight_bytes
+
+if TYPE_CHECKING:
+    from moec.passes.base import PassResult
 
 
 @dataclass
@@ -250,6 +253,7 @@ class MetaModel:
     weights: list[MoELayerWeights]
     lowered: list  # the lowering passes' outcomes (LoweringOutcome), one per fused layer
     notes: list[str]  # the experts-implementation switch for layers left unfused
+    dense: Optional[PassResult] = None  # --quant-dense: quantize_dense's result (its Linears, shapes only)
 
 
 def build_on_meta(hf: HFConfig, kinds: dict[tuple, MiniatureOutcome], lowering: list, options: Optional[dict] = None,
@@ -271,13 +275,15 @@ def build_on_meta(hf: HFConfig, kinds: dict[tuple, MiniatureOutcome], lowering: 
         for path, fused in iter_fused(full):
             fused.quantized = QuantizedExperts(quantized_shape(fused.w_gate_up, spec, f"{path}.w_gate_up"),
                                                quantized_shape(fused.w_down, spec, f"{path}.w_down"))
-    lowered = [o for p in lowering for o in p(full, PassContext(probes=[], options=options or {})).layers]
+    results = {p.name: p(full, PassContext(probes=[], options=options or {})) for p in lowering}
+    dense = results.pop("quantize_dense", None)
+    lowered = [o for r in results.values() for o in r.layers]
     by_path = {o.path: o for o in lowered}
     for layer in planned:
         o = by_path.get(layer.path)
         if o is not None:
             layer.lowered_to = o.lowered_to + (f" ({o.reason})" if o.reason else "")
-    return MetaModel(full, parameters, planned, weights, lowered, make_unfused_experts_exportable(full, {}))
+    return MetaModel(full, parameters, planned, weights, lowered, make_unfused_experts_exportable(full, {}), dense)
 
 
 def plan_model(source: str, task: Optional[str] = None, max_shape: Optional[dict[str, int]] = None,

@@ -146,8 +146,9 @@ def eager_by_layer(module: nn.Module, args: tuple, prepare: Prepare, log: Callab
         prepare(model, "")
     else:
         prepare(model, "", skip=head.__contains__)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if hasattr(model, "tie_weights") and (out is None or getattr(out, "weight", None) is None or out.weight.is_meta):
+        model.tie_weights()  # only a head `prepare` left unread: one it read (e.g. dequantized, untied) stays its own
     _, layers = decoder_layers(model)
     outputs: dict[str, torch.Tensor] = {}
     handles = []

@@ -398,6 +398,53 @@ def test_quantized_experts_stream_the_codes_the_in_memory_compile_makes(quant, c
     assert q["logits_vs_fp32"]["rel_l2"] > 1e-4  # and quantization did move the logits from full precision
 
 
+def test_quant_dense_streams_the_in_memory_codes_head_and_shared_experts(tmp_path, monkeypatch):
+    """--quant-dense out of core: attention, shared experts and an LM head tied to the embeddings become the
+    in-memory compile's MatMulNBits byte for byte; the router and the shared-expert gate stay fp32; each layer's
+    Linears are quantized when that layer streams; verified exactly against the dequantized reference."""
+    from onnx.numpy_helper import to_array
+
+    from moec.targets.onnxruntime import quantize_dense
+
+    path = str(tmp_path / "ckpt")
+    zoo.build_hf_model("qwen2_moe", hidden_size=64, head_dim=16, tie_word_embeddings=True).to(
+        torch.bfloat16).save_pretrained(path, max_shard_size="100KB")
+    quantized, linear = [], quantize_dense.quantize_linear
+
+    def spy(path, lin, *args):  # the paths quantized, in order, and whether the weight was read yet
+        quantized.append((path, lin.weight.is_meta))
+        return linear(path, lin, *args)
+
+    monkeypatch.setattr(quantize_dense, "quantize_linear", spy)
+    arts, reports = {}, {}
+    for mode in ("on", "off"):
+        out = str(tmp_path / mode)
+        assert main(["compile", path, "--out", out, "--out-of-core", mode, "--task", "logits", "--quiet", "--quant",
+                     "int4", "--quant-dense"]) == 0
+        arts[mode] = {t.name: to_array(t, base_dir=out) for t in onnx.load(os.path.join(out, "model.onnx")).graph.initializer}
+        reports[mode] = json.load(open(os.path.join(out, "report.json")))
+        if mode == "on":
+            streamed = [p for p, meta in quantized if not meta]
+            # the graph's (meta) pass first, then per layer group as it streams: head, layer 0, layer 1
+            assert streamed == ["lm_head"] + [p for p, meta in quantized if meta and p != "lm_head"]
+            assert [layer_key(p + ".") for p in streamed] == [""] + ["layers.0"] * 6 + ["layers.1"] * 6
+    packed = sorted(n for n in arts["on"] if n.endswith(".packed"))
+    assert packed == sorted(n for n in arts["off"] if n.endswith(".packed")) and len(packed) == 13
+    assert "model.lm_head.packed" in packed and "model.model.layers.1.mlp.shared.up_proj.packed" in packed
+    shared = set(arts["on"]) & set(arts["off"])
+    assert [n for n in shared if not np.array_equal(arts["on"][n], arts["off"][n])] == []
+    on, off = (reports[m]["quantization"] for m in ("on", "off"))
+    kept = {k["path"]: k["reason"] for k in on["dense"]["kept_fp32"]}
+    assert "chooses experts" in kept["model.layers.0.mlp.shared_gate"]
+    assert len(on["dense"]["layers"]) == len(off["dense"]["layers"]) == 13
+    assert on["weight_bytes_quantized"] == off["weight_bytes_quantized"] < on["weight_bytes_fp32"] / 5
+    n = reports["on"]["numerics"]
+    assert n["passed"] and n["against"] == "the dequantized reference" and n["inputs"][0]["rel_l2"] < 1e-5
+    assert n["end_to_end"]["ran"] and n["end_to_end"]["rel_l2"] < 1e-5
+    assert abs(on["logits_vs_fp32"]["rel_l2"] - off["logits_vs_fp32"]["rel_l2"]) < 1e-5 * off["logits_vs_fp32"]["rel_l2"]
+    assert all(0 < l["rel_l2_vs_fp32"] < 0.2 for l in on["dense"]["layers"])
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss", "granitemoe"])
 def test_quantized_experts_are_read_one_expert_at_a_time(family, checkpoints, tmp_path, monkeypatch):
     """With --quant, no load reads a layer's experts whole: the layer loader skips every expert tensor and each

@@ -108,6 +108,34 @@ def test_deepseek_v3_streams_gptq_v2_per_channel(tmp_path, monkeypatch):
     _streamed_is_in_memory(path, tmp_path, monkeypatch, "GPTQ", zero_points=True, experts=8, dense=8)
 
 
+def test_quant_dense_streams_the_checkpoints_attention_codes(tmp_path):
+    """--quant-dense out of core: the checkpoint's own attention codes and zero points go into MatMulNBits as in
+    memory (error 0 against the checkpoint's weights), the LM head (float in the checkpoint) round-to-nearest;
+    the reference for verification is the checkpoint's weights with the head as MatMulNBits dequantizes it."""
+    path = str(tmp_path / "ckpt")
+    expected = write_checkpoint(path, sym=False)
+    arts = {}
+    for mode in ("on", "off"):
+        out = str(tmp_path / mode)
+        assert _compile(path, out, mode, "--quant-dense") == 0
+        arts[mode] = _initializers(out)
+    shared = set(arts["on"]) & set(arts["off"])
+    assert sum(n.endswith(".packed") for n in shared) == 9 and sum(n.endswith(".zero_points") for n in shared) == 9
+    assert [n for n in shared if not np.array_equal(arts["on"][n], arts["off"][n])] == []
+    packed = arts["on"]["model.model.layers.1.self_attn.o_proj.packed"]  # two 4-bit columns a byte, low first
+    got = np.stack([packed & 15, packed >> 4], -1).reshape(packed.shape[0], -1)
+    assert np.array_equal(got, expected["model.layers.1.self_attn.o_proj.weight:codes"].numpy())
+    report = json.load(open(os.path.join(str(tmp_path / "on"), "report.json")))
+    dense = {l["path"]: l for l in report["quantization"]["dense"]["layers"]}
+    attention = [p for p in dense if ".self_attn." in p]
+    assert len(attention) == 8 and all(dense[p]["method"] == "the checkpoint's codes" and dense[p]["rel_l2_vs_fp32"] == 0
+                                       for p in attention)
+    assert "method" not in dense["lm_head"] and dense["lm_head"]["rel_l2_vs_fp32"] > 0
+    n = report["numerics"]
+    assert n["passed"] and n["inputs"][0]["rel_l2"] < 1e-5 and n["against"].endswith("as MatMulNBits dequantizes them")
+    assert report["quantization"]["logits_vs_fp32"]["rel_l2"] > 1e-4  # the head's rounding, measured from fp32
+
+
 def test_compressed_tensors_streams_as_in_memory(tmp_path):
     """A checkpoint written by compressed-tensors itself, compiled both ways."""
     pytest.importorskip("compressed_tensors")

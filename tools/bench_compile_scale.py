@@ -2,14 +2,15 @@
 on the configs of models too big to hold (Kimi-K2, DeepSeek-V3).
 
     OMP_WAIT_POLICY=passive .venv/bin/python tools/bench_compile_scale.py [--models granite-1b granite-3b olmoe-7b
-        gpt-oss-20b-mxfp4 qwen3-30b-a3b-gptq]
+        gpt-oss-20b-mxfp4 qwen3-30b-a3b-gptq qwen3-30b-a3b-gptq-dense]
         [--modes on off] [--plans kimi-k2 deepseek-v3] [--workdir DIR] [--keep]
 
 For each model: writes a Hugging Face checkpoint (bf16 safetensors, random N(0, 0.02) weights from the real
 config, one shard per layer in the family's on-disk layout, written a layer at a time; reused when DIR
 already has it; gpt-oss-20b-mxfp4 stores its experts as GPT-OSS's MXFP4 blocks and scales, qwen3-30b-a3b-gptq
 its experts and attention as GPTQ int4), then runs
-`moec compile DIR --task logits [the model's flags: olmoe-7b is --quant int4]`
+`moec compile DIR --task logits [the model's flags: olmoe-7b is --quant int4, qwen3-30b-a3b-gptq-dense
+--quant-dense over qwen3-30b-a3b-gptq's checkpoint]`
 in a child process, out of core (--modes on, streamed) and/or in memory (off), and reports wall time, peak
 resident memory over the child's baseline (a process that has only imported torch, transformers, onnx and
 onnxruntime), the bound the out-of-core compile is held to (2x the artifact's largest decoder layer + 1.5
@@ -67,6 +68,9 @@ MODELS = {
                                num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
                                vocab_size=151936, max_position_embeddings=40960, norm_topk_prob=True,
                                tie_word_embeddings=False, rope_theta=1000000.0, gptq=[4, 128]),
+    # the same checkpoint with --quant-dense: its attention's own GPTQ codes and the head (bf16 in the
+    # checkpoint, round-to-nearest) as MatMulNBits instead of fp32
+    "qwen3-30b-a3b-gptq-dense": dict(checkpoint="qwen3-30b-a3b-gptq", flags=["--quant-dense"]),
 }
 
 # config.json as the model repositories publish them (the keys moec reads; the rest are defaults)
@@ -213,10 +217,11 @@ def largest_layer_bytes(model_path: str) -> int:
 
 
 def run_model(name: str, workdir: str, keep: bool, mode: str) -> dict:
-    ckpt, out = os.path.join(workdir, name), os.path.join(workdir, name + ".artifact")
+    source = MODELS[name].get("checkpoint", name)  # an entry that compiles another's checkpoint with its own flags
+    ckpt, out = os.path.join(workdir, source), os.path.join(workdir, name + ".artifact")
     if not os.path.isfile(os.path.join(ckpt, "config.json")):
         print(f"[{name}] writing the checkpoint", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-c", WRITE, ckpt, json.dumps(MODELS[name])], check=True)
+        subprocess.run([sys.executable, "-c", WRITE, ckpt, json.dumps(MODELS[source])], check=True)
     shutil.rmtree(out, ignore_errors=True)
     print(f"[{name}] compiling ({_dir_bytes(ckpt) / 2**30:.2f} GiB checkpoint), out of core {mode}", file=sys.stderr,
           flush=True)

@@ -1,0 +1,103 @@
+"""--quant-dense in an out-of-core compile: each non-expert Linear quantized when its layer group is read.
+
+Matches: the Linears quantize_dense turned into MatMulNBits on the meta model whose graph was captured
+  (moec.plan_model.build_on_meta keeps that pass's result): attention projections, shared experts, dense MLPs and
+  the output head; routers and what the block does not divide were kept fp32 there and stay so.
+Produces, per layer group as it streams:
+  - `quantize(model, key)`: the group's Linears as the in-memory pass makes them
+    (moec.targets.onnxruntime.quantize_dense.quantize_linear: round-to-nearest at the dense spec, or a
+    pre-quantized checkpoint's own block-wise codes when they dequantize to exactly the weight), swapped into a
+    decoder layer; for the embeddings-and-head group, whose tensors are read one at a time into the same
+    modules, their MatMulNBits tensors are returned by name instead (the head stays a Linear to be read again).
+    Each Linear's error against full precision is measured on a seeded random input of its width (the
+    streamed experts' probes are random too: no layer's real inputs exist before the model runs).
+  - `dequantize(model, key)`: the reference for verification: each Linear's weight replaced by the one
+    MatMulNBits computes with (a new parameter: a head tied to the input embeddings is untied, the embeddings
+    keep their weight).
+Refuses nothing of its own: a Linear the graph holds as MatMulNBits whose weight the group did not read is left
+to the writer, which names the missing tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from moec.external_data import layer_key
+from moec.quant import QuantizedWeight, QuantSpec
+
+# a checkpoint's own codes for the Linear at this path, if it has them ([1, N, K]; checked before use)
+GivenCodes = Callable[[str], Optional[QuantizedWeight]]
+
+
+@dataclass
+class StreamedDense:
+    paths: list[str]  # the Linears the graph holds as MatMulNBits (the transformers model's names)
+    spec: QuantSpec
+    accuracy_level: int
+    kept: list[dict]  # quantize_dense's Linears kept fp32, with the reason
+    given: GivenCodes = lambda path: None
+    layers: list[dict] = field(default_factory=list)  # each Linear's outcome, as it was quantized
+    _done: set = field(default_factory=set)
+
+    @classmethod
+    def from_meta(cls, result, options: dict, given: Optional[GivenCodes] = None) -> "StreamedDense":
+        """From quantize_dense's result on the meta model (its outcomes' paths, its kept Linears)."""
+        from moec.targets.onnxruntime.quantize_dense import dense_spec
+
+        return cls([o.path for o in result.layers], dense_spec(options), int(options.get("accuracy_level", 0) or 0),
+                   list(result.details["kept_fp32"]), given or (lambda path: None))
+
+    def in_group(self, key: str) -> list[str]:
+        return [p for p in self.paths if layer_key(p + ".") == key]
+
+    def _read(self, model: nn.Module, key: str) -> list[tuple[str, nn.Linear]]:
+        """The group's Linears whose weights are in memory now."""
+        out = []
+        for path in self.in_group(key):
+            linear = model.get_submodule(path)
+            if type(linear) is nn.Linear and not linear.weight.is_meta:
+                out.append((path, linear))
+        return out
+
+    def _codes(self, path: str, linear: nn.Linear) -> Optional[QuantizedWeight]:
+        from moec.targets.onnxruntime.quantize_dense import usable_codes
+
+        return usable_codes(self.given(path), linear)
+
+    def quantize(self, model: nn.Module, key: str, swap: bool) -> dict[str, torch.Tensor]:
+        """The group's Linears in memory as MatMulNBits: swapped into `model` (`swap`), else their tensors by name
+        ("<path>.packed" ...; the bias is the Linear's own)."""
+        from moec.passes.layers import set_submodule
+        from moec.targets.onnxruntime.quantize_dense import quantize_linear
+
+        tensors: dict[str, torch.Tensor] = {}
+        for path, linear in self._read(model, key):
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(1, 16, linear.in_features, generator=gen)
+            with torch.no_grad():
+                q, outcome = quantize_linear(path, linear, self.spec, self.accuracy_level, self._codes(path, linear), x)
+            if path not in self._done:  # a tied head is read with each of the group's tensors
+                self._done.add(path)
+                self.layers.append(outcome.to_dict())
+            if swap:
+                set_submodule(model, path, q)
+            else:
+                tensors.update({f"{path}.{n}": b for n, b in q.named_buffers()})
+        return tensors
+
+    def dequantize(self, model: nn.Module, key: str) -> None:
+        """The group's Linears in memory computing with the weights MatMulNBits computes with."""
+        from moec.targets.onnxruntime.quantize_dense import dense_reference
+
+        for path, linear in self._read(model, key):
+            weight = dense_reference(linear, self.spec, self._codes(path, linear))
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+
+    def report(self) -> dict:
+        """As the in-memory report's quantization.dense."""
+        return {"spec": self.spec.name, "kept_fp32": self.kept, "layers": self.layers,
+                "error_measured_on": "a seeded random input of each Linear's width (out of core)"}

@@ -17,13 +17,15 @@
    Linears become MatMulNBits as they are read (moec.quantize_dense_streamed). A GPT-OSS MXFP4 checkpoint's
    experts are folded the same way with the checkpoint's own codes (moec.mxfp4_stream), never re-quantized; so
    are the experts of compressed-tensors, GPTQ and AWQ checkpoints, read one Linear at a time
-   (moec.packed_stream), and with --quant-dense their attention's codes.
+   (moec.packed_stream), and with --quant-dense their attention's codes. With --calibration the calibration
+   batches advance one decoder layer at a time beside the writing (moec.calibrate_streamed): routing
+   statistics, and with --quant GPTQ codes for each streamed layer's experts, as in memory.
 4. verify: layer by layer (moec.verify_layers): the eager model runs with one decoder layer materialised at a
    time, the artifact runs segment by segment (moec.segmented_run); every layer's output and the logits are
    compared, and the goldens are the artifact's outputs on that input.
 Peak memory is the largest layer group a few times over plus the graph, whatever the model's size.
 The artifact is the in-memory compile's (the KV-cache decoder unless --task logits; --quant codes byte for byte;
---triton-repo through the same packaging stage). Refuses what it does not stream yet (calibration, pruning,
+--triton-repo through the same packaging stage). Refuses what it does not stream yet (pruning, --accuracy-budget,
 --device-memory, --static, TensorRT, pre-quantized checkpoints moec does not fold as they stream: moec-packed,
 fp8 ...): named, exit 2, with the in-memory compile as the way to get it.
 """
@@ -46,8 +48,7 @@ from moec.pipeline import CompileOptions, CompileResult, _Stages, _workdir, chec
 STAGES = ("load", "recognise", "capture", "onnx_export", "plan", "stream_weights", "verify", "package")
 WRAPPER = "model."  # CausalLMLogits keeps the transformers model as `.model`: its names in the graph start so
 # Options the streamed compile does not take yet, with what they are.
-UNSTREAMED = {"prune_experts": "--prune-experts", "calibration": "--calibration",
-              "accuracy_budget": "--accuracy-budget", "device_memory": "--device-memory", "static": "--static",
+UNSTREAMED = {"prune_experts": "--prune-experts", "accuracy_budget": "--accuracy-budget", "device_memory": "--device-memory", "static": "--static",
               "tensorrt_aot": "--tensorrt-aot"}
 AUTO_FRACTION = 0.3  # auto: stream when the checkpoint's fp32 bytes exceed this share of available memory
 
@@ -165,6 +166,10 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     if method is None:
         check_quantization(options, False)  # a pre-quantized checkpoint's own may stand for --quant: checked below
     check_streamable(options)
+    if options.extra.get("calibration") is not None:
+        from moec.calibration import check_spec
+
+        check_spec(options.extra["calibration"])  # the file's form, before any work
     refuse_quantized_checkpoint(source)
     stage = _Stages(options.log, STAGES)
     ck, hf, prequant, identity = stage("load", f"indexing the checkpoint in {source} (headers only" + (
@@ -231,7 +236,12 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         bad = [f"{l['path']}: {l.get('reason', '')}" for l in layers["layers"] if not l["fused"]]
         raise FusionRequiredError("--require-fusion: MoE layers left unfused: " + "; ".join(bad))
     weights_model = ck.skeleton(hf.config)
+    calibration = options.extra.get("calibration")
     coder = prequant.coder() if prequant is not None and prequant.spec is not None else None
+    if calibration and coder is None and spec is not None:  # GPTQ on each layer's calibration inputs, as in memory
+        from moec.calibrate_streamed import CalibratedCodes
+
+        coder = CalibratedCodes(spec, calibration)
     notes += prequant.notes if prequant is not None else []
     dense = None
     if dense_result is not None:  # --quant-dense: the Linears the graph holds as MatMulNBits, made as they stream
@@ -240,6 +250,14 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         dense = StreamedDense.from_meta(dense_result, options.extra, getattr(prequant, "dense_codes", None))
     streamer = LayerStreamer(ck, weights_model, planned, kinds, spec, lowering, options.extra, options.log,
                              WRAPPER * (2 if half else 1), coder, dense)
+    calibrated = None
+    if calibration:  # the data carried through the model as its layers stream (moec.calibrate_streamed)
+        from moec.calibrate_streamed import LayerInputs
+        from moec.calibration import load_calibration
+
+        calibrated = load_calibration(calibration, src)
+        streamer.calibration = LayerInputs(wrapper_of(src.module)(ck.skeleton()), calibrated.batches, ck,
+                                           streamer.prepare_calibration, streamer.fused_paths, options.log)
 
     with _workdir(options.out, options.log) as tmp:
         from moec.external_data import DEFAULT_SHARD_BYTES, write_streamed
@@ -248,6 +266,10 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         files = stage("stream_weights", "streaming the weights, one layer at a time", write_streamed, program.model,
                       model_path, streamer.fill, options.extra.get("shard_size") or DEFAULT_SHARD_BYTES, options.log)
         weights_bytes = sum(os.path.getsize(f) for f in files[1:])
+        if streamer.calibration is not None:
+            streamer.calibration.done()
+            if hasattr(streamer.coder, "read_back"):  # the calibrated codes, solved once, read back as written
+                streamer.coder.read_back(model_path)
         generation = None
         if getattr(src, "info", None) is not None:
             from moec.generation import write_generation_files
@@ -298,6 +320,9 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
                       "checkpoint_headers_sha256": identity["checkpoint_headers_sha256"]},
             "capture": {"method": "torch.export (non-strict) on the meta device", "notes": notes},
             "graph": graph, "moe_layers": layers, "quantization": quant, "generation": generation,
+            "calibration": None if calibrated is None else {"data": calibrated.description,
+                                                            "tokens": calibrated.tokens},
+            "routing": None if streamer.calibration is None else [l.to_dict() for l in streamer.calibration.routing],
             "numerics": {**verified.numerics(tolerance),
                          "end_to_end": whole.to_dict() if whole else {"ran": False,
                                                                       "why": "the layer-by-layer check failed first"}},
@@ -516,7 +541,7 @@ class LayerStreamer:
             from moec.quantize_streamed import StreamedQuantizer
 
             self.streaming = StreamedQuantizer(ck, ck.config(), model, planned, kinds, spec, log, coder)
-            if coder is not None:
+            if coder is not None and hasattr(coder, "check_folded"):  # a checkpoint's own codes
                 unstreamed = [p for p in self.fused_paths if not self.streaming.streams(p)]
                 if unstreamed:  # the fallback below (self.quantize) would re-quantize the checkpoint's weights
                     raise MoecError(f"{unstreamed[0]}: its experts can't be read one at a time, so their checkpoint "
@@ -524,15 +549,23 @@ class LayerStreamer:
                                     "was written.")
                 coder.check_folded(self.fused_paths)  # an unfused layer would be written as its decoded fp32 stack
         self.coder = self.streaming.coder if self.streaming is not None else None
+        self.calibration = None  # --calibration: moec.calibrate_streamed.LayerInputs, carried along as layers stream
+        if self.coder is not None and hasattr(self.coder, "use"):
+            whole = [p for p in self.fused_paths if not self.streaming.streams(p)]
+            if whole:  # its calibrated codes could not be read back as written for the verification's reference
+                raise MoecError(f"{whole[0]}: its experts are read whole, not one at a time; --calibration with "
+                                "--quant calibrates only layers whose experts stream out of core. Compile with "
+                                "--out-of-core off. Nothing was written.")
 
     def _streamed(self, key: str) -> list[str]:
         return [p for p in self.fused_paths if _group_of(p) == key and self.streaming is not None
                 and self.streaming.streams(p)]
 
-    def prepare(self, model: nn.Module, key: str, record: bool = False, skip=None) -> None:
+    def prepare(self, model: nn.Module, key: str, record: bool = False, skip=None,
+                calibration: Optional[dict] = None) -> None:
         """Read the group into `model` (but the checkpoint tensors `skip` names), fuse its MoE layers on their real
         weights and, with --quant, quantize their experts (the FusedMoE then computes with the dequantized
-        weights: the artifact's exact reference)."""
+        weights: the artifact's exact reference); `calibration`: the fused layers' calibration inputs."""
         streamed = self._streamed(key)
         if streamed:
             self.streaming.materialise(model, key)
@@ -545,7 +578,8 @@ class LayerStreamer:
                 continue
             if path in streamed:
                 planned = next(p for p in self.planned if p.path == path)
-                outcome = self.streaming.fuse(model, path, "codes" if record else "dequantized", self.probe(planned))
+                outcome = self.streaming.fuse(model, path, "codes" if record else "dequantized", self.probe(planned),
+                                              (calibration or {}).get(path) if record else None)
                 if outcome is not None:
                     self.quantized.append(outcome)
                 continue
@@ -566,6 +600,14 @@ class LayerStreamer:
         for path in streamed:
             self.streaming.fuse(model, path, "fp32", self.probe(next(p for p in self.planned if p.path == path)))
 
+    def prepare_calibration(self, model: nn.Module, key: str) -> None:
+        """The group at full precision with its MoE layers fused, as the in-memory compile runs its calibration."""
+        self.prepare_fp32(model, key)
+        streamed = self._streamed(key)
+        for path in self.fused_paths:
+            if _group_of(path) == key and path not in streamed:
+                self.fuse_real(model, path, record=False)
+
     def fill(self, key: str, values: list) -> Iterator[tuple]:
         from moec.passes.base import PassContext
 
@@ -573,7 +615,9 @@ class LayerStreamer:
             yield from self._fill_embeddings(values)
             return
         try:
-            self.prepare(self.model, key, record=True)
+            inputs = self.calibration.advance(key) if self.calibration is not None else None
+            self.prepare(self.model, key, record=True,  # calibrated codes need the inputs; routing alone not
+                         calibration=inputs if self.coder is not None and hasattr(self.coder, "use") else None)
             if self.dense is not None:  # before the experts' lowering, as in memory (the paths are its)
                 self.dense.quantize(self.model, key, swap=True)
             layer = self.model.get_submodule(_layer_path(self.model, key))

@@ -93,15 +93,15 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     return QuantizedWeight(codes.unsqueeze(0), scales.unsqueeze(0), None if zps is None else zps.unsqueeze(0), spec)
 
 
-def expert_activations(fused, x: torch.Tensor, expert: int) -> torch.Tensor:
-    """The input of expert `expert`'s down projection for its (possibly routing-scaled) inputs x [T, H]:
-    act(x W_gate_up^T + b)."""
+def expert_activations(spec, w_gate_up: torch.Tensor, b_gate_up: Optional[torch.Tensor],
+                       x: torch.Tensor) -> torch.Tensor:
+    """The input of an expert's down projection for its (possibly routing-scaled) inputs x [T, H]:
+    act(x W_gate_up^T + b), `spec` the layer's ExpertsSpec."""
     from moec.activations import activate
 
-    spec = fused.spec.experts
-    u = x @ fused.w_gate_up[expert].T
-    if fused.b_gate_up is not None:
-        u = u + fused.b_gate_up[expert]
+    u = x @ w_gate_up.T
+    if b_gate_up is not None:
+        u = u + b_gate_up
     return activate(u, spec.activation, spec.gated, spec.alpha, spec.beta, spec.limit)
 
 
@@ -142,38 +142,57 @@ def _better(weight: torch.Tensor, fit: torch.Tensor, held: torch.Tensor, fit_w, 
 
 def quantize_layer(fused, x: torch.Tensor, spec: QuantSpec, name: str) -> tuple[QuantizedWeight, QuantizedWeight,
                                                                               LayerChoice]:
-    """A FusedMoE's experts calibrated on its inputs x [T, H]: every 5th token an expert receives is held out
-    to choose, per matrix, between GPTQ (fitted on the others) and round-to-nearest; experts with fewer than
-    min_tokens(H, I) tokens are rounded to nearest."""
-    x_spec = fused.spec.experts
-    choice = LayerChoice(needed=min_tokens(x_spec.hidden, x_spec.intermediate))
+    """A FusedMoE's experts calibrated on its inputs x [T, H] (`quantize_expert` for each, on the tokens its
+    router sends it)."""
+    choice = LayerChoice(needed=min_tokens(fused.spec.experts.hidden, fused.spec.experts.intermediate))
     with torch.no_grad():
-        flat = x.reshape(-1, fused.spec.experts.hidden).float()
-        ids, weights, _ = fused.routing(flat)
-        on_input = fused.spec.experts.weight_on_input
-        parts_gu, parts_down = [], []
-        for e in range(fused.spec.experts.num_experts):
-            rows, slot = (ids == e).nonzero(as_tuple=True)
-            w_gu, w_down = fused.w_gate_up[e], fused.w_down[e]
-            if rows.numel() < choice.needed:
-                choice.few_tokens.append(e)
-                parts_gu.append(quantize(w_gu.unsqueeze(0), spec, f"{name}.w_gate_up[{e}]"))
-                parts_down.append(quantize(w_down.unsqueeze(0), spec, f"{name}.w_down[{e}]"))
-                continue
-            xe, we = flat[rows], weights[rows, slot].float()
-            xin = xe * we.unsqueeze(-1) if on_input else xe
-            out_w = None if on_input else we  # the expert's output is scaled by its routing weight
-            h = expert_activations(fused, xin, e)
-            held = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
-            held[::5] = True
+        routed = route_tokens(fused, x)
+        parts = [quantize_expert(fused.spec.experts, fused.w_gate_up[e],
+                                 None if fused.b_gate_up is None else fused.b_gate_up[e], fused.w_down[e],
+                                 routed, e, spec, name, choice) for e in range(fused.spec.experts.num_experts)]
+    return _stack([p[0] for p in parts]), _stack([p[1] for p in parts]), choice
 
-            def split(t):
-                return (None, None) if t is None else (t[~held], t[held])
 
-            (fw, hw) = split(out_w)
-            parts_gu.append(_better(w_gu, xin[~held], xin[held], fw, hw, spec, f"{name}.w_gate_up[{e}]", choice))
-            parts_down.append(_better(w_down, h[~held], h[held], fw, hw, spec, f"{name}.w_down[{e}]", choice))
-    return _stack(parts_gu), _stack(parts_down), choice
+@dataclass
+class Routed:
+    """A layer's calibration tokens [T, H] and where its router sends them (ids and weights [T, k])."""
+
+    flat: torch.Tensor
+    ids: torch.Tensor
+    weights: torch.Tensor
+
+
+def route_tokens(fused, x: torch.Tensor) -> Routed:
+    flat = x.reshape(-1, fused.spec.experts.hidden).float()
+    ids, weights, _ = fused.routing(flat)
+    return Routed(flat, ids, weights)
+
+
+def quantize_expert(experts_spec, w_gu: torch.Tensor, b_gu: Optional[torch.Tensor], w_down: torch.Tensor,
+                    routed: Routed, e: int, spec: QuantSpec, name: str,
+                    choice: LayerChoice) -> tuple[QuantizedWeight, QuantizedWeight]:
+    """Expert e's two matrices calibrated on the tokens routed to it: every 5th is held out to choose, per
+    matrix, between GPTQ (fitted on the others) and round-to-nearest; an expert with fewer than choice.needed
+    tokens is rounded to nearest (and listed in `choice`)."""
+    rows, slot = (routed.ids == e).nonzero(as_tuple=True)
+    if rows.numel() < choice.needed:
+        choice.few_tokens.append(e)
+        return (quantize(w_gu.unsqueeze(0), spec, f"{name}.w_gate_up[{e}]"),
+                quantize(w_down.unsqueeze(0), spec, f"{name}.w_down[{e}]"))
+    xe, we = routed.flat[rows], routed.weights[rows, slot].float()
+    on_input = experts_spec.weight_on_input
+    xin = xe * we.unsqueeze(-1) if on_input else xe
+    out_w = None if on_input else we  # the expert's output is scaled by its routing weight
+    h = expert_activations(experts_spec, w_gu, b_gu, xin)
+    held = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
+    held[::5] = True
+
+    def split(t):
+        return (None, None) if t is None else (t[~held], t[held])
+
+    (fw, hw) = split(out_w)
+    return (_better(w_gu, xin[~held], xin[held], fw, hw, spec, f"{name}.w_gate_up[{e}]", choice),
+            _better(w_down, h[~held], h[held], fw, hw, spec, f"{name}.w_down[{e}]", choice))
 
 
 def _stack(parts: list[QuantizedWeight]) -> QuantizedWeight:

@@ -11,9 +11,11 @@ Produces, per layer group as it streams:
     modules, their MatMulNBits tensors are returned by name instead (the head stays a Linear to be read again).
     Each Linear's error against full precision is measured on a seeded random input of its width (the
     streamed experts' probes are random too: no layer's real inputs exist before the model runs).
-  - `dequantize(model, key)`: the reference for verification: each Linear's weight replaced by the one
-    MatMulNBits computes with (a new parameter: a head tied to the input embeddings is untied, the embeddings
-    keep their weight).
+  - `dequantize(model, key)`: the reference for verification: each Linear's weight overwritten, a chunk of rows
+    at a time, by the one MatMulNBits computes with (a head tied to the input embeddings gets a new parameter
+    instead: the embeddings keep their weight).
+Peak memory: the group's weights as read, plus a chunk of rows' rounding (moec.quant.quantize_nbits) and the
+codes; a large-vocabulary head is never held twice in fp32 (151936 x 2048 in Qwen3-30B: 1.2 GiB).
 Refuses nothing of its own: a Linear the graph holds as MatMulNBits whose weight the group did not read is left
 to the writer, which names the missing tensor.
 """
@@ -93,9 +95,15 @@ class StreamedDense:
         """The group's Linears in memory computing with the weights MatMulNBits computes with."""
         from moec.targets.onnxruntime.quantize_dense import dense_reference
 
+        shared = {}
+        for _, p in model.named_parameters(remove_duplicate=False):
+            shared[id(p)] = shared.get(id(p), 0) + 1
         for path, linear in self._read(model, key):
-            weight = dense_reference(linear, self.spec, self._codes(path, linear))
-            linear.weight = nn.Parameter(weight, requires_grad=False)
+            if shared[id(linear.weight)] > 1:  # a head tied to the embeddings: they keep their weight
+                weight = dense_reference(linear, self.spec, self._codes(path, linear))
+                linear.weight = nn.Parameter(weight, requires_grad=False)
+            else:  # overwritten: a large head is not held twice
+                dense_reference(linear, self.spec, self._codes(path, linear), in_place=True)
 
     def report(self) -> dict:
         """As the in-memory report's quantization.dense."""

@@ -92,6 +92,8 @@ class StreamedQuantizer:
         layers = [l for l in (self._streamable(model, p) for p in self.planned.values()) if l is not None]
         self.reader = ExpertReader(ck, config, layers, log) if layers else None
         self.packed: dict[str, dict[str, np.ndarray]] = {}  # per layer being written: the lowered layer's buffers
+        if hasattr(self.coder, "attach"):  # a coder whose reference reads the codes as written (calibrated)
+            self.coder.attach(self.packed)
 
     def streams(self, path: str) -> bool:
         return self.reader is not None and path in self.reader.layers
@@ -130,9 +132,11 @@ class StreamedQuantizer:
         """The group's tensors but the streamed layers' experts (read expert by expert when asked for)."""
         self.reader.ck.materialise(model, key, skip=self.reader.is_expert_tensor, may_stay_meta=self.reader.meta_names())
 
-    def fuse(self, model: nn.Module, path: str, use: str, probe: torch.Tensor) -> Optional[dict]:
+    def fuse(self, model: nn.Module, path: str, use: str, probe: torch.Tensor,
+             calibration: Optional[torch.Tensor] = None) -> Optional[dict]:
         """Replace the layer at `path` by its FusedMoE for `use` ("codes", "dequantized" or "fp32"); with "codes",
-        returns the layer's quantization outcome (bytes, error on `probe`)."""
+        returns the layer's quantization outcome (bytes, error on `probe`); `calibration`: the layer's calibration
+        inputs [T, H], for a calibrated coder (moec.calibrate_streamed.CalibratedCodes)."""
         from moec.moe_layer import QuantizedExperts
         from moec.numerics import compare_tensors
         from moec.passes.fuse_moe import MATCH_TOL, CalledLike, analyze
@@ -175,6 +179,8 @@ class StreamedQuantizer:
                                           f"written on its real weights (relative L2 {err:.3g}); compile with "
                                           "--out-of-core off.")
             self.log(f"  {path}: fused on its real weights, experts read one at a time (validated)")
+            if calibration is not None:
+                self.coder.use(path, fused, calibration)
             outcome = self._quantize(fused, path, fp32, probe, beside)
             fused.quantized = QuantizedExperts(quantized_shape(fused.w_gate_up, self.spec, f"{path}.w_gate_up"),
                                                quantized_shape(fused.w_down, self.spec, f"{path}.w_down"))
@@ -236,8 +242,8 @@ class StreamedQuantizer:
             rel_l2, cosine = s.rel_l2, s.cosine
         fp_bytes = layer.num_experts * (fused.w_gate_up[0].numel() + fused.w_down[0].numel()) * 4
         quantized = sum(a.nbytes for name, a in self.packed[path].items())
-        return QuantizationOutcome(path, spec.name, fp_bytes, quantized, rel_l2, cosine,
-                                   method=self.coder.method).to_dict()
+        method = self.coder.describe(path) if hasattr(self.coder, "describe") else self.coder.method
+        return QuantizationOutcome(path, spec.name, fp_bytes, quantized, rel_l2, cosine, method=method).to_dict()
 
     def fill_lowered(self, model: nn.Module, path: str) -> None:
         """Give the lowered QMoE layer at `path` its packed codes."""

@@ -305,9 +305,9 @@ def test_fp16_is_refused_for_the_kv_cache_decoder_and_bf16_altogether(checkpoint
 
 
 def test_options_it_does_not_stream_are_refused_by_name(checkpoints, tmp_path, capsys):
-    assert _compile(checkpoints["qwen3_moe"], str(tmp_path / "out"), "--quant", "int4", "--calibration",
+    assert _compile(checkpoints["qwen3_moe"], str(tmp_path / "out"), "--prune-experts", "0.25", "--calibration",
                     "random:4") == 2
-    assert "--calibration" in capsys.readouterr().err
+    assert "--prune-experts: not available in an out-of-core compile" in capsys.readouterr().err
     assert _compile(checkpoints["qwen3_moe"], str(tmp_path / "out"), "--target", "tensorrt") == 2
     assert "--target tensorrt" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -443,6 +443,55 @@ def test_quant_dense_streams_the_in_memory_codes_head_and_shared_experts(tmp_pat
     assert n["end_to_end"]["ran"] and n["end_to_end"]["rel_l2"] < 1e-5
     assert abs(on["logits_vs_fp32"]["rel_l2"] - off["logits_vs_fp32"]["rel_l2"]) < 1e-5 * off["logits_vs_fp32"]["rel_l2"]
     assert all(0 < l["rel_l2_vs_fp32"] < 0.2 for l in on["dense"]["layers"])
+
+
+def test_calibration_carries_the_data_a_layer_at_a_time_into_the_in_memory_gptq_codes(checkpoints, tmp_path,
+                                                                                          monkeypatch):
+    """--calibration out of core: the calibration batches advance one decoder layer at a time (in order, each
+    layer read once for them), and each streamed layer's experts are GPTQ-solved on the tokens routed to them:
+    the codes are the in-memory compile's byte for byte, so are the choices, and the routing statistics; the
+    artifact verifies exactly against its (read back) codes dequantized."""
+    from onnx.numpy_helper import to_array
+
+    from moec.calibrate_streamed import LayerInputs
+
+    advanced, advance = [], LayerInputs.advance
+
+    def spy(self, key):
+        advanced.append(key)
+        return advance(self, key)
+
+    monkeypatch.setattr(LayerInputs, "advance", spy)
+    arts, reports = {}, {}
+    for mode in ("on", "off"):
+        out = str(tmp_path / mode)
+        assert main(["compile", checkpoints["qwen3_moe"], "--out", out, "--out-of-core", mode, "--task", "logits",
+                     "--quiet", "--quant", "int4", "--calibration", "random:16"]) == 0
+        arts[mode] = {t.name: to_array(t, base_dir=out) for t in onnx.load(os.path.join(out, "model.onnx")).graph.initializer}
+        reports[mode] = json.load(open(os.path.join(out, "report.json")))
+    assert advanced == ["layers.0", "layers.1"]
+    codes = [n for n in arts["on"] if n.endswith(("mlp.fc1", "mlp.fc2", "fc1_scales", "fc2_scales"))]
+    assert len(codes) == 8 and all(np.array_equal(arts["on"][n], arts["off"][n]) for n in codes)
+    on, off = (reports[m]["quantization"] for m in ("on", "off"))
+    assert [l["method"] for l in on["layers"]] == [l["method"] for l in off["layers"]]
+    assert all(l["method"].startswith("gptq on ") and not l["method"].startswith("gptq on 0 ") for l in on["layers"])
+    assert on["method"] == "gptq (calibrated)"
+    assert reports["on"]["calibration"] == reports["off"]["calibration"]
+    for a, b in zip(reports["on"]["routing"], reports["off"]["routing"]):
+        assert a["counts"] == b["counts"] and np.allclose(a["contribution"], b["contribution"], rtol=1e-4)
+    n = reports["on"]["numerics"]
+    assert n["passed"] and n["inputs"][0]["rel_l2"] < 1e-5 and n["end_to_end"]["rel_l2"] < 1e-5
+    assert abs(on["logits_vs_fp32"]["rel_l2"] - off["logits_vs_fp32"]["rel_l2"]) < 1e-5
+
+
+def test_calibration_too_short_for_the_experts_is_named_and_nothing_written(checkpoints, tmp_path, capsys):
+    data = tmp_path / "short.npy"
+    np.save(data, np.array([[1, 2, 3, 4]], dtype=np.int64))  # 4 tokens for 8 experts
+    out = tmp_path / "out"
+    assert _compile(checkpoints["qwen3_moe"], str(out), "--quant", "int4", "--calibration", str(data)) == 24
+    err = capsys.readouterr().err
+    assert "4 calibration tokens reach model.layers.0.mlp, fewer than its 8 experts" in err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss", "granitemoe"])

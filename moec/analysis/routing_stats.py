@@ -122,14 +122,21 @@ def _accumulate(stats: LayerRouting, fused: FusedMoE, hidden: torch.Tensor) -> N
         token_idx, slot = torch.where(ids == e)
         w = weights[token_idx, slot].float()
         one = torch.zeros(len(token_idx), 1, dtype=torch.int64)
-        y = experts_reference(
-            flat[token_idx], one, w.unsqueeze(1), fused.w_gate_up[e:e + 1], fused.w_down[e:e + 1],
-            None if fused.b_gate_up is None else fused.b_gate_up[e:e + 1],
-            None if fused.b_down is None else fused.b_down[e:e + 1],
-            x.activation, x.gated, x.alpha, x.beta, x.limit, x.weight_on_input)
+        y = experts_reference(flat[token_idx], one, w.unsqueeze(1), *_expert(fused, e),
+                              x.activation, x.gated, x.alpha, x.beta, x.limit, x.weight_on_input)
         stats.counts[e] += len(token_idx)
         stats.weight_sum[e] += float(w.sum())
         stats.contribution_sum[e] += float(y.float().norm(dim=-1).sum())
+
+
+def _expert(fused: FusedMoE, e: int) -> tuple:
+    """Expert e's (w_gate_up, w_down, b_gate_up, b_down), each [1, ...]: read by the layer's stream when its
+    experts are read one at a time (an out-of-core compile), else sliced from its stacks."""
+    if fused.stream is not None:
+        w = fused.stream.fetch(e)
+        return w.w_gate_up, w.w_down, w.b_gate_up, w.b_down
+    return (fused.w_gate_up[e:e + 1], fused.w_down[e:e + 1], None if fused.b_gate_up is None else
+            fused.b_gate_up[e:e + 1], None if fused.b_down is None else fused.b_down[e:e + 1])
 
 
 # ----------------------------------------------------------------------------- showing them

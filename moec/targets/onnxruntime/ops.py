@@ -36,10 +36,19 @@ def matmul_nbits(
 
     packed ``uint8 [N, K/block, block*bits/8]``, scales ``[N * K/block]``, zero points ``uint8
     [N * ceil(K/block * bits/8)]`` packed like the codes (None: 2^(bits-1))."""
-    from moec.quant import matmul_nbits_dequantize
+    from moec.quant import CHUNK_ELEMENTS, matmul_nbits_dequantize
 
-    w = matmul_nbits_dequantize(packed, scales, zero_points, bits, block_size, in_features, out_features)
-    y = x.float() @ w.T
+    # a chunk of output rows dequantized at a time: a large-vocabulary head's weight is never whole in fp32
+    groups, step = in_features // block_size, max(1, CHUNK_ELEMENTS // in_features)
+    zp_row = None if zero_points is None else zero_points.numel() // out_features
+    parts = []
+    for r0 in range(0, out_features, step):
+        r1 = min(r0 + step, out_features)
+        zp = None if zero_points is None else zero_points[r0 * zp_row:r1 * zp_row]
+        w = matmul_nbits_dequantize(packed[r0:r1], scales[r0 * groups:r1 * groups], zp, bits, block_size,
+                                    in_features, r1 - r0)
+        parts.append(x.float() @ w.T)
+    y = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)

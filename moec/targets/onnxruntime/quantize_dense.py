@@ -53,7 +53,7 @@ class DenseNBits(nn.Module):
         if linear.weight.is_meta:  # shapes only: the codes are computed when the weight is read
             packed, scales, zero_points = _meta_buffers(linear.out_features, linear.in_features, spec)
         else:
-            q = nbits(codes) if codes is not None else quantize_nbits(linear.weight, spec, name)[0]
+            q = nbits(codes) if codes is not None else quantize_nbits(linear.weight, spec, name, reference=False)[0]
             packed, scales = torch.from_numpy(q.packed), torch.from_numpy(q.scales)
             zero_points = None if q.zero_points is None else torch.from_numpy(q.zero_points)
         self.register_buffer("packed", packed)
@@ -149,12 +149,15 @@ def quantize_linear(path: str, linear: nn.Linear, spec: QuantSpec, accuracy_leve
                                   experts=False, method="the checkpoint's codes" if given else "")
 
 
-def dense_reference(linear: nn.Linear, spec: QuantSpec, given: Optional[QuantizedWeight]) -> torch.Tensor:
+def dense_reference(linear: nn.Linear, spec: QuantSpec, given: Optional[QuantizedWeight],
+                    in_place: bool = False) -> torch.Tensor:
     """The weight MatMulNBits computes with for this Linear (`quantize_linear`'s codes, dequantized): the
-    artifact's exact reference. The checkpoint's own codes dequantize to the weight itself."""
+    artifact's exact reference; `in_place`: written over the Linear's weight (no second copy of a large head).
+    The checkpoint's own codes dequantize to the weight itself."""
     if given is not None:
         return linear.weight.detach()
-    return quantize_nbits(linear.weight, spec, "weight")[1]
+    weight = linear.weight.detach()
+    return quantize_nbits(weight, spec, "weight", out=weight if in_place else None)[1]
 
 
 def given_codes(table, linear: nn.Linear) -> Optional[QuantizedWeight]:

@@ -1,0 +1,305 @@
+"""--calibration in an out-of-core compile: the calibration data carried through the model one decoder layer at a
+time, and each streamed layer's experts calibrated (GPTQ) on the tokens its router sends them.
+
+Matches: an out-of-core compile given --calibration; its fused MoE layers whose experts stream one at a time
+  (moec.quantize_streamed). The in-memory compile captures every fused layer's inputs by running the whole
+  full-precision model on the calibration batches; here only one layer is in memory, so the batches advance
+  layer by layer (`LayerInputs.advance`): the layers before the one running are stood in for by what the last
+  of them returned for each batch (`_Replay`), the one running is read at full precision with its MoE layers
+  fused, and the model's own forward (masks, rotary embeddings, caches, its task wrapper) runs around it, stopped
+  once that layer returned. Batches of the same shape are run together (each run reads the layer's experts once).
+Produces, per decoder layer: each fused layer's inputs [T, H] (the full-precision model's, as in memory), its
+  routing statistics (moec.analysis.routing_stats, the report's `routing`), and, with --quant, the layer's codes
+  from `CalibratedCodes`, a moec.quantize_streamed coder: moec.gptq.quantize_expert per expert (the in-memory
+  solver, expert by expert), experts that receive too few tokens rounded to nearest and named.
+  The codes are solved once, on inputs not kept past their layer; the reference for verification
+  (`dequantized`) reads them back as written: from the layer's packed arrays while it is written, then from the
+  artifact's external data (`read_back`).
+Holds: the calibration tokens' hidden states twice (a layer's inputs and outputs) and one layer's inputs per
+  fused layer, [T, H] each, besides the one layer's weights the compile holds anyway.
+Refuses (MoecError, naming the layer): --calibration with --quant on a fused layer whose experts are read whole
+  (its calibrated codes could not be read back for verification); a layer whose batches fail (CalibrationError,
+  as in memory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from moec.analysis.routing_stats import LayerRouting, _accumulate
+from moec.external_data import layer_key
+from moec.lazy_checkpoint import LazyCheckpoint, decoder_layers, release
+
+
+class _Stop(Exception):
+    """Raised once the layer being calibrated returned: the rest of the model is not run."""
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder layer before the one running: returns what the last of them returned for the batch
+    running. Keeps the layer's plain attributes (attention_type, layer_idx ...), which a model's loop may read."""
+
+    def __init__(self, like: nn.Module, outputs: list, batch: list):
+        super().__init__()
+        for name, value in vars(like).items():
+            if not name.startswith("_") and isinstance(value, (str, int, float, bool)):
+                setattr(self, name, value)
+        self.outputs, self.batch = outputs, batch
+
+    def forward(self, *args, **kwargs):
+        return self.outputs[self.batch[0]]
+
+
+class _Zeros(nn.Module):
+    """Stands in for the input embeddings once the first layer ran: their values are replayed over."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*ids.shape, self.hidden)
+
+
+def merge_batches(batches: list[tuple]) -> list[tuple]:
+    """Consecutive batches whose tensors agree on every dim but the first, concatenated (order kept)."""
+    merged: list[list[tuple]] = []
+    for batch in batches:
+        last = merged[-1][-1] if merged else None
+        if last is not None and all(a.dim() > 0 and a.shape[1:] == b.shape[1:] for a, b in zip(last, batch)):
+            merged[-1].append(batch)
+        else:
+            merged.append([batch])
+    return [tuple(torch.cat(parts) for parts in zip(*group)) if len(group) > 1 else group[0] for group in merged]
+
+
+class LayerInputs:
+    def __init__(self, module: nn.Module, batches: list[tuple], ck: LazyCheckpoint,
+                 prepare: Callable[[nn.Module, str], None], fused_paths: list[str], log: Callable[[str], None]):
+        """`module`: the task's wrapper around a skeleton of the checkpoint's model (`.model`); `prepare(model, key)`
+        reads a decoder layer at full precision with its MoE layers fused."""
+        self.module, self.model = module, module.model
+        self.batches, self.ck, self.prepare, self.log = merge_batches(batches), ck, prepare, log
+        self.fused_paths = fused_paths
+        self.outputs: list = []  # per batch: what the last layer run returned
+        self.next = 0  # the decoder layer whose turn it is
+        self.routing: list[LayerRouting] = []
+
+    def advance(self, key: str) -> dict[str, torch.Tensor]:
+        """Run the calibration batches through decoder layer `key` (layers come in order); each of its fused
+        layers' inputs [T, H]."""
+        from moec.calibration import CalibrationError
+        from moec.moe_layer import FusedMoE
+
+        index = int(key.split(".")[1])
+        if index != self.next:
+            raise RuntimeError(f"calibration: layer {key} asked for before layers.{self.next}")
+        _, layers = decoder_layers(self.model)
+        self.prepare(self.model, key)
+        embeddings = self._embeddings(index)
+        inputs: dict[str, list] = {}
+        stats: dict[str, LayerRouting] = {}
+        layers_fused: dict = {}
+        handles = []
+        for path in (p for p in self.fused_paths if layer_key(p + ".") == key):
+            fused = next(m for m in self.model.get_submodule(path).modules() if isinstance(m, FusedMoE))
+            r = fused.spec.route
+            stats[path] = LayerRouting(path, fused.spec.experts.num_experts, r.top_k if r is not None else 0,
+                                       r.n_group if r is not None else 1)
+
+            def seen(mod, args, path=path):
+                x = next(a for a in args if isinstance(a, torch.Tensor))
+                inputs.setdefault(path, []).append(x.detach().reshape(-1, x.shape[-1]).clone())
+
+            handles.append(fused.register_forward_pre_hook(seen))
+            layers_fused[path] = fused
+        outputs: list = []
+
+        def stop(mod, args, out):
+            outputs.append(out.detach() if isinstance(out, torch.Tensor) else out)
+            raise _Stop
+
+        handles.append(layers[index].register_forward_hook(stop))
+        batch = [0]
+        before = [layers[j] for j in range(index)]
+        for j in range(index):
+            layers[j] = _Replay(before[j], self.outputs, batch)
+        try:
+            with torch.no_grad():
+                for b, args in enumerate(self.batches):
+                    batch[0] = b
+                    try:
+                        self.module(*args)
+                    except _Stop:
+                        continue
+                    except Exception as exc:
+                        shapes = ", ".join(str(list(t.shape)) for t in args)
+                        raise CalibrationError(f"--calibration: the model fails on calibration batch {b} (shape "
+                                               f"{shapes}) at {key}: {type(exc).__name__}: {str(exc)[:300]}.") from exc
+                    raise RuntimeError(f"calibration: {key} never ran on batch {b}")
+                for path, xs in inputs.items():  # once over all the tokens: each expert read once more
+                    _accumulate(stats[path], layers_fused[path], torch.cat(xs))
+        finally:
+            for h in handles:
+                h.remove()
+            for j in range(index):
+                layers[j] = before[j]
+            self.model.set_input_embeddings(embeddings)
+            release(self.model, buffers=False)
+            release(layers[index], buffers=True)
+            for m in layers[index].modules():  # a layer reading its experts one at a time: its reader goes too
+                if getattr(m, "stream", None) is not None:
+                    m.stream = None
+        self.outputs, self.next = outputs, index + 1
+        self.routing += list(stats.values())
+        self.log(f"  {key}: calibration data carried through ({sum(int(a[0].shape[0]) for a in self.batches)} "
+                 f"sequences in {len(self.batches)} run(s))")
+        return {path: torch.cat(xs) for path, xs in inputs.items()}
+
+    def _embeddings(self, index: int) -> nn.Module:
+        """The input embeddings, read for the first layer (only their own tensor where it reads alone) and stood in
+        for by zeros after it. Returns the module to put back."""
+        embeddings = self.model.get_input_embeddings()
+        if index > 0:
+            self.model.set_input_embeddings(_Zeros(embeddings.weight.shape[1]))
+            return embeddings
+        path = next(n for n, m in self.model.named_modules() if m is embeddings)
+        alone = (self.ck.one_by_one(self.model, "") or [])
+        name = f"{path}.weight"
+        self.ck.materialise(self.model, "", skip=(lambda n: n != name) if name in alone else None)
+        return embeddings
+
+    def done(self) -> None:
+        self.outputs = []
+
+
+class CalibratedCodes:
+    """moec.quantize_streamed's coder with --calibration: each expert GPTQ-solved on its routed calibration tokens
+    (`use(path, fused, x)` gives a layer's inputs before its experts are coded)."""
+
+    method = "gptq (calibrated)"
+    exact = False
+    reference = ("the dequantized model, layer by layer (each layer's experts calibrated on the calibration data "
+                 "and dequantized; the codes read back as written)")
+
+    def __init__(self, spec, calibration: str):
+        """`calibration`: the --calibration value, for errors."""
+        self.spec, self.calibration = spec, calibration
+        self.packed: dict = {}
+        self.layers: dict[str, tuple] = {}  # path -> (experts' spec, Routed, LayerChoice), while it is coded
+        self.swiglu: dict[str, bool] = {}
+        self.written: Optional[ArtifactTensors] = None
+
+    def attach(self, packed: dict) -> None:
+        """moec.quantize_streamed.StreamedQuantizer.packed: a layer's arrays while it is written."""
+        self.packed = packed
+
+    def use(self, path: str, fused, x: torch.Tensor) -> None:
+        """The layer's calibration inputs [T, H], as in memory (too few tokens for its experts: refused)."""
+        from moec.calibration import CalibrationError
+        from moec.gptq import LayerChoice, min_tokens, route_tokens
+        from moec.targets.onnxruntime.lower_moe_onnxruntime import plan_layer
+
+        spec = fused.spec.experts
+        if x.shape[0] < spec.num_experts:
+            raise CalibrationError(
+                f"--calibration {self.calibration}: {x.shape[0]} calibration tokens reach {path}, fewer than its "
+                f"{spec.num_experts} experts; calibrated quantization needs data that reaches every expert (more or "
+                "longer sequences). Nothing was written.")
+        with torch.no_grad():
+            routed = route_tokens(fused, x)
+        self.layers[path] = (spec, routed, LayerChoice(needed=min_tokens(spec.hidden, spec.intermediate)))
+        self.swiglu[path] = plan_layer(fused.spec, fused.spec.route.top_k).activation_type == "swiglu"
+
+    def codes(self, reader, path: str, e: int, stacked: dict, w) -> tuple:
+        from moec.gptq import quantize_expert
+
+        if path not in self.layers:  # the calibration data never reached the layer: rounded, as in memory
+            from moec.quant import quantize
+
+            return (quantize(w.w_gate_up, self.spec, f"{path}.w_gate_up"),
+                    quantize(w.w_down, self.spec, f"{path}.w_down"))
+        spec, routed, choice = self.layers[path]
+        with torch.no_grad():
+            return quantize_expert(spec, w.w_gate_up[0], None if w.b_gate_up is None else w.b_gate_up[0],
+                                   w.w_down[0], routed, e, self.spec, path, choice)
+
+    def describe(self, path: str) -> str:
+        """How the layer's codes were chosen (the in-memory report's words), once all its experts were coded;
+        its calibration inputs go."""
+        return self.layers.pop(path)[2].describe() if path in self.layers else "round-to-nearest"
+
+    def dequantized(self, path: str, e: int, w):
+        """Expert e's weights as its written codes dequantize them (fc1's rows de-interleaved for SwiGLU)."""
+        from moec.ops import deinterleave_gate_up
+        from moec.quant import PackedWeight, dequantize, unpack
+
+        out = {}
+        for prefix, field in (("fc1", "w_gate_up"), ("fc2", "w_down")):
+            arrays = self._arrays(path, prefix, e)
+            q = unpack(PackedWeight(arrays[prefix], arrays[f"{prefix}_scales"], arrays.get(f"{prefix}_zero_points"),
+                                    self.spec, getattr(w, field).shape[-1]), f"{path}.{prefix}")
+            weight = dequantize(q)
+            out[field] = deinterleave_gate_up(weight) if prefix == "fc1" and self.swiglu.get(path) else weight
+        return replace(w, **out)
+
+    def _arrays(self, path: str, prefix: str, e: int) -> dict[str, np.ndarray]:
+        names = (prefix, f"{prefix}_scales", f"{prefix}_zero_points")
+        if path in self.packed:  # being written
+            return {n: self.packed[path][n][e:e + 1] for n in names if n in self.packed[path]}
+        if self.written is None:
+            raise RuntimeError(f"{path}: its calibrated codes are neither being written nor read back")
+        return {n: self.written.read(path, n, e) for n in names if self.written.has(path, n)}
+
+    def read_back(self, model_path: str) -> None:
+        """From now on the codes come from the written artifact."""
+        self.written = ArtifactTensors(model_path)
+
+    def done(self) -> None:
+        """Nothing kept between experts."""
+
+
+class ArtifactTensors:
+    """A written artifact's QMoE initializers, one expert's slice at a time (external data memory-mapped; small
+    ones, stored inline, as they are)."""
+
+    def __init__(self, model_path: str):
+        import os
+
+        import onnx
+        from onnx.helper import tensor_dtype_to_np_dtype
+        from onnx.numpy_helper import to_array
+
+        self.dir = os.path.dirname(model_path)
+        self.index: dict[str, object] = {}  # name -> (location, offset, dims, dtype) or the array itself
+        for t in onnx.load(model_path, load_external_data=False).graph.initializer:
+            if not t.name.rsplit(".", 1)[-1].startswith(("fc1", "fc2")):
+                continue
+            ext = {e.key: e.value for e in t.external_data}
+            self.index[t.name] = ((ext["location"], int(ext.get("offset", 0)), tuple(t.dims),
+                                   tensor_dtype_to_np_dtype(t.data_type)) if "location" in ext else to_array(t))
+
+    def _name(self, path: str, array: str) -> Optional[str]:
+        """The layer's initializer `array` (fc1, fc1_scales ...): under its module path, wrappers before it."""
+        return next((n for n in self.index if f"{path}." in n and n.endswith(f".{array}")), None)
+
+    def has(self, path: str, array: str) -> bool:
+        return self._name(path, array) is not None
+
+    def read(self, path: str, array: str, e: int) -> np.ndarray:
+        """Expert e's slice [1, ...] of the layer's `array`."""
+        import os
+
+        entry = self.index[self._name(path, array)]
+        if isinstance(entry, np.ndarray):
+            return entry[e:e + 1]
+        location, offset, dims, dtype = entry
+        per = int(np.prod(dims[1:])) * np.dtype(dtype).itemsize
+        data = np.memmap(os.path.join(self.dir, location), dtype=dtype, mode="r", offset=offset + e * per,
+                         shape=(1,) + dims[1:])
+        return np.array(data)

@@ -25,7 +25,7 @@
    compared, and the goldens are the artifact's outputs on that input.
 Peak memory is the largest layer group a few times over plus the graph, whatever the model's size.
 The artifact is the in-memory compile's (the KV-cache decoder unless --task logits; --quant codes byte for byte;
---triton-repo through the same packaging stage). Refuses what it does not stream yet (pruning, --accuracy-budget,
+--triton-repo through the same packaging stage). Refuses what it does not stream yet (pruning, --quant auto,
 --device-memory, --static, TensorRT, pre-quantized checkpoints moec does not fold as they stream: moec-packed,
 fp8 ...): named, exit 2, with the in-memory compile as the way to get it.
 """
@@ -48,7 +48,7 @@ from moec.pipeline import CompileOptions, CompileResult, _Stages, _workdir, chec
 STAGES = ("load", "recognise", "capture", "onnx_export", "plan", "stream_weights", "verify", "package")
 WRAPPER = "model."  # CausalLMLogits keeps the transformers model as `.model`: its names in the graph start so
 # Options the streamed compile does not take yet, with what they are.
-UNSTREAMED = {"prune_experts": "--prune-experts", "accuracy_budget": "--accuracy-budget", "device_memory": "--device-memory", "static": "--static",
+UNSTREAMED = {"prune_experts": "--prune-experts", "device_memory": "--device-memory", "static": "--static",
               "tensorrt_aot": "--tensorrt-aot"}
 AUTO_FRACTION = 0.3  # auto: stream when the checkpoint's fp32 bytes exceed this share of available memory
 
@@ -310,6 +310,14 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
                                         target.quantizes_activations(options), dense)
             if prequant is not None and prequant.spec is not None:
                 quant["checkpoint_format"] = prequant.format
+            budget = options.extra.get("accuracy_budget")
+            if budget is not None and verified.vs_fp32 is not None:  # as in memory: the logits against fp32
+                quant["accuracy_budget"] = budget
+                if not verified.vs_fp32["rel_l2"] <= budget:
+                    from moec.report import over_budget
+
+                    raise over_budget(budget, spec.name, verified.vs_fp32["rel_l2"],
+                                      quant["layers"] + quant.get("dense", {}).get("layers", []))
         # the whole artifact in one session, once the layer-by-layer check passed (its failure says more)
         fp16_off = half and spec is None and verified.vs_fp32["rel_l2"] > tolerance
         whole = (run_end_to_end(model_path, weights_bytes, verified, tolerance, options.log)

@@ -86,19 +86,26 @@ def quantization_summary(records: list[PassRecord], extra: dict, activations_qua
         summary["folded_qdq"] = folded
     budget = extra.get("accuracy_budget")
     if budget is not None and logits is not None and not (logits["rel_l2"] <= budget):
-        worst_layers = sorted(all_layers, key=lambda l: -l.get("rel_l2_vs_fp32", 0))[:3]
-        names = ", ".join(f"{l['path']} ({l.get('rel_l2_vs_fp32', float('nan')):.3g})" for l in worst_layers)
         if "auto" in summary:
             raise AccuracyBudgetError(
                 f"--accuracy-budget {budget:g}: the precisions --quant auto chose (relative L2 "
                 f"{summary['auto']['measured_rel_l2']:.3g} on the inputs it measured) move the verification inputs' "
                 f"logits by {logits['rel_l2']:.3g}; give a budget above the fp32 compile's own error or loosen it. "
                 "Nothing was written.")
-        raise AccuracyBudgetError(
-            f"--accuracy-budget {budget:g}: {summary['spec']} quantization moves the logits by relative L2 "
-            f"{logits['rel_l2']:.3g} against the full-precision model it quantized. Worst layers: {names}. Try int8, a smaller "
-            "--block-size, or --asymmetric; nothing was written.")
+        raise over_budget(budget, summary["spec"], logits["rel_l2"], all_layers)
     return summary
+
+
+def over_budget(budget: float, spec: str, rel_l2: float, layers: list[dict]):
+    """--accuracy-budget exceeded by a fixed --quant: the error to raise, naming the worst layers."""
+    from moec.errors import AccuracyBudgetError
+
+    worst_layers = sorted(layers, key=lambda l: -l.get("rel_l2_vs_fp32", 0))[:3]
+    names = ", ".join(f"{l['path']} ({l.get('rel_l2_vs_fp32', float('nan')):.3g})" for l in worst_layers)
+    return AccuracyBudgetError(
+        f"--accuracy-budget {budget:g}: {spec} quantization moves the logits by relative L2 {rel_l2:.3g} against "
+        f"the full-precision model it quantized. Worst layers: {names}. Try int8, a smaller --block-size, or "
+        "--asymmetric; nothing was written.")
 
 
 def pruning_summary(records: list[PassRecord]) -> Optional[dict]:

@@ -383,7 +383,7 @@ def test_quantized_experts_stream_the_codes_the_in_memory_compile_makes(quant, c
     from onnx.numpy_helper import to_array
 
     streamed, whole = str(tmp_path / "streamed"), str(tmp_path / "whole")
-    assert _compile(checkpoints["qwen3_moe"], streamed, "--quant", *quant) == 0
+    assert _compile(checkpoints["qwen3_moe"], streamed, "--quant", *quant, "--accuracy-budget", "0.9") == 0
     assert main(["compile", checkpoints["qwen3_moe"], "--out", whole, "--out-of-core", "off", "--task", "logits",
                  "--quiet", "--quant", *quant]) == 0
     a = {t.name: to_array(t, base_dir=streamed) for t in onnx.load(os.path.join(streamed, "model.onnx")).graph.initializer}
@@ -396,6 +396,15 @@ def test_quantized_experts_stream_the_codes_the_in_memory_compile_makes(quant, c
     assert report["numerics"]["passed"] and report["numerics"]["against"] == "the dequantized reference"
     assert report["numerics"]["inputs"][0]["rel_l2"] < 1e-5  # exact against the dequantized layers
     assert q["logits_vs_fp32"]["rel_l2"] > 1e-4  # and quantization did move the logits from full precision
+    assert q["accuracy_budget"] == 0.9  # gated, and within it
+
+
+def test_an_accuracy_budget_the_quantization_exceeds_writes_nothing(checkpoints, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _compile(checkpoints["qwen3_moe"], str(out), "--quant", "int4", "--accuracy-budget", "0.001") == 16
+    err = capsys.readouterr().err
+    assert "--accuracy-budget 0.001: int4 per-row quantization moves the logits by relative L2" in err
+    assert "Worst layers: model.layers." in err and not out.exists()
 
 
 def test_quant_dense_streams_the_in_memory_codes_head_and_shared_experts(tmp_path, monkeypatch):

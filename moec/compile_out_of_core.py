@@ -25,9 +25,10 @@
    compared, and the goldens are the artifact's outputs on that input.
 Peak memory is the largest layer group a few times over plus the graph, whatever the model's size.
 The artifact is the in-memory compile's (the KV-cache decoder unless --task logits; --quant codes byte for byte;
---triton-repo through the same packaging stage). Refuses what it does not stream yet (pruning, --quant auto,
---device-memory, --static, TensorRT, pre-quantized checkpoints moec does not fold as they stream: moec-packed,
-fp8 ...): named, exit 2, with the in-memory compile as the way to get it.
+--triton-repo through the same packaging stage; --device-memory checked on the plan from shapes, before any weight
+is read). Refuses what it does not stream yet (pruning, --quant auto, --static, TensorRT, pre-quantized
+checkpoints moec does not fold as they stream: moec-packed, fp8 ...): named, exit 2, with the in-memory compile
+as the way to get it.
 """
 
 from __future__ import annotations
@@ -48,8 +49,7 @@ from moec.pipeline import CompileOptions, CompileResult, _Stages, _workdir, chec
 STAGES = ("load", "recognise", "capture", "onnx_export", "plan", "stream_weights", "verify", "package")
 WRAPPER = "model."  # CausalLMLogits keeps the transformers model as `.model`: its names in the graph start so
 # Options the streamed compile does not take yet, with what they are.
-UNSTREAMED = {"prune_experts": "--prune-experts", "device_memory": "--device-memory", "static": "--static",
-              "tensorrt_aot": "--tensorrt-aot"}
+UNSTREAMED = {"prune_experts": "--prune-experts", "static": "--static", "tensorrt_aot": "--tensorrt-aot"}
 AUTO_FRACTION = 0.3  # auto: stream when the checkpoint's fp32 bytes exceed this share of available memory
 
 
@@ -231,6 +231,15 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
                    dim_names(captured.program, src.dynamic_shapes),
                    source_profiles(ranges, options.extra.get("max_shape"), src.derived_dims), src.derived_dims)
     del captured
+    fit = {}
+    if options.extra.get("device_memory"):  # from the captured shapes: refused before any weight is read
+        from moec.memory import parse_size
+        from moec.pipeline import fit_device_memory
+
+        experts = sum(p.spec.experts.num_experts * p.spec.experts.hidden * p.spec.experts.intermediate
+                      * (3 if p.spec.experts.gated else 2) * 4 for p in planned if p.fused)
+        fit = fit_device_memory(memory, parse_size(options.extra["device_memory"]),
+                                experts if spec is None and not half else 0)
     layers = _layer_report(planned, lowered)
     if options.require_fusion and layers["unfused"]:
         bad = [f"{l['path']}: {l.get('reason', '')}" for l in layers["layers"] if not l["fused"]]
@@ -336,7 +345,7 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
                                                                       "why": "the layer-by-layer check failed first"}},
             "weights_bytes": weights_bytes,
             "checkpoint": {"parameters": ck.numel, "stored_bytes": ck.nbytes, "files": identity["files"]},
-            "memory": memory.to_dict(),
+            "memory": {**memory.to_dict(), **fit},
             # the process's peak resident memory as each stage ended, and the stage that raised it last
             "compile_memory": {"peak_rss_bytes_after": dict(stage.peaks), "peak_stage": stage.peak_stage()},
             "files": sorted(os.path.relpath(f, tmp) for f in files) + ["golden/"],

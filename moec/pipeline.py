@@ -729,8 +729,7 @@ def plan_artifact_memory(model_path: str, dim_ranges: dict, options: CompileOpti
     import onnx
 
     from moec.analysis.plan_memory import PlanHooks, plan_memory
-    from moec.errors import DeviceMemoryError
-    from moec.memory import fit_check, human, parse_size, source_profiles
+    from moec.memory import parse_size, source_profiles
 
     budget = parse_size(options.extra["device_memory"]) if options.extra.get("device_memory") else None
     derived_dims = derived_dims or {}
@@ -743,26 +742,37 @@ def plan_artifact_memory(model_path: str, dim_ranges: dict, options: CompileOpti
         if not expert_bytes:
             expert_bytes = int(report.get("weights_bytes", 0) * 0.9) if report["moe_layers"]["fused"] else 0
         # no --quant advice where the artifact is quantized already or fp16 (which --quant does not combine with)
-        fit = fit_check(plan, budget, "max", 0 if report.get("quantization") or dtype_of(options) != "fp32"
-                        else expert_bytes)
-        out["device_memory"] = {"budget_bytes": budget, "fits": fit.fits, "total_at_max": fit.total_bytes}
-        if not fit.fits:
-            raise DeviceMemoryError(
-                f"the model does not fit in {human(budget)} at the max profile "
-                f"({', '.join(f'{k}={v}' for k, v in plan.profiles['max'].dims.items())}): it needs "
-                f"{human(fit.total_bytes)}, {human(fit.over_bytes)} too much (weights "
-                f"{human(plan.weights_bytes)}, activations {human(plan.profiles['max'].arena_bytes)}, "
-                f"workspace {human(plan.profiles['max'].workspace_bytes)}). What would fit: "
-                + ("; ".join(fit.suggestions) or "nothing moec can do on its own") + ". Nothing was written.")
-        per_instance = plan.profiles["max"].arena_bytes + plan.profiles["max"].workspace_bytes
-        out["derived"] = {
-            "triton_instances": max(1, min(4, (budget - plan.weights_bytes) // max(per_instance, 1))),
-            "tensorrt_workspace_bytes": plan.profiles["max"].workspace_bytes,
-        }
-        if "batch" in plan.dims:  # the largest batch that fits with the other dims at their max
-            from moec.memory import largest_fitting
+        out.update(fit_device_memory(plan, budget, 0 if report.get("quantization") or dtype_of(options) != "fp32"
+                                     else expert_bytes))
+    return out
 
-            out["derived"]["triton_max_batch_size"] = largest_fitting(plan, "batch", budget)
+
+def fit_device_memory(plan, budget: int, quantizable_bytes: int) -> dict:
+    """--device-memory against a memory plan at its max profile: what fits (and what Triton and TensorRT take
+    from it), or DeviceMemoryError with what would fit. `quantizable_bytes`: fp32 expert bytes --quant could
+    shrink (0: no such advice)."""
+    from moec.errors import DeviceMemoryError
+    from moec.memory import fit_check, human
+
+    fit = fit_check(plan, budget, "max", quantizable_bytes)
+    out: dict = {"device_memory": {"budget_bytes": budget, "fits": fit.fits, "total_at_max": fit.total_bytes}}
+    if not fit.fits:
+        raise DeviceMemoryError(
+            f"the model does not fit in {human(budget)} at the max profile "
+            f"({', '.join(f'{k}={v}' for k, v in plan.profiles['max'].dims.items())}): it needs "
+            f"{human(fit.total_bytes)}, {human(fit.over_bytes)} too much (weights "
+            f"{human(plan.weights_bytes)}, activations {human(plan.profiles['max'].arena_bytes)}, "
+            f"workspace {human(plan.profiles['max'].workspace_bytes)}). What would fit: "
+            + ("; ".join(fit.suggestions) or "nothing moec can do on its own") + ". Nothing was written.")
+    per_instance = plan.profiles["max"].arena_bytes + plan.profiles["max"].workspace_bytes
+    out["derived"] = {
+        "triton_instances": max(1, min(4, (budget - plan.weights_bytes) // max(per_instance, 1))),
+        "tensorrt_workspace_bytes": plan.profiles["max"].workspace_bytes,
+    }
+    if "batch" in plan.dims:  # the largest batch that fits with the other dims at their max
+        from moec.memory import largest_fitting
+
+        out["derived"]["triton_max_batch_size"] = largest_fitting(plan, "batch", budget)
     return out
 
 

@@ -574,10 +574,27 @@ def test_a_reading_the_experts_do_not_follow_is_refused_naming_the_layer(checkpo
 def test_a_triton_repository_entry_is_written_as_for_any_artifact(checkpoints, tmp_path):
     repo = tmp_path / "repo"
     assert _compile(checkpoints["qwen3_moe"], str(tmp_path / "out"), "--triton-repo", str(repo), "--model-name",
-                    "big") == 0
+                    "big", "--device-memory", "1GiB") == 0
     assert (repo / "big" / "config.pbtxt").is_file() and (repo / "big" / "1" / "model.onnx").is_file()
     report = json.load(open(tmp_path / "out" / "report.json"))
     assert report["triton"]["model_dir"] == str(repo / "big")
+    # --device-memory: checked on the plan from shapes; what it derives sizes the Triton model as in memory
+    memory = report["memory"]
+    assert memory["device_memory"]["fits"] and memory["device_memory"]["budget_bytes"] == 2**30
+    config = (repo / "big" / "config.pbtxt").read_text()
+    assert f"max_batch_size: {memory['derived']['triton_max_batch_size']}" in config
+    assert f"count: {memory['derived']['triton_instances']}" in config
+
+
+def test_a_device_memory_the_model_exceeds_is_refused_before_any_weight_is_read(checkpoints, tmp_path, capsys,
+                                                                                 monkeypatch):
+    read = []
+    monkeypatch.setattr(LazyCheckpoint, "materialise", lambda *a, **k: read.append(a))
+    out = tmp_path / "out"
+    assert _compile(checkpoints["qwen3_moe"], str(out), "--device-memory", "1MiB") == 19
+    err = capsys.readouterr().err
+    assert "does not fit in 1.00 MiB at the max profile" in err and "Nothing was written" in err
+    assert read == [] and not out.exists()
 
 
 def test_what_can_be_refused_is_refused_before_any_work(checkpoints, tmp_path, capsys):

@@ -7,7 +7,8 @@ Matches: an out-of-core compile given --calibration; its fused MoE layers whose 
   layer by layer (`LayerInputs.advance`): the layers before the one running are stood in for by what the last
   of them returned for each batch (`_Replay`), the one running is read at full precision with its MoE layers
   fused, and the model's own forward (masks, rotary embeddings, caches, its task wrapper) runs around it, stopped
-  once that layer returned. Batches of the same shape are run together (each run reads the layer's experts once).
+  once that layer returned. The batches are the in-memory compile's (at most 8 sequences each: attention's
+  intermediates grow with the batch); each run reads the layer's streamed experts once.
 Produces, per decoder layer: each fused layer's inputs [T, H] (the full-precision model's, as in memory), its
   routing statistics (moec.analysis.routing_stats, the report's `routing`), and, with --quant, the layer's codes
   from `CalibratedCodes`, a moec.quantize_streamed coder: moec.gptq.quantize_expert per expert (the in-memory
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from moec.analysis.routing_stats import LayerRouting, _accumulate
+from moec.errors import MoecError
 from moec.external_data import layer_key
 from moec.lazy_checkpoint import LazyCheckpoint, decoder_layers, release
 
@@ -66,25 +68,13 @@ class _Zeros(nn.Module):
         return torch.zeros(*ids.shape, self.hidden)
 
 
-def merge_batches(batches: list[tuple]) -> list[tuple]:
-    """Consecutive batches whose tensors agree on every dim but the first, concatenated (order kept)."""
-    merged: list[list[tuple]] = []
-    for batch in batches:
-        last = merged[-1][-1] if merged else None
-        if last is not None and all(a.dim() > 0 and a.shape[1:] == b.shape[1:] for a, b in zip(last, batch)):
-            merged[-1].append(batch)
-        else:
-            merged.append([batch])
-    return [tuple(torch.cat(parts) for parts in zip(*group)) if len(group) > 1 else group[0] for group in merged]
-
-
 class LayerInputs:
     def __init__(self, module: nn.Module, batches: list[tuple], ck: LazyCheckpoint,
                  prepare: Callable[[nn.Module, str], None], fused_paths: list[str], log: Callable[[str], None]):
         """`module`: the task's wrapper around a skeleton of the checkpoint's model (`.model`); `prepare(model, key)`
         reads a decoder layer at full precision with its MoE layers fused."""
         self.module, self.model = module, module.model
-        self.batches, self.ck, self.prepare, self.log = merge_batches(batches), ck, prepare, log
+        self.batches, self.ck, self.prepare, self.log = batches, ck, prepare, log
         self.fused_paths = fused_paths
         self.outputs: list = []  # per batch: what the last layer run returned
         self.next = 0  # the decoder layer whose turn it is
@@ -137,13 +127,16 @@ class LayerInputs:
                         self.module(*args)
                     except _Stop:
                         continue
+                    except MoecError:  # the checkpoint's own errors (a layer's experts are read as it runs)
+                        raise
                     except Exception as exc:
                         shapes = ", ".join(str(list(t.shape)) for t in args)
                         raise CalibrationError(f"--calibration: the model fails on calibration batch {b} (shape "
                                                f"{shapes}) at {key}: {type(exc).__name__}: {str(exc)[:300]}.") from exc
                     raise RuntimeError(f"calibration: {key} never ran on batch {b}")
                 for path, xs in inputs.items():  # once over all the tokens: each expert read once more
-                    _accumulate(stats[path], layers_fused[path], torch.cat(xs))
+                    inputs[path] = [torch.cat(xs)]
+                    _accumulate(stats[path], layers_fused[path], inputs[path][0])
         finally:
             for h in handles:
                 h.remove()
@@ -159,7 +152,7 @@ class LayerInputs:
         self.routing += list(stats.values())
         self.log(f"  {key}: calibration data carried through ({sum(int(a[0].shape[0]) for a in self.batches)} "
                  f"sequences in {len(self.batches)} run(s))")
-        return {path: torch.cat(xs) for path, xs in inputs.items()}
+        return {path: xs[0] for path, xs in inputs.items()}
 
     def _embeddings(self, index: int) -> nn.Module:
         """The input embeddings, read for the first layer (only their own tensor where it reads alone) and stood in
@@ -199,13 +192,17 @@ class CalibratedCodes:
         """moec.quantize_streamed.StreamedQuantizer.packed: a layer's arrays while it is written."""
         self.packed = packed
 
-    def use(self, path: str, fused, x: torch.Tensor) -> None:
-        """The layer's calibration inputs [T, H], as in memory (too few tokens for its experts: refused)."""
+    def use(self, path: str, fused, x: Optional[torch.Tensor]) -> None:
+        """The layer's calibration inputs [T, H], as in memory (too few tokens for its experts: refused; None: the
+        data never reached the layer, whose experts are then rounded to nearest)."""
         from moec.calibration import CalibrationError
         from moec.gptq import LayerChoice, min_tokens, route_tokens
         from moec.targets.onnxruntime.lower_moe_onnxruntime import plan_layer
 
         spec = fused.spec.experts
+        self.swiglu[path] = plan_layer(fused.spec, fused.spec.route.top_k).activation_type == "swiglu"
+        if x is None:
+            return
         if x.shape[0] < spec.num_experts:
             raise CalibrationError(
                 f"--calibration {self.calibration}: {x.shape[0]} calibration tokens reach {path}, fewer than its "
@@ -214,7 +211,6 @@ class CalibratedCodes:
         with torch.no_grad():
             routed = route_tokens(fused, x)
         self.layers[path] = (spec, routed, LayerChoice(needed=min_tokens(spec.hidden, spec.intermediate)))
-        self.swiglu[path] = plan_layer(fused.spec, fused.spec.route.top_k).activation_type == "swiglu"
 
     def codes(self, reader, path: str, e: int, stacked: dict, w) -> tuple:
         from moec.gptq import quantize_expert
@@ -251,10 +247,15 @@ class CalibratedCodes:
     def _arrays(self, path: str, prefix: str, e: int) -> dict[str, np.ndarray]:
         names = (prefix, f"{prefix}_scales", f"{prefix}_zero_points")
         if path in self.packed:  # being written
-            return {n: self.packed[path][n][e:e + 1] for n in names if n in self.packed[path]}
-        if self.written is None:
+            arrays = {n: self.packed[path][n][e:e + 1] for n in names if n in self.packed[path]}
+        elif self.written is not None:
+            arrays = {n: self.written.read(path, n, e) for n in names if self.written.has(path, n)}
+        else:
             raise RuntimeError(f"{path}: its calibrated codes are neither being written nor read back")
-        return {n: self.written.read(path, n, e) for n in names if self.written.has(path, n)}
+        if prefix not in arrays or f"{prefix}_scales" not in arrays:
+            raise RuntimeError(f"{path}: the artifact has no {prefix} codes and scales to read its calibrated "
+                               "experts back from")
+        return arrays
 
     def read_back(self, model_path: str) -> None:
         """From now on the codes come from the written artifact."""

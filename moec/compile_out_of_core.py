@@ -590,6 +590,8 @@ class LayerStreamer:
             self.ck.materialise(model, key, skip=skip)
         if not key and hasattr(model, "tie_weights"):
             model.tie_weights()
+        if self.dense is not None:  # where each Linear was read, before fusion moves shared experts
+            self.dense.remember(model, key)
         for path in self.fused_paths:
             if _group_of(path) != key:
                 continue
@@ -635,6 +637,7 @@ class LayerStreamer:
             inputs = self.calibration.advance(key) if self.calibration is not None else None
             self.prepare(self.model, key, record=True,  # calibrated codes need the inputs; routing alone not
                          calibration=inputs if self.coder is not None and hasattr(self.coder, "use") else None)
+            del inputs  # the codes are solved: the layer's calibration inputs are not kept while it is written
             if self.dense is not None:  # before the experts' lowering, as in memory (the paths are its)
                 self.dense.quantize(self.model, key, swap=True)
             layer = self.model.get_submodule(_layer_path(self.model, key))

@@ -44,6 +44,7 @@ class StreamedDense:
     given: GivenCodes = lambda path: None
     layers: list[dict] = field(default_factory=list)  # each Linear's outcome, as it was quantized
     _done: set = field(default_factory=set)
+    _read_as: dict = field(default_factory=dict)  # id(weight) -> the Linear's path as read, before fusion moved it
 
     @classmethod
     def from_meta(cls, result, options: dict, given: Optional[GivenCodes] = None) -> "StreamedDense":
@@ -65,10 +66,20 @@ class StreamedDense:
                 out.append((path, linear))
         return out
 
+    def remember(self, model: nn.Module, key: str) -> None:
+        """The group's Linears as read, before fusion moves them (a shared expert becomes `<mlp>.shared`): the
+        checkpoint names their codes by these paths."""
+        self._read_as = {id(m.weight): path for path, m in model.named_modules()
+                         if type(m) is nn.Linear and layer_key(path + ".") == key and not m.weight.is_meta}
+
     def _codes(self, path: str, linear: nn.Linear) -> Optional[QuantizedWeight]:
+        """The checkpoint's own codes for the Linear, when they dequantize to its weight and have the spec the
+        graph was captured with (the meta model had no codes to look at: other bits, blocks or symmetry are
+        rounded again at the graph's)."""
         from moec.targets.onnxruntime.quantize_dense import usable_codes
 
-        return usable_codes(self.given(path), linear)
+        given = usable_codes(self.given(self._read_as.get(id(linear.weight), path)), linear)
+        return given if given is not None and given.spec == self.spec else None
 
     def quantize(self, model: nn.Module, key: str, swap: bool) -> dict[str, torch.Tensor]:
         """The group's Linears in memory as MatMulNBits: swapped into `model` (`swap`), else their tensors by name
@@ -100,10 +111,10 @@ class StreamedDense:
             shared[id(p)] = shared.get(id(p), 0) + 1
         for path, linear in self._read(model, key):
             if shared[id(linear.weight)] > 1:  # a head tied to the embeddings: they keep their weight
-                weight = dense_reference(linear, self.spec, self._codes(path, linear))
+                weight = dense_reference(linear, self.spec, self._codes(path, linear), f"{path}.weight")
                 linear.weight = nn.Parameter(weight, requires_grad=False)
             else:  # overwritten: a large head is not held twice
-                dense_reference(linear, self.spec, self._codes(path, linear), in_place=True)
+                dense_reference(linear, self.spec, self._codes(path, linear), f"{path}.weight", in_place=True)
 
     def report(self) -> dict:
         """As the in-memory report's quantization.dense."""

@@ -179,7 +179,7 @@ class StreamedQuantizer:
                                           f"written on its real weights (relative L2 {err:.3g}); compile with "
                                           "--out-of-core off.")
             self.log(f"  {path}: fused on its real weights, experts read one at a time (validated)")
-            if calibration is not None:
+            if hasattr(self.coder, "use"):  # a calibrated coder: the layer's inputs (None: never reached)
                 self.coder.use(path, fused, calibration)
             outcome = self._quantize(fused, path, fp32, probe, beside)
             fused.quantized = QuantizedExperts(quantized_shape(fused.w_gate_up, self.spec, f"{path}.w_gate_up"),

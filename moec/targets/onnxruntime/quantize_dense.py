@@ -149,7 +149,7 @@ def quantize_linear(path: str, linear: nn.Linear, spec: QuantSpec, accuracy_leve
                                   experts=False, method="the checkpoint's codes" if given else "")
 
 
-def dense_reference(linear: nn.Linear, spec: QuantSpec, given: Optional[QuantizedWeight],
+def dense_reference(linear: nn.Linear, spec: QuantSpec, given: Optional[QuantizedWeight], name: str,
                     in_place: bool = False) -> torch.Tensor:
     """The weight MatMulNBits computes with for this Linear (`quantize_linear`'s codes, dequantized): the
     artifact's exact reference; `in_place`: written over the Linear's weight (no second copy of a large head).
@@ -157,7 +157,7 @@ def dense_reference(linear: nn.Linear, spec: QuantSpec, given: Optional[Quantize
     if given is not None:
         return linear.weight.detach()
     weight = linear.weight.detach()
-    return quantize_nbits(weight, spec, "weight", out=weight if in_place else None)[1]
+    return quantize_nbits(weight, spec, name, out=weight if in_place else None)[1]
 
 
 def given_codes(table, linear: nn.Linear) -> Optional[QuantizedWeight]:

@@ -369,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "shards)")
     c.add_argument("--static", action="store_true",
                    help="keep the example's shapes: a factory that gives no dynamic shapes otherwise gets batch "
-                        "(dim 0) and seq (dim 1) inferred by probing, listed in the report")
+                        "(dim 0) and seq (dim 1) inferred by probing, listed in the report; a Hugging Face "
+                        "directory compiles as the logits graph at its example's shapes")
     c.add_argument("--task", choices=["text-generation", "logits"], default=None,
                    help="for causal LMs: text-generation (a decoder with a KV cache that onnxruntime-genai loads, "
                         "with genai_config.json; the default for Hugging Face directories and transformers "

@@ -135,7 +135,8 @@ def causal_lm_source(model: nn.Module, identity: str, batch: int = 2, seq: int =
 
 
 def load_source(source: Optional[str], static: bool = False, task: Optional[str] = None) -> LoadedSource:
-    """`static`: keep a factory's example shapes when it gives no dynamic shapes (--static).
+    """`static`: keep a factory's example shapes when it gives no dynamic shapes, and compile a Hugging Face
+    directory as the logits graph at its example's shapes (--static).
     `task`: "text-generation" (a KV-cache decoder; the default for Hugging Face directories and transformers
     factories) or "logits" (input_ids -> logits; the default for the built-in demo). Other sources have no
     task and refuse "text-generation"."""
@@ -146,7 +147,14 @@ def load_source(source: Optional[str], static: bool = False, task: Optional[str]
             return as_task(mixtral_demo().module.model, "builtin:mixtral-demo", task, "the built-in demo")
         return mixtral_demo()
     if os.path.isdir(source):
-        return load_hf_dir(source, task)
+        if not static:
+            return load_hf_dir(source, task)
+        # --static asks for the logits graph at the example's shapes, as for a factory's causal LM
+        refuse_generation_static(task, f"'{source}'")
+        src = load_hf_dir(source, "logits")
+        src.dynamic_shapes = None
+        src.notes.append("--static: input_ids -> logits at the example's shapes (no dynamic dims)")
+        return src
     if source.endswith(".pt2"):
         refuse_generation(task, f"'{source}' is a torch.export program, not a transformers causal LM")
         return load_pt2(source)
@@ -168,6 +176,12 @@ def as_task(model: nn.Module, identity: str, task: Optional[str], what: str,
     if task != "logits":
         raise SourceError(f"unknown task '{task}' for {what}; expected text-generation or logits.")
     return causal_lm_source(model, identity, example=example)
+
+
+def refuse_generation_static(task: Optional[str], what: str) -> None:
+    if task == "text-generation":
+        raise SourceError(f"--static with --task text-generation for {what}: a text-generation artifact has its own "
+                          "dynamic dims (batch, seq, past, total). Drop --static, or compile with --task logits.")
 
 
 def refuse_generation(task: Optional[str], why: str) -> None:

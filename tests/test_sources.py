@@ -51,6 +51,17 @@ def test_hugging_face_directory_loads_offline(tmp_path):
     assert result.report["numerics"]["passed"]
 
 
+def test_static_compiles_a_hugging_face_directory_at_its_example_shapes(tmp_path):
+    """--static on a directory: the logits graph with no dynamic dims (it used to be ignored there, while
+    capture errors suggest it); with --task text-generation it is refused, the cache's dims being dynamic."""
+    zoo.build_hf_model("qwen3_moe").save_pretrained(tmp_path / "qwen3")
+    src = load_source(str(tmp_path / "qwen3"), static=True)
+    assert src.dynamic_shapes is None and src.output_names == ["logits"]
+    assert any("--static" in n for n in src.notes)
+    with pytest.raises(SourceError, match="--static with --task text-generation"):
+        load_source(str(tmp_path / "qwen3"), static=True, task="text-generation")
+
+
 def test_directory_without_config_is_rejected(tmp_path):
     with pytest.raises(SourceError, match="no config.json"):
         load_source(str(tmp_path))

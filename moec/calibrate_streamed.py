@@ -36,6 +36,7 @@ from moec.analysis.routing_stats import LayerRouting, _accumulate
 from moec.errors import MoecError
 from moec.external_data import layer_key
 from moec.lazy_checkpoint import LazyCheckpoint, decoder_layers, release
+from moec.quantize_streamed import Coder
 
 
 class _Stop(Exception):
@@ -171,12 +172,12 @@ class LayerInputs:
         self.outputs = []
 
 
-class CalibratedCodes:
+class CalibratedCodes(Coder):
     """moec.quantize_streamed's coder with --calibration: each expert GPTQ-solved on its routed calibration tokens
     (`use(path, fused, x)` gives a layer's inputs before its experts are coded)."""
 
     method = "gptq (calibrated)"
-    exact = False
+    calibrated = True
     reference = ("the dequantized model, layer by layer (each layer's experts calibrated on the calibration data "
                  "and dequantized; the codes read back as written)")
 
@@ -260,9 +261,6 @@ class CalibratedCodes:
     def read_back(self, model_path: str) -> None:
         """From now on the codes come from the written artifact."""
         self.written = ArtifactTensors(model_path)
-
-    def done(self) -> None:
-        """Nothing kept between experts."""
 
 
 class ArtifactTensors:

@@ -213,11 +213,10 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
             from moec.passes.cast_precision import KeepFloatIO
 
             graph_module = KeepFloatIO(src.module.to(torch.float16), torch.float16)
-        return meta.planned, meta.lowered, meta.notes, meta.dense, src, capture(
-            graph_module, tuple(a.to("meta") for a in src.example_args), src.dynamic_shapes)
+        return meta, src, capture(graph_module, tuple(a.to("meta") for a in src.example_args), src.dynamic_shapes)
 
-    planned, lowered, notes, dense_result, src, captured = stage(
-        "capture", "capturing the real-sized graph on the meta device", build_graph_model)
+    meta, src, captured = stage("capture", "capturing the real-sized graph on the meta device", build_graph_model)
+    planned, lowered, notes = meta.planned, meta.lowered, meta.notes
     program = stage("onnx_export", "converting to ONNX (no weight bytes)", to_onnx, captured, src.input_names,
                     src.output_names, src.dynamic_shapes, target.translations())
     # with what capture and conversion rewrote (complex RoPE, selective scans), as the in-memory report says
@@ -236,8 +235,7 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         from moec.memory import parse_size
         from moec.pipeline import fit_device_memory
 
-        experts = sum(p.spec.experts.num_experts * p.spec.experts.hidden * p.spec.experts.intermediate
-                      * (3 if p.spec.experts.gated else 2) * 4 for p in planned if p.fused)
+        experts = sum(w.bytes_at("fp32") for w in meta.weights)  # what --quant would shrink (advice)
         fit = fit_device_memory(memory, parse_size(options.extra["device_memory"]),
                                 experts if spec is None and not half else 0)
     layers = _layer_report(planned, lowered)
@@ -253,10 +251,10 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         coder = CalibratedCodes(spec, calibration)
     notes += prequant.notes if prequant is not None else []
     dense = None
-    if dense_result is not None:  # --quant-dense: the Linears the graph holds as MatMulNBits, made as they stream
+    if meta.dense is not None:  # --quant-dense: the Linears the graph holds as MatMulNBits, made as they stream
         from moec.quantize_dense_streamed import StreamedDense
 
-        dense = StreamedDense.from_meta(dense_result, options.extra, getattr(prequant, "dense_codes", None))
+        dense = StreamedDense.from_meta(meta.dense, options.extra, getattr(prequant, "dense_codes", None))
     streamer = LayerStreamer(ck, weights_model, planned, kinds, spec, lowering, options.extra, options.log,
                              WRAPPER * (2 if half else 1), coder, dense)
     calibrated = None
@@ -277,7 +275,7 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         weights_bytes = sum(os.path.getsize(f) for f in files[1:])
         if streamer.calibration is not None:
             streamer.calibration.done()
-            if hasattr(streamer.coder, "read_back"):  # the calibrated codes, solved once, read back as written
+            if streamer.coder is not None:  # calibrated codes, solved once, are read back as written
                 streamer.coder.read_back(model_path)
         generation = None
         if getattr(src, "info", None) is not None:
@@ -558,7 +556,7 @@ class LayerStreamer:
             from moec.quantize_streamed import StreamedQuantizer
 
             self.streaming = StreamedQuantizer(ck, ck.config(), model, planned, kinds, spec, log, coder)
-            if coder is not None and hasattr(coder, "check_folded"):  # a checkpoint's own codes
+            if coder is not None and coder.exact:  # a checkpoint's own codes
                 unstreamed = [p for p in self.fused_paths if not self.streaming.streams(p)]
                 if unstreamed:  # the fallback below (self.quantize) would re-quantize the checkpoint's weights
                     raise MoecError(f"{unstreamed[0]}: its experts can't be read one at a time, so their checkpoint "
@@ -567,7 +565,7 @@ class LayerStreamer:
                 coder.check_folded(self.fused_paths)  # an unfused layer would be written as its decoded fp32 stack
         self.coder = self.streaming.coder if self.streaming is not None else None
         self.calibration = None  # --calibration: moec.calibrate_streamed.LayerInputs, carried along as layers stream
-        if self.coder is not None and hasattr(self.coder, "use"):
+        if self.coder is not None and self.coder.calibrated:
             whole = [p for p in self.fused_paths if not self.streaming.streams(p)]
             if whole:  # its calibrated codes could not be read back as written for the verification's reference
                 raise MoecError(f"{whole[0]}: its experts are read whole, not one at a time; --calibration with "
@@ -636,7 +634,7 @@ class LayerStreamer:
         try:
             inputs = self.calibration.advance(key) if self.calibration is not None else None
             self.prepare(self.model, key, record=True,  # calibrated codes need the inputs; routing alone not
-                         calibration=inputs if self.coder is not None and hasattr(self.coder, "use") else None)
+                         calibration=inputs if self.coder is not None and self.coder.calibrated else None)
             del inputs  # the codes are solved: the layer's calibration inputs are not kept while it is written
             if self.dense is not None:  # before the experts' lowering, as in memory (the paths are its)
                 self.dense.quantize(self.model, key, swap=True)

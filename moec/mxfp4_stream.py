@@ -35,6 +35,7 @@ from moec.lazy_checkpoint import Encoded, LazyCheckpoint
 from moec.errors import SourceError
 from moec.mxfp4_checkpoint import BLOCK, FORMAT, PARTS, Mxfp4Tensor, check_against_model, decode, folded_spec
 from moec.quant import QuantError, QuantizedWeight
+from moec.quantize_streamed import Coder
 
 SUFFIXES = ("_blocks", "_scales")
 FP16_EXPONENTS = (104, 143)  # 2^(e - 128) from 2^-24 (fp16's smallest subnormal) to 2^15
@@ -139,7 +140,7 @@ def mxfp4_parameters(ck: LazyCheckpoint) -> int:
     return numel
 
 
-class CheckpointCodes:
+class CheckpointCodes(Coder):
     """moec.quantize_streamed's coder: the checkpoint's MXFP4 codes, in the fused layer's layout (the base of
     moec.packed_stream.PackedCodes too: `stream` is what found the checkpoint's quantized experts)."""
 

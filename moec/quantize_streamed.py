@@ -35,7 +35,36 @@ from moec.stream_experts import (ExpertReader, StreamedExperts, StreamedLayer, b
                                  stacked_names)
 
 
-class RoundToNearest:
+class Coder:
+    """What StreamedQuantizer asks of a coder, with the defaults of one that needs nothing more: `codes` and
+    `dequantized` per expert (each coder's own), and the hooks below."""
+
+    method: str  # how the codes were chosen, for the report
+    exact = False  # True: the codes are a checkpoint's, checked to dequantize to exactly the fp32 weights
+    calibrated = False  # True: given each layer's calibration inputs (`use`), its codes read back as written
+    reference: str  # what the verification's reference is
+
+    def attach(self, packed: dict) -> None:
+        """StreamedQuantizer.packed: each layer's arrays while it is written."""
+
+    def use(self, path: str, fused, x: Optional[torch.Tensor]) -> None:
+        """A layer's calibration inputs [T, H] before its experts are coded (None: none reached it)."""
+
+    def describe(self, path: str) -> str:
+        """How the layer's codes were chosen, once all its experts were coded."""
+        return self.method
+
+    def read_back(self, model_path: str) -> None:
+        """The artifact is written: codes that must be read back come from `model_path` from now on."""
+
+    def check_folded(self, fused_paths: list[str]) -> None:
+        """Every expert the coder has codes for is in a fused layer."""
+
+    def done(self) -> None:
+        """Nothing kept between experts."""
+
+
+class RoundToNearest(Coder):
     """The default coder: each expert quantized round-to-nearest at `spec` (separable per expert)."""
 
     method = "round-to-nearest"
@@ -56,9 +85,6 @@ class RoundToNearest:
 
         q1, q2 = self.codes(None, path, e, {}, w)
         return replace(w, w_gate_up=dequantize(q1), w_down=dequantize(q2))
-
-    def done(self) -> None:
-        """Nothing kept between experts."""
 
 
 def checked_codes(path: str, e: int, spec, w: ExpertWeights, codes: ExpertWeights, scales: ExpertWeights,
@@ -92,8 +118,7 @@ class StreamedQuantizer:
         layers = [l for l in (self._streamable(model, p) for p in self.planned.values()) if l is not None]
         self.reader = ExpertReader(ck, config, layers, log) if layers else None
         self.packed: dict[str, dict[str, np.ndarray]] = {}  # per layer being written: the lowered layer's buffers
-        if hasattr(self.coder, "attach"):  # a coder whose reference reads the codes as written (calibrated)
-            self.coder.attach(self.packed)
+        self.coder.attach(self.packed)
 
     def streams(self, path: str) -> bool:
         return self.reader is not None and path in self.reader.layers
@@ -179,8 +204,7 @@ class StreamedQuantizer:
                                           f"written on its real weights (relative L2 {err:.3g}); compile with "
                                           "--out-of-core off.")
             self.log(f"  {path}: fused on its real weights, experts read one at a time (validated)")
-            if hasattr(self.coder, "use"):  # a calibrated coder: the layer's inputs (None: never reached)
-                self.coder.use(path, fused, calibration)
+            self.coder.use(path, fused, calibration)
             outcome = self._quantize(fused, path, fp32, probe, beside)
             fused.quantized = QuantizedExperts(quantized_shape(fused.w_gate_up, self.spec, f"{path}.w_gate_up"),
                                                quantized_shape(fused.w_down, self.spec, f"{path}.w_down"))
@@ -242,8 +266,8 @@ class StreamedQuantizer:
             rel_l2, cosine = s.rel_l2, s.cosine
         fp_bytes = layer.num_experts * (fused.w_gate_up[0].numel() + fused.w_down[0].numel()) * 4
         quantized = sum(a.nbytes for name, a in self.packed[path].items())
-        method = self.coder.describe(path) if hasattr(self.coder, "describe") else self.coder.method
-        return QuantizationOutcome(path, spec.name, fp_bytes, quantized, rel_l2, cosine, method=method).to_dict()
+        return QuantizationOutcome(path, spec.name, fp_bytes, quantized, rel_l2, cosine,
+                                   method=self.coder.describe(path)).to_dict()
 
     def fill_lowered(self, model: nn.Module, path: str) -> None:
         """Give the lowered QMoE layer at `path` its packed codes."""

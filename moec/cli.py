@@ -112,7 +112,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                f"{p['auto']['uniform_removed']})" if p["mode"] == "auto" else f"{p['fraction']:g} per layer")
         print(f"pruned experts: {p['experts_before']} -> {p['experts_after']} by {p['by']}, {how}; expert weights "
               f"{p['weight_bytes_before'] / 2**20:.1f} MiB -> {p['weight_bytes_after'] / 2**20:.1f} MiB; vs the unpruned "
-              f"model on the calibration data: relative L2 {d['rel_l2']:.3g}, top-1 agreement {d['top1_agreement']:.1%}")
+              f"model on {p.get('vs_unpruned_on', 'the calibration data')}: relative L2 {d['rel_l2']:.3g}, top-1 agreement {d['top1_agreement']:.1%}")
         for l in p["layers"]:
             if l.get("reason") and not l["removed"]:
                 print(f"  note: {l['path']}: {l['reason']}")

@@ -49,7 +49,7 @@ from moec.pipeline import CompileOptions, CompileResult, _Stages, _workdir, chec
 STAGES = ("load", "recognise", "capture", "onnx_export", "plan", "stream_weights", "verify", "package")
 WRAPPER = "model."  # CausalLMLogits keeps the transformers model as `.model`: its names in the graph start so
 # Options the streamed compile does not take yet, with what they are.
-UNSTREAMED = {"prune_experts": "--prune-experts", "static": "--static", "tensorrt_aot": "--tensorrt-aot"}
+UNSTREAMED = {"static": "--static", "tensorrt_aot": "--tensorrt-aot"}
 AUTO_FRACTION = 0.3  # auto: stream when the checkpoint's fp32 bytes exceed this share of available memory
 
 
@@ -121,6 +121,8 @@ def check_streamable(options: CompileOptions) -> None:
     asked = [flag for key, flag in UNSTREAMED.items() if options.extra.get(key) not in (None, False)]
     if options.extra.get("quant") == "auto":
         asked.append("--quant auto")
+    if options.extra.get("prune_experts") == "auto":  # its sensitivities are whole-model runs, one per layer and count
+        asked.append("--prune-experts auto (a FRACTION streams)")
     if options.target != "onnxruntime":
         asked.append(f"--target {options.target}")
     if not options.fuse:
@@ -257,6 +259,10 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         dense = StreamedDense.from_meta(meta.dense, options.extra, getattr(prequant, "dense_codes", None))
     streamer = LayerStreamer(ck, weights_model, planned, kinds, spec, lowering, options.extra, options.log,
                              WRAPPER * (2 if half else 1), coder, dense)
+    if meta.pruned is not None:  # which experts go is chosen from each layer's routing as it streams
+        from moec.prune_streamed import StreamedPruning
+
+        streamer.prune(StreamedPruning.from_meta(meta.pruned, options.extra))
     calibrated = None
     if calibration:  # the data carried through the model as its layers stream (moec.calibrate_streamed)
         from moec.calibrate_streamed import LayerInputs
@@ -294,9 +300,11 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         if spec is not None:
             tolerance = 3e-2 if target.quantizes_activations(options) else options.tolerance
             prepare = streamer.prepare
-        else:
-            tolerance, prepare = options.tolerance, None
+        else:  # pruned: the reference is the pruned model, and the error against fp32 is against the unpruned one
+            tolerance, prepare = options.tolerance, streamer.prepare if streamer.pruning is not None else None
         against = prequant.against if prequant is not None else None
+        if streamer.pruning is not None:
+            against = "the pruned model"
         if dense is not None:
             against = (f"{against}, the other Linears as MatMulNBits dequantizes them" if against else
                        "the dequantized reference")
@@ -312,6 +320,10 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
                          reference_is_fp32=prequant is not None and not half and dense is None)
         if streamer.streaming is not None:
             streamer.streaming.done()
+        pruning = None
+        if streamer.pruning is not None:
+            pruning = streamer.pruning.report(verified.vs_fp32)
+            check_pruning_budget(options.extra.get("accuracy_budget"), pruning)
         if spec is not None:
             quant = quantization_report(streamer.quantized, spec, verified, tolerance, streamer.coder,
                                         target.quantizes_activations(options), dense)
@@ -334,7 +346,7 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
             "model": {"source": source, "identity": f"hf:{os.path.abspath(source)}",
                       "checkpoint_headers_sha256": identity["checkpoint_headers_sha256"]},
             "capture": {"method": "torch.export (non-strict) on the meta device", "notes": notes},
-            "graph": graph, "moe_layers": layers, "quantization": quant, "generation": generation,
+            "graph": graph, "moe_layers": layers, "quantization": quant, "pruning": pruning, "generation": generation,
             "calibration": None if calibrated is None else {"data": calibrated.description,
                                                             "tokens": calibrated.tokens},
             "routing": None if streamer.calibration is None else [l.to_dict() for l in streamer.calibration.routing],
@@ -417,6 +429,22 @@ def index_checkpoint(source: str, method: Optional[str], options: CompileOptions
     prequant.check_model(ck.skeleton(hf.config))  # on the meta device: shapes only
     prequant.scan(options.log, fp16_scales=dtype_of(options) == "fp16")
     return ck, hf, prequant, identity
+
+
+def check_pruning_budget(budget, pruning: dict) -> None:
+    """--accuracy-budget with --prune-experts FRACTION bounds the pruned model's distance from the unpruned one, as in
+    memory (there on the calibration data; here on the verification inputs): AccuracyBudgetError, nothing written."""
+    d = pruning["vs_unpruned"]
+    if budget is None or d["rel_l2"] <= float(budget):
+        return
+    from moec.errors import AccuracyBudgetError
+
+    worst = sorted(pruning["layers"], key=lambda l: -l["removed_share"])[:3]
+    raise AccuracyBudgetError(
+        f"--accuracy-budget {float(budget):g}: pruning {pruning['fraction']:g} of the experts (by {pruning['by']}) moves "
+        f"the logits by relative L2 {d['rel_l2']:.3g} against the unpruned model on {pruning['vs_unpruned_on']} "
+        f"(top-1 agrees on {d['top1_agreement']:.1%}). Layers losing the most: "
+        f"{', '.join(l['path'] for l in worst)}. Try a smaller fraction; nothing was written.")
 
 
 def in_fp16(prepare: Callable[[nn.Module, str], None]) -> Callable[[nn.Module, str], None]:
@@ -565,12 +593,23 @@ class LayerStreamer:
                 coder.check_folded(self.fused_paths)  # an unfused layer would be written as its decoded fp32 stack
         self.coder = self.streaming.coder if self.streaming is not None else None
         self.calibration = None  # --calibration: moec.calibrate_streamed.LayerInputs, carried along as layers stream
+        self.pruning = None  # --prune-experts FRACTION: moec.prune_streamed.StreamedPruning (see `prune`)
         if self.coder is not None and self.coder.calibrated:
             whole = [p for p in self.fused_paths if not self.streaming.streams(p)]
             if whole:  # its calibrated codes could not be read back as written for the verification's reference
                 raise MoecError(f"{whole[0]}: its experts are read whole, not one at a time; --calibration with "
                                 "--quant calibrates only layers whose experts stream out of core. Compile with "
                                 "--out-of-core off. Nothing was written.")
+
+    def prune(self, pruning) -> None:
+        """Prune the fused layers as they are read (moec.prune_streamed); not yet where experts stream one at a time."""
+        one_at_a_time = [p for p in self.fused_paths if self.streaming is not None and self.streaming.streams(p)
+                         and pruning.counts.get(p, (0, ""))[0]]
+        if one_at_a_time:
+            raise MoecError(f"--prune-experts: {one_at_a_time[0]}'s experts are read one expert at a time (quantized "
+                            "as they stream), which pruning out of core does not do yet; compile with --out-of-core "
+                            "off, or prune without --quant. Nothing was written.")
+        self.pruning = pruning
 
     def _streamed(self, key: str) -> list[str]:
         return [p for p in self.fused_paths if _group_of(p) == key and self.streaming is not None
@@ -601,6 +640,8 @@ class LayerStreamer:
                     self.quantized.append(outcome)
                 continue
             fused = self.fuse_real(model, path, record)
+            if self.pruning is not None:  # before quantization, as the passes run in memory
+                self.pruning.apply(fused, path, record)
             if self.spec is not None:
                 self.quantize(path, fused, record)
         if self.dense is not None and not record:  # the reference: what MatMulNBits computes with
@@ -633,6 +674,11 @@ class LayerStreamer:
             return
         try:
             inputs = self.calibration.advance(key) if self.calibration is not None else None
+            if self.pruning is not None:  # ranked on the routing the data just had through the layer unpruned
+                stats = {r.path: r for r in self.calibration.routing}
+                for planned in self.planned:
+                    if planned.fused and _group_of(planned.path) == key:
+                        self.pruning.choose(planned.path, planned.spec, stats.get(planned.path))
             self.prepare(self.model, key, record=True,  # calibrated codes need the inputs; routing alone not
                          calibration=inputs if self.coder is not None and self.coder.calibrated else None)
             del inputs  # the codes are solved: the layer's calibration inputs are not kept while it is written

@@ -254,13 +254,16 @@ class MetaModel:
     lowered: list  # the lowering passes' outcomes (LoweringOutcome), one per fused layer
     notes: list[str]  # the experts-implementation switch for layers left unfused
     dense: Optional[PassResult] = None  # --quant-dense: quantize_dense's result (its Linears, shapes only)
+    # --prune-experts FRACTION: per fused layer, (experts removed, why it was left whole); the graph has the kept count
+    pruned: Optional[dict] = None
 
 
 def build_on_meta(hf: HFConfig, kinds: dict[tuple, MiniatureOutcome], lowering: list, options: Optional[dict] = None,
                   spec=None) -> MetaModel:
     """Build the config's model on the meta device, fuse every layer of a recognised kind (with a QuantSpec
     `spec`, give it codes of the right shapes), run the target's `lowering` passes, and make unfused experts
-    exportable: the graph `moec plan` plans and an out-of-core compile captures."""
+    exportable: the graph `moec plan` plans and an out-of-core compile captures. With --prune-experts FRACTION
+    in `options`, each prunable layer has the experts it keeps (passes.prune_experts.prune_shapes)."""
     from moec.moe_layer import QuantizedExperts
     from moec.passes.base import PassContext
     from moec.passes.layers import iter_fused
@@ -271,6 +274,11 @@ def build_on_meta(hf: HFConfig, kinds: dict[tuple, MiniatureOutcome], lowering: 
         full = hf.model_class(hf.config).eval()
     parameters = sum(p.numel() for p in full.parameters())
     planned, weights = fuse_on_meta(full, kinds)
+    pruned = None
+    if (options or {}).get("prune_experts") is not None:  # before quantization, as the passes run in memory
+        from moec.passes.prune_experts import prune_shapes
+
+        pruned = prune_shapes(full, options["prune_experts"])
     if spec is not None:
         for path, fused in iter_fused(full):
             fused.quantized = QuantizedExperts(quantized_shape(fused.w_gate_up, spec, f"{path}.w_gate_up"),
@@ -283,7 +291,8 @@ def build_on_meta(hf: HFConfig, kinds: dict[tuple, MiniatureOutcome], lowering: 
         o = by_path.get(layer.path)
         if o is not None:
             layer.lowered_to = o.lowered_to + (f" ({o.reason})" if o.reason else "")
-    return MetaModel(full, parameters, planned, weights, lowered, make_unfused_experts_exportable(full, {}), dense)
+    return MetaModel(full, parameters, planned, weights, lowered, make_unfused_experts_exportable(full, {}), dense,
+                     pruned)
 
 
 def plan_model(source: str, task: Optional[str] = None, max_shape: Optional[dict[str, int]] = None,

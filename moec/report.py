@@ -115,14 +115,14 @@ def pruning_summary(records: list[PassRecord]) -> Optional[dict]:
         return None
     layers = [o.to_dict() for o in rec.layers if isinstance(o, PruneOutcome)]
     summary = {k: v for k, v in rec.details.items() if k != "layers"}
-    summary.update(
-        layers=layers,
-        experts_before=sum(l["experts_before"] for l in layers),
-        experts_after=sum(l["experts_after"] for l in layers),
-        weight_bytes_before=sum(l["weight_bytes_before"] for l in layers),
-        weight_bytes_after=sum(l["weight_bytes_after"] for l in layers),
-    )
+    summary.update(pruning_totals(layers))
     return summary
+
+
+def pruning_totals(layers: list[dict]) -> dict:
+    """The pruning entry's layers (PruneOutcome.to_dict) and their totals."""
+    return {"layers": layers, **{k: sum(l[k] for l in layers) for k in
+                                 ("experts_before", "experts_after", "weight_bytes_before", "weight_bytes_after")}}
 
 
 def versions() -> dict:

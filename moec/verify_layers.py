@@ -126,8 +126,11 @@ def verify_layer_by_layer(model_path: str, ck: LazyCheckpoint, tolerance: float,
             layers.append(LayerError(key, float(best.rel_l2), float(best.max_abs)))
         vs_fp32 = None
         if fp32 is not None:
-            c = compare_tensors(fp32[0], torch.from_numpy(run.outputs[output_names[0]]))
-            vs_fp32 = {"rel_l2": float(c.rel_l2), "cosine": float(c.cosine), "max_abs": float(c.max_abs)}
+            got = torch.from_numpy(run.outputs[output_names[0]])
+            c = compare_tensors(fp32[0], got)
+            vs_fp32 = {"rel_l2": float(c.rel_l2), "cosine": float(c.cosine), "max_abs": float(c.max_abs),
+                       # how often the top-1 (argmax of the last dim) still agrees: pruning's report gives it
+                       "top1_agreement": float((fp32[0].argmax(-1) == got.argmax(-1)).float().mean())}
         probes.append(ProbeResult(name, feeds, {n: run.outputs[n] for n in output_names},
                                   float(errors[worst].rel_l2), float(errors[worst].max_abs), worst, layers, vs_fp32,
                                   {n: e.detach().numpy() for n, e in zip(output_names, eager)}))

@@ -108,19 +108,70 @@ def scores_of(stats: LayerRouting, by: str, seed: int) -> list[float]:
 
 def layer_plan(fused: FusedMoE, stats: LayerRouting, by: str, seed: int) -> LayerPlan:
     """Removal order for one layer: lowest score first (ties: lower index first)."""
-    r = fused.spec.route
-    e = fused.spec.experts.num_experts
-    n_group = max(1, r.n_group)
-    size = e // n_group
+    return plan_of(fused.spec, stats, by, seed)
+
+
+def plan_of(spec, stats: LayerRouting, by: str, seed: int) -> LayerPlan:
+    """layer_plan from the layer's MoESpec (an out-of-core compile ranks a layer before it is fused for writing)."""
+    e = spec.experts.num_experts
+    n_group, size, max_units = group_limits(spec)
     scores = scores_of(stats, by, seed)
     total = sum(scores) or 1.0
     per_group = [sorted(range(g * size, (g + 1) * size), key=lambda i: (scores[i], i)) for g in range(n_group)]
     units = tuple(tuple(group[u] for group in per_group) for u in range(size))
     shares = tuple(sum(scores[i] for i in unit) / total for unit in units)
+    return LayerPlan(stats.path, e, units, shares, max_units, size)
+
+
+def group_limits(spec) -> tuple[int, int, int]:
+    """(groups, experts per group, how many units of removal the layer allows)."""
+    r = spec.route
+    n_group = max(1, r.n_group)
+    size = spec.experts.num_experts // n_group
     # Grouped routing ranks groups by the sum of their two best experts: keep at least two per group
     # (and enough groups' worth for top-k), or the pruned model would rank groups by another rule.
     keep_min = max(2, math.ceil(r.top_k / max(1, r.topk_group))) if n_group > 1 else r.top_k
-    return LayerPlan(stats.path, e, units, shares, max(0, size - keep_min), size)
+    return n_group, size, max(0, size - keep_min)
+
+
+def fraction_units(mode, path: str, spec) -> int:
+    """Units a FRACTION removes from the layer (floor(FRACTION x experts per group)); PruneError when that leaves
+    fewer experts than the routing needs, naming the layer and the largest fraction it allows."""
+    n_group, size, max_units = group_limits(spec)
+    n = int(math.floor(float(mode) * size + 1e-9))
+    if n > max_units:
+        r = spec.route
+        kept = spec.experts.num_experts - n * n_group
+        raise PruneError(
+            f"--prune-experts {mode}: {path} would keep {kept} of its {spec.experts.num_experts} experts, fewer than "
+            f"its routing needs (top-{r.top_k}" + (f" from {r.topk_group} groups" if n_group > 1 else "")
+            + f"); the largest fraction this layer allows is {max_units / size:.3g}. Nothing was written.")
+    return n
+
+
+def unprunable(fused: FusedMoE) -> str:
+    """Why a layer can't be pruned ("" when it can), whatever the calibration data."""
+    renumbered = [a for a in fused.spec.output.aux if a in ("logits", "topk_ids", "dense_scores")]
+    if fused.spec.route is None:
+        return "routing kept as the model wrote it (a router module moec can't shrink); layer left whole"
+    if renumbered:
+        return (f"the layer also returns its router's {', '.join(renumbered)}, which pruning would resize and "
+                "renumber; layer left whole")
+    return ""
+
+
+def prune_shapes(module: nn.Module, fraction) -> dict[str, tuple[int, str]]:
+    """On a model built on the meta device (an out-of-core compile's graph), each prunable fused layer sliced to
+    the count FRACTION keeps: the shapes only, since which experts go is chosen later, from each layer's routing
+    as its weights stream. Returns {path: (experts removed, why left whole)}; PruneError as the pass raises it."""
+    out = {}
+    for path, fused in [(p, m) for p, m in module.named_modules() if isinstance(m, FusedMoE)]:
+        why = unprunable(fused)
+        n = 0 if why else fraction_units(fraction, path, fused.spec) * group_limits(fused.spec)[0]
+        if n:
+            _assign(fused, _sliced(fused, range(fused.spec.experts.num_experts - n)))
+        out[path] = (n, why or ("" if n else "no expert removed at this fraction"))
+    return out
 
 
 # ----------------------------------------------------------------------------- slicing a layer
@@ -232,13 +283,8 @@ class PruneExperts(Pass):
         plans: dict[str, LayerPlan] = {}
         skipped: dict[str, str] = {}
         for i, (path, fused) in enumerate((p, m) for p, m in module.named_modules() if isinstance(m, FusedMoE)):
-            renumbered = [a for a in fused.spec.output.aux if a in ("logits", "topk_ids", "dense_scores")]
-            if fused.spec.route is None:
-                skipped[path] = ("routing kept as the model wrote it (a router module moec can't shrink); "
-                                 "layer left whole")
-            elif renumbered:
-                skipped[path] = (f"the layer also returns its router's {', '.join(renumbered)}, which pruning would "
-                                 "resize and renumber; layer left whole")
+            if unprunable(fused):
+                skipped[path] = unprunable(fused)
             elif path not in stats or stats[path].tokens == 0:
                 skipped[path] = "the calibration data never reached this layer; layer left whole"
             else:
@@ -255,19 +301,7 @@ class PruneExperts(Pass):
             details["auto"] = auto
         else:
             details["fraction"] = float(mode)
-            units = {}
-            for path, plan in plans.items():
-                n = plan.units_for_fraction(float(mode))
-                if n > plan.max_units:
-                    allowed = plan.max_units / plan.group_size
-                    kept = plan.num_experts - n * (plan.num_experts // plan.group_size)
-                    raise PruneError(
-                        f"--prune-experts {mode}: {path} would keep {kept} of its {plan.num_experts} experts, fewer "
-                        f"than its routing needs (top-{module.get_submodule(path).spec.route.top_k}"
-                        + (f" from {module.get_submodule(path).spec.route.topk_group} groups" if plan.group_size
-                           < plan.num_experts else "") + f"); the largest fraction this layer allows is "
-                        f"{allowed:.3g}. Nothing was written.")
-                units[path] = n
+            units = {path: fraction_units(mode, path, module.get_submodule(path).spec) for path in plans}
         removed = {path: plans[path].removed(n) for path, n in units.items()}
         with pruned(module, removed):
             final = distance_of(module, ctx.calibration, reference)

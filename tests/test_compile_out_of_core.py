@@ -305,9 +305,9 @@ def test_fp16_is_refused_for_the_kv_cache_decoder_and_bf16_altogether(checkpoint
 
 
 def test_options_it_does_not_stream_are_refused_by_name(checkpoints, tmp_path, capsys):
-    assert _compile(checkpoints["qwen3_moe"], str(tmp_path / "out"), "--prune-experts", "0.25", "--calibration",
-                    "random:4") == 2
-    assert "--prune-experts: not available in an out-of-core compile" in capsys.readouterr().err
+    assert _compile(checkpoints["qwen3_moe"], str(tmp_path / "out"), "--quant", "auto", "--accuracy-budget",
+                    "0.1") == 2
+    assert "--quant auto: not available in an out-of-core compile" in capsys.readouterr().err
     assert _compile(checkpoints["qwen3_moe"], str(tmp_path / "out"), "--target", "tensorrt") == 2
     assert "--target tensorrt" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -4,9 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# torch, onnxruntime and the Triton server's venv take about 4 GB; pip fails half-way with ENOSPC otherwise
+NEED_KB=$((5 * 1024 * 1024))
+FREE_KB=$(df -Pk . | awk 'NR==2 {print $4}')
+if [ ! -x .venv-triton/bin/tritonserver-ready ] && [ "${FREE_KB:-0}" -lt "$NEED_KB" ]; then
+  echo "setup: $((FREE_KB / 1024)) MiB free on the disk holding $(pwd); the venvs need about 5 GiB. Free some space and rerun." >&2
+  exit 1
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
+export PIP_NO_CACHE_DIR=1  # the wheels are not kept a second time in pip's cache
 .venv/bin/python -m pip install -q --upgrade pip
 # torch is pinned to 2.13.0 (CPU build); an open range can pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"

@@ -1,0 +1,81 @@
+"""--prune-experts FRACTION in an out-of-core compile: which experts each layer loses, chosen from its routing on the
+calibration data as its weights stream.
+
+Matches: an out-of-core compile given --prune-experts FRACTION and --calibration; the fused layers
+  passes.prune_experts can prune (moec's own routing, no router outputs returned by the layer).
+Produces: the graph is captured with each layer's kept count (plan_model.build_on_meta, by
+  prune_experts.prune_shapes: the count depends on the config only). When the writer reaches a decoder layer, the
+  calibration batches have just been carried through it unpruned (moec.calibrate_streamed), so its routing
+  statistics are the in-memory compile's: `choose` ranks the layer's experts by them (prune_experts.plan_of,
+  --prune-by, the same seed per layer) and `apply` removes the lowest-ranked from the fused layer (router rows,
+  selection bias, experts) before it is lowered and written, and from the verification's reference the same way.
+  `report` is the report's `pruning` in the in-memory compile's terms.
+Differs from memory: the pruned model's distance from the unpruned one is measured on the verification inputs,
+  layer by layer (`vs_unpruned_on` says so); in memory both whole models run on the calibration data.
+Refuses (PruneError, naming the layer): a layer the calibration data never reached (its graph already has the kept
+  count; in memory such a layer is left whole). --prune-experts auto and layers whose experts stream one at a time
+  (--quant, pre-quantized checkpoints) are refused by the compile before any work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from moec.analysis.routing_stats import LayerRouting
+from moec.moe_layer import FusedMoE
+from moec.passes.outcomes import PruneOutcome
+from moec.passes.prune_experts import PruneError, _assign, _sliced, expert_bytes, group_limits, plan_of
+
+
+@dataclass
+class StreamedPruning:
+    fraction: float
+    by: str
+    counts: dict[str, tuple[int, str]]  # per fused layer: (experts removed, why left whole), as the graph has them
+    seeds: dict[str, int]  # --prune-by random: the layer's index among the fused layers, as the pass seeds it
+    removed: dict[str, tuple[int, ...]] = field(default_factory=dict)  # chosen, by original index
+    shares: dict[str, float] = field(default_factory=dict)
+    outcomes: list[PruneOutcome] = field(default_factory=list)
+
+    @classmethod
+    def from_meta(cls, counts: dict[str, tuple[int, str]], extra: dict) -> "StreamedPruning":
+        return cls(float(extra["prune_experts"]), extra.get("prune_by") or "contribution", dict(counts),
+                   {path: i for i, path in enumerate(counts)})
+
+    def choose(self, path: str, spec, stats: Optional[LayerRouting]) -> None:
+        """Rank the layer's experts (`spec`: its unpruned MoESpec) by its routing statistics and pick those to go."""
+        n, _ = self.counts.get(path, (0, ""))
+        if not n:
+            return
+        if stats is None or stats.tokens == 0:
+            raise PruneError(f"--prune-experts: the calibration data never reached {path}, so its experts can't be "
+                             f"ranked; out of core its graph already keeps {spec.experts.num_experts - n} of them. "
+                             "Give calibration data that reaches every layer, or compile with --out-of-core off (which "
+                             "leaves such a layer whole). Nothing was written.")
+        plan = plan_of(spec, stats, self.by, self.seeds[path])
+        units = n // group_limits(spec)[0]
+        self.removed[path] = plan.removed(units)
+        self.shares[path] = sum(plan.shares[:units])
+
+    def apply(self, fused: FusedMoE, path: str, record: bool) -> None:
+        """Slice the real fused layer to the experts kept; `record`: as written (the report's outcome)."""
+        n, why = self.counts.get(path, (0, ""))
+        gone = self.removed.get(path, ())
+        if len(gone) != n:
+            raise RuntimeError(f"{path}: pruned before its experts were ranked")
+        before_bytes, before = expert_bytes(fused), fused.spec.experts.num_experts
+        if gone:
+            _assign(fused, _sliced(fused, [i for i in range(before) if i not in set(gone)]))
+        if record:
+            self.outcomes.append(PruneOutcome(path, before, gone, before_bytes, expert_bytes(fused),
+                                              self.shares.get(path, 0.0), why))
+
+    def report(self, vs_unpruned: dict) -> dict:
+        """`vs_unpruned`: the verification's logits against the unpruned model (rel_l2, top1_agreement)."""
+        from moec.report import pruning_totals
+
+        return {"by": self.by, "mode": "fraction", "fraction": self.fraction,
+                "vs_unpruned": {k: vs_unpruned[k] for k in ("rel_l2", "top1_agreement")},
+                "vs_unpruned_on": "the verification inputs, layer by layer (out of core)",
+                **pruning_totals([o.to_dict() for o in self.outcomes])}

@@ -1,0 +1,79 @@
+"""--prune-experts FRACTION out of core: experts ranked on the routing the calibration data has as each layer
+streams, removed from the graph (captured with the kept count) and from the verification's reference; the
+artifact is the in-memory compile's."""
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx.numpy_helper import to_array
+
+from moec import zoo
+from moec.cli import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("ckpt") / "qwen3_moe")
+    zoo.build_hf_model("qwen3_moe").to(torch.bfloat16).save_pretrained(path, max_shard_size="100KB")
+    return path
+
+
+def _compile(source, out, mode, *extra):
+    return main(["compile", source, "--out", out, "--out-of-core", mode, "--task", "logits", "--quiet",
+                 "--calibration", "random:16", *extra])
+
+
+def _initializers(out):
+    return {t.name: to_array(t, base_dir=out) for t in onnx.load(os.path.join(out, "model.onnx")).graph.initializer}
+
+
+def test_the_streamed_pruned_artifact_is_the_in_memory_one(checkpoint, tmp_path):
+    arts, reports = {}, {}
+    for mode in ("on", "off"):
+        out = str(tmp_path / mode)
+        assert _compile(checkpoint, out, mode, "--prune-experts", "0.25") == 0
+        arts[mode], reports[mode] = _initializers(out), json.load(open(os.path.join(out, "report.json")))
+    on, off = reports["on"]["pruning"], reports["off"]["pruning"]
+    # the same experts go from each layer, ranked on the same routing (2 of 8 at 0.25)
+    assert [l["removed"] for l in on["layers"]] == [l["removed"] for l in off["layers"]]
+    assert all(len(l["removed"]) == 2 and l["experts_after"] == 6 for l in on["layers"]) and len(on["layers"]) == 2
+    assert (on["experts_after"], on["weight_bytes_after"]) == (off["experts_after"], off["weight_bytes_after"])
+    assert on["weight_bytes_after"] == on["weight_bytes_before"] * 6 // 8
+    assert on["vs_unpruned_on"].startswith("the verification inputs")
+    assert 0 < on["vs_unpruned"]["rel_l2"] < 2 and 0 <= on["vs_unpruned"]["top1_agreement"] <= 1
+    # every weight the two artifacts share is the same bytes, the routers' rows and stacked experts included
+    shared = set(arts["on"]) & set(arts["off"])
+    experts = [n for n in shared if arts["on"][n].ndim == 3]
+    assert experts and all(arts["on"][n].shape[0] == 6 for n in experts)
+    assert len(shared) >= 0.9 * len(arts["off"])
+    assert all(np.array_equal(arts["on"][n], arts["off"][n]) for n in shared)
+    n = reports["on"]["numerics"]
+    assert n["passed"] and n["against"] == "the pruned model" and n["end_to_end"]["rel_l2"] < 1e-5
+
+
+def test_a_fraction_the_routing_cannot_take_is_refused_before_any_work(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _compile(checkpoint, str(out), "on", "--prune-experts", "0.8") == 23
+    err = capsys.readouterr().err
+    assert "model.layers.0.mlp would keep 2 of its 8 experts" in err and "largest fraction" in err
+    assert not out.exists()
+
+
+def test_what_pruning_out_of_core_does_not_do_yet_is_refused_by_name(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _compile(checkpoint, str(out), "on", "--prune-experts", "auto", "--accuracy-budget", "0.5") == 2
+    assert "--prune-experts auto (a FRACTION streams)" in capsys.readouterr().err
+    assert _compile(checkpoint, str(out), "on", "--prune-experts", "0.25", "--quant", "int4") == 2
+    assert "model.layers.0.mlp's experts are read one expert at a time" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_budget_pruning_exceeds_writes_nothing(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _compile(checkpoint, str(out), "on", "--prune-experts", "0.5", "--accuracy-budget", "0.001") == 16
+    assert "against the unpruned model on the verification inputs" in capsys.readouterr().err
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]

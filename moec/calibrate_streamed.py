@@ -16,8 +16,11 @@ Produces, per decoder layer: each fused layer's inputs [T, H] (the full-precisio
   The codes are solved once, on inputs not kept past their layer; the reference for verification
   (`dequantized`) reads them back as written: from the layer's packed arrays while it is written, then from the
   artifact's external data (`read_back`).
-Holds: the calibration tokens' hidden states twice (a layer's inputs and outputs) and one layer's inputs per
-  fused layer, [T, H] each, besides the one layer's weights the compile holds anyway.
+  With --prune-experts (moec.prune_streamed) the routing statistics are the unpruned model's, as in memory, and
+  the layer is then pruned and run again from the pruned model's states (carried alongside once a layer lost
+  experts): its fused layers' inputs for GPTQ are the pruned model's, as in memory.
+Holds: the calibration tokens' hidden states twice (a layer's inputs and outputs; four times when pruned) and one
+  layer's inputs per fused layer, [T, H] each, besides the one layer's weights the compile holds anyway.
 Refuses (MoecError, naming the layer): --calibration with --quant on a fused layer whose experts are read whole
   (its calibrated codes could not be read back for verification); a layer whose batches fail (CalibrationError,
   as in memory).
@@ -78,13 +81,17 @@ class LayerInputs:
         self.batches, self.ck, self.prepare, self.log = batches, ck, prepare, log
         self.fused_paths = fused_paths
         self.outputs: list = []  # per batch: what the last layer run returned
+        self.pruned_outputs: list = []  # with pruning: the same from the pruned model (moec.prune_streamed)
+        self.pruned_differ = False  # a layer lost experts: the pruned model's states are no longer the unpruned ones
         self.next = 0  # the decoder layer whose turn it is
         self.routing: list[LayerRouting] = []
 
-    def advance(self, key: str) -> dict[str, torch.Tensor]:
+    def advance(self, key: str, prune: Optional[Callable[[nn.Module, dict], None]] = None) -> dict[str, torch.Tensor]:
         """Run the calibration batches through decoder layer `key` (layers come in order); each of its fused
-        layers' inputs [T, H]."""
-        from moec.calibration import CalibrationError
+        layers' inputs [T, H]. With `prune(model, routing)` (--prune-experts): the layer's routing statistics,
+        measured on the unpruned model's states as in memory, are handed to `prune`, which slices the layer's
+        fused layers; the batches then also run through the pruned layer from the pruned model's states (a second
+        set, carried alongside), and the inputs returned are the pruned model's, as GPTQ has them in memory."""
         from moec.moe_layer import FusedMoE
 
         index = int(key.split(".")[1])
@@ -93,22 +100,57 @@ class LayerInputs:
         _, layers = decoder_layers(self.model)
         self.prepare(self.model, key)
         embeddings = self._embeddings(index)
-        inputs: dict[str, list] = {}
-        stats: dict[str, LayerRouting] = {}
-        layers_fused: dict = {}
-        handles = []
+        fused: dict[str, FusedMoE] = {}
         for path in (p for p in self.fused_paths if layer_key(p + ".") == key):
-            fused = next(m for m in self.model.get_submodule(path).modules() if isinstance(m, FusedMoE))
-            r = fused.spec.route
-            stats[path] = LayerRouting(path, fused.spec.experts.num_experts, r.top_k if r is not None else 0,
+            fused[path] = next(m for m in self.model.get_submodule(path).modules() if isinstance(m, FusedMoE))
+        stats: dict[str, LayerRouting] = {}
+        for path, f in fused.items():
+            r = f.spec.route
+            stats[path] = LayerRouting(path, f.spec.experts.num_experts, r.top_k if r is not None else 0,
                                        r.n_group if r is not None else 1)
+        before = [layers[j] for j in range(index)]
+        try:
+            outputs, inputs = self._run(key, index, layers, before, self.outputs, fused)
+            with torch.no_grad():
+                for path, x in inputs.items():  # once over all the tokens: each expert read once more
+                    _accumulate(stats[path], fused[path], x)
+            if prune is not None:
+                self.pruned_differ = prune(self.model, stats) or self.pruned_differ
+                if self.pruned_differ:  # until a layer loses an expert, the pruned model's states are these
+                    del inputs
+                    self.pruned_outputs, inputs = self._run(key, index, layers, before,
+                                                            self.pruned_outputs or self.outputs, fused)
+                else:
+                    self.pruned_outputs = outputs
+        finally:
+            for j in range(index):
+                layers[j] = before[j]
+            self.model.set_input_embeddings(embeddings)
+            release(self.model, buffers=False)
+            release(layers[index], buffers=True)
+            for m in layers[index].modules():  # a layer reading its experts one at a time: its reader goes too
+                if getattr(m, "stream", None) is not None:
+                    m.stream = None
+        self.outputs, self.next = outputs, index + 1
+        self.routing += list(stats.values())
+        self.log(f"  {key}: calibration data carried through ({sum(int(a[0].shape[0]) for a in self.batches)} "
+                 f"sequences in {len(self.batches)} run(s)"
+                 + (", and through the pruned model's layer)" if prune and self.pruned_differ else ")"))
+        return inputs
 
+    def _run(self, key: str, index: int, layers, before: list, replayed: list, fused: dict) -> tuple[list, dict]:
+        """The batches through layer `index`, the layers `before` it replaying `replayed` (what the last of them
+        returned per batch): (what the layer returned per batch, each fused layer's inputs [T, H])."""
+        from moec.calibration import CalibrationError
+
+        inputs: dict[str, list] = {}
+        handles = []
+        for path, f in fused.items():
             def seen(mod, args, path=path):
                 x = next(a for a in args if isinstance(a, torch.Tensor))
                 inputs.setdefault(path, []).append(x.detach().reshape(-1, x.shape[-1]).clone())
 
-            handles.append(fused.register_forward_pre_hook(seen))
-            layers_fused[path] = fused
+            handles.append(f.register_forward_pre_hook(seen))
         outputs: list = []
 
         def stop(mod, args, out):
@@ -117,9 +159,8 @@ class LayerInputs:
 
         handles.append(layers[index].register_forward_hook(stop))
         batch = [0]
-        before = [layers[j] for j in range(index)]
         for j in range(index):
-            layers[j] = _Replay(before[j], self.outputs, batch)
+            layers[j] = _Replay(before[j], replayed, batch)
         try:
             with torch.no_grad():
                 for b, args in enumerate(self.batches):
@@ -135,25 +176,10 @@ class LayerInputs:
                         raise CalibrationError(f"--calibration: the model fails on calibration batch {b} (shape "
                                                f"{shapes}) at {key}: {type(exc).__name__}: {str(exc)[:300]}.") from exc
                     raise RuntimeError(f"calibration: {key} never ran on batch {b}")
-                for path, xs in inputs.items():  # once over all the tokens: each expert read once more
-                    inputs[path] = [torch.cat(xs)]
-                    _accumulate(stats[path], layers_fused[path], inputs[path][0])
         finally:
             for h in handles:
                 h.remove()
-            for j in range(index):
-                layers[j] = before[j]
-            self.model.set_input_embeddings(embeddings)
-            release(self.model, buffers=False)
-            release(layers[index], buffers=True)
-            for m in layers[index].modules():  # a layer reading its experts one at a time: its reader goes too
-                if getattr(m, "stream", None) is not None:
-                    m.stream = None
-        self.outputs, self.next = outputs, index + 1
-        self.routing += list(stats.values())
-        self.log(f"  {key}: calibration data carried through ({sum(int(a[0].shape[0]) for a in self.batches)} "
-                 f"sequences in {len(self.batches)} run(s))")
-        return {path: xs[0] for path, xs in inputs.items()}
+        return outputs, {path: torch.cat(xs) for path, xs in inputs.items()}
 
     def _embeddings(self, index: int) -> nn.Module:
         """The input embeddings, read for the first layer (only their own tensor where it reads alone) and stood in
@@ -169,7 +195,7 @@ class LayerInputs:
         return embeddings
 
     def done(self) -> None:
-        self.outputs = []
+        self.outputs, self.pruned_outputs = [], []
 
 
 class CalibratedCodes(Coder):
@@ -187,6 +213,7 @@ class CalibratedCodes(Coder):
         self.packed: dict = {}
         self.layers: dict[str, tuple] = {}  # path -> (experts' spec, Routed, LayerChoice), while it is coded
         self.swiglu: dict[str, bool] = {}
+        self.position: dict[str, dict[int, int]] = {}  # path -> checkpoint index -> index as written (`keep`)
         self.written: Optional[ArtifactTensors] = None
 
     def attach(self, packed: dict) -> None:
@@ -213,6 +240,10 @@ class CalibratedCodes(Coder):
             routed = route_tokens(fused, x)
         self.layers[path] = (spec, routed, LayerChoice(needed=min_tokens(spec.hidden, spec.intermediate)))
 
+    def keep(self, path: str, experts: list[int]) -> None:
+        # routing (route_tokens on the layer as written) and the written codes count the experts kept only
+        self.position[path] = {e: i for i, e in enumerate(experts)}
+
     def codes(self, reader, path: str, e: int, stacked: dict, w) -> tuple:
         from moec.gptq import quantize_expert
 
@@ -224,7 +255,7 @@ class CalibratedCodes(Coder):
         spec, routed, choice = self.layers[path]
         with torch.no_grad():
             return quantize_expert(spec, w.w_gate_up[0], None if w.b_gate_up is None else w.b_gate_up[0],
-                                   w.w_down[0], routed, e, self.spec, path, choice)
+                                   w.w_down[0], routed, self.position[path][e], self.spec, path, choice)
 
     def describe(self, path: str) -> str:
         """How the layer's codes were chosen (the in-memory report's words), once all its experts were coded;
@@ -238,7 +269,7 @@ class CalibratedCodes(Coder):
 
         out = {}
         for prefix, field in (("fc1", "w_gate_up"), ("fc2", "w_down")):
-            arrays = self._arrays(path, prefix, e)
+            arrays = self._arrays(path, prefix, self.position[path][e])
             q = unpack(PackedWeight(arrays[prefix], arrays[f"{prefix}_scales"], arrays.get(f"{prefix}_zero_points"),
                                     self.spec, getattr(w, field).shape[-1]), f"{path}.{prefix}")
             weight = dequantize(q)

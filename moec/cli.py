@@ -124,7 +124,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(f"quantized {what}: {q['spec']}, {q['weight_bytes_fp32'] / 2**20:.1f} MiB -> "
               f"{q['weight_bytes_quantized'] / 2**20:.1f} MiB; logits vs fp32: relative L2 "
               f"{q['logits_vs_fp32']['rel_l2']:.3g}, cosine {q['logits_vs_fp32']['cosine']:.5f}"
-              + (" (against the pruned model)" if q.get("logits_vs_fp32_against") else ""))
+              + (f" (against {q['logits_vs_fp32_against']})" if q.get("logits_vs_fp32_against") else ""))
         auto = q.get("auto")
         if auto:
             from moec.mixed_precision import describe

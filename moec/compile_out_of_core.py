@@ -19,14 +19,16 @@
    are the experts of compressed-tensors, GPTQ and AWQ checkpoints, read one Linear at a time
    (moec.packed_stream), and with --quant-dense their attention's codes. With --calibration the calibration
    batches advance one decoder layer at a time beside the writing (moec.calibrate_streamed): routing
-   statistics, and with --quant GPTQ codes for each streamed layer's experts, as in memory.
+   statistics, and with --quant GPTQ codes for each streamed layer's experts, as in memory; with --prune-experts
+   the experts each layer loses are chosen from those statistics before it is written (moec.prune_streamed).
 4. verify: layer by layer (moec.verify_layers): the eager model runs with one decoder layer materialised at a
    time, the artifact runs segment by segment (moec.segmented_run); every layer's output and the logits are
    compared, and the goldens are the artifact's outputs on that input.
 Peak memory is the largest layer group a few times over plus the graph, whatever the model's size.
 The artifact is the in-memory compile's (the KV-cache decoder unless --task logits; --quant codes byte for byte;
 --triton-repo through the same packaging stage; --device-memory checked on the plan from shapes, before any weight
-is read). Refuses what it does not stream yet (pruning, --quant auto, --static, TensorRT, pre-quantized
+is read; --prune-experts FRACTION by moec.prune_streamed). Refuses what it does not stream yet (--prune-experts
+auto, --quant auto, TensorRT, pre-quantized
 checkpoints moec does not fold as they stream: moec-packed, fp8 ...): named, exit 2, with the in-memory compile
 as the way to get it.
 """
@@ -49,7 +51,7 @@ from moec.pipeline import CompileOptions, CompileResult, _Stages, _workdir, chec
 STAGES = ("load", "recognise", "capture", "onnx_export", "plan", "stream_weights", "verify", "package")
 WRAPPER = "model."  # CausalLMLogits keeps the transformers model as `.model`: its names in the graph start so
 # Options the streamed compile does not take yet, with what they are.
-UNSTREAMED = {"static": "--static", "tensorrt_aot": "--tensorrt-aot"}
+UNSTREAMED = {"tensorrt_aot": "--tensorrt-aot"}
 AUTO_FRACTION = 0.3  # auto: stream when the checkpoint's fp32 bytes exceed this share of available memory
 
 
@@ -150,7 +152,7 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     from moec.plan_model import build_on_meta, recognise_miniature
     from moec.rewrite_rsqrt import rewrite_rsqrt
     from moec.simplify_graph import simplify_graph
-    from moec.sources import as_task
+    from moec.sources import as_task, made_static, refuse_generation_static
     from moec.targets import get
     from moec.passes.quantize_experts import spec_from_options
     from moec.fold_checkpoint import quant_method
@@ -173,6 +175,8 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
 
         check_spec(options.extra["calibration"])  # the file's form, before any work
     refuse_quantized_checkpoint(source)
+    if options.extra.get("static"):
+        refuse_generation_static(options.extra.get("task"), f"'{source}'")
     stage = _Stages(options.log, STAGES)
     ck, hf, prequant, identity = stage("load", f"indexing the checkpoint in {source} (headers only" + (
         "; each MXFP4 expert read once, to check it and choose the codes' spec)" if method == "mxfp4" else
@@ -198,8 +202,11 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         meta = build_on_meta(hf, kinds, lowering, options.extra, spec)
         if not any(p.fused for p in meta.planned):  # --quant with nothing fused: say so, as compile does
             refuse_without_fused_layers(meta.model, options)
-        src = as_task(meta.model, f"hf:{os.path.abspath(source)}", options.extra.get("task"), f"'{source}'",
-                      source_dir=source)
+        static = bool(options.extra.get("static"))  # the logits graph at the example's shapes, as in memory
+        src = as_task(meta.model, f"hf:{os.path.abspath(source)}", "logits" if static else options.extra.get("task"),
+                      f"'{source}'", source_dir=source)
+        if static:
+            src = made_static(src)
         from moec.passes.base import PassContext
 
         for p in lowering:  # the decoder's own passes (attention), on the meta decoder: shapes decide them
@@ -262,7 +269,7 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     if meta.pruned is not None:  # which experts go is chosen from each layer's routing as it streams
         from moec.prune_streamed import StreamedPruning
 
-        streamer.prune(StreamedPruning.from_meta(meta.pruned, options.extra))
+        streamer.pruning = StreamedPruning.from_meta(meta.pruned, options.extra)
     calibrated = None
     if calibration:  # the data carried through the model as its layers stream (moec.calibrate_streamed)
         from moec.calibrate_streamed import LayerInputs
@@ -317,18 +324,22 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
                          verify_layer_by_layer, model_path, ck, tolerance, src.verification_inputs(options.verify_seq_len),
                          src.input_names, src.output_names, wrapper_of(src.module), options.log, prepare,
                          streamer.prepare_fp32, against,
-                         reference_is_fp32=prequant is not None and not half and dense is None)
+                         # pruned: the fp32 reference is the unpruned model (pruning.vs_unpruned)
+                         reference_is_fp32=prequant is not None and not half and dense is None
+                         and streamer.pruning is None)
         if streamer.streaming is not None:
             streamer.streaming.done()
         pruning = None
         if streamer.pruning is not None:
             pruning = streamer.pruning.report(verified.vs_fp32)
-            check_pruning_budget(options.extra.get("accuracy_budget"), pruning)
+            check_pruning_budget(options.extra.get("accuracy_budget"), pruning, spec)
         if spec is not None:
             quant = quantization_report(streamer.quantized, spec, verified, tolerance, streamer.coder,
                                         target.quantizes_activations(options), dense)
             if prequant is not None and prequant.spec is not None:
                 quant["checkpoint_format"] = prequant.format
+            if pruning is not None:  # one fp32 reference out of core: the unpruned model (in memory: the pruned one)
+                quant["logits_vs_fp32_against"] = "the unpruned full-precision model (pruning and quantization together)"
             budget = options.extra.get("accuracy_budget")
             if budget is not None and verified.vs_fp32 is not None:  # as in memory: the logits against fp32
                 quant["accuracy_budget"] = budget
@@ -431,9 +442,10 @@ def index_checkpoint(source: str, method: Optional[str], options: CompileOptions
     return ck, hf, prequant, identity
 
 
-def check_pruning_budget(budget, pruning: dict) -> None:
+def check_pruning_budget(budget, pruning: dict, spec=None) -> None:
     """--accuracy-budget with --prune-experts FRACTION bounds the pruned model's distance from the unpruned one, as in
-    memory (there on the calibration data; here on the verification inputs): AccuracyBudgetError, nothing written."""
+    memory (there on the calibration data; here on the verification inputs, and with --quant the quantized experts'
+    error with it): AccuracyBudgetError, nothing written."""
     d = pruning["vs_unpruned"]
     if budget is None or d["rel_l2"] <= float(budget):
         return
@@ -441,7 +453,8 @@ def check_pruning_budget(budget, pruning: dict) -> None:
 
     worst = sorted(pruning["layers"], key=lambda l: -l["removed_share"])[:3]
     raise AccuracyBudgetError(
-        f"--accuracy-budget {float(budget):g}: pruning {pruning['fraction']:g} of the experts (by {pruning['by']}) moves "
+        f"--accuracy-budget {float(budget):g}: pruning {pruning['fraction']:g} of the experts (by {pruning['by']})"
+        + (f" with {spec.name} experts" if spec is not None else "") + " moves "
         f"the logits by relative L2 {d['rel_l2']:.3g} against the unpruned model on {pruning['vs_unpruned_on']} "
         f"(top-1 agrees on {d['top1_agreement']:.1%}). Layers losing the most: "
         f"{', '.join(l['path'] for l in worst)}. Try a smaller fraction; nothing was written.")
@@ -593,7 +606,7 @@ class LayerStreamer:
                 coder.check_folded(self.fused_paths)  # an unfused layer would be written as its decoded fp32 stack
         self.coder = self.streaming.coder if self.streaming is not None else None
         self.calibration = None  # --calibration: moec.calibrate_streamed.LayerInputs, carried along as layers stream
-        self.pruning = None  # --prune-experts FRACTION: moec.prune_streamed.StreamedPruning (see `prune`)
+        self.pruning = None  # --prune-experts FRACTION: moec.prune_streamed.StreamedPruning
         if self.coder is not None and self.coder.calibrated:
             whole = [p for p in self.fused_paths if not self.streaming.streams(p)]
             if whole:  # its calibrated codes could not be read back as written for the verification's reference
@@ -601,15 +614,18 @@ class LayerStreamer:
                                 "--quant calibrates only layers whose experts stream out of core. Compile with "
                                 "--out-of-core off. Nothing was written.")
 
-    def prune(self, pruning) -> None:
-        """Prune the fused layers as they are read (moec.prune_streamed); not yet where experts stream one at a time."""
-        one_at_a_time = [p for p in self.fused_paths if self.streaming is not None and self.streaming.streams(p)
-                         and pruning.counts.get(p, (0, ""))[0]]
-        if one_at_a_time:
-            raise MoecError(f"--prune-experts: {one_at_a_time[0]}'s experts are read one expert at a time (quantized "
-                            "as they stream), which pruning out of core does not do yet; compile with --out-of-core "
-                            "off, or prune without --quant. Nothing was written.")
-        self.pruning = pruning
+    def _prune_calibrated(self, model: nn.Module, key: str, routing: dict) -> bool:
+        """LayerInputs.advance's `prune`: rank the group's fused layers on the routing the calibration data just had
+        through them unpruned, and slice them in the calibration's model; whether any expert went."""
+        from moec.moe_layer import FusedMoE
+
+        removed = False
+        for planned in self.planned:
+            if planned.fused and _group_of(planned.path) == key:
+                self.pruning.choose(planned.path, planned.spec, routing.get(planned.path))
+                fused = next(m for m in model.get_submodule(planned.path).modules() if isinstance(m, FusedMoE))
+                removed |= len(self.pruning.apply(fused, planned.path, record=False)) < planned.spec.experts.num_experts
+        return removed
 
     def _streamed(self, key: str) -> list[str]:
         return [p for p in self.fused_paths if _group_of(p) == key and self.streaming is not None
@@ -634,8 +650,10 @@ class LayerStreamer:
                 continue
             if path in streamed:
                 planned = next(p for p in self.planned if p.path == path)
+                prune = None if self.pruning is None else (lambda fused, path=path: self.pruning.apply(fused, path,
+                                                                                                        record))
                 outcome = self.streaming.fuse(model, path, "codes" if record else "dequantized", self.probe(planned),
-                                              (calibration or {}).get(path) if record else None)
+                                              (calibration or {}).get(path) if record else None, prune)
                 if outcome is not None:
                     self.quantized.append(outcome)
                 continue
@@ -673,12 +691,8 @@ class LayerStreamer:
             yield from self._fill_embeddings(values)
             return
         try:
-            inputs = self.calibration.advance(key) if self.calibration is not None else None
-            if self.pruning is not None:  # ranked on the routing the data just had through the layer unpruned
-                stats = {r.path: r for r in self.calibration.routing}
-                for planned in self.planned:
-                    if planned.fused and _group_of(planned.path) == key:
-                        self.pruning.choose(planned.path, planned.spec, stats.get(planned.path))
+            inputs = None if self.calibration is None else self.calibration.advance(
+                key, None if self.pruning is None else lambda model, routing: self._prune_calibrated(model, key, routing))
             self.prepare(self.model, key, record=True,  # calibrated codes need the inputs; routing alone not
                          calibration=inputs if self.coder is not None and self.coder.calibrated else None)
             del inputs  # the codes are solved: the layer's calibration inputs are not kept while it is written

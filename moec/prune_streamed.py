@@ -8,13 +8,14 @@ Produces: the graph is captured with each layer's kept count (plan_model.build_o
   calibration batches have just been carried through it unpruned (moec.calibrate_streamed), so its routing
   statistics are the in-memory compile's: `choose` ranks the layer's experts by them (prune_experts.plan_of,
   --prune-by, the same seed per layer) and `apply` removes the lowest-ranked from the fused layer (router rows,
-  selection bias, experts) before it is lowered and written, and from the verification's reference the same way.
-  `report` is the report's `pruning` in the in-memory compile's terms.
+  selection bias, experts; a layer streaming its experts reads only those kept) in the calibration's model (whose
+  pruned states then give GPTQ its inputs, as in memory), in the layer written (with --quant, only the kept
+  experts are coded) and in the verification's reference. `report` is the report's `pruning` in the in-memory
+  compile's terms.
 Differs from memory: the pruned model's distance from the unpruned one is measured on the verification inputs,
   layer by layer (`vs_unpruned_on` says so); in memory both whole models run on the calibration data.
 Refuses (PruneError, naming the layer): a layer the calibration data never reached (its graph already has the kept
-  count; in memory such a layer is left whole). --prune-experts auto and layers whose experts stream one at a time
-  (--quant, pre-quantized checkpoints) are refused by the compile before any work.
+  count; in memory such a layer is left whole). --prune-experts auto is refused by the compile before any work.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from moec.analysis.routing_stats import LayerRouting
 from moec.moe_layer import FusedMoE
 from moec.passes.outcomes import PruneOutcome
 from moec.passes.prune_experts import PruneError, _assign, _sliced, expert_bytes, group_limits, plan_of
+from moec.stream_experts import StreamedExperts
 
 
 @dataclass
@@ -58,18 +60,24 @@ class StreamedPruning:
         self.removed[path] = plan.removed(units)
         self.shares[path] = sum(plan.shares[:units])
 
-    def apply(self, fused: FusedMoE, path: str, record: bool) -> None:
-        """Slice the real fused layer to the experts kept; `record`: as written (the report's outcome)."""
+    def apply(self, fused: FusedMoE, path: str, record: bool) -> list[int]:
+        """Slice the fused layer (real, or streaming its experts) to the experts kept and return their original
+        indices; `record`: as written (the report's outcome)."""
         n, why = self.counts.get(path, (0, ""))
         gone = self.removed.get(path, ())
         if len(gone) != n:
             raise RuntimeError(f"{path}: pruned before its experts were ranked")
         before_bytes, before = expert_bytes(fused), fused.spec.experts.num_experts
+        keep = [i for i in range(before) if i not in set(gone)]
         if gone:
-            _assign(fused, _sliced(fused, [i for i in range(before) if i not in set(gone)]))
+            stream = fused.stream  # experts read one at a time: the kept ones, by their original index
+            _assign(fused, _sliced(fused, keep))
+            if stream is not None:
+                fused.stream = StreamedExperts(fused, lambda index: stream.fetch(keep[index]))
         if record:
             self.outcomes.append(PruneOutcome(path, before, gone, before_bytes, expert_bytes(fused),
                                               self.shares.get(path, 0.0), why))
+        return keep
 
     def report(self, vs_unpruned: dict) -> dict:
         """`vs_unpruned`: the verification's logits against the unpruned model (rel_l2, top1_agreement)."""

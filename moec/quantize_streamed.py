@@ -54,6 +54,10 @@ class Coder:
         """How the layer's codes were chosen, once all its experts were coded."""
         return self.method
 
+    def keep(self, path: str, experts: list[int]) -> None:
+        """The layer as written holds these experts (checkpoint indices, in order; fewer when pruned): `codes` and
+        `dequantized` are asked for them by those indices."""
+
     def read_back(self, model_path: str) -> None:
         """The artifact is written: codes that must be read back come from `model_path` from now on."""
 
@@ -158,10 +162,13 @@ class StreamedQuantizer:
         self.reader.ck.materialise(model, key, skip=self.reader.is_expert_tensor, may_stay_meta=self.reader.meta_names())
 
     def fuse(self, model: nn.Module, path: str, use: str, probe: torch.Tensor,
-             calibration: Optional[torch.Tensor] = None) -> Optional[dict]:
+             calibration: Optional[torch.Tensor] = None,
+             prune: Optional[Callable[[nn.Module], list[int]]] = None) -> Optional[dict]:
         """Replace the layer at `path` by its FusedMoE for `use` ("codes", "dequantized" or "fp32"); with "codes",
         returns the layer's quantization outcome (bytes, error on `probe`); `calibration`: the layer's calibration
-        inputs [T, H], for a calibrated coder (moec.calibrate_streamed.CalibratedCodes)."""
+        inputs [T, H], for a calibrated coder (moec.calibrate_streamed.CalibratedCodes). `prune(fused)` (pruning,
+        moec.prune_streamed) slices the fused layer, once validated whole, to the experts it keeps and returns their
+        original indices: only those are read and coded."""
         from moec.moe_layer import QuantizedExperts
         from moec.numerics import compare_tensors
         from moec.passes.fuse_moe import MATCH_TOL, CalledLike, analyze
@@ -184,9 +191,10 @@ class StreamedQuantizer:
 
         beside = beside_experts(sub, layer)  # not `sub` itself: the fused layer must not keep the layer as written
 
-        def fp32(index: int) -> ExpertWeights:
+        def fp32(index: int) -> ExpertWeights:  # by the checkpoint's expert index
             return self.reader.canonical(beside, path, index)
 
+        keep = list(range(e))
         outcome = None
         if use == "codes":
             call = LayerCall(mini.tensor_index or 0)
@@ -204,21 +212,28 @@ class StreamedQuantizer:
                                           f"written on its real weights (relative L2 {err:.3g}); compile with "
                                           "--out-of-core off.")
             self.log(f"  {path}: fused on its real weights, experts read one at a time (validated)")
+            if prune is not None:  # it re-points the stream at the experts kept
+                keep = prune(fused)
+            self.coder.keep(path, keep)
             self.coder.use(path, fused, calibration)
-            outcome = self._quantize(fused, path, fp32, probe, beside)
+            outcome = self._quantize(fused, path, fp32, probe, beside, keep)
             fused.quantized = QuantizedExperts(quantized_shape(fused.w_gate_up, self.spec, f"{path}.w_gate_up"),
                                                quantized_shape(fused.w_down, self.spec, f"{path}.w_down"))
         elif use == "dequantized":
-            fused.stream = StreamedExperts(fused, lambda index: self.coder.dequantized(path, index, fp32(index)))
+            if prune is not None:
+                keep = prune(fused)
+            self.coder.keep(path, keep)
+            fused.stream = StreamedExperts(fused, lambda index: self.coder.dequantized(path, keep[index],
+                                                                                      fp32(keep[index])))
         else:
             fused.stream = StreamedExperts(fused, fp32)
         set_submodule(model, path, fused if mini.tensor_index is None else CalledLike(fused, LayerCall(mini.tensor_index)))
         return outcome
 
     def _quantize(self, fused, path: str, fp32: Callable[[int], ExpertWeights], probe: torch.Tensor,
-                  beside: dict) -> dict:
-        """Every expert's codes (the coder's) packed in turn (QMoE's layout: fc1 rows interleaved gate/up for SwiGLU);
-        the layer's biases gathered; the layer's error on `probe` against fp32."""
+                  beside: dict, keep: list[int]) -> dict:
+        """Every expert kept (`keep`: checkpoint indices) coded by the coder and packed in turn (QMoE's layout: fc1 rows
+        interleaved gate/up for SwiGLU); the layer's biases gathered; the layer's error on `probe` against fp32."""
         from moec.numerics import compare_tensors
         from moec.ops import interleave_gate_up
         from moec.passes.outcomes import QuantizationOutcome
@@ -226,11 +241,11 @@ class StreamedQuantizer:
         from moec.quant import QuantizedWeight, pack
         from moec.targets.onnxruntime.lower_moe_onnxruntime import plan_layer
 
-        spec, layer = self.spec, self.reader.layers[path]
+        spec = self.spec
         swiglu = plan_layer(fused.spec, fused.spec.route.top_k).activation_type == "swiglu"
         packed: dict[str, np.ndarray] = {}  # each [E, ...], filled expert by expert: the layer's codes held once
         biases: dict[str, list] = {"b_gate_up": [], "b_down": []}
-        for e in range(layer.num_experts):
+        for j, e in enumerate(keep):
             w = fp32(e)
             q1, q2 = self.coder.codes(self.reader, path, e, self.reader.hf(beside, path, e), w)
             if swiglu:
@@ -243,13 +258,13 @@ class StreamedQuantizer:
                     if a is None:
                         continue
                     if name not in packed:
-                        packed[name] = np.empty((layer.num_experts,) + a.shape[1:], dtype=a.dtype)
-                    packed[name][e] = a[0]
+                        packed[name] = np.empty((len(keep),) + a.shape[1:], dtype=a.dtype)
+                    packed[name][j] = a[0]
             for name in biases:
                 if getattr(w, name) is not None:
                     biases[name].append(getattr(w, name))
-            if layer.num_experts >= 32 and (e + 1) % (layer.num_experts // 4) == 0:
-                self.log(f"  {path}: {e + 1}/{layer.num_experts} experts quantized")
+            if len(keep) >= 32 and (j + 1) % (len(keep) // 4) == 0:
+                self.log(f"  {path}: {j + 1}/{len(keep)} experts quantized")
         self.packed[path] = packed
         for name, values in biases.items():
             if values and getattr(fused, name) is not None:
@@ -260,11 +275,12 @@ class StreamedQuantizer:
             with torch.no_grad():
                 before = _hidden_out(fused(probe))
                 stream = fused.stream
-                fused.stream = StreamedExperts(fused, lambda index: self.coder.dequantized(path, index, fp32(index)))
+                fused.stream = StreamedExperts(fused, lambda index: self.coder.dequantized(path, keep[index],
+                                                                                          fp32(keep[index])))
                 s = compare_tensors(before, _hidden_out(fused(probe)))
                 fused.stream = stream
             rel_l2, cosine = s.rel_l2, s.cosine
-        fp_bytes = layer.num_experts * (fused.w_gate_up[0].numel() + fused.w_down[0].numel()) * 4
+        fp_bytes = len(keep) * (fused.w_gate_up[0].numel() + fused.w_down[0].numel()) * 4
         quantized = sum(a.nbytes for name, a in self.packed[path].items())
         return QuantizationOutcome(path, spec.name, fp_bytes, quantized, rel_l2, cosine,
                                    method=self.coder.describe(path)).to_dict()

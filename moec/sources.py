@@ -151,10 +151,7 @@ def load_source(source: Optional[str], static: bool = False, task: Optional[str]
             return load_hf_dir(source, task)
         # --static asks for the logits graph at the example's shapes, as for a factory's causal LM
         refuse_generation_static(task, f"'{source}'")
-        src = load_hf_dir(source, "logits")
-        src.dynamic_shapes = None
-        src.notes.append("--static: input_ids -> logits at the example's shapes (no dynamic dims)")
-        return src
+        return made_static(load_hf_dir(source, "logits"))
     if source.endswith(".pt2"):
         refuse_generation(task, f"'{source}' is a torch.export program, not a transformers causal LM")
         return load_pt2(source)
@@ -176,6 +173,13 @@ def as_task(model: nn.Module, identity: str, task: Optional[str], what: str,
     if task != "logits":
         raise SourceError(f"unknown task '{task}' for {what}; expected text-generation or logits.")
     return causal_lm_source(model, identity, example=example)
+
+
+def made_static(src: LoadedSource) -> LoadedSource:
+    """A Hugging Face directory's logits graph with --static: the example's shapes, no dynamic dims."""
+    src.dynamic_shapes = None
+    src.notes.append("--static: input_ids -> logits at the example's shapes (no dynamic dims)")
+    return src
 
 
 def refuse_generation_static(task: Optional[str], what: str) -> None:

@@ -313,6 +313,24 @@ def test_options_it_does_not_stream_are_refused_by_name(checkpoints, tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+def test_static_streams_the_logits_graph_at_the_example_shapes(checkpoints, tmp_path, capsys):
+    """--static out of core: as in memory, input_ids -> logits with no dynamic dim, verified at the example's
+    shapes; with --task text-generation refused before any work."""
+    out = str(tmp_path / "out")
+    assert main(["compile", checkpoints["qwen3_moe"], "--out", out, "--out-of-core", "on", "--static", "--quiet"]) == 0
+    model = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
+    dims = [[d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim] for v in model.graph.input]
+    assert dims == [[2, 8]] and [o.name for o in model.graph.output] == ["logits"]
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["out_of_core"] and report["numerics"]["passed"]
+    assert [i["input"] for i in report["numerics"]["inputs"]] == ["probe0 (input_ids (2, 8))"]
+    assert any(n.startswith("--static") for n in report["capture"]["notes"])
+    assert main(["compile", checkpoints["qwen3_moe"], "--out", str(tmp_path / "gen"), "--out-of-core", "on",
+                 "--static", "--task", "text-generation", "--quiet"]) == 3
+    assert "--static with --task text-generation" in capsys.readouterr().err
+    assert not (tmp_path / "gen").exists()
+
+
 def test_without_a_task_it_streams_the_kv_cache_decoder(checkpoints, tmp_path):
     """The same decoder an in-memory compile makes: same inputs and outputs, same values on a prefill with a
     cached prefix and left padding, genai_config.json beside it."""
@@ -466,9 +484,9 @@ def test_calibration_carries_the_data_a_layer_at_a_time_into_the_in_memory_gptq_
 
     advanced, advance = [], LayerInputs.advance
 
-    def spy(self, key):
+    def spy(self, key, prune=None):
         advanced.append(key)
-        return advance(self, key)
+        return advance(self, key, prune)
 
     monkeypatch.setattr(LayerInputs, "advance", spy)
     arts, reports = {}, {}

@@ -86,8 +86,8 @@ def test_re_quantizing_flags_and_unstreamed_options_are_refused(tmp_path, capsys
     out = tmp_path / "out"
     assert main(["compile", path, "--out", str(out), "--out-of-core", "on", "--quant", "int4", "--quiet"]) != 0
     assert "already quantized (MXFP4, folded as int8 codes); --quant would re-quantize" in capsys.readouterr().err
-    assert main(["compile", path, "--out", str(out), "--out-of-core", "on", "--static", "--quiet"]) == 2
-    assert "--static: not available in an out-of-core compile" in capsys.readouterr().err
+    assert main(["compile", path, "--out", str(out), "--out-of-core", "on", "--target", "tensorrt", "--quiet"]) == 2
+    assert "--target tensorrt: not available in an out-of-core compile" in capsys.readouterr().err
     assert not out.exists()
 
 

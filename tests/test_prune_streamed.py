@@ -63,13 +63,68 @@ def test_a_fraction_the_routing_cannot_take_is_refused_before_any_work(checkpoin
     assert not out.exists()
 
 
-def test_what_pruning_out_of_core_does_not_do_yet_is_refused_by_name(checkpoint, tmp_path, capsys):
+def test_auto_is_refused_by_name(checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
     assert _compile(checkpoint, str(out), "on", "--prune-experts", "auto", "--accuracy-budget", "0.5") == 2
     assert "--prune-experts auto (a FRACTION streams)" in capsys.readouterr().err
-    assert _compile(checkpoint, str(out), "on", "--prune-experts", "0.25", "--quant", "int4") == 2
-    assert "model.layers.0.mlp's experts are read one expert at a time" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_pruned_and_calibrated_int4_codes_are_the_in_memory_ones(checkpoint, tmp_path, monkeypatch):
+    """With --quant the kept experts alone are read and coded, GPTQ on the pruned model's activations (the
+    calibration data carried through the pruned layers beside the unpruned ones that rank them): the codes are
+    the in-memory compile's byte for byte."""
+    from moec.calibrate_streamed import LayerInputs
+
+    runs, run = [], LayerInputs._run
+
+    def spy(self, key, *args):
+        runs.append(key)
+        return run(self, key, *args)
+
+    monkeypatch.setattr(LayerInputs, "_run", spy)
+    arts, reports = {}, {}
+    for mode in ("on", "off"):
+        out = str(tmp_path / mode)
+        assert _compile(checkpoint, out, mode, "--prune-experts", "0.25", "--quant", "int4") == 0
+        arts[mode], reports[mode] = _initializers(out), json.load(open(os.path.join(out, "report.json")))
+    assert runs == ["layers.0", "layers.0", "layers.1", "layers.1"]  # unpruned, then pruned, per layer
+    on, off = (reports[m]["quantization"] for m in ("on", "off"))
+    assert [l["removed"] for l in reports["on"]["pruning"]["layers"]] == \
+        [l["removed"] for l in reports["off"]["pruning"]["layers"]]
+    codes = [n for n in arts["on"] if n.endswith(("mlp.fc1", "mlp.fc2", "fc1_scales", "fc2_scales"))]
+    assert len(codes) == 8 and all(arts["on"][n].shape[0] == 6 for n in codes)
+    assert all(np.array_equal(arts["on"][n], arts["off"][n]) for n in codes)
+    assert [l["method"] for l in on["layers"]] == [l["method"] for l in off["layers"]]
+    assert on["logits_vs_fp32_against"].startswith("the unpruned")
+    n = reports["on"]["numerics"]
+    assert n["passed"] and n["inputs"][0]["rel_l2"] < 1e-5
+
+
+def test_a_checkpoints_own_codes_are_pruned_as_in_memory(tmp_path):
+    """GPT-OSS MXFP4 experts (tests/test_mxfp4_checkpoint.py's checkpoint): the kept experts' codes are the
+    checkpoint's, read by their original index; and the pruned model is measured against the unpruned checkpoint,
+    not against itself."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_mxfp4_checkpoint import write_checkpoint
+
+    path = str(tmp_path / "ckpt")
+    write_checkpoint(path)
+    arts, reports = {}, {}
+    for mode in ("on", "off"):
+        out = str(tmp_path / mode)
+        assert _compile(path, out, mode, "--prune-experts", "0.5") == 0
+        arts[mode], reports[mode] = _initializers(out), json.load(open(os.path.join(out, "report.json")))
+    on, off = reports["on"]["pruning"], reports["off"]["pruning"]
+    assert [l["removed"] for l in on["layers"]] == [l["removed"] for l in off["layers"]]
+    assert all(len(l["removed"]) == 2 for l in on["layers"])
+    shared = set(arts["on"]) & set(arts["off"])
+    codes = [n for n in shared if n.endswith(("fc1", "fc2", "fc1_scales", "fc2_scales"))]
+    assert len(codes) == 8 and all(arts["on"][n].shape[0] == 2 for n in codes)
+    assert [n for n in shared if not np.array_equal(arts["on"][n], arts["off"][n])] == []
+    assert on["vs_unpruned"]["rel_l2"] > 1e-2 and reports["on"]["numerics"]["passed"]
 
 
 def test_a_budget_pruning_exceeds_writes_nothing(checkpoint, tmp_path, capsys):

@@ -83,6 +83,7 @@ class LayerInputs:
         self.outputs: list = []  # per batch: what the last layer run returned
         self.pruned_outputs: list = []  # with pruning: the same from the pruned model (moec.prune_streamed)
         self.pruned_differ = False  # a layer lost experts: the pruned model's states are no longer the unpruned ones
+        self.pruned_states = False  # carry the pruned model's states (GPTQ solves on them; set by the compile)
         self.next = 0  # the decoder layer whose turn it is
         self.routing: list[LayerRouting] = []
 
@@ -90,8 +91,9 @@ class LayerInputs:
         """Run the calibration batches through decoder layer `key` (layers come in order); each of its fused
         layers' inputs [T, H]. With `prune(model, routing)` (--prune-experts): the layer's routing statistics,
         measured on the unpruned model's states as in memory, are handed to `prune`, which slices the layer's
-        fused layers; the batches then also run through the pruned layer from the pruned model's states (a second
-        set, carried alongside), and the inputs returned are the pruned model's, as GPTQ has them in memory."""
+        fused layers; with `pruned_states` the batches then also run through the pruned layer from the pruned
+        model's states (a second set, carried alongside once a layer lost experts), and the inputs returned are
+        the pruned model's, as GPTQ has them in memory."""
         from moec.moe_layer import FusedMoE
 
         index = int(key.split(".")[1])
@@ -116,7 +118,9 @@ class LayerInputs:
                     _accumulate(stats[path], fused[path], x)
             if prune is not None:
                 self.pruned_differ = prune(self.model, stats) or self.pruned_differ
-                if self.pruned_differ:  # until a layer loses an expert, the pruned model's states are these
+                if not self.pruned_states:  # nothing reads the pruned model's activations (no calibrated codes)
+                    pass
+                elif self.pruned_differ:  # until a layer loses an expert, the pruned model's states are these
                     del inputs
                     self.pruned_outputs, inputs = self._run(key, index, layers, before,
                                                             self.pruned_outputs or self.outputs, fused)
@@ -135,7 +139,7 @@ class LayerInputs:
         self.routing += list(stats.values())
         self.log(f"  {key}: calibration data carried through ({sum(int(a[0].shape[0]) for a in self.batches)} "
                  f"sequences in {len(self.batches)} run(s)"
-                 + (", and through the pruned model's layer)" if prune and self.pruned_differ else ")"))
+                 + (", and through the pruned model's layer)" if self.pruned_states and self.pruned_differ else ")"))
         return inputs
 
     def _run(self, key: str, index: int, layers, before: list, replayed: list, fused: dict) -> tuple[list, dict]:

@@ -269,7 +269,7 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     if meta.pruned is not None:  # which experts go is chosen from each layer's routing as it streams
         from moec.prune_streamed import StreamedPruning
 
-        streamer.pruning = StreamedPruning.from_meta(meta.pruned, options.extra)
+        streamer.pruning = StreamedPruning.from_meta(meta.pruned, planned, options.extra)
     calibrated = None
     if calibration:  # the data carried through the model as its layers stream (moec.calibrate_streamed)
         from moec.calibrate_streamed import LayerInputs
@@ -278,6 +278,9 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         calibrated = load_calibration(calibration, src)
         streamer.calibration = LayerInputs(wrapper_of(src.module)(ck.skeleton()), calibrated.batches, ck,
                                            streamer.prepare_calibration, streamer.fused_paths, options.log)
+        # pruned and GPTQ-coded: the codes are solved on the pruned model's activations, as in memory
+        streamer.calibration.pruned_states = streamer.pruning is not None and streamer.coder is not None \
+            and streamer.coder.calibrated
 
     with _workdir(options.out, options.log) as tmp:
         from moec.external_data import DEFAULT_SHARD_BYTES, write_streamed
@@ -311,7 +314,8 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
             tolerance, prepare = options.tolerance, streamer.prepare if streamer.pruning is not None else None
         against = prequant.against if prequant is not None else None
         if streamer.pruning is not None:
-            against = "the pruned model"
+            against = ("the pruned dequantized reference" if spec is not None and not streamer.coder.exact else
+                       "the pruned model")
         if dense is not None:
             against = (f"{against}, the other Linears as MatMulNBits dequantizes them" if against else
                        "the dequantized reference")
@@ -329,10 +333,9 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
                          and streamer.pruning is None)
         if streamer.streaming is not None:
             streamer.streaming.done()
-        pruning = None
+        pruning = over = None  # over: the budget's refusal, raised once the artifact is known right
         if streamer.pruning is not None:
-            pruning = streamer.pruning.report(verified.vs_fp32)
-            check_pruning_budget(options.extra.get("accuracy_budget"), pruning, spec)
+            pruning = streamer.pruning.report(verified.vs_fp32, spec)
         if spec is not None:
             quant = quantization_report(streamer.quantized, spec, verified, tolerance, streamer.coder,
                                         target.quantizes_activations(options), dense)
@@ -343,11 +346,11 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
             budget = options.extra.get("accuracy_budget")
             if budget is not None and verified.vs_fp32 is not None:  # as in memory: the logits against fp32
                 quant["accuracy_budget"] = budget
-                if not verified.vs_fp32["rel_l2"] <= budget:
+                if not verified.vs_fp32["rel_l2"] <= budget and pruning is None:  # pruned: its check says both
                     from moec.report import over_budget
 
-                    raise over_budget(budget, spec.name, verified.vs_fp32["rel_l2"],
-                                      quant["layers"] + quant.get("dense", {}).get("layers", []))
+                    over = over_budget(budget, spec.name, verified.vs_fp32["rel_l2"],
+                                       quant["layers"] + quant.get("dense", {}).get("layers", []))
         # the whole artifact in one session, once the layer-by-layer check passed (its failure says more)
         fp16_off = half and spec is None and verified.vs_fp32["rel_l2"] > tolerance
         whole = (run_end_to_end(model_path, weights_bytes, verified, tolerance, options.log)
@@ -378,6 +381,10 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
             first = verified.first_failing(tolerance)
             report["numerics"]["first_failing_layer"] = first.layer if first else None
             raise VerificationError(verified.failure(tolerance) + " " + keep_failed(tmp, options, report))
+        if over is not None:  # once the artifact is known right: a wrong one is a VerificationError, above
+            raise over
+        if pruning is not None:
+            check_pruning_budget(options.extra.get("accuracy_budget"), pruning, spec)
         if fp16_off:
             report["numerics"]["passed"] = False
             raise VerificationError(f"in fp16 the logits move by relative L2 {verified.vs_fp32['rel_l2']:.3g} from the "

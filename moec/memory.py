@@ -93,6 +93,8 @@ def fit_check(plan: MemoryPlan, budget: int, profile: str = "max", quantizable_b
                     lo = mid
                 else:
                     hi = mid - 1
+            if lo >= p.dims[d]:  # d at its max fits once the others shrink: nothing to say about d itself
+                break
             if lo >= max(floor.get(d, 1), 1):
                 tips.append(f"max {d} = {lo} (instead of {p.dims[d]}){how} fits")
                 break

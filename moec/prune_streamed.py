@@ -41,9 +41,17 @@ class StreamedPruning:
     outcomes: list[PruneOutcome] = field(default_factory=list)
 
     @classmethod
-    def from_meta(cls, counts: dict[str, tuple[int, str]], extra: dict) -> "StreamedPruning":
-        return cls(float(extra["prune_experts"]), extra.get("prune_by") or "contribution", dict(counts),
-                   {path: i for i, path in enumerate(counts)})
+    def from_meta(cls, counts: dict[str, tuple[int, str]], planned: list, extra: dict) -> "StreamedPruning":
+        """`counts`: prune_shapes' result, keyed by each FusedMoE's own path; `planned`: the fused layers
+        (plan_model.PlannedLayer), whose paths the compile asks by (a FusedMoE may sit inside its layer's
+        wrapper)."""
+        seeds = {path: i for i, path in enumerate(counts)}
+        by_layer, seed = {}, {}
+        for p in (p for p in planned if p.fused):
+            own = next((k for k in counts if k == p.path or k.startswith(p.path + ".")), None)
+            if own is not None:
+                by_layer[p.path], seed[p.path] = counts[own], seeds[own]
+        return cls(float(extra["prune_experts"]), extra.get("prune_by") or "contribution", by_layer, seed)
 
     def choose(self, path: str, spec, stats: Optional[LayerRouting]) -> None:
         """Rank the layer's experts (`spec`: its unpruned MoESpec) by its routing statistics and pick those to go."""
@@ -79,11 +87,15 @@ class StreamedPruning:
                                               self.shares.get(path, 0.0), why))
         return keep
 
-    def report(self, vs_unpruned: dict) -> dict:
-        """`vs_unpruned`: the verification's logits against the unpruned model (rel_l2, top1_agreement)."""
+    def report(self, vs_unpruned: dict, spec=None) -> dict:
+        """`vs_unpruned`: the verification's logits against the unpruned model (rel_l2, top1_agreement, on the
+        input where they differ most); `spec`: the experts' quantization, whose error is in that distance too."""
         from moec.report import pruning_totals
 
+        on = "the worst of the verification inputs, layer by layer (out of core)"
+        if spec is not None:
+            on += f", pruning and the {spec.name} experts together"
         return {"by": self.by, "mode": "fraction", "fraction": self.fraction,
-                "vs_unpruned": {k: vs_unpruned[k] for k in ("rel_l2", "top1_agreement")},
-                "vs_unpruned_on": "the verification inputs, layer by layer (out of core)",
-                **pruning_totals([o.to_dict() for o in self.outcomes])}
+                "vs_unpruned": {"rel_l2": float(f"{vs_unpruned['rel_l2']:.6g}"),
+                                "top1_agreement": round(vs_unpruned["top1_agreement"], 6)},
+                "vs_unpruned_on": on, **pruning_totals([o.to_dict() for o in self.outcomes])}

@@ -1,6 +1,7 @@
 """Memory budgets from the command line and the Python API: parsing, unbounded dims, fit failures."""
 
 import os
+import re
 
 import pytest
 
@@ -36,6 +37,8 @@ def test_device_memory_too_small_fails_before_writing(tmp_path):
         compile(source=None, options=CompileOptions(out=str(out), extra={"device_memory": "40MB"}))
     msg = str(err.value)
     assert "does not fit in" in msg and "too much" in msg and "max seq =" in msg and "Nothing was written" in msg
+    # every dim advice changes the dim: never "max batch = 64 (instead of 64)"
+    assert not re.search(r"= (\d+) \(instead of \1\)", msg), msg
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".moec-tmp")]
 
 

@@ -43,7 +43,7 @@ def test_the_streamed_pruned_artifact_is_the_in_memory_one(checkpoint, tmp_path)
     assert all(len(l["removed"]) == 2 and l["experts_after"] == 6 for l in on["layers"]) and len(on["layers"]) == 2
     assert (on["experts_after"], on["weight_bytes_after"]) == (off["experts_after"], off["weight_bytes_after"])
     assert on["weight_bytes_after"] == on["weight_bytes_before"] * 6 // 8
-    assert on["vs_unpruned_on"].startswith("the verification inputs")
+    assert on["vs_unpruned_on"].startswith("the worst of the verification inputs")
     assert 0 < on["vs_unpruned"]["rel_l2"] < 2 and 0 <= on["vs_unpruned"]["top1_agreement"] <= 1
     # every weight the two artifacts share is the same bytes, the routers' rows and stacked experts included
     shared = set(arts["on"]) & set(arts["off"])
@@ -97,8 +97,9 @@ def test_pruned_and_calibrated_int4_codes_are_the_in_memory_ones(checkpoint, tmp
     assert all(np.array_equal(arts["on"][n], arts["off"][n]) for n in codes)
     assert [l["method"] for l in on["layers"]] == [l["method"] for l in off["layers"]]
     assert on["logits_vs_fp32_against"].startswith("the unpruned")
+    assert reports["on"]["pruning"]["vs_unpruned_on"].endswith("pruning and the int4 per-row experts together")
     n = reports["on"]["numerics"]
-    assert n["passed"] and n["inputs"][0]["rel_l2"] < 1e-5
+    assert n["passed"] and n["inputs"][0]["rel_l2"] < 1e-5 and n["against"] == "the pruned dequantized reference"
 
 
 def test_a_checkpoints_own_codes_are_pruned_as_in_memory(tmp_path):
@@ -130,5 +131,5 @@ def test_a_checkpoints_own_codes_are_pruned_as_in_memory(tmp_path):
 def test_a_budget_pruning_exceeds_writes_nothing(checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
     assert _compile(checkpoint, str(out), "on", "--prune-experts", "0.5", "--accuracy-budget", "0.001") == 16
-    assert "against the unpruned model on the verification inputs" in capsys.readouterr().err
+    assert "against the unpruned model on the worst of the verification inputs" in capsys.readouterr().err
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]

@@ -2,7 +2,7 @@
 on the configs of models too big to hold (Kimi-K2, DeepSeek-V3).
 
     OMP_WAIT_POLICY=passive .venv/bin/python tools/bench_compile_scale.py [--models granite-1b granite-3b olmoe-7b
-        gpt-oss-20b-mxfp4 qwen3-30b-a3b-gptq qwen3-30b-a3b-gptq-dense]
+        gpt-oss-20b-mxfp4 qwen3-30b-a3b-gptq qwen3-30b-a3b-gptq-dense granite-1b-pruned granite-1b-pruned-int4]
         [--modes on off] [--plans kimi-k2 deepseek-v3] [--workdir DIR] [--keep]
 
 For each model: writes a Hugging Face checkpoint (bf16 safetensors, random N(0, 0.02) weights from the real
@@ -71,6 +71,11 @@ MODELS = {
     # the same checkpoint with --quant-dense: its attention's own GPTQ codes and the head (bf16 in the
     # checkpoint, round-to-nearest) as MatMulNBits instead of fp32
     "qwen3-30b-a3b-gptq-dense": dict(checkpoint="qwen3-30b-a3b-gptq", flags=["--quant-dense"]),
+    # granite-1b's checkpoint with a quarter of each layer's experts pruned (ranked on 16 random calibration
+    # sequences carried through the model a layer at a time), and the same with calibrated int4 experts
+    "granite-1b-pruned": dict(checkpoint="granite-1b", flags=["--calibration", "random:16", "--prune-experts", "0.25"]),
+    "granite-1b-pruned-int4": dict(checkpoint="granite-1b", flags=["--calibration", "random:16", "--prune-experts",
+                                                                   "0.25", "--quant", "int4"]),
 }
 
 # config.json as the model repositories publish them (the keys moec reads; the rest are defaults)
@@ -255,6 +260,10 @@ def run_model(name: str, workdir: str, keep: bool, mode: str) -> dict:
             row.update(largest_layer_bytes=layer, bound_bytes=2 * layer + int(1.5 * 2**30),
                        worst_layer_rel_l2=max((l["rel_l2"] for l in report["numerics"].get("layers", [])), default=None),
                        logits_rel_l2=report["numerics"]["inputs"][0]["rel_l2"])
+            pruning = report.get("pruning")
+            if pruning:
+                row["pruning"] = {k: pruning[k] for k in ("experts_before", "experts_after", "weight_bytes_before",
+                                                          "weight_bytes_after", "vs_unpruned")}
             whole = report["numerics"].get("end_to_end")  # out of core only (in memory: one session anyway)
             if whole is not None:
                 row["end_to_end"] = ({"rel_l2": whole["rel_l2"], "child_peak_bytes": whole["peak_rss_bytes"]}

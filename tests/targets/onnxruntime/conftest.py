@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 from filelock import FileLock
@@ -26,7 +27,8 @@ def graph_pass_pairs(tmp_path_factory, worker_id):
     root = tmp_path_factory.getbasetemp().parent / "graph_passes"  # this run's, shared by its workers
     with FileLock(str(root) + ".lock"):
         if not (root / "done").exists():
-            root.mkdir(exist_ok=True)
+            shutil.rmtree(root, ignore_errors=True)  # a worker's failed try: the next one starts clean
+            root.mkdir()
             _compile_pairs(root)
             (root / "done").touch()
     return {family: tuple(CompileResult(str(root / f"{family}-{k}"),

@@ -345,6 +345,12 @@ def render(rows: list[dict], plans: list[dict]) -> None:
         if r.get("peak_over_base_after_kb"):
             print("  peak over base as each stage ended (GiB): " + ", ".join(
                 f"{k} {v / 2**20:.2f}" for k, v in r["peak_over_base_after_kb"].items()) + f"; set in {r['peak_stage']}")
+        if r.get("pruning"):
+            p = r["pruning"]
+            print(f"  pruned: experts {p['experts_before']} -> {p['experts_after']}, their fp32 bytes "
+                  f"{p['weight_bytes_before'] / 2**30:.2f} -> {p['weight_bytes_after'] / 2**30:.2f} GiB; logits vs the "
+                  f"unpruned model: relative L2 {p['vs_unpruned']['rel_l2']:.1e}, top-1 agreement "
+                  f"{p['vs_unpruned']['top1_agreement']:.0%}")
         if "end_to_end" in r:
             e = r["end_to_end"]
             print("  end to end: " + (f"relative L2 {e['rel_l2']:.1e}, its process peaked at "

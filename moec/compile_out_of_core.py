@@ -244,7 +244,10 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         from moec.memory import parse_size
         from moec.pipeline import fit_device_memory
 
-        experts = sum(w.bytes_at("fp32") for w in meta.weights)  # what --quant would shrink (advice)
+        removed = {path: n for path, (n, _) in (meta.pruned or {}).items()}  # the graph has the experts kept
+        experts = sum(w.bytes_at("fp32", w.experts - next((n for p, n in removed.items() if p == w.path or
+                                                          p.startswith(w.path + ".")), 0))
+                      for w in meta.weights)  # what --quant would shrink (advice)
         fit = fit_device_memory(memory, parse_size(options.extra["device_memory"]),
                                 experts if spec is None and not half else 0)
     layers = _layer_report(planned, lowered)

@@ -244,9 +244,8 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         from moec.memory import parse_size
         from moec.pipeline import fit_device_memory
 
-        removed = {path: n for path, (n, _) in (meta.pruned or {}).items()}  # the graph has the experts kept
-        experts = sum(w.bytes_at("fp32", w.experts - next((n for p, n in removed.items() if p == w.path or
-                                                          p.startswith(w.path + ".")), 0))
+        removed = meta.pruned or {}  # the graph has the experts kept
+        experts = sum(w.bytes_at("fp32", w.experts - removed.get(w.path, (0, ""))[0])
                       for w in meta.weights)  # what --quant would shrink (advice)
         fit = fit_device_memory(memory, parse_size(options.extra["device_memory"]),
                                 experts if spec is None and not half else 0)
@@ -272,7 +271,7 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     if meta.pruned is not None:  # which experts go is chosen from each layer's routing as it streams
         from moec.prune_streamed import StreamedPruning
 
-        streamer.pruning = StreamedPruning.from_meta(meta.pruned, planned, options.extra)
+        streamer.pruning = StreamedPruning.from_meta(meta.pruned, options.extra)
     calibrated = None
     if calibration:  # the data carried through the model as its layers stream (moec.calibrate_streamed)
         from moec.calibrate_streamed import LayerInputs
@@ -459,15 +458,13 @@ def check_pruning_budget(budget, pruning: dict, spec=None) -> None:
     d = pruning["vs_unpruned"]
     if budget is None or d["rel_l2"] <= float(budget):
         return
-    from moec.errors import AccuracyBudgetError
+    from moec.passes.prune_experts import Distance, over_budget
 
     worst = sorted(pruning["layers"], key=lambda l: -l["removed_share"])[:3]
-    raise AccuracyBudgetError(
-        f"--accuracy-budget {float(budget):g}: pruning {pruning['fraction']:g} of the experts (by {pruning['by']})"
-        + (f" with {spec.name} experts" if spec is not None else "") + " moves "
-        f"the logits by relative L2 {d['rel_l2']:.3g} against the unpruned model on {pruning['vs_unpruned_on']} "
-        f"(top-1 agrees on {d['top1_agreement']:.1%}). Layers losing the most: "
-        f"{', '.join(l['path'] for l in worst)}. Try a smaller fraction; nothing was written.")
+    raise over_budget(budget, f"pruning {pruning['fraction']:g} of the experts (by {pruning['by']})"
+                      + (f" with {spec.name} experts" if spec is not None else ""),
+                      Distance(d["rel_l2"], d["top1_agreement"]), pruning["vs_unpruned_on"],
+                      [l["path"] for l in worst], "a smaller fraction")
 
 
 def in_fp16(prepare: Callable[[nn.Module, str], None]) -> Callable[[nn.Module, str], None]:

@@ -254,7 +254,8 @@ class MetaModel:
     lowered: list  # the lowering passes' outcomes (LoweringOutcome), one per fused layer
     notes: list[str]  # the experts-implementation switch for layers left unfused
     dense: Optional[PassResult] = None  # --quant-dense: quantize_dense's result (its Linears, shapes only)
-    # --prune-experts FRACTION: per fused layer, (experts removed, why it was left whole); the graph has the kept count
+    # --prune-experts FRACTION: per fused layer (its planned path, in module order), (experts removed, why it was left
+    # whole); the graph has the kept count
     pruned: Optional[dict] = None
 
 
@@ -278,7 +279,10 @@ def build_on_meta(hf: HFConfig, kinds: dict[tuple, MiniatureOutcome], lowering: 
     if (options or {}).get("prune_experts") is not None:  # before quantization, as the passes run in memory
         from moec.passes.prune_experts import prune_shapes
 
-        pruned = prune_shapes(full, options["prune_experts"])
+        fused = [p.path for p in planned if p.fused]
+        # keyed by the planned layer's path (a FusedMoE may sit inside its layer's wrapper), in module order
+        pruned = {next((p for p in fused if own == p or own.startswith(p + ".")), own): counts
+                  for own, counts in prune_shapes(full, options["prune_experts"]).items()}
     if spec is not None:
         for path, fused in iter_fused(full):
             fused.quantized = QuantizedExperts(quantized_shape(fused.w_gate_up, spec, f"{path}.w_gate_up"),

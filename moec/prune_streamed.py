@@ -41,17 +41,10 @@ class StreamedPruning:
     outcomes: list[PruneOutcome] = field(default_factory=list)
 
     @classmethod
-    def from_meta(cls, counts: dict[str, tuple[int, str]], planned: list, extra: dict) -> "StreamedPruning":
-        """`counts`: prune_shapes' result, keyed by each FusedMoE's own path; `planned`: the fused layers
-        (plan_model.PlannedLayer), whose paths the compile asks by (a FusedMoE may sit inside its layer's
-        wrapper)."""
-        seeds = {path: i for i, path in enumerate(counts)}
-        by_layer, seed = {}, {}
-        for p in (p for p in planned if p.fused):
-            own = next((k for k in counts if k == p.path or k.startswith(p.path + ".")), None)
-            if own is not None:
-                by_layer[p.path], seed[p.path] = counts[own], seeds[own]
-        return cls(float(extra["prune_experts"]), extra.get("prune_by") or "contribution", by_layer, seed)
+    def from_meta(cls, counts: dict[str, tuple[int, str]], extra: dict) -> "StreamedPruning":
+        """`counts`: plan_model.MetaModel.pruned (per fused layer's path, in module order, as the pass seeds)."""
+        return cls(float(extra["prune_experts"]), extra.get("prune_by") or "contribution", dict(counts),
+                   {path: i for i, path in enumerate(counts)})
 
     def choose(self, path: str, spec, stats: Optional[LayerRouting]) -> None:
         """Rank the layer's experts (`spec`: its unpruned MoESpec) by its routing statistics and pick those to go."""

@@ -88,6 +88,15 @@ class Distance:
         return {"rel_l2": rel, "top1_agreement": round(self.top1_agreement, 6)}
 
 
+def over_budget(budget, what: str, d: Distance, on: str, worst: Sequence[str], instead: str) -> AccuracyBudgetError:
+    """--accuracy-budget exceeded by pruning (`what`): the distance `d` from the unpruned model on `on`, the layers
+    losing the most, what to try `instead`."""
+    return AccuracyBudgetError(
+        f"--accuracy-budget {float(budget):g}: {what} moves the logits by relative L2 {d.rel_l2:.3g} against the "
+        f"unpruned model on {on} (top-1 agrees on {d.top1_agreement:.1%}). Layers losing the most: "
+        f"{', '.join(worst)}. Try {instead}; nothing was written.")
+
+
 def check_fraction(value) -> None:
     if value == "auto":
         return
@@ -308,11 +317,8 @@ class PruneExperts(Pass):
         details["vs_unpruned"] = final.to_dict()
         if budget is not None and mode != "auto" and not final.rel_l2 <= float(budget):
             worst = sorted(plans, key=lambda p: -sum(plans[p].shares[:units[p]]))[:3]
-            raise AccuracyBudgetError(
-                f"--accuracy-budget {float(budget):g}: pruning {mode} of the experts (by {by}) moves the logits by "
-                f"relative L2 {final.rel_l2:.3g} against the unpruned model on the calibration data (top-1 agrees on "
-                f"{final.top1_agreement:.1%}). Layers losing the most: {', '.join(worst)}. Try a smaller fraction "
-                "or --prune-experts auto; nothing was written.")
+            raise over_budget(budget, f"pruning {mode} of the experts (by {by})", final, "the calibration data", worst,
+                              "a smaller fraction or --prune-experts auto")
         outcomes = []
         for path, fused in [(p, m) for p, m in module.named_modules() if isinstance(m, FusedMoE)]:
             before_bytes, before_e = expert_bytes(fused), fused.spec.experts.num_experts

@@ -13,6 +13,7 @@ from onnx.numpy_helper import to_array
 
 from moec import zoo
 from moec.cli import main
+from test_mxfp4_checkpoint import write_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +32,18 @@ def _initializers(out):
     return {t.name: to_array(t, base_dir=out) for t in onnx.load(os.path.join(out, "model.onnx")).graph.initializer}
 
 
-def test_the_streamed_pruned_artifact_is_the_in_memory_one(checkpoint, tmp_path):
+def _both_modes(source, tmp_path, *flags):
+    """Compiled out of core and in memory: ({mode: initializers}, {mode: report})."""
     arts, reports = {}, {}
     for mode in ("on", "off"):
         out = str(tmp_path / mode)
-        assert _compile(checkpoint, out, mode, "--prune-experts", "0.25") == 0
+        assert _compile(source, out, mode, *flags) == 0
         arts[mode], reports[mode] = _initializers(out), json.load(open(os.path.join(out, "report.json")))
+    return arts, reports
+
+
+def test_the_streamed_pruned_artifact_is_the_in_memory_one(checkpoint, tmp_path):
+    arts, reports = _both_modes(checkpoint, tmp_path, "--prune-experts", "0.25")
     on, off = reports["on"]["pruning"], reports["off"]["pruning"]
     # the same experts go from each layer, ranked on the same routing (2 of 8 at 0.25)
     assert [l["removed"] for l in on["layers"]] == [l["removed"] for l in off["layers"]]
@@ -83,11 +90,7 @@ def test_pruned_and_calibrated_int4_codes_are_the_in_memory_ones(checkpoint, tmp
         return run(self, key, *args)
 
     monkeypatch.setattr(LayerInputs, "_run", spy)
-    arts, reports = {}, {}
-    for mode in ("on", "off"):
-        out = str(tmp_path / mode)
-        assert _compile(checkpoint, out, mode, "--prune-experts", "0.25", "--quant", "int4") == 0
-        arts[mode], reports[mode] = _initializers(out), json.load(open(os.path.join(out, "report.json")))
+    arts, reports = _both_modes(checkpoint, tmp_path, "--prune-experts", "0.25", "--quant", "int4")
     assert runs == ["layers.0", "layers.0", "layers.1", "layers.1"]  # unpruned, then pruned, per layer
     on, off = (reports[m]["quantization"] for m in ("on", "off"))
     assert [l["removed"] for l in reports["on"]["pruning"]["layers"]] == \
@@ -106,18 +109,9 @@ def test_a_checkpoints_own_codes_are_pruned_as_in_memory(tmp_path):
     """GPT-OSS MXFP4 experts (tests/test_mxfp4_checkpoint.py's checkpoint): the kept experts' codes are the
     checkpoint's, read by their original index; and the pruned model is measured against the unpruned checkpoint,
     not against itself."""
-    import sys
-
-    sys.path.insert(0, os.path.dirname(__file__))
-    from test_mxfp4_checkpoint import write_checkpoint
-
     path = str(tmp_path / "ckpt")
     write_checkpoint(path)
-    arts, reports = {}, {}
-    for mode in ("on", "off"):
-        out = str(tmp_path / mode)
-        assert _compile(path, out, mode, "--prune-experts", "0.5") == 0
-        arts[mode], reports[mode] = _initializers(out), json.load(open(os.path.join(out, "report.json")))
+    arts, reports = _both_modes(path, tmp_path, "--prune-experts", "0.5")
     on, off = reports["on"]["pruning"], reports["off"]["pruning"]
     assert [l["removed"] for l in on["layers"]] == [l["removed"] for l in off["layers"]]
     assert all(len(l["removed"]) == 2 for l in on["layers"])

@@ -127,6 +127,8 @@ def check_streamable(options: CompileOptions) -> None:
         asked.append("--prune-experts auto (a FRACTION streams)")
     if options.target != "onnxruntime":
         asked.append(f"--target {options.target}")
+    if options.extra.get("dtype") == "bf16":  # its check widens the graph to fp32 whole (moec.widen_bf16)
+        asked.append("--dtype bf16")
     if not options.fuse:
         asked.append("--no-fusion")
     if options.disabled_passes:
@@ -138,7 +140,7 @@ def check_streamable(options: CompileOptions) -> None:
                         "model about 1.5 times at fp32. Nothing was written.")
     from moec.pipeline import check_dtype, dtype_of
 
-    check_dtype(options)  # bf16 and what fp16 is not built with, as in memory
+    check_dtype(options)  # what fp16 is not built with, as in memory
     if dtype_of(options) != "fp32" and options.extra.get("task") in (None, "text-generation"):
         raise MoecError(f"--dtype {dtype_of(options)}: the KV-cache decoder (--task text-generation, the default for a "
                         "causal LM) is built in fp32 only so far; compile with --task logits for an fp16 input_ids -> "

@@ -34,10 +34,12 @@ from moec.golden import TOLERANCES, Probe, weights_sha256, write_golden
 from moec.heap import peak_rss
 from moec.numerics import compare_tensors
 from moec.passes.base import Pass, PassContext, PassManager, PassRecord, flatten_outputs
+from moec.passes.cast_precision import in_fp32
+from moec.widen_bf16 import WIDENED_TOLERANCE
 from moec.passes.conditions import EXPERTS_PRUNED, MOE_FUSED, ROUTING_MEASURED
 from moec.report import FP32_REL_L2, layer_summary, moec_version, pruning_summary, quantization_summary, versions
 from moec.rewrite_rsqrt import NAME as REWRITE_RSQRT, rewrite_rsqrt
-from moec.route_margins import MIN_MARGIN, MIN_MARGIN_FP16, conditioned_draw, watch_route_margins
+from moec.route_margins import MIN_MARGINS, conditioned_draw, watch_route_margins
 from moec.simplify_graph import counted, simplify_graph
 from moec.sources import LoadedSource, load_source
 from moec.targets.base import ArtifactContext, Target
@@ -115,6 +117,7 @@ class Transformed:
     routing: Optional[list] = None  # the report's routing statistics (with --calibration)
     exact_generation: Optional[list] = None  # a decoder's greedy runs after the last pass changing numerics
     exact_margins: Optional[dict] = None  # how near a routing tie `exact` came on the verification inputs
+    bf16_arithmetic: Optional[dict] = None  # --dtype bf16: the eager bf16 model against eager fp32 (reported)
 
 
 @dataclass
@@ -239,7 +242,9 @@ def compile(
                      [Probe(f"probe{i}", f, o) for i, (f, o) in enumerate(zip(verified.feeds, verified.outputs))],
                      model=loaded.identity,
                      precision=transformed.quant["precision"] if transformed.quant else dtype_of(options),
-                     tolerance=verified.numerics["tolerance_rel_l2"], versions=versions())
+                     # a bf16 artifact verified here ran in fp32 arithmetic; its golden also serves bf16 kernels
+                     tolerance=(TOLERANCES["bf16"] if dtype_of(options) == "bf16" and not transformed.quant
+                                else verified.numerics["tolerance_rel_l2"]), versions=versions())
         if gen_golden is not None:
             from moec.greedy import write_generation_golden
 
@@ -377,8 +382,8 @@ def check_loaded(loaded: Loaded, options: CompileOptions) -> None:
         # measured: fp16 rounding flips expert choices at routing near-ties, and greedy tokens with them, on
         # 4 of 5 families' test configs; the token-for-token check needs fp16-aware conditioning first
         raise MoecError(f"--dtype {dtype_of(options)}: the KV-cache decoder (--task text-generation, the default for "
-                        "a causal LM) is built in fp32 only so far; compile with --task logits for an fp16 "
-                        "input_ids -> logits graph. Nothing was written.")
+                        f"a causal LM) is built in fp32 only so far; compile with --task logits for an "
+                        f"{dtype_of(options)} input_ids -> logits graph. Nothing was written.")
     check_finite_weights(loaded.src.module, quantizing=bool(options.extra.get("quant")))
     if options.extra.get("calibration"):
         from moec.calibration import load_calibration
@@ -425,7 +430,7 @@ def eager_reference(loaded: Loaded, options: CompileOptions) -> Reference:
     # an fp16 artifact's routing differs from eager's by fp16 rounding: inputs are kept clear of ties by that much
     draw = conditioned_draw(lambda seed: src.verification_inputs(options.verify_seq_len, seed=seed),
                             lambda inputs: outputs_on(src.module, inputs), lambda m: options.log("verification " + m),
-                            MIN_MARGIN_FP16 if dtype_of(options) == "fp16" else MIN_MARGIN)
+                            MIN_MARGINS[dtype_of(options)])
     conditioning = {"seed": draw.seed, "draws": draw.draws, **draw.margins.to_dict()}
     return Reference(draw.inputs, draw.outputs, greedy_runs(src.module, loaded.generation), conditioning)
 
@@ -493,14 +498,11 @@ def dtype_of(options: CompileOptions) -> str:
 
 
 def check_dtype(options: CompileOptions) -> None:
-    """--dtype: what an fp16 artifact is built for so far; bf16 can't be verified by ONNX Runtime's CPU provider."""
+    """--dtype: what fp16 and bf16 artifacts are built for so far."""
     dtype, extra = dtype_of(options), options.extra
     if dtype == "fp32":
         return
-    if dtype == "bf16":
-        raise MoecError("--dtype bf16: ONNX Runtime's CPU provider has no bf16 MatMul kernel, so moec could not "
-                        "verify a bf16 artifact; use --dtype fp16 (verified here, runs on CPU and GPU) or fp32.")
-    if dtype != "fp16":
+    if dtype not in ("fp16", "bf16"):
         raise MoecError(f"--dtype {dtype}: choose fp32, fp16 or bf16.")
     clashes = [flag for flag, on in ((f"--target {options.target}", options.target != "onnxruntime"),
                                      # auto's search measures the fp32 model; the budget is checked on the fp16 one
@@ -508,11 +510,13 @@ def check_dtype(options: CompileOptions) -> None:
                                      (f"experts already quantized in the model ({extra.get('quant')})",
                                       bool(extra.get("prequantized"))),
                                      ("--quant-dense", bool(extra.get("quant_dense"))),
-                                     ("--prune-experts", extra.get("prune_experts") is not None)) if on]
+                                     ("--prune-experts", extra.get("prune_experts") is not None),
+                                     # Triton's ONNX Runtime backend here runs on CPU, which has no bf16 kernels
+                                     ("--triton-repo", dtype == "bf16" and bool(options.triton_repo))) if on]
     if clashes:
-        raise MoecError(f"--dtype fp16 with {', '.join(clashes)}: not built yet (fp16 artifacts are ONNX Runtime "
-                        "models with fp16 weights and arithmetic, unpruned, with --quant int8/int4/int2 experts or "
-                        "none). Nothing was written.")
+        raise MoecError(f"--dtype {dtype} with {', '.join(clashes)}: not built yet ({dtype} artifacts are ONNX "
+                        f"Runtime models with {dtype} weights and arithmetic, unpruned, with --quant int8/int4/int2 "
+                        "experts or none). Nothing was written.")
 
 
 def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options: CompileOptions, target: Target,
@@ -532,6 +536,7 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
     exact: list = []
     exact_generation: list = []
     exact_margins: dict = {}
+    bf16_eager: list = []
 
     def after_pass(p: Pass, module: nn.Module) -> None:
         if MOE_FUSED in p.ensures:
@@ -540,8 +545,14 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
             pruned[:] = outputs_on(module, reference.inputs)
         if p is last_numerics:  # the exact reference for the quantized / pruned artifact
             with watch_route_margins() as watch:
-                exact[:] = outputs_on(module, reference.inputs)
-            watch.margins.min_margin = MIN_MARGIN_FP16 if dtype_of(options) == "fp16" else MIN_MARGIN
+                if dtype_of(options) == "bf16":  # checked in fp32 arithmetic on the bf16 weights (moec.widen_bf16)
+                    with in_fp32(module):
+                        exact[:] = outputs_on(module, reference.inputs)
+                else:
+                    exact[:] = outputs_on(module, reference.inputs)
+            if dtype_of(options) == "bf16":  # what bf16 arithmetic itself costs, in eager PyTorch, for the report
+                bf16_eager[:] = outputs_on(module, reference.inputs)
+            watch.margins.min_margin = MIN_MARGINS[dtype_of(options)]
             exact_margins.update(watch.margins.to_dict())
             exact_generation[:] = greedy_runs(module, loaded.generation) or []
 
@@ -558,20 +569,34 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
     quant = quantization_summary(fold_records + records, options.extra, activations_quantized,
                                  pruned or reference.eager, exact)
     pruning = pruning_summary(records)
-    if quant is not None and dtype_of(options) != "fp32":  # the dequantized fp16 model: fp16's rounding as well
+    if quant is not None and dtype_of(options) == "fp16":  # the dequantized fp16 model: fp16's rounding as well
         quant["tolerance_vs_dequantized"] = max(quant["tolerance_vs_dequantized"], TOLERANCES[dtype_of(options)])
+    elif quant is not None and dtype_of(options) == "bf16":  # in fp32 arithmetic on bf16 weights (widen_bf16)
+        quant["tolerance_vs_dequantized"] = max(quant["tolerance_vs_dequantized"], WIDENED_TOLERANCE)
     if quant is not None and pruning is not None:
         quant["logits_vs_fp32_against"] = "the pruned full-precision model"
     routing = next((r.details["routing"] for r in records if ROUTING_MEASURED.name in r.ensures), None)
     exact_name = " ".join(w for w, on in (("pruned", pruning is not None), ("dequantized", quant is not None),
-                                          (dtype_of(options), dtype_of(options) != "fp32")) if on)
+                                          ("fp16", dtype_of(options) == "fp16"),
+                                          ("bf16-weights", dtype_of(options) == "bf16")) if on)
     if options.require_fusion and layers["unfused"]:
         bad = [f"{l['path']}: {l.get('reason', '')}" for l in layers["layers"] if not l["fused"]]
         raise FusionRequiredError("--require-fusion: MoE layers left unfused: " + "; ".join(bad))
     return Transformed(module, records, layers, quant, exact if exact_name else [],
                        f"the {exact_name} reference" if exact_name else "", pruning, routing,
                        exact_generation if exact_name and exact_generation else None,
-                       exact_margins if exact_name and exact_margins else None)
+                       exact_margins if exact_name and exact_margins else None,
+                       bf16_arithmetic(bf16_eager, reference.eager) if bf16_eager else None)
+
+
+def bf16_arithmetic(bf16: list, fp32: list) -> dict:
+    """How far the eager bf16 model (bf16 weights and arithmetic) is from eager fp32, per verification input:
+    what a bf16 runtime adds to the weights' rounding that the widened check measures (reported, not gated)."""
+    rows = [{"input": f"probe{i}", **compare_tensors(r[0], g[0]).to_dict()}
+            for i, (g, r) in enumerate(zip(bf16, fp32))]
+    return {"inputs": rows, "worst_rel_l2": max(r["rel_l2"] for r in rows),
+            "note": "eager PyTorch in bf16 against eager fp32 (bf16 weights and arithmetic); ONNX Runtime's bf16 "
+                    "kernels (GPU providers) land near this, not bit for bit"}
 
 
 def export_graph(captured: Captured, loaded: Loaded, target: Target, options: CompileOptions):
@@ -673,23 +698,34 @@ def verify(model_path: str, tmp: str, reference: Reference, transformed: Transfo
     evaluable_files = target.write_evaluable(model_path, tmp)  # written once: verification, then Triton
     runner = OrtRunner(evaluable_files[0] if evaluable_files else model_path)
     quant, pruning = transformed.quant, transformed.pruning
-    tolerance = options.tolerance
+    tolerance = exact_tolerance = options.tolerance
     if dtype_of(options) != "fp32":  # fp16's own rounding, against fp32 and against the eager fp16 model alike
         tolerance = max(options.tolerance, TOLERANCES[dtype_of(options)])
+    if dtype_of(options) == "fp16":
+        exact_tolerance = tolerance
+    elif dtype_of(options) == "bf16":  # checked in fp32 arithmetic on the bf16 weights (moec.widen_bf16)
+        exact_tolerance = max(options.tolerance, WIDENED_TOLERANCE)
     if quant:  # against fp32 the error is the quantization's own (reported; --accuracy-budget gates it)
         tolerance = max(tolerance, quant["tolerance_vs_fp32"])
     if pruning:  # informational: the pruned model is another model; pruning.vs_unpruned (calibration data) is gated
         tolerance = 1.0
     numerics, feeds, outs = compare_runs(runner, reference.inputs, reference.eager, tolerance)
     if transformed.exact:
-        exact_tol = quant["tolerance_vs_dequantized"] if quant else tolerance
+        exact_tol = quant["tolerance_vs_dequantized"] if quant else exact_tolerance
         exact, _, outs = compare_runs(runner, reference.inputs, transformed.exact, exact_tol)
         key = "vs_" + transformed.exact_name.removeprefix("the ").replace(" ", "_")
-        # fp16 is gated against fp32 too: its rounding is the artifact's whole difference from the model (with
-        # --quant, quantization's error against fp32 is --accuracy-budget's to gate, as at fp32)
-        gated = exact["passed"] and (numerics["passed"] or dtype_of(options) == "fp32" or quant is not None)
+        # fp16 is gated against fp32 too: its rounding is the artifact's whole difference from the model, and a
+        # model fp16's range can't hold shows there (with --quant, quantization's error against fp32 is
+        # --accuracy-budget's to gate, as at fp32). bf16 has fp32's range, and its check runs in fp32 arithmetic:
+        # its distance from fp32 is the weights' rounding, asked for by --dtype bf16, reported, not gated
+        gated = exact["passed"] and (numerics["passed"] or dtype_of(options) in ("fp32", "bf16") or quant is not None)
         numerics = {"vs_fp32": numerics, key: exact, "passed": gated, "against": transformed.exact_name,
                     "tolerance_rel_l2": exact["tolerance_rel_l2"], "inputs": exact["inputs"]}
+        if dtype_of(options) == "bf16" and quant is None:
+            numerics["vs_fp32"]["note"] = ("the bf16 weights' rounding against the fp32 model, for information (the "
+                                           "check runs in fp32 arithmetic; bf16_arithmetic adds bf16's own)")
+        if transformed.bf16_arithmetic is not None:
+            numerics["bf16_arithmetic"] = transformed.bf16_arithmetic
         if pruning:
             numerics["vs_fp32"]["note"] = ("the unpruned model, for information (tolerance 1.0 means nothing in "
                                            "common); --accuracy-budget gates pruning.vs_unpruned on the calibration "
@@ -697,6 +733,12 @@ def verify(model_path: str, tmp: str, reference: Reference, transformed: Transfo
     if generation is not None:
         numerics["generation"] = check_generation(runner, tmp, generation, bool(evaluable_files))
         numerics["passed"] = numerics["passed"] and numerics["generation"]["passed"]
+    if runner.widened is not None:  # the CPU provider has no bf16 kernels: what ran instead (moec.widen_bf16)
+        numerics["evaluated_as"] = (f"the bf16 graph widened to fp32 for ONNX Runtime's CPU provider (no bf16 "
+                                    f"kernels): {runner.widened.weights} weights widened exactly, "
+                                    f"{len(runner.widened.bf16_values)} bf16 values computed in fp32; checked against "
+                                    "eager PyTorch in fp32 on the same bf16 weights. bf16 arithmetic itself is not "
+                                    "run here: see bf16_arithmetic")
     del runner
     if evaluable_files:
         if not (options.triton_repo and numerics["passed"]):

@@ -366,5 +366,7 @@ def qmoe_dequantize(packed: torch.Tensor, scales: torch.Tensor, zero_points: Opt
                     block_size: int, cols: int) -> torch.Tensor:
     """Torch-side dequantization of QMoE inputs (what ONNX Runtime computes with)."""
     spec = QuantSpec(bits, block_size or None, zero_points is None)
+    if scales.dtype == torch.bfloat16:  # numpy has no bf16: in fp32 (exact for bf16 scales), the result in bf16
+        return qmoe_dequantize(packed, scales.float(), zero_points, bits, block_size, cols).to(torch.bfloat16)
     p = PackedWeight(packed.numpy(), scales.numpy(), None if zero_points is None else zero_points.numpy(), spec, cols)
     return dequantize(unpack(p))

@@ -45,11 +45,14 @@ class VerifyResult:
 class OrtRunner:
     """A model in ONNX Runtime (CPU). `evaluable(model) -> (model, n)` first rewrites what ONNX Runtime
     can't run (a target's custom nodes, expanded to their reference subgraphs); without it the file
-    is loaded as it is (external data included)."""
+    is loaded as it is (external data included). A bf16 model runs widened to fp32 on its bf16 weights
+    (moec.widen_bf16: the CPU provider has no bf16 kernels); `widened` says so."""
 
     def __init__(self, path: str, evaluable=None):
         import onnx
         import onnxruntime as ort
+
+        from moec.widen_bf16 import has_bf16, widen_bf16
 
         if not os.path.isfile(path):
             raise ArtifactError(f"no {os.path.basename(path)} in '{os.path.dirname(path)}'; is it a moec artifact "
@@ -57,16 +60,26 @@ class OrtRunner:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         n_expanded = 0
+        self.widened = None
         try:
-            if evaluable is None:
+            model = None
+            if evaluable is not None:
+                model, n_expanded = evaluable(onnx.load(path))
+            elif has_bf16(onnx.load(path, load_external_data=False)):
+                model = onnx.load(path)
+            if model is not None and has_bf16(model):
+                self.widened = widen_bf16(model)
+                model = self.widened.model
+            if model is None:
                 self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
             else:
-                model, n_expanded = evaluable(onnx.load(path))
                 self.session = ort.InferenceSession(model.SerializeToString(), opts,
                                                     providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise ArtifactError(f"cannot load '{path}' in ONNX Runtime: {type(exc).__name__}: {str(exc)[:400]}") from exc
         self.name = "onnxruntime" + (f" (+{n_expanded} plugin reference subgraphs)" if n_expanded else "")
+        if self.widened is not None:
+            self.name += " (bf16 widened to fp32)"
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
 

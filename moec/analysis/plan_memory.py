@@ -38,6 +38,7 @@ import sympy
 from onnx import helper
 
 from moec.errors import MoecError
+from moec.widen_bf16 import has_bf16, widen_bf16
 
 ALIASING_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
 
@@ -280,6 +281,10 @@ def plan_memory(model: onnx.ModelProto, profiles: dict[str, dict[str, int]], ali
                                   "every dynamic dim needs a bounded value in every profile.")
     hooks = hooks or PlanHooks.of()
     runnable, _ = hooks.evaluable(model if with_weights else weightless(model, base_dir=base_dir))  # same output names and shapes
+    held_bf16: frozenset[str] = frozenset()
+    if has_bf16(runnable):  # the CPU provider runs bf16 widened to fp32; the plan keeps bf16's 2 bytes a value
+        widened = widen_bf16(runnable)
+        runnable, held_bf16 = widened.model, widened.bf16_values
     session = _probe_session(runnable)
     basis = _basis(dims)
     # probe points: enough for the basis, plus two to check the fit
@@ -288,6 +293,9 @@ def plan_memory(model: onnx.ModelProto, profiles: dict[str, dict[str, int]], ali
     feeds_at = [{**p, **{d: sum(p[k] for k in parts) for d, parts in derived.items() if d in all_dims}}
                 for p in points]
     shapes_at = [_concrete_shapes(session, runnable, p) for p in feeds_at]
+    for shapes in shapes_at:
+        for name in held_bf16 & shapes.keys():
+            shapes[name] = ("tensor(bfloat16)", shapes[name][1])
     del session
     init_names = {i.name for i in model.graph.initializer}
     const_outputs = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}

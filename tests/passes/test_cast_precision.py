@@ -1,4 +1,5 @@
-"""cast_precision (--dtype fp16): fp16 weights and arithmetic behind fp32 inputs and outputs, verified in ONNX Runtime."""
+"""cast_precision (--dtype fp16|bf16): fp16 / bf16 weights and arithmetic behind fp32 inputs and outputs, verified in
+ONNX Runtime (bf16 widened to fp32 on its bf16 weights: the CPU provider has no bf16 kernels)."""
 
 import json
 import os
@@ -69,7 +70,7 @@ def test_a_float_input_model_keeps_fp32_inputs(tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--dtype", "bf16"], "no bf16 MatMul kernel"),
+    (["--dtype", "bf16", "--quant", "auto", "--accuracy-budget", "0.1"], "--dtype bf16 with --quant auto: not built"),
     (["--dtype", "fp16", "--quant", "auto", "--accuracy-budget", "0.1"], "--dtype fp16 with --quant auto: not built"),
     (["--dtype", "fp16", "--prune-experts", "0.25", "--calibration", "random:4"], "--dtype fp16 with --prune-experts"),
     (["--dtype", "fp16", "--target", "tensorrt"], "--dtype fp16 with --target tensorrt"),
@@ -163,3 +164,92 @@ def test_quantized_experts_in_an_fp16_artifact_keep_their_codes(quant, tmp_path)
     assert report["numerics"]["passed"] and report["numerics"]["against"] == "the dequantized fp16 reference"
     assert report["quantization"]["tolerance_vs_dequantized"] == 1e-2
     assert max(r["rel_l2"] for r in report["numerics"]["inputs"]) < 1e-2
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_bf16_artifact_holds_bf16_weights_and_is_checked_in_fp32_arithmetic(family, tmp_path):
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    assert _compile(f"moec.zoo:{family}", fp32, "--task", "logits") == 0
+    assert _compile(f"moec.zoo:{family}", bf16, "--task", "logits", "--dtype", "bf16") == 0
+    m32, m16 = onnx.load(str(fp32 / "model.onnx")), onnx.load(str(bf16 / "model.onnx"))
+    assert _initializer_types(str(bf16 / "model.onnx")) & {"FLOAT", "FLOAT16", "DOUBLE", "BFLOAT16"} == {"BFLOAT16"}
+    assert [(i.name, i.type.tensor_type.elem_type) for i in m16.graph.input] == [
+        (i.name, i.type.tensor_type.elem_type) for i in m32.graph.input]
+    assert [(o.name, o.type.tensor_type.elem_type) for o in m16.graph.output] == [
+        (o.name, o.type.tensor_type.elem_type) for o in m32.graph.output]
+    assert sum(n.op_type == "MoE" for n in m16.graph.node) == sum(n.op_type == "MoE" for n in m32.graph.node) == 2
+    r32, r16 = (json.load(open(d / "report.json")) for d in (fp32, bf16))
+    assert 0.45 < r16["weights_bytes"] / r32["weights_bytes"] < 0.55
+    n = r16["numerics"]
+    assert r16["dtype"] == "bf16" and n["passed"] and n["against"] == "the bf16-weights reference"
+    assert "widened to fp32" in n["evaluated_as"] and n["tolerance_rel_l2"] == 1e-2
+    assert max(r["rel_l2"] for r in n["inputs"]) < 1e-2
+    # bf16's own cost is there, reported: the weights' rounding (what ran) and eager bf16 arithmetic (what didn't)
+    assert 1e-4 < max(r["rel_l2"] for r in n["vs_fp32"]["inputs"]) < 0.1
+    assert 1e-3 < n["bf16_arithmetic"]["worst_rel_l2"] < 0.2
+    # the memory plan sizes bf16 activations at 2 bytes (planned on the widened graph, which holds them in fp32)
+    arena = [r["memory"]["profiles"]["max"]["arena_bytes"] for r in (r32, r16)]
+    assert 0.4 < arena[1] / arena[0] < 0.6
+
+    # independently of the report: the widened artifact on fresh inputs is the transformers model computing in
+    # fp32 on bf16-rounded weights, and visibly not the fp32 model
+    from moec.widen_bf16 import widen_bf16
+
+    session = ort.InferenceSession(widen_bf16(m16).model.SerializeToString(), providers=["CPUExecutionProvider"])
+    model = zoo.build_hf_model(family)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want32 = model(ids).logits.numpy()
+        want = model.to(torch.bfloat16).float()(ids).logits.numpy()
+    got = session.run(None, {"input_ids": ids.numpy()})[0]
+    rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)  # noqa: E731
+    assert rel(got, want) < 1e-2 < 10 * rel(want32, want)
+
+    manifest = json.load(open(bf16 / "golden" / "manifest.json"))
+    assert manifest["precision"] == "bf16" and manifest["tolerance"]["rel_l2"] == 5e-2  # also for bf16 kernels
+    assert main(["verify", str(bf16)]) == 0
+
+
+def test_a_wrong_bf16_weight_fails_verification(tmp_path):
+    """The widened check sees a weight off by bf16's whole ulp scale: one expert's weights doubled fails `moec
+    verify`, though bf16 arithmetic itself moves the logits by ~1e-2."""
+    out = tmp_path / "bf16"
+    assert _compile("moec.zoo:qwen3_moe", out, "--task", "logits", "--dtype", "bf16") == 0
+    model = onnx.load(str(out / "model.onnx"))
+    fc2 = next(t for t in model.graph.initializer if t.name.endswith("layers.0.mlp.fc2"))
+    values = torch.from_numpy(onnx.numpy_helper.to_array(fc2).astype(np.float32)).to(torch.bfloat16)
+    values[0] *= 2
+    fc2.raw_data = values.view(torch.int16).numpy().tobytes()
+    onnx.save(model, str(out / "model.onnx"))
+    assert main(["verify", str(out)]) == 10
+
+
+def test_quantized_experts_in_a_bf16_artifact_keep_their_codes(tmp_path):
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    assert _compile("moec.zoo:qwen3_moe", fp32, "--quant", "int4") == 0
+    assert _compile("moec.zoo:qwen3_moe", bf16, "--quant", "int4", "--dtype", "bf16") == 0
+    from onnx.numpy_helper import to_array
+
+    a32, a16 = ({t.name: t for t in onnx.load(str(d / "model.onnx")).graph.initializer} for d in (fp32, bf16))
+    codes = [n for n in a32 if n.endswith((".fc1", ".fc2"))]
+    assert codes and all(np.array_equal(to_array(a32[n]), to_array(a16["model." + n])) for n in codes)
+    assert {onnx.TensorProto.DataType.Name(a16["model." + n + "_scales"].data_type) for n in codes} == {"BFLOAT16"}
+    report = json.load(open(bf16 / "report.json"))
+    assert report["numerics"]["passed"]
+    assert report["numerics"]["against"] == "the dequantized bf16-weights reference"
+    assert report["quantization"]["tolerance_vs_dequantized"] == 1e-2
+    assert max(r["rel_l2"] for r in report["numerics"]["inputs"]) < 1e-2
+    assert report["numerics"]["bf16_arithmetic"]["worst_rel_l2"] > 1e-3
+
+
+def test_what_bf16_is_not_built_for_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _compile("moec.zoo:qwen3_moe", out, "--dtype", "bf16", "--triton-repo", str(tmp_path / "repo")) == 2
+    assert "--dtype bf16 with --triton-repo: not built yet" in capsys.readouterr().err
+    path = tmp_path / "hf"
+    zoo.build_hf_model("qwen3_moe").save_pretrained(str(path))
+    assert _compile(str(path), out, "--dtype", "bf16") == 2
+    assert "--task logits" in capsys.readouterr().err
+    assert _compile(str(path), out, "--dtype", "bf16", "--task", "logits", "--out-of-core", "on") == 2
+    assert "--dtype bf16: not available in an out-of-core compile yet" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "repo").exists()

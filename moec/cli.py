@@ -89,10 +89,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         size = (f"{cast['bytes_before'] / 2**20:.1f} MiB -> {cast['bytes_after'] / 2**20:.1f} MiB" if cast else
                 f"{r['weights_bytes'] / 2**20:.1f} MiB of weights, converted as they were streamed")
         if r["dtype"] == "bf16":  # verified in fp32 arithmetic on the bf16 weights (moec.widen_bf16)
-            arithmetic = r["numerics"].get("bf16_arithmetic") or {}
+            arithmetic = r["numerics"].get("bf16_arithmetic")
             print(f"bf16 weights and arithmetic (fp32 inputs and outputs): {size}; checked in fp32 arithmetic (no bf16 "
-                  f"kernels on the CPU provider): vs eager fp32 {vs:.2e}; eager bf16 vs fp32 "
-                  f"{arithmetic.get('worst_rel_l2', float('nan')):.2e}")
+                  f"kernels on the CPU provider): vs eager fp32 {vs:.2e}"
+                  + (f"; eager bf16 vs fp32 {arithmetic['worst_rel_l2']:.2e}" if arithmetic else ""))
         else:
             print(f"{r['dtype']} weights and arithmetic (fp32 inputs and outputs): {size}; vs eager fp32: relative L2 "
                   f"{vs:.2e}")

@@ -127,15 +127,13 @@ def check_streamable(options: CompileOptions) -> None:
         asked.append("--prune-experts auto (a FRACTION streams)")
     if options.target != "onnxruntime":
         asked.append(f"--target {options.target}")
-    if options.extra.get("dtype") == "bf16":  # its check widens the graph to fp32 whole (moec.widen_bf16)
-        asked.append("--dtype bf16")
     if not options.fuse:
         asked.append("--no-fusion")
     if options.disabled_passes:
         asked.append("--no-pass")
     if asked:
         raise MoecError(f"{', '.join(asked)}: not available in an out-of-core compile yet (it streams "
-                        "text-generation and logits artifacts for ONNX Runtime, fp32 or fp16, or with --quant experts "
+                        "text-generation and logits artifacts for ONNX Runtime, fp32, fp16 or bf16, or with --quant experts "
                         "and --quant-dense). Compile in memory with --out-of-core off, on a machine that holds the "
                         "model about 1.5 times at fp32. Nothing was written.")
     from moec.pipeline import check_dtype, dtype_of
@@ -143,8 +141,8 @@ def check_streamable(options: CompileOptions) -> None:
     check_dtype(options)  # what fp16 is not built with, as in memory
     if dtype_of(options) != "fp32" and options.extra.get("task") in (None, "text-generation"):
         raise MoecError(f"--dtype {dtype_of(options)}: the KV-cache decoder (--task text-generation, the default for a "
-                        "causal LM) is built in fp32 only so far; compile with --task logits for an fp16 input_ids -> "
-                        "logits graph. Nothing was written.")
+                        f"causal LM) is built in fp32 only so far; compile with --task logits for an {dtype_of(options)} "
+                        "input_ids -> logits graph. Nothing was written.")
 
 
 def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
@@ -198,7 +196,8 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     spec = prequant.spec if prequant is not None and prequant.spec is not None else \
         spec_from_options(options.extra) if options.extra.get("quant") else None
     lowering = target.lowering_passes(options)
-    half = dtype_of(options) == "fp16"  # each tensor converted as it is written; the graph captured in fp16
+    # fp16 / bf16: each tensor converted as it is written; the graph captured in that dtype
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype_of(options))
 
     def build_graph_model():
         meta = build_on_meta(hf, kinds, lowering, options.extra, spec)
@@ -220,10 +219,10 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
                     meta.notes.append(f"{p.name}: " + ", ".join(f"{k} {v}" for k, v in done.details.items()
                                                                 if not isinstance(v, (list, dict))))
         graph_module = src.module
-        if half:  # as cast_precision makes it in memory: fp16 inside, the inputs' and outputs' dtypes kept
+        if half:  # as cast_precision makes it in memory: fp16 / bf16 inside, the inputs' and outputs' dtypes kept
             from moec.passes.cast_precision import KeepFloatIO
 
-            graph_module = KeepFloatIO(src.module.to(torch.float16), torch.float16)
+            graph_module = KeepFloatIO(src.module.to(half), half)
         return meta, src, capture(graph_module, tuple(a.to("meta") for a in src.example_args), src.dynamic_shapes)
 
     meta, src, captured = stage("capture", "capturing the real-sized graph on the meta device", build_graph_model)
@@ -309,6 +308,7 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         from moec.verify_layers import verify_layer_by_layer
 
         from moec.golden import TOLERANCES
+        from moec.widen_bf16 import WIDENED_TOLERANCE
 
         quant = None
         if spec is not None:
@@ -323,11 +323,16 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         if dense is not None:
             against = (f"{against}, the other Linears as MatMulNBits dequantizes them" if against else
                        "the dequantized reference")
-        if half:  # the reference is the eager model in fp16, each layer cast as it is read; fp32 is compared too
-            tolerance = max(tolerance, TOLERANCES["fp16"])
+        if half == torch.float16:  # the reference is the eager model in fp16, each layer cast as it is read; fp32
+            tolerance = max(tolerance, TOLERANCES["fp16"])  # is compared too
             against = ("the checkpoint's weights in fp16" if prequant is not None else
                        "the dequantized reference in fp16" if prepare else "eager PyTorch in fp16")
             prepare = in_fp16(prepare or ck.materialise)
+        elif half == torch.bfloat16:  # as in memory: the artifact widened to fp32 (moec.widen_bf16) against the
+            # eager model in fp32 on the bf16 weights, each layer rounded to bf16 as it is read
+            tolerance = max(tolerance, WIDENED_TOLERANCE)
+            against = ("the dequantized bf16-weights reference" if prepare else "the bf16-weights reference")
+            prepare = on_bf16_weights(prepare or ck.materialise)
         verified = stage("verify", "verifying layer by layer (eager and ONNX Runtime, one layer in memory)",
                          verify_layer_by_layer, model_path, ck, tolerance, src.verification_inputs(options.verify_seq_len),
                          src.input_names, src.output_names, wrapper_of(src.module), options.log, prepare,
@@ -356,8 +361,9 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
                     over = over_budget(budget, spec.name, verified.vs_fp32["rel_l2"],
                                        quant["layers"] + quant.get("dense", {}).get("layers", []))
         # the whole artifact in one session, once the layer-by-layer check passed (its failure says more)
-        fp16_off = half and spec is None and verified.vs_fp32["rel_l2"] > tolerance
-        whole = (run_end_to_end(model_path, weights_bytes, verified, tolerance, options.log)
+        fp16_off = half == torch.float16 and spec is None and verified.vs_fp32["rel_l2"] > tolerance
+        whole = (run_end_to_end(model_path, weights_bytes, verified, tolerance, options.log,
+                                widened=half == torch.bfloat16)
                  if verified.passed(tolerance) and not fp16_off else None)
         report = {
             "source": source, "target": "onnxruntime", "out_of_core": True, "dtype": dtype_of(options),
@@ -397,6 +403,11 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         if half:  # as the in-memory report has it
             report["numerics"]["vs_fp32"] = {"against": "eager PyTorch in fp32, layer by layer", "inputs": [
                 {"input": p.name, **p.vs_fp32} for p in verified.probes]}
+        if half == torch.bfloat16:
+            report["numerics"]["evaluated_as"] = (
+                "each segment (and the whole artifact, where it ran) widened to fp32 for ONNX Runtime's CPU provider "
+                "(no bf16 kernels), against eager PyTorch in fp32 on the same bf16 weights; bf16 arithmetic itself "
+                "is not run here (the in-memory compile reports eager bf16's distance from fp32)")
         if not whole.passed(tolerance):
             report["numerics"]["passed"] = False
             raise VerificationError(f"the whole artifact in one ONNX Runtime session differs from the eager reference "
@@ -408,7 +419,8 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
             write_golden(os.path.join(tmp, "golden"),
                          [Probe(f"probe{i}", p.feeds, p.outputs) for i, p in enumerate(verified.probes)],
                          model=report["model"], precision=f"int{spec.bits}" if spec else dtype_of(options),
-                         tolerance=tolerance,
+                         # a bf16 artifact verified here ran in fp32 arithmetic; its golden also serves bf16 kernels
+                         tolerance=TOLERANCES["bf16"] if half == torch.bfloat16 and spec is None else tolerance,
                          versions=versions())
         from moec.pipeline import package
         from moec.targets.base import ArtifactContext
@@ -469,6 +481,16 @@ def check_pruning_budget(budget, pruning: dict, spec=None) -> None:
                       [l["path"] for l in worst], "a smaller fraction")
 
 
+def on_bf16_weights(prepare: Callable[[nn.Module, str], None]) -> Callable[[nn.Module, str], None]:
+    """A layer group read as `prepare` reads it, its floating-point weights then rounded to bf16 as cast_precision
+    rounds them and widened back: the eager model in fp32 arithmetic on the artifact's bf16 weights."""
+    def read(model: nn.Module, key: str, skip=None) -> None:
+        prepare(model, key, skip=skip)
+        model.to(torch.bfloat16).float()
+
+    return read
+
+
 def in_fp16(prepare: Callable[[nn.Module, str], None]) -> Callable[[nn.Module, str], None]:
     """A layer group read as `prepare` reads it, then cast to fp16 as cast_precision casts the in-memory model
     (every floating-point parameter and buffer; the layers still on the meta device stay there)."""
@@ -479,12 +501,14 @@ def in_fp16(prepare: Callable[[nn.Module, str], None]) -> Callable[[nn.Module, s
     return read
 
 
-def run_end_to_end(model_path: str, weights_bytes: int, verified, tolerance: float, log: Callable[[str], None]):
+def run_end_to_end(model_path: str, weights_bytes: int, verified, tolerance: float, log: Callable[[str], None],
+                   widened: bool = False):
     """After the layer-by-layer check, the whole artifact in one ONNX Runtime session where memory allows it
-    (moec.verify_whole, in a child process); the report says whether it ran, and why not."""
+    (moec.verify_whole, in a child process); the report says whether it ran, and why not. `widened`: a bf16
+    artifact, run as fp32."""
     from moec.verify_whole import WholeRun, fits, run_whole
 
-    ok, why = fits(weights_bytes, _available_memory())
+    ok, why = fits(weights_bytes, _available_memory(), widened)
     if not ok:
         log(f"  end to end: not run ({why})")
         return WholeRun(False, why)
@@ -781,7 +805,8 @@ class LayerStreamer:
                 array = source.astype(v.const_value.dtype.numpy(), copy=False)
             if array.dtype == np.float16 and source.dtype != np.float16:
                 check_fp16(v.name, source, array)
-            yield v, memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B")  # its own bytes, no copy
+            # its own bytes, no copy (as uint8: a buffer of ml_dtypes' bfloat16 has no format memoryview takes)
+            yield v, memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
 
     def fuse_real(self, model: nn.Module, path: str, record: bool = True):
         """Fuse one MoE layer on its real weights, as the miniature taught: same spec, or an error naming it."""

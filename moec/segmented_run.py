@@ -5,8 +5,9 @@ Matches: a model whose nodes carry torch.onnx's module scopes (`pkg.torch.onnx.n
 graph pass) stays in the segment of the node before it. Consecutive nodes of one key form a segment.
 Produces: every node of the model, executed by ONNX Runtime in graph order, segment by segment: each segment
 is a model of its own holding only its nodes and the initializers they read (external data stays where it is),
-fed the values earlier segments produced; values are dropped after their last reader. The result holds the
-model's outputs and, per segment, the values it handed on.
+fed the values earlier segments produced; values are dropped after their last reader. A bf16 segment runs widened
+to fp32 on its bf16 weights (moec.widen_bf16: the CPU provider has no bf16 kernels), its weights loaded for it. The
+result holds the model's outputs and, per segment, the values it handed on.
 Refuses: a model whose external data is not beside it (segments are written next to it to resolve it).
 """
 
@@ -112,6 +113,8 @@ def run_segmented(model_path: str, feeds: dict[str, np.ndarray], log: Callable[[
     import onnx
     import onnxruntime as ort
 
+    from moec.widen_bf16 import has_bf16, widened_session
+
     model = onnx.load(model_path, load_external_data=False)
     types = _value_types(model)
     segments = split(model.graph)
@@ -124,15 +127,20 @@ def run_segmented(model_path: str, feeds: dict[str, np.ndarray], log: Callable[[
     live = dict(feeds)
     handed_on = []
     directory = os.path.dirname(os.path.abspath(model_path))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # memory, measured on an int4 OLMoE layer (0.25 GiB of weights): prepacking held the layer's weights about
-    # three times over (0.76 GiB peak; 0.29 without), and each session's arena kept ~50 MiB past its end
-    options.enable_cpu_mem_arena = False
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    if threads:
-        options.intra_op_num_threads = threads
+    def session_options():
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        # memory, measured on an int4 OLMoE layer (0.25 GiB of weights): prepacking held the layer's weights about
+        # three times over (0.76 GiB peak; 0.29 without), and each session's arena kept ~50 MiB past its end
+        options.enable_cpu_mem_arena = False
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        if threads:
+            options.intra_op_num_threads = threads
+        return options
+
+    options = session_options()
     for i, s in enumerate(segments):
+        widened = None
         graph = onnx.helper.make_graph(
             s.nodes, f"segment_{i}",
             [_info(n, types) for n in s.inputs], [_info(n, types) for n in s.outputs],
@@ -141,13 +149,17 @@ def run_segmented(model_path: str, feeds: dict[str, np.ndarray], log: Callable[[
                                      functions=model.functions)
         path = os.path.join(directory, f".segment-{uuid.uuid4().hex[:8]}.onnx")
         try:
-            onnx.save(sub, path)
-            session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            if has_bf16(sub):  # no bf16 kernels on the CPU provider: the segment widened to fp32 (moec.widen_bf16)
+                widened = widened_session(sub, directory, session_options)
+                session = widened.session
+            else:
+                onnx.save(sub, path)
+                session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
             results = session.run(s.outputs, {n: live[n] for n in s.inputs})
         finally:
             if os.path.exists(path):
                 os.remove(path)
-        del session
+        del session, widened
         trim()  # the segment's weights go back to the system before the next segment's are read
         produced = dict(zip(s.outputs, results))
         handed_on.append((s, produced))

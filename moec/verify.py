@@ -52,7 +52,7 @@ class OrtRunner:
         import onnx
         import onnxruntime as ort
 
-        from moec.widen_bf16 import has_bf16, widen_bf16
+        from moec.widen_bf16 import has_bf16, widened_session
 
         if not os.path.isfile(path):
             raise ArtifactError(f"no {os.path.basename(path)} in '{os.path.dirname(path)}'; is it a moec artifact "
@@ -65,12 +65,17 @@ class OrtRunner:
             model = None
             if evaluable is not None:
                 model, n_expanded = evaluable(onnx.load(path))
-            elif has_bf16(onnx.load(path, load_external_data=False)):
-                model = onnx.load(path)
+            elif has_bf16(head := onnx.load(path, load_external_data=False)):
+                model = head  # its weights are read as it is widened
             if model is not None and has_bf16(model):
-                self.widened = widen_bf16(model)
-                model = self.widened.model
-            if model is None:
+                def options():
+                    o = ort.SessionOptions()
+                    o.log_severity_level = 3
+                    return o
+
+                widened = widened_session(model, os.path.dirname(os.path.abspath(path)), options)
+                self.session, self.widened, self._values = widened.session, widened.widened, widened.values
+            elif model is None:
                 self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
             else:
                 self.session = ort.InferenceSession(model.SerializeToString(), opts,

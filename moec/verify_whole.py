@@ -9,7 +9,8 @@ child's peak resident memory is reported beside the result.
 The session runs with prepacking off: ONNX Runtime would otherwise hold prepacked copies beside the weights
 (measured: 12.9 GB for an int4 OLMoE-1B-7B artifact of 4.8 GiB). It runs when the artifact's weights, a quarter
 over for the session's own buffers, fit in the memory available (`fits`); otherwise the report says it was
-skipped and why. A session that fails to load or run the artifact
+skipped and why. A bf16 artifact runs widened to fp32 (moec.widen_bf16: the CPU provider has no bf16 kernels),
+which takes about twice its weights' bytes. A session that fails to load or run the artifact
 is a failure of the compile (its error is shown); a child killed by SIGKILL (the kernel's OOM killer) is
 reported as not run, any other signal (an abort, a crash) as a failure.
 """
@@ -29,6 +30,7 @@ import numpy as np
 
 PROVIDERS = ["CPUExecutionProvider"]
 HEADROOM = 1.25  # the session's bytes over its weights' (arena, activations, the graph), prepacking off
+WIDENED_HEADROOM = 2 * HEADROOM + 0.5  # the fp32 copy the session computes with, and one tensor's bf16 being read
 MARGIN = 512 << 20
 
 
@@ -54,8 +56,9 @@ class WholeRun:
         return d
 
 
-def fits(weights_bytes: int, available: Optional[int]) -> tuple[bool, str]:
-    need = int(weights_bytes * HEADROOM) + MARGIN
+def fits(weights_bytes: int, available: Optional[int], widened: bool = False) -> tuple[bool, str]:
+    """`widened`: a bf16 artifact, run as fp32 (moec.widen_bf16): the session computes on an fp32 copy of its weights."""
+    need = int(weights_bytes * (WIDENED_HEADROOM if widened else HEADROOM)) + MARGIN
     if available is None:
         return False, "the memory available could not be read"
     if need > available:
@@ -97,14 +100,26 @@ def run_whole(model_path: str, probes: list, tolerance: float) -> WholeRun:
 
 
 def main(argv: list[str]) -> int:
+    import onnx
     import onnxruntime as ort
 
     from moec.heap import peak_rss
+    from moec.widen_bf16 import has_bf16, widened_session
 
     model_path, tmp, n, providers = argv[0], argv[1], int(argv[2]), argv[3].split(",")
     options = ort.SessionOptions()
     options.add_session_config_entry("session.disable_prepacking", "1")  # the weights held once, not ~2.5 times
-    session = ort.InferenceSession(model_path, options, providers=providers)
+    head = onnx.load(model_path, load_external_data=False)
+    if has_bf16(head):  # no bf16 kernels on the CPU provider: the whole graph widened to fp32 (moec.widen_bf16)
+        def new_options():
+            o = ort.SessionOptions()
+            o.add_session_config_entry("session.disable_prepacking", "1")
+            return o
+
+        widened = widened_session(head, os.path.dirname(os.path.abspath(model_path)), new_options, providers)
+        session = widened.session
+    else:
+        session = ort.InferenceSession(model_path, options, providers=providers)
     names = [o.name for o in session.get_outputs()]
     for i in range(n):
         with np.load(os.path.join(tmp, f"feeds{i}.npz")) as feeds:

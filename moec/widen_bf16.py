@@ -22,7 +22,9 @@ external data was not loaded, a standard op whose output types ONNX's inference 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -31,6 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 from moec.errors import MoecError
 
 BF16, FLOAT = TensorProto.BFLOAT16, TensorProto.FLOAT
+INLINE_BELOW = 4096  # bytes: a smaller inline bf16 initializer is widened inside the graph a session parses
 WIDENED_TOLERANCE = 1e-2  # relative L2 against the eager model in fp32 on the bf16 weights (see above)
 
 
@@ -56,7 +59,9 @@ def has_bf16(model: onnx.ModelProto) -> bool:
                for n in g.node for a in n.attribute)
 
 
-def widen_bf16(model: onnx.ModelProto) -> Widened:
+def widen_bf16(model: onnx.ModelProto, supplied: frozenset[str] | set[str] = frozenset()) -> Widened:
+    """`supplied`: initializers the caller hands ONNX Runtime itself (widened_session): left in the graph as fp32
+    stubs of their shape, without data."""
     g = model.graph
     for n in g.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
@@ -66,7 +71,11 @@ def widen_bf16(model: onnx.ModelProto) -> Widened:
     weights = 0
     initializers = []
     for t in g.initializer:
-        if t.data_type == BF16:
+        if t.name in supplied:
+            initializers.append(onnx.TensorProto(name=t.name, dims=t.dims,
+                                                 data_type=FLOAT if t.data_type == BF16 else t.data_type))
+            weights += t.data_type == BF16
+        elif t.data_type == BF16:
             initializers.append(_widened_tensor(t))
             weights += 1
         else:
@@ -153,3 +162,72 @@ def _as_float(v: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
     out.CopyFrom(v)
     out.type.tensor_type.elem_type = FLOAT
     return out
+
+
+@dataclass
+class WidenedSession:
+    session: object  # onnxruntime.InferenceSession
+    widened: Widened
+    values: list  # the arrays ONNX Runtime computes with, not copied: they must live as long as the session
+
+
+def widened_session(model: onnx.ModelProto, base_dir: str, new_options: Callable[[], object],
+                    providers=("CPUExecutionProvider",)) -> WidenedSession:
+    """An ONNX Runtime session over `model` widened, its weights handed over one array each: every initializer in
+    external data (read from under `base_dir`, bf16 widened as it is read) and every inline bf16 one. The graph
+    ONNX Runtime parses holds none of them, so the weights are in memory once, in fp32 where they were bf16 (a
+    protobuf copy would hold them twice more, and a model read from bytes can't resolve external data).
+    `new_options()` gives fresh SessionOptions (the weights are added to them)."""
+    import onnxruntime as ort
+
+    options = new_options()
+    # graph optimizations (constant folding a Transpose of a weight, ...) read the graph's initializers, not the
+    # ones added here: none run, so the check computes with the weights it was given
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    supplied, values = set(), []  # values in the order of model.graph.initializer
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL and (t.data_type != BF16 or len(t.raw_data) < INLINE_BELOW):
+            continue  # inline and not bf16, or small: stays in the graph (widened there)
+        array = _read(t, base_dir)
+        value = ort.OrtValue.ortvalue_from_numpy(array)
+        options.add_initializer(t.name, value)
+        values.append((array, value))
+        supplied.add(t.name)
+    widened = widen_bf16(model, supplied)
+    # ONNX Runtime validates the size of an initializer without data before it looks at what was added for it, but
+    # not the bytes of external data it is not asked to read: the stubs point into one sparse file of zeros
+    sizes = {t.name: a.nbytes for a, t in zip((a for a, _ in values), (t for t in model.graph.initializer
+                                                                      if t.name in supplied))}
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix=".moec-widened-", dir=base_dir if os.access(base_dir, os.W_OK) else None)
+    try:
+        offset = 0
+        for t in widened.model.graph.initializer:
+            if t.name in supplied:
+                t.data_location = TensorProto.EXTERNAL
+                for key, value in (("location", "stubs.data"), ("offset", str(offset)), ("length", str(sizes[t.name]))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = key, value
+                offset += sizes[t.name]
+        with open(os.path.join(tmp, "stubs.data"), "wb") as f:
+            f.truncate(offset)  # sparse: no disk blocks
+        onnx.save_model(widened.model, os.path.join(tmp, "widened.onnx"))
+        session = ort.InferenceSession(os.path.join(tmp, "widened.onnx"), options, providers=list(providers))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return WidenedSession(session, widened, values)
+
+
+def _read(t: onnx.TensorProto, base_dir: str) -> np.ndarray:
+    """An initializer's values, from its external data or inline bytes; bf16 widened to fp32 (exactly)."""
+    if t.data_location == TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in t.external_data}
+        path = os.path.join(base_dir, info["location"])
+        raw = np.fromfile(path, dtype=np.uint8, count=int(info["length"]) if "length" in info else -1,
+                          offset=int(info.get("offset", 0)))
+        if t.data_type == BF16:
+            return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(tuple(t.dims))
+        return raw.view(helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
+    return numpy_helper.to_array(t).astype(np.float32)  # inline bf16

@@ -96,3 +96,22 @@ def test_what_it_cannot_widen_is_refused_by_name():
     model = _model([cond], [_bf16("w", torch.ones(1))], [helper.make_tensor_value_info("c", T.BOOL, [])])
     with pytest.raises(WidenError, match="'the_if' \\(If\\) has subgraphs"):
         widen_bf16(model)
+
+
+def test_a_session_reads_external_bf16_weights_widened_without_a_protobuf_copy(tmp_path):
+    """widened_session hands ONNX Runtime each external weight (bf16 widened as read, other dtypes as they are):
+    the graph it parses holds none of them, and the result is the inline widening's."""
+    from moec.widen_bf16 import widened_session
+
+    model, w, b = _linear_model()
+    path = tmp_path / "m.onnx"
+    stored = onnx.ModelProto()
+    stored.CopyFrom(model)  # saving with external data moves the copy's weights out
+    onnx.save_model(stored, str(path), save_as_external_data=True, location="m.data", size_threshold=0)
+    head = onnx.load(str(path), load_external_data=False)
+    assert all(t.data_location == T.EXTERNAL for t in head.graph.initializer)
+    got = widened_session(head, str(tmp_path), ort.SessionOptions)
+    assert got.widened.model.ByteSize() < 2000 and got.widened.weights == 2  # no weight bytes in the graph
+    x = np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)
+    inline = ort.InferenceSession(widen_bf16(model).model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(got.session.run(None, {"x": x})[0], inline.run(None, {"x": x})[0])

@@ -2,7 +2,8 @@
 on the configs of models too big to hold (Kimi-K2, DeepSeek-V3).
 
     OMP_WAIT_POLICY=passive .venv/bin/python tools/bench_compile_scale.py [--models granite-1b granite-3b olmoe-7b
-        gpt-oss-20b-mxfp4 qwen3-30b-a3b-gptq qwen3-30b-a3b-gptq-dense granite-1b-pruned granite-1b-pruned-int4]
+        gpt-oss-20b-mxfp4 qwen3-30b-a3b-gptq qwen3-30b-a3b-gptq-dense granite-1b-pruned granite-1b-pruned-int4
+        granite-1b-fp16 granite-1b-bf16]
         [--modes on off] [--plans kimi-k2 deepseek-v3] [--workdir DIR] [--keep]
 
 For each model: writes a Hugging Face checkpoint (bf16 safetensors, random N(0, 0.02) weights from the real
@@ -76,6 +77,9 @@ MODELS = {
     "granite-1b-pruned": dict(checkpoint="granite-1b", flags=["--calibration", "random:16", "--prune-experts", "0.25"]),
     "granite-1b-pruned-int4": dict(checkpoint="granite-1b", flags=["--calibration", "random:16", "--prune-experts",
                                                                    "0.25", "--quant", "int4"]),
+    # granite-1b's checkpoint to fp16 and bf16 artifacts (bf16: the checkpoint's own bits, verified widened to fp32)
+    "granite-1b-fp16": dict(checkpoint="granite-1b", flags=["--dtype", "fp16"]),
+    "granite-1b-bf16": dict(checkpoint="granite-1b", flags=["--dtype", "bf16"]),
 }
 
 # config.json as the model repositories publish them (the keys moec reads; the rest are defaults)

@@ -24,20 +24,25 @@ def _initializer_types(path):
     return {onnx.TensorProto.DataType.Name(t.data_type) for t in onnx.load(path).graph.initializer}
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
-def test_fp16_artifact_holds_fp16_weights_and_matches_fp32_eager(family, tmp_path):
-    fp32, fp16 = tmp_path / "fp32", tmp_path / "fp16"
-    assert _compile(f"moec.zoo:{family}", fp32, "--task", "logits") == 0
-    assert _compile(f"moec.zoo:{family}", fp16, "--task", "logits", "--dtype", "fp16") == 0
-    m32, m16 = onnx.load(str(fp32 / "model.onnx")), onnx.load(str(fp16 / "model.onnx"))
-    float_types = _initializer_types(str(fp16 / "model.onnx")) & {"FLOAT", "FLOAT16", "DOUBLE", "BFLOAT16"}
-    assert float_types == {"FLOAT16"}
-    # same interface: the feeds and outputs keep their dtypes
+def _same_model_in(fp32, narrow, dtype: str):
+    """The narrow artifact holds every float weight in `dtype`, keeps the fp32 one's interface (feeds and outputs
+    keep their dtypes) and its MoE nodes; returns its model."""
+    m32, m16 = onnx.load(str(fp32 / "model.onnx")), onnx.load(str(narrow / "model.onnx"))
+    assert _initializer_types(str(narrow / "model.onnx")) & {"FLOAT", "FLOAT16", "DOUBLE", "BFLOAT16"} == {dtype}
     assert [(i.name, i.type.tensor_type.elem_type) for i in m16.graph.input] == [
         (i.name, i.type.tensor_type.elem_type) for i in m32.graph.input]
     assert [(o.name, o.type.tensor_type.elem_type) for o in m16.graph.output] == [
         (o.name, o.type.tensor_type.elem_type) for o in m32.graph.output]
     assert sum(n.op_type == "MoE" for n in m16.graph.node) == sum(n.op_type == "MoE" for n in m32.graph.node) == 2
+    return m16
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_fp16_artifact_holds_fp16_weights_and_matches_fp32_eager(family, tmp_path):
+    fp32, fp16 = tmp_path / "fp32", tmp_path / "fp16"
+    assert _compile(f"moec.zoo:{family}", fp32, "--task", "logits") == 0
+    assert _compile(f"moec.zoo:{family}", fp16, "--task", "logits", "--dtype", "fp16") == 0
+    _same_model_in(fp32, fp16, "FLOAT16")
     r32, r16 = (json.load(open(d / "report.json")) for d in (fp32, fp16))
     assert 0.45 < r16["weights_bytes"] / r32["weights_bytes"] < 0.55
     assert r16["dtype"] == "fp16" and r16["numerics"]["passed"]
@@ -171,13 +176,7 @@ def test_bf16_artifact_holds_bf16_weights_and_is_checked_in_fp32_arithmetic(fami
     fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
     assert _compile(f"moec.zoo:{family}", fp32, "--task", "logits") == 0
     assert _compile(f"moec.zoo:{family}", bf16, "--task", "logits", "--dtype", "bf16") == 0
-    m32, m16 = onnx.load(str(fp32 / "model.onnx")), onnx.load(str(bf16 / "model.onnx"))
-    assert _initializer_types(str(bf16 / "model.onnx")) & {"FLOAT", "FLOAT16", "DOUBLE", "BFLOAT16"} == {"BFLOAT16"}
-    assert [(i.name, i.type.tensor_type.elem_type) for i in m16.graph.input] == [
-        (i.name, i.type.tensor_type.elem_type) for i in m32.graph.input]
-    assert [(o.name, o.type.tensor_type.elem_type) for o in m16.graph.output] == [
-        (o.name, o.type.tensor_type.elem_type) for o in m32.graph.output]
-    assert sum(n.op_type == "MoE" for n in m16.graph.node) == sum(n.op_type == "MoE" for n in m32.graph.node) == 2
+    m16 = _same_model_in(fp32, bf16, "BFLOAT16")
     r32, r16 = (json.load(open(d / "report.json")) for d in (fp32, bf16))
     assert 0.45 < r16["weights_bytes"] / r32["weights_bytes"] < 0.55
     n = r16["numerics"]
@@ -250,6 +249,4 @@ def test_what_bf16_is_not_built_for_is_refused(tmp_path, capsys):
     zoo.build_hf_model("qwen3_moe").save_pretrained(str(path))
     assert _compile(str(path), out, "--dtype", "bf16") == 2
     assert "--task logits" in capsys.readouterr().err
-    assert _compile(str(path), out, "--dtype", "bf16", "--task", "logits", "--out-of-core", "on") == 2
-    assert "--dtype bf16: not available in an out-of-core compile yet" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "repo").exists()

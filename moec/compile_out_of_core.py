@@ -138,7 +138,7 @@ def check_streamable(options: CompileOptions) -> None:
                         "model about 1.5 times at fp32. Nothing was written.")
     from moec.pipeline import check_dtype, dtype_of
 
-    check_dtype(options)  # what fp16 is not built with, as in memory
+    check_dtype(options)  # what fp16 and bf16 are not built with, as in memory
     if dtype_of(options) != "fp32" and options.extra.get("task") in (None, "text-generation"):
         raise MoecError(f"--dtype {dtype_of(options)}: the KV-cache decoder (--task text-generation, the default for a "
                         f"causal LM) is built in fp32 only so far; compile with --task logits for an {dtype_of(options)} "

@@ -35,7 +35,6 @@ from moec.heap import peak_rss
 from moec.numerics import compare_tensors
 from moec.passes.base import Pass, PassContext, PassManager, PassRecord, flatten_outputs
 from moec.passes.cast_precision import in_fp32
-from moec.widen_bf16 import WIDENED_TOLERANCE
 from moec.passes.conditions import EXPERTS_PRUNED, MOE_FUSED, ROUTING_MEASURED
 from moec.report import FP32_REL_L2, layer_summary, moec_version, pruning_summary, quantization_summary, versions
 from moec.rewrite_rsqrt import NAME as REWRITE_RSQRT, rewrite_rsqrt
@@ -43,6 +42,7 @@ from moec.route_margins import MIN_MARGINS, conditioned_draw, watch_route_margin
 from moec.simplify_graph import counted, simplify_graph
 from moec.sources import LoadedSource, load_source
 from moec.targets.base import ArtifactContext, Target
+from moec.widen_bf16 import WIDENED_TOLERANCE
 
 __all__ = ["CompileOptions", "CompileResult", "compile", "versions", "FP32_REL_L2"]
 

@@ -24,6 +24,20 @@ def _initializer_types(path):
     return {onnx.TensorProto.DataType.Name(t.data_type) for t in onnx.load(path).graph.initializer}
 
 
+@pytest.fixture(scope="module")
+def fp32_logits(tmp_path_factory):
+    """family -> its fp32 `--task logits` artifact, compiled once for the fp16 and bf16 tests."""
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = tmp_path_factory.mktemp("fp32") / family
+            assert _compile(f"moec.zoo:{family}", made[family], "--task", "logits") == 0
+        return made[family]
+
+    return get
+
+
 def _same_model_in(fp32, narrow, dtype: str):
     """The narrow artifact holds every float weight in `dtype`, keeps the fp32 one's interface (feeds and outputs
     keep their dtypes) and its MoE nodes; returns its model."""
@@ -38,9 +52,8 @@ def _same_model_in(fp32, narrow, dtype: str):
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
-def test_fp16_artifact_holds_fp16_weights_and_matches_fp32_eager(family, tmp_path):
-    fp32, fp16 = tmp_path / "fp32", tmp_path / "fp16"
-    assert _compile(f"moec.zoo:{family}", fp32, "--task", "logits") == 0
+def test_fp16_artifact_holds_fp16_weights_and_matches_fp32_eager(family, fp32_logits, tmp_path):
+    fp32, fp16 = fp32_logits(family), tmp_path / "fp16"
     assert _compile(f"moec.zoo:{family}", fp16, "--task", "logits", "--dtype", "fp16") == 0
     _same_model_in(fp32, fp16, "FLOAT16")
     r32, r16 = (json.load(open(d / "report.json")) for d in (fp32, fp16))
@@ -172,9 +185,8 @@ def test_quantized_experts_in_an_fp16_artifact_keep_their_codes(quant, tmp_path)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
-def test_bf16_artifact_holds_bf16_weights_and_is_checked_in_fp32_arithmetic(family, tmp_path):
-    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
-    assert _compile(f"moec.zoo:{family}", fp32, "--task", "logits") == 0
+def test_bf16_artifact_holds_bf16_weights_and_is_checked_in_fp32_arithmetic(family, fp32_logits, tmp_path):
+    fp32, bf16 = fp32_logits(family), tmp_path / "bf16"
     assert _compile(f"moec.zoo:{family}", bf16, "--task", "logits", "--dtype", "bf16") == 0
     m16 = _same_model_in(fp32, bf16, "BFLOAT16")
     r32, r16 = (json.load(open(d / "report.json")) for d in (fp32, bf16))

@@ -23,6 +23,8 @@ external data was not loaded, a standard op whose output types ONNX's inference 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -184,7 +186,7 @@ def widened_session(model: onnx.ModelProto, base_dir: str, new_options: Callable
     # graph optimizations (constant folding a Transpose of a weight, ...) read the graph's initializers, not the
     # ones added here: none run, so the check computes with the weights it was given
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    supplied, values = set(), []  # values in the order of model.graph.initializer
+    sizes, values = {}, []  # bytes of each initializer handed over, by name
     for t in model.graph.initializer:
         if t.data_location != TensorProto.EXTERNAL and (t.data_type != BF16 or len(t.raw_data) < INLINE_BELOW):
             continue  # inline and not bf16, or small: stays in the graph (widened there)
@@ -192,24 +194,19 @@ def widened_session(model: onnx.ModelProto, base_dir: str, new_options: Callable
         value = ort.OrtValue.ortvalue_from_numpy(array)
         options.add_initializer(t.name, value)
         values.append((array, value))
-        supplied.add(t.name)
-    widened = widen_bf16(model, supplied)
+        sizes[t.name] = array.nbytes
+    widened = widen_bf16(model, set(sizes))
     # ONNX Runtime validates the size of an initializer without data before it looks at what was added for it, but
     # not the bytes of external data it is not asked to read: the stubs point into one sparse file of zeros
-    sizes = {t.name: a.nbytes for a, t in zip((a for a, _ in values), (t for t in model.graph.initializer
-                                                                      if t.name in supplied))}
-    import shutil
-    import tempfile
-
-    tmp = tempfile.mkdtemp(prefix=".moec-widened-", dir=base_dir if os.access(base_dir, os.W_OK) else None)
+    tmp = tempfile.mkdtemp(prefix="moec-widened-")  # the graph and its sparse stubs only: no weight bytes
     try:
         offset = 0
         for t in widened.model.graph.initializer:
-            if t.name in supplied:
+            if t.name in sizes:
                 t.data_location = TensorProto.EXTERNAL
-                for key, value in (("location", "stubs.data"), ("offset", str(offset)), ("length", str(sizes[t.name]))):
+                for key, text in (("location", "stubs.data"), ("offset", str(offset)), ("length", str(sizes[t.name]))):
                     entry = t.external_data.add()
-                    entry.key, entry.value = key, value
+                    entry.key, entry.value = key, text
                 offset += sizes[t.name]
         with open(os.path.join(tmp, "stubs.data"), "wb") as f:
             f.truncate(offset)  # sparse: no disk blocks

@@ -246,10 +246,10 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         from moec.pipeline import fit_device_memory
 
         removed = meta.pruned or {}  # the graph has the experts kept
-        experts = sum(w.bytes_at("fp32", w.experts - removed.get(w.path, (0, ""))[0])
-                      for w in meta.weights)  # what --quant would shrink (advice)
+        experts = sum(w.bytes_at("bf16" if half else "fp32", w.experts - removed.get(w.path, (0, ""))[0])
+                      for w in meta.weights)  # what --quant would shrink (advice); fp16 is bf16's 2 bytes a value
         fit = fit_device_memory(memory, parse_size(options.extra["device_memory"]),
-                                experts if spec is None and not half else 0)
+                                experts if spec is None else 0, 2 if half else 4)
     layers = _layer_report(planned, lowered)
     if options.require_fusion and layers["unfused"]:
         bad = [f"{l['path']}: {l.get('reason', '')}" for l in layers["layers"] if not l["fused"]]

@@ -71,13 +71,17 @@ class FitResult:
         return self.total_bytes - self.budget_bytes
 
 
-def fit_check(plan: MemoryPlan, budget: int, profile: str = "max", quantizable_bytes: int = 0) -> FitResult:
+def fit_check(plan: MemoryPlan, budget: int, profile: str = "max", quantizable_bytes: int = 0,
+              value_bytes: int = 4) -> FitResult:
+    """`quantizable_bytes`: the expert weights --quant could shrink, at `value_bytes` a value (4: fp32, 2: fp16 /
+    bf16 artifacts)."""
     p = plan.profiles[profile]
     if p.total_bytes <= budget:
         return FitResult(True, p.total_bytes, budget, [])
     tips = []
     if quantizable_bytes:
-        for name, ratio in (("int8", 0.26), ("int4", 0.14), ("int2", 0.08)):  # codes + per-row/block scales
+        for name, of_fp32 in (("int8", 0.26), ("int4", 0.14), ("int2", 0.08)):  # codes + per-row/block scales
+            ratio = of_fp32 * 4 / value_bytes
             saved = quantizable_bytes * (1 - ratio)
             if p.total_bytes - saved <= budget:
                 tips.append(f"--quant {name} (expert weights {human(quantizable_bytes)} -> "

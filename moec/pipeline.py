@@ -783,20 +783,21 @@ def plan_artifact_memory(model_path: str, dim_ranges: dict, options: CompileOpti
         expert_bytes = sum(l.get("weight_bytes_fp32", 0) for l in (report.get("quantization") or {}).get("layers", []))
         if not expert_bytes:
             expert_bytes = int(report.get("weights_bytes", 0) * 0.9) if report["moe_layers"]["fused"] else 0
-        # no --quant advice where the artifact is quantized already or fp16 (which --quant does not combine with)
-        out.update(fit_device_memory(plan, budget, 0 if report.get("quantization") or dtype_of(options) != "fp32"
-                                     else expert_bytes))
+        # no --quant advice where the artifact is quantized already; an fp16 / bf16 artifact's experts are 2 bytes a
+        # value (weights_bytes is the artifact's; weight_bytes_fp32 exists only once quantized)
+        out.update(fit_device_memory(plan, budget, 0 if report.get("quantization") else expert_bytes,
+                                     4 if dtype_of(options) == "fp32" else 2))
     return out
 
 
-def fit_device_memory(plan, budget: int, quantizable_bytes: int) -> dict:
+def fit_device_memory(plan, budget: int, quantizable_bytes: int, value_bytes: int = 4) -> dict:
     """--device-memory against a memory plan at its max profile: what fits (and what Triton and TensorRT take
-    from it), or DeviceMemoryError with what would fit. `quantizable_bytes`: fp32 expert bytes --quant could
-    shrink (0: no such advice)."""
+    from it), or DeviceMemoryError with what would fit. `quantizable_bytes`: expert bytes --quant could shrink
+    (0: no such advice), at `value_bytes` a value."""
     from moec.errors import DeviceMemoryError
     from moec.memory import fit_check, human
 
-    fit = fit_check(plan, budget, "max", quantizable_bytes)
+    fit = fit_check(plan, budget, "max", quantizable_bytes, value_bytes)
     out: dict = {"device_memory": {"budget_bytes": budget, "fits": fit.fits, "total_at_max": fit.total_bytes}}
     if not fit.fits:
         raise DeviceMemoryError(

@@ -54,3 +54,23 @@ def test_device_memory_sizes_the_triton_deployment(tmp_path):
     cfg = validate_config(open(os.path.join(res.triton_model_dir, "config.pbtxt")).read())
     assert cfg.instance_group[0].count == derived["triton_instances"] >= 1
     assert cfg.max_batch_size == derived["triton_max_batch_size"] >= 1
+
+
+@pytest.mark.parametrize("value_bytes,int4_share", [(4, 0.14), (2, 0.28)])
+def test_quant_advice_counts_the_experts_at_the_artifacts_own_width(value_bytes, int4_share):
+    """--device-memory's --quant advice: the experts' bytes shrink by int4's share of fp32 (codes and scales) from
+    fp32, by twice that share from an fp16 / bf16 artifact's 2-byte values; what the advice says fits does."""
+    from moec.analysis.plan_memory import MemoryPlan, ProfilePlan
+    from moec.memory import fit_check
+
+    experts, other = 800_000, 100_000
+    plan = MemoryPlan(["batch"], [], {"float": experts + other}, 0)
+    plan.profiles["max"] = ProfilePlan({"batch": 8}, 50_000, 50_000, 0, experts + other, {}, {})
+    needed = experts * int4_share + other + 50_000
+    fit = fit_check(plan, int(needed) + 1000, "max", experts, value_bytes)
+    assert not fit.fits and any(t.startswith("--quant int4 ") for t in fit.suggestions), fit.suggestions
+    assert not any(t.startswith("--quant int2 ") for t in fit.suggestions)  # the first that fits, no more
+    # just short of it: int4 does not fit, so int2 is the advice
+    fit = fit_check(plan, int(needed) - 1000, "max", experts, value_bytes)
+    assert any(t.startswith("--quant int2 ") for t in fit.suggestions) and not any(
+        t.startswith("--quant int4 ") for t in fit.suggestions)

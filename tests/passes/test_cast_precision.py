@@ -157,14 +157,6 @@ def test_a_pre_quantized_checkpoint_is_refused_in_fp16(tmp_path, capsys):
     assert "experts already quantized in the model (int8)" in capsys.readouterr().err and not out.exists()
 
 
-def test_device_memory_advice_for_fp16_does_not_suggest_quant(tmp_path, capsys):
-    """--quant does not combine with --dtype fp16 yet, so a budget miss must not advise it."""
-    out = tmp_path / "out"
-    assert _compile("moec.zoo:qwen3_moe", out, "--dtype", "fp16", "--device-memory", "100KB") != 0
-    err = capsys.readouterr().err
-    assert "does not fit" in err and "--quant" not in err and not out.exists()
-
-
 @pytest.mark.parametrize("quant", [["int8"], ["int4"], ["int2"]])
 def test_quantized_experts_in_an_fp16_artifact_keep_their_codes(quant, tmp_path):
     """--quant with --dtype fp16: the same QMoE codes as at fp32, fp16 scales and arithmetic, exact against the

@@ -414,13 +414,12 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
                                     f"by relative L2 {whole.rel_l2:.3g} (tolerance {tolerance:g}), though every "
                                     f"segment run alone is within it. " + keep_failed(tmp, options, report))
         else:
-            from moec.golden import Probe, write_golden
+            from moec.golden import Probe, recorded_tolerance, write_golden
 
             write_golden(os.path.join(tmp, "golden"),
                          [Probe(f"probe{i}", p.feeds, p.outputs) for i, p in enumerate(verified.probes)],
                          model=report["model"], precision=f"int{spec.bits}" if spec else dtype_of(options),
-                         # a bf16 artifact verified here ran in fp32 arithmetic; its golden also serves bf16 kernels
-                         tolerance=TOLERANCES["bf16"] if half == torch.bfloat16 and spec is None else tolerance,
+                         tolerance=recorded_tolerance(dtype_of(options), spec is not None, tolerance),
                          versions=versions())
         from moec.pipeline import package
         from moec.targets.base import ArtifactContext

@@ -29,6 +29,12 @@ LEGACY_FORMATS = ("moec-golden/1",)  # recorded before the digest: loaded withou
 TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "int8": 5e-2, "int4": 1.5e-1, "int2": 6e-1}
 
 
+def recorded_tolerance(dtype: str, quantized: bool, verified: float) -> float:
+    """The tolerance a compile's goldens record: the one its verification passed, except for a float bf16 artifact,
+    verified here in fp32 arithmetic (moec.widen_bf16), whose goldens must also serve a runtime's bf16 kernels."""
+    return TOLERANCES["bf16"] if dtype == "bf16" and not quantized else verified
+
+
 @dataclass
 class Probe:
     name: str

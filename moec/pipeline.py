@@ -30,7 +30,7 @@ from moec import targets, validate
 from moec.errors import DiskFullError, FusionRequiredError, MoecError, OutputExistsError, VerificationError
 from moec.export_onnx import Captured, capture, save_onnx, to_onnx, weight_bytes
 from moec.fsutil import disk_error, make_workdir, release_workdir, remove_stale_workdirs, swap_into_place
-from moec.golden import TOLERANCES, Probe, weights_sha256, write_golden
+from moec.golden import TOLERANCES, Probe, recorded_tolerance, weights_sha256, write_golden
 from moec.heap import peak_rss
 from moec.numerics import compare_tensors
 from moec.passes.base import Pass, PassContext, PassManager, PassRecord, flatten_outputs
@@ -242,9 +242,8 @@ def compile(
                      [Probe(f"probe{i}", f, o) for i, (f, o) in enumerate(zip(verified.feeds, verified.outputs))],
                      model=loaded.identity,
                      precision=transformed.quant["precision"] if transformed.quant else dtype_of(options),
-                     # a bf16 artifact verified here ran in fp32 arithmetic; its golden also serves bf16 kernels
-                     tolerance=(TOLERANCES["bf16"] if dtype_of(options) == "bf16" and not transformed.quant
-                                else verified.numerics["tolerance_rel_l2"]), versions=versions())
+                     tolerance=recorded_tolerance(dtype_of(options), bool(transformed.quant),
+                                                  verified.numerics["tolerance_rel_l2"]), versions=versions())
         if gen_golden is not None:
             from moec.greedy import write_generation_golden
 

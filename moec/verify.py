@@ -68,12 +68,7 @@ class OrtRunner:
             elif has_bf16(head := onnx.load(path, load_external_data=False)):
                 model = head  # its weights are read as it is widened
             if model is not None and has_bf16(model):
-                def options():
-                    o = ort.SessionOptions()
-                    o.log_severity_level = 3
-                    return o
-
-                widened = widened_session(model, os.path.dirname(os.path.abspath(path)), options)
+                widened = widened_session(model, os.path.dirname(os.path.abspath(path)), lambda: opts)
                 self.session, self.widened, self._values = widened.session, widened.widened, widened.values
             elif model is None:
                 self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])

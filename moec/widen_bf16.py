@@ -16,8 +16,9 @@ Matches: any model with a bf16 initializer, constant, Cast or typed value (`has_
 Produces: a new ModelProto with the same input, output and node names, fp32 where bf16 was; `Widened.bf16_values`
 names the values the artifact holds in bf16 (the memory planner sizes them at 2 bytes). The caller's model is
 unchanged.
-Refuses (WidenError): a node with subgraphs (If/Loop/Scan; moec's artifacts have none), a bf16 initializer whose
-external data was not loaded, a standard op whose output types ONNX's inference can't give.
+Refuses (WidenError): a node with subgraphs (If/Loop/Scan; moec's artifacts have none), a node other than Cast
+making bf16 from a dtype attribute, a bf16 initializer whose external data was not loaded; and, when
+`bf16_values` is asked, a standard op whose output types ONNX's inference can't give.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -46,8 +48,16 @@ class WidenError(MoecError):
 @dataclass
 class Widened:
     model: onnx.ModelProto
-    bf16_values: frozenset[str]  # graph inputs and node outputs the artifact holds in bf16, by name
+    source: onnx.ModelProto  # the bf16 model it was widened from
     weights: int  # bf16 initializers and constants widened
+
+    @cached_property
+    def bf16_values(self) -> frozenset[str]:
+        """Graph inputs and node outputs the artifact holds in bf16, by name: what the memory planner sizes at 2
+        bytes. Found node by node when asked (a verification session does not need them)."""
+        g, types = self.source.graph, _element_types(self.source)
+        return frozenset([v.name for v in g.input if v.type.tensor_type.elem_type == BF16]
+                         + [o for n in g.node for o in n.output if o and types.get(o) == BF16])
 
 
 def has_bf16(model: onnx.ModelProto) -> bool:
@@ -69,7 +79,9 @@ def widen_bf16(model: onnx.ModelProto, supplied: frozenset[str] | set[str] = fro
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
             raise WidenError(f"node '{n.name or n.op_type}' ({n.op_type}) has subgraphs; widening bf16 to run it on "
                              "ONNX Runtime's CPU provider handles flat graphs only.")
-    types = _element_types(model)
+        if n.op_type != "Cast" and any(_narrows(a) for a in n.attribute):
+            raise WidenError(f"node '{n.name or n.op_type}' ({n.op_type}) makes bf16 values from a dtype attribute; "
+                             "only Cast's is widened.")
     weights = 0
     initializers = []
     for t in g.initializer:
@@ -87,23 +99,17 @@ def widen_bf16(model: onnx.ModelProto, supplied: frozenset[str] | set[str] = fro
         node = onnx.NodeProto()
         node.CopyFrom(n)
         for a in node.attribute:
-            if _narrows(a) and n.op_type == "Cast":
+            if _narrows(a):  # a Cast's (any other node's was refused above)
                 a.i = FLOAT
             elif a.type == onnx.AttributeProto.TENSOR and a.t.data_type == BF16:
                 a.t.CopyFrom(_widened_tensor(a.t))
                 weights += 1
         nodes.append(node)
-    narrow = [n for n in g.node if n.op_type != "Cast" and any(_narrows(a) for a in n.attribute)]
-    if narrow:
-        raise WidenError(f"node '{narrow[0].name or narrow[0].op_type}' ({narrow[0].op_type}) makes bf16 values "
-                         "from a dtype attribute; only Cast's is widened.")
-    held = frozenset([v.name for v in g.input if v.type.tensor_type.elem_type == BF16]
-                     + [o for n in g.node for o in n.output if o and types.get(o) == BF16])
     graph = helper.make_graph(nodes, g.name, [_as_float(v) for v in g.input], [_as_float(v) for v in g.output],
                               initializers)
     widened = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version,
                                 functions=model.functions)
-    return Widened(widened, held, weights)
+    return Widened(widened, model, weights)
 
 
 def _narrows(a: onnx.AttributeProto) -> bool:

@@ -9,7 +9,11 @@ runtime loads the artifact as it is:
 
 with total = past + seq. The cache is a plain concatenation (genai's past_present_share_buffer false):
 every layer keeps every position, and sliding-window layers get their window from the attention mask,
-as transformers computes it, so the semantics are the model's own.
+as transformers computes it, so the semantics are the model's own. One difference, which changes nothing
+for transformers' own inputs: a window is measured in positions (the unpadded tokens the mask counts)
+rather than in cache slots (`windows_over_positions`). With transformers' left padding the two are the same;
+onnxruntime-genai pads a batch on the right, so its cache holds each shorter row's padding between the
+prompt and the generated tokens, and a window counted in slots would count that padding.
 """
 
 from __future__ import annotations
@@ -71,13 +75,40 @@ class CausalLMDecoder(nn.Module):
         if len(past) != 2 * self.layers:
             raise ValueError(f"expected {2 * self.layers} past key/value tensors, got {len(past)}")
         cache = self.cache_class([(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
-        with cache.active(self.model) if hasattr(cache, "active") else contextlib.nullcontext():
+        with cache.active(self.model) if hasattr(cache, "active") else contextlib.nullcontext(), \
+                windows_over_positions(attention_mask):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=True, **{cache_keyword(self.model): cache})
         present = []
         for layer in cache.layers[:self.layers]:  # the model appended this step's keys and values in place
             present += [layer.keys, layer.values]
         return (out.logits, *present)
+
+
+@contextlib.contextmanager
+def windows_over_positions(attention_mask: torch.Tensor):
+    """While the model runs, transformers' sliding-window masks keep a key when its position is within the
+    window of the query's (positions: the mask's running count of unpadded tokens), not its cache slot.
+    Causality and padding stay transformers' own. Equal to transformers' mask wherever padding only leads a
+    row (its convention); right for a row padded in the middle too (onnxruntime-genai's batches)."""
+    from transformers import masking_utils
+
+    positions = attention_mask.cumsum(-1) - 1
+
+    def overlay(window: int) -> Callable:
+        def inner(batch_idx, head_idx, q_idx, kv_idx):
+            return positions[batch_idx, kv_idx] > positions[batch_idx, q_idx] - window
+        return inner
+
+    def sliding_window_causal(window: int) -> Callable:
+        return masking_utils.and_masks(overlay(window), masking_utils.causal_mask_function)
+
+    saved = masking_utils.sliding_window_causal_mask_function
+    masking_utils.sliding_window_causal_mask_function = sliding_window_causal
+    try:
+        yield
+    finally:
+        masking_utils.sliding_window_causal_mask_function = saved
 
 
 def default_cache(pairs):

@@ -1,10 +1,11 @@
 """Greedy generation through a KV-cache decoder, the same loop over eager PyTorch, ONNX Runtime and
 onnxruntime-genai: the generation golden of a text-generation artifact, and its check.
 
-The loop is onnxruntime-genai's and transformers': the prompts left-padded into one batch (mask 0 on
-padding), positions counting the unpadded tokens, one prefill step, then one token a step with the
-cache fed back. It runs a fixed number of steps (no stop at end-of-sequence) so that every step's logits
-can be compared; `first_divergence` names the first step whose token differs.
+The loop is transformers': the prompts left-padded into one batch (mask 0 on padding), positions counting
+the unpadded tokens, one prefill step, then one token a step with the cache fed back. It runs a fixed
+number of steps (no stop at end-of-sequence) so that every step's logits can be compared;
+`first_divergence` names the first step whose token differs. onnxruntime-genai runs its own loop, which
+takes a batch padded on the right (`genai_generate`); its tokens are compared with the same golden.
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ class GenerationCheck:
     tolerance: float
     steps: int
     compares_logits: bool = True  # onnxruntime-genai's check compares tokens only
+    how: str = ""  # how a tokens-only runner was given the prompts
 
     @property
     def passed(self) -> bool:
@@ -169,14 +171,14 @@ class GenerationCheck:
         if self.divergence is not None:
             return f"{self.runner}: {self.divergence.describe()}"
         if not self.compares_logits:
-            return f"{self.runner}: every token equal over {self.steps} steps (tokens only, each prompt alone)"
+            return f"{self.runner}: every token equal over {self.steps} steps (tokens only, {self.how})"
         verdict = "within" if self.passed else "over"
         return (f"{self.runner}: every token equal over {self.steps} steps; logits worst relative L2 "
                 f"{self.worst_logits_rel_l2:.3g} ({verdict} tolerance {self.tolerance:g})")
 
     def to_dict(self) -> dict:
         return {"runner": self.runner, "passed": self.passed, "steps": self.steps, "logits": self.compares_logits,
-                "worst_logits_rel_l2": self.worst_logits_rel_l2, "tolerance": self.tolerance,
+                "worst_logits_rel_l2": self.worst_logits_rel_l2, "tolerance": self.tolerance, "how": self.how or None,
                 "divergence": None if self.divergence is None else self.divergence.__dict__}
 
 
@@ -261,15 +263,34 @@ def genai_available() -> bool:
     return True
 
 
+def right_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> np.ndarray:
+    """input_ids [batch, longest], prompts left-aligned and padded on the right with `pad_id`."""
+    ids = np.full((len(prompts), max(len(p) for p in prompts)), pad_id, dtype=np.int64)
+    for r, p in enumerate(prompts):
+        ids[r, :len(p)] = p
+    return ids
+
+
 def genai_generate(artifact_dir: str, prompts: Sequence[Sequence[int]], new_tokens: int) -> list[list[int]]:
     """onnxruntime-genai's Generator over the artifact directory (its genai_config.json): the new tokens of
-    each prompt, greedy, stopping where genai stops (end-of-sequence or `new_tokens`)."""
+    each prompt, greedy, stopping where genai stops (end-of-sequence or `new_tokens`).
+
+    Prompts of different lengths go in as one batch padded on the RIGHT with the pad id, as genai's own
+    `Tokenizer.encode_batch` pads: genai 0.18 masks only the pad tokens that end a row (and counts positions
+    over the rest), so a left-padded batch would be run with its pads as real tokens (measured: its own
+    builder's models diverge on such rows exactly as moec's do). The graph still sees transformers'
+    semantics: the mask genai builds is 0 on the trailing pads, and each row continues from its last real
+    token. A prompt ending in the pad id is therefore ambiguous to genai, and refused."""
+    with open(os.path.join(artifact_dir, "genai_config.json")) as f:
+        pad = json.load(f)["model"]["pad_token_id"]
+    for r, p in enumerate(prompts):
+        if not len(p) or int(p[-1]) == pad:
+            raise MoecError(f"prompt {r} {'is empty' if not len(p) else f'ends in the pad id {pad}'}: "
+                            "onnxruntime-genai would take its end for padding.")
     import onnxruntime_genai as og
 
     model = og.Model(og.Config(artifact_dir))
-    with open(os.path.join(artifact_dir, "genai_config.json")) as f:
-        pad = json.load(f)["model"]["pad_token_id"]
-    ids, _ = left_pad(prompts, pad)
+    ids = right_pad(prompts, pad)
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=ids.shape[1] + new_tokens, do_sample=False, batch_size=len(prompts))
     gen = og.Generator(model, params)
@@ -292,27 +313,26 @@ def genai_comparable(tokens: Sequence[int], eos_ids: Sequence[int], pad_id: int)
     return out
 
 
-def check_generate(runner: str, g: GenerationGolden, generate: Callable[[list[int], int], list[int]]
-                   ) -> GenerationCheck:
-    """Tokens from `generate(prompt, max_tokens)` (onnxruntime-genai, or a server running it) against the
-    golden's, each prompt alone, over the prefix genai reproduces (before the first end-of-sequence or pad
-    token; the golden runs on)."""
+def check_generate(runner: str, g: GenerationGolden,
+                   generate: Callable[[list[list[int]], int], list[list[int]]], how: str) -> GenerationCheck:
+    """Tokens from `generate(prompts, max_tokens)` (onnxruntime-genai, or a server running it; one list of new
+    tokens a prompt) against the golden's, over the prefix genai reproduces (before the first end-of-sequence
+    or pad token; the golden runs on). `how`: how the runner was given the prompts, for the report."""
     first = None
     for b, run in enumerate(g.runs):
-        for row, prompt in enumerate(run.prompts):
-            toks = generate(prompt, g.new_tokens)
+        got = generate([list(p) for p in run.prompts], g.new_tokens)
+        for row in range(len(run.prompts)):
+            toks = got[row]
             for step, expected in enumerate(genai_comparable(run.tokens[row], g.eos_ids, g.pad_id)):
                 token = toks[step] if step < len(toks) else -1
                 if token != expected:
                     first = first or Divergence(b, row, step, expected, token, None)
                     break
-    return GenerationCheck(runner, first, 0.0, g.tolerance, g.new_tokens, compares_logits=False)
+    return GenerationCheck(runner, first, 0.0, g.tolerance, g.new_tokens, compares_logits=False, how=how)
 
 
 def check_genai(artifact_dir: str, g: GenerationGolden) -> GenerationCheck:
-    """onnxruntime-genai's Generator over the artifact directory, each prompt alone: onnxruntime-genai 0.18's
-    append_tokens does not mask left padding (it feeds an all-ones attention mask and positions 0..L-1 for
-    a padded batch, measured), so a batch of prompts of different lengths would differ from transformers
-    for reasons outside the artifact. genai gives no per-step logits here: tokens only."""
-    return check_generate("onnxruntime-genai", g,
-                          lambda prompt, n: genai_generate(artifact_dir, [prompt], n)[0])
+    """onnxruntime-genai's Generator over the artifact directory, each prompt set as one batch (padded on the
+    right, as genai takes a batch: `genai_generate`). genai gives no per-step logits here: tokens only."""
+    return check_generate("onnxruntime-genai", g, lambda prompts, n: genai_generate(artifact_dir, prompts, n),
+                          "each prompt set as one batch")

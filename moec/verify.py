@@ -272,7 +272,8 @@ def verify(artifact_dir: Optional[str], golden_dir: Optional[str] = None, *, ser
             raise SignatureMismatchError(f"model '{runner.model_name}' serves text generation but '{golden_path}' "
                                          "has no generation golden; verify it against its compile's golden.")
         endpoint = GenerateEndpoint(server, model_name or "moe_model")
-        check = greedy.check_generate(endpoint.name, gen, endpoint.generate)
+        check = greedy.check_generate(endpoint.name, gen, lambda prompts, n: [endpoint.generate(p, n) for p in prompts],
+                                      "one request a prompt")
         return VerifyResult([], tol, time.perf_counter() - t, endpoint.name, [check])
     checks = []
     for probe in g.probes:

@@ -70,8 +70,8 @@ def test_decoder_wrapper_is_transformers_generate(family):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_artifact_generates_like_transformers(family, tmp_path):
     """Compiled from a Hugging Face directory: ONNX Runtime (batch 3, left padding) and onnxruntime-genai
-    (each prompt, and an equal-length batch of 3) give transformers' tokens for 64 steps; every step's
-    logits within 1e-4 relative L2."""
+    (each prompt, and the 3 prompts of different lengths as one batch) give transformers' tokens for 64 steps;
+    every step's logits within 1e-4 relative L2."""
     model = _model(family)
     model.save_pretrained(tmp_path / "hf")
     result = moec.compile(source=str(tmp_path / "hf"), out=str(tmp_path / "out"))
@@ -108,14 +108,27 @@ def test_artifact_generates_like_transformers(family, tmp_path):
     def comparable(tokens):  # genai stops at end-of-sequence and leaves generated pad tokens out
         return greedy.genai_comparable(tokens, eos, pad)
 
+    # batch 1, each prompt; then the three prompts of different lengths as one batch, which genai takes padded on
+    # the right: against transformers' left-padded batch, row for row
+    batched = greedy.genai_generate(result.out_dir, prompts, NEW_TOKENS)
+    padded = [comparable(want_tokens[row]) for row in (0, 1)]  # 9 and 4 tokens, padded to 13
+    assert sum(map(len, padded)) >= 8, padded  # the padded rows are compared over a real stretch of the run
     for row, prompt in enumerate(prompts):
-        got = greedy.genai_generate(result.out_dir, [prompt], NEW_TOKENS)[0]
         want = comparable(want_tokens[row])
+        got = greedy.genai_generate(result.out_dir, [prompt], NEW_TOKENS)[0]
         assert got[:len(want)] == want, (row, got, want)
-    same = [prompts[2][:9], prompts[0], prompts[2][4:]]  # equal lengths: genai batches without padding
-    want_same, _ = _hf_generate(model, same, 16)
-    for got, want in zip(greedy.genai_generate(result.out_dir, same, 16), want_same):
-        assert got[:len(comparable(want))] == comparable(want)
+        assert batched[row][:len(want)] == want, (row, batched[row], want)
+
+
+def test_genai_gets_a_batch_padded_on_the_right_and_no_prompt_it_would_take_for_padding(tmp_path):
+    """genai 0.18 masks the pad ids that end a row (and only those), so a batch goes in padded on the right, and a
+    prompt ending in the pad id is refused before genai runs."""
+    np.testing.assert_array_equal(greedy.right_pad([[5, 6, 7], [8]], 0), [[5, 6, 7], [8, 0, 0]])
+    (tmp_path / "genai_config.json").write_text(json.dumps({"model": {"pad_token_id": 0}}))
+    with pytest.raises(MoecError, match="prompt 1 ends in the pad id 0: onnxruntime-genai would take its end"):
+        greedy.genai_generate(str(tmp_path), [[5, 6], [7, 0]], 4)
+    with pytest.raises(MoecError, match="prompt 0 is empty"):
+        greedy.genai_generate(str(tmp_path), [[]], 4)
 
 
 @pytest.mark.slow

@@ -123,20 +123,20 @@ def test_server_is_stopped_after_use(compiled, server_install):
 
 
 def test_concurrent_compiles_into_one_repository_stay_loadable(triton, tmp_path):
-    """8 compiles at once into one repository: six names, and two that collide (same name and version):
+    """4 compiles at once into one repository: two names, and two that collide (same name and version):
     one of those wins, the other exits 9; the repository holds whole models only, and the real server
-    loads every one."""
+    loads every one. (Four, not more: this machine has 2 cores, and each compile is CPU-bound.)"""
     repo = tmp_path / "repo"
-    names = [f"m{i}" for i in range(6)] + ["clash", "clash"]
+    names = ["m0", "m1", "clash", "clash"]
     env = dict(os.environ, OMP_WAIT_POLICY="passive", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     procs = [subprocess.Popen([sys.executable, "-m", "moec.cli", "compile", "--out", str(tmp_path / f"a{i}"),
                                "--triton-repo", str(repo), "--model-name", name, "--quiet"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
              for i, name in enumerate(names)]
     results = [(p.wait(timeout=900), p.stderr.read()) for p in procs]
-    assert all(rc == 0 for rc, _ in results[:6]), results[:6]
-    assert sorted(rc for rc, _ in results[6:]) == [0, 9], results[6:]
-    loser = next(err for rc, err in results[6:] if rc == 9)
+    assert all(rc == 0 for rc, _ in results[:2]), results[:2]
+    assert sorted(rc for rc, _ in results[2:]) == [0, 9], results[2:]
+    loser = next(err for rc, err in results[2:] if rc == 9)
     assert "already exists" in loser or "appeared while moec was writing it" in loser
     assert sorted(os.listdir(repo)) == sorted(set(names))  # no temporary or partial entries
     for name in set(names):
@@ -146,7 +146,7 @@ def test_concurrent_compiles_into_one_repository_stay_loadable(triton, tmp_path)
     server = triton(str(repo))
     for name in set(names):
         server.wait_model_ready(name)
-    winner = tmp_path / f"a{6 + [rc for rc, _ in results[6:]].index(0)}"
+    winner = tmp_path / f"a{2 + [rc for rc, _ in results[2:]].index(0)}"
     ids = np.load(winner / "golden" / "probe0.input.input_ids.npy")
     ref = np.load(winner / "golden" / "probe0.output.logits.npy")
     http = httpclient.InferenceServerClient(server.http_url)

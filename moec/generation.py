@@ -10,8 +10,8 @@ runtime loads the artifact as it is:
 with total = past + seq. The cache is a plain concatenation (genai's past_present_share_buffer false):
 every layer keeps every position, and sliding-window layers get their window from the attention mask,
 as transformers computes it, so the semantics are the model's own. One difference, which changes nothing
-for transformers' own inputs: a window is measured in positions (the unpadded tokens the mask counts)
-rather than in cache slots (`windows_over_positions`). With transformers' left padding the two are the same;
+for transformers' own inputs: a window (or Llama 4's attention chunk) is measured in positions (the unpadded
+tokens the mask counts) rather than in cache slots (`windows_over_positions`). With transformers' left padding the two are the same;
 onnxruntime-genai pads a batch on the right, so its cache holds each shorter row's padding between the
 prompt and the generated tokens, and a window counted in slots would count that padding.
 """
@@ -88,27 +88,39 @@ class CausalLMDecoder(nn.Module):
 @contextlib.contextmanager
 def windows_over_positions(attention_mask: torch.Tensor):
     """While the model runs, transformers' sliding-window masks keep a key when its position is within the
-    window of the query's (positions: the mask's running count of unpadded tokens), not its cache slot.
-    Causality and padding stay transformers' own. Equal to transformers' mask wherever padding only leads a
-    row (its convention); right for a row padded in the middle too (onnxruntime-genai's batches)."""
+    window of the query's, and its chunked-attention masks (Llama 4) put a key in the query's chunk by
+    position (positions: the mask's running count of unpadded tokens), not by cache slot. Causality and
+    padding stay transformers' own. Equal to transformers' masks wherever padding only leads a row (its
+    convention: its chunks already count from a row's left padding); right for a row padded in the middle
+    too (onnxruntime-genai's batches)."""
     from transformers import masking_utils
 
     positions = attention_mask.cumsum(-1) - 1
 
-    def overlay(window: int) -> Callable:
+    def window(size: int) -> Callable:
         def inner(batch_idx, head_idx, q_idx, kv_idx):
-            return positions[batch_idx, kv_idx] > positions[batch_idx, q_idx] - window
+            return positions[batch_idx, kv_idx] > positions[batch_idx, q_idx] - size
         return inner
 
-    def sliding_window_causal(window: int) -> Callable:
-        return masking_utils.and_masks(overlay(window), masking_utils.causal_mask_function)
+    def chunk(size: int) -> Callable:
+        def inner(batch_idx, head_idx, q_idx, kv_idx):
+            return positions[batch_idx, kv_idx] // size == positions[batch_idx, q_idx] // size
+        return inner
 
-    saved = masking_utils.sliding_window_causal_mask_function
-    masking_utils.sliding_window_causal_mask_function = sliding_window_causal
+    replaced = {
+        "sliding_window_causal_mask_function":
+            lambda size: masking_utils.and_masks(window(size), masking_utils.causal_mask_function),
+        "chunked_causal_mask_function":  # its left_padding argument is what positions already count
+            lambda size, left_padding: masking_utils.and_masks(chunk(size), masking_utils.causal_mask_function),
+    }
+    saved = {name: getattr(masking_utils, name) for name in replaced}
+    for name, function in replaced.items():
+        setattr(masking_utils, name, function)
     try:
         yield
     finally:
-        masking_utils.sliding_window_causal_mask_function = saved
+        for name, function in saved.items():
+            setattr(masking_utils, name, function)
 
 
 def default_cache(pairs):

@@ -25,6 +25,7 @@ FAMILIES = {
     "gpt_oss": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"], head_dim=16),
     "olmoe": dict(head_dim=16, hidden_size=64),  # its q/k norms span heads * head_dim = hidden
     "granitemoe": dict(head_dim=16),
+    "llama4": dict(attention_chunk_size=4, head_dim=16),  # chunked attention, chunks shorter than the prompts
 }
 NEW_TOKENS = 64
 

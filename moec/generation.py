@@ -11,9 +11,9 @@ with total = past + seq. The cache is a plain concatenation (genai's past_presen
 every layer keeps every position, and sliding-window layers get their window from the attention mask,
 as transformers computes it, so the semantics are the model's own. One difference, which changes nothing
 for transformers' own inputs: a window (or Llama 4's attention chunk) is measured in positions (the unpadded
-tokens the mask counts) rather than in cache slots (`windows_over_positions`). With transformers' left padding the two are the same;
-onnxruntime-genai pads a batch on the right, so its cache holds each shorter row's padding between the
-prompt and the generated tokens, and a window counted in slots would count that padding.
+tokens the mask counts) rather than in cache slots (`windows_over_positions`). With transformers' left
+padding the two are the same; onnxruntime-genai pads a batch on the right, so its cache holds each shorter
+row's padding between the prompt and the generated tokens, and a window counted in slots would count it.
 """
 
 from __future__ import annotations

@@ -107,19 +107,17 @@ def main(argv: list[str]) -> int:
     from moec.widen_bf16 import has_bf16, widened_session
 
     model_path, tmp, n, providers = argv[0], argv[1], int(argv[2]), argv[3].split(",")
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.disable_prepacking", "1")  # the weights held once, not ~2.5 times
+    def new_options():
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.disable_prepacking", "1")  # the weights held once, not ~2.5 times
+        return options
+
     head = onnx.load(model_path, load_external_data=False)
     if has_bf16(head):  # no bf16 kernels on the CPU provider: the whole graph widened to fp32 (moec.widen_bf16)
-        def new_options():
-            o = ort.SessionOptions()
-            o.add_session_config_entry("session.disable_prepacking", "1")
-            return o
-
         widened = widened_session(head, os.path.dirname(os.path.abspath(model_path)), new_options, providers)
         session = widened.session
     else:
-        session = ort.InferenceSession(model_path, options, providers=providers)
+        session = ort.InferenceSession(model_path, new_options(), providers=providers)
     names = [o.name for o in session.get_outputs()]
     for i in range(n):
         with np.load(os.path.join(tmp, f"feeds{i}.npz")) as feeds:

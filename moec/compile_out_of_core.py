@@ -267,6 +267,10 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         from moec.quantize_dense_streamed import StreamedDense
 
         dense = StreamedDense.from_meta(meta.dense, options.extra, getattr(prequant, "dense_codes", None))
+        if calibration:  # GPTQ for dense Linears needs every Linear's inputs: only the in-memory compile has them
+            dense.method = "round-to-nearest (an out-of-core compile calibrates the experts only)"
+            notes.append("--calibration with --quant-dense out of core: the experts are calibrated (GPTQ), the dense "
+                         "Linears rounded to nearest (the in-memory compile calibrates both)")
     streamer = LayerStreamer(ck, weights_model, planned, kinds, spec, lowering, options.extra, options.log,
                              WRAPPER * (2 if half else 1), coder, dense)
     if meta.pruned is not None:  # which experts go is chosen from each layer's routing as it streams

@@ -40,3 +40,25 @@ def randomize_(model: torch.nn.Module, seed: int, std: float = 0.2) -> None:
                 t.normal_(1.0, 0.1, generator=gen)
             else:
                 t.normal_(0.0, 0.1, generator=gen)
+
+
+def shape_spectrum_(model: torch.nn.Module, alpha: float) -> None:
+    """Give every weight matrix singular values falling as i^-alpha (same Frobenius norm, same singular vectors).
+
+    Seeded Gaussian matrices have flat spectra, so the hidden states they produce are nearly isotropic; trained
+    matrices do not (their spectra are heavy-tailed, and their hidden states correlated). alpha 0 leaves the
+    model as it is; alpha 0.5-1 makes a few directions dominate every layer's inputs, which is what calibrated
+    quantization (GPTQ) feeds on. Stacked experts ([E, N, K]) are shaped one matrix at a time.
+    """
+    if alpha < 0:
+        raise ValueError(f"spectrum exponent must be >= 0, got {alpha}")
+    if alpha == 0:
+        return
+    with torch.no_grad():
+        for _, t in model.named_parameters():
+            if t.dim() < 2 or not t.is_floating_point():
+                continue
+            for m in t.view(-1, *t.shape[-2:]):
+                u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
+                power = torch.arange(1, s.numel() + 1, dtype=torch.float64) ** -alpha
+                m.copy_((u * (power * (s.norm() / power.norm()))) @ vh)

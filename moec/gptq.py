@@ -1,4 +1,4 @@
-"""GPTQ for expert weights: calibrated rounding on moec's quantization grid.
+"""GPTQ for expert weights (and, with --quant-dense, the dense Linears): calibrated rounding on moec's grid.
 
 Round-to-nearest treats every weight alone. GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training
 Quantization for Generative Pre-trained Transformers") rounds a weight matrix one input column at a time and
@@ -193,6 +193,21 @@ def quantize_expert(experts_spec, w_gu: torch.Tensor, b_gu: Optional[torch.Tenso
     (fw, hw) = split(out_w)
     return (_better(w_gu, xin[~held], xin[held], fw, hw, spec, f"{name}.w_gate_up[{e}]", choice),
             _better(w_down, h[~held], h[held], fw, hw, spec, f"{name}.w_down[{e}]", choice))
+
+
+def quantize_matrix(weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec, name: str) -> tuple[QuantizedWeight, str]:
+    """A dense Linear's weight [N, K] calibrated on its inputs x [T, K] as an expert's matrix is: every 5th token
+    held out to choose between GPTQ (fitted on the others) and round-to-nearest; with fewer than min_tokens(K)
+    tokens, round-to-nearest. Returns its QuantizedWeight [1, N, K] and how it was chosen (for the report)."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    choice = LayerChoice(needed=min_tokens(x.shape[-1], 0))
+    if x.shape[0] < choice.needed:
+        return (quantize(weight.detach().unsqueeze(0), spec, name),
+                f"round-to-nearest ({x.shape[0]} calibration tokens, fewer than {choice.needed})")
+    held = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    held[::5] = True
+    q = _better(weight.detach(), x[~held], x[held], None, None, spec, name, choice)
+    return q, "gptq" if choice.gptq else "round-to-nearest (closer than GPTQ on held-out calibration tokens)"
 
 
 def _stack(parts: list[QuantizedWeight]) -> QuantizedWeight:

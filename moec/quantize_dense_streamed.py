@@ -6,7 +6,8 @@ Matches: the Linears quantize_dense turned into MatMulNBits on the meta model wh
 Produces, per layer group as it streams:
   - `quantize(model, key)`: the group's Linears as the in-memory pass makes them
     (moec.targets.onnxruntime.quantize_dense.quantize_linear: round-to-nearest at the dense spec, or a
-    pre-quantized checkpoint's own block-wise codes when they dequantize to exactly the weight), swapped into a
+    pre-quantized checkpoint's own block-wise codes when they dequantize to exactly the weight; never GPTQ's:
+    --calibration calibrates only the experts out of core, and says so per Linear), swapped into a
     decoder layer; for the embeddings-and-head group, whose tensors are read one at a time into the same
     modules, their MatMulNBits tensors are returned by name instead (the head stays a Linear to be read again).
     Each Linear's error against full precision is measured on a seeded random input of its width (the
@@ -42,6 +43,7 @@ class StreamedDense:
     accuracy_level: int
     kept: list[dict]  # quantize_dense's Linears kept fp32, with the reason
     given: GivenCodes = lambda path: None
+    method: str = ""  # how round-to-nearest's codes are reported (with --calibration: that they are not calibrated)
     layers: list[dict] = field(default_factory=list)  # each Linear's outcome, as it was quantized
     _done: set = field(default_factory=set)
     _read_as: dict = field(default_factory=dict)  # id(weight) -> the Linear's path as read, before fusion moved it
@@ -92,7 +94,8 @@ class StreamedDense:
             gen = torch.Generator().manual_seed(0)
             x = torch.randn(1, 16, linear.in_features, generator=gen)
             with torch.no_grad():
-                q, outcome = quantize_linear(path, linear, self.spec, self.accuracy_level, self._codes(path, linear), x)
+                q, outcome = quantize_linear(path, linear, self.spec, self.accuracy_level, self._codes(path, linear), x,
+                                             method=self.method)
             if path not in self._done:  # a tied head is read with each of the group's tensors
                 self._done.add(path)
                 self.layers.append(outcome.to_dict())

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moec.demo import randomize_
+from moec.demo import randomize_, shape_spectrum_
 from moec.sources import LoadedSource, causal_lm_source
 
 _BASE = dict(vocab_size=128, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -54,7 +54,10 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
 }
 
 
-def build_hf_model(family: str, seed: int = 0, **overrides) -> nn.Module:
+def build_hf_model(family: str, seed: int = 0, *, spectrum: float = 0.0, **overrides) -> nn.Module:
+    """A `family` model from its tiny config (config fields overridden by `overrides`), seeded random weights;
+    `spectrum` > 0 gives its matrices power-law singular values (moec.demo.shape_spectrum_: correlated hidden
+    states, as trained models have)."""
     import transformers
 
     cfg_cls, model_cls, extra = FAMILIES[family]
@@ -62,6 +65,7 @@ def build_hf_model(family: str, seed: int = 0, **overrides) -> nn.Module:
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(cfg).eval()
     randomize_(model, seed)
+    shape_spectrum_(model, spectrum)
     return model
 
 

@@ -472,9 +472,9 @@ def test_quant_dense_streams_the_in_memory_codes_head_and_shared_experts(tmp_pat
         torch.bfloat16).save_pretrained(path, max_shard_size="100KB")
     quantized, linear = [], quantize_dense.quantize_linear
 
-    def spy(path, lin, *args):  # the paths quantized, in order, and whether the weight was read yet
+    def spy(path, lin, *args, **kwargs):  # the paths quantized, in order, and whether the weight was read yet
         quantized.append((path, lin.weight.is_meta))
-        return linear(path, lin, *args)
+        return linear(path, lin, *args, **kwargs)
 
     monkeypatch.setattr(quantize_dense, "quantize_linear", spy)
     arts, reports = {}, {}
@@ -543,6 +543,24 @@ def test_calibration_carries_the_data_a_layer_at_a_time_into_the_in_memory_gptq_
     n = reports["on"]["numerics"]
     assert n["passed"] and n["inputs"][0]["rel_l2"] < 1e-5 and n["end_to_end"]["rel_l2"] < 1e-5
     assert abs(on["logits_vs_fp32"]["rel_l2"] - off["logits_vs_fp32"]["rel_l2"]) < 1e-5
+
+
+def test_calibration_with_quant_dense_out_of_core_says_the_dense_linears_are_not_calibrated(tmp_path):
+    """Out of core, GPTQ runs on the experts (their inputs are carried a layer at a time); the dense Linears are
+    rounded to nearest, and the report says so per Linear and in the capture notes (in memory both are calibrated)."""
+    path = str(tmp_path / "ckpt")
+    zoo.build_hf_model("qwen3_moe", hidden_size=64, head_dim=16, moe_intermediate_size=32).to(
+        torch.bfloat16).save_pretrained(path, max_shard_size="100KB")
+    out = str(tmp_path / "out")
+    assert _compile(path, out, "--quant", "int4", "--block-size", "32", "--quant-dense", "--calibration",
+                    "random:16") == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    q = report["quantization"]
+    assert all(l["method"].startswith("gptq on ") for l in q["layers"])
+    assert len(q["dense"]["layers"]) == 9 and {l["method"] for l in q["dense"]["layers"]} == {
+        "round-to-nearest (an out-of-core compile calibrates the experts only)"}
+    assert any("the dense Linears rounded to nearest" in n for n in report["capture"]["notes"])
+    assert report["numerics"]["passed"]
 
 
 def test_calibration_too_short_for_the_experts_is_named_and_nothing_written(checkpoints, tmp_path, capsys):

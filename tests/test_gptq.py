@@ -74,3 +74,17 @@ def test_non_finite_calibration_is_named():
     h[0, 0] = float("nan")
     with pytest.raises(QuantError, match="layer.w_down"):
         gptq_quantize(torch.randn(4, 8), h, QuantSpec(4, None), "layer.w_down")
+
+
+def test_a_dense_matrix_takes_gptq_where_it_wins_on_held_out_tokens_and_nearest_with_few_tokens():
+    from moec.gptq import quantize_matrix
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(32, 64, generator=g)
+    x = torch.randn(600, 8, generator=g) @ torch.randn(8, 64, generator=g)  # low rank: GPTQ wins
+    q, method = quantize_matrix(w, x, QuantSpec(4, 32), "head.weight")
+    assert method == "gptq" and q.codes.shape == (1, 32, 64)
+    assert not torch.equal(q.codes, quantize(w.unsqueeze(0), QuantSpec(4, 32), "w").codes)
+    q, method = quantize_matrix(w, x[:10], QuantSpec(4, 32), "head.weight")
+    assert method == "round-to-nearest (10 calibration tokens, fewer than 32)"
+    assert torch.equal(q.codes, quantize(w.unsqueeze(0), QuantSpec(4, 32), "w").codes)

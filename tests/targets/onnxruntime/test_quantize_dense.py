@@ -171,8 +171,10 @@ def test_calibrated_dense_codes_go_in_call_order_by_shared_input_and_leave_the_m
     assert all(type(getattr(model, n)) is torch.nn.Linear for n in "abc")
 
 
-def test_gptq_codes_that_move_the_outputs_more_are_replaced_by_round_to_nearest(monkeypatch):
-    """The model-level check, given codes that are worse than rounding (round-to-nearest's, one step off)."""
+@pytest.mark.parametrize("batches", [1, 3, 6])
+def test_gptq_codes_that_move_the_outputs_more_are_replaced_by_round_to_nearest(batches, monkeypatch):
+    """The model-level check, given codes that are worse than rounding (round-to-nearest's, one step off), whatever
+    the number of calibration batches (every 5th held out; fewer than 5: the last; one: it serves both)."""
     import moec.gptq
     from moec.quant import QuantizedWeight, quantize
     from moec.targets.onnxruntime.quantize_dense import calibrated_codes
@@ -184,7 +186,7 @@ def test_gptq_codes_that_move_the_outputs_more_are_replaced_by_round_to_nearest(
     monkeypatch.setattr(moec.gptq, "quantize_matrix", off_by_one)
     model = TwoOnOneInput().eval()
     out = calibrated_codes(model, [("a", model.a), ("b", model.b), ("c", model.c)], QuantSpec(4, 32),
-                           _low_rank_batches())
+                           _low_rank_batches(batches))
     assert {m for _, m in out.values()} == {"round-to-nearest (GPTQ's codes moved the model's outputs more on "
                                             "held-out calibration data)"}
     for name in "abc":

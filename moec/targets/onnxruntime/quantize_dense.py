@@ -13,8 +13,9 @@ Produces: a `DenseNBits` in its place, computing with the *dequantized* weight (
   On the meta device (an out-of-core compile's graph, captured before any weight is read) the buffers are
   shapes only; that compile then quantizes each Linear as its layer streams (`quantize_linear`, the same
   codes) and verifies against `dense_reference`, the weight MatMulNBits computes with.
-  With --calibration, each Linear's codes come from GPTQ on its inputs over the calibration data
-  (moec.gptq.quantize_matrix: where GPTQ beats round-to-nearest on held-out tokens), reported per Linear.
+  With --calibration (in memory), each Linear's codes come from GPTQ on its inputs over the calibration data,
+  solved in call order, and kept where they move the model's outputs on held-out calibration batches less than
+  round-to-nearest's (`calibrated_codes`); how each Linear's codes were chosen is its outcome's method.
 Refuses (kept fp32, with the reason in the report): routers and gates that choose experts (a flipped
   top-k is a discrete change, not a rounding error) and layers whose input size the block doesn't
   divide.
@@ -176,11 +177,11 @@ def calibrated_codes(module: nn.Module, targets: list[tuple[str, nn.Linear]], sp
     Linears sharing an input at a time (q/k/v), each solved on the inputs the model gives it with every Linear
     before it already quantized (one run of the fitting batches per group; at most CALIBRATION_BYTES of inputs
     captured). Then the group's GPTQ codes are kept only if the model's outputs on the held-out batches (every
-    5th, or the last of fewer than 5; with one batch, that one) are closer to the module's own outputs before this pass with them than
-    with round-to-nearest's. Why: lower error on each Linear's own outputs is not lower error on the logits. On a
-    tiny Qwen3-MoE with correlated states GPTQ halves q_proj's and k_proj's own error, yet the logits moved 0.40
-    from fp32 against 0.28 with those two rounded to nearest (queries and keys are normalized per head and
-    multiplied together after them). The module is left as it was."""
+    5th, or the last of fewer than 5; with one batch, that one) are closer to the module's own outputs before
+    this pass with them than with round-to-nearest's. Why: lower error on each Linear's own outputs is not
+    lower error on the logits. On a tiny Qwen3-MoE with correlated states GPTQ halves q_proj's and k_proj's own
+    error, yet the logits moved 0.40 from fp32 against 0.28 with those two rounded to nearest (queries and keys
+    are normalized per head and multiplied together after them). The module is left as it was."""
     from moec.gptq import quantize_matrix
     from moec.passes.base import flatten_outputs
     from moec.passes.quantize_experts import calibration_inputs
@@ -224,14 +225,17 @@ def calibrated_codes(module: nn.Module, targets: list[tuple[str, nn.Linear]], sp
             log(f"  GPTQ {', '.join(group)} at {spec.name} ({tokens} calibration tokens)")
             solved = {p: quantize_matrix(linears[p].weight, xs[p], spec, f"{p}.weight") for p in group if p in xs}
             del xs, first
-            nearest = {p: quantize(linears[p].weight.detach().unsqueeze(0), spec, f"{p}.weight") for p in solved}
-            swap(nearest)
-            err_nearest = error()
-            swap({p: q for p, (q, _) in solved.items()})
-            if any(m == "gptq" for _, m in solved.values()) and error() > err_nearest:
+            if any(m == "gptq" for _, m in solved.values()):  # the group both ways, on the held-out batches
+                nearest = {p: quantize(linears[p].weight.detach().unsqueeze(0), spec, f"{p}.weight") for p in solved}
                 swap(nearest)
-                solved = {p: (nearest[p], "round-to-nearest (GPTQ's codes moved the model's outputs more on "
-                                          "held-out calibration data)") for p in solved}
+                err_nearest = error()
+                swap({p: q for p, (q, _) in solved.items()})
+                if error() > err_nearest:
+                    swap(nearest)
+                    solved = {p: (nearest[p], "round-to-nearest (GPTQ's codes moved the model's outputs more on "
+                                              "held-out calibration data)") for p in solved}
+            else:
+                swap({p: q for p, (q, _) in solved.items()})
             out.update(solved)
             # a Linear the calibration never reached keeps round-to-nearest's codes (not in `out`)
             pending = [p for p in pending if p not in group]

@@ -134,13 +134,21 @@ def test_genai_gets_a_batch_padded_on_the_right_and_no_prompt_it_would_take_for_
 
 @pytest.mark.slow
 def test_quantized_generation_is_exact_against_its_reference(tmp_path):
-    model = _model("qwen3_moe")
+    """--quant on the KV-cache decoder, with the dense Linears and calibration too (GPTQ runs on the decoder's
+    calibration batches, whose inputs include the empty cache)."""
+    model = zoo.build_hf_model("qwen3_moe", head_dim=16, hidden_size=64, moe_intermediate_size=32)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
     model.save_pretrained(tmp_path / "hf")
-    report = moec.compile(source=str(tmp_path / "hf"), out=str(tmp_path / "out"), extra={"quant": "int4"}).report
+    report = moec.compile(source=str(tmp_path / "hf"), out=str(tmp_path / "out"), extra={
+        "quant": "int4", "block_size": 32, "quant_dense": True, "calibration": "random:16"}).report
     gen = report["numerics"]["generation"]
     assert gen["reference"] == "the dequantized reference" and gen["passed"]
     assert 0.0 <= gen["tokens_equal_to_fp32"] <= 1.0
     assert any(c["runner"] == "onnxruntime-genai" for c in gen["checks"])
+    quant = report["quantization"]
+    assert all(l["method"].startswith("gptq on ") for l in quant["layers"])
+    dense = [l.get("method", "") for l in quant["dense"]["layers"]]
+    assert len(dense) == 9 and all(m == "gptq" or m.startswith("round-to-nearest (") for m in dense), dense
 
 
 @pytest.fixture(scope="module")

@@ -200,7 +200,7 @@ def calibrated_codes(module: nn.Module, targets: list[tuple[str, nn.Linear]], sp
     def error() -> float:
         return sum(float((o - r).square().sum()) for o, r in zip(outputs(), reference))
 
-    order = _call_order(module, [p for p, _ in targets], fit[0])
+    order = list(capture_inputs(module, [p for p, _ in targets], fit[0]))  # recorded in the order they are called
     linears = dict(targets)
     pending = [p for p in order if p in linears] + [p for p, _ in targets if p not in order]
     tokens = sum(int(b[0].numel()) if not b[0].is_floating_point() else int(b[0][..., 0].numel()) for b in fit)
@@ -243,20 +243,6 @@ def calibrated_codes(module: nn.Module, targets: list[tuple[str, nn.Linear]], sp
         for p, linear in linears.items():
             set_submodule(module, p, linear)
     return out
-
-
-def _call_order(module: nn.Module, paths: list[str], batch: tuple) -> list[str]:
-    """`paths` in the order one forward pass on `batch` first calls them."""
-    order: list[str] = []
-    handles = [module.get_submodule(p).register_forward_pre_hook(
-        lambda m, a, p=p: order.append(p) if p not in order else None) for p in paths]
-    try:
-        with torch.no_grad():
-            module(*batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return order
 
 
 def dense_reference(linear: nn.Linear, spec: QuantSpec, given: Optional[QuantizedWeight], name: str,

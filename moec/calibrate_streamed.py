@@ -16,11 +16,17 @@ Produces, per decoder layer: each fused layer's inputs [T, H] (the full-precisio
   The codes are solved once, on inputs not kept past their layer; the reference for verification
   (`dequantized`) reads them back as written: from the layer's packed arrays while it is written, then from the
   artifact's external data (`read_back`).
+  With --quant-dense, the layer's dense Linears are calibrated too (`_calibrate_dense`: the in-memory solver,
+  moec.targets.onnxruntime.quantize_dense.calibrated_codes, in call order on the layer as read, each group's GPTQ
+  codes kept where they move the layer's output on held-out batches less than round-to-nearest's; in memory the
+  check is on the model's output) and handed to moec.quantize_dense_streamed.StreamedDense, which writes them
+  and keeps them for the verification's reference. The output head is rounded to nearest.
   With --prune-experts (moec.prune_streamed) the routing statistics are the unpruned model's, as in memory, and
   the layer is then pruned and run again from the pruned model's states (carried alongside once a layer lost
   experts): its fused layers' inputs for GPTQ are the pruned model's, as in memory.
 Holds: the calibration tokens' hidden states twice (a layer's inputs and outputs; four times when pruned) and one
-  layer's inputs per fused layer, [T, H] each, besides the one layer's weights the compile holds anyway.
+  layer's inputs per fused layer, [T, H] each, besides the one layer's weights the compile holds anyway; with
+  --quant-dense, at most CALIBRATION_BYTES of a layer's dense Linears' inputs at a time.
 Refuses (MoecError, naming the layer): --calibration with --quant on a fused layer whose experts are read whole
   (its calibrated codes could not be read back for verification); a layer whose batches fail (CalibrationError,
   as in memory).
@@ -61,6 +67,39 @@ class _Replay(nn.Module):
         return self.outputs[self.batch[0]]
 
 
+class _LayerRun(nn.Module):
+    """A calibration batch through the model up to decoder layer `index`, the layers before it replaying what they
+    returned for that batch: the layer's output. The model's modules are under PREFIX (the task wrapper's `model`
+    is the transformers model whose paths the compile names)."""
+
+    PREFIX = "lm.model."
+
+    def __init__(self, module: nn.Module, index: int, layers, before: list, replayed: list, batches: list):
+        super().__init__()
+        self.lm, self.batches, self.batch = module, batches, [0]
+        self._stop_at = (layers[index],)  # a tuple: not registered as a submodule of its own
+        for j in range(index):
+            layers[j] = _Replay(before[j], replayed, self.batch)
+
+    def forward(self, *args):
+        # calibrated_codes hands back the batches' own tuples: which batch this is, for the replays
+        self.batch[0] = next(b for b, batch in enumerate(self.batches) if batch[0] is args[0])
+        out: list = []
+
+        def stop(mod, a, o):
+            out.append(o)
+            raise _Stop
+
+        handle = self._stop_at[0].register_forward_hook(stop)
+        try:
+            self.lm(*args)
+        except _Stop:
+            return out[0]
+        finally:
+            handle.remove()
+        raise RuntimeError(f"calibration: decoder layer never ran on batch {self.batch[0]}")
+
+
 class _Zeros(nn.Module):
     """Stands in for the input embeddings once the first layer ran: their values are replayed over."""
 
@@ -85,6 +124,7 @@ class LayerInputs:
         self.pruned_differ = False  # a layer lost experts: the pruned model's states are no longer the unpruned ones
         self.pruned_states = False  # carry the pruned model's states (GPTQ solves on them; set by the compile)
         self.next = 0  # the decoder layer whose turn it is
+        self.dense = None  # --quant-dense: moec.quantize_dense_streamed.StreamedDense, each layer's Linears calibrated
         self.routing: list[LayerRouting] = []
 
     def advance(self, key: str, prune: Optional[Callable[[nn.Module, dict], None]] = None) -> dict[str, torch.Tensor]:
@@ -113,6 +153,8 @@ class LayerInputs:
         before = [layers[j] for j in range(index)]
         try:
             outputs, inputs = self._run(key, index, layers, before, self.outputs, fused)
+            if self.dense is not None:  # on the layer as read, unpruned (its experts at full precision)
+                self._calibrate_dense(key, index, layers, before)
             with torch.no_grad():
                 for path, x in inputs.items():  # once over all the tokens: each expert read once more
                     _accumulate(stats[path], fused[path], x)
@@ -184,6 +226,23 @@ class LayerInputs:
             for h in handles:
                 h.remove()
         return outputs, {path: torch.cat(xs) for path, xs in inputs.items()}
+
+    def _calibrate_dense(self, key: str, index: int, layers, before: list) -> None:
+        """GPTQ for the layer's dense Linears (moec.targets.onnxruntime.quantize_dense.calibrated_codes, the
+        in-memory solver), their codes handed to `self.dense`. The model calibrated_codes runs is the model up to
+        this layer, whose output it returns (`_LayerRun`): a group's GPTQ codes are kept where they move the layer's
+        output on held-out batches less than round-to-nearest's (in memory: the model's output; the logits do not
+        exist until the last layer ran)."""
+        from moec.targets.onnxruntime.quantize_dense import calibrated_codes
+
+        targets = [(p, self.model.get_submodule(p)) for p in self.dense.in_group(key) if self.dense.given(p) is None]
+        targets = [(p, m) for p, m in targets if type(m) is nn.Linear and not m.weight.is_meta]
+        if not targets:
+            return
+        run = _LayerRun(self.module, index, layers, before, self.outputs, self.batches)
+        codes = calibrated_codes(run, [(f"{_LayerRun.PREFIX}{p}", m) for p, m in targets], self.dense.spec,
+                                 self.batches, self.dense.accuracy_level, self.log, f"{key}'s output")
+        self.dense.calibrate({p[len(_LayerRun.PREFIX):]: c for p, c in codes.items()})
 
     def _embeddings(self, index: int) -> nn.Module:
         """The input embeddings, read for the first layer (only their own tensor where it reads alone) and stood in

@@ -413,8 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration", metavar="FILE|random:N",
                    help="calibration data: token ids as .npy [N, S] or .jsonl (one list per line), or random:N; "
                         "measures each MoE layer's routing (report 'routing', moec inspect --routing); with --quant, "
-                        "the expert codes come from GPTQ on the tokens each expert receives (with --quant-dense, in memory, "
-                        "the dense Linears' too, where that lowers the error on held-out calibration data)")
+                        "the expert codes come from GPTQ on the tokens each expert receives (with --quant-dense, "
+                        "the dense Linears' too, where that lowers the error on held-out calibration data; out of "
+                        "core, not the output head's)")
     c.add_argument("--prune-experts", metavar="FRACTION|auto",
                    help="remove this fraction of every MoE layer's experts, lowest ranked first (needs "
                         "--calibration); auto: as many as --accuracy-budget allows, per layer")

@@ -267,10 +267,11 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         from moec.quantize_dense_streamed import StreamedDense
 
         dense = StreamedDense.from_meta(meta.dense, options.extra, getattr(prequant, "dense_codes", None))
-        if calibration:  # GPTQ for dense Linears needs every Linear's inputs: only the in-memory compile has them
-            dense.method = "round-to-nearest (an out-of-core compile calibrates the experts only)"
-            notes.append("--calibration with --quant-dense out of core: the experts are calibrated (GPTQ), the dense "
-                         "Linears rounded to nearest (the in-memory compile calibrates both)")
+        if calibration:  # each decoder layer's Linears calibrated as the data reaches it (moec.calibrate_streamed)
+            dense.method = "round-to-nearest (out of core only the decoder layers' Linears are calibrated)"
+            notes.append("--calibration with --quant-dense out of core: each decoder layer's dense Linears keep GPTQ's "
+                         "codes where they move that layer's output on held-out calibration batches less than "
+                         "round-to-nearest's (in memory: the model's output); the output head is rounded to nearest")
     streamer = LayerStreamer(ck, weights_model, planned, kinds, spec, lowering, options.extra, options.log,
                              WRAPPER * (2 if half else 1), coder, dense)
     if meta.pruned is not None:  # which experts go is chosen from each layer's routing as it streams
@@ -285,6 +286,7 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         calibrated = load_calibration(calibration, src)
         streamer.calibration = LayerInputs(wrapper_of(src.module)(ck.skeleton()), calibrated.batches, ck,
                                            streamer.prepare_calibration, streamer.fused_paths, options.log)
+        streamer.calibration.dense = dense  # --quant-dense: each layer's Linears calibrated too
         # pruned and GPTQ-coded: the codes are solved on the pruned model's activations, as in memory
         streamer.calibration.pruned_states = streamer.pruning is not None and streamer.coder is not None \
             and streamer.coder.calibrated

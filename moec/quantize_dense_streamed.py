@@ -6,8 +6,9 @@ Matches: the Linears quantize_dense turned into MatMulNBits on the meta model wh
 Produces, per layer group as it streams:
   - `quantize(model, key)`: the group's Linears as the in-memory pass makes them
     (moec.targets.onnxruntime.quantize_dense.quantize_linear: round-to-nearest at the dense spec, or a
-    pre-quantized checkpoint's own block-wise codes when they dequantize to exactly the weight; never GPTQ's:
-    --calibration calibrates only the experts out of core, and says so per Linear), swapped into a
+    pre-quantized checkpoint's own block-wise codes when they dequantize to exactly the weight, or with
+    --calibration the decoder layer's codes moec.calibrate_streamed chose, GPTQ's or nearest, before the group
+    is written; the output head stays rounded to nearest, said per Linear), swapped into a
     decoder layer; for the embeddings-and-head group, whose tensors are read one at a time into the same
     modules, their MatMulNBits tensors are returned by name instead (the head stays a Linear to be read again).
     Each Linear's error against full precision is measured on a seeded random input of its width (the
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from moec.external_data import layer_key
-from moec.quant import QuantizedWeight, QuantSpec
+from moec.quant import PackedWeight, QuantizedWeight, QuantSpec, dequantize, pack, unpack
 
 # a checkpoint's own codes for the Linear at this path, if it has them ([1, N, K]; checked before use)
 GivenCodes = Callable[[str], Optional[QuantizedWeight]]
@@ -43,7 +44,10 @@ class StreamedDense:
     accuracy_level: int
     kept: list[dict]  # quantize_dense's Linears kept fp32, with the reason
     given: GivenCodes = lambda path: None
-    method: str = ""  # how round-to-nearest's codes are reported (with --calibration: that they are not calibrated)
+    method: str = ""  # how round-to-nearest's codes are reported (with --calibration: why they are not calibrated)
+    # --calibration: each decoder layer's GPTQ-or-nearest codes, by path, with how they were chosen
+    # (moec.calibrate_streamed); kept to the end for the verification's reference, packed (int4: 1/8 of fp32)
+    calibrated: dict[str, tuple[PackedWeight, str]] = field(default_factory=dict)
     layers: list[dict] = field(default_factory=list)  # each Linear's outcome, as it was quantized
     _done: set = field(default_factory=set)
     _read_as: dict = field(default_factory=dict)  # id(weight) -> the Linear's path as read, before fusion moved it
@@ -83,6 +87,16 @@ class StreamedDense:
         given = usable_codes(self.given(self._read_as.get(id(linear.weight), path)), linear)
         return given if given is not None and given.spec == self.spec else None
 
+    def calibrate(self, codes: dict[str, tuple[QuantizedWeight, str]]) -> None:
+        """A decoder layer's codes chosen on the calibration data (moec.calibrate_streamed), by path."""
+        self.calibrated.update({path: (pack(q), method) for path, (q, method) in codes.items()})
+
+    def _calibrated(self, path: str) -> Optional[tuple[QuantizedWeight, str]]:
+        if path not in self.calibrated:
+            return None
+        packed, method = self.calibrated[path]
+        return unpack(packed, f"{path}.weight"), method
+
     def quantize(self, model: nn.Module, key: str, swap: bool) -> dict[str, torch.Tensor]:
         """The group's Linears in memory as MatMulNBits: swapped into `model` (`swap`), else their tensors by name
         ("<path>.packed" ...; the bias is the Linear's own)."""
@@ -95,7 +109,7 @@ class StreamedDense:
             x = torch.randn(1, 16, linear.in_features, generator=gen)
             with torch.no_grad():
                 q, outcome = quantize_linear(path, linear, self.spec, self.accuracy_level, self._codes(path, linear), x,
-                                             method=self.method)
+                                             self._calibrated(path), method=self.method)
             if path not in self._done:  # a tied head is read with each of the group's tensors
                 self._done.add(path)
                 self.layers.append(outcome.to_dict())
@@ -113,11 +127,15 @@ class StreamedDense:
         for _, p in model.named_parameters(remove_duplicate=False):
             shared[id(p)] = shared.get(id(p), 0) + 1
         for path, linear in self._read(model, key):
-            if shared[id(linear.weight)] > 1:  # a head tied to the embeddings: they keep their weight
-                weight = dense_reference(linear, self.spec, self._codes(path, linear), f"{path}.weight")
+            codes, calibrated = self._codes(path, linear), self._calibrated(path)
+            if codes is None and calibrated is not None:  # a decoder layer's Linear: not tied, never large
+                with torch.no_grad():
+                    linear.weight.copy_(dequantize(calibrated[0])[0])
+            elif shared[id(linear.weight)] > 1:  # a head tied to the embeddings: they keep their weight
+                weight = dense_reference(linear, self.spec, codes, f"{path}.weight")
                 linear.weight = nn.Parameter(weight, requires_grad=False)
             else:  # overwritten: a large head is not held twice
-                dense_reference(linear, self.spec, self._codes(path, linear), f"{path}.weight", in_place=True)
+                dense_reference(linear, self.spec, codes, f"{path}.weight", in_place=True)
 
     def report(self) -> dict:
         """As the in-memory report's quantization.dense."""

@@ -545,11 +545,17 @@ def test_calibration_carries_the_data_a_layer_at_a_time_into_the_in_memory_gptq_
     assert abs(on["logits_vs_fp32"]["rel_l2"] - off["logits_vs_fp32"]["rel_l2"]) < 1e-5
 
 
-def test_calibration_with_quant_dense_out_of_core_says_the_dense_linears_are_not_calibrated(tmp_path):
-    """Out of core, GPTQ runs on the experts (their inputs are carried a layer at a time); the dense Linears are
-    rounded to nearest, and the report says so per Linear and in the capture notes (in memory both are calibrated)."""
+def test_calibration_with_quant_dense_out_of_core_calibrates_each_layers_linears(tmp_path):
+    """Out of core, --calibration with --quant-dense calibrates each decoder layer's dense Linears as the data
+    reaches the layer: on correlated states (spectrum 1) GPTQ's codes are kept for some, the artifact's
+    MatMulNBits codes are theirs (not round-to-nearest's), and the verification's reference computes with them
+    (exact); the head stays rounded to nearest, and the report says so per Linear and in the capture notes."""
+    from onnx.numpy_helper import to_array
+
+    from moec.quant import QuantSpec, quantize_nbits
+
     path = str(tmp_path / "ckpt")
-    zoo.build_hf_model("qwen3_moe", hidden_size=64, head_dim=16, moe_intermediate_size=32).to(
+    zoo.build_hf_model("qwen3_moe", hidden_size=64, head_dim=16, moe_intermediate_size=32, spectrum=1.0).to(
         torch.bfloat16).save_pretrained(path, max_shard_size="100KB")
     out = str(tmp_path / "out")
     assert _compile(path, out, "--quant", "int4", "--block-size", "32", "--quant-dense", "--calibration",
@@ -557,10 +563,23 @@ def test_calibration_with_quant_dense_out_of_core_says_the_dense_linears_are_not
     report = json.load(open(os.path.join(out, "report.json")))
     q = report["quantization"]
     assert all(l["method"].startswith("gptq on ") for l in q["layers"])
-    assert len(q["dense"]["layers"]) == 9 and {l["method"] for l in q["dense"]["layers"]} == {
-        "round-to-nearest (an out-of-core compile calibrates the experts only)"}
-    assert any("the dense Linears rounded to nearest" in n for n in report["capture"]["notes"])
-    assert report["numerics"]["passed"]
+    methods = {l["path"]: l["method"] for l in q["dense"]["layers"]}
+    assert len(methods) == 9
+    assert methods.pop("lm_head") == "round-to-nearest (out of core only the decoder layers' Linears are calibrated)"
+    gptq = [p for p, m in methods.items() if m == "gptq"]
+    assert gptq and set(methods.values()) <= {"gptq"} | {
+        f"round-to-nearest (GPTQ's codes moved layers.{i}'s output more on held-out calibration data)" for i in (0, 1)}
+    assert any("each decoder layer's dense Linears keep GPTQ's codes" in n for n in report["capture"]["notes"])
+    weights = _eager_fp32(path).state_dict()
+    written = {t.name: t for t in onnx.load(os.path.join(out, "model.onnx"), load_external_data=False).graph.initializer}
+    rounded = [p for p in methods if p not in gptq] + ["lm_head"]
+    for p in gptq + rounded:  # GPTQ's codes are what was written where they were kept, round-to-nearest's elsewhere
+        name = next(n for n in written if n.endswith(f"{p}.packed"))
+        nearest = quantize_nbits(weights[f"{p}.weight"], QuantSpec(4, 32, True), p, reference=False)[0].packed
+        same = np.array_equal(to_array(written[name], base_dir=out).reshape(nearest.shape), nearest)
+        assert same == (p in rounded), p
+    n = report["numerics"]
+    assert n["passed"] and n["inputs"][0]["rel_l2"] < 1e-5 and n["end_to_end"]["rel_l2"] < 1e-5
 
 
 def test_calibration_too_short_for_the_experts_is_named_and_nothing_written(checkpoints, tmp_path, capsys):

@@ -169,7 +169,8 @@ CALIBRATION_BYTES = 1 << 30  # the Linears' captured calibration inputs held at 
 
 
 def calibrated_codes(module: nn.Module, targets: list[tuple[str, nn.Linear]], spec: QuantSpec, batches,
-                     accuracy_level: int = 0, log=lambda m: None) -> dict[str, tuple[QuantizedWeight, str]]:
+                     accuracy_level: int = 0, log=lambda m: None, outputs: str = "the model's outputs"
+                     ) -> dict[str, tuple[QuantizedWeight, str]]:
     """Each Linear's codes with --calibration, by path: GPTQ's (moec.gptq.quantize_matrix) where they lower the
     model's output error on held-out calibration data, else round-to-nearest's, with how they were chosen.
 
@@ -181,7 +182,8 @@ def calibrated_codes(module: nn.Module, targets: list[tuple[str, nn.Linear]], sp
     this pass with them than with round-to-nearest's. Why: lower error on each Linear's own outputs is not
     lower error on the logits. On a tiny Qwen3-MoE with correlated states GPTQ halves q_proj's and k_proj's own
     error, yet the logits moved 0.40 from fp32 against 0.28 with those two rounded to nearest (queries and keys
-    are normalized per head and multiplied together after them). The module is left as it was."""
+    are normalized per head and multiplied together after them). The module is left as it was; `outputs` names
+    what it returns, for the report (out of core: one decoder layer's output)."""
     from moec.gptq import quantize_matrix
     from moec.passes.base import flatten_outputs
     from moec.passes.quantize_experts import calibration_inputs
@@ -191,14 +193,14 @@ def calibrated_codes(module: nn.Module, targets: list[tuple[str, nn.Linear]], sp
     check = [b for i, b in enumerate(batches) if i in held_out]
     fit = [b for i, b in enumerate(batches) if i not in held_out] or batches  # one batch: both
 
-    def outputs() -> list[torch.Tensor]:
+    def run() -> list[torch.Tensor]:
         with torch.no_grad():
             return [flatten_outputs(module(*b))[0].detach().double() for b in check]
 
-    reference = outputs()
+    reference = run()
 
     def error() -> float:
-        return sum(float((o - r).square().sum()) for o, r in zip(outputs(), reference))
+        return sum(float((o - r).square().sum()) for o, r in zip(run(), reference))
 
     order = list(capture_inputs(module, [p for p, _ in targets], fit[0]))  # recorded in the order they are called
     linears = dict(targets)
@@ -232,8 +234,8 @@ def calibrated_codes(module: nn.Module, targets: list[tuple[str, nn.Linear]], sp
                 swap({p: q for p, (q, _) in solved.items()})
                 if error() > err_nearest:
                     swap(nearest)
-                    solved = {p: (nearest[p], "round-to-nearest (GPTQ's codes moved the model's outputs more on "
-                                              "held-out calibration data)") for p in solved}
+                    solved = {p: (nearest[p], f"round-to-nearest (GPTQ's codes moved {outputs} more on held-out "
+                                              "calibration data)") for p in solved}
             else:
                 swap({p: q for p, (q, _) in solved.items()})
             out.update(solved)

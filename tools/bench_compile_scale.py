@@ -3,7 +3,8 @@ on the configs of models too big to hold (Kimi-K2, DeepSeek-V3).
 
     OMP_WAIT_POLICY=passive .venv/bin/python tools/bench_compile_scale.py [--models granite-1b granite-3b olmoe-7b
         gpt-oss-20b-mxfp4 qwen3-30b-a3b-gptq qwen3-30b-a3b-gptq-dense granite-1b-pruned granite-1b-pruned-int4
-        granite-1b-fp16 granite-1b-bf16]
+        granite-1b-int4-dense granite-1b-int4-dense-calibrated granite-1b-s1-int4-dense
+        granite-1b-s1-int4-dense-calibrated granite-1b-fp16 granite-1b-bf16]
         [--modes on off] [--plans kimi-k2 deepseek-v3] [--workdir DIR] [--keep]
 
 For each model: writes a Hugging Face checkpoint (bf16 safetensors, random N(0, 0.02) weights from the real
@@ -37,11 +38,12 @@ import tempfile
 import time
 
 # The public configs' shapes (hidden, intermediate, layers, heads, kv heads, experts, top-k, vocab).
+_GRANITE_1B = dict(family="granitemoe", hidden_size=1024, intermediate_size=512, num_hidden_layers=24,
+                   num_attention_heads=16, num_key_value_heads=8, num_local_experts=32, num_experts_per_tok=8,
+                   vocab_size=49155, tie_word_embeddings=True, embedding_multiplier=12.0, logits_scaling=6.0,
+                   residual_multiplier=0.22, attention_multiplier=0.015625, max_position_embeddings=4096)
 MODELS = {
-    "granite-1b": dict(family="granitemoe", hidden_size=1024, intermediate_size=512, num_hidden_layers=24,
-                       num_attention_heads=16, num_key_value_heads=8, num_local_experts=32, num_experts_per_tok=8,
-                       vocab_size=49155, tie_word_embeddings=True, embedding_multiplier=12.0, logits_scaling=6.0,
-                       residual_multiplier=0.22, attention_multiplier=0.015625, max_position_embeddings=4096),
+    "granite-1b": _GRANITE_1B,
     "granite-3b": dict(family="granitemoe", hidden_size=1536, intermediate_size=512, num_hidden_layers=32,
                        num_attention_heads=24, num_key_value_heads=8, num_local_experts=40, num_experts_per_tok=8,
                        vocab_size=49155, tie_word_embeddings=True, embedding_multiplier=12.0, logits_scaling=6.0,
@@ -77,6 +79,22 @@ MODELS = {
     "granite-1b-pruned": dict(checkpoint="granite-1b", flags=["--calibration", "random:16", "--prune-experts", "0.25"]),
     "granite-1b-pruned-int4": dict(checkpoint="granite-1b", flags=["--calibration", "random:16", "--prune-experts",
                                                                    "0.25", "--quant", "int4"]),
+    # granite-1b's checkpoint with int4 experts and int4 dense Linears (MatMulNBits), rounded to nearest, and the
+    # same calibrated on 16 random sequences carried a layer at a time (GPTQ for the experts and, where it moves
+    # each layer's output less, the layer's dense Linears; the head stays rounded to nearest)
+    "granite-1b-int4-dense": dict(checkpoint="granite-1b", flags=["--quant", "int4", "--quant-dense"]),
+    "granite-1b-int4-dense-calibrated": dict(checkpoint="granite-1b", flags=["--quant", "int4", "--quant-dense",
+                                                                             "--calibration", "random:16"]),
+    # granite-1b's config with every weight matrix's singular values falling as i^-1 (moec.demo.shape_spectrum_:
+    # correlated hidden states, as trained models have; seeded Gaussian weights give isotropic ones, where GPTQ
+    # has nothing to exploit), then the same two compiles
+    "granite-1b-s1": dict(_GRANITE_1B, spectrum=1.0),
+    "granite-1b-s1-int4-dense": dict(checkpoint="granite-1b-s1", flags=["--quant", "int4", "--quant-dense"]),
+    # 512 random sequences (4096 tokens): GPTQ needs at least an eighth of a matrix's input width in tokens
+    # (128 for granite's 1024), per expert (each gets about a quarter of them at top-8 of 32) and in the 4/5
+    # it fits on; random:16 (128 tokens) leaves every expert and Linear rounded to nearest, and says so
+    "granite-1b-s1-int4-dense-calibrated": dict(checkpoint="granite-1b-s1", flags=[
+        "--quant", "int4", "--quant-dense", "--calibration", "random:512"]),
     # granite-1b's checkpoint to fp16 and bf16 artifacts (bf16: the checkpoint's own bits, verified widened to fp32)
     "granite-1b-fp16": dict(checkpoint="granite-1b", flags=["--dtype", "fp16"]),
     "granite-1b-bf16": dict(checkpoint="granite-1b", flags=["--dtype", "bf16"]),
@@ -117,6 +135,7 @@ family = spec.pop("family")
 spec.pop("flags", None)
 mxfp4 = spec.pop("mxfp4", None)  # [lowest, highest] E8M0 exponent: stacked experts stored as MXFP4
 gptq = spec.pop("gptq", None)  # [bits, group]: the experts' and attention's Linears stored as GPTQ (v1 layout)
+spectrum = spec.pop("spectrum", 0.0)  # singular values of every weight matrix falling as i^-spectrum
 config = AutoConfig.for_model(family, **spec)
 os.makedirs(path, exist_ok=True)
 config.save_pretrained(path)
@@ -128,14 +147,19 @@ for n in names:
 params = dict(model.named_parameters())
 gen = torch.Generator().manual_seed(0)
 weight_map, files, total, nbytes = {}, list(groups), 0, 0
+def random_weight(shape):
+    t = torch.randn(shape, generator=gen) * 0.02
+    if spectrum and t.dim() >= 2:
+        from moec.demo import shape_spectrum_
+        shape_spectrum_(torch.nn.ParameterList([torch.nn.Parameter(t, requires_grad=False)]), spectrum)
+    return t.to(torch.bfloat16)
 def is_mxfp4(n):
     return mxfp4 is not None and n.endswith(("experts.gate_up_proj", "experts.down_proj"))
 def is_gptq(n, dims):
     return gptq is not None and dims >= 2 and (".mlp.experts." in n or ".self_attn." in n)
 for i, key in enumerate(files):
     state = {n: torch.zeros(params[n].shape, dtype=torch.bfloat16) if is_gptq(n, params[n].dim()) else
-             (torch.randn(params[n].shape, generator=gen) * 0.02).to(torch.bfloat16) for n in groups[key]
-             if not is_mxfp4(n)}
+             random_weight(params[n].shape) for n in groups[key] if not is_mxfp4(n)}
     total += sum(t.numel() for t in state.values())
     state = {k: v.contiguous() for k, v in revert_weight_conversion(model, state).items()}
     for n in [n for n in state if is_gptq(n, state[n].dim())]:  # per Linear [N, K] -> qweight [K/8, N], ...
@@ -264,6 +288,12 @@ def run_model(name: str, workdir: str, keep: bool, mode: str) -> dict:
             row.update(largest_layer_bytes=layer, bound_bytes=2 * layer + int(1.5 * 2**30),
                        worst_layer_rel_l2=max((l["rel_l2"] for l in report["numerics"].get("layers", [])), default=None),
                        logits_rel_l2=report["numerics"]["inputs"][0]["rel_l2"])
+            quant = report.get("quantization") or {}
+            if quant.get("logits_vs_fp32"):  # the quantized artifact's own error, against the checkpoint at fp32
+                row["quantized_logits_vs_fp32"] = quant["logits_vs_fp32"]["rel_l2"]
+                dense = (quant.get("dense") or {}).get("layers", [])
+                row["dense_methods"] = {m: sum(l.get("method", "").split(" (")[0] == m for l in dense)
+                                        for m in sorted({l.get("method", "").split(" (")[0] for l in dense})}
             pruning = report.get("pruning")
             if pruning:
                 row["pruning"] = {k: pruning[k] for k in ("experts_before", "experts_after", "weight_bytes_before",
@@ -355,6 +385,9 @@ def render(rows: list[dict], plans: list[dict]) -> None:
                   f"{p['weight_bytes_before'] / 2**30:.2f} -> {p['weight_bytes_after'] / 2**30:.2f} GiB; logits vs the "
                   f"unpruned model: relative L2 {p['vs_unpruned']['rel_l2']:.1e}, top-1 agreement "
                   f"{p['vs_unpruned']['top1_agreement']:.0%}")
+        if r.get("quantized_logits_vs_fp32") is not None:
+            print(f"  quantized: logits vs fp32 relative L2 {r['quantized_logits_vs_fp32']:.3f}; dense Linears: "
+                  + ", ".join(f"{n} {m}" for m, n in r.get("dense_methods", {}).items()))
         if "end_to_end" in r:
             e = r["end_to_end"]
             print("  end to end: " + (f"relative L2 {e['rel_l2']:.1e}, its process peaked at "

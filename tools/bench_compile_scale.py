@@ -80,8 +80,8 @@ MODELS = {
     "granite-1b-pruned-int4": dict(checkpoint="granite-1b", flags=["--calibration", "random:16", "--prune-experts",
                                                                    "0.25", "--quant", "int4"]),
     # granite-1b's checkpoint with int4 experts and int4 dense Linears (MatMulNBits), rounded to nearest, and the
-    # same calibrated on 16 random sequences carried a layer at a time (GPTQ for the experts and, where it moves
-    # each layer's output less, the layer's dense Linears; the head stays rounded to nearest)
+    # same with 16 random calibration sequences carried a layer at a time: 128 tokens, too few for GPTQ at width
+    # 1024, so every expert and Linear falls back to round-to-nearest (reported): what carrying the data costs
     "granite-1b-int4-dense": dict(checkpoint="granite-1b", flags=["--quant", "int4", "--quant-dense"]),
     "granite-1b-int4-dense-calibrated": dict(checkpoint="granite-1b", flags=["--quant", "int4", "--quant-dense",
                                                                              "--calibration", "random:16"]),

@@ -83,7 +83,11 @@ class _LayerRun(nn.Module):
 
     def forward(self, *args):
         # calibrated_codes hands back the batches' own tuples: which batch this is, for the replays
-        self.batch[0] = next(b for b, batch in enumerate(self.batches) if batch[0] is args[0])
+        return self.through(next(b for b, batch in enumerate(self.batches) if batch[0] is args[0]), args)
+
+    def through(self, b: int, args: tuple):
+        """Batch b (its arguments `args`) up to the layer: what the layer returned."""
+        self.batch[0] = b
         out: list = []
 
         def stop(mod, a, o):
@@ -97,7 +101,7 @@ class _LayerRun(nn.Module):
             return out[0]
         finally:
             handle.remove()
-        raise RuntimeError(f"calibration: decoder layer never ran on batch {self.batch[0]}")
+        raise RuntimeError(f"calibration: decoder layer never ran on batch {b}")
 
 
 class _Zeros(nn.Module):
@@ -198,30 +202,19 @@ class LayerInputs:
 
             handles.append(f.register_forward_pre_hook(seen))
         outputs: list = []
-
-        def stop(mod, args, out):
-            outputs.append(out.detach() if isinstance(out, torch.Tensor) else out)
-            raise _Stop
-
-        handles.append(layers[index].register_forward_hook(stop))
-        batch = [0]
-        for j in range(index):
-            layers[j] = _Replay(before[j], replayed, batch)
+        run = _LayerRun(self.module, index, layers, before, replayed, self.batches)
         try:
             with torch.no_grad():
                 for b, args in enumerate(self.batches):
-                    batch[0] = b
                     try:
-                        self.module(*args)
-                    except _Stop:
-                        continue
+                        out = run.through(b, args)
                     except MoecError:  # the checkpoint's own errors (a layer's experts are read as it runs)
                         raise
                     except Exception as exc:
                         shapes = ", ".join(str(list(t.shape)) for t in args)
                         raise CalibrationError(f"--calibration: the model fails on calibration batch {b} (shape "
                                                f"{shapes}) at {key}: {type(exc).__name__}: {str(exc)[:300]}.") from exc
-                    raise RuntimeError(f"calibration: {key} never ran on batch {b}")
+                    outputs.append(out.detach() if isinstance(out, torch.Tensor) else out)
         finally:
             for h in handles:
                 h.remove()

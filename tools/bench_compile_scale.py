@@ -4,7 +4,7 @@ on the configs of models too big to hold (Kimi-K2, DeepSeek-V3).
     OMP_WAIT_POLICY=passive .venv/bin/python tools/bench_compile_scale.py [--models granite-1b granite-3b olmoe-7b
         gpt-oss-20b-mxfp4 qwen3-30b-a3b-gptq qwen3-30b-a3b-gptq-dense granite-1b-pruned granite-1b-pruned-int4
         granite-1b-int4-dense granite-1b-int4-dense-calibrated granite-1b-s1-int4-dense
-        granite-1b-s1-int4-dense-calibrated granite-1b-fp16 granite-1b-bf16]
+        granite-1b-s1-int4-dense-calibrated granite-1b-s1-int4-dense-calibrated-512 granite-1b-fp16 granite-1b-bf16]
         [--modes on off] [--plans kimi-k2 deepseek-v3] [--workdir DIR] [--keep]
 
 For each model: writes a Hugging Face checkpoint (bf16 safetensors, random N(0, 0.02) weights from the real
@@ -90,10 +90,12 @@ MODELS = {
     # has nothing to exploit), then the same two compiles
     "granite-1b-s1": dict(_GRANITE_1B, spectrum=1.0),
     "granite-1b-s1-int4-dense": dict(checkpoint="granite-1b-s1", flags=["--quant", "int4", "--quant-dense"]),
+    "granite-1b-s1-int4-dense-calibrated": dict(checkpoint="granite-1b-s1", flags=[
+        "--quant", "int4", "--quant-dense", "--calibration", "random:16"]),
     # 512 random sequences (4096 tokens): GPTQ needs at least an eighth of a matrix's input width in tokens
     # (128 for granite's 1024), per expert (each gets about a quarter of them at top-8 of 32) and in the 4/5
     # it fits on; random:16 (128 tokens) leaves every expert and Linear rounded to nearest, and says so
-    "granite-1b-s1-int4-dense-calibrated": dict(checkpoint="granite-1b-s1", flags=[
+    "granite-1b-s1-int4-dense-calibrated-512": dict(checkpoint="granite-1b-s1", flags=[
         "--quant", "int4", "--quant-dense", "--calibration", "random:512"]),
     # granite-1b's checkpoint to fp16 and bf16 artifacts (bf16: the checkpoint's own bits, verified widened to fp32)
     "granite-1b-fp16": dict(checkpoint="granite-1b", flags=["--dtype", "fp16"]),
@@ -292,8 +294,8 @@ def run_model(name: str, workdir: str, keep: bool, mode: str) -> dict:
             if quant.get("logits_vs_fp32"):  # the quantized artifact's own error, against the checkpoint at fp32
                 row["quantized_logits_vs_fp32"] = quant["logits_vs_fp32"]["rel_l2"]
                 dense = (quant.get("dense") or {}).get("layers", [])
-                row["dense_methods"] = {m: sum(l.get("method", "").split(" (")[0] == m for l in dense)
-                                        for m in sorted({l.get("method", "").split(" (")[0] for l in dense})}
+                kinds = [l.get("method", "").split(" (")[0] or "round-to-nearest" for l in dense]
+                row["dense_methods"] = {m: kinds.count(m) for m in sorted(set(kinds))}
             pruning = report.get("pruning")
             if pruning:
                 row["pruning"] = {k: pruning[k] for k in ("experts_before", "experts_after", "weight_bytes_before",

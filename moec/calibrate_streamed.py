@@ -26,7 +26,10 @@ Produces, per decoder layer: each fused layer's inputs [T, H] (the full-precisio
   experts): its fused layers' inputs for GPTQ are the pruned model's, as in memory.
 Holds: the calibration tokens' hidden states twice (a layer's inputs and outputs; four times when pruned) and one
   layer's inputs per fused layer, [T, H] each, besides the one layer's weights the compile holds anyway; with
-  --quant-dense, at most CALIBRATION_BYTES of a layer's dense Linears' inputs at a time.
+  --quant-dense, at most CALIBRATION_BYTES of a layer's dense Linears' inputs at a time; and up to KEPT_BYTES of
+  the layer's streamed experts at fp32 (`KeptExperts`): the layer runs once per batch and, with --quant-dense,
+  several times more per group of Linears, and reading every expert from the checkpoint on each run was most of
+  the time (granite-1b-sized, 512 sequences: 64 carrying runs and ~100 held-out runs a layer).
 Refuses (MoecError, naming the layer): --calibration with --quant on a fused layer whose experts are read whole
   (its calibrated codes could not be read back for verification); a layer whose batches fail (CalibrationError,
   as in memory).
@@ -46,6 +49,9 @@ from moec.errors import MoecError
 from moec.external_data import layer_key
 from moec.lazy_checkpoint import LazyCheckpoint, decoder_layers, release
 from moec.quantize_streamed import Coder
+from moec.stream_experts import KeptExperts, StreamedExperts
+
+KEPT_BYTES = 512 << 20  # a streamed layer's fp32 experts kept while its calibration runs (granite-1b's: 201 MiB)
 
 
 class _Stop(Exception):
@@ -145,6 +151,10 @@ class LayerInputs:
             raise RuntimeError(f"calibration: layer {key} asked for before layers.{self.next}")
         _, layers = decoder_layers(self.model)
         self.prepare(self.model, key)
+        kept = KeptExperts(KEPT_BYTES)  # the layer runs once per batch and more: its experts read once if they fit
+        for m in layers[index].modules():
+            if isinstance(getattr(m, "stream", None), StreamedExperts):
+                kept.wrap(m.stream)
         embeddings = self._embeddings(index)
         fused: dict[str, FusedMoE] = {}
         for path in (p for p in self.fused_paths if layer_key(p + ".") == key):
@@ -183,9 +193,11 @@ class LayerInputs:
                     m.stream = None
         self.outputs, self.next = outputs, index + 1
         self.routing += list(stats.values())
+        read = kept.describe()
         self.log(f"  {key}: calibration data carried through ({sum(int(a[0].shape[0]) for a in self.batches)} "
                  f"sequences in {len(self.batches)} run(s)"
-                 + (", and through the pruned model's layer)" if self.pruned_states and self.pruned_differ else ")"))
+                 + (", and through the pruned model's layer" if self.pruned_states and self.pruned_differ else "")
+                 + (f"; {read})" if read else ")"))
         return inputs
 
     def _run(self, key: str, index: int, layers, before: list, replayed: list, fused: dict) -> tuple[list, dict]:
@@ -228,8 +240,10 @@ class LayerInputs:
         exist until the last layer ran)."""
         from moec.targets.onnxruntime.quantize_dense import calibrated_codes
 
-        targets = [(p, self.model.get_submodule(p)) for p in self.dense.in_group(key) if self.dense.given(p) is None]
-        targets = [(p, m) for p, m in targets if type(m) is nn.Linear and not m.weight.is_meta]
+        targets = [(p, self.model.get_submodule(p)) for p in self.dense.in_group(key)]
+        # not those the checkpoint has usable codes for (found by where they were read: a shared expert moved)
+        targets = [(p, m) for p, m in targets if type(m) is nn.Linear and not m.weight.is_meta
+                   and self.dense.own_codes(p, m) is None]
         if not targets:
             return
         run = _LayerRun(self.module, index, layers, before, self.outputs, self.batches)

@@ -709,8 +709,10 @@ class LayerStreamer:
         streamed = self._streamed(key)
         if not streamed:
             self.ck.materialise(model, key, skip=skip)
-            return
-        self.streaming.materialise(model, key)
+        else:
+            self.streaming.materialise(model, key)
+        if self.dense is not None:  # calibration's too: which Linears have the checkpoint's codes, by where read
+            self.dense.remember(model, key)
         for path in streamed:
             self.streaming.fuse(model, path, "fp32", self.probe(next(p for p in self.planned if p.path == path)))
 

@@ -78,12 +78,14 @@ def write_streamed(model, path: str, fill: Callable[[str, list], Iterator[tuple]
 
     directory = os.path.dirname(os.path.abspath(path))
     stem = os.path.basename(path)
-    values = [v for v in model.graph.initializers.values() if v.const_value is not None]
+    # groups in the model's order, embeddings and head first, then the decoder layers by index (an out-of-core
+    # compile's calibration carries its data a layer at a time), a group of small tensors only in its place too
+    values = sorted((v for v in model.graph.initializers.values() if v.const_value is not None),
+                    key=lambda v: _group_rank(layer_key(v.name)))
     big = [v for v in values if _nbytes(v) >= INLINE_BELOW]
     small = {v.name for v in values if _nbytes(v) < INLINE_BELOW}
-    shards = plan_shards(big, shard_bytes, stem)
-    # groups in the shards' order (plan_shards orders them among the large tensors), then groups of small ones only
-    groups: dict[str, list] = {key: [] for key in dict.fromkeys(layer_key(v.name) for v in big)}
+    shards = plan_shards(big, shard_bytes, stem)  # whole groups, in the same order
+    groups: dict[str, list] = {}
     for v in values:
         groups.setdefault(layer_key(v.name), []).append(v)
     shard_of = {v.name: s for s in shards for v in s.tensors}
@@ -128,6 +130,10 @@ def write_streamed(model, path: str, fill: Callable[[str, list], Iterator[tuple]
             f.close()
     ir.save(model, path)
     return [path] + files
+
+
+def _group_rank(key: str) -> int:
+    return -1 if not key else int(key.split(".")[1])
 
 
 def _nbytes(value) -> int:

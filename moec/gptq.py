@@ -13,6 +13,7 @@ codes pack, run and verify exactly as round-to-nearest's do; only which code eac
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -51,7 +52,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         raise QuantError(f"{name}: the calibration inputs' second moments are not finite (NaN/inf activations on "
                          "the calibration data); nothing was written.")
     device = weight.device
-    w = weight.detach().float().clone()
     h = hessian.detach().to(device, torch.float64).clone()
     # Inputs the calibration never exercised: no error is spread onto their weights (H's row stays unit), so they
     # round to nearest; zeroing them, as GPTQ's reference code does, would drop weights a few tokens didn't show.
@@ -60,37 +60,54 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     h += DAMP * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype, device=device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
 
-    codes = torch.zeros(n, k, dtype=torch.int32, device=device)
-    scales = torch.zeros(n, k // group, device=device)
-    zps = None if spec.symmetric else torch.zeros(n, k // group, dtype=torch.int32, device=device)
+    # Transposed, [K, N]: the column being rounded is a contiguous row, and the loop below is a thousand small
+    # ops per matrix, faster on one thread than split across several (1.6-2x on granite-1b's experts).
+    wt = weight.detach().float().T.contiguous()
+    codes = torch.zeros(k, n, dtype=torch.int32, device=device)
+    scales = torch.zeros(k // group, n, device=device)
+    zps = None if spec.symmetric else torch.zeros(k // group, n, dtype=torch.int32, device=device)
     if spec.block_size is None:  # one scale per row, from the rows as they are
-        grid = quantize(w.unsqueeze(0), spec, name)
-        scales[:, 0] = grid.scales[0, :, 0]
+        grid = quantize(weight.detach().float().unsqueeze(0), spec, name)
+        scales[0] = grid.scales[0, :, 0]
         if zps is not None:
-            zps[:, 0] = grid.zero_points[0, :, 0]
-    for b0 in range(0, k, COLUMN_BLOCK):
-        b1 = min(b0 + COLUMN_BLOCK, k)
-        block = w[:, b0:b1].clone()
-        errors = torch.zeros_like(block)
-        hb = hinv[b0:b1, b0:b1]
-        for j in range(b1 - b0):
-            i = b0 + j
-            g = i // group
-            if spec.block_size is not None and i % group == 0:  # the block's scale, from its updated weights
-                grid = quantize(block[:, j:j + group].unsqueeze(0), spec, name)
-                scales[:, g] = grid.scales[0, :, 0]
-                if zps is not None:
-                    zps[:, g] = grid.zero_points[0, :, 0]
-            s = scales[:, g]
-            z = zps[:, g].float() if zps is not None else torch.full_like(s, float(1 << (spec.bits - 1)))
-            col = block[:, j]
-            q = torch.clamp(torch.round(col / s) + z, 0, spec.qmax)
-            codes[:, i] = q.to(torch.int32)
-            err = (col - (q - z) * s) / hb[j, j]
-            block[:, j:] -= err.unsqueeze(1) * hb[j, j:].unsqueeze(0)
-            errors[:, j] = err
-        w[:, b1:] -= errors @ hinv[b0:b1, b1:]
-    return QuantizedWeight(codes.unsqueeze(0), scales.unsqueeze(0), None if zps is None else zps.unsqueeze(0), spec)
+            zps[0] = grid.zero_points[0, :, 0]
+    with _one_thread():
+        for b0 in range(0, k, COLUMN_BLOCK):
+            b1 = min(b0 + COLUMN_BLOCK, k)
+            block = wt[b0:b1].clone()
+            errors = torch.zeros_like(block)
+            hb = hinv[b0:b1, b0:b1]
+            for j in range(b1 - b0):
+                i = b0 + j
+                g = i // group
+                if i % group == 0:  # a new block (per row: the only one): its scale and zero point
+                    if spec.block_size is not None:  # from its weights as updated so far
+                        grid = quantize(block[j:j + group].T.unsqueeze(0), spec, name)
+                        scales[g] = grid.scales[0, :, 0]
+                        if zps is not None:
+                            zps[g] = grid.zero_points[0, :, 0]
+                    s = scales[g]
+                    z = zps[g].float() if zps is not None else torch.full_like(s, float(1 << (spec.bits - 1)))
+                col = block[j]
+                q = torch.clamp(torch.round(col / s) + z, 0, spec.qmax)
+                codes[i] = q.to(torch.int32)
+                err = (col - (q - z) * s) / hb[j, j]
+                block[j:] -= hb[j, j:].unsqueeze(1) * err.unsqueeze(0)
+                errors[j] = err
+            wt[b1:] -= hinv[b0:b1, b1:].T @ errors
+    return QuantizedWeight(codes.T.contiguous().unsqueeze(0), scales.T.contiguous().unsqueeze(0),
+                           None if zps is None else zps.T.contiguous().unsqueeze(0), spec)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """torch's intra-op threads set to one for the block (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def expert_activations(spec, w_gate_up: torch.Tensor, b_gate_up: Optional[torch.Tensor],

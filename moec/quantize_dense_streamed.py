@@ -78,7 +78,7 @@ class StreamedDense:
         self._read_as = {id(m.weight): path for path, m in model.named_modules()
                          if type(m) is nn.Linear and layer_key(path + ".") == key and not m.weight.is_meta}
 
-    def _codes(self, path: str, linear: nn.Linear) -> Optional[QuantizedWeight]:
+    def own_codes(self, path: str, linear: nn.Linear) -> Optional[QuantizedWeight]:
         """The checkpoint's own codes for the Linear, when they dequantize to its weight and have the spec the
         graph was captured with (the meta model had no codes to look at: other bits, blocks or symmetry are
         rounded again at the graph's)."""
@@ -108,7 +108,7 @@ class StreamedDense:
             gen = torch.Generator().manual_seed(0)
             x = torch.randn(1, 16, linear.in_features, generator=gen)
             with torch.no_grad():
-                q, outcome = quantize_linear(path, linear, self.spec, self.accuracy_level, self._codes(path, linear), x,
+                q, outcome = quantize_linear(path, linear, self.spec, self.accuracy_level, self.own_codes(path, linear), x,
                                              self._calibrated(path), method=self.method)
             if path not in self._done:  # a tied head is read with each of the group's tensors
                 self._done.add(path)
@@ -127,7 +127,7 @@ class StreamedDense:
         for _, p in model.named_parameters(remove_duplicate=False):
             shared[id(p)] = shared.get(id(p), 0) + 1
         for path, linear in self._read(model, key):
-            codes, calibrated = self._codes(path, linear), self._calibrated(path)
+            codes, calibrated = self.own_codes(path, linear), self._calibrated(path)
             if codes is None and calibrated is not None:  # a decoder layer's Linear: not tied, never large
                 with torch.no_grad():
                     linear.weight.copy_(dequantize(calibrated[0])[0])

@@ -296,6 +296,47 @@ class StreamedExperts:
         return out
 
 
+class KeptExperts:
+    """Experts read one at a time, kept once read while they fit in `budget` bytes (fp32 weights and biases): a
+    layer run many times over on the same weights (calibration's batches, carried and held out) reads each kept
+    expert from the checkpoint once rather than once a run. Those that don't fit are read each time. One budget
+    for every fused layer it wraps (`wrap`); dropped with the streams it wraps."""
+
+    def __init__(self, budget: int):
+        self.budget, self.held = budget, 0
+        self.kept: dict[tuple[int, int], "ExpertWeights"] = {}
+        self.missed: set[tuple[int, int]] = set()
+
+    def wrap(self, stream: StreamedExperts) -> None:
+        fetch, layer = stream.fetch, id(stream)
+
+        def kept(e: int) -> "ExpertWeights":
+            w = self.kept.get((layer, e))
+            if w is not None:
+                return w
+            w = fetch(e)
+            n = sum(t.numel() * t.element_size() for t in (w.w_gate_up, w.w_down, w.b_gate_up, w.b_down)
+                    if t is not None)
+            if self.held + n <= self.budget:
+                # without the tensors it was read from (a reading's views of the checkpoint's own)
+                w = replace(w, gate_up_sources=None, down_sources=None)
+                self.kept[(layer, e)], self.held = w, self.held + n
+            else:
+                self.missed.add((layer, e))
+            return w
+
+        stream.fetch = kept
+
+    def describe(self) -> str:
+        """How many of the experts asked for were kept ("" when none was asked for)."""
+        if not self.kept and not self.missed:
+            return ""
+        if not self.missed:
+            return "each expert read once"
+        return (f"{len(self.kept)} of {len(self.kept) + len(self.missed)} experts kept "
+                f"({self.budget / 2**20:.0f} MiB), the rest read on every run")
+
+
 class LazyStack:
     """Stands in for a layer's stacked [E, ...] expert parameter: `stack[e]` reads expert e. For running the
     layer as written (its eager experts index the stack expert by expert) without its experts in memory."""

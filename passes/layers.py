@@ -56,11 +56,18 @@ def _experts_call(args: tuple, kwargs: dict) -> ExpertsInputs | str:
     return ExpertsInputs(*(t.detach().clone() for t in split))
 
 
+class _AllCaptured(Exception):
+    """Raised by capture_inputs' last hook: what the model computes after it is not needed."""
+
+
 def capture_inputs(model: nn.Module, paths: list[str], example: tuple, experts_paths: frozenset = frozenset()
                    ) -> dict[str, tuple[LayerCall, torch.Tensor] | ExpertsInputs | str]:
     """Run the model once and record the hidden-states input each candidate layer saw (for `experts_paths`,
-    the hidden states and the routing the caller gave)."""
+    the hidden states and the routing the caller gave), in the order they were called. The run stops once every
+    layer was seen: calibration captures a Linear's inputs once per batch and group, and the layers after it
+    (out of core: experts read from the checkpoint on every run) would otherwise run each time for nothing."""
     captured: dict[str, tuple[LayerCall, torch.Tensor] | ExpertsInputs | str] = {}
+    wanted = len(set(paths))
     handles = []
     for path in paths:
         def hook(mod, args, kwargs, path=path):
@@ -68,14 +75,18 @@ def capture_inputs(model: nn.Module, paths: list[str], example: tuple, experts_p
                 return
             if path in experts_paths:
                 captured[path] = _experts_call(args, kwargs)
-                return
-            call = _layer_call(args, kwargs)
-            captured[path] = call if isinstance(call, str) else (call[0], call[1].detach().clone())
+            else:
+                call = _layer_call(args, kwargs)
+                captured[path] = call if isinstance(call, str) else (call[0], call[1].detach().clone())
+            if len(captured) == wanted:
+                raise _AllCaptured
 
         handles.append(model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
             model(*example)
+    except _AllCaptured:
+        pass
     finally:
         for h in handles:
             h.remove()

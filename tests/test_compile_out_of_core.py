@@ -515,14 +515,27 @@ def test_calibration_carries_the_data_a_layer_at_a_time_into_the_in_memory_gptq_
     from onnx.numpy_helper import to_array
 
     from moec.calibrate_streamed import LayerInputs
+    from moec.stream_experts import ExpertReader
 
-    advanced, advance = [], LayerInputs.advance
+    advanced, advance, load = [], LayerInputs.advance, ExpertReader._load
+    reads: dict = {}  # layer -> (fused layer, expert) -> reads from the checkpoint while the data went through it
+    inside: list = []
 
     def spy(self, key, prune=None):
         advanced.append(key)
-        return advance(self, key, prune)
+        reads[key], inside[:] = {}, [key]
+        try:
+            return advance(self, key, prune)
+        finally:
+            inside.clear()
+
+    def counted(self, layer, e, values=None):
+        if inside:
+            reads[inside[0]][(layer.path, e)] = reads[inside[0]].get((layer.path, e), 0) + 1
+        return load(self, layer, e, values)
 
     monkeypatch.setattr(LayerInputs, "advance", spy)
+    monkeypatch.setattr(ExpertReader, "_load", counted)
     arts, reports = {}, {}
     for mode in ("on", "off"):
         out = str(tmp_path / mode)
@@ -531,6 +544,10 @@ def test_calibration_carries_the_data_a_layer_at_a_time_into_the_in_memory_gptq_
         arts[mode] = {t.name: to_array(t, base_dir=out) for t in onnx.load(os.path.join(out, "model.onnx")).graph.initializer}
         reports[mode] = json.load(open(os.path.join(out, "report.json")))
     assert advanced == ["layers.0", "layers.1"]
+    # the batches carried through a layer (two runs), then its routing counted: each of its 8 experts read from
+    # the checkpoint once for all of it (KeptExperts), not once a run
+    for key in advanced:
+        assert sorted(reads[key].values()) == [1] * 8, (key, reads[key])
     codes = [n for n in arts["on"] if n.endswith(("mlp.fc1", "mlp.fc2", "fc1_scales", "fc2_scales"))]
     assert len(codes) == 8 and all(np.array_equal(arts["on"][n], arts["off"][n]) for n in codes)
     on, off = (reports[m]["quantization"] for m in ("on", "off"))

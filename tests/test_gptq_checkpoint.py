@@ -36,11 +36,12 @@ def _pack(values: np.ndarray, bits: int, axis: int, order=None) -> torch.Tensor:
 
 
 def write_checkpoint(path, fmt="gptq", bits=4, group=16, sym=True, v1=True, act_order=False, seed=0,
-                     family="qwen3_moe"):
-    """Returns the dequantized weights the checkpoint stands for, by on-disk name."""
+                     family="qwen3_moe", **config):
+    """Returns the dequantized weights the checkpoint stands for, by on-disk name. `config`: the tiny config's
+    sizes overridden."""
     sizes = {"qwen3_moe": dict(moe_intermediate_size=32), "mixtral": dict(intermediate_size=32),
              "deepseek_v3": {}}[family]  # DeepSeek-V3's 24-wide experts: per channel (group -1) only
-    zoo.build_hf_model(family, **sizes).save_pretrained(path)
+    zoo.build_hf_model(family, **{**sizes, **config}).save_pretrained(path)
     state = load_file(os.path.join(path, "model.safetensors"))
     rng = np.random.default_rng(seed)
     expected = {}

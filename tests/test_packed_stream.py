@@ -136,6 +136,33 @@ def test_quant_dense_streams_the_checkpoints_attention_codes(tmp_path):
     assert report["quantization"]["logits_vs_fp32"]["rel_l2"] > 1e-4  # the head's rounding, measured from fp32
 
 
+def test_calibration_solves_only_the_linears_without_codes_of_their_own(tmp_path, monkeypatch):
+    """--quant-dense --calibration out of core on a checkpoint whose attention and shared experts are GPTQ codes
+    (DeepSeek-V3; its dense first layer's MLP has none): GPTQ runs on that MLP only, and the others keep the
+    checkpoint's codes, a shared expert found by where it was read (fusion moves it under the fused layer). The
+    data reaches the layers in order though the dense first layer has no tensor large enough for the data file
+    (its group is written in its place, not after the others)."""
+    import moec.targets.onnxruntime.quantize_dense as quantize_dense
+
+    solved, calibrated_codes = [], quantize_dense.calibrated_codes
+
+    def spy(module, targets, *args, **kwargs):
+        solved.extend(p for p, _ in targets)
+        return calibrated_codes(module, targets, *args, **kwargs)
+
+    monkeypatch.setattr(quantize_dense, "calibrated_codes", spy)
+    path, out = str(tmp_path / "ckpt"), str(tmp_path / "out")
+    write_checkpoint(path, sym=False, v1=False, family="deepseek_v3", moe_intermediate_size=32, q_lora_rank=32)
+    assert _compile(path, out, "on", "--quant-dense", "--calibration", "random:16") == 0
+    assert solved == [f"lm.model.model.layers.0.mlp.{p}_proj" for p in ("gate", "up", "down")]
+    report = json.load(open(os.path.join(out, "report.json")))
+    methods = {l["path"]: l.get("method", "") for l in report["quantization"]["dense"]["layers"]}
+    own = [p for p in methods if ".self_attn." in p or ".shared." in p]
+    assert len(own) == 3 * 5 + 2 * 3 and all(methods[p] == "the checkpoint's codes" for p in own), methods
+    n = report["numerics"]
+    assert n["passed"] and n["inputs"][0]["rel_l2"] < 1e-5 and n["end_to_end"]["rel_l2"] < 1e-5
+
+
 def test_compressed_tensors_streams_as_in_memory(tmp_path):
     """A checkpoint written by compressed-tensors itself, compiled both ways."""
     pytest.importorskip("compressed_tensors")

@@ -72,3 +72,33 @@ def test_the_stand_in_check_leaves_the_layer_exactly_as_it_was():
     assert runs_expert_by_expert(layer, anatomy.source.stacked, LayerCall(), anatomy.hidden)
     assert [(n, id(p)) for n, p in layer.named_parameters()] == before
     assert not any(isinstance(v, LazyStack) for m in layer.modules() for v in vars(m).values())
+
+
+def test_kept_experts_are_read_once_while_they_fit_and_the_rest_every_time():
+    """KeptExperts (a streamed layer run many times over in calibration): the experts that fit its budget are
+    fetched once, the others on every run, without the tensors they were read from; the log line says which."""
+    from moec.passes.fusion_rules import ExpertWeights
+    from moec.stream_experts import KeptExperts, StreamedExperts
+
+    fetched = []
+
+    def fetch(e):
+        fetched.append(e)
+        w = torch.full((1, 4, 4), float(e))
+        return ExpertWeights(w, torch.ones(1, 4, 2), None, None, True, "gate_up", gate_up_sources=[[w]])
+
+    stream = StreamedExperts.__new__(StreamedExperts)
+    stream.fetch = fetch
+    kept = KeptExperts(budget=2 * 96)  # w_gate_up + w_down: 96 bytes an expert; two fit
+    assert kept.describe() == ""
+    kept.wrap(stream)
+    for _ in range(3):
+        got = [stream.fetch(e) for e in range(3)]
+    assert fetched == [0, 1, 2, 2, 2] and [float(w.w_gate_up[0, 0, 0]) for w in got] == [0.0, 1.0, 2.0]
+    assert got[0].gate_up_sources is None and got[2].gate_up_sources is not None
+    assert kept.held == 2 * 96
+    assert kept.describe() == "2 of 3 experts kept (0 MiB), the rest read on every run"
+    roomy = KeptExperts(budget=1 << 20)
+    roomy.wrap(stream)
+    stream.fetch(0)
+    assert roomy.describe() == "each expert read once"

@@ -20,7 +20,8 @@ Produces, per decoder layer: each fused layer's inputs [T, H] (the full-precisio
   moec.targets.onnxruntime.quantize_dense.calibrated_codes, in call order on the layer as read, each group's GPTQ
   codes kept where they move the layer's output on held-out batches less than round-to-nearest's; in memory the
   check is on the model's output) and handed to moec.quantize_dense_streamed.StreamedDense, which writes them
-  and keeps them for the verification's reference. The output head is rounded to nearest.
+  and keeps them for the verification's reference. The output head is calibrated once the data went through
+  every layer (`calibrate_head`; its group is written last), on its own held-out tokens' output: the logits.
   With --prune-experts (moec.prune_streamed) the routing statistics are the unpruned model's, as in memory, and
   the layer is then pruned and run again from the pruned model's states (carried alongside once a layer lost
   experts): its fused layers' inputs for GPTQ are the pruned model's, as in memory.
@@ -52,6 +53,10 @@ from moec.quantize_streamed import Coder
 from moec.stream_experts import KeptExperts, StreamedExperts
 
 KEPT_BYTES = 512 << 20  # a streamed layer's fp32 experts kept while its calibration runs (granite-1b's: 201 MiB)
+# an output head calibrated out of core at most this large in fp32 (GPTQ's codes, unpacked, are as large again,
+# and the verification's reference dequantizes them beside the head): Qwen3-30B's 1.2 GiB head is rounded
+HEAD_BYTES = 1 << 30
+HEAD_ROWS = 8192  # the head's rows GPTQ solves at a time
 
 
 class _Stop(Exception):
@@ -250,6 +255,69 @@ class LayerInputs:
         codes = calibrated_codes(run, [(f"{_LayerRun.PREFIX}{p}", m) for p, m in targets], self.dense.spec,
                                  self.batches, self.dense.accuracy_level, self.log, f"{key}'s output")
         self.dense.calibrate({p[len(_LayerRun.PREFIX):]: c for p, c in codes.items()})
+
+    def calibrate_head(self) -> None:
+        """--quant-dense: the output head's codes, once the data went through every decoder layer (its group is
+        written last): moec.gptq.quantize_matrix on the head's inputs, every 5th token held out to choose GPTQ's
+        codes or round-to-nearest's by the head's own output error there, which is the logits' (in memory: the
+        same choice, made on held-out batches). The inputs come from the model's forward with every layer
+        replaying the last one's outputs (the final norm runs on them), stopped at the head
+        (moec.passes.layers.capture_inputs). A head with codes of the checkpoint's own keeps them; one over
+        HEAD_BYTES in fp32 stays rounded to nearest, as its report entry says."""
+        from moec.calibration import CalibrationError
+        from moec.gptq import quantize_matrix
+        from moec.passes.layers import capture_inputs
+
+        heads = self.dense.in_group("")
+        if not heads or not self.batches:
+            return
+        _, layers = decoder_layers(self.model)
+        if self.next != len(layers):
+            raise RuntimeError(f"calibration: the head asked for after {self.next} of {len(layers)} decoder layers")
+        path = heads[0]
+        head, embeddings = self.model.get_submodule(path), self.model.get_input_embeddings()
+        if head.weight.numel() * 4 > HEAD_BYTES:
+            self.dense.reasons[path] = (f"round-to-nearest (out of core a head over {HEAD_BYTES / 2**30:.0f} GiB in "
+                                        f"fp32 is not calibrated: {head.weight.numel() * 4 / 2**30:.2f} GiB)")
+            return
+        replayed = (self.pruned_outputs or self.outputs) if self.pruned_states else self.outputs
+        before, batch = [layers[j] for j in range(len(layers))], [0]
+        tied = head.weight is embeddings.weight or bool(getattr(self.model.config, "tie_word_embeddings", False))
+        name = f"{next(n for n, m in self.model.named_modules() if m is embeddings)}.weight"
+        alone = self.ck.one_by_one(self.model, "") or []
+        try:  # the group but the input embeddings where they read alone (untied: as large as the head)
+            self.ck.materialise(self.model, "", skip=(lambda n: n == name) if name in alone and not tied else None)
+            if hasattr(self.model, "tie_weights"):
+                self.model.tie_weights()
+            head = self.model.get_submodule(path)
+            if self.dense.own_codes(path, head) is not None:
+                return
+            for j in range(len(layers)):
+                layers[j] = _Replay(before[j], replayed, batch)
+            self.model.set_input_embeddings(_Zeros(embeddings.weight.shape[1]))
+            xs = []
+            for b, args in enumerate(self.batches):
+                batch[0] = b
+                try:
+                    got = capture_inputs(self.module, [f"model.{path}"], args).get(f"model.{path}")
+                except MoecError:
+                    raise
+                except Exception as exc:
+                    raise CalibrationError(f"--calibration: the model fails on calibration batch {b} after its last "
+                                           f"decoder layer: {type(exc).__name__}: {str(exc)[:300]}.") from exc
+                if got is None or isinstance(got, str):  # the head never ran on its own inputs: left rounded
+                    return
+                xs.append(got[1].reshape(-1, got[1].shape[-1]))
+            x = torch.cat(xs)
+            del xs
+            q, method = quantize_matrix(head.weight.detach(), x, self.dense.spec, f"{path}.weight", rows=HEAD_ROWS)
+            self.log(f"  {path}: {method} at {self.dense.spec.name} ({x.shape[0]} calibration tokens)")
+            self.dense.calibrate({path: (q, method)})
+        finally:
+            for j in range(len(layers)):
+                layers[j] = before[j]
+            self.model.set_input_embeddings(embeddings)
+            release(self.model, buffers=False)
 
     def _embeddings(self, index: int) -> nn.Module:
         """The input embeddings, read for the first layer (only their own tensor where it reads alone) and stood in

@@ -268,10 +268,12 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
 
         dense = StreamedDense.from_meta(meta.dense, options.extra, getattr(prequant, "dense_codes", None))
         if calibration:  # each decoder layer's Linears calibrated as the data reaches it (moec.calibrate_streamed)
-            dense.method = "round-to-nearest (out of core only the decoder layers' Linears are calibrated)"
+            dense.method = "round-to-nearest (the calibration data did not reach it)"
             notes.append("--calibration with --quant-dense out of core: each decoder layer's dense Linears keep GPTQ's "
                          "codes where they move that layer's output on held-out calibration batches less than "
-                         "round-to-nearest's (in memory: the model's output); the output head is rounded to nearest")
+                         "round-to-nearest's (in memory: the model's output); the output head's where its own output "
+                         "(the logits) moves less on held-out calibration tokens, solved once the data went through "
+                         "every layer (the embeddings and head are written last)")
     streamer = LayerStreamer(ck, weights_model, planned, kinds, spec, lowering, options.extra, options.log,
                              WRAPPER * (2 if half else 1), coder, dense)
     if meta.pruned is not None:  # which experts go is chosen from each layer's routing as it streams
@@ -296,7 +298,8 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
 
         model_path = os.path.join(tmp, "model.onnx")
         files = stage("stream_weights", "streaming the weights, one layer at a time", write_streamed, program.model,
-                      model_path, streamer.fill, options.extra.get("shard_size") or DEFAULT_SHARD_BYTES, options.log)
+                      model_path, streamer.fill, options.extra.get("shard_size") or DEFAULT_SHARD_BYTES, options.log,
+                      head_last=streamer.calibrates_head)
         weights_bytes = sum(os.path.getsize(f) for f in files[1:])
         if streamer.calibration is not None:
             streamer.calibration.done()
@@ -652,6 +655,12 @@ class LayerStreamer:
                                 "--quant calibrates only layers whose experts stream out of core. Compile with "
                                 "--out-of-core off. Nothing was written.")
 
+    @property
+    def calibrates_head(self) -> bool:
+        """--calibration with --quant-dense and a head among the dense Linears: the head is solved after the data
+        went through every layer, so its group is written last."""
+        return self.calibration is not None and self.dense is not None and bool(self.dense.in_group(""))
+
     def _prune_calibrated(self, model: nn.Module, key: str, routing: dict) -> bool:
         """LayerInputs.advance's `prune`: rank the group's fused layers on the routing the calibration data just had
         through them unpruned, and slice them in the calibration's model; whether any expert went."""
@@ -728,6 +737,8 @@ class LayerStreamer:
         from moec.passes.base import PassContext
 
         if not key:
+            if self.calibrates_head:  # the data went through every layer: the head's codes, before it is written
+                self.calibration.calibrate_head()
             yield from self._fill_embeddings(values)
             return
         try:

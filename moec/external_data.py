@@ -67,21 +67,24 @@ def save_sharded(model, path: str, shard_bytes: int = DEFAULT_SHARD_BYTES,
 
 
 def write_streamed(model, path: str, fill: Callable[[str, list], Iterator[tuple]],
-                   shard_bytes: int = DEFAULT_SHARD_BYTES, log: Callable[[str], None] = lambda msg: None) -> list[str]:
+                   shard_bytes: int = DEFAULT_SHARD_BYTES, log: Callable[[str], None] = lambda msg: None,
+                   head_last: bool = False) -> list[str]:
     """Save `model` to `path`, its initializers' bytes coming from `fill(layer key, values)`, one layer group at
     a time: fill yields (value, bytes) for every value of the group, in any order, and may build them only
-    then (an out-of-core compile reads the layer from its checkpoint). The initializers need only a shape and a
-    dtype beforehand (meta tensors will do); afterwards each points at its file, or holds its bytes inline when
-    it is small. Returns the files written, model first."""
+    then (an out-of-core compile reads the layer from its checkpoint). The groups come embeddings and head first
+    (`head_last`: after the decoder layers), then the decoder layers by index. The initializers need only a shape
+    and a dtype beforehand (meta tensors will do); afterwards each points at its file, or holds its bytes inline
+    when it is small. Returns the files written, model first."""
     import numpy as np
     import onnx_ir as ir
 
     directory = os.path.dirname(os.path.abspath(path))
     stem = os.path.basename(path)
-    # groups in the model's order, embeddings and head first, then the decoder layers by index (an out-of-core
-    # compile's calibration carries its data a layer at a time), a group of small tensors only in its place too
+    # the decoder layers by index (an out-of-core compile's calibration carries its data a layer at a time), a
+    # group of small tensors only in its place too
+    head = float("inf") if head_last else -1
     values = sorted((v for v in model.graph.initializers.values() if v.const_value is not None),
-                    key=lambda v: _group_rank(layer_key(v.name)))
+                    key=lambda v: _group_rank(layer_key(v.name), head))
     big = [v for v in values if _nbytes(v) >= INLINE_BELOW]
     small = {v.name for v in values if _nbytes(v) < INLINE_BELOW}
     shards = plan_shards(big, shard_bytes, stem)  # whole groups, in the same order
@@ -132,8 +135,8 @@ def write_streamed(model, path: str, fill: Callable[[str, list], Iterator[tuple]
     return [path] + files
 
 
-def _group_rank(key: str) -> int:
-    return -1 if not key else int(key.split(".")[1])
+def _group_rank(key: str, head: float) -> float:
+    return head if not key else int(key.split(".")[1])
 
 
 def _nbytes(value) -> int:

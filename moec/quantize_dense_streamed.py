@@ -7,8 +7,8 @@ Produces, per layer group as it streams:
   - `quantize(model, key)`: the group's Linears as the in-memory pass makes them
     (moec.targets.onnxruntime.quantize_dense.quantize_linear: round-to-nearest at the dense spec, or a
     pre-quantized checkpoint's own block-wise codes when they dequantize to exactly the weight, or with
-    --calibration the decoder layer's codes moec.calibrate_streamed chose, GPTQ's or nearest, before the group
-    is written; the output head stays rounded to nearest, said per Linear), swapped into a
+    --calibration the codes moec.calibrate_streamed chose, GPTQ's or nearest, before the group is written: each
+    decoder layer's as the data reaches it, the output head's once it went through them all), swapped into a
     decoder layer; for the embeddings-and-head group, whose tensors are read one at a time into the same
     modules, their MatMulNBits tensors are returned by name instead (the head stays a Linear to be read again).
     Each Linear's error against full precision is measured on a seeded random input of its width (the
@@ -17,7 +17,8 @@ Produces, per layer group as it streams:
     at a time, by the one MatMulNBits computes with (a head tied to the input embeddings gets a new parameter
     instead: the embeddings keep their weight).
 Peak memory: the group's weights as read, plus a chunk of rows' rounding (moec.quant.quantize_nbits) and the
-codes; a large-vocabulary head is never held twice in fp32 (151936 x 2048 in Qwen3-30B: 1.2 GiB).
+codes; a large-vocabulary head is never held twice in fp32 (151936 x 2048 in Qwen3-30B: 1.2 GiB), but for a
+calibrated one (at most moec.calibrate_streamed.HEAD_BYTES), dequantized beside it.
 Refuses nothing of its own: a Linear the graph holds as MatMulNBits whose weight the group did not read is left
 to the writer, which names the missing tensor.
 """
@@ -45,6 +46,7 @@ class StreamedDense:
     kept: list[dict]  # quantize_dense's Linears kept fp32, with the reason
     given: GivenCodes = lambda path: None
     method: str = ""  # how round-to-nearest's codes are reported (with --calibration: why they are not calibrated)
+    reasons: dict[str, str] = field(default_factory=dict)  # ... for a Linear of its own, by path
     # --calibration: each decoder layer's GPTQ-or-nearest codes, by path, with how they were chosen
     # (moec.calibrate_streamed); kept to the end for the verification's reference, packed (int4: 1/8 of fp32)
     calibrated: dict[str, tuple[PackedWeight, str]] = field(default_factory=dict)
@@ -109,7 +111,7 @@ class StreamedDense:
             x = torch.randn(1, 16, linear.in_features, generator=gen)
             with torch.no_grad():
                 q, outcome = quantize_linear(path, linear, self.spec, self.accuracy_level, self.own_codes(path, linear), x,
-                                             self._calibrated(path), method=self.method)
+                                             self._calibrated(path), method=self.reasons.get(path, self.method))
             if path not in self._done:  # a tied head is read with each of the group's tensors
                 self._done.add(path)
                 self.layers.append(outcome.to_dict())
@@ -128,9 +130,13 @@ class StreamedDense:
             shared[id(p)] = shared.get(id(p), 0) + 1
         for path, linear in self._read(model, key):
             codes, calibrated = self.own_codes(path, linear), self._calibrated(path)
-            if codes is None and calibrated is not None:  # a decoder layer's Linear: not tied, never large
-                with torch.no_grad():
-                    linear.weight.copy_(dequantize(calibrated[0])[0])
+            if codes is None and calibrated is not None:  # a decoder layer's Linear, or a head not too large
+                weight = dequantize(calibrated[0])[0]
+                if shared[id(linear.weight)] > 1:  # a head tied to the embeddings: they keep their weight
+                    linear.weight = nn.Parameter(weight, requires_grad=False)
+                else:
+                    with torch.no_grad():
+                        linear.weight.copy_(weight)
             elif shared[id(linear.weight)] > 1:  # a head tied to the embeddings: they keep their weight
                 weight = dense_reference(linear, self.spec, codes, f"{path}.weight")
                 linear.weight = nn.Parameter(weight, requires_grad=False)

@@ -564,16 +564,18 @@ def test_calibration_carries_the_data_a_layer_at_a_time_into_the_in_memory_gptq_
 
 def test_calibration_with_quant_dense_out_of_core_calibrates_each_layers_linears(tmp_path):
     """Out of core, --calibration with --quant-dense calibrates each decoder layer's dense Linears as the data
-    reaches the layer: on correlated states (spectrum 1) GPTQ's codes are kept for some, the artifact's
-    MatMulNBits codes are theirs (not round-to-nearest's), and the verification's reference computes with them
-    (exact); the head stays rounded to nearest, and the report says so per Linear and in the capture notes."""
+    reaches the layer, and the head once it went through them all (its group written last): on correlated states
+    (spectrum 1) GPTQ's codes are kept for some, the artifact's MatMulNBits codes are theirs (not
+    round-to-nearest's), and the verification's reference computes with them (exact); the report says how each
+    was chosen, and the capture notes how."""
     from onnx.numpy_helper import to_array
 
     from moec.quant import QuantSpec, quantize_nbits
 
     path = str(tmp_path / "ckpt")
-    zoo.build_hf_model("qwen3_moe", hidden_size=64, head_dim=16, moe_intermediate_size=32, spectrum=1.0).to(
-        torch.bfloat16).save_pretrained(path, max_shard_size="100KB")
+    # the head tied to the input embeddings: its reference is a new parameter, the embeddings keep theirs
+    zoo.build_hf_model("qwen3_moe", hidden_size=64, head_dim=16, moe_intermediate_size=32, spectrum=1.0,
+                       tie_word_embeddings=True).to(torch.bfloat16).save_pretrained(path, max_shard_size="100KB")
     out = str(tmp_path / "out")
     assert _compile(path, out, "--quant", "int4", "--block-size", "32", "--quant-dense", "--calibration",
                     "random:16") == 0
@@ -582,14 +584,16 @@ def test_calibration_with_quant_dense_out_of_core_calibrates_each_layers_linears
     assert all(l["method"].startswith("gptq on ") for l in q["layers"])
     methods = {l["path"]: l["method"] for l in q["dense"]["layers"]}
     assert len(methods) == 9
-    assert methods.pop("lm_head") == "round-to-nearest (out of core only the decoder layers' Linears are calibrated)"
+    assert methods.pop("lm_head") == "gptq"  # on its own held-out tokens: the logits
     gptq = [p for p, m in methods.items() if m == "gptq"]
     assert gptq and set(methods.values()) <= {"gptq"} | {
         f"round-to-nearest (GPTQ's codes moved layers.{i}'s output more on held-out calibration data)" for i in (0, 1)}
-    assert any("each decoder layer's dense Linears keep GPTQ's codes" in n for n in report["capture"]["notes"])
+    assert any("each decoder layer's dense Linears keep GPTQ's codes" in n and "the output head's where" in n
+               for n in report["capture"]["notes"])
     weights = _eager_fp32(path).state_dict()
     written = {t.name: t for t in onnx.load(os.path.join(out, "model.onnx"), load_external_data=False).graph.initializer}
-    rounded = [p for p in methods if p not in gptq] + ["lm_head"]
+    gptq.append("lm_head")
+    rounded = [p for p in methods if p not in gptq]
     for p in gptq + rounded:  # GPTQ's codes are what was written where they were kept, round-to-nearest's elsewhere
         name = next(n for n in written if n.endswith(f"{p}.packed"))
         nearest = quantize_nbits(weights[f"{p}.weight"], QuantSpec(4, 32, True), p, reference=False)[0].packed

@@ -268,14 +268,14 @@ class LayerInputs:
         from moec.gptq import quantize_matrix
         from moec.passes.layers import capture_inputs
 
-        heads = self.dense.in_group("")
-        if not heads or not self.batches:
+        output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        path = next((p for p in self.dense.in_group("") if self.model.get_submodule(p) is output), None)
+        if path is None or not self.batches:  # no head among the MatMulNBits Linears
             return
         _, layers = decoder_layers(self.model)
         if self.next != len(layers):
             raise RuntimeError(f"calibration: the head asked for after {self.next} of {len(layers)} decoder layers")
-        path = heads[0]
-        head, embeddings = self.model.get_submodule(path), self.model.get_input_embeddings()
+        head, embeddings = output, self.model.get_input_embeddings()
         if head.weight.numel() * 4 > HEAD_BYTES:
             self.dense.reasons[path] = (f"round-to-nearest (out of core a head over {HEAD_BYTES / 2**30:.0f} GiB in "
                                         f"fp32 is not calibrated: {head.weight.numel() * 4 / 2**30:.2f} GiB)")

@@ -81,7 +81,8 @@ MODELS = {
                                                                    "0.25", "--quant", "int4"]),
     # granite-1b's checkpoint with int4 experts and int4 dense Linears (MatMulNBits), rounded to nearest, and the
     # same with 16 random calibration sequences carried a layer at a time: 128 tokens, too few for GPTQ at width
-    # 1024, so every expert and Linear falls back to round-to-nearest (reported): what carrying the data costs
+    # 1024 in the decoder layers, so every expert and layer Linear falls back to round-to-nearest (reported); the
+    # head, solved on all 128, gets GPTQ's codes where they win
     "granite-1b-int4-dense": dict(checkpoint="granite-1b", flags=["--quant", "int4", "--quant-dense"]),
     "granite-1b-int4-dense-calibrated": dict(checkpoint="granite-1b", flags=["--quant", "int4", "--quant-dense",
                                                                              "--calibration", "random:16"]),
@@ -94,7 +95,7 @@ MODELS = {
         "--quant", "int4", "--quant-dense", "--calibration", "random:16"]),
     # 512 random sequences (4096 tokens): GPTQ needs at least an eighth of a matrix's input width in tokens
     # (128 for granite's 1024), per expert (each gets about a quarter of them at top-8 of 32) and in the 4/5
-    # it fits on; random:16 (128 tokens) leaves every expert and Linear rounded to nearest, and says so
+    # it fits on; random:16 (128 tokens) leaves every expert and layer Linear rounded to nearest, and says so
     "granite-1b-s1-int4-dense-calibrated-512": dict(checkpoint="granite-1b-s1", flags=[
         "--quant", "int4", "--quant-dense", "--calibration", "random:512"]),
     # granite-1b's checkpoint to fp16 and bf16 artifacts (bf16: the checkpoint's own bits, verified widened to fp32)

@@ -53,10 +53,7 @@ from moec.quantize_streamed import Coder
 from moec.stream_experts import KeptExperts, StreamedExperts
 
 KEPT_BYTES = 512 << 20  # a streamed layer's fp32 experts kept while its calibration runs (granite-1b's: 201 MiB)
-# an output head calibrated out of core at most this large in fp32 (GPTQ's codes, unpacked, are as large again,
-# and the verification's reference dequantizes them beside the head): Qwen3-30B's 1.2 GiB head is rounded
-HEAD_BYTES = 1 << 30
-HEAD_ROWS = 8192  # the head's rows GPTQ solves at a time
+HEAD_ROWS = 8192  # the head's rows GPTQ solves at a time (their codes packed as they are solved)
 
 
 class _Stop(Exception):
@@ -262,11 +259,13 @@ class LayerInputs:
         codes or round-to-nearest's by the head's own output error there, which is the logits' (in memory: the
         same choice, made on held-out batches). The inputs come from the model's forward with every layer
         replaying the last one's outputs (the final norm runs on them), stopped at the head
-        (moec.passes.layers.capture_inputs). A head with codes of the checkpoint's own keeps them; one over
-        HEAD_BYTES in fp32 stays rounded to nearest, as its report entry says."""
+        (moec.passes.layers.capture_inputs). GPTQ solves HEAD_ROWS rows at a time, each block's codes put in
+        MatMulNBits' layout as it is solved (a large-vocabulary head's int32 codes would be as large as its fp32
+        weight). A head with codes of the checkpoint's own keeps them."""
         from moec.calibration import CalibrationError
-        from moec.gptq import quantize_matrix
+        from moec.gptq import quantize_rows
         from moec.passes.layers import capture_inputs
+        from moec.quant import concat_nbits, nbits
 
         output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         path = next((p for p in self.dense.in_group("") if self.model.get_submodule(p) is output), None)
@@ -276,10 +275,6 @@ class LayerInputs:
         if self.next != len(layers):
             raise RuntimeError(f"calibration: the head asked for after {self.next} of {len(layers)} decoder layers")
         head, embeddings = output, self.model.get_input_embeddings()
-        if head.weight.numel() * 4 > HEAD_BYTES:
-            self.dense.reasons[path] = (f"round-to-nearest (out of core a head over {HEAD_BYTES / 2**30:.0f} GiB in "
-                                        f"fp32 is not calibrated: {head.weight.numel() * 4 / 2**30:.2f} GiB)")
-            return
         replayed = (self.pruned_outputs or self.outputs) if self.pruned_states else self.outputs
         before, batch = [layers[j] for j in range(len(layers))], [0]
         tied = head.weight is embeddings.weight or bool(getattr(self.model.config, "tie_word_embeddings", False))
@@ -310,9 +305,12 @@ class LayerInputs:
                 xs.append(got[1].reshape(-1, got[1].shape[-1]))
             x = torch.cat(xs)
             del xs
-            q, method = quantize_matrix(head.weight.detach(), x, self.dense.spec, f"{path}.weight", rows=HEAD_ROWS)
+            blocks, method = quantize_rows(head.weight.detach(), x, self.dense.spec, f"{path}.weight", HEAD_ROWS, nbits)
             self.log(f"  {path}: {method} at {self.dense.spec.name} ({x.shape[0]} calibration tokens)")
-            self.dense.calibrate({path: (q, method)})
+            if blocks is None:  # rounded to nearest when the head is written, and said why
+                self.dense.reasons[path] = method
+            else:
+                self.dense.calibrate_nbits(path, concat_nbits(blocks), method)
         finally:
             for j in range(len(layers)):
                 layers[j] = before[j]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -141,10 +141,21 @@ class LayerChoice:
 
 
 def _better(weight: torch.Tensor, fit: torch.Tensor, held: torch.Tensor, fit_w, held_w, spec: QuantSpec,
-            name: str, choice: LayerChoice, rows: Optional[int] = None) -> QuantizedWeight:
+            name: str, choice: LayerChoice) -> QuantizedWeight:
     """GPTQ fitted on `fit` unless round-to-nearest is closer on the held-out tokens: with inputs whose
-    features are nearly independent, GPTQ only fits the sampling noise of H (measured: 7% worse). `rows`: solved
-    that many rows at a time (GPTQ's rows are independent given H; a large head's working copies stay small)."""
+    features are nearly independent, GPTQ only fits the sampling noise of H (measured: 7% worse)."""
+    solved, won = _solve(weight, fit, held, fit_w, held_w, spec, name, None, lambda q: q)
+    if won:
+        choice.gptq += 1
+        return solved[0]
+    choice.nearest += 1
+    return quantize(weight.unsqueeze(0), spec, name)
+
+
+def _solve(weight: torch.Tensor, fit: torch.Tensor, held: torch.Tensor, fit_w, held_w, spec: QuantSpec, name: str,
+           rows: Optional[int], keep: Callable[[QuantizedWeight], object]) -> tuple[list, bool]:
+    """GPTQ's codes for `weight`, `rows` rows at a time (its rows are independent given H), each block handed to
+    `keep` as it is solved; and whether they beat round-to-nearest's on the held-out tokens (summed over blocks)."""
     from moec.quant import dequantize
 
     h = second_moments(fit, fit_w)
@@ -156,12 +167,9 @@ def _better(weight: torch.Tensor, fit: torch.Tensor, held: torch.Tensor, fit_w, 
         part = gptq_quantize(w, h, spec, name)
         for i, q in enumerate((part, quantize(w.unsqueeze(0), spec, name))):
             err[i] += float((x @ (dequantize(q)[0] - w).T).square().sum())
-        solved.append(part)
-    if err[0] <= err[1]:
-        choice.gptq += 1
-        return solved[0] if len(solved) == 1 else _rows(solved)
-    choice.nearest += 1
-    return quantize(weight.unsqueeze(0), spec, name)
+        solved.append(keep(part))
+        del part
+    return solved, err[0] <= err[1]
 
 
 def quantize_layer(fused, x: torch.Tensor, spec: QuantSpec, name: str) -> tuple[QuantizedWeight, QuantizedWeight,
@@ -219,30 +227,48 @@ def quantize_expert(experts_spec, w_gu: torch.Tensor, b_gu: Optional[torch.Tenso
             _better(w_down, h[~held], h[held], fw, hw, spec, f"{name}.w_down[{e}]", choice))
 
 
-def quantize_matrix(weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec, name: str,
-                    rows: Optional[int] = None) -> tuple[QuantizedWeight, str]:
+def quantize_matrix(weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec, name: str) -> tuple[QuantizedWeight, str]:
     """A dense Linear's weight [N, K] calibrated on its inputs x [T, K] as an expert's matrix is: every 5th token
     held out to choose between GPTQ (fitted on the others) and round-to-nearest; with fewer than min_tokens(K)
-    tokens, round-to-nearest. Returns its QuantizedWeight [1, N, K] and how it was chosen (for the report).
-    `rows`: GPTQ solved that many rows at a time (the same codes)."""
+    tokens, round-to-nearest. Returns its QuantizedWeight [1, N, K] and how it was chosen (for the report)."""
     x = x.reshape(-1, x.shape[-1]).float()
     choice = LayerChoice(needed=min_tokens(x.shape[-1], 0))
     if x.shape[0] < choice.needed:
-        return (quantize(weight.detach().unsqueeze(0), spec, name),
-                f"round-to-nearest ({x.shape[0]} calibration tokens, fewer than {choice.needed})")
+        return quantize(weight.detach().unsqueeze(0), spec, name), _too_few(x, choice)
+    held = _held_out(x)
+    q = _better(weight.detach(), x[~held], x[held], None, None, spec, name, choice)
+    return q, "gptq" if choice.gptq else NEAREST_WON
+
+
+NEAREST_WON = "round-to-nearest (closer than GPTQ on held-out calibration tokens)"
+
+
+def quantize_rows(weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec, name: str, rows: int,
+                  keep: Callable[[QuantizedWeight], object]) -> tuple[Optional[list], str]:
+    """quantize_matrix for a matrix whose codes are not to be held unpacked (int32: as large as the fp32 weight;
+    an output head): GPTQ solved `rows` rows at a time, each block handed to `keep` (packing it) as it is solved.
+    Returns the kept blocks when GPTQ's codes are chosen, None when round-to-nearest's are (the caller rounds),
+    and how they were chosen."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    choice = LayerChoice(needed=min_tokens(x.shape[-1], 0))
+    if x.shape[0] < choice.needed:
+        return None, _too_few(x, choice)
+    held = _held_out(x)
+    solved, won = _solve(weight.detach(), x[~held], x[held], None, None, spec, name, rows, keep)
+    return (solved, "gptq") if won else (None, NEAREST_WON)
+
+
+def _held_out(x: torch.Tensor) -> torch.Tensor:
     held = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    held[::5] = True
-    q = _better(weight.detach(), x[~held], x[held], None, None, spec, name, choice, rows)
-    return q, "gptq" if choice.gptq else "round-to-nearest (closer than GPTQ on held-out calibration tokens)"
+    held[::5] = True  # every 5th token
+    return held
+
+
+def _too_few(x: torch.Tensor, choice: LayerChoice) -> str:
+    return f"round-to-nearest ({x.shape[0]} calibration tokens, fewer than {choice.needed})"
 
 
 def _stack(parts: list[QuantizedWeight]) -> QuantizedWeight:
     zps = None if parts[0].zero_points is None else torch.cat([p.zero_points for p in parts])
     return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), zps, parts[0].spec)
 
-
-def _rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
-    """Row blocks [1, n_i, K] of one matrix, as one [1, N, K]."""
-    zps = None if parts[0].zero_points is None else torch.cat([p.zero_points for p in parts], 1)
-    return QuantizedWeight(torch.cat([p.codes for p in parts], 1), torch.cat([p.scales for p in parts], 1), zps,
-                           parts[0].spec)

@@ -338,9 +338,7 @@ def quantize_nbits(weight: torch.Tensor, spec: QuantSpec, name: str, reference: 
             parts.append(nbits(q))
             if reference:
                 out[r0:r0 + step] = dequantize(q)[0]
-    zps = None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts])
-    return NBitsWeight(np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]), zps,
-                       spec), (out if reference else None)
+    return concat_nbits(parts), (out if reference else None)
 
 
 def nbits(q: QuantizedWeight) -> NBitsWeight:
@@ -360,6 +358,29 @@ def matmul_nbits_dequantize(packed: torch.Tensor, scales: torch.Tensor, zero_poi
     zps = None if zero_points is None else zero_points.reshape(1, n, -1).numpy()
     p = PackedWeight(packed.reshape(1, n, -1).numpy(), scales.reshape(1, n, g).numpy(), zps, spec, k)
     return dequantize(unpack(p))[0]
+
+
+def dequantize_nbits_into(q: NBitsWeight, out: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    """MatMulNBits tensors dequantized into `out` [N, K], a chunk of rows at a time (a large head's codes are
+    never unpacked whole: int32 codes are as large as its fp32 weight). Returns `out`."""
+    n, k = out.shape
+    g = k // q.spec.block_size
+    packed, scales = q.packed.reshape(n, -1), q.scales.reshape(n, g)
+    zps = None if q.zero_points is None else q.zero_points.reshape(n, -1)
+    step = max(1, CHUNK_ELEMENTS // k)
+    with torch.no_grad():
+        for r0 in range(0, n, step):
+            p = PackedWeight(packed[None, r0:r0 + step], scales[None, r0:r0 + step],
+                             None if zps is None else zps[None, r0:r0 + step], q.spec, k)
+            out[r0:r0 + step] = dequantize(unpack(p, name))[0]
+    return out
+
+
+def concat_nbits(parts: list[NBitsWeight]) -> NBitsWeight:
+    """Blocks of rows of one Linear's MatMulNBits tensors, as one."""
+    zps = None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts])
+    return NBitsWeight(np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]), zps,
+                       parts[0].spec)
 
 
 def qmoe_dequantize(packed: torch.Tensor, scales: torch.Tensor, zero_points: Optional[torch.Tensor], bits: int,

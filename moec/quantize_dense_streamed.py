@@ -17,8 +17,8 @@ Produces, per layer group as it streams:
     at a time, by the one MatMulNBits computes with (a head tied to the input embeddings gets a new parameter
     instead: the embeddings keep their weight).
 Peak memory: the group's weights as read, plus a chunk of rows' rounding (moec.quant.quantize_nbits) and the
-codes; a large-vocabulary head is never held twice in fp32 (151936 x 2048 in Qwen3-30B: 1.2 GiB), but for a
-calibrated one (at most moec.calibrate_streamed.HEAD_BYTES), dequantized beside it.
+codes; a large-vocabulary head is never held twice in fp32 (151936 x 2048 in Qwen3-30B: 1.2 GiB), nor its codes
+unpacked whole.
 Refuses nothing of its own: a Linear the graph holds as MatMulNBits whose weight the group did not read is left
 to the writer, which names the missing tensor.
 """
@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from moec.external_data import layer_key
-from moec.quant import PackedWeight, QuantizedWeight, QuantSpec, dequantize, pack, unpack
+from moec.quant import (NBitsWeight, PackedWeight, QuantizedWeight, QuantSpec, dequantize, dequantize_nbits_into,
+                        pack, unpack)
 
 # a checkpoint's own codes for the Linear at this path, if it has them ([1, N, K]; checked before use)
 GivenCodes = Callable[[str], Optional[QuantizedWeight]]
@@ -49,7 +50,7 @@ class StreamedDense:
     reasons: dict[str, str] = field(default_factory=dict)  # ... for a Linear of its own, by path
     # --calibration: each decoder layer's GPTQ-or-nearest codes, by path, with how they were chosen
     # (moec.calibrate_streamed); kept to the end for the verification's reference, packed (int4: 1/8 of fp32)
-    calibrated: dict[str, tuple[PackedWeight, str]] = field(default_factory=dict)
+    calibrated: dict[str, tuple[PackedWeight | NBitsWeight, str]] = field(default_factory=dict)
     layers: list[dict] = field(default_factory=list)  # each Linear's outcome, as it was quantized
     _done: set = field(default_factory=set)
     _read_as: dict = field(default_factory=dict)  # id(weight) -> the Linear's path as read, before fusion moved it
@@ -93,11 +94,16 @@ class StreamedDense:
         """A decoder layer's codes chosen on the calibration data (moec.calibrate_streamed), by path."""
         self.calibrated.update({path: (pack(q), method) for path, (q, method) in codes.items()})
 
-    def _calibrated(self, path: str) -> Optional[tuple[QuantizedWeight, str]]:
+    def calibrate_nbits(self, path: str, codes: NBitsWeight, method: str) -> None:
+        """The head's calibrated codes, already in MatMulNBits' layout: never unpacked whole (int32 codes are as
+        large as the fp32 head)."""
+        self.calibrated[path] = (codes, method)
+
+    def _calibrated(self, path: str) -> Optional[tuple[QuantizedWeight | NBitsWeight, str]]:
         if path not in self.calibrated:
             return None
         packed, method = self.calibrated[path]
-        return unpack(packed, f"{path}.weight"), method
+        return (packed if isinstance(packed, NBitsWeight) else unpack(packed, f"{path}.weight")), method
 
     def quantize(self, model: nn.Module, key: str, swap: bool) -> dict[str, torch.Tensor]:
         """The group's Linears in memory as MatMulNBits: swapped into `model` (`swap`), else their tensors by name
@@ -130,13 +136,15 @@ class StreamedDense:
             shared[id(p)] = shared.get(id(p), 0) + 1
         for path, linear in self._read(model, key):
             codes, calibrated = self.own_codes(path, linear), self._calibrated(path)
-            if codes is None and calibrated is not None:  # a decoder layer's Linear, or a head not too large
-                weight = dequantize(calibrated[0])[0]
-                if shared[id(linear.weight)] > 1:  # a head tied to the embeddings: they keep their weight
+            if codes is None and calibrated is not None and isinstance(calibrated[0], NBitsWeight):  # the head
+                tied = shared[id(linear.weight)] > 1  # to the embeddings: they keep their weight
+                weight = dequantize_nbits_into(calibrated[0], torch.empty_like(linear.weight) if tied
+                                               else linear.weight.detach(), f"{path}.weight")
+                if tied:
                     linear.weight = nn.Parameter(weight, requires_grad=False)
-                else:
-                    with torch.no_grad():
-                        linear.weight.copy_(weight)
+            elif codes is None and calibrated is not None:  # a decoder layer's Linear: not tied, never large
+                with torch.no_grad():
+                    linear.weight.copy_(dequantize(calibrated[0])[0])
             elif shared[id(linear.weight)] > 1:  # a head tied to the embeddings: they keep their weight
                 weight = dense_reference(linear, self.spec, codes, f"{path}.weight")
                 linear.weight = nn.Parameter(weight, requires_grad=False)

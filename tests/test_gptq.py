@@ -88,3 +88,30 @@ def test_a_dense_matrix_takes_gptq_where_it_wins_on_held_out_tokens_and_nearest_
     q, method = quantize_matrix(w, x[:10], QuantSpec(4, 32), "head.weight")
     assert method == "round-to-nearest (10 calibration tokens, fewer than 32)"
     assert torch.equal(q.codes, quantize(w.unsqueeze(0), QuantSpec(4, 32), "w").codes)
+
+
+def test_a_head_solved_in_blocks_of_rows_gets_the_codes_solved_whole(monkeypatch):
+    """quantize_rows (an output head out of core): GPTQ a block of rows at a time, each block kept in MatMulNBits'
+    layout as solved; its rows are independent given H, so the codes are quantize_matrix's (K under one column
+    block: no cross-block update whose float order could differ), and they dequantize a chunk at a time to the
+    same weight. Too few tokens: nothing kept, the reason said."""
+    import numpy as np
+
+    from moec import quant
+    from moec.gptq import quantize_matrix, quantize_rows
+    from moec.quant import concat_nbits, dequantize_nbits_into, nbits
+
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(40, 64, generator=g)
+    x = torch.randn(600, 8, generator=g) @ torch.randn(8, 64, generator=g)  # low rank: GPTQ wins
+    spec = QuantSpec(4, 32, symmetric=False)
+    whole, method = quantize_matrix(w, x, spec, "lm_head.weight")
+    blocks, how = quantize_rows(w, x, spec, "lm_head.weight", 16, nbits)
+    assert method == how == "gptq" and len(blocks) == 3  # 16 + 16 + 8 rows
+    got, want = concat_nbits(blocks), nbits(whole)
+    for field in ("packed", "scales", "zero_points"):
+        assert np.array_equal(getattr(got, field), getattr(want, field)), field
+    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 16 * 64)  # dequantized 16 rows at a time
+    assert torch.equal(dequantize_nbits_into(got, torch.empty(40, 64)), dequantize(whole)[0])
+    assert quantize_rows(w, x[:10], spec, "lm_head.weight", 16, nbits) == (
+        None, "round-to-nearest (10 calibration tokens, fewer than 32)")

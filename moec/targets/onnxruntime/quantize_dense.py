@@ -36,7 +36,8 @@ from moec.passes.conditions import DENSE_QUANTIZED, EXPERTS_QUANTIZED
 from moec.passes.layers import capture_inputs, set_submodule
 from moec.passes.outcomes import QuantizationOutcome
 from moec.passes.quantize_experts import spec_from_options
-from moec.quant import BLOCK_SIZES, QuantizedWeight, QuantSpec, dequantize, nbits, quantize, quantize_nbits
+from moec.quant import (BLOCK_SIZES, NBitsWeight, QuantizedWeight, QuantSpec, dequantize, nbits, quantize,
+                        quantize_nbits)
 from moec.targets.onnxruntime import ops  # noqa: F401  (registers torch.ops.moec.matmul_nbits)
 
 # Linear layers whose outputs pick experts (transformers' names): quantizing them changes routing.
@@ -45,9 +46,10 @@ ROUTER_NAMES = ("gate", "router", "shared_expert_gate", "shared_gate")
 
 class DenseNBits(nn.Module):
     def __init__(self, linear: nn.Linear, spec: QuantSpec, accuracy_level: int, name: str,
-                 codes: Optional[QuantizedWeight] = None):
+                 codes: "Optional[QuantizedWeight | NBitsWeight]" = None):
         """Round-to-nearest codes at `spec`, or the given `codes` ([1, N, K], block-wise: a pre-quantized
-        checkpoint's own, which dequantize to exactly the Linear's weight)."""
+        checkpoint's own, which dequantize to exactly the Linear's weight, or calibrated ones; or already
+        MatMulNBits' tensors)."""
         super().__init__()
         if codes is not None:
             spec = codes.spec
@@ -56,7 +58,10 @@ class DenseNBits(nn.Module):
         if linear.weight.is_meta:  # shapes only: the codes are computed when the weight is read
             packed, scales, zero_points = _meta_buffers(linear.out_features, linear.in_features, spec)
         else:
-            q = nbits(codes) if codes is not None else quantize_nbits(linear.weight, spec, name, reference=False)[0]
+            if isinstance(codes, NBitsWeight):  # already in MatMulNBits' layout (a calibrated head out of core)
+                q = codes
+            else:
+                q = nbits(codes) if codes is not None else quantize_nbits(linear.weight, spec, name, reference=False)[0]
             packed, scales = torch.from_numpy(q.packed), torch.from_numpy(q.scales)
             zero_points = None if q.zero_points is None else torch.from_numpy(q.zero_points)
         self.register_buffer("packed", packed)

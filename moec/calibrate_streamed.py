@@ -53,7 +53,9 @@ from moec.quantize_streamed import Coder
 from moec.stream_experts import KeptExperts, StreamedExperts
 
 KEPT_BYTES = 512 << 20  # a streamed layer's fp32 experts kept while its calibration runs (granite-1b's: 201 MiB)
-HEAD_ROWS = 8192  # the head's rows GPTQ solves at a time (their codes packed as they are solved)
+# the head's weights GPTQ solves at a time (rows of them; their codes packed as they are solved): its working
+# copies are a few times these bytes, beside the fp32 head (Qwen3-30B's 1.2 GiB head: 2048 rows, 16 MiB)
+HEAD_BLOCK_ELEMENTS = 1 << 22
 
 
 class _Stop(Exception):
@@ -121,6 +123,24 @@ class _Zeros(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.zeros(*ids.shape, self.hidden)
+
+
+class _Looked(nn.Module):
+    """Stands in for the input embeddings during the first layer's runs: what they returned for each batch's ids."""
+
+    def __init__(self, looked: dict):
+        super().__init__()
+        self.looked = looked
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.looked.get(_ids_key(ids))
+        if out is None:
+            raise RuntimeError("calibration: the input embeddings were asked for ids no calibration batch gave them")
+        return out
+
+
+def _ids_key(ids: torch.Tensor) -> tuple:
+    return tuple(ids.shape), ids.detach().cpu().numpy().tobytes()
 
 
 class LayerInputs:
@@ -259,7 +279,7 @@ class LayerInputs:
         codes or round-to-nearest's by the head's own output error there, which is the logits' (in memory: the
         same choice, made on held-out batches). The inputs come from the model's forward with every layer
         replaying the last one's outputs (the final norm runs on them), stopped at the head
-        (moec.passes.layers.capture_inputs). GPTQ solves HEAD_ROWS rows at a time, each block's codes put in
+        (moec.passes.layers.capture_inputs). GPTQ solves HEAD_BLOCK_ELEMENTS weights' rows at a time, each block's codes put in
         MatMulNBits' layout as it is solved (a large-vocabulary head's int32 codes would be as large as its fp32
         weight). A head with codes of the checkpoint's own keeps them."""
         from moec.calibration import CalibrationError
@@ -305,7 +325,8 @@ class LayerInputs:
                 xs.append(got[1].reshape(-1, got[1].shape[-1]))
             x = torch.cat(xs)
             del xs
-            blocks, method = quantize_rows(head.weight.detach(), x, self.dense.spec, f"{path}.weight", HEAD_ROWS, nbits)
+            rows = max(1, HEAD_BLOCK_ELEMENTS // head.weight.shape[1])
+            blocks, method = quantize_rows(head.weight.detach(), x, self.dense.spec, f"{path}.weight", rows, nbits)
             self.log(f"  {path}: {method} at {self.dense.spec.name} ({x.shape[0]} calibration tokens)")
             if blocks is None:  # rounded to nearest when the head is written, and said why
                 self.dense.reasons[path] = method
@@ -318,8 +339,9 @@ class LayerInputs:
             release(self.model, buffers=False)
 
     def _embeddings(self, index: int) -> nn.Module:
-        """The input embeddings, read for the first layer (only their own tensor where it reads alone) and stood in
-        for by zeros after it. Returns the module to put back."""
+        """The input embeddings, read for the first layer (only their own tensor where it reads alone), looked up
+        once per batch and replayed (`_Looked`), and stood in for by zeros after it. Returns the module to put
+        back."""
         embeddings = self.model.get_input_embeddings()
         if index > 0:
             self.model.set_input_embeddings(_Zeros(embeddings.weight.shape[1]))
@@ -328,6 +350,26 @@ class LayerInputs:
         alone = (self.ck.one_by_one(self.model, "") or [])
         name = f"{path}.weight"
         self.ck.materialise(self.model, "", skip=(lambda n: n != name) if name in alone else None)
+        # each batch's embeddings looked up once and the table released: a large vocabulary's (Qwen3-30B: 1.2 GiB
+        # fp32) would otherwise sit beside the layer's kept experts for all its runs
+        looked: dict = {}
+
+        def seen(mod, args, out):
+            looked[_ids_key(args[0])] = out.detach().clone()
+            raise _Stop
+
+        handle = embeddings.register_forward_hook(seen)
+        try:
+            with torch.no_grad():
+                for args in self.batches:
+                    try:
+                        self.module(*args)
+                    except _Stop:
+                        pass
+        finally:
+            handle.remove()
+        release(embeddings, buffers=False)
+        self.model.set_input_embeddings(_Looked(looked))
         return embeddings
 
     def done(self) -> None:

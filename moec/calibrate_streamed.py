@@ -275,13 +275,13 @@ class LayerInputs:
 
     def calibrate_head(self) -> None:
         """--quant-dense: the output head's codes, once the data went through every decoder layer (its group is
-        written last): moec.gptq.quantize_matrix on the head's inputs, every 5th token held out to choose GPTQ's
+        written last): moec.gptq.quantize_rows on the head's inputs, every 5th token held out to choose GPTQ's
         codes or round-to-nearest's by the head's own output error there, which is the logits' (in memory: the
-        same choice, made on held-out batches). The inputs come from the model's forward with every layer
-        replaying the last one's outputs (the final norm runs on them), stopped at the head
-        (moec.passes.layers.capture_inputs). GPTQ solves HEAD_BLOCK_ELEMENTS weights' rows at a time, each block's codes put in
-        MatMulNBits' layout as it is solved (a large-vocabulary head's int32 codes would be as large as its fp32
-        weight). A head with codes of the checkpoint's own keeps them."""
+        logits on held-out batches). The inputs come from the model's forward with every layer replaying the last
+        one's outputs (the final norm runs on them), stopped at the head (moec.passes.layers.capture_inputs).
+        GPTQ solves HEAD_BLOCK_ELEMENTS weights' rows at a time, each block's codes put in MatMulNBits' layout as
+        it is solved (a large-vocabulary head's int32 codes would be as large as its fp32 weight). A head with
+        codes of the checkpoint's own keeps them."""
         from moec.calibration import CalibrationError
         from moec.gptq import quantize_rows
         from moec.passes.layers import capture_inputs
@@ -298,10 +298,9 @@ class LayerInputs:
         replayed = (self.pruned_outputs or self.outputs) if self.pruned_states else self.outputs
         before, batch = [layers[j] for j in range(len(layers))], [0]
         tied = head.weight is embeddings.weight or bool(getattr(self.model.config, "tie_word_embeddings", False))
-        name = f"{next(n for n, m in self.model.named_modules() if m is embeddings)}.weight"
-        alone = self.ck.one_by_one(self.model, "") or []
+        name, alone = self._embeddings_tensor(embeddings)
         try:  # the group but the input embeddings where they read alone (untied: as large as the head)
-            self.ck.materialise(self.model, "", skip=(lambda n: n == name) if name in alone and not tied else None)
+            self.ck.materialise(self.model, "", skip=(lambda n: n == name) if alone and not tied else None)
             if hasattr(self.model, "tie_weights"):
                 self.model.tie_weights()
             head = self.model.get_submodule(path)
@@ -331,7 +330,7 @@ class LayerInputs:
             if blocks is None:  # rounded to nearest when the head is written, and said why
                 self.dense.reasons[path] = method
             else:
-                self.dense.calibrate_nbits(path, concat_nbits(blocks), method)
+                self.dense.calibrate({path: (concat_nbits(blocks), method)})
         finally:
             for j in range(len(layers)):
                 layers[j] = before[j]
@@ -346,10 +345,8 @@ class LayerInputs:
         if index > 0:
             self.model.set_input_embeddings(_Zeros(embeddings.weight.shape[1]))
             return embeddings
-        path = next(n for n, m in self.model.named_modules() if m is embeddings)
-        alone = (self.ck.one_by_one(self.model, "") or [])
-        name = f"{path}.weight"
-        self.ck.materialise(self.model, "", skip=(lambda n: n != name) if name in alone else None)
+        name, alone = self._embeddings_tensor(embeddings)
+        self.ck.materialise(self.model, "", skip=(lambda n: n != name) if alone else None)
         # each batch's embeddings looked up once and the table released: a large vocabulary's (Qwen3-30B: 1.2 GiB
         # fp32) would otherwise sit beside the layer's kept experts for all its runs
         looked: dict = {}
@@ -371,6 +368,11 @@ class LayerInputs:
         release(embeddings, buffers=False)
         self.model.set_input_embeddings(_Looked(looked))
         return embeddings
+
+    def _embeddings_tensor(self, embeddings: nn.Module) -> tuple[str, bool]:
+        """The input embeddings' checkpoint tensor, and whether it reads on its own (LazyCheckpoint.one_by_one)."""
+        name = f"{next(n for n, m in self.model.named_modules() if m is embeddings)}.weight"
+        return name, name in (self.ck.one_by_one(self.model, "") or [])
 
     def done(self) -> None:
         self.outputs, self.pruned_outputs = [], []

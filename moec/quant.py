@@ -360,19 +360,19 @@ def matmul_nbits_dequantize(packed: torch.Tensor, scales: torch.Tensor, zero_poi
     return dequantize(unpack(p))[0]
 
 
-def dequantize_nbits_into(q: NBitsWeight, out: torch.Tensor, name: str = "weight") -> torch.Tensor:
-    """MatMulNBits tensors dequantized into `out` [N, K], a chunk of rows at a time (a large head's codes are
-    never unpacked whole: int32 codes are as large as its fp32 weight). Returns `out`."""
+def dequantize_nbits_into(q: NBitsWeight, out: torch.Tensor) -> torch.Tensor:
+    """MatMulNBits tensors dequantized into `out` [N, K] (matmul_nbits_dequantize), a chunk of rows at a time (a
+    large head's codes are never unpacked whole: int32 codes are as large as its fp32 weight). Returns `out`."""
     n, k = out.shape
-    g = k // q.spec.block_size
-    packed, scales = q.packed.reshape(n, -1), q.scales.reshape(n, g)
-    zps = None if q.zero_points is None else q.zero_points.reshape(n, -1)
+    packed, scales = torch.from_numpy(q.packed.reshape(n, -1)), torch.from_numpy(q.scales.reshape(n, -1))
+    zps = None if q.zero_points is None else torch.from_numpy(q.zero_points.reshape(n, -1))
     step = max(1, CHUNK_ELEMENTS // k)
     with torch.no_grad():
         for r0 in range(0, n, step):
-            p = PackedWeight(packed[None, r0:r0 + step], scales[None, r0:r0 + step],
-                             None if zps is None else zps[None, r0:r0 + step], q.spec, k)
-            out[r0:r0 + step] = dequantize(unpack(p, name))[0]
+            rows = packed[r0:r0 + step]
+            out[r0:r0 + step] = matmul_nbits_dequantize(rows, scales[r0:r0 + step],
+                                                        None if zps is None else zps[r0:r0 + step], q.spec.bits,
+                                                        q.spec.block_size, k, rows.shape[0])
     return out
 
 

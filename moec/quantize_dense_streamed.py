@@ -32,8 +32,7 @@ import torch
 from torch import nn
 
 from moec.external_data import layer_key
-from moec.quant import (NBitsWeight, PackedWeight, QuantizedWeight, QuantSpec, dequantize, dequantize_nbits_into,
-                        pack, unpack)
+from moec.quant import NBitsWeight, QuantizedWeight, QuantSpec, dequantize_nbits_into, nbits
 
 # a checkpoint's own codes for the Linear at this path, if it has them ([1, N, K]; checked before use)
 GivenCodes = Callable[[str], Optional[QuantizedWeight]]
@@ -48,9 +47,10 @@ class StreamedDense:
     given: GivenCodes = lambda path: None
     method: str = ""  # how round-to-nearest's codes are reported (with --calibration: why they are not calibrated)
     reasons: dict[str, str] = field(default_factory=dict)  # ... for a Linear of its own, by path
-    # --calibration: each decoder layer's GPTQ-or-nearest codes, by path, with how they were chosen
-    # (moec.calibrate_streamed); kept to the end for the verification's reference, packed (int4: 1/8 of fp32)
-    calibrated: dict[str, tuple[PackedWeight | NBitsWeight, str]] = field(default_factory=dict)
+    # --calibration: each decoder layer's and the head's GPTQ-or-nearest codes, by path, with how they were chosen
+    # (moec.calibrate_streamed); kept to the end for the verification's reference, in MatMulNBits' layout (int4:
+    # 1/8 of fp32; never unpacked whole: int32 codes are as large as the fp32 weight)
+    calibrated: dict[str, tuple[NBitsWeight, str]] = field(default_factory=dict)
     layers: list[dict] = field(default_factory=list)  # each Linear's outcome, as it was quantized
     _done: set = field(default_factory=set)
     _read_as: dict = field(default_factory=dict)  # id(weight) -> the Linear's path as read, before fusion moved it
@@ -90,20 +90,11 @@ class StreamedDense:
         given = usable_codes(self.given(self._read_as.get(id(linear.weight), path)), linear)
         return given if given is not None and given.spec == self.spec else None
 
-    def calibrate(self, codes: dict[str, tuple[QuantizedWeight, str]]) -> None:
-        """A decoder layer's codes chosen on the calibration data (moec.calibrate_streamed), by path."""
-        self.calibrated.update({path: (pack(q), method) for path, (q, method) in codes.items()})
-
-    def calibrate_nbits(self, path: str, codes: NBitsWeight, method: str) -> None:
-        """The head's calibrated codes, already in MatMulNBits' layout: never unpacked whole (int32 codes are as
-        large as the fp32 head)."""
-        self.calibrated[path] = (codes, method)
-
-    def _calibrated(self, path: str) -> Optional[tuple[QuantizedWeight | NBitsWeight, str]]:
-        if path not in self.calibrated:
-            return None
-        packed, method = self.calibrated[path]
-        return (packed if isinstance(packed, NBitsWeight) else unpack(packed, f"{path}.weight")), method
+    def calibrate(self, codes: dict[str, tuple[QuantizedWeight | NBitsWeight, str]]) -> None:
+        """Codes chosen on the calibration data (moec.calibrate_streamed), by path: a decoder layer's, or the
+        head's, already in MatMulNBits' layout."""
+        self.calibrated.update({path: (q if isinstance(q, NBitsWeight) else nbits(q), method)
+                                for path, (q, method) in codes.items()})
 
     def quantize(self, model: nn.Module, key: str, swap: bool) -> dict[str, torch.Tensor]:
         """The group's Linears in memory as MatMulNBits: swapped into `model` (`swap`), else their tensors by name
@@ -117,7 +108,7 @@ class StreamedDense:
             x = torch.randn(1, 16, linear.in_features, generator=gen)
             with torch.no_grad():
                 q, outcome = quantize_linear(path, linear, self.spec, self.accuracy_level, self.own_codes(path, linear), x,
-                                             self._calibrated(path), method=self.reasons.get(path, self.method))
+                                             self.calibrated.get(path), method=self.reasons.get(path, self.method))
             if path not in self._done:  # a tied head is read with each of the group's tensors
                 self._done.add(path)
                 self.layers.append(outcome.to_dict())
@@ -135,16 +126,13 @@ class StreamedDense:
         for _, p in model.named_parameters(remove_duplicate=False):
             shared[id(p)] = shared.get(id(p), 0) + 1
         for path, linear in self._read(model, key):
-            codes, calibrated = self.own_codes(path, linear), self._calibrated(path)
-            if codes is None and calibrated is not None and isinstance(calibrated[0], NBitsWeight):  # the head
+            codes, calibrated = self.own_codes(path, linear), self.calibrated.get(path)
+            if codes is None and calibrated is not None:  # a chunk of rows at a time, as a large head needs
                 tied = shared[id(linear.weight)] > 1  # to the embeddings: they keep their weight
                 weight = dequantize_nbits_into(calibrated[0], torch.empty_like(linear.weight) if tied
-                                               else linear.weight.detach(), f"{path}.weight")
+                                               else linear.weight.detach())
                 if tied:
                     linear.weight = nn.Parameter(weight, requires_grad=False)
-            elif codes is None and calibrated is not None:  # a decoder layer's Linear: not tied, never large
-                with torch.no_grad():
-                    linear.weight.copy_(dequantize(calibrated[0])[0])
             elif shared[id(linear.weight)] > 1:  # a head tied to the embeddings: they keep their weight
                 weight = dense_reference(linear, self.spec, codes, f"{path}.weight")
                 linear.weight = nn.Parameter(weight, requires_grad=False)

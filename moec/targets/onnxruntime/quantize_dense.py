@@ -58,10 +58,10 @@ class DenseNBits(nn.Module):
         if linear.weight.is_meta:  # shapes only: the codes are computed when the weight is read
             packed, scales, zero_points = _meta_buffers(linear.out_features, linear.in_features, spec)
         else:
-            if isinstance(codes, NBitsWeight):  # already in MatMulNBits' layout (a calibrated head out of core)
-                q = codes
-            else:
-                q = nbits(codes) if codes is not None else quantize_nbits(linear.weight, spec, name, reference=False)[0]
+            if codes is None:
+                q = quantize_nbits(linear.weight, spec, name, reference=False)[0]
+            else:  # calibrated codes out of core come in MatMulNBits' layout already
+                q = codes if isinstance(codes, NBitsWeight) else nbits(codes)
             packed, scales = torch.from_numpy(q.packed), torch.from_numpy(q.scales)
             zero_points = None if q.zero_points is None else torch.from_numpy(q.zero_points)
         self.register_buffer("packed", packed)

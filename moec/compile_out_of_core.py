@@ -27,8 +27,9 @@
 Peak memory is the largest layer group a few times over plus the graph, whatever the model's size.
 The artifact is the in-memory compile's (the KV-cache decoder unless --task logits; --quant codes byte for byte;
 --triton-repo through the same packaging stage; --device-memory checked on the plan from shapes, before any weight
-is read; --prune-experts FRACTION by moec.prune_streamed). Refuses what it does not stream yet (--prune-experts
-auto, --quant auto, TensorRT, pre-quantized
+is read; --prune-experts FRACTION by moec.prune_streamed; --quant auto's choice made before capture, its errors
+measured a pass over the checkpoint at a time by moec.measure_precision_streamed). Refuses what it does not
+stream yet (--prune-experts auto, --quant auto with --calibration or --prune-experts, TensorRT, pre-quantized
 checkpoints moec does not fold as they stream: moec-packed, fp8 ...): named, exit 2, with the in-memory compile
 as the way to get it.
 """
@@ -36,19 +37,24 @@ as the way to get it.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
-from moec.errors import FusionRequiredError, MoecError, PassValidationError, VerificationError
+from moec.errors import AccuracyBudgetError, FusionRequiredError, MoecError, PassValidationError, VerificationError
 from moec.heap import trim
 from moec.lazy_checkpoint import LazyCheckpoint, release
+from moec.mixed_precision import spec_at
 from moec.pipeline import CompileOptions, CompileResult, _Stages, _workdir, check_options, check_quantization
 
 STAGES = ("load", "recognise", "capture", "onnx_export", "plan", "stream_weights", "verify", "package")
+# --quant auto: each fused layer's precision is chosen before the graph (its QMoE nodes' bit widths) is captured
+AUTO_STAGES = STAGES[:2] + ("choose_precision",) + STAGES[2:]
 WRAPPER = "model."  # CausalLMLogits keeps the transformers model as `.model`: its names in the graph start so
 # Options the streamed compile does not take yet, with what they are.
 UNSTREAMED = {"tensorrt_aot": "--tensorrt-aot"}
@@ -121,8 +127,10 @@ def _available_memory() -> Optional[int]:
 
 def check_streamable(options: CompileOptions) -> None:
     asked = [flag for key, flag in UNSTREAMED.items() if options.extra.get(key) not in (None, False)]
-    if options.extra.get("quant") == "auto":
-        asked.append("--quant auto")
+    if options.extra.get("quant") == "auto":  # its search measures round-to-nearest's codes on the unpruned model
+        asked += [flag for flag, on in (("--quant auto with --calibration", options.extra.get("calibration")),
+                                        ("--quant auto with --prune-experts",
+                                         options.extra.get("prune_experts") is not None)) if on]
     if options.extra.get("prune_experts") == "auto":  # its sensitivities are whole-model runs, one per layer and count
         asked.append("--prune-experts auto (a FRACTION streams)")
     if options.target != "onnxruntime":
@@ -169,6 +177,9 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     method = quant_method(source)  # a pre-quantized checkpoint's codes are folded as they stream, never re-quantized
     if method is None:
         check_quantization(options, False)  # a pre-quantized checkpoint's own may stand for --quant: checked below
+    elif options.extra.get("quant") == "auto":
+        raise MoecError(f"--quant auto: the checkpoint in '{source}' is already quantized ({method}); its codes are "
+                        "folded as they are, not re-chosen. Drop --quant auto. Nothing was written.")
     check_streamable(options)
     if options.extra.get("calibration") is not None:
         from moec.calibration import check_spec
@@ -177,7 +188,8 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     refuse_quantized_checkpoint(source)
     if options.extra.get("static"):
         refuse_generation_static(options.extra.get("task"), f"'{source}'")
-    stage = _Stages(options.log, STAGES)
+    auto = options.extra.get("quant") == "auto"
+    stage = _Stages(options.log, AUTO_STAGES if auto else STAGES)
     ck, hf, prequant, identity = stage("load", f"indexing the checkpoint in {source} (headers only" + (
         "; each MXFP4 expert read once, to check it and choose the codes' spec)" if method == "mxfp4" else
         f"; its {method} Linears found)" if method else ")"), index_checkpoint, source, method, options)
@@ -194,12 +206,13 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
                   recognise_miniature, hf, lambda msg: None)
 
     spec = prequant.spec if prequant is not None and prequant.spec is not None else \
-        spec_from_options(options.extra) if options.extra.get("quant") else None
+        spec_from_options(options.extra) if options.extra.get("quant") not in (None, "auto") else None
     lowering = target.lowering_passes(options)
     # fp16 / bf16: each tensor converted as it is written; the graph captured in that dtype
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype_of(options))
 
-    def build_graph_model():
+    def build_source(spec):
+        """The meta model with its fused layers (quantized at `spec`) as the task's source."""
         meta = build_on_meta(hf, kinds, lowering, options.extra, spec)
         if not any(p.fused for p in meta.planned):  # --quant with nothing fused: say so, as compile does
             refuse_without_fused_layers(meta.model, options)
@@ -218,6 +231,21 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
                 if done.modified:
                     meta.notes.append(f"{p.name}: " + ", ".join(f"{k} {v}" for k, v in done.details.items()
                                                                 if not isinstance(v, (list, dict))))
+        return meta, src
+
+    plan = None
+    if auto:  # --quant auto: each layer's precision, measured a pass over the checkpoint at a time
+        plan = stage("choose_precision", "choosing each MoE layer's precision within --accuracy-budget "
+                     f"{float(options.extra['accuracy_budget']):g} (passes over the checkpoint, one layer at a time)",
+                     choose_streamed, ck, hf, kinds, lowering, options, build_source)
+        spec = plan.specs
+
+    # what --quant auto chose decides whether ONNX Runtime quantizes activations (as in memory)
+    activations_quantized = target.quantizes_activations(options if plan is None else replace(
+        options, extra={**options.extra, "quant_chosen": sorted(set(plan.plan.choice.values()))}))
+
+    def build_graph_model():
+        meta, src = build_source(spec)
         graph_module = src.module
         if half:  # as cast_precision makes it in memory: fp16 / bf16 inside, the inputs' and outputs' dtypes kept
             from moec.passes.cast_precision import KeepFloatIO
@@ -321,7 +349,7 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
 
         quant = None
         if spec is not None:
-            tolerance = 3e-2 if target.quantizes_activations(options) else options.tolerance
+            tolerance = 3e-2 if activations_quantized else options.tolerance
             prepare = streamer.prepare
         else:  # pruned: the reference is the pruned model, and the error against fp32 is against the unpruned one
             tolerance, prepare = options.tolerance, streamer.prepare if streamer.pruning is not None else None
@@ -356,7 +384,7 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
             pruning = streamer.pruning.report(verified.vs_fp32, spec)
         if spec is not None:
             quant = quantization_report(streamer.quantized, spec, verified, tolerance, streamer.coder,
-                                        target.quantizes_activations(options), dense)
+                                        activations_quantized, dense, plan)
             if prequant is not None and prequant.spec is not None:
                 quant["checkpoint_format"] = prequant.format
             if pruning is not None:  # one fp32 reference out of core: the unpruned model (in memory: the pruned one)
@@ -368,7 +396,11 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
                     from moec.report import over_budget
 
                     over = over_budget(budget, spec.name, verified.vs_fp32["rel_l2"],
-                                       quant["layers"] + quant.get("dense", {}).get("layers", []))
+                                       quant["layers"] + quant.get("dense", {}).get("layers", [])) if plan is None \
+                        else AccuracyBudgetError(
+                            f"--accuracy-budget {budget:g}: the precisions --quant auto chose (relative L2 "
+                            f"{plan.plan.measured:.3g} on the same inputs, against the eager model) move the artifact's "
+                            f"logits by {verified.vs_fp32['rel_l2']:.3g}; loosen the budget. Nothing was written.")
         # the whole artifact in one session, once the layer-by-layer check passed (its failure says more)
         fp16_off = half == torch.float16 and spec is None and verified.vs_fp32["rel_l2"] > tolerance
         whole = (run_end_to_end(model_path, weights_bytes, verified, tolerance, options.log,
@@ -427,7 +459,8 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
 
             write_golden(os.path.join(tmp, "golden"),
                          [Probe(f"probe{i}", p.feeds, p.outputs) for i, p in enumerate(verified.probes)],
-                         model=report["model"], precision=f"int{spec.bits}" if spec else dtype_of(options),
+                         model=report["model"], precision=("auto" if plan is not None else f"int{spec.bits}")
+                         if spec else dtype_of(options),
                          tolerance=recorded_tolerance(dtype_of(options), spec is not None, tolerance),
                          versions=versions())
         from moec.pipeline import package
@@ -576,11 +609,22 @@ def wrapper_of(graph_module: nn.Module) -> Callable[[nn.Module], nn.Module]:
 
 
 def quantization_report(layers: list[dict], spec, verified, tolerance: float, coder,
-                        activations_quantized: bool, dense=None) -> dict:
+                        activations_quantized: bool, dense=None, auto=None) -> dict:
     """The report's quantization entry, in the in-memory compile's terms (the CLI prints both alike); `coder`
-    chose the codes (moec.quantize_streamed); `dense` (--quant-dense) quantized the other Linears."""
+    chose the codes (moec.quantize_streamed); `dense` (--quant-dense) quantized the other Linears; `auto`
+    (--quant auto: a StreamedChoice) the precision of each layer, those kept at full precision listed too."""
+    if auto is not None:
+        from moec.mixed_precision import FULL
+        from moec.passes.outcomes import QuantizationOutcome
+
+        kept = [QuantizationOutcome(path, FULL, auto.plan.weight_bytes[path][FULL], auto.plan.weight_bytes[path][FULL],
+                                    0.0, 1.0, method="kept at full precision").to_dict()
+                for path, precision in auto.plan.choice.items() if precision == FULL]
+        order = list(auto.plan.choice)
+        layers = sorted(layers + kept, key=lambda l: order.index(l["path"]) if l["path"] in order else len(order))
     every = layers + (dense.layers if dense is not None else [])
-    report = {"spec": spec.name, "precision": f"int{spec.bits}", "method": coder.method, "layers": layers,
+    report = {"spec": spec.name, "precision": "auto" if auto is not None else f"int{spec.bits}",
+              "method": coder.method, "layers": layers,
               "onnxruntime_quantizes_activations": activations_quantized,
               "weight_bytes_fp32": sum(l["weight_bytes_fp32"] for l in every),
               "weight_bytes_quantized": sum(l["weight_bytes_quantized"] for l in every),
@@ -588,7 +632,64 @@ def quantization_report(layers: list[dict], spec, verified, tolerance: float, co
               "reference": coder.reference}
     if dense is not None:
         report["dense"] = dense.report()
+    if auto is not None:
+        report["auto"] = {**auto.plan.to_dict(), "passes": auto.passes, "measured_on": auto.measured_on}
     return report
+
+
+@dataclass
+class StreamedChoice:
+    """--quant auto out of core: the search's plan, the per-layer specs it gives, and what measuring it took."""
+
+    plan: object  # moec.mixed_precision.MixedPlan
+    specs: object  # moec.mixed_precision.LayerSpecs
+    passes: int
+    measured_on: str
+
+
+def choose_streamed(ck: LazyCheckpoint, hf, kinds: dict, lowering: list, options: CompileOptions,
+                    build_source) -> StreamedChoice:
+    """--quant auto: each fused layer's precision (moec.mixed_precision.choose_batched), its errors measured on the
+    verification inputs a pass over the checkpoint at a time (moec.measure_precision_streamed), before the graph
+    is captured with the chosen bit widths. `build_source(spec)`: the meta model as the task's source."""
+    from moec.measure_precision_streamed import StreamedErrors
+    from moec.mixed_precision import FULL, PRECISIONS, LayerSpecs, choose_batched
+    from moec.passes.quantize_experts import spec_from_options
+    from moec.quant import packed_shapes, quantized_shape
+
+    meta, src = build_source(None)
+    specs = {p: spec_from_options({**options.extra, "quant": p}) for p in PRECISIONS if p != FULL}
+    paths = [p.path for p in meta.planned if p.fused]
+    weight_bytes: dict[str, dict[str, int]] = {}
+    for planned in (p for p in meta.planned if p.fused):  # from shapes: what each precision would write
+        x = planned.spec.experts
+        entry = weight_bytes[planned.path] = {FULL: 0, **{p: 0 for p in specs}}
+        for name, shape in (("w_gate_up", (x.num_experts, x.intermediate * (2 if x.gated else 1), x.hidden)),
+                            ("w_down", (x.num_experts, x.hidden, x.intermediate))):
+            entry[FULL] += math.prod(shape) * 4
+            for precision, spec in specs.items():
+                w = torch.empty(shape, device="meta")
+                weight, scales, zps = packed_shapes(quantized_shape(w, spec, f"{planned.path}.{name}"))
+                entry[precision] += math.prod(weight) + 4 * math.prod(scales) + (math.prod(zps) if zps else 0)
+    # a streamer only for reading layers at full precision, fused (experts one at a time where they can be)
+    reader = LayerStreamer(ck, ck.skeleton(hf.config), meta.planned, kinds, specs["int8"], lowering, options.extra,
+                           lambda msg: None)
+    inputs = src.verification_inputs(options.verify_seq_len)
+    wrap = wrapper_of(src.module)
+    errors = StreamedErrors(lambda: wrap(ck.skeleton()), inputs, ck, reader.prepare_calibration, paths,
+                            options.extra, options.log)
+    try:
+        plan = choose_batched(paths, weight_bytes, errors, float(options.extra["accuracy_budget"]), options.log)
+    finally:
+        if reader.streaming is not None:
+            reader.streaming.done()
+    chosen = LayerSpecs({p: None if c == FULL else specs[c] for p, c in plan.choice.items()})
+    from moec.mixed_precision import describe
+
+    options.log(f"  quant auto: {describe(plan.choice)} (relative L2 {plan.measured:.3g} within "
+                f"{plan.budget:g}; {errors.passes} pass(es) over the checkpoint)")
+    return StreamedChoice(plan, chosen, errors.passes,
+                          f"the logits on the {len(inputs)} verification inputs, a decoder layer at a time")
 
 
 def _layer_report(planned, lowered) -> dict:
@@ -707,7 +808,7 @@ class LayerStreamer:
             fused = self.fuse_real(model, path, record)
             if self.pruning is not None:  # before quantization, as the passes run in memory
                 self.pruning.apply(fused, path, record)
-            if self.spec is not None:
+            if spec_at(self.spec, path) is not None:  # --quant auto: each layer at its own precision, or none
                 self.quantize(path, fused, record)
         if self.dense is not None and not record:  # the reference: what MatMulNBits computes with
             self.dense.dequantize(model, key)
@@ -860,10 +961,11 @@ class LayerStreamer:
         from moec.passes.quantize_experts import give_codes
         from moec.quant import quantize
 
-        q1 = quantize(fused.w_gate_up, self.spec, f"{path}.w_gate_up")
-        q2 = quantize(fused.w_down, self.spec, f"{path}.w_down")
+        spec = spec_at(self.spec, path)
+        q1 = quantize(fused.w_gate_up, spec, f"{path}.w_gate_up")
+        q2 = quantize(fused.w_down, spec, f"{path}.w_down")
         x = self.probe(next(p for p in self.planned if p.path == path)) if record else None
-        outcome = give_codes(path, fused, self.spec, q1, q2, x)
+        outcome = give_codes(path, fused, spec, q1, q2, x)
         if not record:  # the exact reference needs the dequantized weights only; the codes would outlive the layer
             fused.quantized = None
             return

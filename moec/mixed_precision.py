@@ -2,14 +2,16 @@
 model's outputs stays within --accuracy-budget.
 
 Sensitivity: each layer alone at each precision (every other layer at full precision), the outputs' relative L2
-against the full-precision model on the compile's verification inputs. Choice, greedy: every layer starts at int2;
-the step (one layer up one precision) that removes the most squared error per byte it adds is taken while the
+against the full-precision model on the compile's verification inputs; measured together with each precision on
+every layer (uniform), in one batch (`errors_of` takes a list of choices: out of core, one pass over the
+checkpoint measures them all, moec.measure_precision_streamed). Choice, greedy: every layer starts at int2; the
+step (one layer up one precision) that removes the most squared error per byte it adds is taken while the
 predicted error (the root of the summed squares: layers' errors are treated as independent) is over the budget;
 then the real combined error is measured, and more steps are taken while it is over. Full precision everywhere is
-the original model, so a choice always exists. Then each layer, the biggest saving first, steps back down while
-the measured error stays within the budget (the greedy climb can overshoot), and a uniform precision within the
-budget that writes fewer bytes still replaces the result. The steps form the bytes-vs-error curve the report
-keeps.
+the original model, so a choice always exists. Then, round by round, every layer one step down is measured (one
+batch a round) and the step that saves most bytes within the budget is taken (the greedy climb can overshoot),
+until none fits; a uniform precision within the budget that writes fewer bytes still replaces the result. The
+steps form the bytes-vs-error curve the report keeps.
 
 One precision per layer: ONNX Runtime's QMoE takes one bit width per node, so experts of a layer can't differ.
 """
@@ -59,17 +61,43 @@ class MixedPlan:
                 "sensitivity": self.sensitivity, "curve": [s.to_dict() for s in self.steps], "uniform": self.uniform}
 
 
+@dataclass(frozen=True)
+class LayerSpecs:
+    """--quant auto's choice where the out-of-core compile takes one QuantSpec: each fused layer's (by its planned
+    path), None for a layer kept at full precision."""
+
+    by_path: dict
+    name: str = "auto"
+
+
+def spec_at(spec, path: str):
+    """The QuantSpec of the fused layer at `path` (or inside it): `spec` itself unless it is a LayerSpecs."""
+    if not isinstance(spec, LayerSpecs):
+        return spec
+    return next((s for p, s in spec.by_path.items() if path == p or path.startswith(p + ".")), None)
+
+
 def choose(paths: list[str], weight_bytes: dict[str, dict[str, int]], error_of: Callable[[dict[str, str]], float],
            budget: float, log: Callable[[str], None] = lambda _: None) -> MixedPlan:
     """`error_of(choice)` measures the outputs' relative L2 with each layer at its precision (layers not named stay
     at full precision)."""
+    return choose_batched(paths, weight_bytes, lambda choices: [error_of(c) for c in choices], budget, log)
+
+
+def choose_batched(paths: list[str], weight_bytes: dict[str, dict[str, int]],
+                   errors_of: Callable[[list[dict[str, str]]], list[float]], budget: float,
+                   log: Callable[[str], None] = lambda _: None) -> MixedPlan:
+    """`errors_of(choices)`: each choice's error (as `choose`'s error_of), measured together."""
+    lower = PRECISIONS[:-1]
+    singles = [{path: precision} for path in paths for precision in lower]
+    measured_first = errors_of(singles + [{p: precision for p in paths} for precision in lower])
     sensitivity: dict[str, dict[str, float]] = {}
     for i, path in enumerate(paths):
-        sensitivity[path] = {FULL: 0.0}
-        for precision in PRECISIONS[:-1]:
-            sensitivity[path][precision] = error_of({path: precision})
+        sensitivity[path] = {FULL: 0.0, **{precision: measured_first[i * len(lower) + j]
+                                           for j, precision in enumerate(lower)}}
         log(f"quant auto: sensitivity of {path} ({i + 1}/{len(paths)}): "
-            + ", ".join(f"{p} {sensitivity[path][p]:.3g}" for p in PRECISIONS[:-1]))
+            + ", ".join(f"{p} {sensitivity[path][p]:.3g}" for p in lower))
+    uniform = dict(zip(lower, measured_first[len(singles):]))
     plan = MixedPlan(budget, {p: PRECISIONS[0] for p in paths}, sensitivity, weight_bytes)
 
     def predicted(choice: dict[str, str]) -> float:
@@ -81,7 +109,7 @@ def choose(paths: list[str], weight_bytes: dict[str, dict[str, int]], error_of: 
 
     while True:
         if predicted(plan.choice) <= budget:
-            measured = error_of(plan.choice)
+            measured = errors_of([dict(plan.choice)])[0]
             plan.steps.append(step(measured))
             log(f"quant auto: {describe(plan.choice)} -> relative L2 {measured:.3g} (budget {budget:g})")
             if measured <= budget:
@@ -92,18 +120,21 @@ def choose(paths: list[str], weight_bytes: dict[str, dict[str, int]], error_of: 
         if up is None:  # every layer at full precision: the model as it was (error 0), within any budget
             break
         plan.choice[up] = PRECISIONS[PRECISIONS.index(plan.choice[up]) + 1]
-    # back down where the climb overshot: the layers whose step down saves most first
-    for path in sorted(paths, key=lambda p: -_saving(p, plan.choice[p], weight_bytes)):
-        while plan.choice[path] != PRECISIONS[0]:
-            lower = {**plan.choice, path: PRECISIONS[PRECISIONS.index(plan.choice[path]) - 1]}
-            measured = error_of(lower)
-            if not measured <= budget:
-                break
-            plan.choice = lower
-            plan.steps.append(step(measured))
-            log(f"quant auto: {path} down to {lower[path]} -> relative L2 {measured:.3g}")
-    for precision in PRECISIONS[:-1]:
-        err = error_of({p: precision for p in paths})
+    # back down where the climb overshot: each round measures every layer one step down, and takes the step that
+    # saves most within the budget
+    while True:
+        downs = [p for p in sorted(paths, key=lambda p: -_saving(p, plan.choice[p], weight_bytes))
+                 if plan.choice[p] != PRECISIONS[0]]
+        tries = [{**plan.choice, p: PRECISIONS[PRECISIONS.index(plan.choice[p]) - 1]} for p in downs]
+        errors = errors_of(tries) if tries else []
+        fits = [(path, choice, err) for path, choice, err in zip(downs, tries, errors) if err <= budget]
+        if not fits:
+            break
+        path, plan.choice, measured = fits[0]  # downs are ordered by what their step saves
+        plan.steps.append(step(measured))
+        log(f"quant auto: {path} down to {plan.choice[path]} -> relative L2 {measured:.3g}")
+    for precision in lower:
+        err = uniform[precision]
         plan.uniform.append({"precision": precision, "weight_bytes": sum(weight_bytes[p][precision] for p in paths),
                              "rel_l2": err, "within_budget": err <= budget})
     cheaper = [u for u in plan.uniform if u["within_budget"] and u["weight_bytes"] < plan.steps[-1].weight_bytes]

@@ -283,10 +283,14 @@ def build_on_meta(hf: HFConfig, kinds: dict[tuple, MiniatureOutcome], lowering: 
         # keyed by the planned layer's path (a FusedMoE may sit inside its layer's wrapper), in module order
         pruned = {next((p for p in fused if own == p or own.startswith(p + ".")), own): counts
                   for own, counts in prune_shapes(full, options["prune_experts"]).items()}
-    if spec is not None:
+    if spec is not None:  # one QuantSpec, or --quant auto's per layer (moec.mixed_precision.LayerSpecs)
+        from moec.mixed_precision import spec_at
+
         for path, fused in iter_fused(full):
-            fused.quantized = QuantizedExperts(quantized_shape(fused.w_gate_up, spec, f"{path}.w_gate_up"),
-                                               quantized_shape(fused.w_down, spec, f"{path}.w_down"))
+            at = spec_at(spec, path)
+            if at is not None:
+                fused.quantized = QuantizedExperts(quantized_shape(fused.w_gate_up, at, f"{path}.w_gate_up"),
+                                                   quantized_shape(fused.w_down, at, f"{path}.w_down"))
     results = {p.name: p(full, PassContext(probes=[], options=options or {})) for p in lowering}
     dense = results.pop("quantize_dense", None)
     lowered = [o for r in results.values() for o in r.layers]

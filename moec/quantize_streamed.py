@@ -79,10 +79,11 @@ class RoundToNearest(Coder):
         self.spec = spec
 
     def codes(self, reader, path: str, e: int, stacked: dict, w: ExpertWeights) -> tuple:
+        from moec.mixed_precision import spec_at
         from moec.quant import quantize
 
-        return (quantize(w.w_gate_up, self.spec, f"{path}.w_gate_up"),
-                quantize(w.w_down, self.spec, f"{path}.w_down"))
+        spec = spec_at(self.spec, path)  # --quant auto: the layer's own
+        return (quantize(w.w_gate_up, spec, f"{path}.w_gate_up"), quantize(w.w_down, spec, f"{path}.w_down"))
 
     def dequantized(self, path: str, e: int, w: ExpertWeights) -> ExpertWeights:
         from moec.quant import dequantize
@@ -142,6 +143,10 @@ class StreamedQuantizer:
         sub = model.get_submodule(planned.path)
         mini = self.kinds.get(layer_kind(sub))
         anatomy = analyze(sub)
+        from moec.mixed_precision import spec_at
+
+        if spec_at(self.spec, planned.path) is None:  # --quant auto kept it at full precision: read whole, as fp32
+            return None
         route = planned.spec.route
         why = ("its expert reading was not recorded" if mini is None or mini.layout is None else
                "its experts are not stacked tensors" if not isinstance(anatomy, Anatomy) or anatomy.source.stacked is None
@@ -173,6 +178,7 @@ class StreamedQuantizer:
         from moec.numerics import compare_tensors
         from moec.passes.fuse_moe import MATCH_TOL, CalledLike, analyze
         from moec.passes.layers import LayerCall, set_submodule
+        from moec.mixed_precision import spec_at
         from moec.plan_model import fuse_as_miniature, layer_kind
         from moec.quant import quantized_shape
 
@@ -217,8 +223,9 @@ class StreamedQuantizer:
             self.coder.keep(path, keep)
             self.coder.use(path, fused, calibration)
             outcome = self._quantize(fused, path, fp32, probe, beside, keep)
-            fused.quantized = QuantizedExperts(quantized_shape(fused.w_gate_up, self.spec, f"{path}.w_gate_up"),
-                                               quantized_shape(fused.w_down, self.spec, f"{path}.w_down"))
+            spec = spec_at(self.spec, path)
+            fused.quantized = QuantizedExperts(quantized_shape(fused.w_gate_up, spec, f"{path}.w_gate_up"),
+                                               quantized_shape(fused.w_down, spec, f"{path}.w_down"))
         elif use == "dequantized":
             if prune is not None:
                 keep = prune(fused)
@@ -241,7 +248,9 @@ class StreamedQuantizer:
         from moec.quant import QuantizedWeight, pack
         from moec.targets.onnxruntime.lower_moe_onnxruntime import plan_layer
 
-        spec = self.spec
+        from moec.mixed_precision import spec_at
+
+        spec = spec_at(self.spec, path)  # --quant auto: the layer's own
         swiglu = plan_layer(fused.spec, fused.spec.route.top_k).activation_type == "swiglu"
         packed: dict[str, np.ndarray] = {}  # each [E, ...], filled expert by expert: the layer's codes held once
         biases: dict[str, list] = {"b_gate_up": [], "b_down": []}

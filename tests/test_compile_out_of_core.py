@@ -340,8 +340,8 @@ def test_bf16_writes_the_checkpoints_bf16_bits_and_verifies_them_widened(checkpo
 
 def test_options_it_does_not_stream_are_refused_by_name(checkpoints, tmp_path, capsys):
     assert _compile(checkpoints["qwen3_moe"], str(tmp_path / "out"), "--quant", "auto", "--accuracy-budget",
-                    "0.1") == 2
-    assert "--quant auto: not available in an out-of-core compile" in capsys.readouterr().err
+                    "0.1", "--calibration", "random:4") == 2
+    assert "--quant auto with --calibration: not available in an out-of-core compile" in capsys.readouterr().err
     assert _compile(checkpoints["qwen3_moe"], str(tmp_path / "out"), "--target", "tensorrt") == 2
     assert "--target tensorrt" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -449,6 +449,50 @@ def test_quantized_experts_stream_the_codes_the_in_memory_compile_makes(quant, c
     assert report["numerics"]["inputs"][0]["rel_l2"] < 1e-5  # exact against the dequantized layers
     assert q["logits_vs_fp32"]["rel_l2"] > 1e-4  # and quantization did move the logits from full precision
     assert q["accuracy_budget"] == 0.9  # gated, and within it
+
+
+def test_quant_auto_out_of_core_chooses_what_the_in_memory_compile_chooses(checkpoints, tmp_path, capsys):
+    """--quant auto streamed: the same sensitivities, uniform errors and choice as the whole-model search (the
+    errors measured a decoder layer at a time, many choices a pass), each layer written at its precision with the
+    in-memory compile's codes, verified exactly against the dequantized reference and within the budget."""
+    from onnx.numpy_helper import to_array
+
+    streamed, whole = str(tmp_path / "streamed"), str(tmp_path / "whole")
+    assert _compile(checkpoints["qwen3_moe"], streamed, "--quant", "auto", "--accuracy-budget", "0.1") == 0
+    assert main(["compile", checkpoints["qwen3_moe"], "--out", whole, "--out-of-core", "off", "--task", "logits",
+                 "--quiet", "--quant", "auto", "--accuracy-budget", "0.1"]) == 0
+    report = json.load(open(os.path.join(streamed, "report.json")))
+    q, w = report["quantization"], json.load(open(os.path.join(whole, "report.json")))["quantization"]
+    auto, want = q["auto"], w["auto"]
+    inner = {k.removeprefix("model."): v for k, v in want["choice"].items()}  # in memory: under the task wrapper
+    assert auto["choice"] == inner and sorted(inner.values()) == ["int4", "int8"]  # int8 within, int4 over
+    for path, errors in auto["sensitivity"].items():
+        assert errors == pytest.approx(want["sensitivity"]["model." + path], rel=1e-4)
+    assert [u["rel_l2"] for u in auto["uniform"]] == pytest.approx([u["rel_l2"] for u in want["uniform"]], rel=1e-4)
+    assert auto["passes"] >= 2 and auto["measured_rel_l2"] <= 0.1
+    assert q["logits_vs_fp32"]["rel_l2"] == pytest.approx(auto["measured_rel_l2"], rel=1e-3)  # what it measured
+    assert q["weight_bytes_quantized"] == w["weight_bytes_quantized"] < auto["uniform"][2]["weight_bytes"]
+    assert sorted(l["quantization"].split()[0] for l in q["layers"]) == ["int4", "int8"]
+    assert report["numerics"]["passed"] and report["numerics"]["inputs"][0]["rel_l2"] < 1e-5
+    a = {t.name: to_array(t, base_dir=streamed) for t in onnx.load(os.path.join(streamed, "model.onnx")).graph.initializer}
+    b = {t.name: to_array(t) for t in onnx.load(os.path.join(whole, "model.onnx")).graph.initializer}
+    codes = [n for n in a if n.endswith(("mlp.fc1", "mlp.fc2", "fc1_scales", "fc2_scales"))]
+    assert len(codes) == 8 and all(a[n].dtype == b[n].dtype and np.array_equal(a[n], b[n]) for n in codes), codes
+    assert json.load(open(os.path.join(streamed, "golden", "manifest.json")))["precision"] == "auto"
+    capsys.readouterr()
+    assert main(["inspect", streamed, "--quant"]) == 0
+    assert "--quant auto, budget 0.1" in capsys.readouterr().out
+
+
+def test_quant_auto_out_of_core_keeps_layers_at_full_precision_under_a_tight_budget(checkpoints, tmp_path):
+    out = str(tmp_path / "out")
+    assert _compile(checkpoints["deepseek_v3"], out, "--quant", "auto", "--accuracy-budget", "1e-5") == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    q = report["quantization"]
+    assert set(q["auto"]["choice"].values()) == {"fp32"} and q["logits_vs_fp32"]["rel_l2"] < 1e-5
+    assert all(l["method"] == "kept at full precision" for l in q["layers"]) and len(q["layers"]) == 2
+    assert all(l["lowered_to"].startswith("com.microsoft.MoE") for l in report["moe_layers"]["layers"])
+    assert report["numerics"]["passed"]
 
 
 def test_an_accuracy_budget_the_quantization_exceeds_writes_nothing(checkpoints, tmp_path, capsys):

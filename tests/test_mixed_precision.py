@@ -7,7 +7,7 @@ import pytest
 
 import moec
 from moec import cli
-from moec.mixed_precision import FULL, PRECISIONS, choose
+from moec.mixed_precision import FULL, PRECISIONS, choose, choose_batched
 
 # two layers; layer "b" is four times as sensitive as "a"
 SENSITIVITY = {"a": {"int2": 0.4, "int4": 0.1, "int8": 0.005}, "b": {"int2": 1.6, "int4": 0.4, "int8": 0.02}}
@@ -66,6 +66,23 @@ def test_a_real_error_over_the_prediction_takes_more_steps():
     plan = choose(["a", "b"], BYTES, correlated, 0.11)  # predicted 0.102 at (int4, int8), measured 0.12
     assert plan.measured <= 0.11 and plan.choice == {"a": "int8", "b": "int8"}
     assert any(s.measured is not None and s.measured > 0.11 for s in plan.steps)
+
+
+def test_measurements_come_in_batches_a_streamed_pass_can_take_together():
+    """The sensitivities and the uniform precisions are one batch, each climb measurement one, and each round
+    down one batch of every layer one step down: out of core a batch is one pass over the checkpoint."""
+    sensitivity = {"a": {"int2": 1.0, "int4": 0.5, "int8": 0.3}, "b": {"int2": 1.0, "int4": 0.1, "int8": 0.0}}
+    batches = []
+
+    def errors_of(choices):
+        batches.append(choices)
+        return [math.sqrt(sum(sensitivity[p][c] ** 2 for p, c in ch.items() if c != FULL)) for ch in choices]
+
+    plan = choose_batched(["a", "b"], BYTES, errors_of, 0.31)
+    assert len(batches[0]) == 2 * 3 + 3 and all(len(ch) == 1 for ch in batches[0][:6])
+    downs = [b for b in batches[1:] if len(b) > 1]
+    assert downs and all(len(set(map(str, b))) == len(b) for b in downs)  # every layer one step down, each once
+    assert sum(BYTES[p][c] for p, c in plan.choice.items()) <= 200 and plan.measured <= 0.31
 
 
 def _compile(tmp_path, name, **extra):

@@ -213,6 +213,7 @@ def test_act_order_is_refused_before_anything_is_captured(tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--quant", "int8"], "already quantized (int4 block 16); --quant would re-quantize"),
     (["--dtype", "fp16"], "--dtype fp16 with experts already quantized in the model"),
+    (["--quant", "auto", "--accuracy-budget", "0.1"], "is already quantized (gptq); its codes are folded as they are"),
 ])
 def test_flags_the_checkpoint_contradicts_are_refused(args, message, tmp_path, capsys):
     path = str(tmp_path / "ckpt")

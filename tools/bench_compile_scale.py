@@ -5,7 +5,8 @@ on the configs of models too big to hold (Kimi-K2, DeepSeek-V3).
         gpt-oss-20b-mxfp4 qwen3-30b-a3b-gptq qwen3-30b-a3b-gptq-dense qwen3-30b-a3b-gptq-dense-calibrated
         granite-1b-pruned granite-1b-pruned-int4
         granite-1b-int4-dense granite-1b-int4-dense-calibrated granite-1b-s1-int4-dense
-        granite-1b-s1-int4-dense-calibrated granite-1b-s1-int4-dense-calibrated-512 granite-1b-fp16 granite-1b-bf16]
+        granite-1b-s1-int4-dense-calibrated granite-1b-s1-int4-dense-calibrated-512 granite-1b-s1-int4
+        granite-1b-s1-auto granite-1b-fp16 granite-1b-bf16]
         [--modes on off] [--plans kimi-k2 deepseek-v3] [--workdir DIR] [--keep]
 
 For each model: writes a Hugging Face checkpoint (bf16 safetensors, random N(0, 0.02) weights from the real
@@ -103,6 +104,10 @@ MODELS = {
     # it fits on; random:16 (128 tokens) leaves every expert and layer Linear rounded to nearest, and says so
     "granite-1b-s1-int4-dense-calibrated-512": dict(checkpoint="granite-1b-s1", flags=[
         "--quant", "int4", "--quant-dense", "--calibration", "random:512"]),
+    # --quant auto out of core on the correlated checkpoint, beside uniform int4 (one run): each layer's precision
+    # chosen within 0.05 of the fp32 logits, measured a pass over the checkpoint at a time
+    "granite-1b-s1-int4": dict(checkpoint="granite-1b-s1", flags=["--quant", "int4"]),
+    "granite-1b-s1-auto": dict(checkpoint="granite-1b-s1", flags=["--quant", "auto", "--accuracy-budget", "0.05"]),
     # granite-1b's checkpoint to fp16 and bf16 artifacts (bf16: the checkpoint's own bits, verified widened to fp32)
     "granite-1b-fp16": dict(checkpoint="granite-1b", flags=["--dtype", "fp16"]),
     "granite-1b-bf16": dict(checkpoint="granite-1b", flags=["--dtype", "bf16"]),
@@ -302,6 +307,12 @@ def run_model(name: str, workdir: str, keep: bool, mode: str) -> dict:
                 dense = (quant.get("dense") or {}).get("layers", [])
                 kinds = [l.get("method", "").split(" (")[0] or "round-to-nearest" for l in dense]
                 row["dense_methods"] = {m: kinds.count(m) for m in sorted(set(kinds))}
+            auto = quant.get("auto")
+            if auto:  # --quant auto: what it chose, the bytes it writes, and what measuring it took
+                row["auto"] = {"choice": {p: list(auto["choice"].values()).count(p)
+                                          for p in sorted(set(auto["choice"].values()))},
+                               "weight_bytes": auto["weight_bytes"], "measured_rel_l2": auto["measured_rel_l2"],
+                               "passes": auto.get("passes"), "uniform": auto["uniform"]}
             pruning = report.get("pruning")
             if pruning:
                 row["pruning"] = {k: pruning[k] for k in ("experts_before", "experts_after", "weight_bytes_before",
@@ -396,6 +407,12 @@ def render(rows: list[dict], plans: list[dict]) -> None:
         if r.get("quantized_logits_vs_fp32") is not None:
             print(f"  quantized: logits vs fp32 relative L2 {r['quantized_logits_vs_fp32']:.3f}; dense Linears: "
                   + ", ".join(f"{n} {m}" for m, n in r.get("dense_methods", {}).items()))
+        if r.get("auto"):
+            a = r["auto"]
+            print(f"  quant auto: {', '.join(f'{n} {p}' for p, n in a['choice'].items())}, "
+                  f"{a['weight_bytes'] / 2**20:.0f} MiB of experts, logits {a['measured_rel_l2']:.3f} "
+                  f"({a['passes']} passes); uniform: " + ", ".join(
+                      f"{u['precision']} {u['weight_bytes'] / 2**20:.0f} MiB at {u['rel_l2']:.3f}" for u in a["uniform"]))
         if "end_to_end" in r:
             e = r["end_to_end"]
             print("  end to end: " + (f"relative L2 {e['rel_l2']:.1e}, its process peaked at "

@@ -1,0 +1,187 @@
+"""--quant auto in an out-of-core compile: the logits' error of many per-layer precision choices, measured together
+in one pass over the checkpoint, one decoder layer in memory at a time.
+
+Matches: an out-of-core compile given --quant auto; it is moec.mixed_precision.choose_batched's `errors_of`.
+Produces: for each choice (fused layer path -> int2|int4|int8|fp32; a layer not named stays at fp32) the worst
+  relative L2, over the compile's verification inputs, of the logits against the full-precision model's: what the
+  in-memory search measures on the whole model, and what the compile's budget check measures on the artifact
+  afterwards. The experts at a precision are round-to-nearest's codes dequantized: the codes the artifact gets.
+How: the verification inputs go through the model one decoder layer at a time, as calibration's batches do
+  (moec.calibrate_streamed.LayerInputs: the layers before the one running replay what it returned, the model's own
+  forward runs around it). A choice's hidden states after layer i depend only on its precisions up to layer i, so
+  choices that agree that far share one state: layer i runs once for each distinct such prefix, from its parent's
+  state. The sensitivity batch (every layer alone at each precision, and each precision everywhere) is then about
+  3 i + 4 runs of layer i rather than a whole model per choice. Each layer is read once a pass, at full precision
+  with its MoE layers fused (experts read one at a time where they stream, up to KEPT_BYTES of them kept between
+  runs), and set to each precision in turn: a streamed layer dequantizes each expert as it is read, a layer read
+  whole gets dequantized copies of its stacked experts, its own put back after. After the last layer each final
+  state runs the final norm and the head; its logits are compared with the full-precision ones at once and
+  dropped (a large vocabulary's logits are not held for every choice).
+Holds: one decoder layer as the compile reads it, a dequantized copy of a whole-read layer's experts while that
+  precision runs, and the hidden states of each distinct prefix on the verification inputs (a few thousand tokens
+  at most).
+Refuses: nothing of its own; a model the layer-by-layer run cannot carry fails as calibration does
+  (CalibrationError naming the layer).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+from torch import nn
+
+from moec.calibrate_streamed import KEPT_BYTES, LayerInputs, _Replay, _Zeros
+from moec.external_data import layer_key
+from moec.lazy_checkpoint import LazyCheckpoint, decoder_layers, release
+from moec.mixed_precision import FULL
+from moec.numerics import compare_tensors
+from moec.stream_experts import KeptExperts, StreamedExperts
+
+Prefix = tuple  # one variant (a tuple of precisions, one per fused layer of the decoder layer) per layer so far
+
+
+class StreamedErrors:
+    def __init__(self, skeleton: Callable[[], nn.Module], inputs: list[tuple], ck: LazyCheckpoint,
+                 prepare: Callable[[nn.Module, str], None], fused_paths: list[str], extra: dict,
+                 log: Callable[[str], None]):
+        """`skeleton()`: the task's wrapper around a fresh skeleton of the checkpoint's model (one a pass: a pass
+        leaves its layers fused); `prepare(model, key)` reads a decoder layer at full precision with its MoE layers
+        fused; `extra`: the compile's options (block size, asymmetric: the codes' settings but the bit width)."""
+        self.skeleton, self.inputs, self.ck, self.prepare, self.fused_paths = skeleton, inputs, ck, prepare, fused_paths
+        self.extra, self.log = extra, log
+        _, layers = decoder_layers(skeleton().model)
+        # per decoder layer, its fused layers' paths: what a prefix's variant at that layer names
+        self.per_layer = [[p for p in fused_paths if layer_key(p + ".") == f"layers.{i}"] for i in range(len(layers))]
+        self.passes = 0
+
+    def __call__(self, choices: list[dict[str, str]]) -> list[float]:
+        """Each choice's worst relative L2 of the logits over the inputs, against the full-precision model."""
+        t = time.perf_counter()
+        self.passes += 1
+        self.module = self.skeleton()
+        self.model = self.module.model
+        self.layers = LayerInputs(self.module, self.inputs, self.ck, self.prepare, self.fused_paths, lambda msg: None)
+        every = [self._prefix(c) for c in choices]
+        full = self._prefix({})
+        states: dict[Prefix, list] = {(): []}
+        for i, paths in enumerate(self.per_layer):
+            want = {p[:i + 1] for p in every + [full]}
+            states = self._layer(i, paths, want, states)
+        errors = self._logits_errors(states, full, set(every))
+        self.module = self.model = self.layers = None
+        self.log(f"  quant auto: pass {self.passes} over the checkpoint, {len(choices)} choice(s), "
+                 f"{len(states)} final state(s) ({time.perf_counter() - t:.1f} s)")
+        return [errors[p] for p in every]
+
+    def _prefix(self, choice: dict[str, str]) -> Prefix:
+        return tuple(tuple(choice.get(path, FULL) for path in paths) for paths in self.per_layer)
+
+    def _layer(self, i: int, paths: list[str], want: set, states: dict) -> dict:
+        """Decoder layer i run from each wanted prefix's parent state, at the prefix's variant: the new states."""
+        key, runner = f"layers.{i}", self.layers
+        _, layers = decoder_layers(self.model)
+        runner.prepare(self.model, key)
+        kept = KeptExperts(KEPT_BYTES)  # the layer runs once per state and input: its experts read once if they fit
+        for m in layers[i].modules():
+            if isinstance(getattr(m, "stream", None), StreamedExperts):
+                kept.wrap(m.stream)
+        embeddings = runner._embeddings(i)
+        before = [layers[j] for j in range(i)]
+        out: dict[Prefix, list] = {}
+        try:
+            for variant in sorted({p[-1] for p in want}):
+                with self._at(paths, variant):
+                    for prefix in sorted(p for p in want if p[-1] == variant):
+                        out[prefix], _ = runner._run(key, i, layers, before, states[prefix[:-1]], {})
+        finally:
+            for j in range(i):
+                layers[j] = before[j]
+            self.model.set_input_embeddings(embeddings)
+            release(self.model, buffers=False)
+            release(layers[i], buffers=True)
+            for m in layers[i].modules():  # a layer reading its experts one at a time: its reader goes too
+                if getattr(m, "stream", None) is not None:
+                    m.stream = None
+        return out
+
+    @contextmanager
+    def _at(self, paths: list[str], variant: tuple):
+        """The decoder layer's fused layers computing with round-to-nearest's dequantized experts at `variant`'s
+        precisions (fp32: as read); put back after."""
+        from moec.moe_layer import FusedMoE
+        from moec.passes.quantize_experts import spec_from_options
+        from moec.quant import dequantize, quantize
+        from moec.quantize_streamed import RoundToNearest
+
+        undo = []
+        try:
+            for path, precision in zip(paths, variant):
+                if precision == FULL:
+                    continue
+                spec = spec_from_options({**self.extra, "quant": precision})
+                fused = next(m for m in self.model.get_submodule(path).modules() if isinstance(m, FusedMoE))
+                stream = getattr(fused, "stream", None)
+                if isinstance(stream, StreamedExperts):  # each expert dequantized as it is read (separable)
+                    fetch, coder = stream.fetch, RoundToNearest(spec)
+                    stream.fetch = lambda e, fetch=fetch, coder=coder, path=path: coder.dequantized(path, e, fetch(e))
+                    undo.append(lambda stream=stream, fetch=fetch: setattr(stream, "fetch", fetch))
+                    continue
+                w1, w2 = fused.w_gate_up, fused.w_down
+                fused.w_gate_up = nn.Parameter(dequantize(quantize(w1, spec, f"{path}.w_gate_up")), requires_grad=False)
+                fused.w_down = nn.Parameter(dequantize(quantize(w2, spec, f"{path}.w_down")), requires_grad=False)
+                undo.append(lambda fused=fused, w1=w1, w2=w2: (setattr(fused, "w_gate_up", w1),
+                                                               setattr(fused, "w_down", w2)))
+            yield
+        finally:
+            for u in reversed(undo):
+                u()
+
+    def _logits_errors(self, states: dict, full: Prefix, wanted: set) -> dict[Prefix, float]:
+        """Each final state through the final norm and the head (the model's forward, every decoder layer replaying
+        the state): its worst relative L2 against the full-precision state's logits, the logits not kept."""
+        from moec.calibration import CalibrationError
+        from moec.errors import MoecError
+
+        _, layers = decoder_layers(self.model)
+        embeddings = self.model.get_input_embeddings()
+        tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+        name, alone = self.layers._embeddings_tensor(embeddings)
+        before, batch, replayed = [layers[j] for j in range(len(layers))], [0], [[]]
+
+        def logits(prefix: Prefix) -> list[torch.Tensor]:
+            replayed[0][:] = states[prefix]
+            got = []
+            for b, args in enumerate(self.inputs):
+                batch[0] = b
+                try:
+                    with torch.no_grad():
+                        out = self.module(*args)
+                except MoecError:
+                    raise
+                except Exception as exc:
+                    raise CalibrationError(f"--quant auto: the model fails on verification input {b} after its last "
+                                           f"decoder layer: {type(exc).__name__}: {str(exc)[:300]}.") from exc
+                got.append((out[0] if isinstance(out, (tuple, list)) else out).detach())
+            return got
+
+        try:  # the group but the input embeddings where they read alone (untied: as large as the head)
+            self.ck.materialise(self.model, "", skip=(lambda n: n == name) if alone and not tied else None)
+            if hasattr(self.model, "tie_weights"):
+                self.model.tie_weights()
+            for j in range(len(layers)):
+                layers[j] = _Replay(before[j], replayed[0], batch)
+            self.model.set_input_embeddings(_Zeros(embeddings.weight.shape[1]))
+            reference = logits(full)
+            errors = {}
+            for prefix in wanted:
+                errors[prefix] = 0.0 if prefix == full else max(
+                    float(compare_tensors(r, g).rel_l2) for r, g in zip(reference, logits(prefix)))
+            return errors
+        finally:
+            for j in range(len(layers)):
+                layers[j] = before[j]
+            self.model.set_input_embeddings(embeddings)
+            release(self.model, buffers=False)

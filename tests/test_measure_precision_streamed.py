@@ -1,0 +1,62 @@
+"""--quant auto out of core: many precision choices measured in one pass over the checkpoint, a layer at a time."""
+
+import json
+import os
+from collections import Counter
+
+import pytest
+import torch
+
+from moec import zoo
+from moec.cli import main
+from moec.measure_precision_streamed import StreamedErrors
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("ckpt") / "qwen3_moe")
+    zoo.build_hf_model("qwen3_moe").to(torch.bfloat16).save_pretrained(path, max_shard_size="100KB")
+    return path
+
+
+def _compile(path, out, budget="0.1"):
+    return main(["compile", path, "--out", out, "--out-of-core", "on", "--task", "logits", "--quiet", "--quant",
+                 "auto", "--accuracy-budget", budget])
+
+
+def test_choices_measured_together_are_each_measured_alone_and_each_layer_is_read_once_a_pass(checkpoint, tmp_path,
+                                                                                              monkeypatch):
+    calls = []
+    measure = StreamedErrors.__call__
+
+    def spy(self, choices):
+        got = measure(self, choices)
+        calls.append((self, choices, got))
+        return got
+
+    monkeypatch.setattr(StreamedErrors, "__call__", spy)
+    assert _compile(checkpoint, str(tmp_path / "out")) == 0
+    errors, choices, together = calls[0]
+    assert len(choices) == 2 * 3 + 3  # the sensitivity batch: each layer at int2/int4/int8, and each uniform
+    reads = Counter()
+    prepare = errors.prepare
+    errors.prepare = lambda model, key: (reads.update([key]), prepare(model, key))
+    alone = [measure(errors, [c])[0] for c in choices]
+    assert alone == pytest.approx(together, rel=1e-6, abs=1e-9)
+    assert reads == {"layers.0": len(choices), "layers.1": len(choices)}  # once a pass, whatever it measures
+    assert sorted(set(together)) == sorted(together) and min(together) > 0  # every choice moved the logits
+
+
+def test_a_layer_read_whole_measures_what_a_layer_streamed_expert_by_expert_does(checkpoint, tmp_path, monkeypatch):
+    """Streamed layers dequantize each expert as it is read; layers read whole get dequantized copies of their
+    stacked experts: the same codes, the same errors."""
+    from moec.quantize_streamed import StreamedQuantizer
+
+    assert _compile(checkpoint, str(tmp_path / "streamed")) == 0
+    monkeypatch.setattr(StreamedQuantizer, "_streamable", lambda self, model, planned: None)
+    assert _compile(checkpoint, str(tmp_path / "whole")) == 0
+    a, b = (json.load(open(os.path.join(tmp_path, d, "report.json")))["quantization"]["auto"]
+            for d in ("streamed", "whole"))
+    for path, errors in a["sensitivity"].items():
+        assert b["sensitivity"][path] == pytest.approx(errors, rel=1e-5)
+    assert a["choice"] == b["choice"]

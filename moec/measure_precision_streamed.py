@@ -18,7 +18,7 @@ How: the verification inputs go through the model one decoder layer at a time, a
   state runs the final norm and the head; its logits are compared with the full-precision ones at once and
   dropped (a large vocabulary's logits are not held for every choice).
 Holds: one decoder layer as the compile reads it, a dequantized copy of a whole-read layer's experts while that
-  precision runs, and the hidden states of each distinct prefix on the verification inputs (a few thousand tokens
+  precision runs (of a streamed layer's, up to KEPT_BYTES of them, beside up to KEPT_BYTES of its fp32 ones), and the hidden states of each distinct prefix on the verification inputs (a few thousand tokens
   at most).
 Refuses: nothing of its own; a model the layer-by-layer run cannot carry fails as calibration does
   (CalibrationError naming the layer).
@@ -70,6 +70,8 @@ class StreamedErrors:
         for i, paths in enumerate(self.per_layer):
             want = {p[:i + 1] for p in every + [full]}
             states = self._layer(i, paths, want, states)
+            self.log(f"  quant auto: pass {self.passes}, layers.{i} run from {len(want)} state(s) "
+                     f"({time.perf_counter() - t:.0f} s)")
         errors = self._logits_errors(states, full, set(every))
         self.module = self.model = self.layers = None
         self.log(f"  quant auto: pass {self.passes} over the checkpoint, {len(choices)} choice(s), "
@@ -127,6 +129,9 @@ class StreamedErrors:
                 if isinstance(stream, StreamedExperts):  # each expert dequantized as it is read (separable)
                     fetch, coder = stream.fetch, RoundToNearest(spec)
                     stream.fetch = lambda e, fetch=fetch, coder=coder, path=path: coder.dequantized(path, e, fetch(e))
+                    # and kept while this precision runs: its every state and input (int2's clipping search is
+                    # ~0.1 s an expert at granite-1b's size)
+                    KeptExperts(KEPT_BYTES).wrap(stream)
                     undo.append(lambda stream=stream, fetch=fetch: setattr(stream, "fetch", fetch))
                     continue
                 w1, w2 = fused.w_gate_up, fused.w_down

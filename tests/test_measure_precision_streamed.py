@@ -24,8 +24,9 @@ def _compile(path, out, budget="0.1"):
                  "auto", "--accuracy-budget", budget])
 
 
-def test_choices_measured_together_are_each_measured_alone_and_each_layer_is_read_once_a_pass(checkpoint, tmp_path,
-                                                                                              monkeypatch):
+@pytest.fixture(scope="module")
+def streamed(checkpoint, tmp_path_factory):
+    """The out-of-core --quant auto compile, with every batch StreamedErrors measured: (calls, artifact)."""
     calls = []
     measure = StreamedErrors.__call__
 
@@ -34,29 +35,35 @@ def test_choices_measured_together_are_each_measured_alone_and_each_layer_is_rea
         calls.append((self, choices, got))
         return got
 
-    monkeypatch.setattr(StreamedErrors, "__call__", spy)
-    assert _compile(checkpoint, str(tmp_path / "out")) == 0
-    errors, choices, together = calls[0]
+    out = str(tmp_path_factory.mktemp("art") / "streamed")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(StreamedErrors, "__call__", spy)
+        assert _compile(checkpoint, out) == 0
+    return calls, out
+
+
+def test_choices_measured_together_are_each_measured_alone_and_each_layer_is_read_once_a_pass(streamed):
+    errors, choices, together = streamed[0][0]
     assert len(choices) == 2 * 3 + 3  # the sensitivity batch: each layer at int2/int4/int8, and each uniform
     reads = Counter()
     prepare = errors.prepare
     errors.prepare = lambda model, key: (reads.update([key]), prepare(model, key))
-    alone = [measure(errors, [c])[0] for c in choices]
+    alone = [errors([c])[0] for c in choices]
     assert alone == pytest.approx(together, rel=1e-6, abs=1e-9)
     assert reads == {"layers.0": len(choices), "layers.1": len(choices)}  # once a pass, whatever it measures
     assert sorted(set(together)) == sorted(together) and min(together) > 0  # every choice moved the logits
 
 
-def test_a_layer_read_whole_measures_what_a_layer_streamed_expert_by_expert_does(checkpoint, tmp_path, monkeypatch):
+def test_a_layer_read_whole_measures_what_a_layer_streamed_expert_by_expert_does(checkpoint, streamed, tmp_path,
+                                                                                 monkeypatch):
     """Streamed layers dequantize each expert as it is read; layers read whole get dequantized copies of their
     stacked experts: the same codes, the same errors."""
     from moec.quantize_streamed import StreamedQuantizer
 
-    assert _compile(checkpoint, str(tmp_path / "streamed")) == 0
     monkeypatch.setattr(StreamedQuantizer, "_streamable", lambda self, model, planned: None)
     assert _compile(checkpoint, str(tmp_path / "whole")) == 0
-    a, b = (json.load(open(os.path.join(tmp_path, d, "report.json")))["quantization"]["auto"]
-            for d in ("streamed", "whole"))
+    a, b = (json.load(open(os.path.join(d, "report.json")))["quantization"]["auto"]
+            for d in (streamed[1], str(tmp_path / "whole")))
     for path, errors in a["sensitivity"].items():
         assert b["sensitivity"][path] == pytest.approx(errors, rel=1e-5)
     assert a["choice"] == b["choice"]

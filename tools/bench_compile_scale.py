@@ -105,9 +105,10 @@ MODELS = {
     "granite-1b-s1-int4-dense-calibrated-512": dict(checkpoint="granite-1b-s1", flags=[
         "--quant", "int4", "--quant-dense", "--calibration", "random:512"]),
     # --quant auto out of core on the correlated checkpoint, beside uniform int4 (one run): each layer's precision
-    # chosen within 0.05 of the fp32 logits, measured a pass over the checkpoint at a time
+    # chosen within 3e-5 of the fp32 logits (its random experts add little to the residual stream: int2 everywhere
+    # moves the logits by 6e-5, int4 by about 2e-5), measured a pass over the checkpoint at a time
     "granite-1b-s1-int4": dict(checkpoint="granite-1b-s1", flags=["--quant", "int4"]),
-    "granite-1b-s1-auto": dict(checkpoint="granite-1b-s1", flags=["--quant", "auto", "--accuracy-budget", "0.05"]),
+    "granite-1b-s1-auto": dict(checkpoint="granite-1b-s1", flags=["--quant", "auto", "--accuracy-budget", "3e-5"]),
     # granite-1b's checkpoint to fp16 and bf16 artifacts (bf16: the checkpoint's own bits, verified widened to fp32)
     "granite-1b-fp16": dict(checkpoint="granite-1b", flags=["--dtype", "fp16"]),
     "granite-1b-bf16": dict(checkpoint="granite-1b", flags=["--dtype", "bf16"]),
@@ -235,7 +236,7 @@ if sys.argv[2] == "--plan":
     print(json.dumps({"rc": rc, "base_kb": base, "peak_kb": status("VmHWM"), "seconds": time.perf_counter() - t,
                       "plan": plan}))
     sys.exit(0)
-rc = main(["compile", sys.argv[1], "--out", sys.argv[2], "--quiet", "--task", "logits", "--out-of-core", sys.argv[3]]
+rc = main(["compile", sys.argv[1], "--out", sys.argv[2], "--task", "logits", "--out-of-core", sys.argv[3]]
           + json.loads(sys.argv[4]))
 print(json.dumps({"rc": rc, "base_kb": base, "peak_kb": status("VmHWM"), "seconds": time.perf_counter() - t}))
 """
@@ -274,8 +275,11 @@ def run_model(name: str, workdir: str, keep: bool, mode: str) -> dict:
     env = dict(os.environ, OMP_WAIT_POLICY="passive", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     t = time.perf_counter()
     flags = MODELS[name].get("flags", [])
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, ckpt, out, mode, json.dumps(flags)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    log_path = os.path.join(workdir, f"{name}.{mode}.log")  # the compile's progress, to follow a long one
+    print(f"[{name}] its log: {log_path}", file=sys.stderr, flush=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, ckpt, out, mode, json.dumps(flags)],
+                                stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     peak_seen = 0
     while proc.poll() is None:  # the child's own report is lost if the kernel kills it: watch from here too
         try:
@@ -284,7 +288,9 @@ def run_model(name: str, workdir: str, keep: bool, mode: str) -> dict:
         except (OSError, StopIteration):
             pass
         time.sleep(0.5)
-    stdout, stderr = proc.communicate()
+    stdout, _ = proc.communicate()
+    with open(log_path) as f:
+        stderr = f.read()
     row = {"model": name, "out_of_core": mode, "flags": " ".join(flags), "checkpoint_bytes": _dir_bytes(ckpt), "seconds": time.perf_counter() - t}
     if proc.returncode != 0 and not stdout.strip():
         row.update(status=f"killed (signal {-proc.returncode})" if proc.returncode < 0 else f"exit {proc.returncode}",

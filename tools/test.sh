@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=passive HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-exec .venv/bin/python -m pytest -n 2 --dist loadfile -q -p no:cacheprovider "$@" tests
+exec .venv/bin/python -m pytest -n 2 --dist loadfile -q -p no:cacheprovider --durations=25 "$@" tests

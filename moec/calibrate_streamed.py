@@ -171,13 +171,7 @@ class LayerInputs:
         index = int(key.split(".")[1])
         if index != self.next:
             raise RuntimeError(f"calibration: layer {key} asked for before layers.{self.next}")
-        _, layers = decoder_layers(self.model)
-        self.prepare(self.model, key)
-        kept = KeptExperts(KEPT_BYTES)  # the layer runs once per batch and more: its experts read once if they fit
-        for m in layers[index].modules():
-            if isinstance(getattr(m, "stream", None), StreamedExperts):
-                kept.wrap(m.stream)
-        embeddings = self._embeddings(index)
+        layers, kept, embeddings, before = self._read_layer(key, index)
         fused: dict[str, FusedMoE] = {}
         for path in (p for p in self.fused_paths if layer_key(p + ".") == key):
             fused[path] = next(m for m in self.model.get_submodule(path).modules() if isinstance(m, FusedMoE))
@@ -186,7 +180,6 @@ class LayerInputs:
             r = f.spec.route
             stats[path] = LayerRouting(path, f.spec.experts.num_experts, r.top_k if r is not None else 0,
                                        r.n_group if r is not None else 1)
-        before = [layers[j] for j in range(index)]
         try:
             outputs, inputs = self._run(key, index, layers, before, self.outputs, fused)
             if self.dense is not None:  # on the layer as read, unpruned (its experts at full precision)
@@ -205,14 +198,7 @@ class LayerInputs:
                 else:
                     self.pruned_outputs = outputs
         finally:
-            for j in range(index):
-                layers[j] = before[j]
-            self.model.set_input_embeddings(embeddings)
-            release(self.model, buffers=False)
-            release(layers[index], buffers=True)
-            for m in layers[index].modules():  # a layer reading its experts one at a time: its reader goes too
-                if getattr(m, "stream", None) is not None:
-                    m.stream = None
+            self._drop_layer(index, layers, before, embeddings)
         self.outputs, self.next = outputs, index + 1
         self.routing += list(stats.values())
         read = kept.describe()
@@ -221,6 +207,29 @@ class LayerInputs:
                  + (", and through the pruned model's layer" if self.pruned_states and self.pruned_differ else "")
                  + (f"; {read})" if read else ")"))
         return inputs
+
+    def _read_layer(self, key: str, index: int) -> tuple:
+        """Decoder layer `index` read at full precision with its MoE layers fused, its streamed experts kept as
+        read (it runs once per batch and more: read once if they fit), the input embeddings stood in for
+        (`_embeddings`): (the decoder's layers, the KeptExperts, the embeddings to put back, the layers before)."""
+        _, layers = decoder_layers(self.model)
+        self.prepare(self.model, key)
+        kept = KeptExperts(KEPT_BYTES)
+        for m in layers[index].modules():
+            if isinstance(getattr(m, "stream", None), StreamedExperts):
+                kept.wrap(m.stream)
+        return layers, kept, self._embeddings(index), [layers[j] for j in range(index)]
+
+    def _drop_layer(self, index: int, layers, before: list, embeddings: nn.Module) -> None:
+        """After layer `index` ran: the layers before it and the embeddings put back, its weights dropped."""
+        for j in range(index):
+            layers[j] = before[j]
+        self.model.set_input_embeddings(embeddings)
+        release(self.model, buffers=False)
+        release(layers[index], buffers=True)
+        for m in layers[index].modules():  # a layer reading its experts one at a time: its reader goes too
+            if getattr(m, "stream", None) is not None:
+                m.stream = None
 
     def _run(self, key: str, index: int, layers, before: list, replayed: list, fused: dict) -> tuple[list, dict]:
         """The batches through layer `index`, the layers `before` it replaying `replayed` (what the last of them

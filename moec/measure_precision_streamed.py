@@ -84,14 +84,7 @@ class StreamedErrors:
     def _layer(self, i: int, paths: list[str], want: set, states: dict) -> dict:
         """Decoder layer i run from each wanted prefix's parent state, at the prefix's variant: the new states."""
         key, runner = f"layers.{i}", self.layers
-        _, layers = decoder_layers(self.model)
-        runner.prepare(self.model, key)
-        kept = KeptExperts(KEPT_BYTES)  # the layer runs once per state and input: its experts read once if they fit
-        for m in layers[i].modules():
-            if isinstance(getattr(m, "stream", None), StreamedExperts):
-                kept.wrap(m.stream)
-        embeddings = runner._embeddings(i)
-        before = [layers[j] for j in range(i)]
+        layers, _, embeddings, before = runner._read_layer(key, i)  # run once per state and input
         out: dict[Prefix, list] = {}
         try:
             for variant in sorted({p[-1] for p in want}):
@@ -99,14 +92,7 @@ class StreamedErrors:
                     for prefix in sorted(p for p in want if p[-1] == variant):
                         out[prefix], _ = runner._run(key, i, layers, before, states[prefix[:-1]], {})
         finally:
-            for j in range(i):
-                layers[j] = before[j]
-            self.model.set_input_embeddings(embeddings)
-            release(self.model, buffers=False)
-            release(layers[i], buffers=True)
-            for m in layers[i].modules():  # a layer reading its experts one at a time: its reader goes too
-                if getattr(m, "stream", None) is not None:
-                    m.stream = None
+            runner._drop_layer(i, layers, before, embeddings)
         return out
 
     @contextmanager

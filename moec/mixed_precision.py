@@ -9,8 +9,9 @@ step (one layer up one precision) that removes the most squared error per byte i
 predicted error (the root of the summed squares: layers' errors are treated as independent) is over the budget;
 then the real combined error is measured, and more steps are taken while it is over. Full precision everywhere is
 the original model, so a choice always exists. Then, round by round, every layer one step down is measured (one
-batch a round) and the step that saves most bytes within the budget is taken (the greedy climb can overshoot),
-until none fits; a uniform precision within the budget that writes fewer bytes still replaces the result. The
+batch) and the steps within the budget are taken together, biggest saving first, as many as still measure within
+it together (a second batch; at least the biggest saving is taken), until no step fits (the greedy climb can
+overshoot); a uniform precision within the budget that writes fewer bytes still replaces the result. The
 steps form the bytes-vs-error curve the report keeps.
 
 One precision per layer: ONNX Runtime's QMoE takes one bit width per node, so experts of a layer can't differ.
@@ -120,19 +121,24 @@ def choose_batched(paths: list[str], weight_bytes: dict[str, dict[str, int]],
         if up is None:  # every layer at full precision: the model as it was (error 0), within any budget
             break
         plan.choice[up] = PRECISIONS[PRECISIONS.index(plan.choice[up]) + 1]
-    # back down where the climb overshot: each round measures every layer one step down, and takes the step that
-    # saves most within the budget
+    # back down where the climb overshot: each round measures every layer one step down (one batch), then the
+    # steps that fit taken together, the biggest savings first, as many as still fit (one batch more: the first
+    # j of them for every j); a round takes at least the step that saves most
     while True:
         downs = [p for p in sorted(paths, key=lambda p: -_saving(p, plan.choice[p], weight_bytes))
                  if plan.choice[p] != PRECISIONS[0]]
-        tries = [{**plan.choice, p: PRECISIONS[PRECISIONS.index(plan.choice[p]) - 1]} for p in downs]
+        tries = [{**plan.choice, p: _lower(plan.choice[p])} for p in downs]
         errors = errors_of(tries) if tries else []
         fits = [(path, choice, err) for path, choice, err in zip(downs, tries, errors) if err <= budget]
         if not fits:
             break
-        path, plan.choice, measured = fits[0]  # downs are ordered by what their step saves
+        together = [{**plan.choice, **{p: _lower(plan.choice[p]) for p, _, _ in fits[:j]}}
+                    for j in range(2, len(fits) + 1)]
+        measured_together = errors_of(together) if together else []
+        taken = [(j + 2, c, e) for j, (c, e) in enumerate(zip(together, measured_together)) if e <= budget]
+        n, plan.choice, measured = taken[-1] if taken else (1, fits[0][1], fits[0][2])
         plan.steps.append(step(measured))
-        log(f"quant auto: {path} down to {plan.choice[path]} -> relative L2 {measured:.3g}")
+        log(f"quant auto: {', '.join(p for p, _, _ in fits[:n])} down a step -> relative L2 {measured:.3g}")
     for precision in lower:
         err = uniform[precision]
         plan.uniform.append({"precision": precision, "weight_bytes": sum(weight_bytes[p][precision] for p in paths),
@@ -144,6 +150,10 @@ def choose_batched(paths: list[str], weight_bytes: dict[str, dict[str, int]],
         plan.steps.append(step(best["rel_l2"]))
         log(f"quant auto: uniform {best['precision']} writes fewer bytes within the budget")
     return plan
+
+
+def _lower(precision: str) -> str:
+    return PRECISIONS[PRECISIONS.index(precision) - 1]
 
 
 def _saving(path: str, current: str, weight_bytes) -> int:

@@ -411,14 +411,14 @@ def render(rows: list[dict], plans: list[dict]) -> None:
                   f"unpruned model: relative L2 {p['vs_unpruned']['rel_l2']:.1e}, top-1 agreement "
                   f"{p['vs_unpruned']['top1_agreement']:.0%}")
         if r.get("quantized_logits_vs_fp32") is not None:
-            print(f"  quantized: logits vs fp32 relative L2 {r['quantized_logits_vs_fp32']:.3f}; dense Linears: "
+            print(f"  quantized: logits vs fp32 relative L2 {r['quantized_logits_vs_fp32']:.3g}; dense Linears: "
                   + ", ".join(f"{n} {m}" for m, n in r.get("dense_methods", {}).items()))
         if r.get("auto"):
             a = r["auto"]
             print(f"  quant auto: {', '.join(f'{n} {p}' for p, n in a['choice'].items())}, "
-                  f"{a['weight_bytes'] / 2**20:.0f} MiB of experts, logits {a['measured_rel_l2']:.3f} "
+                  f"{a['weight_bytes'] / 2**20:.0f} MiB of experts, logits {a['measured_rel_l2']:.3g} "
                   f"({a['passes']} passes); uniform: " + ", ".join(
-                      f"{u['precision']} {u['weight_bytes'] / 2**20:.0f} MiB at {u['rel_l2']:.3f}" for u in a["uniform"]))
+                      f"{u['precision']} {u['weight_bytes'] / 2**20:.0f} MiB at {u['rel_l2']:.3g}" for u in a["uniform"]))
         if "end_to_end" in r:
             e = r["end_to_end"]
             print("  end to end: " + (f"relative L2 {e['rel_l2']:.1e}, its process peaked at "

@@ -46,7 +46,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from moec.errors import AccuracyBudgetError, FusionRequiredError, MoecError, PassValidationError, VerificationError
+from moec.errors import FusionRequiredError, MoecError, PassValidationError, VerificationError
 from moec.heap import trim
 from moec.lazy_checkpoint import LazyCheckpoint, release
 from moec.mixed_precision import spec_at
@@ -393,14 +393,11 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
             if budget is not None and verified.vs_fp32 is not None:  # as in memory: the logits against fp32
                 quant["accuracy_budget"] = budget
                 if not verified.vs_fp32["rel_l2"] <= budget and pruning is None:  # pruned: its check says both
-                    from moec.report import over_budget
+                    from moec.report import auto_over_budget, over_budget
 
                     over = over_budget(budget, spec.name, verified.vs_fp32["rel_l2"],
                                        quant["layers"] + quant.get("dense", {}).get("layers", [])) if plan is None \
-                        else AccuracyBudgetError(
-                            f"--accuracy-budget {budget:g}: the precisions --quant auto chose (relative L2 "
-                            f"{plan.plan.measured:.3g} on the same inputs, against the eager model) move the artifact's "
-                            f"logits by {verified.vs_fp32['rel_l2']:.3g}; loosen the budget. Nothing was written.")
+                        else auto_over_budget(budget, plan.plan.measured, verified.vs_fp32["rel_l2"])
         # the whole artifact in one session, once the layer-by-layer check passed (its failure says more)
         fp16_off = half == torch.float16 and spec is None and verified.vs_fp32["rel_l2"] > tolerance
         whole = (run_end_to_end(model_path, weights_bytes, verified, tolerance, options.log,
@@ -653,7 +650,7 @@ def choose_streamed(ck: LazyCheckpoint, hf, kinds: dict, lowering: list, options
     verification inputs a pass over the checkpoint at a time (moec.measure_precision_streamed), before the graph
     is captured with the chosen bit widths. `build_source(spec)`: the meta model as the task's source."""
     from moec.measure_precision_streamed import StreamedErrors
-    from moec.mixed_precision import FULL, PRECISIONS, LayerSpecs, choose_batched
+    from moec.mixed_precision import FULL, PRECISIONS, LayerSpecs, choose_batched, describe
     from moec.passes.quantize_experts import spec_from_options
     from moec.quant import packed_shapes, quantized_shape
 
@@ -684,8 +681,6 @@ def choose_streamed(ck: LazyCheckpoint, hf, kinds: dict, lowering: list, options
         if reader.streaming is not None:
             reader.streaming.done()
     chosen = LayerSpecs({p: None if c == FULL else specs[c] for p, c in plan.choice.items()})
-    from moec.mixed_precision import describe
-
     options.log(f"  quant auto: {describe(plan.choice)} (relative L2 {plan.measured:.3g} within "
                 f"{plan.budget:g}; {errors.passes} pass(es) over the checkpoint)")
     return StreamedChoice(plan, chosen, errors.passes,

@@ -52,9 +52,7 @@ class StreamedErrors:
         fused; `extra`: the compile's options (block size, asymmetric: the codes' settings but the bit width)."""
         self.skeleton, self.inputs, self.ck, self.prepare, self.fused_paths = skeleton, inputs, ck, prepare, fused_paths
         self.extra, self.log = extra, log
-        _, layers = decoder_layers(skeleton().model)
-        # per decoder layer, its fused layers' paths: what a prefix's variant at that layer names
-        self.per_layer = [[p for p in fused_paths if layer_key(p + ".") == f"layers.{i}"] for i in range(len(layers))]
+        self.per_layer: list[list[str]] = []  # per decoder layer, its fused layers' paths (known once a pass began)
         self.passes = 0
 
     def __call__(self, choices: list[dict[str, str]]) -> list[float]:
@@ -64,6 +62,9 @@ class StreamedErrors:
         self.module = self.skeleton()
         self.model = self.module.model
         self.layers = LayerInputs(self.module, self.inputs, self.ck, self.prepare, self.fused_paths, lambda msg: None)
+        _, layers = decoder_layers(self.model)  # what a prefix's variant at each layer names
+        self.per_layer = [[p for p in self.fused_paths if layer_key(p + ".") == f"layers.{i}"]
+                          for i in range(len(layers))]
         every = [self._prefix(c) for c in choices]
         full = self._prefix({})
         states: dict[Prefix, list] = {(): []}

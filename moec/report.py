@@ -59,7 +59,6 @@ def quantization_summary(records: list[PassRecord], extra: dict, activations_qua
     if experts is None:
         return None
     dense_rec = next((r for r in records if DENSE_QUANTIZED.name in r.ensures), None)
-    from moec.errors import AccuracyBudgetError
     from moec.golden import TOLERANCES
 
     precision = extra["quant"]
@@ -87,13 +86,19 @@ def quantization_summary(records: list[PassRecord], extra: dict, activations_qua
     budget = extra.get("accuracy_budget")
     if budget is not None and logits is not None and not (logits["rel_l2"] <= budget):
         if "auto" in summary:
-            raise AccuracyBudgetError(
-                f"--accuracy-budget {budget:g}: the precisions --quant auto chose (relative L2 "
-                f"{summary['auto']['measured_rel_l2']:.3g} on the inputs it measured) move the verification inputs' "
-                f"logits by {logits['rel_l2']:.3g}; give a budget above the fp32 compile's own error or loosen it. "
-                "Nothing was written.")
+            raise auto_over_budget(budget, summary["auto"]["measured_rel_l2"], logits["rel_l2"])
         raise over_budget(budget, summary["spec"], logits["rel_l2"], all_layers)
     return summary
+
+
+def auto_over_budget(budget: float, measured: float, rel_l2: float):
+    """--accuracy-budget exceeded by the artifact though --quant auto's own measurement was within it."""
+    from moec.errors import AccuracyBudgetError
+
+    return AccuracyBudgetError(
+        f"--accuracy-budget {budget:g}: the precisions --quant auto chose (relative L2 {measured:.3g} on the inputs "
+        f"it measured) move the verification inputs' logits by {rel_l2:.3g}; give a budget above the fp32 compile's "
+        "own error or loosen it. Nothing was written.")
 
 
 def over_budget(budget: float, spec: str, rel_l2: float, layers: list[dict]):

@@ -159,9 +159,11 @@ class LayerInputs:
         self.dense = None  # --quant-dense: moec.quantize_dense_streamed.StreamedDense, each layer's Linears calibrated
         self.routing: list[LayerRouting] = []
 
-    def advance(self, key: str, prune: Optional[Callable[[nn.Module, dict], None]] = None) -> dict[str, torch.Tensor]:
+    def advance(self, key: str, prune: Optional[Callable[[nn.Module, dict], None]] = None,
+                held: Optional[Callable[[dict, dict], None]] = None) -> dict[str, torch.Tensor]:
         """Run the calibration batches through decoder layer `key` (layers come in order); each of its fused
-        layers' inputs [T, H]. With `prune(model, routing)` (--prune-experts): the layer's routing statistics,
+        layers' inputs [T, H]. `held(fused, inputs)` (path -> FusedMoE, path -> inputs) runs while the layer is
+        still read (its streamed experts kept as read). With `prune(model, routing)` (--prune-experts): the layer's routing statistics,
         measured on the unpruned model's states as in memory, are handed to `prune`, which slices the layer's
         fused layers; with `pruned_states` the batches then also run through the pruned layer from the pruned
         model's states (a second set, carried alongside once a layer lost experts), and the inputs returned are
@@ -197,6 +199,8 @@ class LayerInputs:
                                                             self.pruned_outputs or self.outputs, fused)
                 else:
                     self.pruned_outputs = outputs
+            if held is not None:
+                held(fused, inputs)
         finally:
             self._drop_layer(index, layers, before, embeddings)
         self.outputs, self.next = outputs, index + 1
@@ -435,16 +439,17 @@ class CalibratedCodes(Coder):
 
     def codes(self, reader, path: str, e: int, stacked: dict, w) -> tuple:
         from moec.gptq import quantize_expert
+        from moec.mixed_precision import spec_at
 
+        at = spec_at(self.spec, path)  # --quant auto: the layer's own
         if path not in self.layers:  # the calibration data never reached the layer: rounded, as in memory
             from moec.quant import quantize
 
-            return (quantize(w.w_gate_up, self.spec, f"{path}.w_gate_up"),
-                    quantize(w.w_down, self.spec, f"{path}.w_down"))
+            return (quantize(w.w_gate_up, at, f"{path}.w_gate_up"), quantize(w.w_down, at, f"{path}.w_down"))
         spec, routed, choice = self.layers[path]
         with torch.no_grad():
             return quantize_expert(spec, w.w_gate_up[0], None if w.b_gate_up is None else w.b_gate_up[0],
-                                   w.w_down[0], routed, self.position[path][e], self.spec, path, choice)
+                                   w.w_down[0], routed, self.position[path][e], at, path, choice)
 
     def describe(self, path: str) -> str:
         """How the layer's codes were chosen (the in-memory report's words), once all its experts were coded;
@@ -453,6 +458,7 @@ class CalibratedCodes(Coder):
 
     def dequantized(self, path: str, e: int, w):
         """Expert e's weights as its written codes dequantize them (fc1's rows de-interleaved for SwiGLU)."""
+        from moec.mixed_precision import spec_at
         from moec.ops import deinterleave_gate_up
         from moec.quant import PackedWeight, dequantize, unpack
 
@@ -460,7 +466,7 @@ class CalibratedCodes(Coder):
         for prefix, field in (("fc1", "w_gate_up"), ("fc2", "w_down")):
             arrays = self._arrays(path, prefix, self.position[path][e])
             q = unpack(PackedWeight(arrays[prefix], arrays[f"{prefix}_scales"], arrays.get(f"{prefix}_zero_points"),
-                                    self.spec, getattr(w, field).shape[-1]), f"{path}.{prefix}")
+                                    spec_at(self.spec, path), getattr(w, field).shape[-1]), f"{path}.{prefix}")
             weight = dequantize(q)
             out[field] = deinterleave_gate_up(weight) if prefix == "fc1" and self.swiglu.get(path) else weight
         return replace(w, **out)

@@ -28,8 +28,9 @@ Peak memory is the largest layer group a few times over plus the graph, whatever
 The artifact is the in-memory compile's (the KV-cache decoder unless --task logits; --quant codes byte for byte;
 --triton-repo through the same packaging stage; --device-memory checked on the plan from shapes, before any weight
 is read; --prune-experts FRACTION by moec.prune_streamed; --quant auto's choice made before capture, its errors
-measured a pass over the checkpoint at a time by moec.measure_precision_streamed). Refuses what it does not
-stream yet (--prune-experts auto, --quant auto with --calibration or --prune-experts, TensorRT, pre-quantized
+measured a pass over the checkpoint at a time by moec.measure_precision_streamed, with --calibration on GPTQ's
+codes at each precision solved first by moec.calibrate_precisions_streamed). Refuses what it does not
+stream yet (--prune-experts auto, --quant auto with --prune-experts, TensorRT, pre-quantized
 checkpoints moec does not fold as they stream: moec-packed, fp8 ...): named, exit 2, with the in-memory compile
 as the way to get it.
 """
@@ -127,10 +128,8 @@ def _available_memory() -> Optional[int]:
 
 def check_streamable(options: CompileOptions) -> None:
     asked = [flag for key, flag in UNSTREAMED.items() if options.extra.get(key) not in (None, False)]
-    if options.extra.get("quant") == "auto":  # its search measures round-to-nearest's codes on the unpruned model
-        asked += [flag for flag, on in (("--quant auto with --calibration", options.extra.get("calibration")),
-                                        ("--quant auto with --prune-experts",
-                                         options.extra.get("prune_experts") is not None)) if on]
+    if options.extra.get("quant") == "auto" and options.extra.get("prune_experts") is not None:
+        asked.append("--quant auto with --prune-experts")  # its search measures the unpruned model
     if options.extra.get("prune_experts") == "auto":  # its sensitivities are whole-model runs, one per layer and count
         asked.append("--prune-experts auto (a FRACTION streams)")
     if options.target != "onnxruntime":
@@ -673,18 +672,41 @@ def choose_streamed(ck: LazyCheckpoint, hf, kinds: dict, lowering: list, options
                            lambda msg: None)
     inputs = src.verification_inputs(options.verify_seq_len)
     wrap = wrapper_of(src.module)
-    errors = StreamedErrors(lambda: wrap(ck.skeleton()), inputs, ck, reader.prepare_calibration, paths,
-                            options.extra, options.log)
+    calibration, calibrated = options.extra.get("calibration"), None
     try:
+        if calibration:  # each layer's GPTQ codes at every precision first, from the full-precision model's data
+            from moec.calibrate_precisions_streamed import CalibratedPrecisions
+            from moec.calibrate_streamed import LayerInputs
+            from moec.calibration import load_calibration
+
+            refuse_calibrating_whole([p for p in paths if not reader.streaming.streams(p)])
+            calibrated = CalibratedPrecisions(specs, calibration, os.path.dirname(os.path.abspath(options.out)),
+                                              options.log)
+            calibrated.solve(LayerInputs(wrap(ck.skeleton()), load_calibration(calibration, src).batches, ck,
+                                         reader.prepare_calibration, paths, options.log))
+        errors = StreamedErrors(lambda: wrap(ck.skeleton()), inputs, ck, reader.prepare_calibration, paths,
+                                options.extra, options.log, calibrated.dequantized if calibrated else None)
         plan = choose_batched(paths, weight_bytes, errors, float(options.extra["accuracy_budget"]), options.log)
     finally:
         if reader.streaming is not None:
             reader.streaming.done()
+        if calibrated is not None:
+            calibrated.close()
     chosen = LayerSpecs({p: None if c == FULL else specs[c] for p, c in plan.choice.items()})
     options.log(f"  quant auto: {describe(plan.choice)} (relative L2 {plan.measured:.3g} within "
                 f"{plan.budget:g}; {errors.passes} pass(es) over the checkpoint)")
     return StreamedChoice(plan, chosen, errors.passes,
-                          f"the logits on the {len(inputs)} verification inputs, a decoder layer at a time")
+                          f"the logits on the {len(inputs)} verification inputs, a decoder layer at a time"
+                          + (" (GPTQ's codes at each precision, solved first)" if calibrated else ""))
+
+
+def refuse_calibrating_whole(whole: list[str]) -> None:
+    """--calibration with --quant out of core: calibrated codes are read back expert by expert as written, so a
+    quantized layer whose experts are read whole can't be calibrated."""
+    if whole:
+        raise MoecError(f"{whole[0]}: its experts are read whole, not one at a time; --calibration with --quant "
+                        "calibrates only layers whose experts stream out of core. Compile with --out-of-core off. "
+                        "Nothing was written.")
 
 
 def _layer_report(planned, lowered) -> dict:
@@ -744,12 +766,9 @@ class LayerStreamer:
         self.coder = self.streaming.coder if self.streaming is not None else None
         self.calibration = None  # --calibration: moec.calibrate_streamed.LayerInputs, carried along as layers stream
         self.pruning = None  # --prune-experts FRACTION: moec.prune_streamed.StreamedPruning
-        if self.coder is not None and self.coder.calibrated:
-            whole = [p for p in self.fused_paths if not self.streaming.streams(p)]
-            if whole:  # its calibrated codes could not be read back as written for the verification's reference
-                raise MoecError(f"{whole[0]}: its experts are read whole, not one at a time; --calibration with "
-                                "--quant calibrates only layers whose experts stream out of core. Compile with "
-                                "--out-of-core off. Nothing was written.")
+        if self.coder is not None and self.coder.calibrated:  # (--quant auto: those it keeps at fp32 aside)
+            refuse_calibrating_whole([p for p in self.fused_paths
+                                      if spec_at(spec, p) is not None and not self.streaming.streams(p)])
 
     @property
     def calibrates_head(self) -> bool:

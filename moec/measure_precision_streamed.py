@@ -5,7 +5,8 @@ Matches: an out-of-core compile given --quant auto; it is moec.mixed_precision.c
 Produces: for each choice (fused layer path -> int2|int4|int8|fp32; a layer not named stays at fp32) the worst
   relative L2, over the compile's verification inputs, of the logits against the full-precision model's: what the
   in-memory search measures on the whole model, and what the compile's budget check measures on the artifact
-  afterwards. The experts at a precision are round-to-nearest's codes dequantized: the codes the artifact gets.
+  afterwards. The experts at a precision are round-to-nearest's codes dequantized: the codes the artifact gets
+  (with --calibration, GPTQ's, solved beforehand by moec.calibrate_precisions_streamed and handed in).
 How: the verification inputs go through the model one decoder layer at a time, as calibration's batches do
   (moec.calibrate_streamed.LayerInputs: the layers before the one running replay what it returned, the model's own
   forward runs around it). A choice's hidden states after layer i depend only on its precisions up to layer i, so
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -46,12 +47,14 @@ Prefix = tuple  # one variant (a tuple of precisions, one per fused layer of the
 class StreamedErrors:
     def __init__(self, skeleton: Callable[[], nn.Module], inputs: list[tuple], ck: LazyCheckpoint,
                  prepare: Callable[[nn.Module, str], None], fused_paths: list[str], extra: dict,
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], dequantized: Optional[Callable] = None):
         """`skeleton()`: the task's wrapper around a fresh skeleton of the checkpoint's model (one a pass: a pass
         leaves its layers fused); `prepare(model, key)` reads a decoder layer at full precision with its MoE layers
-        fused; `extra`: the compile's options (block size, asymmetric: the codes' settings but the bit width)."""
+        fused; `extra`: the compile's options (block size, asymmetric: the codes' settings but the bit width);
+        `dequantized(path, precision, e, w)`: a streamed expert at a precision (--calibration: GPTQ's codes,
+        moec.calibrate_precisions_streamed; by default round-to-nearest's)."""
         self.skeleton, self.inputs, self.ck, self.prepare, self.fused_paths = skeleton, inputs, ck, prepare, fused_paths
-        self.extra, self.log = extra, log
+        self.extra, self.log, self.dequantized = extra, log, dequantized
         self.per_layer: list[list[str]] = []  # per decoder layer, its fused layers' paths (known once a pass began)
         self.passes = 0
 
@@ -114,13 +117,21 @@ class StreamedErrors:
                 fused = next(m for m in self.model.get_submodule(path).modules() if isinstance(m, FusedMoE))
                 stream = getattr(fused, "stream", None)
                 if isinstance(stream, StreamedExperts):  # each expert dequantized as it is read (separable)
-                    fetch, coder = stream.fetch, RoundToNearest(spec)
-                    stream.fetch = lambda e, fetch=fetch, coder=coder, path=path: coder.dequantized(path, e, fetch(e))
+                    fetch = stream.fetch
+                    if self.dequantized is not None:
+                        stream.fetch = lambda e, fetch=fetch, path=path, p=precision: self.dequantized(path, p, e,
+                                                                                                      fetch(e))
+                    else:
+                        coder = RoundToNearest(spec)
+                        stream.fetch = lambda e, fetch=fetch, coder=coder, path=path: coder.dequantized(path, e,
+                                                                                                       fetch(e))
                     # and kept while this precision runs: its every state and input (int2's clipping search is
                     # ~0.1 s an expert at granite-1b's size)
                     KeptExperts(KEPT_BYTES).wrap(stream)
                     undo.append(lambda stream=stream, fetch=fetch: setattr(stream, "fetch", fetch))
                     continue
+                if self.dequantized is not None:  # calibrated codes exist for streamed layers only (refused before)
+                    raise RuntimeError(f"{path}: its experts are read whole; no calibrated codes to measure")
                 w1, w2 = fused.w_gate_up, fused.w_down
                 fused.w_gate_up = nn.Parameter(dequantize(quantize(w1, spec, f"{path}.w_gate_up")), requires_grad=False)
                 fused.w_down = nn.Parameter(dequantize(quantize(w2, spec, f"{path}.w_down")), requires_grad=False)

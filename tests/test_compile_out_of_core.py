@@ -340,8 +340,8 @@ def test_bf16_writes_the_checkpoints_bf16_bits_and_verifies_them_widened(checkpo
 
 def test_options_it_does_not_stream_are_refused_by_name(checkpoints, tmp_path, capsys):
     assert _compile(checkpoints["qwen3_moe"], str(tmp_path / "out"), "--quant", "auto", "--accuracy-budget",
-                    "0.1", "--calibration", "random:4") == 2
-    assert "--quant auto with --calibration: not available in an out-of-core compile" in capsys.readouterr().err
+                    "0.1", "--calibration", "random:4", "--prune-experts", "0.25") == 2
+    assert "--quant auto with --prune-experts: not available in an out-of-core compile" in capsys.readouterr().err
     assert _compile(checkpoints["qwen3_moe"], str(tmp_path / "out"), "--target", "tensorrt") == 2
     assert "--target tensorrt" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -482,6 +482,46 @@ def test_quant_auto_out_of_core_chooses_what_the_in_memory_compile_chooses(check
     capsys.readouterr()
     assert main(["inspect", streamed, "--quant"]) == 0
     assert "--quant auto, budget 0.1" in capsys.readouterr().out
+
+
+def test_quant_auto_with_calibration_out_of_core_measures_and_writes_the_in_memory_gptq_codes(checkpoints, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """--quant auto --calibration streamed: every layer's experts GPTQ-solved at each precision first (the
+    calibration data carried a layer at a time), the search measuring those codes: the in-memory search's
+    sensitivities (GPTQ's, not round-to-nearest's), choice and codes byte for byte; the solved codes' work
+    directory gone after. A layer whose experts are read whole can't be calibrated out of core: refused by name."""
+    from onnx.numpy_helper import to_array
+
+    from moec.quantize_streamed import StreamedQuantizer
+
+    flags = ("--quant", "auto", "--accuracy-budget", "0.1", "--calibration", "random:16")
+    streamed, whole = str(tmp_path / "streamed"), str(tmp_path / "whole")
+    assert _compile(checkpoints["qwen3_moe"], streamed, *flags) == 0
+    assert main(["compile", checkpoints["qwen3_moe"], "--out", whole, "--out-of-core", "off", "--task", "logits",
+                 "--quiet", *flags]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["streamed", "whole"]  # no work directory left beside them
+    q, w = (json.load(open(os.path.join(d, "report.json")))["quantization"] for d in (streamed, whole))
+    auto, want = q["auto"], w["auto"]
+    assert auto["choice"] == {k.removeprefix("model."): v for k, v in want["choice"].items()}
+    assert sorted(auto["choice"].values()) == ["int4", "int8"]
+    for path, errors in auto["sensitivity"].items():
+        assert errors == pytest.approx(want["sensitivity"]["model." + path], rel=1e-4)
+    assert "GPTQ" in auto["measured_on"] and q["method"] == "gptq (calibrated)"
+    assert [l["method"] for l in q["layers"]] == [l["method"] for l in w["layers"]]
+    assert all(l["method"].startswith("gptq on ") and not l["method"].startswith("gptq on 0 ") for l in q["layers"])
+    assert q["logits_vs_fp32"]["rel_l2"] == pytest.approx(auto["measured_rel_l2"], rel=1e-3)
+    assert auto["measured_rel_l2"] <= 0.1
+    a = {t.name: to_array(t, base_dir=streamed) for t in onnx.load(os.path.join(streamed, "model.onnx")).graph.initializer}
+    b = {t.name: to_array(t) for t in onnx.load(os.path.join(whole, "model.onnx")).graph.initializer}
+    codes = [n for n in a if n.endswith(("mlp.fc1", "mlp.fc2", "fc1_scales", "fc2_scales"))]
+    assert len(codes) == 8 and all(a[n].dtype == b[n].dtype and np.array_equal(a[n], b[n]) for n in codes), codes
+    assert json.load(open(os.path.join(streamed, "report.json")))["numerics"]["passed"]
+
+    monkeypatch.setattr(StreamedQuantizer, "_streamable", lambda self, model, planned: None)
+    capsys.readouterr()
+    assert _compile(checkpoints["qwen3_moe"], str(tmp_path / "refused"), *flags) == 2
+    assert "model.layers.0.mlp: its experts are read whole" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["streamed", "whole"]
 
 
 def test_quant_auto_out_of_core_keeps_layers_at_full_precision_under_a_tight_budget(checkpoints, tmp_path):

@@ -651,6 +651,8 @@ def choose_streamed(ck: LazyCheckpoint, hf, kinds: dict, lowering: list, options
     from moec.measure_precision_streamed import StreamedErrors
     from moec.mixed_precision import FULL, PRECISIONS, LayerSpecs, choose_batched, describe
     from moec.passes.quantize_experts import spec_from_options
+    from moec.precision_codes import PrecisionCodes
+    from moec.quantize_streamed import RoundToNearest
     from moec.quant import packed_shapes, quantized_shape
 
     meta, src = build_source(None)
@@ -672,32 +674,37 @@ def choose_streamed(ck: LazyCheckpoint, hf, kinds: dict, lowering: list, options
                            lambda msg: None)
     inputs = src.verification_inputs(options.verify_seq_len)
     wrap = wrapper_of(src.module)
-    calibration, calibrated = options.extra.get("calibration"), None
+    calibration = options.extra.get("calibration")
+    if calibration:
+        refuse_calibrating_whole([p for p in paths if not reader.streaming.streams(p)])
+    parent = os.path.dirname(os.path.abspath(options.out))  # the codes kept between passes: beside the artifact
+    # round-to-nearest's made when first asked for, int2's kept (its clipping search is what costs); calibrated
+    # ones solved first, every precision kept
+    codes = PrecisionCodes(specs, parent, options.log, make=None if calibration else
+                           lambda path, precision, e, w: RoundToNearest(specs[precision]).codes(None, path, e, {}, w),
+                           kept=("int2",))
     try:
         if calibration:  # each layer's GPTQ codes at every precision first, from the full-precision model's data
             from moec.calibrate_precisions_streamed import CalibratedPrecisions
             from moec.calibrate_streamed import LayerInputs
             from moec.calibration import load_calibration
 
-            refuse_calibrating_whole([p for p in paths if not reader.streaming.streams(p)])
-            calibrated = CalibratedPrecisions(specs, calibration, os.path.dirname(os.path.abspath(options.out)),
-                                              options.log)
-            calibrated.solve(LayerInputs(wrap(ck.skeleton()), load_calibration(calibration, src).batches, ck,
-                                         reader.prepare_calibration, paths, options.log))
+            CalibratedPrecisions(codes, calibration, options.log).solve(LayerInputs(
+                wrap(ck.skeleton()), load_calibration(calibration, src).batches, ck, reader.prepare_calibration,
+                paths, options.log))
         errors = StreamedErrors(lambda: wrap(ck.skeleton()), inputs, ck, reader.prepare_calibration, paths,
-                                options.extra, options.log, calibrated.dequantized if calibrated else None)
+                                options.extra, options.log, codes.dequantized)
         plan = choose_batched(paths, weight_bytes, errors, float(options.extra["accuracy_budget"]), options.log)
     finally:
         if reader.streaming is not None:
             reader.streaming.done()
-        if calibrated is not None:
-            calibrated.close()
+        codes.close()
     chosen = LayerSpecs({p: None if c == FULL else specs[c] for p, c in plan.choice.items()})
     options.log(f"  quant auto: {describe(plan.choice)} (relative L2 {plan.measured:.3g} within "
                 f"{plan.budget:g}; {errors.passes} pass(es) over the checkpoint)")
     return StreamedChoice(plan, chosen, errors.passes,
                           f"the logits on the {len(inputs)} verification inputs, a decoder layer at a time"
-                          + (" (GPTQ's codes at each precision, solved first)" if calibrated else ""))
+                          + (" (GPTQ's codes at each precision, solved first)" if calibration else ""))
 
 
 def refuse_calibrating_whole(whole: list[str]) -> None:

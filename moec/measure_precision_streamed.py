@@ -6,7 +6,8 @@ Produces: for each choice (fused layer path -> int2|int4|int8|fp32; a layer not 
   relative L2, over the compile's verification inputs, of the logits against the full-precision model's: what the
   in-memory search measures on the whole model, and what the compile's budget check measures on the artifact
   afterwards. The experts at a precision are round-to-nearest's codes dequantized: the codes the artifact gets
-  (with --calibration, GPTQ's, solved beforehand by moec.calibrate_precisions_streamed and handed in).
+  (int2's kept between passes by moec.precision_codes: its clipping search costs more than reading them back;
+  with --calibration, GPTQ's, solved beforehand by moec.calibrate_precisions_streamed and handed in).
 How: the verification inputs go through the model one decoder layer at a time, as calibration's batches do
   (moec.calibrate_streamed.LayerInputs: the layers before the one running replay what it returned, the model's own
   forward runs around it). A choice's hidden states after layer i depend only on its precisions up to layer i, so
@@ -51,8 +52,9 @@ class StreamedErrors:
         """`skeleton()`: the task's wrapper around a fresh skeleton of the checkpoint's model (one a pass: a pass
         leaves its layers fused); `prepare(model, key)` reads a decoder layer at full precision with its MoE layers
         fused; `extra`: the compile's options (block size, asymmetric: the codes' settings but the bit width);
-        `dequantized(path, precision, e, w)`: a streamed expert at a precision (--calibration: GPTQ's codes,
-        moec.calibrate_precisions_streamed; by default round-to-nearest's)."""
+        `dequantized(path, precision, e, w)`: a streamed expert at a precision (moec.precision_codes: round-to-
+        nearest's codes kept between passes, or --calibration's GPTQ codes; by default round-to-nearest's, made
+        each time). Layers read whole are rounded to nearest (--calibration refuses them before)."""
         self.skeleton, self.inputs, self.ck, self.prepare, self.fused_paths = skeleton, inputs, ck, prepare, fused_paths
         self.extra, self.log, self.dequantized = extra, log, dequantized
         self.per_layer: list[list[str]] = []  # per decoder layer, its fused layers' paths (known once a pass began)
@@ -130,8 +132,6 @@ class StreamedErrors:
                     KeptExperts(KEPT_BYTES).wrap(stream)
                     undo.append(lambda stream=stream, fetch=fetch: setattr(stream, "fetch", fetch))
                     continue
-                if self.dequantized is not None:  # calibrated codes exist for streamed layers only (refused before)
-                    raise RuntimeError(f"{path}: its experts are read whole; no calibrated codes to measure")
                 w1, w2 = fused.w_gate_up, fused.w_down
                 fused.w_gate_up = nn.Parameter(dequantize(quantize(w1, spec, f"{path}.w_gate_up")), requires_grad=False)
                 fused.w_down = nn.Parameter(dequantize(quantize(w2, spec, f"{path}.w_down")), requires_grad=False)

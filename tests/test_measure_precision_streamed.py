@@ -26,20 +26,43 @@ def _compile(path, out, budget="0.1"):
 
 @pytest.fixture(scope="module")
 def streamed(checkpoint, tmp_path_factory):
-    """The out-of-core --quant auto compile, with every batch StreamedErrors measured: (calls, artifact)."""
-    calls = []
-    measure = StreamedErrors.__call__
+    """The out-of-core --quant auto compile, with every batch StreamedErrors measured: (calls, artifact, how many
+    times each (layer, precision, expert)'s codes were made rather than read back)."""
+    from moec.precision_codes import PrecisionCodes
+
+    calls, made = [], Counter()
+    measure, dequantized = StreamedErrors.__call__, PrecisionCodes.dequantized
 
     def spy(self, choices):
         got = measure(self, choices)
         calls.append((self, choices, got))
         return got
 
+    def counted(self, path, precision, e, w):
+        before = self.made
+        got = dequantized(self, path, precision, e, w)
+        if self.made > before:
+            made[(path, precision, e)] += 1
+        return got
+
     out = str(tmp_path_factory.mktemp("art") / "streamed")
     with pytest.MonkeyPatch.context() as m:
         m.setattr(StreamedErrors, "__call__", spy)
+        m.setattr(PrecisionCodes, "dequantized", counted)
         assert _compile(checkpoint, out) == 0
-    return calls, out
+    return calls, out, made
+
+
+def test_int2_codes_are_made_once_and_read_back_in_the_later_passes(streamed):
+    """int2's round-to-nearest codes (their clipping search is what costs) are kept on disk between the search's
+    passes: each expert's made once however many passes measure it; int4's are made again (cheap, not kept). The
+    codes' work directory is gone once the search is done."""
+    calls, out, made = streamed
+    assert len(calls) >= 3  # the sensitivity batch, a measurement, a round of steps down
+    int2 = [k for k in made if k[1] == "int2"]
+    assert len(int2) >= 8 and all(made[k] == 1 for k in int2), made
+    assert any(n > 1 for k, n in made.items() if k[1] == "int4")
+    assert sorted(os.listdir(os.path.dirname(out))) == ["streamed"]
 
 
 def test_choices_measured_together_are_each_measured_alone_and_each_layer_is_read_once_a_pass(streamed):

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn
@@ -48,13 +48,13 @@ Prefix = tuple  # one variant (a tuple of precisions, one per fused layer of the
 class StreamedErrors:
     def __init__(self, skeleton: Callable[[], nn.Module], inputs: list[tuple], ck: LazyCheckpoint,
                  prepare: Callable[[nn.Module, str], None], fused_paths: list[str], extra: dict,
-                 log: Callable[[str], None], dequantized: Optional[Callable] = None):
+                 log: Callable[[str], None], dequantized: Callable):
         """`skeleton()`: the task's wrapper around a fresh skeleton of the checkpoint's model (one a pass: a pass
         leaves its layers fused); `prepare(model, key)` reads a decoder layer at full precision with its MoE layers
         fused; `extra`: the compile's options (block size, asymmetric: the codes' settings but the bit width);
-        `dequantized(path, precision, e, w)`: a streamed expert at a precision (moec.precision_codes: round-to-
-        nearest's codes kept between passes, or --calibration's GPTQ codes; by default round-to-nearest's, made
-        each time). Layers read whole are rounded to nearest (--calibration refuses them before)."""
+        `dequantized(path, precision, e, w)`: a streamed expert at a precision (moec.precision_codes.PrecisionCodes:
+        round-to-nearest's codes, or --calibration's GPTQ codes). Layers read whole are rounded to nearest here
+        (--calibration refuses them before)."""
         self.skeleton, self.inputs, self.ck, self.prepare, self.fused_paths = skeleton, inputs, ck, prepare, fused_paths
         self.extra, self.log, self.dequantized = extra, log, dequantized
         self.per_layer: list[list[str]] = []  # per decoder layer, its fused layers' paths (known once a pass began)
@@ -103,12 +103,11 @@ class StreamedErrors:
 
     @contextmanager
     def _at(self, paths: list[str], variant: tuple):
-        """The decoder layer's fused layers computing with round-to-nearest's dequantized experts at `variant`'s
-        precisions (fp32: as read); put back after."""
+        """The decoder layer's fused layers computing with their experts dequantized at `variant`'s precisions
+        (streamed: `self.dequantized`'s codes; read whole: round-to-nearest's; fp32: as read); put back after."""
         from moec.moe_layer import FusedMoE
         from moec.passes.quantize_experts import spec_from_options
         from moec.quant import dequantize, quantize
-        from moec.quantize_streamed import RoundToNearest
 
         undo = []
         try:
@@ -120,15 +119,9 @@ class StreamedErrors:
                 stream = getattr(fused, "stream", None)
                 if isinstance(stream, StreamedExperts):  # each expert dequantized as it is read (separable)
                     fetch = stream.fetch
-                    if self.dequantized is not None:
-                        stream.fetch = lambda e, fetch=fetch, path=path, p=precision: self.dequantized(path, p, e,
-                                                                                                      fetch(e))
-                    else:
-                        coder = RoundToNearest(spec)
-                        stream.fetch = lambda e, fetch=fetch, coder=coder, path=path: coder.dequantized(path, e,
-                                                                                                       fetch(e))
-                    # and kept while this precision runs: its every state and input (int2's clipping search is
-                    # ~0.1 s an expert at granite-1b's size)
+                    stream.fetch = lambda e, fetch=fetch, path=path, p=precision: self.dequantized(path, p, e, fetch(e))
+                    # and kept while this precision runs: its every state and input (reading codes back costs
+                    # a few ms an expert at granite-1b's size, making int2's ~0.1 s)
                     KeptExperts(KEPT_BYTES).wrap(stream)
                     undo.append(lambda stream=stream, fetch=fetch: setattr(stream, "fetch", fetch))
                     continue

@@ -9,8 +9,9 @@ step (one layer up one precision) that removes the most squared error per byte i
 predicted error (the root of the summed squares: layers' errors are treated as independent) is over the budget;
 then the real combined error is measured, and more steps are taken while it is over. Full precision everywhere is
 the original model, so a choice always exists. Then, round by round, every layer one step down is measured (one
-batch) and the steps within the budget are taken together, biggest saving first, as many as still measure within
-it together (a second batch; at least the biggest saving is taken), until no step fits (the greedy climb can
+batch) and the steps within the budget are taken together, those adding the least squared error (as measured
+alone) per byte saved first, as many as still measure within it together (a second batch; at least the first is
+taken), until no step fits (the greedy climb can
 overshoot); a uniform precision within the budget that writes fewer bytes still replaces the result. The
 steps form the bytes-vs-error curve the report keeps.
 
@@ -122,14 +123,17 @@ def choose_batched(paths: list[str], weight_bytes: dict[str, dict[str, int]],
             break
         plan.choice[up] = PRECISIONS[PRECISIONS.index(plan.choice[up]) + 1]
     # back down where the climb overshot: each round measures every layer one step down (one batch), then the
-    # steps that fit taken together, the biggest savings first, as many as still fit (one batch more: the first
-    # j of them for every j); a round takes at least the step that saves most
+    # steps that fit taken together, the least squared error added per byte saved first (equal savings, as
+    # int4 -> int2 on layers of one size, would otherwise be taken in path order whatever they cost), as many as
+    # still fit (one batch more: the first j of them for every j); a round takes at least the first
     while True:
-        downs = [p for p in sorted(paths, key=lambda p: -_saving(p, plan.choice[p], weight_bytes))
-                 if plan.choice[p] != PRECISIONS[0]]
+        downs = [p for p in paths if plan.choice[p] != PRECISIONS[0]]
         tries = [{**plan.choice, p: _lower(plan.choice[p])} for p in downs]
         errors = errors_of(tries) if tries else []
-        fits = [(path, choice, err) for path, choice, err in zip(downs, tries, errors) if err <= budget]
+        now = plan.measured
+        fits = sorted(((path, choice, err) for path, choice, err in zip(downs, tries, errors) if err <= budget),
+                      key=lambda f: ((f[2] ** 2 - now ** 2) / max(_saving(f[0], plan.choice[f[0]], weight_bytes), 1),
+                                     -_saving(f[0], plan.choice[f[0]], weight_bytes)))
         if not fits:
             break
         together = [{**plan.choice, **{p: _lower(plan.choice[p]) for p, _, _ in fits[:j]}}

@@ -85,6 +85,29 @@ def test_measurements_come_in_batches_a_streamed_pass_can_take_together():
     assert sum(BYTES[p][c] for p, c in plan.choice.items()) <= 200 and plan.measured <= 0.31
 
 
+def test_a_round_down_takes_the_steps_adding_least_error_first():
+    """Layers of equal bytes (int4 -> int2 saves as much on each): the steps that fit are combined in order of the
+    error each adds alone, so the round takes the two cheapest together (c and d), where path order would have
+    combined a and b, found them over, and taken a alone (175 bytes instead of 150)."""
+    sensitivity = {p: {"int2": e, "int4": 0.01, "int8": 0.001} for p, e in zip("abcd", (0.09, 0.08, 0.07, 0.06))}
+    sizes = {p: {"int2": 25, "int4": 50, "int8": 100, FULL: 400} for p in "abcd"}
+    batches = []
+
+    def errors_of(choices):  # errors that partly cancel once two layers are quantized: the climb overshoots
+        batches.append(choices)
+        out = []
+        for ch in choices:
+            quantized = [sensitivity[p][c] for p, c in ch.items() if c != FULL]
+            rss = math.sqrt(sum(e * e for e in quantized))
+            out.append(rss if len(quantized) <= 1 else 0.5 * rss)
+        return out
+
+    plan = choose_batched(list("abcd"), sizes, errors_of, 0.05)
+    assert plan.choice == {"a": "int4", "b": "int4", "c": "int2", "d": "int2"} and plan.measured <= 0.05
+    downs = next(i for i, b in enumerate(batches[1:], 1) if len(b) == 4)  # the first round: every layer down
+    assert batches[downs + 1][0] == {"a": "int4", "b": "int4", "c": "int2", "d": "int2"}  # d, then c: first pair
+
+
 def _compile(tmp_path, name, **extra):
     return moec.compile(source="moec.zoo:qwen3_moe", out=str(tmp_path / name), extra=extra).report
 

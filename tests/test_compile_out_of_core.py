@@ -517,11 +517,15 @@ def test_quant_auto_with_calibration_out_of_core_measures_and_writes_the_in_memo
     assert len(codes) == 8 and all(a[n].dtype == b[n].dtype and np.array_equal(a[n], b[n]) for n in codes), codes
     assert json.load(open(os.path.join(streamed, "report.json")))["numerics"]["passed"]
 
-    monkeypatch.setattr(StreamedQuantizer, "_streamable", lambda self, model, planned: None)
+    short = tmp_path / "short.npy"  # 4 tokens for 8 experts: named while the codes are solved, nothing left
+    np.save(short, np.array([[1, 2, 3, 4]]))
     capsys.readouterr()
+    assert _compile(checkpoints["qwen3_moe"], str(tmp_path / "refused"), *flags[:4], "--calibration", str(short)) == 24
+    assert "4 calibration tokens reach model.layers.0.mlp, fewer than its 8 experts" in capsys.readouterr().err
+    monkeypatch.setattr(StreamedQuantizer, "_streamable", lambda self, model, planned: None)
     assert _compile(checkpoints["qwen3_moe"], str(tmp_path / "refused"), *flags) == 2
     assert "model.layers.0.mlp: its experts are read whole" in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path)) == ["streamed", "whole"]
+    assert sorted(os.listdir(tmp_path)) == ["short.npy", "streamed", "whole"]
 
 
 def test_quant_auto_out_of_core_keeps_layers_at_full_precision_under_a_tight_budget(checkpoints, tmp_path):

@@ -13,7 +13,9 @@ How: the verification inputs go through the model one decoder layer at a time, a
   forward runs around it). A choice's hidden states after layer i depend only on its precisions up to layer i, so
   choices that agree that far share one state: layer i runs once for each distinct such prefix, from its parent's
   state. The sensitivity batch (every layer alone at each precision, and each precision everywhere) is then about
-  3 i + 4 runs of layer i rather than a whole model per choice. Each layer is read once a pass, at full precision
+  3 i + 4 states of layer i rather than a whole model per choice; the states run at one precision go through the
+  layer together, concatenated along the batch dimension (the inputs repeated alike), a run of a few thousand
+  tokens at most. Each layer is read once a pass, at full precision
   with its MoE layers fused (experts read one at a time where they stream, up to KEPT_BYTES of them kept between
   runs), and set to each precision in turn: a streamed layer dequantizes each expert as it is read, a layer read
   whole gets dequantized copies of its stacked experts, its own put back after. After the last layer each final
@@ -42,6 +44,9 @@ from moec.mixed_precision import FULL
 from moec.numerics import compare_tensors
 from moec.stream_experts import KeptExperts, StreamedExperts
 
+# a run of layer i from several states at once takes at most this many tokens (states x an input's tokens): the
+# layer's activations for them, [tokens, hidden] and the experts' [tokens, intermediate], stay small
+BATCH_TOKENS = 1 << 13
 Prefix = tuple  # one variant (a tuple of precisions, one per fused layer of the decoder layer) per layer so far
 
 
@@ -95,11 +100,43 @@ class StreamedErrors:
         try:
             for variant in sorted({p[-1] for p in want}):
                 with self._at(paths, variant):
-                    for prefix in sorted(p for p in want if p[-1] == variant):
-                        out[prefix], _ = runner._run(key, i, layers, before, states[prefix[:-1]], {})
+                    group = sorted(p for p in want if p[-1] == variant)
+                    for chunk in self._chunks(group, states) if i > 0 else [[p] for p in group]:
+                        if len(chunk) == 1:  # (layer 0: every prefix starts from the embeddings, looked up by ids)
+                            out[chunk[0]], _ = runner._run(key, i, layers, before, states[chunk[0][:-1]], {})
+                            continue
+                        for prefix, got in zip(chunk, self._run_together(key, i, layers, before,
+                                                                         [states[p[:-1]] for p in chunk])):
+                            out[prefix] = got
         finally:
             runner._drop_layer(i, layers, before, embeddings)
         return out
+
+    def _chunks(self, group: list, states: dict) -> list[list]:
+        """The prefixes run at one variant, in runs of at most BATCH_TOKENS tokens an input (states that are not
+        plain tensors, as a layer returning a tuple, run one at a time)."""
+        if not all(isinstance(t, torch.Tensor) for p in group for t in states[p[:-1]]):
+            return [[p] for p in group]
+        tokens = max(max(int(a[0].numel()) for a in self.inputs), 1)
+        size = max(1, BATCH_TOKENS // tokens)
+        return [group[j:j + size] for j in range(0, len(group), size)]
+
+    def _run_together(self, key: str, i: int, layers, before: list, parents: list[list]) -> list[list]:
+        """Layer i run once from several parent states at once: each input repeated along its batch dimension
+        (every input tensor is batch-first: ids, masks, positions, caches) and the parents' states concatenated
+        there; the layer's output split back per parent. The layer's weights and the Python around it are then
+        paid once a run, not once a state: the verification inputs are a few dozen tokens, and a run was mostly
+        overhead (the sensitivity batch runs layer i from ~3i+4 states)."""
+        runner, k = self.layers, len(parents)
+        batches = runner.batches
+        runner.batches = [tuple(torch.cat([a] * k) if isinstance(a, torch.Tensor) else a for a in args)
+                          for args in batches]
+        try:
+            got, _ = runner._run(key, i, layers, before, [torch.cat([p[b] for p in parents])
+                                                          for b in range(len(batches))], {})
+        finally:
+            runner.batches = batches
+        return [[g.chunk(k)[j] for g in got] for j in range(k)]
 
     @contextmanager
     def _at(self, paths: list[str], variant: tuple):

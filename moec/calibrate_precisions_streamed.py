@@ -9,8 +9,7 @@ Matches: an out-of-core compile given --quant auto and --calibration (moec.compi
   (moec.calibrate_streamed.CalibratedCodes: GPTQ per expert on the tokens its router sends it, held-out choice
   against round-to-nearest, too-few-token experts rounded to nearest).
 Produces: the codes, put in a moec.precision_codes.PrecisionCodes (packed on disk beside the artifact), whose
-  `dequantized` moec.measure_precision_streamed.StreamedErrors computes with; `methods`, how each (layer,
-  precision) was coded (the in-memory report's words). The writer then solves the chosen precision again as it
+  `dequantized` moec.measure_precision_streamed.StreamedErrors computes with. The writer then solves the chosen precision again as it
   streams, as a calibrated compile does: the same inputs give the same codes (tested byte for byte against the
   in-memory compile), and the budget is checked on the artifact as written.
 Holds: what the writer's calibration holds (moec.calibrate_streamed: the calibration states, a layer's inputs,
@@ -36,7 +35,6 @@ class CalibratedPrecisions:
         """`codes`: where the solved codes go (its specs: the precisions solved); `calibration`: the --calibration
         value, for errors."""
         self.codes, self.calibration, self.log = codes, calibration, log
-        self.methods: dict[tuple[str, str], str] = {}  # (path, precision) -> how it was coded
 
     def solve(self, inputs: LayerInputs) -> None:
         """Carry the calibration data through every decoder layer, solving each fused layer's experts at every
@@ -60,4 +58,3 @@ class CalibratedPrecisions:
                     coder.use(path, layer, inputs.get(path))
                     for e in range(n):
                         self.codes.put(path, precision, e, coder.codes(None, path, e, {}, layer.stream.fetch(e)))
-                    self.methods[(path, precision)] = coder.describe(path)

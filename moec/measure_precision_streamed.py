@@ -151,7 +151,6 @@ class StreamedErrors:
             for path, precision in zip(paths, variant):
                 if precision == FULL:
                     continue
-                spec = spec_from_options({**self.extra, "quant": precision})
                 fused = next(m for m in self.model.get_submodule(path).modules() if isinstance(m, FusedMoE))
                 stream = getattr(fused, "stream", None)
                 if isinstance(stream, StreamedExperts):  # each expert dequantized as it is read (separable)
@@ -162,6 +161,7 @@ class StreamedErrors:
                     KeptExperts(KEPT_BYTES).wrap(stream)
                     undo.append(lambda stream=stream, fetch=fetch: setattr(stream, "fetch", fetch))
                     continue
+                spec = spec_from_options({**self.extra, "quant": precision})  # a layer read whole: rounded
                 w1, w2 = fused.w_gate_up, fused.w_down
                 fused.w_gate_up = nn.Parameter(dequantize(quantize(w1, spec, f"{path}.w_gate_up")), requires_grad=False)
                 fused.w_down = nn.Parameter(dequantize(quantize(w2, spec, f"{path}.w_down")), requires_grad=False)

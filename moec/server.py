@@ -70,6 +70,7 @@ class TritonServer:
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.proc: Optional[subprocess.Popen] = None
         self._log = tempfile.NamedTemporaryFile(prefix="tritonserver-", suffix=".log", delete=False)
+        self._final_log: Optional[str] = None  # the log's text once stop() has removed its file
 
     @property
     def http_url(self) -> str:
@@ -80,10 +81,15 @@ class TritonServer:
         return f"127.0.0.1:{self.grpc_port}"
 
     def log(self) -> str:
+        if self._final_log is not None:
+            return self._final_log
         with open(self._log.name, errors="replace") as f:
             return f.read()
 
     def start(self) -> "TritonServer":
+        if self._final_log is not None:  # started again after a stop: a fresh log
+            self._log = tempfile.NamedTemporaryFile(prefix="tritonserver-", suffix=".log", delete=False)
+            self._final_log = None
         i = self.install
         env = dict(os.environ)
         env["PATH"] = os.pathsep.join([i.venv_bin, env.get("PATH", "")])
@@ -99,8 +105,9 @@ class TritonServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServerError(f"tritonserver exited with code {self.proc.returncode} while starting:\n"
-                                  + self.log()[-3000:])
+                code = self.proc.returncode
+                self.stop()
+                raise ServerError(f"tritonserver exited with code {code} while starting:\n" + self.log()[-3000:])
             if self._get("/v2/health/live") == 200:
                 return self
             time.sleep(0.2)
@@ -140,6 +147,10 @@ class TritonServer:
                     pass
                 self.proc.wait(timeout=5)
         self.proc = None
+        if self._final_log is None:  # keep the text for log(), leave no file behind
+            self._final_log = self.log()
+            self._log.close()
+            os.unlink(self._log.name)
 
     def __enter__(self) -> "TritonServer":
         return self.start()

@@ -6,8 +6,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import json  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from filelock import FileLock  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 torch.set_num_threads(2)
@@ -41,3 +48,80 @@ def decoder_feeds():
         return feeds
 
     return make
+
+
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory, worker_id) -> Callable[[str, Callable[[Path], None]], Path]:
+    """shared_dir(key, make) -> the directory `make(path)` wrote, made once per test run however many tests and
+    pytest-xdist workers ask for it: under a lock in the run's own temporary root, which the workers share.
+    A compile is most of a test's time on CI's 2 cores; tests that need the same artifact read one copy.
+    Read-only to the tests: copy it before changing anything in it."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base if worker_id == "master" else base.parent) / "shared"
+    root.mkdir(exist_ok=True)
+
+    def get(key: str, make: Callable[[Path], None]) -> Path:
+        path, done = root / key, root / f"{key}.done"
+        with FileLock(str(root / f"{key}.lock")):
+            if not done.exists():
+                shutil.rmtree(path, ignore_errors=True)  # a failed try's leftovers: start clean
+                make(path)
+                done.touch()
+        return path
+
+    return get
+
+
+def _result(out: Path):
+    from moec.pipeline import CompileResult
+
+    return CompileResult(str(out), json.load(open(out / "report.json")))
+
+
+@pytest.fixture(scope="session")
+def zoo_artifact(shared_dir):
+    """zoo_artifact(family, target="onnxruntime") -> CompileResult of compiling the factory source
+    `moec.zoo:FAMILY` with default options (a logits graph), once per test run: the pipeline, golden, memory
+    planner and TensorRT lowering tests read the same ones. Read-only."""
+    from moec.pipeline import CompileOptions, compile
+
+    def get(family: str, target: str = "onnxruntime"):
+        def make(path: Path) -> None:
+            compile(source=f"moec.zoo:{family}", options=CompileOptions(out=str(path), target=target))
+        return _result(shared_dir(f"zoo-{family}-{target}", make))
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_decoder(shared_dir):
+    """hf_decoder(family, **compile_kwargs) -> CompileResult of the KV-cache decoder compiled from a saved
+    Hugging Face directory (the zoo's FAMILY, head size 16 so attention is lowered, eos 1, pad 0), once per
+    run for each distinct set of compile arguments; the directory itself is shared_hf_dir(family).
+    Read-only."""
+    import moec
+
+    def get(family: str, **kw):
+        src = shared_hf_dir(shared_dir, family)
+        key = re.sub(r"[^\w.=-]+", "_", f"decoder-{family}-" + "-".join(f"{k}={v}" for k, v in sorted(kw.items())))
+
+        def make(path: Path) -> None:
+            moec.compile(source=str(src), out=str(path), **kw)
+        return _result(shared_dir(key, make))
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_dir(shared_dir):
+    """hf_dir(family) -> the directory hf_decoder compiles FAMILY from. Read-only."""
+    return lambda family: shared_hf_dir(shared_dir, family)
+
+
+def shared_hf_dir(shared_dir, family: str) -> Path:
+    """The zoo's FAMILY saved as a Hugging Face directory (head size 16, eos 1, pad 0), once per run."""
+    from moec import zoo
+
+    def make(path: Path) -> None:
+        zoo.build_hf_model(family, head_dim=16, eos_token_id=1, pad_token_id=0).save_pretrained(path)
+    return shared_dir(f"hf-{family}", make)

@@ -389,21 +389,19 @@ def test_without_a_task_it_streams_the_kv_cache_decoder(checkpoints, tmp_path):
         assert x.shape == y.shape and np.linalg.norm(x - y) / np.linalg.norm(y) < 1e-5
 
 
-def test_the_streamed_decoder_lowers_attention_as_in_memory(tmp_path):
+def test_the_streamed_decoder_lowers_attention_as_in_memory(hf_dir, hf_decoder, tmp_path):
     """Attention becomes GroupQueryAttention out of core too (decided on the meta decoder): the same nodes as
-    the in-memory compile's, and the same outputs on a batched chunk after a prefix, a decode step and a
-    prompt."""
-    src = tmp_path / "hf"
-    zoo.build_hf_model("qwen3_moe", head_dim=16).save_pretrained(src)
-    for mode in ("on", "off"):
-        assert main(["compile", str(src), "--out", str(tmp_path / mode), "--out-of-core", mode, "--quiet"]) == 0
+    the in-memory compile's (the run's shared one), and the same outputs on a batched chunk after a prefix, a
+    decode step and a prompt."""
+    outs = {"on": str(tmp_path / "on"), "off": hf_decoder("qwen3_moe").out_dir}
+    assert main(["compile", str(hf_dir("qwen3_moe")), "--out", outs["on"], "--out-of-core", "on", "--quiet"]) == 0
 
     def attention_ops(mode):
-        graph = onnx.load(str(tmp_path / mode / "model.onnx"), load_external_data=False).graph
+        graph = onnx.load(os.path.join(outs[mode], "model.onnx"), load_external_data=False).graph
         return [a.g.node[-1].op_type for n in graph.node if n.op_type == "If" for a in n.attribute
                 if a.name == "else_branch"]
     assert attention_ops("on") == attention_ops("off") == ["GroupQueryAttention"] * 2
-    a, b = (ort.InferenceSession(str(tmp_path / mode / "model.onnx")) for mode in ("on", "off"))
+    a, b = (ort.InferenceSession(os.path.join(outs[mode], "model.onnx")) for mode in ("on", "off"))
     rng = np.random.default_rng(0)
     for batch, seq, past in [(2, 3, 4), (1, 1, 6), (3, 5, 0)]:
         sizes = {"batch": batch, "seq": seq, "past": past, "total": past + seq}

@@ -12,6 +12,8 @@ import pytest
 from moec.fsutil import PREFIX, make_workdir, remove_stale_workdirs
 
 ENV = dict(os.environ, OMP_WAIT_POLICY="passive", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+# a two-layer model from the zoo: the same stages as the 4-layer demo in under half the time
+SOURCE = "moec.zoo:granitemoe"
 
 
 def _dead_pid() -> int:
@@ -37,11 +39,11 @@ def test_stale_workdirs_of_dead_processes_are_removed_live_ones_kept(tmp_path):
 
 
 def _compile_until(tmp_path, marker: str, sig: int, delay: float = 0.0, extra=()):
-    """Start `moec compile` of the demo, send `sig` once stderr shows `marker`; returns (rc, stderr, out)."""
+    """Start `moec compile SOURCE`, send `sig` once stderr shows `marker`; returns (rc, stderr, out)."""
     out = tmp_path / "out"
     # SIGINT as a terminal would deliver it: pytest-xdist's workers ignore SIGINT, and children inherit that
-    p = subprocess.Popen([sys.executable, "-m", "moec.cli", "compile", "--out", str(out), *extra], stderr=subprocess.PIPE,
-                         stdout=subprocess.DEVNULL, text=True, env=ENV,
+    p = subprocess.Popen([sys.executable, "-m", "moec.cli", "compile", SOURCE, "--out", str(out), *extra],
+                         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in p.stderr:
@@ -74,8 +76,8 @@ def test_a_killed_compile_is_cleaned_up_by_the_next(stage, tmp_path):
     assert not repo.exists() or os.listdir(repo) in ([], ["moe_model"])
     if repo.exists() and os.listdir(repo):  # it got as far as placing the model: then it is whole
         assert sorted(os.listdir(repo / "moe_model")) == ["1", "config.pbtxt"]
-    r = subprocess.run([sys.executable, "-m", "moec.cli", "compile", "--out", str(out), "--triton-repo", str(repo),
-                        "--force"], capture_output=True, text=True, env=ENV)
+    r = subprocess.run([sys.executable, "-m", "moec.cli", "compile", SOURCE, "--out", str(out),
+                        "--triton-repo", str(repo), "--force"], capture_output=True, text=True, env=ENV)
     assert r.returncode == 0 and all(f"removed {tmp_path / d}" in r.stderr for d in left), r.stderr[-1500:]
     assert not _leftovers(tmp_path) and (out / "model.onnx").exists()
     assert sorted(os.listdir(repo / "moe_model")) == ["1", "config.pbtxt"]

@@ -126,14 +126,13 @@ def test_plan_against_what_onnxruntime_allocates(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("family,target", [("qwen3_moe", "onnxruntime"), ("deepseek_v3", "tensorrt"),
                                            ("gpt_oss", "onnxruntime")])
-def test_planning_never_reads_weights(family, target, tmp_path):
+def test_planning_never_reads_weights(family, target, zoo_artifact, tmp_path):
     """The plan comes from a weightless copy: the same plan as probing with the real weights, and it
     is made with the weights' file deleted."""
     from moec import targets
     from moec.analysis.plan_memory import PlanHooks, weightless
-    from moec.pipeline import CompileOptions, compile
 
-    result = compile(source=f"moec.zoo:{family}", options=CompileOptions(out=str(tmp_path / "a"), target=target))
+    result = zoo_artifact(family, target)
     profiles = {"min": {"batch": 1, "seq": 1}, "max": {"batch": 4, "seq": 64}}
     hooks = PlanHooks.of(targets.get(target))
     full = onnx.load(os.path.join(result.out_dir, "model.onnx"))

@@ -3,6 +3,7 @@ ONNX Runtime (bf16 widened to fp32 on its bf16 weights: the CPU provider has no 
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -25,15 +26,22 @@ def _initializer_types(path):
 
 
 @pytest.fixture(scope="module")
-def fp32_logits(tmp_path_factory):
-    """family -> its fp32 `--task logits` artifact, compiled once for the fp16 and bf16 tests."""
+def fp32_logits(zoo_artifact):
+    """family -> its fp32 logits artifact (`moec.zoo:FAMILY` with default options), the run's shared one."""
+    return lambda family: Path(zoo_artifact(family).out_dir)
+
+
+@pytest.fixture(scope="module")
+def fp32_quantized(tmp_path_factory):
+    """bits -> Qwen3-MoE's fp32 artifact with experts quantized to `bits`, compiled once for the fp16 and bf16
+    tests."""
     made = {}
 
-    def get(family):
-        if family not in made:
-            made[family] = tmp_path_factory.mktemp("fp32") / family
-            assert _compile(f"moec.zoo:{family}", made[family], "--task", "logits") == 0
-        return made[family]
+    def get(bits):
+        if bits not in made:
+            made[bits] = tmp_path_factory.mktemp("fp32") / bits
+            assert _compile("moec.zoo:qwen3_moe", made[bits], "--quant", bits) == 0
+        return made[bits]
 
     return get
 
@@ -158,11 +166,10 @@ def test_a_pre_quantized_checkpoint_is_refused_in_fp16(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("quant", [["int8"], ["int4"], ["int2"]])
-def test_quantized_experts_in_an_fp16_artifact_keep_their_codes(quant, tmp_path):
+def test_quantized_experts_in_an_fp16_artifact_keep_their_codes(quant, fp32_quantized, tmp_path):
     """--quant with --dtype fp16: the same QMoE codes as at fp32, fp16 scales and arithmetic, exact against the
     dequantized fp16 model within fp16's tolerance; the error against fp32 is reported (the budget's to gate)."""
-    fp32, fp16 = tmp_path / "fp32", tmp_path / "fp16"
-    assert _compile("moec.zoo:qwen3_moe", fp32, "--quant", *quant) == 0
+    fp32, fp16 = fp32_quantized(quant[0]), tmp_path / "fp16"
     assert _compile("moec.zoo:qwen3_moe", fp16, "--quant", *quant, "--dtype", "fp16") == 0
     from onnx.numpy_helper import to_array
 
@@ -227,9 +234,8 @@ def test_a_wrong_bf16_weight_fails_verification(tmp_path):
     assert main(["verify", str(out)]) == 10
 
 
-def test_quantized_experts_in_a_bf16_artifact_keep_their_codes(tmp_path):
-    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
-    assert _compile("moec.zoo:qwen3_moe", fp32, "--quant", "int4") == 0
+def test_quantized_experts_in_a_bf16_artifact_keep_their_codes(fp32_quantized, tmp_path):
+    fp32, bf16 = fp32_quantized("int4"), tmp_path / "bf16"
     assert _compile("moec.zoo:qwen3_moe", bf16, "--quant", "int4", "--dtype", "bf16") == 0
     from onnx.numpy_helper import to_array
 

@@ -2,6 +2,7 @@
 the model's own ops (with the reason) where it does not."""
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -107,16 +108,16 @@ def _attention_record(report):
 
 
 @pytest.mark.slow
-def test_decoder_attention_becomes_group_query_attention(tmp_path):
+def test_decoder_attention_becomes_group_query_attention(hf_decoder):
     """Qwen3-MoE (GQA heads 4/2, q/k norms before rotary): every layer lowered, validated, one GQA node a
     layer with causal=0 (the mask travels as attention_bias), and the artifact verified against eager on a
     batch-2 prompt after a cached prefix (the If's plain branch) and a batch-3 one-token step (the fused op)."""
-    src = _hf_dir(tmp_path, "qwen3_moe", head_dim=16)
-    report = moec.compile(source=src, out=str(tmp_path / "out")).report
+    result = hf_decoder("qwen3_moe")  # head size 16, shared with the graph passes' tests
+    report = result.report
     record = _attention_record(report)
     assert record["modified"] and record["validation"]["rel_l2"] < 1e-6
     assert [l["lowered_to"] for l in record["details"]["layers"]] == [GQA] * 2
-    nodes = _gqa_nodes(str(tmp_path / "out" / "model.onnx"))
+    nodes = _gqa_nodes(os.path.join(result.out_dir, "model.onnx"))
     assert len(nodes) == 2
     for node in nodes:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

@@ -36,8 +36,8 @@ def _attrs(node):
 
 
 @pytest.mark.parametrize("family", list(LAYERS))
-def test_family_becomes_one_plugin_node_per_layer(family, out_dir):
-    result = compile(source=f"moec.zoo:{family}", options=CompileOptions(out=out_dir, target="tensorrt"))
+def test_family_becomes_one_plugin_node_per_layer(family, zoo_artifact):
+    result = zoo_artifact(family, "tensorrt")  # the run's shared compile
     model, nodes, _ = _plugins(result.out_dir)
     assert len(nodes) == LAYERS[family]
     assert not [n for n in model.graph.node if n.domain == "com.microsoft"]  # TensorRT can't parse those
@@ -58,11 +58,11 @@ def test_family_becomes_one_plugin_node_per_layer(family, out_dir):
     assert plugins["plugins"][0]["plugin_name"] == PLUGIN.name
 
 
-def test_plugin_fields_and_weight_layouts_match_the_model(tmp_path):
+def test_plugin_fields_and_weight_layouts_match_the_model(zoo_artifact):
     # Mixtral stores gate_up [E, 2I, H] (gate rows then up rows): the plugin takes it unchanged.
     src = zoo.hf_family("mixtral")
     expected = src.module.model.model.layers[0].mlp.experts.gate_up_proj.detach().numpy().copy()
-    res = compile(source="moec.zoo:mixtral", options=CompileOptions(out=str(tmp_path / "m"), target="tensorrt"))
+    res = zoo_artifact("mixtral", "tensorrt")
     _, nodes, inits = _plugins(res.out_dir)
     a = _attrs(nodes[0])
     assert (a["num_experts"], a["top_k"], a["hidden_size"], a["intermediate_size"]) == (6, 2, 48, 40)
@@ -73,16 +73,16 @@ def test_plugin_fields_and_weight_layouts_match_the_model(tmp_path):
     src = zoo.hf_family("gpt_oss")
     raw = src.module.model.model.layers[0].mlp.experts.gate_up_proj.detach()
     canonical = torch.cat([raw[..., 0::2], raw[..., 1::2]], dim=-1).transpose(1, 2).numpy()
-    res = compile(source="moec.zoo:gpt_oss", options=CompileOptions(out=str(tmp_path / "g"), target="tensorrt"))
+    res = zoo_artifact("gpt_oss", "tensorrt")
     _, nodes, inits = _plugins(res.out_dir)
     a = _attrs(nodes[0])
     assert a["activation"] == b"swiglu" and abs(a["alpha"] - 1.702) < 1e-6 and a["limit"] == 7.0 and a["beta"] == 1.0
     np.testing.assert_allclose(numpy_helper.to_array(inits[nodes[0].input[3]]), canonical)
 
 
-def test_substitution_checks_the_attributes(tmp_path):
+def test_substitution_checks_the_attributes(zoo_artifact):
     """The ORT check evaluates the node's own attributes: a wrong one must show up as an error."""
-    res = compile(source="moec.zoo:qwen3_moe", options=CompileOptions(out=str(tmp_path / "q"), target="tensorrt"))
+    res = zoo_artifact("qwen3_moe", "tensorrt")
     model = onnx.load(os.path.join(res.out_dir, "model.onnx"))
     golden = os.path.join(res.out_dir, "golden")
     feed = {"input_ids": np.load(os.path.join(golden, "probe0.input.input_ids.npy"))}

@@ -125,3 +125,28 @@ def shared_hf_dir(shared_dir, family: str) -> Path:
     def make(path: Path) -> None:
         zoo.build_hf_model(family, head_dim=16, eos_token_id=1, pad_token_id=0).save_pretrained(path)
     return shared_dir(f"hf-{family}", make)
+
+
+@pytest.fixture(scope="session")
+def generation_artifact(shared_dir):
+    """generation_artifact(family, **overrides) -> (CompileResult, model repository): the zoo's FAMILY (config
+    overrides applied) with no end-of-sequence token (random weights: every step runs, as the golden does) and
+    pad 0, saved and compiled as a KV-cache decoder with a Triton model named FAMILY, once per run:
+    test_generation checks it against transformers, the generate endpoint's tests serve it. Read-only."""
+    import moec
+    from moec import zoo
+
+    def get(family: str, **overrides):
+        key = f"generation-{family}-" + "-".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+        key = re.sub(r"[^\w.=-]+", "_", key)
+
+        def make(path: Path) -> None:
+            model = zoo.build_hf_model(family, **overrides)
+            model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+            model.save_pretrained(path / "hf")
+            moec.compile(source=str(path / "hf"), out=str(path / "out"), triton_repo=str(path / "repo"),
+                         model_name=family)
+        path = shared_dir(key, make)
+        return _result(path / "out"), path / "repo"
+
+    return get

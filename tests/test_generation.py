@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,7 @@ NEW_TOKENS = 64
 
 
 def _model(family: str):
+    """The model generation_artifact (tests/conftest.py) compiles for FAMILY."""
     model = zoo.build_hf_model(family, **FAMILIES[family])
     model.generation_config.eos_token_id = None  # random weights: run every step, as the golden does
     model.generation_config.pad_token_id = 0
@@ -69,13 +71,14 @@ def test_decoder_wrapper_is_transformers_generate(family):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_artifact_generates_like_transformers(family, tmp_path):
+def test_artifact_generates_like_transformers(family, generation_artifact):
     """Compiled from a Hugging Face directory: ONNX Runtime (batch 3, left padding) and onnxruntime-genai
     (each prompt, and the 3 prompts of different lengths as one batch) give transformers' tokens for 64 steps;
-    every step's logits within 1e-4 relative L2."""
+    every step's logits within 1e-4 relative L2. (The run's shared compile: the generate endpoint's tests serve
+    it too.)"""
     model = _model(family)
-    model.save_pretrained(tmp_path / "hf")
-    result = moec.compile(source=str(tmp_path / "hf"), out=str(tmp_path / "out"))
+    result, _ = generation_artifact(family, **FAMILIES[family])
+    out = Path(result.out_dir)
     report = result.report
     assert report["generation"]["task"] == "text-generation"
     assert report["numerics"]["generation"]["passed"], report["numerics"]["generation"]
@@ -99,9 +102,9 @@ def test_artifact_generates_like_transformers(family, tmp_path):
     if family == "deepseek_v3":  # keys and values of different head sizes: genai cannot hold the cache
         assert not report["generation"]["genai_config"]
         assert "head size" in report["generation"]["genai_unsupported"]
-        assert not (tmp_path / "out" / "genai_config.json").exists()
+        assert not (out / "genai_config.json").exists()
         return
-    config = json.loads((tmp_path / "out" / "genai_config.json").read_text())
+    config = json.loads((out / "genai_config.json").read_text())
     assert config["search"]["past_present_share_buffer"] is False
     assert config["model"]["decoder"]["num_key_value_heads"] == info["kv_heads"][0]
     eos, pad = report["generation"]["eos_token_ids"], report["generation"]["pad_token_id"]

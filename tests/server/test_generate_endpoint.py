@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -45,10 +46,10 @@ def _post(url: str, path: str, body: dict) -> bytes:
         return r.read()
 
 
-def _hf_tokens(model, prompt, n):
+def _hf_tokens(model, prompt, n, eos=(1,), pad=-1):
     out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
     # a single prompt has no padding, so genai keeps a generated <pad> in the sequence; it stops at <eos>
-    return greedy.genai_comparable(out[0, len(prompt):].tolist(), [1], pad_id=-1)
+    return greedy.genai_comparable(out[0, len(prompt):].tolist(), list(eos), pad_id=pad)
 
 
 def test_generate_endpoint_matches_transformers(served, triton):
@@ -106,25 +107,25 @@ def test_bad_requests_get_the_reason(served, triton):
 
 
 # sliding windows shorter than the runs (GPT-OSS's sinks too), plain GQA, and Granite's scalings; attention
-# lowered to GroupQueryAttention (head size 16) but for OLMoE, which keeps its own ops (head size 12)
+# lowered to GroupQueryAttention (head size 16) but for OLMoE, which keeps its own ops (head size 12). The first
+# three are test_generation's models (the run's shared compiles); none has an end-of-sequence token, so every
+# run goes to max_tokens.
 OTHER_FAMILIES = {"mixtral": dict(sliding_window=8, head_dim=16),
                   "gpt_oss": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"], head_dim=16),
-                  "olmoe": {}, "granitemoe": dict(head_dim=16)}
+                  "granitemoe": dict(head_dim=16), "olmoe": {}}
 
 
 @pytest.fixture(scope="module")
-def families_repo(tmp_path_factory):
+def families_repo(generation_artifact, tmp_path_factory):
     """One repository serving a generation model per family, compiled without tokenizers (ids only)."""
-    root = tmp_path_factory.mktemp("families")
+    repo = tmp_path_factory.mktemp("families") / "repo"
     models = {}
     for family, overrides in OTHER_FAMILIES.items():
-        model = zoo.build_hf_model(family, eos_token_id=1, pad_token_id=0, **overrides)
-        model.generation_config.eos_token_id, model.generation_config.pad_token_id = 1, 0
-        model.save_pretrained(root / family)
-        compile(source=str(root / family), options=CompileOptions(
-            out=str(root / f"{family}-out"), triton_repo=str(root / "repo"), model_name=family))
-        models[family] = model
-    return root / "repo", models
+        _, own_repo = generation_artifact(family, **overrides)
+        shutil.copytree(own_repo / family, repo / family)
+        models[family] = zoo.build_hf_model(family, **overrides)  # the same seeded weights
+        models[family].generation_config.eos_token_id, models[family].generation_config.pad_token_id = None, 0
+    return repo, models
 
 
 def test_every_family_generates_like_transformers_through_the_server(families_repo, triton):
@@ -136,7 +137,7 @@ def test_every_family_generates_like_transformers_through_the_server(families_re
         server.wait_model_ready(family)
         compared = 0
         for prompt in ([5, 9, 17, 33, 2, 77], [100, 3, 64, 7, 8, 9, 10, 11, 12, 13, 14]):
-            want = _hf_tokens(model, prompt, 32)
+            want = _hf_tokens(model, prompt, 32, eos=[], pad=0)  # without eos genai ends a run at a <pad>
             compared += len(want)
             got = json.loads(_post(server.http_url, f"/v2/models/{family}/generate",
                                    {"input_ids": prompt, "max_tokens": 32}))

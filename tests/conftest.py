@@ -79,6 +79,15 @@ def _result(out: Path):
 
 
 @pytest.fixture(scope="session")
+def demo_artifact(shared_dir) -> Path:
+    """The built-in demo compiled with default options (model.onnx, report.json, golden/), once per run: the
+    committed-golden and bad-input tests read it (the bad-input cases copy it). Read-only."""
+    import moec
+
+    return shared_dir("demo", lambda path: moec.compile(out=str(path)))
+
+
+@pytest.fixture(scope="session")
 def zoo_artifact(shared_dir):
     """zoo_artifact(family, target="onnxruntime") -> CompileResult of compiling the factory source
     `moec.zoo:FAMILY` with default options (a logits graph), once per test run: the pipeline, golden, memory

@@ -226,13 +226,7 @@ class Resources:
 # ----------------------------------------------------------------------------- module fixtures
 
 
-@pytest.fixture(scope="module")
-def demo_artifact(tmp_path_factory) -> Path:
-    """The built-in demo compiled once (model.onnx, report.json, golden/); cases copy it."""
-    out = tmp_path_factory.mktemp("artifact") / "demo"
-    code, _, err = run_cli(["compile", "--out", str(out), "--quiet"])
-    assert code == 0, err
-    return out
+# demo_artifact: the run's shared compile of the built-in demo (tests/conftest.py); cases copy it.
 
 
 @pytest.fixture(scope="module")

@@ -55,12 +55,13 @@ def shared_dir(tmp_path_factory, worker_id) -> Callable[[str, Callable[[Path], N
     """shared_dir(key, make) -> the directory `make(path)` wrote, made once per test run however many tests and
     pytest-xdist workers ask for it: under a lock in the run's own temporary root, which the workers share.
     A compile is most of a test's time on CI's 2 cores; tests that need the same artifact read one copy.
-    Read-only to the tests: copy it before changing anything in it."""
+    Read-only to the tests: copy it before changing anything in it. Any text is a key (made a file name here)."""
     base = tmp_path_factory.getbasetemp()
     root = (base if worker_id == "master" else base.parent) / "shared"
     root.mkdir(exist_ok=True)
 
     def get(key: str, make: Callable[[Path], None]) -> Path:
+        key = re.sub(r"[^\w.=-]+", "_", key)
         path, done = root / key, root / f"{key}.done"
         with FileLock(str(root / f"{key}.lock")):
             if not done.exists():
@@ -76,6 +77,10 @@ def _result(out: Path):
     from moec.pipeline import CompileResult
 
     return CompileResult(str(out), json.load(open(out / "report.json")))
+
+
+def _key(prefix: str, kw: dict) -> str:
+    return prefix + "-" + "-".join(f"{k}={v}" for k, v in sorted(kw.items()))
 
 
 @pytest.fixture(scope="session")
@@ -103,59 +108,57 @@ def zoo_artifact(shared_dir):
 
 
 @pytest.fixture(scope="session")
-def hf_decoder(shared_dir):
-    """hf_decoder(family, **compile_kwargs) -> CompileResult of the KV-cache decoder compiled from a saved
-    Hugging Face directory (the zoo's FAMILY, head size 16 so attention is lowered, eos 1, pad 0), once per
-    run for each distinct set of compile arguments; the directory itself is shared_hf_dir(family).
-    Read-only."""
-    import moec
+def hf_dir(shared_dir):
+    """hf_dir(family) -> the zoo's FAMILY saved as a Hugging Face directory (head size 16 so attention is
+    lowered, eos 1, pad 0), once per run. Read-only."""
+    from moec import zoo
 
-    def get(family: str, **kw):
-        src = shared_hf_dir(shared_dir, family)
-        key = re.sub(r"[^\w.=-]+", "_", f"decoder-{family}-" + "-".join(f"{k}={v}" for k, v in sorted(kw.items())))
-
+    def get(family: str) -> Path:
         def make(path: Path) -> None:
-            moec.compile(source=str(src), out=str(path), **kw)
-        return _result(shared_dir(key, make))
+            zoo.build_hf_model(family, head_dim=16, eos_token_id=1, pad_token_id=0).save_pretrained(path)
+        return shared_dir(f"hf-{family}", make)
 
     return get
 
 
 @pytest.fixture(scope="session")
-def hf_dir(shared_dir):
-    """hf_dir(family) -> the directory hf_decoder compiles FAMILY from. Read-only."""
-    return lambda family: shared_hf_dir(shared_dir, family)
+def hf_decoder(shared_dir, hf_dir):
+    """hf_decoder(family, **compile_kwargs) -> CompileResult of the KV-cache decoder compiled from hf_dir(family),
+    once per run for each distinct set of compile arguments. Read-only."""
+    import moec
+
+    def get(family: str, **kw):
+        def make(path: Path) -> None:
+            moec.compile(source=str(hf_dir(family)), out=str(path), **kw)
+        return _result(shared_dir(_key(f"decoder-{family}", kw), make))
+
+    return get
 
 
-def shared_hf_dir(shared_dir, family: str) -> Path:
-    """The zoo's FAMILY saved as a Hugging Face directory (head size 16, eos 1, pad 0), once per run."""
+def generation_model(family: str, **overrides):
+    """The zoo's FAMILY (config overrides applied) with no end-of-sequence token (random weights: every step
+    runs, as the golden does) and pad 0."""
     from moec import zoo
 
-    def make(path: Path) -> None:
-        zoo.build_hf_model(family, head_dim=16, eos_token_id=1, pad_token_id=0).save_pretrained(path)
-    return shared_dir(f"hf-{family}", make)
+    model = zoo.build_hf_model(family, **overrides)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+    return model
 
 
 @pytest.fixture(scope="session")
 def generation_artifact(shared_dir):
-    """generation_artifact(family, **overrides) -> (CompileResult, model repository): the zoo's FAMILY (config
-    overrides applied) with no end-of-sequence token (random weights: every step runs, as the golden does) and
-    pad 0, saved and compiled as a KV-cache decoder with a Triton model named FAMILY, once per run:
+    """generation_artifact(family, **overrides) -> (CompileResult, model repository, model):
+    generation_model(family, **overrides) saved and compiled as a KV-cache decoder with a Triton model named
+    FAMILY, once per run (the model is built afresh for each caller: the same seeded weights):
     test_generation checks it against transformers, the generate endpoint's tests serve it. Read-only."""
     import moec
-    from moec import zoo
 
     def get(family: str, **overrides):
-        key = f"generation-{family}-" + "-".join(f"{k}={v}" for k, v in sorted(overrides.items()))
-        key = re.sub(r"[^\w.=-]+", "_", key)
-
         def make(path: Path) -> None:
-            model = zoo.build_hf_model(family, **overrides)
-            model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
-            model.save_pretrained(path / "hf")
+            generation_model(family, **overrides).save_pretrained(path / "hf")
             moec.compile(source=str(path / "hf"), out=str(path / "out"), triton_repo=str(path / "repo"),
                          model_name=family)
-        path = shared_dir(key, make)
-        return _result(path / "out"), path / "repo"
+        path = shared_dir(_key(f"generation-{family}", overrides), make)
+        return _result(path / "out"), path / "repo", generation_model(family, **overrides)
 
     return get

@@ -32,7 +32,6 @@ NEW_TOKENS = 64
 
 
 def _model(family: str):
-    """The model generation_artifact (tests/conftest.py) compiles for FAMILY."""
     model = zoo.build_hf_model(family, **FAMILIES[family])
     model.generation_config.eos_token_id = None  # random weights: run every step, as the golden does
     model.generation_config.pad_token_id = 0
@@ -76,8 +75,7 @@ def test_artifact_generates_like_transformers(family, generation_artifact):
     (each prompt, and the 3 prompts of different lengths as one batch) give transformers' tokens for 64 steps;
     every step's logits within 1e-4 relative L2. (The run's shared compile: the generate endpoint's tests serve
     it too.)"""
-    model = _model(family)
-    result, _ = generation_artifact(family, **FAMILIES[family])
+    result, _, model = generation_artifact(family, **FAMILIES[family])
     out = Path(result.out_dir)
     report = result.report
     assert report["generation"]["task"] == "text-generation"

@@ -121,10 +121,8 @@ def families_repo(generation_artifact, tmp_path_factory):
     repo = tmp_path_factory.mktemp("families") / "repo"
     models = {}
     for family, overrides in OTHER_FAMILIES.items():
-        _, own_repo = generation_artifact(family, **overrides)
+        _, own_repo, models[family] = generation_artifact(family, **overrides)
         shutil.copytree(own_repo / family, repo / family)
-        models[family] = zoo.build_hf_model(family, **overrides)  # the same seeded weights
-        models[family].generation_config.eos_token_id, models[family].generation_config.pad_token_id = None, 0
     return repo, models
 
 

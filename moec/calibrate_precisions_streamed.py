@@ -14,6 +14,10 @@ Produces: the codes, put in a moec.precision_codes.PrecisionCodes (packed on dis
   for byte against the in-memory compile), and the budget is checked on the artifact as written.
 Holds: what the writer's calibration holds (moec.calibrate_streamed: the calibration states, a layer's inputs,
   up to KEPT_BYTES of its fp32 experts) and one expert's codes at a time.
+With --prune-experts FRACTION the same run chooses each layer's pruning (moec.prune_streamed, on the unpruned
+  model's routing) and carries the pruned model's states beside the unpruned ones: the codes are the pruned
+  model's, as in memory, and afterwards the two models' logits on the calibration data give the pruning's
+  distance from the unpruned model (LayerInputs.pruning_distance), the in-memory pass's measure.
 Refuses: (CalibrationError) a layer the data reaches with fewer tokens than it has experts, as the writer does.
   Layers whose experts are read whole are refused before this runs (choose_streamed, as the writer refuses them).
 """
@@ -21,7 +25,7 @@ Refuses: (CalibrationError) a layer the data reaches with fewer tokens than it h
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -36,16 +40,17 @@ class CalibratedPrecisions:
         value, for errors."""
         self.codes, self.calibration, self.log = codes, calibration, log
 
-    def solve(self, inputs: LayerInputs) -> None:
+    def solve(self, inputs: LayerInputs, prune: Optional[Callable[[str], Callable]] = None) -> None:
         """Carry the calibration data through every decoder layer, solving each fused layer's experts at every
-        precision while the layer is read."""
+        precision while the layer is read. `prune(key)`: LayerInputs.advance's `prune` for decoder layer `key`
+        (--prune-experts: the layer ranked on its unpruned routing and pruned; `inputs.pruned_states` set, so the
+        codes are solved on the pruned model's inputs, the kept experts by their index among those kept)."""
         _, layers = decoder_layers(inputs.model)
         for i in range(len(layers)):
             t = time.perf_counter()
-            inputs.advance(f"layers.{i}", held=self._held)
+            inputs.advance(f"layers.{i}", None if prune is None else prune(f"layers.{i}"), held=self._held)
             self.log(f"  quant auto: layers.{i}'s experts calibrated at {', '.join(self.codes.specs)} "
                      f"({time.perf_counter() - t:.1f} s)")
-        inputs.done()
 
     def _held(self, fused: dict, inputs: dict) -> None:
         """LayerInputs.advance's `held`: the decoder layer's fused layers, their experts streaming at fp32."""

@@ -38,8 +38,9 @@ Refuses (MoecError, naming the layer): --calibration with --quant on a fused lay
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -307,21 +308,12 @@ class LayerInputs:
         _, layers = decoder_layers(self.model)
         if self.next != len(layers):
             raise RuntimeError(f"calibration: the head asked for after {self.next} of {len(layers)} decoder layers")
-        head, embeddings = output, self.model.get_input_embeddings()
         replayed = (self.pruned_outputs or self.outputs) if self.pruned_states else self.outputs
-        before, batch = [layers[j] for j in range(len(layers))], [0]
-        tied = head.weight is embeddings.weight or bool(getattr(self.model.config, "tie_word_embeddings", False))
-        name, alone = self._embeddings_tensor(embeddings)
-        try:  # the group but the input embeddings where they read alone (untied: as large as the head)
-            self.ck.materialise(self.model, "", skip=(lambda n: n == name) if alone and not tied else None)
-            if hasattr(self.model, "tie_weights"):
-                self.model.tie_weights()
+        batch = [0]
+        with self._head_read(replayed, batch):
             head = self.model.get_submodule(path)
             if self.dense.own_codes(path, head) is not None:
                 return
-            for j in range(len(layers)):
-                layers[j] = _Replay(before[j], replayed, batch)
-            self.model.set_input_embeddings(_Zeros(embeddings.weight.shape[1]))
             xs = []
             for b, args in enumerate(self.batches):
                 batch[0] = b
@@ -344,6 +336,28 @@ class LayerInputs:
                 self.dense.reasons[path] = method
             else:
                 self.dense.calibrate({path: (concat_nbits(blocks), method)})
+
+    @contextmanager
+    def _head_read(self, replayed: list, batch: list) -> Iterator[None]:
+        """The embeddings-and-head group read (but the input embeddings where they read alone: untied, as large as
+        the head), every decoder layer replaying `replayed` (what the last one returned, per batch; the batch
+        running is batch[0]) and the input embeddings stood in for by zeros: the model's own forward then runs
+        only its final norm and head. Put back and released after."""
+        _, layers = decoder_layers(self.model)
+        embeddings = self.model.get_input_embeddings()
+        output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        tied = (output is not None and output.weight is embeddings.weight) or \
+            bool(getattr(self.model.config, "tie_word_embeddings", False))
+        name, alone = self._embeddings_tensor(embeddings)
+        before = [layers[j] for j in range(len(layers))]
+        try:
+            self.ck.materialise(self.model, "", skip=(lambda n: n == name) if alone and not tied else None)
+            if hasattr(self.model, "tie_weights"):
+                self.model.tie_weights()
+            for j in range(len(layers)):
+                layers[j] = _Replay(before[j], replayed, batch)
+            self.model.set_input_embeddings(_Zeros(embeddings.weight.shape[1]))
+            yield
         finally:
             for j in range(len(layers)):
                 layers[j] = before[j]
@@ -386,6 +400,46 @@ class LayerInputs:
         """The input embeddings' checkpoint tensor, and whether it reads on its own (LazyCheckpoint.one_by_one)."""
         name = f"{next(n for n, m in self.model.named_modules() if m is embeddings)}.weight"
         return name, name in (self.ck.one_by_one(self.model, "") or [])
+
+    @contextmanager
+    def final_outputs(self, failing: str) -> Iterator[Callable[[list], Iterator[torch.Tensor]]]:
+        """The model's first output (the logits) from final states (what the last decoder layer returned, per
+        batch), the head's group read once (`_head_read`). Yields `logits(states)`: each batch's logits in turn.
+        `failing`: what a batch is, for the error a failing batch raises ("--quant auto: verification input")."""
+        from moec.calibration import CalibrationError
+
+        batch, replayed = [0], []
+
+        def logits(states: list) -> Iterator[torch.Tensor]:
+            replayed[:] = states
+            for b, args in enumerate(self.batches):
+                batch[0] = b
+                try:
+                    with torch.no_grad():
+                        out = self.module(*args)
+                except MoecError:
+                    raise
+                except Exception as exc:
+                    raise CalibrationError(f"{failing} {b}: the model fails after its last decoder layer: "
+                                           f"{type(exc).__name__}: {str(exc)[:300]}.") from exc
+                yield (out[0] if isinstance(out, (tuple, list)) else out).detach()
+
+        with self._head_read(replayed, batch):
+            yield logits
+
+    def pruning_distance(self):
+        """--prune-experts with the pruned model's states carried (`pruned_states`), once the data went through
+        every decoder layer: the pruned model's logits against the unpruned one's on the calibration data, as the
+        in-memory pass measures them (passes.prune_experts.distance: relative L2 over every batch, top-1
+        agreement). Holds the unpruned logits of every batch, as in memory."""
+        from moec.passes.prune_experts import distance
+
+        _, layers = decoder_layers(self.model)
+        if not self.pruned_states or self.next != len(layers):
+            raise RuntimeError("calibration: the pruning's distance asked for before both models ran every layer")
+        with self.final_outputs("--prune-experts: calibration batch") as logits:
+            reference = list(logits(self.outputs))
+            return distance(reference, logits(self.pruned_outputs or self.outputs))
 
     def done(self) -> None:
         self.outputs, self.pruned_outputs = [], []

@@ -29,8 +29,9 @@ The artifact is the in-memory compile's (the KV-cache decoder unless --task logi
 --triton-repo through the same packaging stage; --device-memory checked on the plan from shapes, before any weight
 is read; --prune-experts FRACTION by moec.prune_streamed; --quant auto's choice made before capture, its errors
 measured a pass over the checkpoint at a time by moec.measure_precision_streamed, with --calibration on GPTQ's
-codes at each precision solved first by moec.calibrate_precisions_streamed). Refuses what it does not
-stream yet (--prune-experts auto, --quant auto with --prune-experts, TensorRT, pre-quantized
+codes at each precision solved first by moec.calibrate_precisions_streamed, and with --prune-experts FRACTION on
+the pruned model, its experts chosen in that first run). Refuses what it does not
+stream yet (--prune-experts auto, TensorRT, pre-quantized
 checkpoints moec does not fold as they stream: moec-packed, fp8 ...): named, exit 2, with the in-memory compile
 as the way to get it.
 """
@@ -128,8 +129,6 @@ def _available_memory() -> Optional[int]:
 
 def check_streamable(options: CompileOptions) -> None:
     asked = [flag for key, flag in UNSTREAMED.items() if options.extra.get(key) not in (None, False)]
-    if options.extra.get("quant") == "auto" and options.extra.get("prune_experts") is not None:
-        asked.append("--quant auto with --prune-experts")  # its search measures the unpruned model
     if options.extra.get("prune_experts") == "auto":  # its sensitivities are whole-model runs, one per layer and count
         asked.append("--prune-experts auto (a FRACTION streams)")
     if options.target != "onnxruntime":
@@ -303,7 +302,9 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
                          "every layer (the embeddings and head are written last)")
     streamer = LayerStreamer(ck, weights_model, planned, kinds, spec, lowering, options.extra, options.log,
                              WRAPPER * (2 if half else 1), coder, dense)
-    if meta.pruned is not None:  # which experts go is chosen from each layer's routing as it streams
+    if plan is not None and plan.pruning is not None:  # --quant auto chose them before measuring the pruned model
+        streamer.pruning = plan.pruning
+    elif meta.pruned is not None:  # which experts go is chosen from each layer's routing as it streams
         from moec.prune_streamed import StreamedPruning
 
         streamer.pruning = StreamedPruning.from_meta(meta.pruned, options.extra)
@@ -379,7 +380,9 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         if streamer.streaming is not None:
             streamer.streaming.done()
         pruning = over = None  # over: the budget's refusal, raised once the artifact is known right
-        if streamer.pruning is not None:
+        if plan is not None and plan.vs_unpruned is not None:  # measured as in memory, before the search
+            pruning = streamer.pruning.report(plan.vs_unpruned.to_dict(), on_calibration=True)
+        elif streamer.pruning is not None:
             pruning = streamer.pruning.report(verified.vs_fp32, spec)
         if spec is not None:
             quant = quantization_report(streamer.quantized, spec, verified, tolerance, streamer.coder,
@@ -388,6 +391,8 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
                 quant["checkpoint_format"] = prequant.format
             if pruning is not None:  # one fp32 reference out of core: the unpruned model (in memory: the pruned one)
                 quant["logits_vs_fp32_against"] = "the unpruned full-precision model (pruning and quantization together)"
+                if plan is not None:  # what the budget bounds: the search's measure, against the pruned model
+                    quant["auto"]["measured_against"] = "the pruned full-precision model"
             budget = options.extra.get("accuracy_budget")
             if budget is not None and verified.vs_fp32 is not None:  # as in memory: the logits against fp32
                 quant["accuracy_budget"] = budget
@@ -505,7 +510,8 @@ def index_checkpoint(source: str, method: Optional[str], options: CompileOptions
 def check_pruning_budget(budget, pruning: dict, spec=None) -> None:
     """--accuracy-budget with --prune-experts FRACTION bounds the pruned model's distance from the unpruned one, as in
     memory (there on the calibration data; here on the verification inputs, and with --quant the quantized experts'
-    error with it): AccuracyBudgetError, nothing written."""
+    error with it; with --quant auto on the calibration data, checked before the search too): AccuracyBudgetError,
+    nothing written."""
     d = pruning["vs_unpruned"]
     if budget is None or d["rel_l2"] <= float(budget):
         return
@@ -641,6 +647,10 @@ class StreamedChoice:
     specs: object  # moec.mixed_precision.LayerSpecs
     passes: int
     measured_on: str
+    # --prune-experts FRACTION: the experts each layer loses (moec.prune_streamed.StreamedPruning, chosen before
+    # the search, which measured the pruned model) and the pruned model's distance from the unpruned one
+    pruning: object = None
+    vs_unpruned: object = None  # passes.prune_experts.Distance, on the calibration data
 
 
 def choose_streamed(ck: LazyCheckpoint, hf, kinds: dict, lowering: list, options: CompileOptions,
@@ -658,12 +668,14 @@ def choose_streamed(ck: LazyCheckpoint, hf, kinds: dict, lowering: list, options
     meta, src = build_source(None)
     specs = {p: spec_from_options({**options.extra, "quant": p}) for p in PRECISIONS if p != FULL}
     paths = [p.path for p in meta.planned if p.fused]
+    removed = meta.pruned or {}  # --prune-experts FRACTION: the experts each layer loses (the graph keeps the rest)
     weight_bytes: dict[str, dict[str, int]] = {}
     for planned in (p for p in meta.planned if p.fused):  # from shapes: what each precision would write
         x = planned.spec.experts
+        n = x.num_experts - removed.get(planned.path, (0, ""))[0]
         entry = weight_bytes[planned.path] = {FULL: 0, **{p: 0 for p in specs}}
-        for name, shape in (("w_gate_up", (x.num_experts, x.intermediate * (2 if x.gated else 1), x.hidden)),
-                            ("w_down", (x.num_experts, x.hidden, x.intermediate))):
+        for name, shape in (("w_gate_up", (n, x.intermediate * (2 if x.gated else 1), x.hidden)),
+                            ("w_down", (n, x.hidden, x.intermediate))):
             entry[FULL] += math.prod(shape) * 4
             for precision, spec in specs.items():
                 w = torch.empty(shape, device="meta")
@@ -672,6 +684,11 @@ def choose_streamed(ck: LazyCheckpoint, hf, kinds: dict, lowering: list, options
     # a streamer only for reading layers at full precision, fused (experts one at a time where they can be)
     reader = LayerStreamer(ck, ck.skeleton(hf.config), meta.planned, kinds, specs["int8"], lowering, options.extra,
                            lambda msg: None)
+    pruning = vs_unpruned = None
+    if meta.pruned is not None:  # chosen in the calibration run below, before the search measures the pruned model
+        from moec.prune_streamed import StreamedPruning
+
+        pruning = reader.pruning = StreamedPruning.from_meta(meta.pruned, options.extra)
     inputs = src.verification_inputs(options.verify_seq_len)
     wrap = wrapper_of(src.module)
     calibration = options.extra.get("calibration")
@@ -689,10 +706,22 @@ def choose_streamed(ck: LazyCheckpoint, hf, kinds: dict, lowering: list, options
             from moec.calibrate_streamed import LayerInputs
             from moec.calibration import load_calibration
 
-            CalibratedPrecisions(codes, calibration, options.log).solve(LayerInputs(
-                wrap(ck.skeleton()), load_calibration(calibration, src).batches, ck, reader.prepare_calibration,
-                paths, options.log))
-        errors = StreamedErrors(lambda: wrap(ck.skeleton()), inputs, ck, reader.prepare_calibration, paths,
+            carried = LayerInputs(wrap(ck.skeleton()), load_calibration(calibration, src).batches, ck,
+                                  reader.prepare_calibration, paths, options.log)
+            # pruned: each layer ranked on its unpruned routing and pruned, the codes solved on the pruned model's
+            # states (carried beside the unpruned ones), as in memory
+            carried.pruned_states = pruning is not None
+            try:
+                CalibratedPrecisions(codes, calibration, options.log).solve(carried, None if pruning is None else (
+                    lambda key: lambda model, routing: reader._prune_calibrated(model, key, routing)))
+                if pruning is not None:
+                    vs_unpruned = carried.pruning_distance()
+            finally:
+                carried.done()
+        if pruning is not None:
+            check_pruned_before_search(options.extra, pruning, vs_unpruned, options.log)
+        errors = StreamedErrors(lambda: wrap(ck.skeleton()), inputs, ck,
+                                reader.prepare_calibration if pruning is None else reader.prepare_pruned, paths,
                                 options.extra, options.log, codes.dequantized)
         plan = choose_batched(paths, weight_bytes, errors, float(options.extra["accuracy_budget"]), options.log)
     finally:
@@ -704,7 +733,24 @@ def choose_streamed(ck: LazyCheckpoint, hf, kinds: dict, lowering: list, options
                 f"{plan.budget:g}; {errors.passes} pass(es) over the checkpoint)")
     return StreamedChoice(plan, chosen, errors.passes,
                           f"the logits on the {len(inputs)} verification inputs, a decoder layer at a time"
-                          + (" (GPTQ's codes at each precision, solved first)" if calibration else ""))
+                          + (" (GPTQ's codes at each precision, solved first)" if calibration else "")
+                          + (", the pruned model" if pruning is not None else ""), pruning, vs_unpruned)
+
+
+def check_pruned_before_search(extra: dict, pruning, d, log: Callable[[str], None]) -> None:
+    """--quant auto with --prune-experts FRACTION: the pruning's distance from the unpruned model on the calibration
+    data (`d`, a passes.prune_experts.Distance), logged and held to --accuracy-budget as the in-memory pass holds it,
+    before the search spends passes over the checkpoint: AccuracyBudgetError naming the layers losing the most."""
+    from moec.passes.prune_experts import over_budget
+
+    gone = sum(len(r) for r in pruning.removed.values())
+    log(f"  pruned {gone} experts (by {pruning.by}); logits vs unpruned on the calibration data: relative L2 "
+        f"{d.rel_l2:.3g}, top-1 agreement {d.top1_agreement:.1%}")
+    budget = extra.get("accuracy_budget")
+    if budget is not None and not d.rel_l2 <= float(budget):
+        worst = sorted(pruning.shares, key=lambda p: -pruning.shares[p])[:3]
+        raise over_budget(budget, f"pruning {pruning.fraction:g} of the experts (by {pruning.by})", d,
+                          "the calibration data", worst, "a smaller fraction")
 
 
 def refuse_calibrating_whole(whole: list[str]) -> None:
@@ -786,12 +832,18 @@ class LayerStreamer:
     def _prune_calibrated(self, model: nn.Module, key: str, routing: dict) -> bool:
         """LayerInputs.advance's `prune`: rank the group's fused layers on the routing the calibration data just had
         through them unpruned, and slice them in the calibration's model; whether any expert went."""
+        for planned in self.planned:
+            if planned.fused and _group_of(planned.path) == key:
+                self.pruning.choose(planned.path, planned.spec, routing.get(planned.path))
+        return self._prune(model, key)
+
+    def _prune(self, model: nn.Module, key: str) -> bool:
+        """The group's fused layers in `model` sliced to the experts chosen to stay; whether any expert went."""
         from moec.moe_layer import FusedMoE
 
         removed = False
         for planned in self.planned:
             if planned.fused and _group_of(planned.path) == key:
-                self.pruning.choose(planned.path, planned.spec, routing.get(planned.path))
                 fused = next(m for m in model.get_submodule(planned.path).modules() if isinstance(m, FusedMoE))
                 removed |= len(self.pruning.apply(fused, planned.path, record=False)) < planned.spec.experts.num_experts
         return removed
@@ -854,6 +906,12 @@ class LayerStreamer:
         for path in self.fused_paths:
             if _group_of(path) == key and path not in streamed:
                 self.fuse_real(model, path, record=False)
+
+    def prepare_pruned(self, model: nn.Module, key: str) -> None:
+        """prepare_calibration's group, its fused layers then pruned to the experts already chosen: --quant auto's
+        search measures the pruned full-precision model and its quantized variants, as in memory."""
+        self.prepare_calibration(model, key)
+        self._prune(model, key)
 
     def fill(self, key: str, values: list) -> Iterator[tuple]:
         from moec.passes.base import PassContext

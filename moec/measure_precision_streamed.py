@@ -37,9 +37,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from moec.calibrate_streamed import KEPT_BYTES, LayerInputs, _Replay, _Zeros
+from moec.calibrate_streamed import KEPT_BYTES, LayerInputs
 from moec.external_data import layer_key
-from moec.lazy_checkpoint import LazyCheckpoint, decoder_layers, release
+from moec.lazy_checkpoint import LazyCheckpoint, decoder_layers
 from moec.mixed_precision import FULL
 from moec.numerics import compare_tensors
 from moec.stream_experts import KeptExperts, StreamedExperts
@@ -173,48 +173,10 @@ class StreamedErrors:
                 u()
 
     def _logits_errors(self, states: dict, full: Prefix, wanted: set) -> dict[Prefix, float]:
-        """Each final state through the final norm and the head (the model's forward, every decoder layer replaying
-        the state): its worst relative L2 against the full-precision state's logits, the logits not kept."""
-        from moec.calibration import CalibrationError
-        from moec.errors import MoecError
-
-        _, layers = decoder_layers(self.model)
-        embeddings = self.model.get_input_embeddings()
-        tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
-        name, alone = self.layers._embeddings_tensor(embeddings)
-        before, batch, replayed = [layers[j] for j in range(len(layers))], [0], [[]]
-
-        def logits(prefix: Prefix) -> list[torch.Tensor]:
-            replayed[0][:] = states[prefix]
-            got = []
-            for b, args in enumerate(self.inputs):
-                batch[0] = b
-                try:
-                    with torch.no_grad():
-                        out = self.module(*args)
-                except MoecError:
-                    raise
-                except Exception as exc:
-                    raise CalibrationError(f"--quant auto: the model fails on verification input {b} after its last "
-                                           f"decoder layer: {type(exc).__name__}: {str(exc)[:300]}.") from exc
-                got.append((out[0] if isinstance(out, (tuple, list)) else out).detach())
-            return got
-
-        try:  # the group but the input embeddings where they read alone (untied: as large as the head)
-            self.ck.materialise(self.model, "", skip=(lambda n: n == name) if alone and not tied else None)
-            if hasattr(self.model, "tie_weights"):
-                self.model.tie_weights()
-            for j in range(len(layers)):
-                layers[j] = _Replay(before[j], replayed[0], batch)
-            self.model.set_input_embeddings(_Zeros(embeddings.weight.shape[1]))
-            reference = logits(full)
-            errors = {}
-            for prefix in wanted:
-                errors[prefix] = 0.0 if prefix == full else max(
-                    float(compare_tensors(r, g).rel_l2) for r, g in zip(reference, logits(prefix)))
-            return errors
-        finally:
-            for j in range(len(layers)):
-                layers[j] = before[j]
-            self.model.set_input_embeddings(embeddings)
-            release(self.model, buffers=False)
+        """Each final state through the final norm and the head (LayerInputs.final_outputs): its worst relative L2
+        against the full-precision state's logits, the logits not kept."""
+        with self.layers.final_outputs("--quant auto: verification input") as logits:
+            reference = list(logits(states[full]))
+            return {prefix: 0.0 if prefix == full else max(float(compare_tensors(r, g).rel_l2)
+                                                          for r, g in zip(reference, logits(states[prefix])))
+                    for prefix in wanted}

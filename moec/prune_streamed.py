@@ -12,8 +12,12 @@ Produces: the graph is captured with each layer's kept count (plan_model.build_o
   pruned states then give GPTQ its inputs, as in memory), in the layer written (with --quant, only the kept
   experts are coded) and in the verification's reference. `report` is the report's `pruning` in the in-memory
   compile's terms.
+  With --quant auto the choice is made earlier, in the run that solves the calibrated codes at every precision
+  before the search (moec.calibrate_precisions_streamed): the search then measures the pruned model, as in
+  memory, and the writer keeps that choice.
 Differs from memory: the pruned model's distance from the unpruned one is measured on the verification inputs,
-  layer by layer (`vs_unpruned_on` says so); in memory both whole models run on the calibration data.
+  layer by layer (`vs_unpruned_on` says so); in memory both whole models run on the calibration data. With --quant
+  auto it is measured as in memory: both models' logits on the calibration data, before the search.
 Refuses (PruneError, naming the layer): a layer the calibration data never reached (its graph already has the kept
   count; in memory such a layer is left whole). --prune-experts auto is refused by the compile before any work.
 """
@@ -47,9 +51,10 @@ class StreamedPruning:
                    {path: i for i, path in enumerate(counts)})
 
     def choose(self, path: str, spec, stats: Optional[LayerRouting]) -> None:
-        """Rank the layer's experts (`spec`: its unpruned MoESpec) by its routing statistics and pick those to go."""
+        """Rank the layer's experts (`spec`: its unpruned MoESpec) by its routing statistics and pick those to go;
+        a layer chosen already keeps its choice (--quant auto chose before its search measured the pruned model)."""
         n, _ = self.counts.get(path, (0, ""))
-        if not n:
+        if not n or path in self.removed:
             return
         if stats is None or stats.tokens == 0:
             raise PruneError(f"--prune-experts: the calibration data never reached {path}, so its experts can't be "
@@ -80,14 +85,19 @@ class StreamedPruning:
                                               self.shares.get(path, 0.0), why))
         return keep
 
-    def report(self, vs_unpruned: dict, spec=None) -> dict:
+    def report(self, vs_unpruned: dict, spec=None, on_calibration: bool = False) -> dict:
         """`vs_unpruned`: the verification's logits against the unpruned model (rel_l2, top1_agreement, on the
-        input where they differ most); `spec`: the experts' quantization, whose error is in that distance too."""
+        input where they differ most); `spec`: the experts' quantization, whose error is in that distance too.
+        `on_calibration`: instead, the pruned full-precision model's distance on the calibration data
+        (LayerInputs.pruning_distance), the in-memory measure (--quant auto measures pruning before quantizing)."""
         from moec.report import pruning_totals
 
-        on = "the worst of the verification inputs, layer by layer (out of core)"
-        if spec is not None:
-            on += f", pruning and the {spec.name} experts together"
+        if on_calibration:
+            on = "the calibration data (pruning alone, as in memory)"
+        else:
+            on = "the worst of the verification inputs, layer by layer (out of core)"
+            if spec is not None:
+                on += f", pruning and the {spec.name} experts together"
         return {"by": self.by, "mode": "fraction", "fraction": self.fraction,
                 "vs_unpruned": {"rel_l2": float(f"{vs_unpruned['rel_l2']:.6g}"),
                                 "top1_agreement": round(vs_unpruned["top1_agreement"], 6)},

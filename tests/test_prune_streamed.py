@@ -127,3 +127,49 @@ def test_a_budget_pruning_exceeds_writes_nothing(checkpoint, tmp_path, capsys):
     assert _compile(checkpoint, str(out), "on", "--prune-experts", "0.5", "--accuracy-budget", "0.001") == 16
     assert "against the unpruned model on the worst of the verification inputs" in capsys.readouterr().err
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_quant_auto_measures_the_pruned_model_and_writes_the_in_memory_artifact(checkpoint, tmp_path):
+    """--quant auto with --prune-experts out of core: the experts each layer loses are chosen in the run that solves
+    GPTQ's codes at every precision (on the pruned model's states), the pruning's distance measured there as in
+    memory (both models' logits on the calibration data), and the search then measures the pruned model: the
+    in-memory compile's pruning, distance, sensitivities, choice and codes, byte for byte."""
+    flags = ("--prune-experts", "0.25", "--quant", "auto", "--accuracy-budget", "0.3")
+    arts, reports = _both_modes(checkpoint, tmp_path, *flags)
+    on, off = reports["on"], reports["off"]
+    assert [l["removed"] for l in on["pruning"]["layers"]] == [l["removed"] for l in off["pruning"]["layers"]]
+    assert all(len(l["removed"]) == 2 for l in on["pruning"]["layers"])
+    assert on["pruning"]["vs_unpruned"]["rel_l2"] == pytest.approx(off["pruning"]["vs_unpruned"]["rel_l2"], rel=1e-5)
+    assert on["pruning"]["vs_unpruned"]["top1_agreement"] == off["pruning"]["vs_unpruned"]["top1_agreement"]
+    assert on["pruning"]["vs_unpruned_on"] == "the calibration data (pruning alone, as in memory)"
+    auto, want = on["quantization"]["auto"], off["quantization"]["auto"]
+    assert auto["choice"] == {k.removeprefix("model."): v for k, v in want["choice"].items()}
+    assert len(set(auto["choice"].values())) == 2  # a mixed choice: the budget spent unevenly
+    for path, errors in auto["sensitivity"].items():
+        assert errors == pytest.approx(want["sensitivity"]["model." + path], rel=1e-4)
+    # the search's error is against the pruned model, as the in-memory compile's logits_vs_fp32 is
+    assert auto["measured_rel_l2"] == pytest.approx(off["quantization"]["logits_vs_fp32"]["rel_l2"], rel=1e-4)
+    assert auto["measured_against"] == "the pruned full-precision model" and "the pruned model" in auto["measured_on"]
+    assert on["quantization"]["weight_bytes_quantized"] == off["quantization"]["weight_bytes_quantized"]
+    codes = [n for n in arts["on"] if n.endswith(("mlp.fc1", "mlp.fc2", "fc1_scales", "fc2_scales"))]
+    assert len(codes) == 8 and all(arts["on"][n].shape[0] == 6 for n in codes)
+    assert all(arts["on"][n].dtype == arts["off"][n].dtype and np.array_equal(arts["on"][n], arts["off"][n])
+               for n in codes)
+    n = on["numerics"]
+    assert n["passed"] and n["inputs"][0]["rel_l2"] < 1e-5 and n["against"] == "the pruned dequantized reference"
+
+
+def test_quant_auto_with_pruning_over_the_budget_stops_before_the_search(checkpoint, tmp_path, monkeypatch, capsys):
+    """Pruning alone past --accuracy-budget (0.255 on the calibration data at 0.25): refused once it is measured,
+    before any pass of the precision search, as the in-memory pass refuses it before quantizing."""
+    from moec.measure_precision_streamed import StreamedErrors
+
+    searched = []
+    monkeypatch.setattr(StreamedErrors, "__call__", lambda self, choices: searched.append(choices))
+    out = tmp_path / "out"
+    assert _compile(checkpoint, str(out), "on", "--prune-experts", "0.25", "--quant", "auto",
+                    "--accuracy-budget", "0.1") == 16
+    err = capsys.readouterr().err
+    assert "pruning 0.25 of the experts (by contribution) moves the logits by relative L2 0.255" in err
+    assert "against the unpruned model on the calibration data" in err and "model.layers.0.mlp" in err
+    assert searched == [] and not out.exists() and sorted(os.listdir(tmp_path)) == []

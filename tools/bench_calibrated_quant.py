@@ -17,7 +17,7 @@ directions dominate, as in trained models' hidden states).
   8192 tokens and measured on 512 others, in PyTorch on the dequantized weights (what the artifact computes).
 
     OMP_WAIT_POLICY=passive .venv/bin/python tools/bench_calibrated_quant.py [--families qwen3_moe mixtral]
-        [--spectrum 0 0.5 1] [--layer] [--json FILE]
+        [--spectrum 0 0.5 1] [--specs int4:32 int2:16 int2:row] [--layer] [--json FILE]
 """
 
 from __future__ import annotations
@@ -41,7 +41,15 @@ FAMILIES = {
                         qk_nope_head_dim=16, v_head_dim=32),
     "mixtral": dict(intermediate_size=128),
 }
-SPECS = [("int4", 32), ("int4", 128), ("int2", None)]
+SPECS = [("int4", 32), ("int4", 128), ("int2", None)]  # (precision, block size; None: per row)
+
+
+def parse_spec(text: str) -> tuple[str, "int | None"]:
+    """--specs' PRECISION:BLOCK (int4:32, int2:16, int2:row)."""
+    quant, _, block = text.partition(":")
+    if quant not in ("int4", "int2") or not (block == "row" or block.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text}: expected int4|int2:BLOCK or int4|int2:row (e.g. int2:16)")
+    return quant, None if block == "row" else int(block)
 LAYER_CALIBRATION, LAYER_TEST = 8192, 512  # tokens
 
 
@@ -73,7 +81,7 @@ def correlated_inputs(tokens: int, hidden: int, spectrum: float, seed: int, rota
     return (x / x.square().mean().sqrt()).float()
 
 
-def layer_rows(spectrum: float, log) -> list[dict]:
+def layer_rows(spectrum: float, specs: list, log) -> list[dict]:
     """Round-to-nearest vs GPTQ on the benchmark layer at each of SPECS (one spectrum)."""
     import torch
     from torch import nn
@@ -107,7 +115,7 @@ def layer_rows(spectrum: float, log) -> list[dict]:
         return float((got - ref).norm() / ref.norm())
 
     rows = []
-    for quant, block in SPECS:
+    for quant, block in specs:
         spec = QuantSpec({"int4": 4, "int2": 2}[quant], block)
         log(f"layer spectrum {spectrum} {quant} block {block}: GPTQ on 64 experts ...")
         rtn = error(quantize(full[0], spec, "w_gate_up"), quantize(full[1], spec, "w_down"))
@@ -128,6 +136,9 @@ def main(argv=None) -> int:
                     help="singular-value exponents alpha to run every model at (0: the seeded Gaussian weights)")
     ap.add_argument("--calibration", default="random:512")
     ap.add_argument("--layer", action="store_true", help="also the Qwen3-30B-A3B-shaped benchmark layer")
+    ap.add_argument("--specs", nargs="+", type=parse_spec, default=SPECS, metavar="PRECISION:BLOCK",
+                    help="what to quantize at (default: int4:32 int4:128 int2:row); int2 rows are compared with "
+                         "round-to-nearest int4 b32 when it is among them")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -135,7 +146,7 @@ def main(argv=None) -> int:
     rows = []
     for spectrum in args.spectrum:
         for family in args.families:
-            for quant, block in SPECS:
+            for quant, block in args.specs:
                 rtn = run(family, quant, block, None, spectrum)
                 cal = run(family, quant, block, args.calibration, spectrum)
                 rows.append({"family": family, "spectrum": spectrum, "quant": quant, "block": block,
@@ -144,7 +155,7 @@ def main(argv=None) -> int:
                              "chosen": cal["methods"]})
                 log(json.dumps(rows[-1]))
         if args.layer:
-            rows += layer_rows(spectrum, log)
+            rows += layer_rows(spectrum, args.specs, log)
     print(f"calibration {args.calibration} (the layer: {LAYER_CALIBRATION} tokens); error = relative L2 vs fp32 of "
           "the logits (the layer: its output)")
     print(f"{'family':<12} {'alpha':>5} {'quant':<9} {'nearest':>8} {'calibrated':>10} {'ratio':>6}   "
@@ -152,9 +163,9 @@ def main(argv=None) -> int:
     for r in rows:
         spec = f"{r['quant']} " + (f"b{r['block']}" if r["block"] else "row")
         int2_vs = ""
-        if r["quant"] == "int2":
-            b32 = next(o for o in rows if o["family"] == r["family"] and o["spectrum"] == r["spectrum"]
-                       and o["quant"] == "int4" and o["block"] == 32)
+        b32 = next((o for o in rows if o["family"] == r["family"] and o["spectrum"] == r["spectrum"]
+                    and o["quant"] == "int4" and o["block"] == 32), None)
+        if r["quant"] == "int2" and b32 is not None:
             int2_vs = f"{r['calibrated'] / b32['rtn']:.2f}"
         print(f"{r['family']:<12} {r['spectrum']:>5.2f} {spec:<9} {r['rtn']:8.4f} {r['calibrated']:10.4f} "
               f"{r['ratio']:6.2f}   {int2_vs:>34}")

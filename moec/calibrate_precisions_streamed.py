@@ -9,9 +9,10 @@ Matches: an out-of-core compile given --quant auto and --calibration (moec.compi
   (moec.calibrate_streamed.CalibratedCodes: GPTQ per expert on the tokens its router sends it, held-out choice
   against round-to-nearest, too-few-token experts rounded to nearest).
 Produces: the codes, put in a moec.precision_codes.PrecisionCodes (packed on disk beside the artifact), whose
-  `dequantized` moec.measure_precision_streamed.StreamedErrors computes with. The writer then solves the chosen
-  precision again as it streams, as a calibrated compile does: the same inputs give the same codes (tested byte
-  for byte against the in-memory compile), and the budget is checked on the artifact as written.
+  `dequantized` moec.measure_precision_streamed.StreamedErrors computes with, and each layer's routing statistics
+  (the report's `routing`). The writer then writes the chosen precision's codes from there
+  (moec.precision_codes.KeptCodes), neither solving them again nor carrying the calibration data a second time
+  (tested byte for byte against the in-memory compile), and the budget is checked on the artifact as written.
 Holds: what the writer's calibration holds (moec.calibrate_streamed: the calibration states, a layer's inputs,
   up to KEPT_BYTES of its fp32 experts) and one expert's codes at a time.
 With --prune-experts FRACTION the same run chooses each layer's pruning (moec.prune_streamed, on the unpruned
@@ -63,3 +64,4 @@ class CalibratedPrecisions:
                     coder.use(path, layer, inputs.get(path))
                     for e in range(n):
                         self.codes.put(path, precision, e, coder.codes(None, path, e, {}, layer.stream.fetch(e)))
+                    self.codes.methods[(path, precision)] = coder.describe(path)  # the writer's report says it

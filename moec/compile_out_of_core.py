@@ -152,6 +152,15 @@ def check_streamable(options: CompileOptions) -> None:
 
 
 def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
+    kept: list = []  # --quant auto: the search's codes, kept on disk for the writer; removed whatever happens
+    try:
+        return _compile(source, options, kept)
+    finally:
+        for store in kept:
+            store.close()
+
+
+def _compile(source: str, options: CompileOptions, kept: list) -> CompileResult:
     from moec.analysis.plan_exported import plan_exported
     from moec.export_onnx import capture, dim_names, to_onnx
     from moec.memory import source_profiles
@@ -236,6 +245,7 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
         plan = stage("choose_precision", "choosing each MoE layer's precision within --accuracy-budget "
                      f"{float(options.extra['accuracy_budget']):g} (passes over the checkpoint, one layer at a time)",
                      choose_streamed, ck, hf, kinds, lowering, options, build_source)
+        kept.append(plan.codes)
         spec = plan.specs
 
     # what --quant auto chose decides whether ONNX Runtime quantizes activations (as in memory)
@@ -283,7 +293,9 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
     weights_model = ck.skeleton(hf.config)
     calibration = options.extra.get("calibration")
     coder = prequant.coder() if prequant is not None and prequant.spec is not None else None
-    if calibration and coder is None and spec is not None:  # GPTQ on each layer's calibration inputs, as in memory
+    if plan is not None:  # --quant auto: the codes its search measured, written as they are
+        coder = plan.coder()
+    elif calibration and coder is None and spec is not None:  # GPTQ on each layer's calibration inputs, as in memory
         from moec.calibrate_streamed import CalibratedCodes
 
         coder = CalibratedCodes(spec, calibration)
@@ -309,7 +321,11 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
 
         streamer.pruning = StreamedPruning.from_meta(meta.pruned, options.extra)
     calibrated = None
-    if calibration:  # the data carried through the model as its layers stream (moec.calibrate_streamed)
+    if calibration and plan is not None:  # carried once already, before the search: the codes and routing are kept
+        from moec.calibration import load_calibration
+
+        calibrated = load_calibration(calibration, src)
+    elif calibration:  # the data carried through the model as its layers stream (moec.calibrate_streamed)
         from moec.calibrate_streamed import LayerInputs
         from moec.calibration import load_calibration
 
@@ -415,7 +431,9 @@ def compile_out_of_core(source: str, options: CompileOptions) -> CompileResult:
             "graph": graph, "moe_layers": layers, "quantization": quant, "pruning": pruning, "generation": generation,
             "calibration": None if calibrated is None else {"data": calibrated.description,
                                                             "tokens": calibrated.tokens},
-            "routing": None if streamer.calibration is None else [l.to_dict() for l in streamer.calibration.routing],
+            "routing": [l.to_dict() for l in (plan.routing if plan is not None and plan.routing is not None
+                                              else streamer.calibration.routing)]
+            if streamer.calibration is not None or (plan is not None and plan.routing is not None) else None,
             "numerics": {**verified.numerics(tolerance),
                          "end_to_end": whole.to_dict() if whole else {"ran": False,
                                                                       "why": "the layer-by-layer check failed first"}},
@@ -647,10 +665,27 @@ class StreamedChoice:
     specs: object  # moec.mixed_precision.LayerSpecs
     passes: int
     measured_on: str
+    codes: object  # moec.precision_codes.PrecisionCodes: the chosen precision's codes, for the writer
+    calibrated: bool  # the codes are GPTQ's (--calibration)
+    routing: Optional[list] = None  # --calibration: each fused layer's LayerRouting, measured while solving
     # --prune-experts FRACTION: the experts each layer loses (moec.prune_streamed.StreamedPruning, chosen before
     # the search, which measured the pruned model) and the pruned model's distance from the unpruned one
     pruning: object = None
     vs_unpruned: object = None  # passes.prune_experts.Distance, on the calibration data
+
+    def coder(self):
+        """The writer's coder: the search's codes at the chosen precisions (moec.precision_codes.KeptCodes)."""
+        from moec.calibrate_streamed import CalibratedCodes
+        from moec.mixed_precision import FULL
+        from moec.precision_codes import KeptCodes
+        from moec.quantize_streamed import RoundToNearest
+
+        choice = {p: c for p, c in self.plan.choice.items() if c != FULL}
+        if self.calibrated:
+            return KeptCodes(self.codes, choice, CalibratedCodes.method,
+                             "the dequantized model, layer by layer (each layer's experts calibrated on the "
+                             "calibration data and dequantized: the codes the search measured, as written)")
+        return KeptCodes(self.codes, choice, RoundToNearest.method, RoundToNearest.reference)
 
 
 def choose_streamed(ck: LazyCheckpoint, hf, kinds: dict, lowering: list, options: CompileOptions,
@@ -700,6 +735,7 @@ def choose_streamed(ck: LazyCheckpoint, hf, kinds: dict, lowering: list, options
     codes = PrecisionCodes(specs, parent, options.log, make=None if calibration else
                            lambda path, precision, e, w: RoundToNearest(specs[precision]).codes(None, path, e, {}, w),
                            kept=("int2",))
+    routing = None
     try:
         if calibration:  # each layer's GPTQ codes at every precision first, from the full-precision model's data
             from moec.calibrate_precisions_streamed import CalibratedPrecisions
@@ -716,6 +752,7 @@ def choose_streamed(ck: LazyCheckpoint, hf, kinds: dict, lowering: list, options
                     lambda key: lambda model, routing: reader._prune_calibrated(model, key, routing)))
                 if pruning is not None:
                     vs_unpruned = carried.pruning_distance()
+                routing = carried.routing
             finally:
                 carried.done()
         if pruning is not None:
@@ -724,17 +761,21 @@ def choose_streamed(ck: LazyCheckpoint, hf, kinds: dict, lowering: list, options
                                 reader.prepare_calibration if pruning is None else reader.prepare_pruned, paths,
                                 options.extra, options.log, codes.dequantized)
         plan = choose_batched(paths, weight_bytes, errors, float(options.extra["accuracy_budget"]), options.log)
+        codes.keep_only(plan.choice)  # the writer's, from here on (closed by the compile)
+    except BaseException:
+        codes.close()
+        raise
     finally:
         if reader.streaming is not None:
             reader.streaming.done()
-        codes.close()
     chosen = LayerSpecs({p: None if c == FULL else specs[c] for p, c in plan.choice.items()})
     options.log(f"  quant auto: {describe(plan.choice)} (relative L2 {plan.measured:.3g} within "
                 f"{plan.budget:g}; {errors.passes} pass(es) over the checkpoint)")
     return StreamedChoice(plan, chosen, errors.passes,
                           f"the logits on the {len(inputs)} verification inputs, a decoder layer at a time"
                           + (" (GPTQ's codes at each precision, solved first)" if calibration else "")
-                          + (", the pruned model" if pruning is not None else ""), pruning, vs_unpruned)
+                          + (", the pruned model" if pruning is not None else ""), codes, bool(calibration), routing,
+                          pruning, vs_unpruned)
 
 
 def check_pruned_before_search(extra: dict, pruning, d, log: Callable[[str], None]) -> None:

@@ -483,15 +483,25 @@ def test_quant_auto_with_calibration_out_of_core_measures_and_writes_the_in_memo
                                                                                             monkeypatch, capsys):
     """--quant auto --calibration streamed: every layer's experts GPTQ-solved at each precision first (the
     calibration data carried a layer at a time), the search measuring those codes: the in-memory search's
-    sensitivities (GPTQ's, not round-to-nearest's), choice and codes byte for byte; the solved codes' work
-    directory gone after. A layer whose experts are read whole can't be calibrated out of core: refused by name."""
+    sensitivities (GPTQ's, not round-to-nearest's), choice and codes byte for byte; the writer writes the codes
+    the search measured (neither solved again nor the data carried again); the solved codes' work directory gone
+    after. A layer whose experts are read whole can't be calibrated out of core: refused by name."""
     from onnx.numpy_helper import to_array
 
+    import moec.gptq
+    from moec.calibrate_streamed import LayerInputs
     from moec.quantize_streamed import StreamedQuantizer
 
     flags = ("--quant", "auto", "--accuracy-budget", "0.1", "--calibration", "random:16")
     streamed, whole = str(tmp_path / "streamed"), str(tmp_path / "whole")
-    assert _compile(checkpoints["qwen3_moe"], streamed, *flags) == 0
+    solved, carried = [], []
+    with pytest.MonkeyPatch.context() as m:
+        solve, advance = moec.gptq.quantize_expert, LayerInputs.advance
+        m.setattr(moec.gptq, "quantize_expert", lambda *a, **k: (solved.append(a[5]), solve(*a, **k))[1])
+        m.setattr(LayerInputs, "advance", lambda self, key, *a, **k: (carried.append(key), advance(self, key, *a, **k))[1])
+        assert _compile(checkpoints["qwen3_moe"], streamed, *flags) == 0
+    assert carried == ["layers.0", "layers.1"]  # once, before the search
+    assert len(solved) == 2 * 8 * 3  # each layer's 8 experts at int2, int4 and int8: none solved again to write
     assert main(["compile", checkpoints["qwen3_moe"], "--out", whole, "--out-of-core", "off", "--task", "logits",
                  "--quiet", *flags]) == 0
     assert sorted(os.listdir(tmp_path)) == ["streamed", "whole"]  # no work directory left beside them

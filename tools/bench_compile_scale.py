@@ -6,7 +6,8 @@ on the configs of models too big to hold (Kimi-K2, DeepSeek-V3).
         granite-1b-pruned granite-1b-pruned-int4
         granite-1b-int4-dense granite-1b-int4-dense-calibrated granite-1b-s1-int4-dense
         granite-1b-s1-int4-dense-calibrated granite-1b-s1-int4-dense-calibrated-512 granite-1b-s1-int4
-        granite-1b-s1-auto granite-1b-s1-auto-calibrated granite-1b-fp16 granite-1b-bf16]
+        granite-1b-s1-auto granite-1b-s1-auto-calibrated granite-1b-s1-pruned-auto-calibrated granite-1b-fp16
+        granite-1b-bf16]
         [--modes on off] [--plans kimi-k2 deepseek-v3] [--workdir DIR] [--keep]
 
 For each model: writes a Hugging Face checkpoint (bf16 safetensors, random N(0, 0.02) weights from the real
@@ -113,6 +114,10 @@ MODELS = {
     # 32, over the 128 GPTQ needs at width 1024), solved a layer at a time before the search
     "granite-1b-s1-auto-calibrated": dict(checkpoint="granite-1b-s1", flags=[
         "--quant", "auto", "--accuracy-budget", "3e-5", "--calibration", "random:128"]),
+    # ... and pruned by a quarter first (ranked on the same data), the search measuring the pruned model; the budget
+    # bounds the pruning's distance from the unpruned model and the quantization's from the pruned one, each alone
+    "granite-1b-s1-pruned-auto-calibrated": dict(checkpoint="granite-1b-s1", flags=[
+        "--prune-experts", "0.25", "--quant", "auto", "--accuracy-budget", "1e-3", "--calibration", "random:128"]),
     # granite-1b's checkpoint to fp16 and bf16 artifacts (bf16: the checkpoint's own bits, verified widened to fp32)
     "granite-1b-fp16": dict(checkpoint="granite-1b", flags=["--dtype", "fp16"]),
     "granite-1b-bf16": dict(checkpoint="granite-1b", flags=["--dtype", "bf16"]),

@@ -53,6 +53,7 @@ from moec.heap import trim
 from moec.lazy_checkpoint import LazyCheckpoint, release
 from moec.mixed_precision import spec_at
 from moec.pipeline import CompileOptions, CompileResult, _Stages, _workdir, check_options, check_quantization
+from moec.targets.base import ACTIVATIONS_ROUNDED_TOLERANCE
 
 STAGES = ("load", "recognise", "capture", "onnx_export", "plan", "stream_weights", "verify", "package")
 # --quant auto: each fused layer's precision is chosen before the graph (its QMoE nodes' bit widths) is captured
@@ -249,7 +250,7 @@ def _compile(source: str, options: CompileOptions, kept: list) -> CompileResult:
         spec = plan.specs
 
     # what --quant auto chose decides whether ONNX Runtime quantizes activations (as in memory)
-    activations_quantized = target.quantizes_activations(options if plan is None else replace(
+    rounding = target.activation_rounding(options if plan is None else replace(
         options, extra={**options.extra, "quant_chosen": sorted(set(plan.plan.choice.values()))}))
 
     def build_graph_model():
@@ -365,7 +366,7 @@ def _compile(source: str, options: CompileOptions, kept: list) -> CompileResult:
 
         quant = None
         if spec is not None:
-            tolerance = 3e-2 if activations_quantized else options.tolerance
+            tolerance = max(ACTIVATIONS_ROUNDED_TOLERANCE, options.tolerance) if rounding else options.tolerance
             prepare = streamer.prepare
         else:  # pruned: the reference is the pruned model, and the error against fp32 is against the unpruned one
             tolerance, prepare = options.tolerance, streamer.prepare if streamer.pruning is not None else None
@@ -402,7 +403,7 @@ def _compile(source: str, options: CompileOptions, kept: list) -> CompileResult:
             pruning = streamer.pruning.report(verified.vs_fp32, spec)
         if spec is not None:
             quant = quantization_report(streamer.quantized, spec, verified, tolerance, streamer.coder,
-                                        activations_quantized, dense, plan)
+                                        rounding, dense, plan)
             if prequant is not None and prequant.spec is not None:
                 quant["checkpoint_format"] = prequant.format
             if pruning is not None:  # one fp32 reference out of core: the unpruned model (in memory: the pruned one)
@@ -450,7 +451,10 @@ def _compile(source: str, options: CompileOptions, kept: list) -> CompileResult:
         if not report["numerics"]["passed"]:
             first = verified.first_failing(tolerance)
             report["numerics"]["first_failing_layer"] = first.layer if first else None
-            raise VerificationError(verified.failure(tolerance) + " " + keep_failed(tmp, options, report))
+            from moec.targets.base import rounding_hint
+
+            hint = rounding_hint(quant, max(p.rel_l2 for p in verified.probes))
+            raise VerificationError(verified.failure(tolerance) + hint + " " + keep_failed(tmp, options, report))
         if over is not None:  # once the artifact is known right: a wrong one is a VerificationError, above
             raise over
         if pruning is not None:
@@ -629,7 +633,7 @@ def wrapper_of(graph_module: nn.Module) -> Callable[[nn.Module], nn.Module]:
 
 
 def quantization_report(layers: list[dict], spec, verified, tolerance: float, coder,
-                        activations_quantized: bool, dense=None, auto=None) -> dict:
+                        rounding, dense=None, auto=None) -> dict:
     """The report's quantization entry, in the in-memory compile's terms (the CLI prints both alike); `coder`
     chose the codes (moec.quantize_streamed); `dense` (--quant-dense) quantized the other Linears; `auto`
     (--quant auto: a StreamedChoice) the precision of each layer, those kept at full precision listed too."""
@@ -645,7 +649,8 @@ def quantization_report(layers: list[dict], spec, verified, tolerance: float, co
     every = layers + (dense.layers if dense is not None else [])
     report = {"spec": spec.name, "precision": "auto" if auto is not None else f"int{spec.bits}",
               "method": coder.method, "layers": layers,
-              "onnxruntime_quantizes_activations": activations_quantized,
+              "onnxruntime_quantizes_activations": rounding is not None,
+              **({"activations_rounded": rounding.to_dict()} if rounding is not None else {}),
               "weight_bytes_fp32": sum(l["weight_bytes_fp32"] for l in every),
               "weight_bytes_quantized": sum(l["weight_bytes_quantized"] for l in every),
               "logits_vs_fp32": verified.vs_fp32, "tolerance_vs_dequantized": tolerance,

@@ -562,11 +562,11 @@ def transform(loaded: Loaded, reference: Reference, passes: list[Pass], options:
     layers = layer_summary(records)
     auto = next((r.details["auto"] for r in records if r.details.get("spec") == "auto"), None)
     # what --quant auto chose decides whether ONNX Runtime quantizes activations
-    activations_quantized = target.quantizes_activations(options if auto is None else replace(
+    rounding = target.activation_rounding(options if auto is None else replace(
         options, extra={**options.extra, "quant_chosen": sorted(set(auto["choice"].values()))}))
     # quantization's own error: against the full-precision model it quantized (the pruned one, if pruned)
-    quant = quantization_summary(fold_records + records, options.extra, activations_quantized,
-                                 pruned or reference.eager, exact)
+    quant = quantization_summary(fold_records + records, options.extra, rounding, pruned or reference.eager, exact,
+                                 options.tolerance)
     pruning = pruning_summary(records)
     if quant is not None and dtype_of(options) == "fp16":  # the dequantized fp16 model: fp16's rounding as well
         quant["tolerance_vs_dequantized"] = max(quant["tolerance_vs_dequantized"], TOLERANCES[dtype_of(options)])
@@ -847,10 +847,15 @@ def package(artifact: ArtifactContext, target: Target, timings: dict, t0: float)
             failed = [c["description"] for c in numerics["generation"]["checks"] if not c["passed"]]
             raise VerificationError(f"greedy generation through the artifact differs from {against}: "
                                     + "; ".join(failed) + f". {where}")
+        from moec.targets.base import rounding_hint
+
+        # against the dequantized reference, where ONNX Runtime rounds activations: why, and the ways out
+        hint = rounding_hint(report.get("quantization"), float(worst["rel_l2"])) if numerics is report["numerics"] \
+            else ""
         raise VerificationError(
             f"ONNX Runtime output differs from {against}: relative L2 {float(worst['rel_l2']):.3g} "
             f"(max abs {float(worst['max_abs']):.3g}) on input '{worst['input']}' exceeds tolerance "
-            f"{float(numerics['tolerance_rel_l2']):g}. {where}"
+            f"{float(numerics['tolerance_rel_l2']):g}.{hint} {where}"
         )
     triton_dir, model_dir_existed = None, False
     if options.triton_repo:

@@ -12,6 +12,7 @@ from moec.passes.base import PassRecord, compare_outputs, worst
 from moec.passes.conditions import DENSE_QUANTIZED, EXPERTS_PRUNED, EXPERTS_QUANTIZED
 from moec.passes.fuse_moe import NOT_CALLED
 from moec.passes.outcomes import FoldOutcome, FusionOutcome, LoweringOutcome, PruneOutcome, QuantizationOutcome
+from moec.targets.base import ACTIVATIONS_ROUNDED_TOLERANCE
 
 FP32_REL_L2 = 1e-4
 
@@ -48,9 +49,12 @@ def folded_qdq(records: list[PassRecord]) -> Optional[dict]:
     return None
 
 
-def quantization_summary(records: list[PassRecord], extra: dict, activations_quantized: bool, eager: list,
-                         dequantized: list) -> Optional[dict]:
-    """Per-layer and logits error against full precision, sizes, and the accuracy budget check.
+def quantization_summary(records: list[PassRecord], extra: dict, rounding, eager: list,
+                         dequantized: list, tolerance: float = FP32_REL_L2) -> Optional[dict]:
+    """Per-layer and logits error against full precision, sizes, and the accuracy budget check. `rounding`: why
+    ONNX Runtime rounds activations on the artifact's path (moec.targets.base.ActivationRounding), or None; then
+    the check against the dequantized reference is ACTIVATIONS_ROUNDED_TOLERANCE, or `tolerance` (--tolerance)
+    where larger.
 
     The logits' error is the whole quantized model's (experts and, with --quant-dense, the dense
     layers) against `eager`, the full-precision model it quantized (the pruned one when pruned), on the
@@ -71,10 +75,12 @@ def quantization_summary(records: list[PassRecord], extra: dict, activations_qua
         "logits_vs_fp32": logits,
         "weight_bytes_fp32": sum(l["weight_bytes_fp32"] for l in all_layers),
         "weight_bytes_quantized": sum(l["weight_bytes_quantized"] for l in all_layers),
-        "onnxruntime_quantizes_activations": activations_quantized,
+        "onnxruntime_quantizes_activations": rounding is not None,
+        **({"activations_rounded": rounding.to_dict()} if rounding is not None else {}),
         # informational: vs_fp32["passed"] in the numerics; --quant auto's own bound is its budget
         "tolerance_vs_fp32": TOLERANCES[precision] if precision in TOLERANCES else extra.get("accuracy_budget"),
-        "tolerance_vs_dequantized": 3e-2 if activations_quantized else FP32_REL_L2,
+        "tolerance_vs_dequantized": max(ACTIVATIONS_ROUNDED_TOLERANCE, tolerance) if rounding is not None
+        else FP32_REL_L2,
     }
     if dense is not None:
         summary["dense"] = dense

@@ -62,9 +62,10 @@ def run(family: str, quant: str, block, calibration, spectrum: float) -> dict:
     extra = {"quant": quant, "block_size": block, "task": "logits"}
     if calibration:
         extra["calibration"] = calibration
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d:  # what is measured is the dequantized model; ONNX Runtime's rounding of
+        # activations (int2 in blocks of 32+: 0.3-3.3e-2) is accepted up to 0.1 rather than stopping the run
         r = compile(src.module, src.example_args, src.dynamic_shapes,
-                    options=CompileOptions(out=os.path.join(d, "a"), extra=extra)).report["quantization"]
+                    options=CompileOptions(out=os.path.join(d, "a"), extra=extra, tolerance=0.1)).report["quantization"]
     layers = [l["rel_l2_vs_fp32"] for l in r["layers"] if l.get("rel_l2_vs_fp32") is not None]
     return {"rel_l2": r["logits_vs_fp32"]["rel_l2"], "layer_rel_l2": sum(layers) / max(len(layers), 1),
             "methods": [l.get("method", "") for l in r["layers"]]}

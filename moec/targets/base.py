@@ -13,7 +13,9 @@ The pipeline never compares target names; it asks the target (moec/targets/<name
   - `expert_nodes`: how its fused-experts nodes look in ONNX, for the memory planner's workspace;
   - `write_extras`: files written beside model.onnx, and their report entry (`summary`: the CLI's lines);
   - `triton_model`: what it puts in a Triton model repository;
-  - `quantizes_activations`: whether its runtime quantizes activations (looser exact check).
+  - `activation_rounding`: why its runtime rounds activations on the artifact's path, and the exact path
+    instead (None: it computes with the weights as the dequantized reference does); `quantizes_activations`,
+    whether it does (a looser exact check).
 Subclasses override what differs; the defaults describe a target whose artifact ONNX Runtime runs
 as it is.
 """
@@ -25,6 +27,42 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 from moec.errors import MoecError
+
+
+# An artifact whose runtime rounds activations is checked against the dequantized reference within this (the
+# rounding is the runtime's: measured 0.3-3.3e-2 relative L2); --tolerance may only loosen it.
+ACTIVATIONS_ROUNDED_TOLERANCE = 3e-2
+
+
+@dataclass(frozen=True)
+class ActivationRounding:
+    """Why a runtime rounds activations on an artifact's path (`why`), and the exact path to ask for instead."""
+
+    why: str
+    instead: str
+
+    def to_dict(self) -> dict:
+        return {"why": self.why, "exact_instead": self.instead}
+
+    def hint(self, measured: float) -> str:
+        """What to do about an artifact that failed its check against the dequantized reference."""
+        return (f" ONNX Runtime rounds the activations here ({self.why}), which the dequantized reference does not "
+                f"model; for an exact artifact use {self.instead}, or accept its rounding with --tolerance "
+                f"{_above(measured)}.")
+
+
+def rounding_hint(quant: Optional[dict], measured: float) -> str:
+    """ActivationRounding.hint for a report's quantization entry: "" where ONNX Runtime computes exactly."""
+    d = (quant or {}).get("activations_rounded")
+    return "" if d is None else ActivationRounding(d["why"], d["exact_instead"]).hint(measured)
+
+
+def _above(x: float) -> str:
+    """A round tolerance above a measured error (0.0327 -> 0.04)."""
+    import math
+
+    step = 10 ** math.floor(math.log10(x)) if x > 0 else 1e-4
+    return f"{math.floor(x / step + 1) * step:.2g}"
 
 
 @dataclass(frozen=True)
@@ -116,8 +154,11 @@ class Target:
         onnx.save_model(model, out, save_as_external_data=external, location="model.onnx.data")
         return [out] + ([out + ".data"] if external else [])
 
+    def activation_rounding(self, options) -> Optional["ActivationRounding"]:
+        return None
+
     def quantizes_activations(self, options) -> bool:
-        return False
+        return self.activation_rounding(options) is not None
 
     def write_extras(self, artifact: ArtifactContext) -> Optional[dict]:
         """Write files beside the model; returns the report entry (under the target's name), or None."""

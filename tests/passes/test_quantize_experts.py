@@ -2,13 +2,14 @@
 
 import itertools
 import os
+import re
 import sys
 
 import onnx
 import pytest
 import torch
 
-from moec.errors import AccuracyBudgetError
+from moec.errors import AccuracyBudgetError, VerificationError
 from moec.pipeline import CompileOptions, compile
 from moec.quant import QuantError
 
@@ -28,10 +29,11 @@ class Model(torch.nn.Module):
         return self.moe(x) + x
 
 
-def _compile(out, gated=True, **quant):
+def _compile(out, gated=True, tolerance=1e-4, **quant):
     cfg = MoEConfig(experts=8, top_k=2, hidden=128, inter=128, scoring="sigmoid", renormalize=False,
                     activation="silu" if gated else "relu", gated=gated, expert_bias=True, shared=True)
-    return compile(Model(cfg).eval(), (torch.randn(2, 5, 128),), DYN, options=CompileOptions(out=out, extra=quant))
+    return compile(Model(cfg).eval(), (torch.randn(2, 5, 128),), DYN,
+                   options=CompileOptions(out=out, extra=quant, tolerance=tolerance))
 
 
 CASES = [(bits, block, asym) for bits, block, asym in itertools.product(
@@ -66,8 +68,29 @@ def test_blockwise_kernels_that_quantize_activations_are_flagged(bits, block, tm
     r = _compile(str(tmp_path / "a"), quant=bits, block_size=block).report
     q = r["quantization"]
     assert q["onnxruntime_quantizes_activations"] and q["tolerance_vs_dequantized"] == 3e-2
+    assert ("LUT GEMM" if bits == "int2" else "no fp32 kernel") in q["activations_rounded"]["why"]
     worst = max(i["rel_l2"] for i in r["numerics"]["vs_dequantized_reference"]["inputs"])
     assert 1e-4 < worst < 3e-2  # beyond fp32 rounding (so the flag is needed), within the looser check
+
+
+def test_activation_rounding_past_the_check_says_why_and_how_to_get_past_it(tmp_path, monkeypatch):
+    """ONNX Runtime's rounding of activations can exceed the 3e-2 check (0.0327 measured on a correlated tiny
+    Qwen3-MoE at int2 block 32): here the check is made tighter than this model's rounding. The compile fails
+    naming the cause, the exact paths instead and a --tolerance that accepts the rounding, writing nothing; that
+    --tolerance then accepts it (only ever loosening the check) and is what the report records."""
+    import moec.report
+
+    monkeypatch.setattr(moec.report, "ACTIVATIONS_ROUNDED_TOLERANCE", 1e-6)
+    with pytest.raises(VerificationError) as failed:
+        _compile(str(tmp_path / "a"), quant="int2", block_size=32)
+    message = str(failed.value)
+    assert "ONNX Runtime rounds the activations here (2-bit weights in blocks of 32 run on its LUT GEMM" in message
+    assert "for an exact artifact use --block-size 16 or per row (no --block-size)" in message
+    measured = float(re.search(r"relative L2 ([0-9.e-]+)", message).group(1))
+    tolerance = float(re.search(r"accept its rounding with --tolerance (\d[\d.e-]*\d)", message).group(1))
+    assert measured < tolerance <= 2 * measured and not (tmp_path / "a").exists()
+    r = _compile(str(tmp_path / "b"), quant="int2", block_size=32, tolerance=tolerance).report
+    assert r["numerics"]["passed"] and r["quantization"]["tolerance_vs_dequantized"] == tolerance
 
 
 def test_accuracy_budget_fails_naming_the_worst_layer(tmp_path):

@@ -12,9 +12,9 @@ translations: translations.py.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
-from moec.targets.base import ExpertNode, GraphPass, Target
+from moec.targets.base import ActivationRounding, ExpertNode, GraphPass, Target
 
 
 class OnnxRuntimeTarget(Target):
@@ -59,25 +59,36 @@ class OnnxRuntimeTarget(Target):
     def expert_nodes(self) -> Sequence[ExpertNode]:
         return (ExpertNode("com.microsoft", "MoE", 2, "k"), ExpertNode("com.microsoft", "QMoE", 2, "k"))
 
-    def quantizes_activations(self, options) -> bool:
+    def activation_rounding(self, options) -> Optional[ActivationRounding]:
         # ORT's block-wise int8 experts have no fp32 kernel, its 2-bit weights in blocks of 32 or more
-        # (QMoE and MatMulNBits) run on its LUT GEMM (measured: 0.3-2% relative L2 against the dequantized
+        # (QMoE and MatMulNBits) run on its LUT GEMM (measured: 0.3-3.3% relative L2 against the dequantized
         # weights; per row and block 16 are exact), and accuracy_level 4 asks for int8 activations: then
         # ORT quantizes activations too, beyond what the dequantized reference models.
         x = options.extra
         if not x.get("quant"):
-            return False
+            return None
         block = x.get("block_size")
         if x["quant"] == "auto":  # each precision it chose (all it may choose, before it has)
             chosen = [p for p in x.get("quant_chosen", ("int2", "int4", "int8")) if p != "fp32"]
-            return any(self.quantizes_activations(replace(options, extra={**x, "quant": p})) for p in chosen)
+            return next((r for p in chosen if (r := self.activation_rounding(replace(options, extra={**x, "quant": p})))
+                         is not None), None)
+        if x.get("accuracy_level") == 4:
+            return ActivationRounding("--accuracy-level 4 asks its 4-bit kernels for int8 activations",
+                                      "the default accuracy level")
         if x["quant"] == "int2":
             from moec.targets.onnxruntime.quantize_dense import dense_spec
 
-            blocks = [block or 0] + ([dense_spec(x).block_size] if x.get("quant_dense") else [])
-            if max(blocks) >= 32:
-                return True
-        return (x["quant"] == "int8" and block is not None) or x.get("accuracy_level") == 4
+            if (block or 0) >= 32:
+                return ActivationRounding(f"2-bit weights in blocks of {block} run on its LUT GEMM, which rounds "
+                                          "activations to int8 per group", "--block-size 16 or per row (no --block-size)")
+            if x.get("quant_dense") and (dense_spec(x).block_size or 0) >= 32:
+                return ActivationRounding(f"the dense Linears' 2-bit weights in blocks of {dense_spec(x).block_size} "
+                                          "run on its LUT GEMM, which rounds activations to int8 per group",
+                                          "--block-size 16 for the dense Linears too")
+        if x["quant"] == "int8" and block is not None:
+            return ActivationRounding("block-wise int8 weights have no fp32 kernel: activations are rounded to int8",
+                                      "int8 per row (no --block-size)")
+        return None
 
 
 TARGET = OnnxRuntimeTarget()

@@ -11,7 +11,9 @@ directions dominate, as in trained models' hidden states).
   the logits of the dequantized model against fp32 on the verification inputs (the report's
   quantization.logits_vs_fp32; the artifact equals the dequantized model, tested), the mean of the MoE layers'
   own error (quantization.layers[].rel_l2_vs_fp32), the ratios calibrated / round-to-nearest, and what GPTQ
-  chose per layer.
+  chose per layer. `--specs` picks other precisions and block sizes (int2:16, int2:32 ...). Where ONNX Runtime
+  rounds activations (int2 in blocks of 32+) the artifact's own distance from the dequantized reference is
+  recorded too (`artifact_vs_reference`, nearest and calibrated); it does not stop the run.
 - `--layer`: the Qwen3-30B-A3B-shaped layer of tools/bench_quant.py (H=2048, I=768, E=64, k=8), its matrices
   shaped by the same spectrum and its inputs drawn with the same spectrum (random rotation), calibrated on
   8192 tokens and measured on 512 others, in PyTorch on the dequantized weights (what the artifact computes).
@@ -63,12 +65,14 @@ def run(family: str, quant: str, block, calibration, spectrum: float) -> dict:
     if calibration:
         extra["calibration"] = calibration
     with tempfile.TemporaryDirectory() as d:  # what is measured is the dequantized model; ONNX Runtime's rounding of
-        # activations (int2 in blocks of 32+: 0.3-3.3e-2) is accepted up to 0.1 rather than stopping the run
-        r = compile(src.module, src.example_args, src.dynamic_shapes,
-                    options=CompileOptions(out=os.path.join(d, "a"), extra=extra, tolerance=0.1)).report["quantization"]
+        # activations (int2 in blocks of 32+) is accepted whatever it is, and reported beside it
+        report = compile(src.module, src.example_args, src.dynamic_shapes,
+                         options=CompileOptions(out=os.path.join(d, "a"), extra=extra, tolerance=10.0)).report
+    r = report["quantization"]
     layers = [l["rel_l2_vs_fp32"] for l in r["layers"] if l.get("rel_l2_vs_fp32") is not None]
+    vs_reference = max(float(i["rel_l2"]) for i in report["numerics"]["vs_dequantized_reference"]["inputs"])
     return {"rel_l2": r["logits_vs_fp32"]["rel_l2"], "layer_rel_l2": sum(layers) / max(len(layers), 1),
-            "methods": [l.get("method", "") for l in r["layers"]]}
+            "methods": [l.get("method", "") for l in r["layers"]], "artifact_vs_reference": vs_reference}
 
 
 def correlated_inputs(tokens: int, hidden: int, spectrum: float, seed: int, rotation):
@@ -153,7 +157,8 @@ def main(argv=None) -> int:
                 rows.append({"family": family, "spectrum": spectrum, "quant": quant, "block": block,
                              "rtn": rtn["rel_l2"], "calibrated": cal["rel_l2"], "ratio": cal["rel_l2"] / rtn["rel_l2"],
                              "layer_rtn": rtn["layer_rel_l2"], "layer_calibrated": cal["layer_rel_l2"],
-                             "chosen": cal["methods"]})
+                             "chosen": cal["methods"], "artifact_vs_reference": [rtn["artifact_vs_reference"],
+                                                                                 cal["artifact_vs_reference"]]})
                 log(json.dumps(rows[-1]))
         if args.layer:
             rows += layer_rows(spectrum, args.specs, log)

@@ -424,6 +424,9 @@ def _compile(source: str, options: CompileOptions, kept: list) -> CompileResult:
         whole = (run_end_to_end(model_path, weights_bytes, verified, tolerance, options.log,
                                 widened=half == torch.bfloat16)
                  if verified.passed(tolerance) and not fp16_off else None)
+        # the calibration data's routing: measured as the writer carried it, or (--quant auto) before the search
+        routing = plan.routing if plan is not None and plan.routing is not None else \
+            streamer.calibration.routing if streamer.calibration is not None else None
         report = {
             "source": source, "target": "onnxruntime", "out_of_core": True, "dtype": dtype_of(options),
             "model": {"source": source, "identity": f"hf:{os.path.abspath(source)}",
@@ -432,9 +435,7 @@ def _compile(source: str, options: CompileOptions, kept: list) -> CompileResult:
             "graph": graph, "moe_layers": layers, "quantization": quant, "pruning": pruning, "generation": generation,
             "calibration": None if calibrated is None else {"data": calibrated.description,
                                                             "tokens": calibrated.tokens},
-            "routing": [l.to_dict() for l in (plan.routing if plan is not None and plan.routing is not None
-                                              else streamer.calibration.routing)]
-            if streamer.calibration is not None or (plan is not None and plan.routing is not None) else None,
+            "routing": None if routing is None else [l.to_dict() for l in routing],
             "numerics": {**verified.numerics(tolerance),
                          "end_to_end": whole.to_dict() if whole else {"ran": False,
                                                                       "why": "the layer-by-layer check failed first"}},

@@ -521,6 +521,9 @@ def test_quant_auto_with_calibration_out_of_core_measures_and_writes_the_in_memo
     codes = [n for n in a if n.endswith(("mlp.fc1", "mlp.fc2", "fc1_scales", "fc2_scales"))]
     assert len(codes) == 8 and all(a[n].dtype == b[n].dtype and np.array_equal(a[n], b[n]) for n in codes), codes
     assert json.load(open(os.path.join(streamed, "report.json")))["numerics"]["passed"]
+    # the routing the report gives is that one run's: the in-memory compile's counts
+    rs, rw = (json.load(open(os.path.join(d, "report.json")))["routing"] for d in (streamed, whole))
+    assert len(rs) == 2 and [l["counts"] for l in rs] == [l["counts"] for l in rw] and rs[0]["tokens"] > 0
 
     short = tmp_path / "short.npy"  # 4 tokens for 8 experts: named while the codes are solved, nothing left
     np.save(short, np.array([[1, 2, 3, 4]]))

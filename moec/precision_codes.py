@@ -14,7 +14,8 @@ Produces: `dequantized(path, precision, e, w)`: expert e of the fused layer at `
   in a work directory beside the artifact (moec.fsutil: locked while it lives, removed by `close`; a killed
   compile's is removed by the next compile there).
 Holds: one expert's codes at a time; on disk, the packed codes kept (int2 round-to-nearest: about a 14th of the
-  experts' fp32 bytes; all three calibrated precisions: about 0.44x).
+  experts' fp32 bytes; all three calibrated precisions: about 0.44x), and while the artifact is written only the
+  chosen precision's (at most the artifact's own expert bytes again).
 Refuses: (MoecError) codes put that the disk can't hold, naming the directory; codes asked for that were neither
   put nor can be made. Round-to-nearest codes the disk can't hold are made again each time instead (logged once).
 """

@@ -13,12 +13,12 @@ Produces: the codes, put in a moec.precision_codes.PrecisionCodes (packed on dis
   (the report's `routing`). The writer then writes the chosen precision's codes from there
   (moec.precision_codes.KeptCodes), neither solving them again nor carrying the calibration data a second time
   (tested byte for byte against the in-memory compile), and the budget is checked on the artifact as written.
-Holds: what the writer's calibration holds (moec.calibrate_streamed: the calibration states, a layer's inputs,
-  up to KEPT_BYTES of its fp32 experts) and one expert's codes at a time.
-With --prune-experts FRACTION the same run chooses each layer's pruning (moec.prune_streamed, on the unpruned
+  With --prune-experts FRACTION the same run chooses each layer's pruning (moec.prune_streamed, on the unpruned
   model's routing) and carries the pruned model's states beside the unpruned ones: the codes are the pruned
   model's, as in memory, and afterwards the two models' logits on the calibration data give the pruning's
   distance from the unpruned model (LayerInputs.pruning_distance), the in-memory pass's measure.
+Holds: what the writer's calibration holds (moec.calibrate_streamed: the calibration states, a layer's inputs,
+  up to KEPT_BYTES of its fp32 experts; twice the states when pruned) and one expert's codes at a time.
 Refuses: (CalibrationError) a layer the data reaches with fewer tokens than it has experts, as the writer does.
   Layers whose experts are read whole are refused before this runs (choose_streamed, as the writer refuses them).
 """

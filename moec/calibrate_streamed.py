@@ -155,7 +155,7 @@ class LayerInputs:
         self.outputs: list = []  # per batch: what the last layer run returned
         self.pruned_outputs: list = []  # with pruning: the same from the pruned model (moec.prune_streamed)
         self.pruned_differ = False  # a layer lost experts: the pruned model's states are no longer the unpruned ones
-        self.pruned_states = False  # carry the pruned model's states (GPTQ solves on them; set by the compile)
+        self.pruned_states = False  # carry the pruned model's states (GPTQ solves on them, the pruning's distance)
         self.next = 0  # the decoder layer whose turn it is
         self.dense = None  # --quant-dense: moec.quantize_dense_streamed.StreamedDense, each layer's Linears calibrated
         self.routing: list[LayerRouting] = []
@@ -192,7 +192,7 @@ class LayerInputs:
                     _accumulate(stats[path], fused[path], x)
             if prune is not None:
                 self.pruned_differ = prune(self.model, stats) or self.pruned_differ
-                if not self.pruned_states:  # nothing reads the pruned model's activations (no calibrated codes)
+                if not self.pruned_states:  # nothing reads the pruned model's activations
                     pass
                 elif self.pruned_differ:  # until a layer loses an expert, the pruned model's states are these
                     del inputs

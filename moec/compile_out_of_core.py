@@ -334,9 +334,9 @@ def _compile(source: str, options: CompileOptions, kept: list) -> CompileResult:
         streamer.calibration = LayerInputs(wrapper_of(src.module)(ck.skeleton()), calibrated.batches, ck,
                                            streamer.prepare_calibration, streamer.fused_paths, options.log)
         streamer.calibration.dense = dense  # --quant-dense: each layer's Linears calibrated too
-        # pruned and GPTQ-coded: the codes are solved on the pruned model's activations, as in memory
-        streamer.calibration.pruned_states = streamer.pruning is not None and streamer.coder is not None \
-            and streamer.coder.calibrated
+        # pruned: the pruned model's states carried beside the unpruned ones (GPTQ solves on them, as in memory),
+        # so that both models' logits on the calibration data give the pruning's distance, the in-memory measure
+        streamer.calibration.pruned_states = streamer.pruning is not None
 
     with _workdir(options.out, options.log) as tmp:
         from moec.external_data import DEFAULT_SHARD_BYTES, write_streamed
@@ -346,7 +346,11 @@ def _compile(source: str, options: CompileOptions, kept: list) -> CompileResult:
                       model_path, streamer.fill, options.extra.get("shard_size") or DEFAULT_SHARD_BYTES, options.log,
                       head_last=streamer.calibrates_head)
         weights_bytes = sum(os.path.getsize(f) for f in files[1:])
+        vs_unpruned = None  # the pruning's distance on the calibration data (--quant auto: measured before)
         if streamer.calibration is not None:
+            if streamer.pruning is not None:  # the data went through every layer of both models: their logits
+                options.log("  the pruned model against the unpruned one on the calibration data (the head once more)")
+                vs_unpruned = streamer.calibration.pruning_distance()
             streamer.calibration.done()
             if streamer.coder is not None:  # calibrated codes, solved once, are read back as written
                 streamer.coder.read_back(model_path)
@@ -397,10 +401,8 @@ def _compile(source: str, options: CompileOptions, kept: list) -> CompileResult:
         if streamer.streaming is not None:
             streamer.streaming.done()
         pruning = over = None  # over: the budget's refusal, raised once the artifact is known right
-        if plan is not None and plan.vs_unpruned is not None:  # measured as in memory, before the search
-            pruning = streamer.pruning.report(plan.vs_unpruned.to_dict(), on_calibration=True)
-        elif streamer.pruning is not None:
-            pruning = streamer.pruning.report(verified.vs_fp32, spec)
+        if streamer.pruning is not None:  # on the calibration data, as in memory (--quant auto: before the search)
+            pruning = streamer.pruning.report((plan.vs_unpruned if plan is not None else vs_unpruned).to_dict())
         if spec is not None:
             quant = quantization_report(streamer.quantized, spec, verified, tolerance, streamer.coder,
                                         rounding, dense, plan)
@@ -459,7 +461,7 @@ def _compile(source: str, options: CompileOptions, kept: list) -> CompileResult:
         if over is not None:  # once the artifact is known right: a wrong one is a VerificationError, above
             raise over
         if pruning is not None:
-            check_pruning_budget(options.extra.get("accuracy_budget"), pruning, spec)
+            check_pruning_budget(options.extra.get("accuracy_budget"), pruning)
         if fp16_off:
             report["numerics"]["passed"] = False
             raise VerificationError(f"in fp16 the logits move by relative L2 {verified.vs_fp32['rel_l2']:.3g} from the "
@@ -530,19 +532,17 @@ def index_checkpoint(source: str, method: Optional[str], options: CompileOptions
     return ck, hf, prequant, identity
 
 
-def check_pruning_budget(budget, pruning: dict, spec=None) -> None:
+def check_pruning_budget(budget, pruning: dict) -> None:
     """--accuracy-budget with --prune-experts FRACTION bounds the pruned model's distance from the unpruned one, as in
-    memory (there on the calibration data; here on the verification inputs, and with --quant the quantized experts'
-    error with it; with --quant auto on the calibration data, checked before the search too): AccuracyBudgetError,
-    nothing written."""
+    memory: both full-precision models' logits on the calibration data (pruning alone; with --quant auto checked
+    before the search too): AccuracyBudgetError, nothing written."""
     d = pruning["vs_unpruned"]
     if budget is None or d["rel_l2"] <= float(budget):
         return
     from moec.passes.prune_experts import Distance, over_budget
 
     worst = sorted(pruning["layers"], key=lambda l: -l["removed_share"])[:3]
-    raise over_budget(budget, f"pruning {pruning['fraction']:g} of the experts (by {pruning['by']})"
-                      + (f" with {spec.name} experts" if spec is not None else ""),
+    raise over_budget(budget, f"pruning {pruning['fraction']:g} of the experts (by {pruning['by']})",
                       Distance(d["rel_l2"], d["top1_agreement"]), pruning["vs_unpruned_on"],
                       [l["path"] for l in worst], "a smaller fraction")
 

@@ -15,9 +15,10 @@ Produces: the graph is captured with each layer's kept count (plan_model.build_o
   With --quant auto the choice is made earlier, in the run that solves the calibrated codes at every precision
   before the search (moec.calibrate_precisions_streamed): the search then measures the pruned model, as in
   memory, and the writer keeps that choice.
-Differs from memory: the pruned model's distance from the unpruned one is measured on the verification inputs,
-  layer by layer (`vs_unpruned_on` says so); in memory both whole models run on the calibration data. With --quant
-  auto it is measured as in memory: both models' logits on the calibration data, before the search.
+  The pruned model's distance from the unpruned one is measured as in memory: the calibration data is carried
+  through the pruned layers beside the unpruned ones (a second set of states once a layer lost experts, each layer's
+  batches run twice), and once it went through every layer both models' logits are compared
+  (LayerInputs.pruning_distance; with --quant auto in the run before the search).
 Refuses (PruneError, naming the layer): a layer the calibration data never reached (its graph already has the kept
   count; in memory such a layer is left whole). --prune-experts auto is refused by the compile before any work.
 """
@@ -85,19 +86,12 @@ class StreamedPruning:
                                               self.shares.get(path, 0.0), why))
         return keep
 
-    def report(self, vs_unpruned: dict, spec=None, on_calibration: bool = False) -> dict:
-        """`vs_unpruned`: the verification's logits against the unpruned model (rel_l2, top1_agreement, on the
-        input where they differ most); `spec`: the experts' quantization, whose error is in that distance too.
-        `on_calibration`: instead, the pruned full-precision model's distance on the calibration data
-        (LayerInputs.pruning_distance), the in-memory measure (--quant auto measures pruning before quantizing)."""
+    def report(self, vs_unpruned: dict) -> dict:
+        """`vs_unpruned`: the pruned full-precision model's distance from the unpruned one on the calibration data
+        (LayerInputs.pruning_distance; rel_l2, top1_agreement), the in-memory measure."""
         from moec.report import pruning_totals
 
-        if on_calibration:
-            on = "the calibration data (pruning alone, as in memory)"
-        else:
-            on = "the worst of the verification inputs, layer by layer (out of core)"
-            if spec is not None:
-                on += f", pruning and the {spec.name} experts together"
+        on = "the calibration data (pruning alone, as in memory)"
         return {"by": self.by, "mode": "fraction", "fraction": self.fraction,
                 "vs_unpruned": {"rel_l2": float(f"{vs_unpruned['rel_l2']:.6g}"),
                                 "top1_agreement": round(vs_unpruned["top1_agreement"], 6)},

@@ -53,7 +53,7 @@ from moec.heap import trim
 from moec.lazy_checkpoint import LazyCheckpoint, release
 from moec.mixed_precision import spec_at
 from moec.pipeline import CompileOptions, CompileResult, _Stages, _workdir, check_options, check_quantization
-from moec.targets.base import ACTIVATIONS_ROUNDED_TOLERANCE
+from moec.targets.base import rounding_fields
 
 STAGES = ("load", "recognise", "capture", "onnx_export", "plan", "stream_weights", "verify", "package")
 # --quant auto: each fused layer's precision is chosen before the graph (its QMoE nodes' bit widths) is captured
@@ -370,7 +370,7 @@ def _compile(source: str, options: CompileOptions, kept: list) -> CompileResult:
 
         quant = None
         if spec is not None:
-            tolerance = max(ACTIVATIONS_ROUNDED_TOLERANCE, options.tolerance) if rounding else options.tolerance
+            tolerance = rounding.tolerance(options.tolerance) if rounding else options.tolerance
             prepare = streamer.prepare
         else:  # pruned: the reference is the pruned model, and the error against fp32 is against the unpruned one
             tolerance, prepare = options.tolerance, streamer.prepare if streamer.pruning is not None else None
@@ -650,8 +650,7 @@ def quantization_report(layers: list[dict], spec, verified, tolerance: float, co
     every = layers + (dense.layers if dense is not None else [])
     report = {"spec": spec.name, "precision": "auto" if auto is not None else f"int{spec.bits}",
               "method": coder.method, "layers": layers,
-              "onnxruntime_quantizes_activations": rounding is not None,
-              **({"activations_rounded": rounding.to_dict()} if rounding is not None else {}),
+              **rounding_fields(rounding),
               "weight_bytes_fp32": sum(l["weight_bytes_fp32"] for l in every),
               "weight_bytes_quantized": sum(l["weight_bytes_quantized"] for l in every),
               "logits_vs_fp32": verified.vs_fp32, "tolerance_vs_dequantized": tolerance,

@@ -12,7 +12,7 @@ from moec.passes.base import PassRecord, compare_outputs, worst
 from moec.passes.conditions import DENSE_QUANTIZED, EXPERTS_PRUNED, EXPERTS_QUANTIZED
 from moec.passes.fuse_moe import NOT_CALLED
 from moec.passes.outcomes import FoldOutcome, FusionOutcome, LoweringOutcome, PruneOutcome, QuantizationOutcome
-from moec.targets.base import ACTIVATIONS_ROUNDED_TOLERANCE
+from moec.targets.base import rounding_fields
 
 FP32_REL_L2 = 1e-4
 
@@ -75,12 +75,10 @@ def quantization_summary(records: list[PassRecord], extra: dict, rounding, eager
         "logits_vs_fp32": logits,
         "weight_bytes_fp32": sum(l["weight_bytes_fp32"] for l in all_layers),
         "weight_bytes_quantized": sum(l["weight_bytes_quantized"] for l in all_layers),
-        "onnxruntime_quantizes_activations": rounding is not None,
-        **({"activations_rounded": rounding.to_dict()} if rounding is not None else {}),
+        **rounding_fields(rounding),
         # informational: vs_fp32["passed"] in the numerics; --quant auto's own bound is its budget
         "tolerance_vs_fp32": TOLERANCES[precision] if precision in TOLERANCES else extra.get("accuracy_budget"),
-        "tolerance_vs_dequantized": max(ACTIVATIONS_ROUNDED_TOLERANCE, tolerance) if rounding is not None
-        else FP32_REL_L2,
+        "tolerance_vs_dequantized": rounding.tolerance(tolerance) if rounding is not None else FP32_REL_L2,
     }
     if dense is not None:
         summary["dense"] = dense

@@ -44,11 +44,23 @@ class ActivationRounding:
     def to_dict(self) -> dict:
         return {"why": self.why, "exact_instead": self.instead}
 
+    def tolerance(self, asked: float) -> float:
+        """The check against the dequantized reference on this path: ACTIVATIONS_ROUNDED_TOLERANCE, or `asked`
+        (--tolerance) where larger: it may only loosen it."""
+        return max(ACTIVATIONS_ROUNDED_TOLERANCE, asked)
+
     def hint(self, measured: float) -> str:
         """What to do about an artifact that failed its check against the dequantized reference."""
         return (f" ONNX Runtime rounds the activations here ({self.why}), which the dequantized reference does not "
                 f"model; for an exact artifact use {self.instead}, or accept its rounding with --tolerance "
                 f"{_above(measured)}.")
+
+
+def rounding_fields(rounding: Optional[ActivationRounding]) -> dict:
+    """The report's quantization fields saying whether ONNX Runtime rounds activations on the artifact's path, and
+    why (in memory and out of core alike)."""
+    return {"onnxruntime_quantizes_activations": rounding is not None,
+            **({"activations_rounded": rounding.to_dict()} if rounding is not None else {})}
 
 
 def rounding_hint(quant: Optional[dict], measured: float) -> str:

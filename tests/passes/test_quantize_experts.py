@@ -78,9 +78,9 @@ def test_activation_rounding_past_the_check_says_why_and_how_to_get_past_it(tmp_
     Qwen3-MoE at int2 block 32): here the check is made tighter than this model's rounding. The compile fails
     naming the cause, the exact paths instead and a --tolerance that accepts the rounding, writing nothing; that
     --tolerance then accepts it (only ever loosening the check) and is what the report records."""
-    import moec.report
+    import moec.targets.base
 
-    monkeypatch.setattr(moec.report, "ACTIVATIONS_ROUNDED_TOLERANCE", 1e-6)
+    monkeypatch.setattr(moec.targets.base, "ACTIVATIONS_ROUNDED_TOLERANCE", 1e-6)
     with pytest.raises(VerificationError) as failed:
         _compile(str(tmp_path / "a"), quant="int2", block_size=32)
     message = str(failed.value)

@@ -349,8 +349,8 @@ def _compile(source: str, options: CompileOptions, kept: list) -> CompileResult:
         vs_unpruned = None  # the pruning's distance on the calibration data (--quant auto: measured before)
         if streamer.calibration is not None:
             if streamer.pruning is not None:  # the data went through every layer of both models: their logits
-                options.log("  the pruned model against the unpruned one on the calibration data (the head once more)")
                 vs_unpruned = streamer.calibration.pruning_distance()
+                check_pruning(options.extra, streamer.pruning, vs_unpruned, options.log)  # before the verification
             streamer.calibration.done()
             if streamer.coder is not None:  # calibrated codes, solved once, are read back as written
                 streamer.coder.read_back(model_path)
@@ -460,8 +460,6 @@ def _compile(source: str, options: CompileOptions, kept: list) -> CompileResult:
             raise VerificationError(verified.failure(tolerance) + hint + " " + keep_failed(tmp, options, report))
         if over is not None:  # once the artifact is known right: a wrong one is a VerificationError, above
             raise over
-        if pruning is not None:
-            check_pruning_budget(options.extra.get("accuracy_budget"), pruning)
         if fp16_off:
             report["numerics"]["passed"] = False
             raise VerificationError(f"in fp16 the logits move by relative L2 {verified.vs_fp32['rel_l2']:.3g} from the "
@@ -530,21 +528,6 @@ def index_checkpoint(source: str, method: Optional[str], options: CompileOptions
     prequant.check_model(ck.skeleton(hf.config))  # on the meta device: shapes only
     prequant.scan(options.log, fp16_scales=dtype_of(options) == "fp16")
     return ck, hf, prequant, identity
-
-
-def check_pruning_budget(budget, pruning: dict) -> None:
-    """--accuracy-budget with --prune-experts FRACTION bounds the pruned model's distance from the unpruned one, as in
-    memory: both full-precision models' logits on the calibration data (pruning alone; with --quant auto checked
-    before the search too): AccuracyBudgetError, nothing written."""
-    d = pruning["vs_unpruned"]
-    if budget is None or d["rel_l2"] <= float(budget):
-        return
-    from moec.passes.prune_experts import Distance, over_budget
-
-    worst = sorted(pruning["layers"], key=lambda l: -l["removed_share"])[:3]
-    raise over_budget(budget, f"pruning {pruning['fraction']:g} of the experts (by {pruning['by']})",
-                      Distance(d["rel_l2"], d["top1_agreement"]), pruning["vs_unpruned_on"],
-                      [l["path"] for l in worst], "a smaller fraction")
 
 
 def on_bf16_weights(prepare: Callable[[nn.Module, str], None]) -> Callable[[nn.Module, str], None]:
@@ -761,7 +744,7 @@ def choose_streamed(ck: LazyCheckpoint, hf, kinds: dict, lowering: list, options
             finally:
                 carried.done()
         if pruning is not None:
-            check_pruned_before_search(options.extra, pruning, vs_unpruned, options.log)
+            check_pruning(options.extra, pruning, vs_unpruned, options.log)
         errors = StreamedErrors(lambda: wrap(ck.skeleton()), inputs, ck,
                                 reader.prepare_calibration if pruning is None else reader.prepare_pruned, paths,
                                 options.extra, options.log, codes.dequantized)
@@ -783,10 +766,12 @@ def choose_streamed(ck: LazyCheckpoint, hf, kinds: dict, lowering: list, options
                           pruning, vs_unpruned)
 
 
-def check_pruned_before_search(extra: dict, pruning, d, log: Callable[[str], None]) -> None:
-    """--quant auto with --prune-experts FRACTION: the pruning's distance from the unpruned model on the calibration
-    data (`d`, a passes.prune_experts.Distance), logged and held to --accuracy-budget as the in-memory pass holds it,
-    before the search spends passes over the checkpoint: AccuracyBudgetError naming the layers losing the most."""
+def check_pruning(extra: dict, pruning, d, log: Callable[[str], None]) -> None:
+    """--prune-experts FRACTION: the pruning's distance from the unpruned model on the calibration data (`d`, a
+    passes.prune_experts.Distance), logged and held to --accuracy-budget as the in-memory pass holds it, as soon as
+    it is known (with --quant auto before the search spends passes over the checkpoint; otherwise once the writer
+    carried the data through every layer, before the verification): AccuracyBudgetError naming the layers losing
+    the most, nothing written."""
     from moec.passes.prune_experts import over_budget
 
     gone = sum(len(r) for r in pruning.removed.values())

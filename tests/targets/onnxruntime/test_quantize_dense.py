@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import helper, numpy_helper
@@ -117,20 +118,35 @@ def test_logits_error_counts_the_dense_layers_too(tmp_path):
 def test_calibration_gives_dense_layers_gptq_codes_where_they_lower_the_logits_error(tmp_path):
     """--calibration with --quant-dense: the dense Linears are solved by GPTQ in call order, a group sharing an input
     at a time, and keep GPTQ's codes only where the model's outputs on held-out calibration data move less than
-    with round-to-nearest's. On a tiny Qwen3-MoE with correlated hidden states (power-law spectra), measured: logits
-    0.17 from fp32 against 0.31 all round-to-nearest; GPTQ on every Linear regardless gave 0.41 (worse than not
-    calibrating). The artifact stays exact against its dequantized reference."""
+    with round-to-nearest's. On a tiny Qwen3-MoE with correlated hidden states (power-law spectra), the artifact's
+    logits over 2048 tokens neither compile saw, measured: 0.34 from fp32 against 0.57 all round-to-nearest (the
+    report's figure, the worse of 2 verification inputs, 29 tokens, moves with single routing decisions: too
+    noisy to compare here). The artifact stays exact against its dequantized reference."""
     from moec.sources import causal_lm_source
     from moec.zoo import build_hf_model
 
+    def source():
+        return causal_lm_source(build_hf_model("qwen3_moe", spectrum=1.0, hidden_size=64, head_dim=16,
+                                               moe_intermediate_size=32), "qwen3_moe")
+
     def report(out, **extra):
-        src = causal_lm_source(build_hf_model("qwen3_moe", spectrum=1.0, hidden_size=64, head_dim=16,
-                                              moe_intermediate_size=32), "qwen3_moe")
+        src = source()
         r = compile(src.module, src.example_args, src.dynamic_shapes, options=CompileOptions(
             out=str(tmp_path / out), extra=dict(task="logits", quant="int4", block_size=32, quant_dense=True,
                                                 **extra))).report
         assert r["numerics"]["vs_dequantized_reference"]["passed"]
         return r["quantization"]
+
+    def held_out(out) -> float:  # the artifact against the fp32 model over 8 x 8 x 32 fresh random tokens
+        src, diff, ref = source(), 0.0, 0.0
+        session = ort.InferenceSession(str(tmp_path / out / "model.onnx"), providers=["CPUExecutionProvider"])
+        for i in range(8):
+            inputs = src.make_inputs(seed=5000 + i, seq_len=32, batch=8)
+            with torch.no_grad():
+                want = src.module(*inputs).numpy().astype(np.float64)
+            got = session.run(None, {a.name: t.numpy() for a, t in zip(session.get_inputs(), inputs)})[0]
+            diff, ref = diff + float(np.square(got - want).sum()), ref + float(np.square(want).sum())
+        return (diff / ref) ** 0.5
 
     nearest = report("rtn")
     calibrated = report("gptq", calibration="random:64")
@@ -140,7 +156,7 @@ def test_calibration_gives_dense_layers_gptq_codes_where_they_lower_the_logits_e
     assert methods["model.lm_head"] == "gptq" and sum(m == "gptq" for m in methods.values()) >= 4, methods
     assert set(methods.values()) <= {"gptq", "round-to-nearest (GPTQ's codes moved the model's outputs more on "
                                              "held-out calibration data)"}, methods
-    assert calibrated["logits_vs_fp32"]["rel_l2"] <= 0.7 * nearest["logits_vs_fp32"]["rel_l2"]
+    assert held_out("gptq") <= 0.7 * held_out("rtn")
 
 
 class TwoOnOneInput(torch.nn.Module):

@@ -277,7 +277,8 @@ def run_model(name: str, workdir: str, keep: bool, mode: str) -> dict:
     ckpt, out = os.path.join(workdir, source), os.path.join(workdir, name + ".artifact")
     if not os.path.isfile(os.path.join(ckpt, "config.json")):
         print(f"[{name}] writing the checkpoint", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-c", WRITE, ckpt, json.dumps(MODELS[source])], check=True)
+        # its output to stderr: stdout is --json's
+        subprocess.run([sys.executable, "-c", WRITE, ckpt, json.dumps(MODELS[source])], check=True, stdout=sys.stderr)
     shutil.rmtree(out, ignore_errors=True)
     print(f"[{name}] compiling ({_dir_bytes(ckpt) / 2**30:.2f} GiB checkpoint), out of core {mode}", file=sys.stderr,
           flush=True)

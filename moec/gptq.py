@@ -111,9 +111,10 @@ def refit_scales(weight: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, sca
     are linear in its G block scales, so the scales minimising GPTQ's own objective, (w - w_q)^T H (w - w_q)
     for the row w [K] and the inputs' second moments H [K, K], solve a G x G least-squares system. GPTQ fixes
     a block's scale before its columns are rounded (from the weights as updated so far); refitted afterwards
-    they fit the codes it chose (measured on held-out tokens: the logits' error 5-25% lower at int2 and int4 on
-    correlated tiny models). A row whose solution is not positive and finite keeps its scales (a degenerate
-    row: all its codes at the zero point, or too few inputs to tell)."""
+    they fit the codes it chose (measured over 2048 held-out tokens on correlated tiny models: the logits' error
+    lower in 17 of 18 cases, by up to 25%, most for int2 in blocks of 16). A block whose codes all sit at the
+    zero point keeps its scale (it dequantizes to 0 whatever it is); a row whose solution is not positive and
+    finite keeps all its scales."""
     k, n = codes.shape
     g = scales.shape[0]
     group = k // g

@@ -111,10 +111,12 @@ def _groups(k: int, spec: QuantSpec, name: str) -> int:
     return k // spec.block_size
 
 
-def quantize(weight: torch.Tensor, spec: QuantSpec, name: str) -> QuantizedWeight:
+def quantize(weight: torch.Tensor, spec: QuantSpec, name: str,
+             clip: Optional[tuple[float, ...]] = None) -> QuantizedWeight:
     """Round-to-nearest, per block of `block_size` input features (or per row). `weight` is [E, N, K].
-    The scale spans the block's range (its largest magnitude, symmetric); at 2 bits the range is clipped
-    per block where that lowers the squared error (CLIP_RATIOS_2BIT)."""
+    The scale spans the block's range (its largest magnitude, symmetric), clipped per block to whichever of
+    the `clip` ratios gives the least squared error; by default no clipping, except at 2 bits
+    (CLIP_RATIOS_2BIT)."""
     if weight.dim() != 3:
         raise QuantError(f"{name}: expected a stacked [experts, rows, cols] weight, got shape {tuple(weight.shape)}.")
     w = weight.detach().float()
@@ -124,7 +126,9 @@ def quantize(weight: torch.Tensor, spec: QuantSpec, name: str) -> QuantizedWeigh
     e, n, k = w.shape
     g = _groups(k, spec, name)
     blocks = w.reshape(e, n, g, k // g)
-    ratio = _clip_ratios(blocks, spec) if spec.bits == 2 else 1.0
+    if clip is None:
+        clip = CLIP_RATIOS_2BIT if spec.bits == 2 else ()
+    ratio = _clip_ratios(blocks, spec, clip) if clip else 1.0
     codes, scales, zps = _round(blocks, spec, ratio)
     zps = None if zps is None else zps.to(torch.int32)
     return QuantizedWeight(codes.reshape(e, n, k).to(torch.int32), scales.float(), zps, spec)
@@ -161,8 +165,8 @@ def packed_shapes(q: QuantizedWeight) -> tuple[tuple, tuple, Optional[tuple]]:
 CLIP_RATIOS_2BIT = tuple(round(0.25 + 0.05 * i, 2) for i in range(16))  # 0.25 .. 1.0
 
 
-def _clip_ratios(blocks: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """[E, N, G]: per block, the ratio of CLIP_RATIOS_2BIT with the least squared error (one expert at a
+def _clip_ratios(blocks: torch.Tensor, spec: QuantSpec, ratios: tuple[float, ...]) -> torch.Tensor:
+    """[E, N, G]: per block, the one of `ratios` with the least squared error (one expert at a
     time, so the temporaries stay the size of one expert's weight). Each ratio's error is `_round`'s then
     `_squared_error`'s, computed in place in one buffer from the blocks' extent found once: the same values
     (the codes' offset by the zero point is exact in float) in about half the time (int2 out of core
@@ -171,7 +175,7 @@ def _clip_ratios(blocks: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     for chunk in blocks.split(1):
         buf, extent = torch.empty_like(chunk), _extent(chunk, spec)
         best_err, best = None, None
-        for ratio in CLIP_RATIOS_2BIT:
+        for ratio in ratios:
             scales, zps = _scales(extent, spec, ratio)
             s = scales.unsqueeze(-1)
             torch.div(chunk, s, out=buf).round_()

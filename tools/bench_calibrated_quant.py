@@ -15,7 +15,7 @@ directions dominate, as in trained models' hidden states).
   tokens, seeds neither the calibration nor the verification draws), the artifact run by ONNX Runtime against
   the fp32 eager model, as one relative L2: the report's figure is the worse of 2 verification inputs (29
   tokens), where one flipped routing decision moves it. `--specs` picks other precisions and block sizes
-  (int2:16, int2:32 ...). Where ONNX Runtime rounds activations (int2 in blocks of 32+) the artifact's own
+  (int2:16, int2:32 ...), `:asym` after one quantizes with zero points (`--asymmetric`; int2:16:asym). Where ONNX Runtime rounds activations (int2 in blocks of 32+) the artifact's own
   distance from the dequantized reference is recorded too (`artifact_vs_reference`, nearest and calibrated); it
   does not stop the run.
 - `--layer`: the Qwen3-30B-A3B-shaped layer of tools/bench_quant.py (H=2048, I=768, E=64, k=8), its matrices
@@ -23,7 +23,8 @@ directions dominate, as in trained models' hidden states).
   8192 tokens and measured on 512 others, in PyTorch on the dequantized weights (what the artifact computes).
 
     OMP_WAIT_POLICY=passive .venv/bin/python tools/bench_calibrated_quant.py [--families qwen3_moe mixtral]
-        [--spectrum 0 0.5 1] [--specs int4:32 int2:16 int2:row] [--layer] [--json FILE]
+        [--spectrum 0 0.5 1] [--specs int4:32 int2:16 int2:row int2:16:asym] [--layer] [--json FILE]
+    .venv/bin/python tools/bench_calibrated_quant.py --render RUN.json [RUN.json ...] [--json MERGED.json]
 """
 
 from __future__ import annotations
@@ -47,22 +48,25 @@ FAMILIES = {
                         qk_nope_head_dim=16, v_head_dim=32),
     "mixtral": dict(intermediate_size=128),
 }
-SPECS = [("int4", 32), ("int4", 128), ("int2", None)]  # (precision, block size; None: per row)
+SPECS = [("int4", 32, False), ("int4", 128, False), ("int2", None, False)]  # (precision, block or None: per row,
+# asymmetric)
 
 
-def parse_spec(text: str) -> tuple[str, "int | None"]:
-    """--specs' PRECISION:BLOCK (int4:32, int2:16, int2:row)."""
-    quant, _, block = text.partition(":")
-    if quant not in ("int4", "int2") or not (block == "row" or block.isdigit()):
-        raise argparse.ArgumentTypeError(f"{text}: expected int4|int2:BLOCK or int4|int2:row (e.g. int2:16)")
-    return quant, None if block == "row" else int(block)
+def parse_spec(text: str) -> tuple[str, "int | None", bool]:
+    """--specs' PRECISION:BLOCK[:asym] (int4:32, int2:16, int2:row, int2:16:asym)."""
+    parts = text.split(":")
+    quant, block, rest = parts[0], parts[1] if len(parts) > 1 else "", parts[2:]
+    if quant not in ("int4", "int2") or not (block == "row" or block.isdigit()) or rest not in ([], ["asym"]):
+        raise argparse.ArgumentTypeError(f"{text}: expected int4|int2:BLOCK or int4|int2:row, optionally followed "
+                                         "by :asym (e.g. int2:16, int2:16:asym)")
+    return quant, None if block == "row" else int(block), rest == ["asym"]
 LAYER_CALIBRATION, LAYER_TEST = 8192, 512  # tokens
 
 
 HELD_OUT = (8, 8, 32)  # batches of (sequences, tokens): 2048 tokens no compile saw, for held_out_rel_l2
 
 
-def run(family: str, quant: str, block, calibration, spectrum: float) -> dict:
+def run(family: str, quant: str, block, asymmetric: bool, calibration, spectrum: float) -> dict:
     from moec.pipeline import CompileOptions, compile
     from moec.sources import causal_lm_source
     from moec.zoo import build_hf_model
@@ -71,7 +75,7 @@ def run(family: str, quant: str, block, calibration, spectrum: float) -> dict:
         return causal_lm_source(build_hf_model(family, spectrum=spectrum, **{**WIDE, **FAMILIES[family]}), family)
 
     src = source()
-    extra = {"quant": quant, "block_size": block, "task": "logits"}
+    extra = {"quant": quant, "block_size": block, "asymmetric": asymmetric, "task": "logits"}
     if calibration:
         extra["calibration"] = calibration
     with tempfile.TemporaryDirectory() as d:  # what is measured is the dequantized model; ONNX Runtime's rounding of
@@ -157,12 +161,13 @@ def layer_rows(spectrum: float, specs: list, log) -> list[dict]:
         return float((got - ref).norm() / ref.norm())
 
     rows = []
-    for quant, block in specs:
-        spec = QuantSpec({"int4": 4, "int2": 2}[quant], block)
-        log(f"layer spectrum {spectrum} {quant} block {block}: GPTQ on 64 experts ...")
+    for quant, block, asymmetric in specs:
+        spec = QuantSpec({"int4": 4, "int2": 2}[quant], block, symmetric=not asymmetric)
+        log(f"layer spectrum {spectrum} {quant} block {block} asymmetric {asymmetric}: GPTQ on 64 experts ...")
         rtn = error(quantize(full[0], spec, "w_gate_up"), quantize(full[1], spec, "w_down"))
         q_gate_up, q_down, choice = quantize_layer(fused, x_cal, spec, path)
-        rows.append({"family": "layer", "spectrum": spectrum, "quant": quant, "block": block, "rtn": rtn,
+        rows.append({"family": "layer", "spectrum": spectrum, "quant": quant, "block": block,
+                     "asymmetric": asymmetric, "rtn": rtn,
                      "calibrated": error(q_gate_up, q_down), "chosen": [choice.describe()]})
         rows[-1]["ratio"] = rows[-1]["calibrated"] / rtn
         log(json.dumps(rows[-1]))
@@ -178,20 +183,26 @@ def main(argv=None) -> int:
                     help="singular-value exponents alpha to run every model at (0: the seeded Gaussian weights)")
     ap.add_argument("--calibration", default="random:512")
     ap.add_argument("--layer", action="store_true", help="also the Qwen3-30B-A3B-shaped benchmark layer")
-    ap.add_argument("--specs", nargs="+", type=parse_spec, default=SPECS, metavar="PRECISION:BLOCK",
-                    help="what to quantize at (default: int4:32 int4:128 int2:row); int2 rows are compared with "
-                         "round-to-nearest int4 b32 when it is among them")
+    ap.add_argument("--specs", nargs="+", type=parse_spec, default=SPECS, metavar="PRECISION:BLOCK[:asym]",
+                    help="what to quantize at (default: int4:32 int4:128 int2:row; :asym with zero points); int2 "
+                         "rows are compared with symmetric round-to-nearest int4 b32 when it is among them")
     ap.add_argument("--json")
+    ap.add_argument("--render", nargs="+", metavar="JSON",
+                    help="run nothing: print the table of these runs' --json files together (and write them as one "
+                         "to --json)")
     args = ap.parse_args(argv)
+    if args.render:
+        return render(args.render, args.json)
     torch.set_num_threads(2)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     rows = []
     for spectrum in args.spectrum:
         for family in args.families:
-            for quant, block in args.specs:
-                rtn = run(family, quant, block, None, spectrum)
-                cal = run(family, quant, block, args.calibration, spectrum)
+            for quant, block, asymmetric in args.specs:
+                rtn = run(family, quant, block, asymmetric, None, spectrum)
+                cal = run(family, quant, block, asymmetric, args.calibration, spectrum)
                 rows.append({"family": family, "spectrum": spectrum, "quant": quant, "block": block,
+                             "asymmetric": asymmetric,
                              "rtn": rtn["rel_l2"], "calibrated": cal["rel_l2"], "ratio": cal["rel_l2"] / rtn["rel_l2"],
                              "held_out_rtn": rtn["held_out_rel_l2"], "held_out_calibrated": cal["held_out_rel_l2"],
                              "layer_rtn": rtn["layer_rel_l2"], "layer_calibrated": cal["layer_rel_l2"],
@@ -200,16 +211,81 @@ def main(argv=None) -> int:
                 log(json.dumps(rows[-1]))
         if args.layer:
             rows += layer_rows(spectrum, args.specs, log)
-    print(f"calibration {args.calibration} (the layer: {LAYER_CALIBRATION} tokens); error = relative L2 vs fp32 of "
+    print_table(rows, args.calibration)
+    print("independent inputs (H = I), Gaussian weights: the least error on the grid, " + "; ".join(
+        isotropic_floor(args.specs)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"calibration": args.calibration, "held_out_tokens": HELD_OUT[0] * HELD_OUT[1] * HELD_OUT[2],
+                       "rows": rows}, f, indent=1)
+    return 0
+
+
+def isotropic_floor(specs: list) -> list[str]:
+    """What calibration can give where the inputs are independent and of equal size (H = I, the limit alpha 0
+    approaches): each weight's error is then its own, round-to-nearest is the best code for a given scale, and
+    only the scales can improve. Gaussian weights [256, 1024] through gptq_quantize with H = I (its clipped
+    ranges and refitted scales), against round-to-nearest: the least error rounding onto QMoE's grid of that
+    precision reaches there (a search of 400 clip ratios, each refitted, gave the same to 3 digits), as a
+    fraction of round-to-nearest's (and, for int2, of int4 block 32's)."""
+    import torch
+
+    from moec.gptq import gptq_quantize
+    from moec.quant import QuantSpec, dequantize, quantize
+
+    w = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0))
+    eye = torch.eye(1024, dtype=torch.float64)
+
+    def err(q) -> float:
+        return float((dequantize(q)[0] - w).norm() / w.norm())
+
+    int4_b32 = err(quantize(w.unsqueeze(0), QuantSpec(4, 32), "w"))
+    lines = []
+    for quant, block, asymmetric in specs:
+        spec = QuantSpec({"int4": 4, "int2": 2}[quant], block, symmetric=not asymmetric)
+        best, nearest = err(gptq_quantize(w, eye, spec, "w")), err(quantize(w.unsqueeze(0), spec, "w"))
+        lines.append(f"{spec.name}: {best / nearest:.2f}x round-to-nearest"
+                     + (f", {best / int4_b32:.2f}x round-to-nearest int4 block 32" if quant == "int2" else ""))
+    return lines
+
+
+def render(paths: list[str], out) -> int:
+    """The table of several runs' json files, rows ordered by spectrum, then family (the layer last), then as
+    each run listed them; a spec run twice keeps its last run's row."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    if len({r["calibration"] for r in runs}) > 1:
+        raise SystemExit(f"{paths}: runs with different calibration data ({sorted({r['calibration'] for r in runs})})")
+    rows = {}
+    for run_ in runs:
+        for r in run_["rows"]:
+            rows[(r["family"], r["spectrum"], r["quant"], r["block"], r.get("asymmetric", False))] = r
+    order = list(FAMILIES) + ["layer"]
+    ordered = sorted(rows.values(), key=lambda r: (r["spectrum"], order.index(r["family"])))
+    print_table(ordered, runs[0]["calibration"])
+    specs = sorted({(r["quant"], r["block"], r.get("asymmetric", False)) for r in ordered},
+                   key=lambda t: (t[0] == "int2", t[2], t[1] or 1 << 20))
+    print("independent inputs (H = I), Gaussian weights: the least error on the grid, " + "; ".join(
+        isotropic_floor(specs)))
+    if out:
+        with open(out, "w") as f:
+            json.dump({**{k: v for k, v in runs[0].items() if k != "rows"}, "rows": ordered}, f, indent=1)
+    return 0
+
+
+def print_table(rows: list[dict], calibration: str) -> None:
+    print(f"calibration {calibration} (the layer: {LAYER_CALIBRATION} tokens); error = relative L2 vs fp32 of "
           "the logits (the layer: its output): the worse of the 2 verification inputs (29 tokens), and over "
           f"{HELD_OUT[0] * HELD_OUT[1] * HELD_OUT[2]} held-out tokens (the artifact's own)")
     print(f"{'family':<12} {'alpha':>5} {'quant':<9} {'nearest':>8} {'calibrated':>10} {'ratio':>6} {'int2/b32':>8}   "
           f"{'held-out: nearest':>17} {'calibrated':>10} {'ratio':>6} {'int2/b32':>8}")
     for r in rows:
-        spec = f"{r['quant']} " + (f"b{r['block']}" if r["block"] else "row")
+        spec = f"{r['quant']} " + (f"b{r['block']}" if r["block"] else "row") + ("a" if r.get("asymmetric") else "")
         int2_vs = held_vs = ""
         b32 = next((o for o in rows if o["family"] == r["family"] and o["spectrum"] == r["spectrum"]
-                    and o["quant"] == "int4" and o["block"] == 32), None)
+                    and o["quant"] == "int4" and o["block"] == 32 and not o.get("asymmetric")), None)
         if r["quant"] == "int2" and b32 is not None:  # the target: calibrated int2 <= round-to-nearest int4
             int2_vs = f"{r['calibrated'] / b32['rtn']:.2f}"
             if "held_out_rtn" in b32:
@@ -218,10 +294,6 @@ def main(argv=None) -> int:
                 f"{r['held_out_calibrated'] / r['held_out_rtn']:6.2f}" if "held_out_rtn" in r else "")
         print(f"{r['family']:<12} {r['spectrum']:>5.2f} {spec:<9} {r['rtn']:8.4f} {r['calibrated']:10.4f} "
               f"{r['ratio']:6.2f} {int2_vs:>8}   {held} {held_vs:>8}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"calibration": args.calibration, "rows": rows}, f, indent=1)
-    return 0
 
 
 if __name__ == "__main__":

@@ -30,15 +30,17 @@ MIN_TOKENS = 32  # an expert that saw fewer calibration tokens is rounded to nea
 
 
 # GPTQ's 4-bit scales are also tried with each block's range clipped to whichever of these ratios of its
-# largest magnitude rounds it with the least squared error (2-bit always clips, with round-to-nearest's own
-# search, CLIP_RATIOS_2BIT; 8-bit keeps the full range). On correlated synthetic matrices clipping alone lowered
-# the output error 9-15%, but raised it on some rows of the tiny models (a clipped outlier whose input matters),
-# hence the choice per row in gptq_quantize.
+# largest magnitude rounds it with the least squared error. On correlated synthetic matrices clipping alone
+# lowered the output error 9-15%, but raised it on some rows of the tiny models (a clipped outlier whose input
+# matters), hence the choice per row in gptq_quantize.
 CLIP_RATIOS_4BIT = tuple(round(0.5 + 0.025 * i, 3) for i in range(21))  # 0.5 .. 1.0
 
 
-def clip_ratios(spec: QuantSpec) -> tuple[float, ...]:
-    return {2: CLIP_RATIOS_2BIT, 4: CLIP_RATIOS_4BIT}.get(spec.bits, ())
+def clip_ranges(spec: QuantSpec) -> list[tuple[float, ...]]:
+    """The block ranges GPTQ solves from, each as `quantize`'s clip ratios (() the full range): 2-bit always
+    clips (its full range rounds most weights to zero; round-to-nearest's own search), 4-bit tries the full and
+    the clipped range, 8-bit keeps the full range (clipping gains little where the steps are that fine)."""
+    return {2: [CLIP_RATIOS_2BIT], 4: [(), CLIP_RATIOS_4BIT]}.get(spec.bits, [()])
 
 
 def min_tokens(hidden: int, intermediate: int) -> int:
@@ -58,7 +60,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     """One matrix `weight` [N, K] with input second moments `hessian` [K, K] -> its QuantizedWeight [1, N, K].
 
     GPTQ rounds it from block scales set when it reaches each block (`_round_columns`), once with each block's
-    full range and once with its range clipped (`clip_ratios`; 2-bit: clipped only), each row's scales are then
+    full range and once with its range clipped (`clip_ranges`; 2-bit: clipped only), each row's scales are then
     refitted to its codes (`refit_scales`), and each row keeps the candidate with the lower objective
     (w - w_q)^T H (w - w_q). Clipping outliers helps most rows and hurts a few a lot (a clipped weight whose input
     matters cannot be compensated), hence the choice per row. Then GPTQ runs once more with the kept rows' scales
@@ -86,8 +88,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     w = weight.detach().to(device, torch.float32)
 
     best = None
-    ranges = [CLIP_RATIOS_2BIT] if spec.bits == 2 else [()] + ([clip_ratios(spec)] if clip_ratios(spec) else [])
-    for clip in ranges:
+    for clip in clip_ranges(spec):
         best = _closer(best, _Candidate.fit(w, h, _round_columns(w, hinv, spec, name, clip=clip), spec))
     best = _closer(best, _Candidate.fit(w, h, _round_columns(w, hinv, spec, name, fixed=(best.scales, best.zps)),
                                         spec))

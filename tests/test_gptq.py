@@ -16,7 +16,7 @@ def test_independent_inputs_leave_each_block_to_itself(spec):
     scale is the closed-form fit to its own codes (sum d c w / sum d c^2, d the damped diagonal of H, c the codes
     less the zero point), and each row does at least as well on GPTQ's objective as round-to-nearest's codes
     refitted so, with the full range and (4-bit) with the clipped range GPTQ also tries."""
-    from moec.gptq import DAMP, clip_ratios
+    from moec.gptq import DAMP, clip_ranges
 
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
     d = torch.rand(256, generator=torch.Generator().manual_seed(1)).double() + 0.5
@@ -35,8 +35,7 @@ def test_independent_inputs_leave_each_block_to_itself(spec):
 
     fitted, objective = refit(got)
     assert torch.allclose(got.scales.double(), fitted, rtol=1e-5, atol=0)
-    clips = [()] + [clip_ratios(spec)] if spec.bits != 2 else [clip_ratios(spec)]
-    for clip in clips:
+    for clip in clip_ranges(spec):
         nearest = quantize(w.unsqueeze(0), spec, "w", clip)
         assert (objective <= refit(nearest)[1] * (1 + 1e-6)).all()
         plain = (dd * (dequantize(nearest)[0].double().reshape(x.shape[1:]) - x[0]) ** 2).sum((-1, -2))

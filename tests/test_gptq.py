@@ -109,7 +109,7 @@ def test_refitted_scales_are_the_least_squares_optimum_for_the_codes(spec):
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_correlated_inputs_halve_the_output_error_on_held_out_tokens(spec):
     """Inputs of low effective rank (as a real model's hidden states are): fitted on 1024 tokens, measured on
-    1024 others, GPTQ's output error is under half round-to-nearest's (measured 0.22-0.36x)."""
+    1024 others, GPTQ's output error is under half round-to-nearest's (measured 0.19-0.33x)."""
     g = torch.Generator().manual_seed(2)
     w = torch.randn(128, 256, generator=g)
     x = torch.randn(2048, 32, generator=g) @ torch.randn(32, 256, generator=g) + 0.1 * torch.randn(2048, 256, generator=g)

@@ -93,10 +93,10 @@ def run(family: str, quant: str, block, asymmetric: bool, calibration, spectrum:
 
 
 def held_out_error(src, model_path: str) -> float:
-    """The artifact's logits against the fp32 eager model's (`src`, a fresh copy) on HELD_OUT's random token sequences (seeds no
-    compile draws from), as one relative L2 over all of them: the verification inputs are 2 sequences (29
-    tokens) and the report's figure is the worse of the two, so a routing decision flipped on one token moves it;
-    over 2048 tokens it is the error's typical size. It is the artifact's own: where ONNX Runtime rounds
+    """The artifact's logits against the fp32 eager model's (`src`, a fresh copy) on HELD_OUT's random token
+    sequences (seeds no compile draws from), as one relative L2 over all of them: the verification inputs are 2
+    sequences (29 tokens) and the report's figure is the worse of the two, so a routing decision flipped on one
+    token moves it; over 2048 tokens it is the error's typical size. It is the artifact's own: where ONNX Runtime rounds
     activations (int2 in blocks of 32+) that rounding is in it."""
     import numpy as np
     import onnxruntime as ort
@@ -105,12 +105,12 @@ def held_out_error(src, model_path: str) -> float:
     session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
     diff = ref = 0.0
     batches, sequences, tokens = HELD_OUT
-    for i in range(batches):
-        inputs = src.make_inputs(seed=5000 + i, seq_len=tokens, batch=sequences)
+    for batch in range(batches):
+        inputs = src.make_inputs(seed=5000 + batch, seq_len=tokens, batch=sequences)
         with torch.no_grad():
             want = src.module(*inputs)
         want = (want[0] if isinstance(want, (tuple, list)) else want).float().numpy()
-        got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), inputs)})[0]
+        got = session.run(None, {arg.name: a.numpy() for arg, a in zip(session.get_inputs(), inputs)})[0]
         diff += float(np.square(got.astype(np.float64) - want).sum())
         ref += float(np.square(want.astype(np.float64)).sum())
     return (diff / ref) ** 0.5

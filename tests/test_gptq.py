@@ -142,6 +142,33 @@ def test_a_layer_reports_what_it_chose_and_experts_with_too_few_tokens():
     assert choice.needed == min_tokens(h, i) == MIN_TOKENS and f"fewer than {MIN_TOKENS}" in choice.describe()
 
 
+def test_where_gptq_loses_an_int4_expert_takes_the_closer_of_the_full_and_the_clipped_range():
+    """Isotropic inputs 256 wide, about 240 fitting tokens an expert: GPTQ fits H's sampling noise and loses on the
+    held-out tokens, so each matrix is rounded to nearest, with the range clipped where that is closer on those
+    tokens (on Gaussian weights it mostly is); int8 keeps the full range."""
+    from moec.gptq import CLIP_RATIOS_4BIT
+    from moec.moe_layer import ExpertsSpec, FusedMoE, LayerSpec, RouteSpec
+
+    torch.manual_seed(0)
+    e, h, i = 2, 256, 128
+    spec = LayerSpec(RouteSpec("softmax", 1, False), ExpertsSpec(e, h, i, "silu", True))
+    fused = FusedMoE(spec, torch.randn(e, h), None, None, torch.randn(e, 2 * i, h), torch.randn(e, h, i), None, None)
+    x = torch.randn(600, h)
+    gu, down, choice = quantize_layer(fused, x, QuantSpec(4, 32), "layer")
+    assert choice.gptq == 0 and choice.nearest == 4 and choice.clipped >= 2
+    assert f"({choice.clipped} of them with the range clipped)" in choice.describe()
+    kinds = []
+    for got, full in ((gu, fused.w_gate_up), (down, fused.w_down)):
+        for k in range(e):
+            w = full[k].detach().unsqueeze(0)
+            plain, tight = quantize(w, QuantSpec(4, 32), "w"), quantize(w, QuantSpec(4, 32), "w", CLIP_RATIOS_4BIT)
+            assert torch.equal(got.codes[k], plain.codes[0]) or torch.equal(got.codes[k], tight.codes[0])
+            kinds.append(torch.equal(got.codes[k], tight.codes[0]) and torch.equal(got.scales[k], tight.scales[0]))
+    assert sum(kinds) == choice.clipped
+    _, _, eight = quantize_layer(fused, x, QuantSpec(8, None), "layer")
+    assert eight.gptq == 0 and eight.clipped == 0
+
+
 def test_inputs_never_seen_keep_their_weights_rounded_to_nearest():
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
     x = torch.randn(500, 64, generator=torch.Generator().manual_seed(4))

@@ -114,7 +114,8 @@ def main(argv=None) -> int:
     log("building the layer ...")
     block, _ = build_block()
     expert_bytes = 3 * H * I * 4
-    tmp = tempfile.mkdtemp(prefix="moec-bench-")
+    scratch = tempfile.TemporaryDirectory(prefix="moec-bench-")  # its ONNX files (GBs) go when the run ends
+    tmp = scratch.name
     example = (torch.randn(8, H),)
 
     log("exporting the fused artifact ...")

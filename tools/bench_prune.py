@@ -126,7 +126,8 @@ def speed(reps: int) -> dict:
     from moec.targets.onnxruntime.lower_moe_onnxruntime import LowerMoEForOnnxRuntime
 
     torch.set_num_threads(THREADS)
-    tmp = tempfile.mkdtemp(prefix="moec-prune-bench-")
+    scratch = tempfile.TemporaryDirectory(prefix="moec-prune-bench-")  # its ONNX files (GBs) go when the run ends
+    tmp = scratch.name
     example = (torch.randn(8, H),)
     calib = [(torch.randn(128, H, generator=torch.Generator().manual_seed(s)),) for s in range(4)]
     variants = {}

@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     variants = {name: VARIANTS[name] for name in args.variants}
     torch.set_num_threads(THREADS)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    tmp = tempfile.mkdtemp(prefix="moec-qbench-")
+    scratch = tempfile.TemporaryDirectory(prefix="moec-qbench-")  # its ONNX files (GBs) go when the run ends
+    tmp = scratch.name
     example = (torch.randn(8, H),)
     calibration = [(torch.randn(CALIBRATION_TOKENS, H, generator=torch.Generator().manual_seed(99)),)]
     sessions = {}

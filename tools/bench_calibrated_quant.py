@@ -15,9 +15,9 @@ directions dominate, as in trained models' hidden states).
   tokens, seeds neither the calibration nor the verification draws), the artifact run by ONNX Runtime against
   the fp32 eager model, as one relative L2: the report's figure is the worse of 2 verification inputs (29
   tokens), where one flipped routing decision moves it. `--specs` picks other precisions and block sizes
-  (int2:16, int2:32 ...), `:asym` after one quantizes with zero points (`--asymmetric`; int2:16:asym). Where ONNX Runtime rounds activations (int2 in blocks of 32+) the artifact's own
-  distance from the dequantized reference is recorded too (`artifact_vs_reference`, nearest and calibrated); it
-  does not stop the run.
+  (int2:16, int2:32 ...), `:asym` after one quantizes with zero points (`--asymmetric`; int2:16:asym). Where
+  ONNX Runtime rounds activations (int2 in blocks of 32+) the artifact's own distance from the dequantized
+  reference is recorded too (`artifact_vs_reference`, nearest and calibrated); it does not stop the run.
 - `--layer`: the Qwen3-30B-A3B-shaped layer of tools/bench_quant.py (H=2048, I=768, E=64, k=8), its matrices
   shaped by the same spectrum and its inputs drawn with the same spectrum (random rotation), calibrated on
   8192 tokens and measured on 512 others, in PyTorch on the dequantized weights (what the artifact computes).
@@ -60,6 +60,13 @@ def parse_spec(text: str) -> tuple[str, "int | None", bool]:
         raise argparse.ArgumentTypeError(f"{text}: expected int4|int2:BLOCK or int4|int2:row, optionally followed "
                                          "by :asym (e.g. int2:16, int2:16:asym)")
     return quant, None if block == "row" else int(block), rest == ["asym"]
+
+
+def quant_spec(quant: str, block, asymmetric: bool):
+    """A --specs entry as moec.quant's QuantSpec."""
+    from moec.quant import QuantSpec
+
+    return QuantSpec({"int4": 4, "int2": 2}[quant], block, symmetric=not asymmetric)
 LAYER_CALIBRATION, LAYER_TEST = 8192, 512  # tokens
 
 
@@ -96,8 +103,8 @@ def held_out_error(src, model_path: str) -> float:
     """The artifact's logits against the fp32 eager model's (`src`, a fresh copy) on HELD_OUT's random token
     sequences (seeds no compile draws from), as one relative L2 over all of them: the verification inputs are 2
     sequences (29 tokens) and the report's figure is the worse of the two, so a routing decision flipped on one
-    token moves it; over 2048 tokens it is the error's typical size. It is the artifact's own: where ONNX Runtime rounds
-    activations (int2 in blocks of 32+) that rounding is in it."""
+    token moves it; over 2048 tokens it is the error's typical size. It is the artifact's own: where ONNX
+    Runtime rounds activations (int2 in blocks of 32+) that rounding is in it."""
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -138,7 +145,7 @@ def layer_rows(spectrum: float, specs: list, log) -> list[dict]:
     from moec.passes.base import PassContext, PassManager
     from moec.passes.fuse_moe import FuseMoE
     from moec.passes.layers import iter_fused
-    from moec.quant import QuantSpec, dequantize, quantize
+    from moec.quant import dequantize, quantize
 
     model = Flat(build_block()[0])
     shape_spectrum_(model, spectrum)
@@ -162,7 +169,7 @@ def layer_rows(spectrum: float, specs: list, log) -> list[dict]:
 
     rows = []
     for quant, block, asymmetric in specs:
-        spec = QuantSpec({"int4": 4, "int2": 2}[quant], block, symmetric=not asymmetric)
+        spec = quant_spec(quant, block, asymmetric)
         log(f"layer spectrum {spectrum} {quant} block {block} asymmetric {asymmetric}: GPTQ on 64 experts ...")
         rtn = error(quantize(full[0], spec, "w_gate_up"), quantize(full[1], spec, "w_down"))
         q_gate_up, q_down, choice = quantize_layer(fused, x_cal, spec, path)
@@ -212,8 +219,6 @@ def main(argv=None) -> int:
         if args.layer:
             rows += layer_rows(spectrum, args.specs, log)
     print_table(rows, args.calibration)
-    print("independent inputs (H = I), Gaussian weights: the least error on the grid, " + "; ".join(
-        isotropic_floor(args.specs)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"calibration": args.calibration, "held_out_tokens": HELD_OUT[0] * HELD_OUT[1] * HELD_OUT[2],
@@ -242,7 +247,7 @@ def isotropic_floor(specs: list) -> list[str]:
     int4_b32 = err(quantize(w.unsqueeze(0), QuantSpec(4, 32), "w"))
     lines = []
     for quant, block, asymmetric in specs:
-        spec = QuantSpec({"int4": 4, "int2": 2}[quant], block, symmetric=not asymmetric)
+        spec = quant_spec(quant, block, asymmetric)
         best, nearest = err(gptq_quantize(w, eye, spec, "w")), err(quantize(w.unsqueeze(0), spec, "w"))
         lines.append(f"{spec.name}: {best / nearest:.2f}x round-to-nearest"
                      + (f", {best / int4_b32:.2f}x round-to-nearest int4 block 32" if quant == "int2" else ""))
@@ -265,10 +270,6 @@ def render(paths: list[str], out) -> int:
     order = list(FAMILIES) + ["layer"]
     ordered = sorted(rows.values(), key=lambda r: (r["spectrum"], order.index(r["family"])))
     print_table(ordered, runs[0]["calibration"])
-    specs = sorted({(r["quant"], r["block"], r.get("asymmetric", False)) for r in ordered},
-                   key=lambda t: (t[0] == "int2", t[2], t[1] or 1 << 20))
-    print("independent inputs (H = I), Gaussian weights: the least error on the grid, " + "; ".join(
-        isotropic_floor(specs)))
     if out:
         with open(out, "w") as f:
             json.dump({**{k: v for k, v in runs[0].items() if k != "rows"}, "rows": ordered}, f, indent=1)
@@ -294,6 +295,10 @@ def print_table(rows: list[dict], calibration: str) -> None:
                 f"{r['held_out_calibrated'] / r['held_out_rtn']:6.2f}" if "held_out_rtn" in r else "")
         print(f"{r['family']:<12} {r['spectrum']:>5.2f} {spec:<9} {r['rtn']:8.4f} {r['calibrated']:10.4f} "
               f"{r['ratio']:6.2f} {int2_vs:>8}   {held} {held_vs:>8}")
+    specs = sorted({(r["quant"], r["block"], r.get("asymmetric", False)) for r in rows},
+                   key=lambda t: (t[0] == "int2", t[2], t[1] or 1 << 20))
+    print("independent inputs (H = I), Gaussian weights: the least error on the grid, " + "; ".join(
+        isotropic_floor(specs)))
 
 
 if __name__ == "__main__":
